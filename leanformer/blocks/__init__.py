@@ -1,0 +1,1 @@
+"""Block wirings (Pre-LN, parallel, SAS, SAS-P, ...), looked up through ``leanformer.registry``."""

@@ -1,0 +1,48 @@
+"""The standard wirings: Pre-LN (GPT-2), parallel (GPT-J / PaLM, one norm) and GPT-NeoX parallel (two norms).
+
+Shapes: (B, T, C) -> (B, T, C).
+* Pre-LN:        ``h = x + Attn(N₁x)``,  ``out = h + MLP(N₂h)``
+* parallel:      ``out = x + Attn(Nx) + MLP(Nx)``
+* neox_parallel: ``out = x + Attn(N₁x) + MLP(N₂x)`` (Pythia's ``use_parallel_residual``)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from leanformer.config import TransformerConfig
+from leanformer.layers.mlp import MLP
+from leanformer.layers.norms import make_norm
+from leanformer.registry import build_attention
+
+
+class PreLNBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layer_idx: int):
+        super().__init__()
+        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
+        self.attn = build_attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), state))
+        return x + self.mlp(self.norm2(x))
+
+
+class ParallelBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layer_idx: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = build_attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        return x + self.drop(self.attn(h, state)) + self.mlp(h)
+
+
+class NeoXParallelBlock(PreLNBlock):
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        return x + self.drop(self.attn(self.norm1(x), state)) + self.mlp(self.norm2(x))

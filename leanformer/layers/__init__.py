@@ -1,0 +1,1 @@
+"""Token mixers, linear layers, norms and positions that blocks are assembled from."""

@@ -1,0 +1,84 @@
+"""Causal softmax attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+``softmax(Q Kᵀ / √d + M) V`` per head (Vaswani et al. 2017), with grouped-query attention
+(``n_kv_heads < n_heads``, Ainslie et al. 2023), rotary positions and a KV cache for decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanformer.config import TransformerConfig
+from leanformer.layers.linear import make_linear
+from leanformer.layers.rope import Rotary
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, H*D) -> (B, H, T, D)."""
+    B, T, _ = x.shape
+    return x.view(B, T, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H*D)."""
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)
+
+
+def causal_mask(t_new: int, t_total: int, device) -> torch.Tensor | None:
+    """Boolean (t_new, t_total) mask for queries at the last ``t_new`` of ``t_total`` positions.
+
+    ``None`` when SDPA's own ``is_causal`` is exact (no past) or no mask is needed (one query).
+    """
+    if t_new == 1:
+        return None
+    past = t_total - t_new
+    q_pos = torch.arange(past, t_total, device=device)[:, None]
+    return torch.arange(t_total, device=device)[None, :] <= q_pos
+
+
+def append_to_cache(state: dict, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Concatenate ``(B, H, T, D)`` tensors onto those cached in ``state`` along time; returns the full ones."""
+    out = {}
+    for name, value in tensors.items():
+        if name in state:
+            value = torch.cat((state[name], value), dim=2)
+        state[name] = value
+        out[name] = value
+    return out
+
+
+class SoftmaxAttention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention; (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: TransformerConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        C, kv_width = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        self.q = make_linear(cfg, "q", C, C)
+        self.k = make_linear(cfg, "k", C, kv_width)
+        self.v = make_linear(cfg, "v", C, kv_width)
+        self.o = make_linear(cfg, "o", C, C)
+        self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        start = state.get("pos", 0) if state is not None else 0
+        q = split_heads(self.q(x), self.n_heads)
+        k = split_heads(self.k(x), self.n_kv)
+        v = split_heads(self.v(x), self.n_kv)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, start)
+        if state is not None:
+            kv = append_to_cache(state, k=k, v=v)
+            k, v = kv["k"], kv["v"]
+            state["pos"] = start + x.shape[1]
+        mask = causal_mask(q.shape[2], k.shape[2], x.device) if start else None
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(start == 0 and q.shape[2] > 1),
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.o(merge_heads(y))

@@ -1,0 +1,43 @@
+"""Rotary position embedding (Su et al. 2021), full or partial (GPT-NeoX ``rotary_pct``).
+
+Uses the GPT-NeoX / Llama "rotate half" layout: the first ``rotary_dim`` channels of each head are
+split in two halves ``(x1, x2)`` and rotated as ``(x1 cos - x2 sin, x2 cos + x1 sin)``; the remaining
+channels pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Rotary(nn.Module):
+    """Rotates ``(B, H, T, D)`` queries and keys at absolute positions ``start .. start+T-1``."""
+
+    def __init__(self, head_dim: int, rotary_pct: float = 1.0, theta: float = 10000.0):
+        super().__init__()
+        self.rotary_dim = int(head_dim * rotary_pct)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, start: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T, rotary_dim)`` cos and sin tables, computed in float64 then cast."""
+        pos = torch.arange(start, start + length, device=device, dtype=torch.float64)
+        freqs = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def rotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``x``: (B, H, T, D) -> same shape, rotated at positions ``start + t``."""
+        if self.rotary_dim == 0:
+            return x
+        cos, sin = self.cos_sin(start, x.shape[-2], x.device, x.dtype)
+        r = self.rotary_dim
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+        out = x_rot * cos + rotated * sin
+        return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotate(q, start), self.rotate(k, start)

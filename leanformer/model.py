@@ -1,0 +1,162 @@
+"""The decoder-only language model, assembled from a :class:`TransformerConfig`.
+
+``TransformerLM(cfg)(idx)`` maps token ids (B, T) to logits (B, T, V). Blocks and attention types come
+from :mod:`leanformer.registry`; linear layers from :func:`leanformer.layers.linear.make_linear`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanformer.config import TransformerConfig
+from leanformer.layers.norms import make_norm
+from leanformer.registry import build_block
+
+_RESIDUAL_OUTPUTS = ("attn.o", "mlp.ffn_out")
+
+
+class DecodeCache:
+    """Per-layer decoding state (KV cache, or DiJiang's recurrent state) plus the position reached."""
+
+    def __init__(self, n_layers: int):
+        self.layers: list[dict] = [{} for _ in range(n_layers)]
+        self.pos = 0
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the cached tensors (grows with context for a KV cache, not for DiJiang)."""
+        return sum(t.numel() * t.element_size() for s in self.layers for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows ``index`` of every cached tensor (beam search / Hugging Face generate)."""
+        for s in self.layers:
+            for key, t in s.items():
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
+                    s[key] = t.index_select(0, index.to(t.device))
+
+
+class TransformerLM(nn.Module):
+    """GPT-style LM: embeddings → ``n_layers`` blocks → final norm → LM head."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(build_block(cfg, i) for i in range(cfg.n_layers))
+        # The final norm stays even when block norms are removed (SAS-P without norm keeps it).
+        self.norm_f = make_norm(cfg, "rmsnorm" if cfg.norm == "none" else cfg.norm)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """GPT-2 init for plain layers (N(0, σ), residual outputs σ/√(2L), zero biases), then each
+        method module's own ``post_init()`` (NOBLE, shaped attention, DiJiang set their own)."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if type(module) is nn.Linear:
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(_RESIDUAL_OUTPUTS) else 1.0
+                nn.init.normal_(module.weight, 0.0, std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif type(module) is nn.Embedding:
+                nn.init.normal_(module.weight, 0.0, std)
+        for module in self.modules():
+            if module is not self and hasattr(module, "post_init"):
+                module.post_init()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: DecodeCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) int64 → (logits (B, T, V), mean cross-entropy or None).
+
+        With ``cache``, ``idx`` holds only the new tokens; the cache is advanced in place.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if self.wpe is not None and start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len} "
+                             "(learned positions)")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.pos = start + T
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache(self.cfg.n_layers)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after the prompt ``idx`` (B, T) with the decoding cache.
+
+        ``temperature=0`` is greedy. Returns (B, T + max_new_tokens).
+        """
+        cache = self.new_cache()
+        logits, _ = self(idx, cache=cache)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            next_logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = next_logits.argmax(-1, keepdim=True)
+            else:
+                next_logits = next_logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(next_logits, min(top_k, next_logits.size(-1))).values[:, -1:]
+                    next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(next_logits, -1), 1, generator=generator)
+            out.append(nxt)
+            logits, _ = self(nxt, cache=cache)
+        return torch.cat(out, dim=1)
+
+    # ------------------------------------------------------------------ accounting
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (tied weights counted once); ``non_embedding`` drops token/position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N (matmul params incl. the head) + attention (Kaplan et al. 2020;
+        PaLM appendix B). The attention term: 12·L·C·T for softmax/shaped (QKᵀ and AV, fwd+bwd),
+        for DiJiang's linear form 12·L·H·m·d_head (state update and read-out, fwd+bwd)."""
+        cfg = self.cfg
+        head = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0  # untied: already counted
+        n_matmul = self.num_params(non_embedding=True) + head
+        if cfg.attention == "dijiang":
+            m = cfg.dijiang.feature_dim or cfg.head_dim
+            attn = 12 * cfg.n_layers * cfg.n_heads * m * cfg.head_dim
+        else:
+            attn = 12 * cfg.n_layers * cfg.d_model * seq_len
+        return 6 * n_matmul + attn
+
+    def summary(self) -> dict:
+        """Parameter counts, including the NOBLE branches' share."""
+        noble = sum(m.extra_params() for m in self.modules() if hasattr(m, "extra_params"))
+        return {
+            "params": self.num_params(),
+            "non_embedding_params": self.num_params(non_embedding=True),
+            "noble_branch_params": noble,
+            "block": self.cfg.block,
+            "attention": self.cfg.attention,
+            "noble": self.cfg.noble.enabled,
+        }

@@ -1,0 +1,1 @@
+"""Pure-PyTorch kernels, each with a plain reference beside the fast form."""
