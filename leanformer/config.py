@@ -133,7 +133,7 @@ class TransformerConfig:
             return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
         return 4 * self.d_model
 
-    def validate(self) -> "TransformerConfig":
+    def validate(self) -> TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -190,7 +190,7 @@ class TrainConfig:
     distill_temperature: float = 1.0
     progress: bool = True
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
@@ -215,7 +215,7 @@ class DataConfig:
     max_files: int | None = None  # cap the built-in corpus (tests)
     cache_dir: str | None = None  # None: ~/.cache/leanformer
 
-    def validate(self) -> "DataConfig":
+    def validate(self) -> DataConfig:
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.vocab_size < 260:
@@ -231,7 +231,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         self.model.validate()
         self.train.validate()
         self.data.validate()

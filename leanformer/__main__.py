@@ -1,0 +1,5 @@
+import sys
+
+from leanformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""The ``leanformer`` command line: train, eval, generate, convert, compare, bench, import, export.
+
+Every command has ``--help``. Bad input (unknown config key, missing data or checkpoint, a shape that
+cannot work) prints one ``error:`` line and exits with status 2; nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from leanformer.config import ConfigError, RunConfig, from_dict, set_dotted
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config file path, or the name of one in ``configs/`` (``tiny`` → ``configs/tiny.yaml``)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", Path(__file__).parent / "configs" / name):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"config file {name} does not exist")
+
+
+def load_run_config(path: str | None, overrides: list[str] = (), data: str | None = None) -> RunConfig:
+    """YAML file → dotted ``--set`` overrides → ``--data`` → validated :class:`RunConfig`."""
+    raw: dict = {}
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file} is not valid YAML: {e}") from None
+    for assignment in overrides:
+        set_dotted(raw, assignment)
+    if data is not None:
+        raw.setdefault("data", {})["path"] = data
+    cfg = from_dict(RunConfig, raw)
+    try:
+        return cfg.validate()
+    except TypeError as e:  # a value of the wrong type, e.g. a string where a number belongs
+        raise ConfigError(f"bad config value: {e}") from None
+
+
+def _check_data_path(path: str | None) -> None:
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"data path {path} does not exist")
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from leanformer.train import train
+
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc)
+    cfg = load_run_config(args.config, args.set, args.data)
+    _check_data_path(cfg.data.path)
+    out = Path(args.out)
+    trainer = train(cfg, out_dir=out, resume=not args.no_resume)
+    if trainer.ctx.is_main:
+        last = next((r for r in reversed(trainer.history) if "val_loss" in r), {})
+        print(json.dumps({"out": str(out), "step": trainer.step, "val_loss": last.get("val_loss"),
+                          "params": trainer.model.num_params()}))
+    return 0
+
+
+def _relaunch_with_torchrun(nproc: int) -> int:
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--nproc")
+    del argv[i:i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "leanformer", *argv]
+    return subprocess.call(cmd)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from leanformer.data import eval_batches, load_data
+    from leanformer.train.checkpoint import load_model, run_config_of
+
+    cfg = run_config_of(args.checkpoint)
+    if args.data is not None:
+        _check_data_path(args.data)
+        cfg.data.path = args.data
+    model = load_model(args.checkpoint).eval()
+    data = load_data(cfg.data)
+    batches = eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, args.batches)
+    import torch
+
+    with torch.no_grad():
+        loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+    print(json.dumps({"val_loss": loss, "val_ppl": math.exp(loss), "batches": len(batches)}))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from leanformer.data import Tokenizer
+    from leanformer.train.checkpoint import CheckpointError, load_model
+
+    model = load_model(args.checkpoint).eval()
+    tok_file = Path(args.checkpoint) / "tokenizer.json"
+    if not tok_file.exists():
+        raise CheckpointError(f"checkpoint {args.checkpoint} has no tokenizer.json (trained on .bin shards?)")
+    tok = Tokenizer.load(tok_file)
+    ids = tok.encode(args.prompt) or [tok.eot_id]
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, generator=g)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from leanformer.convert import convert_to_dijiang
+    from leanformer.train.checkpoint import load_model, read_config, save_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ConfigError(f"--out {out} exists and is not empty (pass --force to overwrite)")
+    parent = load_model(args.checkpoint)
+    model = convert_to_dijiang(parent, feature_map=args.feature_map)
+    run_cfg = from_dict(RunConfig, read_config(args.checkpoint))
+    tok_file = Path(args.checkpoint) / "tokenizer.json"
+    tokenizer = None
+    if tok_file.exists():
+        from leanformer.data import Tokenizer
+
+        tokenizer = Tokenizer.load(tok_file)
+    save_checkpoint(out, model, run_cfg, tokenizer=tokenizer)
+    print(json.dumps({"out": str(out), "params": model.num_params(), "parent_params": parent.num_params()}))
+    return 0
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leanformer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("--config", default="tiny", help="YAML file, or a name in configs/ (default: tiny)")
+    t.add_argument("--data", help="text file, folder, .jsonl or .bin shard(s); default: the built-in corpus")
+    t.add_argument("--out", default="runs/train", help="output folder (metrics.jsonl, checkpoint/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted key, e.g. --set train.steps=100")
+    t.add_argument("--nproc", type=int, default=1, help="processes (relaunches under torchrun)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", help="evaluate on this data instead of the checkpoint's")
+    e.add_argument("--batches", type=int, default=16)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a softmax checkpoint to DiJiang attention (then fine-tune)")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--to", choices=["dijiang"], default="dijiang")
+    c.add_argument("--feature-map", choices=["paper", "official"], default="paper")
+    c.add_argument("--out", required=True)
+    c.add_argument("--force", action="store_true")
+    c.set_defaults(func=cmd_convert)
+
+    for name, module, func, helptext in (
+        ("compare", "leanformer.compare.cli", "add_arguments", "train every method side by side and report"),
+        ("bench", "leanformer.bench.cli", "add_arguments", "speed and memory benchmarks"),
+        ("import", "leanformer.hf.cli", "add_import_arguments", "import a Hugging Face model"),
+        ("export", "leanformer.hf.cli", "add_export_arguments", "export a checkpoint as a Hugging Face model"),
+    ):
+        if _module_exists(module):
+            getattr(importlib.import_module(module), func)(sub.add_parser(name, help=helptext))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from leanformer.data import DataError
+    from leanformer.train.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is intact; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The training loop: reads top to bottom like nanoGPT's, with checkpoints that resume exactly.
+
+One :class:`Trainer` per run. Data parallelism (DDP / FSDP2 under torchrun) enters only through
+:mod:`leanformer.train.distributed`, which wraps the model and tells the sampler its rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from leanformer.config import RunConfig
+from leanformer.model import TransformerLM
+from leanformer.train import distributed as dist_utils
+from leanformer.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from leanformer.train.mfu import peak_flops_for
+from leanformer.train.optim import build_optimizer, lr_at, set_lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` as ``run_cfg`` says, writing metrics and checkpoints to ``out_dir``.
+
+    ``teacher`` (optional) adds ``distill_weight · KL(teacher ‖ student)`` on the logits.
+    ``on_log`` is called with every metrics record (used by ``leanformer compare``'s progress bars).
+    """
+
+    def __init__(self, run_cfg: RunConfig, data, model: TransformerLM | None = None,
+                 out_dir: str | Path | None = None, teacher: nn.Module | None = None,
+                 on_log: Callable[[dict], None] | None = None, resume: bool = True):
+        from leanformer.data import BatchSampler, eval_batches
+
+        self.cfg = run_cfg.validate()
+        tc = self.cfg.train
+        self.ctx = dist_utils.context()
+        self.device = resolve_device(tc.device) if not self.ctx.enabled else self.ctx.device
+        seed_everything(tc.seed)
+        if model is None:
+            model = TransformerLM(self.cfg.model)
+        if data.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"the data has {data.vocab_size} token ids but model.vocab_size is "
+                             f"{model.cfg.vocab_size}")
+        self.model = model.to(self.device)
+        self.wrapped = dist_utils.wrap(self.model, tc, self.ctx)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.teacher = teacher.to(self.device).eval() if teacher is not None else None
+        self.sampler = BatchSampler(data.train, tc.batch_size, tc.seq_len, tc.seed,
+                                    rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.val = eval_batches(data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.tokenizer = data.tokenizer
+        self.on_log = on_log
+        self.step = 0
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.autocast = self._autocast_context()
+        peak = tc.peak_flops or peak_flops_for(self.device)
+        self.peak_flops = peak * self.ctx.world_size if peak else None
+        self.flops_per_token = self.model.flops_per_token(tc.seq_len)
+        if resume and self.out_dir is not None and (self.out_dir / "checkpoint").exists():
+            self._resume(self.out_dir / "checkpoint")
+        if tc.compile:
+            self.wrapped = torch.compile(self.wrapped)
+
+    # ------------------------------------------------------------------ pieces
+    def _autocast_context(self):
+        dtype = self.cfg.train.dtype
+        if dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda"):
+            return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits, loss = self.wrapped(x, y)
+            tc = self.cfg.train
+            if self.teacher is not None and tc.distill_weight > 0:
+                with torch.no_grad():
+                    t_logits, _ = self.teacher(x)
+                tau = tc.distill_temperature
+                kl = F.kl_div(F.log_softmax(logits.float() / tau, -1), F.log_softmax(t_logits.float() / tau, -1),
+                              log_target=True, reduction="batchmean") * tau**2 / x.shape[1]
+                loss = loss + tc.distill_weight * kl
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches (the same batches for every arm and step)."""
+        self.model.eval()
+        losses = []
+        for x, y in self.val:
+            with self.autocast():
+                _, loss = self.wrapped(x.to(self.device), y.to(self.device))
+            losses.append(loss.float())
+        self.model.train()
+        return dist_utils.mean_across_ranks(torch.stack(losses).mean(), self.ctx).item()
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.on_log is not None:
+            self.on_log(record)
+        if self.out_dir is not None and self.ctx.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
+            "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def save(self) -> Path | None:
+        if self.out_dir is None:
+            return None
+        return dist_utils.save(self.out_dir / "checkpoint", self.model, self.cfg, self.state(), self.ctx,
+                               partial(save_checkpoint, tokenizer=self.tokenizer))
+
+    def _resume(self, path: Path) -> None:
+        state = dist_utils.load(path, self.model, self.ctx, load_checkpoint)
+        if not state:
+            raise CheckpointError(f"{path} has no trainer state to resume from")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.out_dir is not None and (self.out_dir / "metrics.jsonl").exists():
+            self.history = [json.loads(line) for line in open(self.out_dir / "metrics.jsonl")
+                            if json.loads(line)["step"] <= self.step]
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train until ``train.steps`` (or ``stop_after`` steps in this call); returns the metrics history."""
+        tc = self.cfg.train
+        if self.out_dir is not None and self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * self.ctx.world_size
+        last = tc.steps if stop_after is None else min(tc.steps, self.step + stop_after)
+        bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (tc.progress and self.ctx.is_main), leave=False)
+        self.model.train()
+        if self.step == 0 and self.step < last:
+            self._log({"step": 0, "tokens": 0, "train_seconds": 0.0, "val_loss": self.evaluate()})
+        while self.step < last:
+            t0 = time.perf_counter()
+            lr = lr_at(self.step, tc)
+            set_lr(self.optimizer, lr)
+            loss_sum = 0.0
+            for micro in range(tc.grad_accum):
+                x, y = self.sampler.next_batch()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with dist_utils.no_sync_unless_last(self.wrapped, micro == tc.grad_accum - 1):
+                    loss = self._loss(x, y) / tc.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip) \
+                if tc.grad_clip > 0 else torch.tensor(0.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss_sum)  # syncs the device, so the timing below is honest
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {self.step}; lower train.lr?")
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.tokens += tokens_per_step
+            self.train_seconds += dt
+            record: dict[str, Any] = {"step": self.step, "tokens": self.tokens,
+                                      "train_seconds": round(self.train_seconds, 4), "loss": loss_value,
+                                      "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tokens_per_step / dt}
+            if self.peak_flops:
+                record["mfu"] = self.flops_per_token * tokens_per_step / dt / self.peak_flops
+            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                record["val_loss"] = self.evaluate()
+                record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+            if self.step % tc.log_every == 0 or "val_loss" in record:
+                self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{record['val_loss']:.3f}"}
+                                                         if "val_loss" in record else {}))
+            if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.steps:
+                self.save()
+        bar.close()
+        if self.step >= tc.steps or stop_after is not None:
+            self.save()
+        return self.history
+
+
+def train(run_cfg: RunConfig, out_dir: str | Path | None = None, data=None, **kwargs) -> Trainer:
+    """Load the data, build the model and train it; returns the finished :class:`Trainer`."""
+    from leanformer.data import load_data
+
+    if data is None:
+        data = load_data(run_cfg.data)
+    if data.tokenizer is not None:  # our tokenizer defines the vocabulary
+        run_cfg.model.vocab_size = data.vocab_size
+    trainer = Trainer(run_cfg, data, out_dir=out_dir, **kwargs)
+    trainer.fit()
+    return trainer

@@ -1,0 +1,61 @@
+"""AdamW with parameter groups, and the learning-rate schedule.
+
+Groups are keyed by (learning-rate multiplier, weight decay): a parameter's ``lr_mult`` attribute
+(NOBLE attaches one to each branch tensor) scales its learning rate; norms, biases, scalar gains and
+anything marked ``no_weight_decay`` get no weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from leanformer.config import TrainConfig
+
+
+def decays(param: torch.Tensor) -> bool:
+    """Weight decay applies to matrices only, never to tensors marked ``no_weight_decay``."""
+    return param.dim() >= 2 and not getattr(param, "no_weight_decay", False)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """One group per distinct (lr_mult, decays) pair; each group records its ``lr_mult``."""
+    groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = (float(getattr(p, "lr_mult", 1.0)), decays(p))
+        groups.setdefault(key, []).append(p)
+    return [
+        {"params": ps, "lr_mult": mult, "weight_decay": weight_decay if wd else 0.0}
+        for (mult, wd), ps in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; fused on CUDA."""
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             fused=fused or None)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up over ``warmup_frac`` of the steps, then cosine
+    or linear decay to ``min_lr_ratio · lr``, or constant."""
+    warmup = int(cfg.warmup_frac * cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)

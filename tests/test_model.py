@@ -1,0 +1,85 @@
+"""The LM: cache decoding equals the full forward pass (float64), shapes, generate, accounting."""
+
+import pytest
+import torch
+
+from leanformer import TransformerConfig, TransformerLM
+
+VARIANTS = {
+    "preln": dict(),
+    "parallel": dict(block="parallel"),
+    "neox": dict(block="neox_parallel", rotary_pct=0.25, bias=True),
+    "llama": dict(norm="rmsnorm", ffn_act="swiglu", n_kv_heads=2, tie_embeddings=False),
+    "gpt2": dict(pos="learned", bias=True, ffn_act="gelu_tanh"),
+}
+
+
+def tiny(**kw) -> TransformerConfig:
+    base = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_cache_decoding_equals_full_forward(name):
+    torch.manual_seed(0)
+    model = TransformerLM(tiny(**VARIANTS[name])).double().eval()
+    idx = torch.randint(0, 61, (3, 17))
+    full, _ = model(idx)
+    cache = model.new_cache()
+    pieces = [model(idx[:, :6], cache=cache)[0]]  # a prompt, then a chunk, then single tokens
+    pieces.append(model(idx[:, 6:9], cache=cache)[0])
+    for t in range(9, 17):
+        pieces.append(model(idx[:, t:t + 1], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-10)
+    assert cache.pos == 17
+
+
+def test_loss_and_shapes():
+    model = TransformerLM(tiny())
+    idx = torch.randint(0, 61, (2, 9))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 9, 61)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_generate_greedy_matches_argmax_of_full_forward():
+    torch.manual_seed(1)
+    model = TransformerLM(tiny()).double().eval()
+    prompt = torch.randint(0, 61, (2, 4))
+    out = model.generate(prompt, 6, temperature=0)
+    assert out.shape == (2, 10)
+    for t in range(4, 10):  # each generated token is the argmax of the full forward pass on its prefix
+        logits, _ = model(out[:, :t])
+        assert torch.equal(logits[:, -1].argmax(-1), out[:, t])
+
+
+def test_generate_top_k_sampling_is_seeded():
+    model = TransformerLM(tiny()).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_tied_embeddings_and_param_count():
+    model = TransformerLM(tiny())
+    assert model.lm_head.weight is model.wte.weight
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    untied = TransformerLM(tiny(tie_embeddings=False))
+    assert untied.num_params() == model.num_params() + 61 * 32
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    cfg = tiny()
+    model = TransformerLM(cfg)
+    n = model.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
+    assert model.flops_per_token(64) == 6 * n + 12 * cfg.n_layers * cfg.d_model * 64
+
+
+def test_learned_positions_reject_overlong_sequences():
+    model = TransformerLM(tiny(pos="learned", max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
