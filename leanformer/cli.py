@@ -53,7 +53,7 @@ def load_run_config(path: str | None, overrides: list[str] = (), data: str | Non
 
 
 def _check_data_path(path: str | None) -> None:
-    if path is not None and not Path(path).exists():
+    if path is not None and not any(ch in path for ch in "*?[") and not Path(path).expanduser().exists():
         raise ConfigError(f"data path {path} does not exist")
 
 
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees the same bad input: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; re-run the same command to resume", file=sys.stderr)

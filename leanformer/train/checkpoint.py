@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 
 from leanformer.config import RunConfig, TransformerConfig, from_dict, to_dict
 
@@ -26,13 +26,20 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, run_cfg: RunConfig | None = None,
-                    trainer_state: dict[str, Any] | None = None, tokenizer=None) -> Path:
-    """Write the checkpoint folder ``path`` atomically (temporary folder, then rename)."""
+                    trainer_state: dict[str, Any] | None = None, tokenizer=None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the checkpoint folder ``path`` atomically (temporary folder, then rename).
+
+    ``weights`` defaults to ``model.state_dict()`` (pass the gathered full state under FSDP2).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    weights = dict(model.state_dict() if weights is None else weights)
+    if getattr(model.cfg, "tie_embeddings", False):
+        weights.pop("lm_head.weight", None)  # the same tensor as wte.weight
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     cfg = {"model": to_dict(model.cfg)}
     if run_cfg is not None:
         cfg = to_dict(run_cfg)
@@ -64,15 +71,21 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}/config.json is corrupt: {e}") from None
 
 
-def load_weights(path: str | Path, model: nn.Module) -> None:
-    """Load ``model.safetensors`` into ``model``; any missing, unexpected or mis-shaped tensor is an error."""
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors`` in a checkpoint folder, on the CPU."""
     file = Path(path) / "model.safetensors"
     if not file.exists():
         raise CheckpointError(f"checkpoint {path} has no model.safetensors")
     try:
-        state = load_file(str(file), device=str(next(model.parameters()).device))
+        return load_file(str(file))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file} is corrupt: {e}") from None
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Load ``model.safetensors`` into ``model``; any missing, unexpected or mis-shaped tensor is an error."""
+    file = Path(path) / "model.safetensors"
+    state = read_weights(path)
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
@@ -100,6 +113,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
 def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
     """Load weights into ``model`` and return the trainer state (empty if the folder has none)."""
     load_weights(path, model)
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """``trainer.pt`` of a checkpoint folder (optimizer, step, RNG, sampler), or ``{}``."""
     state_file = Path(path) / "trainer.pt"
     if not state_file.exists():
         return {}

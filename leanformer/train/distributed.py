@@ -88,24 +88,40 @@ def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return value
 
 
-def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
-    """A full (unsharded) CPU state dict, gathered under FSDP2."""
-    if ctx.mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save(path: Path, model: nn.Module, run_cfg, trainer_state: dict, ctx: DistContext, save_fn) -> Path:
-    """Save a single-process-format checkpoint from rank 0 (weights gathered under FSDP2).
-    The optimizer state is gathered too, so the checkpoint resumes on any number of processes."""
-    if not ctx.enabled:
-        return save_fn(path, model, run_cfg, trainer_state)
-    raise NotImplementedError  # filled in by the distributed-training issue
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) CPU state dict; a collective under FSDP2, so every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options())
 
 
-def load(path: Path, model: nn.Module, ctx: DistContext, load_fn) -> dict:
-    if not ctx.enabled:
-        return load_fn(path, model)
-    raise NotImplementedError  # filled in by the distributed-training issue
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The full optimizer state keyed by parameter name, the same whether the run had 1 process, DDP or
+    FSDP2, so a checkpoint resumes on any number of processes. A collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options())
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()

@@ -11,7 +11,6 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -25,9 +24,15 @@ from tqdm.auto import tqdm
 from leanformer.config import RunConfig
 from leanformer.model import TransformerLM
 from leanformer.train import distributed as dist_utils
-from leanformer.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from leanformer.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_trainer_state,
+    read_weights,
+    save_checkpoint,
+)
 from leanformer.train.mfu import peak_flops_for
-from leanformer.train.optim import build_optimizer, lr_at, set_lr
+from leanformer.train.optim import build_optimizer, lr_at, param_tags, set_lr
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,8 +72,9 @@ class Trainer:
             raise ValueError(f"the data has {data.vocab_size} token ids but model.vocab_size is "
                              f"{model.cfg.vocab_size}")
         self.model = model.to(self.device)
+        tags = param_tags(self.model)  # before FSDP2 replaces the parameters
         self.wrapped = dist_utils.wrap(self.model, tc, self.ctx)
-        self.optimizer = build_optimizer(self.model, tc)
+        self.optimizer = build_optimizer(self.model, tc, tags)
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         self.sampler = BatchSampler(data.train, tc.batch_size, tc.seq_len, tc.seed,
                                     rank=self.ctx.rank, world_size=self.ctx.world_size)
@@ -133,22 +139,34 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
-            "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+            "optimizer": dist_utils.optimizer_state(self.model, self.optimizer),
+            "sampler": self.sampler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
 
     def save(self) -> Path | None:
+        """Write ``out_dir/checkpoint`` in the single-process format, from rank 0 (weights and optimizer
+        state gathered first under FSDP2, so it resumes on any number of processes)."""
         if self.out_dir is None:
             return None
-        return dist_utils.save(self.out_dir / "checkpoint", self.model, self.cfg, self.state(), self.ctx,
-                               partial(save_checkpoint, tokenizer=self.tokenizer))
+        weights = dist_utils.model_state(self.model)
+        state = self.state()
+        path = self.out_dir / "checkpoint"
+        if self.ctx.is_main:
+            save_checkpoint(path, self.model, self.cfg, state, tokenizer=self.tokenizer, weights=weights)
+        dist_utils.barrier(self.ctx)
+        return path
 
     def _resume(self, path: Path) -> None:
-        state = dist_utils.load(path, self.model, self.ctx, load_checkpoint)
+        if self.ctx.enabled:  # every rank reads the full state; FSDP2 keeps its own shard
+            dist_utils.load_model_state(self.model, read_weights(path))
+            state = read_trainer_state(path)
+        else:
+            state = load_checkpoint(path, self.model)
         if not state:
             raise CheckpointError(f"{path} has no trainer state to resume from")
-        self.optimizer.load_state_dict(state["optimizer"])
+        dist_utils.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
         rng = state["rng"]
@@ -190,7 +208,8 @@ class Trainer:
                 if tc.grad_clip > 0 else torch.tensor(0.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss_sum)  # syncs the device, so the timing below is honest
+            # the mean over ranks (each rank's loss is its own micro-batches'); syncs the device for timing
+            loss_value = float(dist_utils.mean_across_ranks(loss_sum, self.ctx))
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {self.step}; lower train.lr?")
             dt = time.perf_counter() - t0
@@ -223,7 +242,7 @@ def train(run_cfg: RunConfig, out_dir: str | Path | None = None, data=None, **kw
     from leanformer.data import load_data
 
     if data is None:
-        data = load_data(run_cfg.data)
+        data = load_data(run_cfg.data, rank=dist_utils.context().rank, progress=run_cfg.train.progress)
     if data.tokenizer is not None:  # our tokenizer defines the vocabulary
         run_cfg.model.vocab_size = data.vocab_size
     trainer = Trainer(run_cfg, data, out_dir=out_dir, **kwargs)

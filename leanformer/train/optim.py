@@ -20,26 +20,35 @@ def decays(param: torch.Tensor) -> bool:
     return param.dim() >= 2 and not getattr(param, "no_weight_decay", False)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_tags(model: nn.Module) -> dict[str, tuple[float, bool]]:
+    """``name -> (lr_mult, decays)`` for every trainable parameter, read from the tensors' attributes.
+
+    Taken before FSDP2 wraps the model: ``fully_shard`` swaps parameters for new DTensor ones, which do
+    not carry the attributes, while their names stay the same.
+    """
+    return {name: (float(getattr(p, "lr_mult", 1.0)), decays(p))
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 tags: dict[str, tuple[float, bool]] | None = None) -> list[dict]:
     """One group per distinct (lr_mult, decays) pair; each group records its ``lr_mult``."""
+    tags = param_tags(model) if tags is None else tags
     groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
-    seen: set[int] = set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        key = (float(getattr(p, "lr_mult", 1.0)), decays(p))
-        groups.setdefault(key, []).append(p)
+    for name, p in model.named_parameters():  # named_parameters() yields a tied tensor once
+        if p.requires_grad:
+            groups.setdefault(tags[name], []).append(p)
     return [
         {"params": ps, "lr_mult": mult, "weight_decay": weight_decay if wd else 0.0}
         for (mult, wd), ps in sorted(groups.items())
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig,
+                    tags: dict[str, tuple[float, bool]] | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; fused on CUDA."""
     fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, tags), lr=cfg.lr, betas=tuple(cfg.betas),
                              fused=fused or None)
 
 
