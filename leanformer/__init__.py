@@ -37,3 +37,14 @@ __all__ = [
     "TrainConfig", "TransformerConfig", "TransformerLM", "DecodeCache",
     "apply_noble", "remove_noble", "convert_to_noble", "convert_to_dijiang", "from_hf", "to_hf",
 ]
+
+
+def _register_with_transformers() -> None:
+    """Make ``AutoModelForCausalLM.from_pretrained(exported_folder)`` work after ``import leanformer``."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        import leanformer.hf.modeling  # noqa: F401  (AutoConfig / AutoModelForCausalLM.register)
+
+
+_register_with_transformers()
