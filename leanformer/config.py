@@ -48,6 +48,10 @@ class NobleConfig:
             raise ConfigError(f"noble.rank={self.rank} must be >= 1")
         if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
             raise ConfigError(f"noble.rank_ratio={self.rank_ratio} must be in (0, 1]")
+        if self.fusion == "add" and self.alpha != 1.0:
+            raise ConfigError(f"noble.alpha={self.alpha} only applies to noble.fusion='gate'; leave it 1.0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"noble.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass
@@ -71,7 +75,7 @@ class DiJiangConfig:
     learnable_decay: bool = False
     mode: str = "auto"  # auto | parallel | chunk | recurrent | fla
     chunk_size: int = 64
-    parallel_max_len: int = 512  # auto: parallel up to this length, chunk beyond
+    parallel_max_len: int = 256  # auto: parallel up to this length, chunk beyond (CPU: equal at 128-256)
 
     def validate(self) -> None:
         _choice("dijiang.feature_map", self.feature_map, ("paper", "official"))

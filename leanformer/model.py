@@ -150,12 +150,15 @@ class TransformerLM(nn.Module):
         return 6 * n_matmul + attn
 
     def summary(self) -> dict:
-        """Parameter counts, including the NOBLE branches' share."""
-        noble = sum(m.extra_params() for m in self.modules() if hasattr(m, "extra_params"))
+        """Parameter counts, including the NOBLE branches' share and their forward FLOPs per token."""
+        from leanformer.layers.noble import NobleLinear
+
+        nobles = [m for m in self.modules() if isinstance(m, NobleLinear)]
         return {
             "params": self.num_params(),
             "non_embedding_params": self.num_params(non_embedding=True),
-            "noble_branch_params": noble,
+            "noble_branch_params": sum(m.extra_params() for m in nobles),
+            "noble_branch_flops_per_token": sum(m.flops_per_token() for m in nobles),
             "block": self.cfg.block,
             "attention": self.cfg.attention,
             "noble": self.cfg.noble.enabled,

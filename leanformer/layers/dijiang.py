@@ -1,0 +1,253 @@
+"""DiJiang attention: frequency-domain kernelised linear attention (Chen et al., ICML 2024, arXiv 2403.19928).
+
+Per head (head dim d, feature dim m), after RoPE on q and k (as the official code does):
+
+* feature map ``paper`` (eq. 10-12): ``φ(x) = D ⊙ exp(T C x)``, C the orthonormal DCT-II matrix,
+  T = diag(Φ⁻¹(t)) with t a scrambled Sobol (quasi-Monte Carlo) sequence in (0, 1), D > 0 learned
+  per head and feature. x is scaled by d^(-1/4) first, so that φ(q)·φ(k) is a kernel of q·k/√d as in
+  the parent's softmax. Feature f uses DCT row ``f mod d`` with its own point t_f: m < d keeps the m
+  lowest frequencies, m > d cycles through the rows again with new points.
+* feature map ``official`` (the released code): ``softmax(x C T)`` over the feature axis (no D, no scale;
+  ours draws t from the same QMC points instead of plain uniform ones).
+* decayed linear attention ``o_i = Σ_{j≤i} γ_h^(i−j) (φ(q_i)·φ(k_j)) v_j`` (eq. 13-14, RetNet decay
+  γ_h = 1 − exp(linspace(log 1/32, log 1/512, H))), computed by :mod:`leanformer.ops.decayed_linear_attention`
+  in its parallel, chunk or recurrent form;
+* per-head GroupNorm (one group per head), the gate ``silu(x W_G) ⊙ o`` and the output projection.
+
+Numerical safety of the ``paper`` map, exact and causal. Write z = log φ (so φ = exp(z)).
+* Queries: φ(q_i) is divided by exp(max_f z_{q,i,f}). That multiplies o_i by a positive per-token,
+  per-head scalar, which the per-head GroupNorm removes (exactly, up to its ε).
+* Keys: a per-key scalar would *not* cancel, so keys get a running log-normaliser instead:
+  ``n_i = max(n_{i−1} + logγ, max_f z_{k,i,f})`` (the xLSTM stabiliser). The op computes
+  ``Σ_j exp((i−j)·logγ + n_j − n_i) (φ(q_i)·e^{z_{k,j} − n_j}) v_j`` = e^{−n_i} × the true o_i: again a
+  per-query scalar, removed by the GroupNorm. n_i depends on tokens ≤ i only, every feature is ≤ 1 and
+  every decay exponent is ≤ 0, so nothing overflows at any length in float32 or bfloat16.
+The decoding state is S (B, H, m, d), n (B, H) and "pos": its size does not depend on the context.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanformer.config import TransformerConfig
+from leanformer.layers.attention import merge_heads, split_heads
+from leanformer.layers.linear import make_linear
+from leanformer.layers.rope import Rotary
+from leanformer.ops import decayed_linear_attention as dla
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II matrix (n, n) in float64: ``C[k, i] = α_k cos(π (2i+1) k / 2n)``, C Cᵀ = I."""
+    if n < 1:
+        raise ValueError(f"dct_matrix: n={n} must be >= 1")
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] /= math.sqrt(2.0)
+    return c
+
+
+def qmc_points(m: int, seed: int = 0) -> torch.Tensor:
+    """m points of a scrambled 1-D Sobol sequence, strictly inside (0, 1), float64.
+
+    torch's Sobol points are multiples of 2^-30 in [0, 1); adding 2^-31 moves each to the centre of its
+    cell, so Φ⁻¹ is always finite.
+    """
+    if m < 1:
+        raise ValueError(f"qmc_points: m={m} must be >= 1")
+    eng = torch.quasirandom.SobolEngine(dimension=1, scramble=True, seed=seed)
+    return eng.draw(m, dtype=torch.float64)[:, 0] + 2.0 ** -31
+
+
+def qmc_scales(m: int, seed: int = 0) -> torch.Tensor:
+    """The diagonal of T = diag(Φ⁻¹(t)): (m,) float64 Gaussian quantiles of :func:`qmc_points`."""
+    return torch.special.ndtri(qmc_points(m, seed))
+
+
+def feature_projection(d: int, m: int, kind: str, seed: int = 0) -> torch.Tensor:
+    """(d, m) matrix P with ``x @ P`` = ``T C x`` (paper) or ``x C T`` (official), float64.
+
+    Always built on the CPU (also under ``with torch.device("meta")``, as ``from_pretrained`` uses).
+    """
+    with torch.device("cpu"):
+        return _feature_projection(d, m, kind, seed)
+
+
+def _feature_projection(d: int, m: int, kind: str, seed: int) -> torch.Tensor:
+    C = dct_matrix(d)
+    rows = torch.arange(m) % d
+    t = qmc_scales(m, seed)
+    if kind == "paper":
+        return C[rows].T * t  # column f: Φ⁻¹(t_f) · C[f mod d, :]
+    if kind == "official":
+        return C[:, rows] * t  # column f: Φ⁻¹(t_f) · C[:, f mod d]
+    raise ValueError(f"dijiang.feature_map={kind!r} is not valid; choose paper or official")
+
+
+class DiJiangFeatureMap(nn.Module):
+    """φ for one layer: (B, H, T, d) → log-features (paper) or features (official), (B, H, T, m).
+
+    Computed in at least float32 whatever the input dtype (autocast is switched off inside).
+    """
+
+    def __init__(self, head_dim: int, feature_dim: int, n_heads: int, kind: str, seed: int = 0):
+        super().__init__()
+        self.kind, self.m = kind, feature_dim
+        self.register_buffer("proj", feature_projection(head_dim, feature_dim, kind, seed).float())
+        self.in_scale = head_dim ** -0.25 if kind == "paper" else 1.0
+        # D = exp(log_d) > 0 (paper only); init 1/√m.
+        self.log_d = nn.Parameter(torch.zeros(n_heads, feature_dim)) if kind == "paper" else None
+        if self.log_d is not None:
+            self.log_d.no_weight_decay = True  # a gain: decay would pull D towards 1
+        self.post_init()
+
+    def post_init(self) -> None:
+        if self.log_d is not None:
+            with torch.no_grad():
+                self.log_d.fill_(-0.5 * math.log(self.m))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # exp amplifies rounding: no bf16 matmul here
+            z = (x.to(cd) * self.in_scale) @ self.proj.to(cd)
+        if self.kind == "official":
+            return z.softmax(dim=-1)
+        return z + self.log_d.to(cd)[None, :, None, :]  # log φ = log D + T C x
+
+
+def running_log_norm(mk: torch.Tensor, log_gamma: torch.Tensor,
+                     initial: torch.Tensor | None = None) -> torch.Tensor:
+    """``n_i = max(n_{i−1} + logγ, mk_i)`` for all i at once: (B, H, T).
+
+    Closed form: n_i = i·logγ + max(n_{−1} + logγ, cummax_j (mk_j − j·logγ)). The value of n only sets a
+    per-query scale (removed by the GroupNorm), so rounding in it changes nothing but the range.
+    """
+    T = mk.shape[-1]
+    pos = torch.arange(T, device=mk.device, dtype=mk.dtype)
+    ramp = pos * log_gamma.to(mk.dtype)[:, None]  # (H, T)
+    a = mk - ramp
+    if initial is not None:
+        first = (initial.to(mk.dtype) + log_gamma.to(mk.dtype))[..., None]
+        return torch.cummax(torch.cat((first, a), dim=-1), dim=-1).values[..., 1:] + ramp
+    return torch.cummax(a, dim=-1).values + ramp
+
+
+def default_log_gamma(n_heads: int) -> torch.Tensor:
+    """log γ_h with γ_h = 1 − exp(linspace(log 1/32, log 1/512, H)) (official schedule), float64."""
+    with torch.device("cpu"):
+        return torch.log1p(-torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), n_heads,
+                                                     dtype=torch.float64)))
+
+
+class DiJiangAttention(nn.Module):
+    """DiJiang token mixer obeying the attention contract; (B, T, C) → (B, T, C).
+
+    Projections ``q, k, v, o`` have the names and shapes of :class:`SoftmaxAttention` (so a converted
+    model inherits them); new parameters: ``gate`` (W_G), ``group_norm``, ``feature_map.log_d`` (paper)
+    and ``decay_logit`` (learnable decay only).
+    """
+
+    def __init__(self, cfg: TransformerConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg.dijiang
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.feature_dim = self.cfg.feature_dim or cfg.head_dim
+        if self.feature_dim < 1:
+            raise ValueError(f"dijiang.feature_dim={self.cfg.feature_dim} must be >= 1 (or None = head dim)")
+        C, kv_width = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        self.q = make_linear(cfg, "q", C, C)
+        self.k = make_linear(cfg, "k", C, kv_width)
+        self.v = make_linear(cfg, "v", C, kv_width)
+        self.o = make_linear(cfg, "o", C, C)
+        self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.feature_map = DiJiangFeatureMap(cfg.head_dim, self.feature_dim, cfg.n_heads, self.cfg.feature_map,
+                                             seed=layer_idx)
+        gamma0 = default_log_gamma(cfg.n_heads)
+        if self.cfg.learnable_decay:  # γ = sigmoid(θ) stays in (0, 1)
+            self.decay_logit = nn.Parameter((gamma0 - torch.log(-torch.expm1(gamma0))).float())
+            self.decay_logit.no_weight_decay = True
+        else:
+            self.register_buffer("log_gamma_fixed", gamma0.float())
+        self.group_norm = nn.GroupNorm(cfg.n_heads, C, eps=cfg.norm_eps)
+        self.gate = make_linear(cfg, "gate", C, C, bias=False)
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Init of the new parameters (after the model's generic init): W_G as the official code."""
+        if isinstance(self.gate, nn.Linear):
+            nn.init.xavier_uniform_(self.gate.weight, gain=2 ** -2.5)
+        self.group_norm.reset_parameters()
+        if self.cfg.learnable_decay:
+            with torch.no_grad():
+                g = default_log_gamma(self.n_heads)
+                self.decay_logit.copy_(g - torch.log(-torch.expm1(g)))
+
+    def log_gamma(self) -> torch.Tensor:
+        """(H,) log γ_h ≤ 0."""
+        if self.cfg.learnable_decay:
+            return F.logsigmoid(self.decay_logit)
+        return self.log_gamma_fixed
+
+    def features(self, q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor,
+                 n_init: torch.Tensor | None):
+        """(B, H, T, d) q, k → φ(q), φ(k) (B, H, T, m) and the keys' log-normaliser n (B, H, T) or None."""
+        if self.cfg.feature_map == "official":
+            return self.feature_map(q), self.feature_map(k), None
+        zq, zk = self.feature_map(q), self.feature_map(k)
+        fq = (zq - zq.detach().amax(dim=-1, keepdim=True)).exp()
+        n = running_log_norm(zk.detach().amax(dim=-1), log_gamma.detach(), n_init)
+        fk = (zk - n[..., None]).exp()
+        return fq, fk, n
+
+    def mix(self, fq, fk, v, log_gamma, n, state: dict | None) -> torch.Tensor:
+        """Pick the form (cfg.dijiang.mode) and run it; updates ``state`` in place."""
+        T = v.shape[2]
+        mode = self.cfg.mode
+        if state is None:
+            if mode == "auto":
+                mode = "parallel" if T <= self.cfg.parallel_max_len else "chunk"
+            if mode == "parallel":
+                return dla.parallel(fq, fk, v, log_gamma, n)
+            if mode == "chunk":
+                return dla.chunk(fq, fk, v, log_gamma, self.cfg.chunk_size, log_norm=n)
+            if mode == "recurrent":
+                return dla.recurrent(fq, fk, v, log_gamma, log_norm=n)[0]
+            return dla.fla_chunk(fq, fk, v, log_gamma, log_norm=n)[0]
+        S0, n0 = state.get("S"), state.get("n")
+        if mode == "fla":
+            fn = dla.fla_recurrent if T == 1 else dla.fla_chunk
+            o, S = fn(fq, fk, v, log_gamma, S0, log_norm=n, initial_log_norm=n0)
+        elif mode == "recurrent" or T == 1:
+            o, S = dla.recurrent(fq, fk, v, log_gamma, S0, log_norm=n, initial_log_norm=n0)
+        else:  # a multi-token prompt with a state: chunkwise, continuing from it
+            o, S = dla.chunk(fq, fk, v, log_gamma, self.cfg.chunk_size, S0, return_state=True,
+                             log_norm=n, initial_log_norm=n0)
+        state["S"] = S
+        if n is not None:
+            state["n"] = n[..., -1]
+        return o
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C)."""
+        B, T, C = x.shape
+        start = state.get("pos", 0) if state is not None else 0
+        q = split_heads(self.q(x), self.n_heads)
+        k = split_heads(self.k(x), self.n_kv)
+        v = split_heads(self.v(x), self.n_kv)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, start)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        log_gamma = self.log_gamma()
+        n_init = state.get("n") if state is not None else None
+        fq, fk, n = self.features(q, k, log_gamma, n_init)
+        o = self.mix(fq.to(v.dtype), fk.to(v.dtype), v, log_gamma, n, state)
+        if state is not None:
+            state["pos"] = start + T
+        o = self.group_norm(merge_heads(o).reshape(B * T, C)).view(B, T, C)
+        return self.o(F.silu(self.gate(x)) * o.to(x.dtype))

@@ -1,0 +1,347 @@
+"""NOBLE: a linear layer plus a nonlinear low-rank branch (Smith 2026, arXiv 2603.06492).
+
+    y = x Wᵀ + b + W_up σ(W_down x + b_down)                                   (paper, Eq. 1)
+
+with σ = CosNet by default:
+
+    σ(z) = cos(ω₂ ⊙ (M cos(ω₁ ⊙ z + φ₁) + c) + φ₂)                            (paper, CosNet)
+
+Shapes: x ``(..., d_in)``, W ``(d_out, d_in)``, W_down ``(r, d_in)``, M ``(r, r)``, W_up ``(d_out, r)``,
+y ``(..., d_out)``. The branch is nonlinear, so it cannot be merged into W.
+
+Learning-rate multipliers and no-weight-decay marks live on the parameter tensors themselves
+(``p.lr_mult``, ``p.no_weight_decay``), so any optimizer builder that reads them gets them; they are
+re-attached after ``deepcopy``, pickling, ``.to()`` and ``load_state_dict(assign=True)``, which drop
+tensor attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("cosnet", "silu", "gelu", "tanh")
+FUSIONS = ("add", "gate")
+
+
+class BranchLinear(nn.Module):
+    """A bare ``x -> x Wᵀ (+ b)`` holding ``weight (out, in)`` and ``bias (out,)``.
+
+    Deliberately not an ``nn.Linear`` subclass: model-wide initialisers (ours, Hugging Face's
+    ``_init_weights``) and "all-linear" injection match ``nn.Linear`` and must not touch the branch.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+
+
+class CosNet(nn.Module):
+    """``cos(ω₂ ⊙ (M cos(ω₁ ⊙ z + φ₁) + c) + φ₂)`` over the last axis of ``z (..., r)``; output in [-1, 1].
+
+    Paper init: ω ~ U[0.8, 1.2], φ ~ N(0, 0.1), M ~ N(0, 0.5/√r); c keeps PyTorch's default
+    U(-1/√r, 1/√r) as in the official code. Parameters: ``omega1, phi1, M.weight, M.bias, omega2, phi2``.
+    """
+
+    def __init__(self, rank: int, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"CosNet rank={rank} must be >= 1")
+        kw = {"device": device, "dtype": dtype}
+        self.rank = rank
+        self.omega1 = nn.Parameter(torch.empty(rank, **kw))
+        self.phi1 = nn.Parameter(torch.empty(rank, **kw))
+        self.M = BranchLinear(rank, rank, bias=True, **kw)
+        self.omega2 = nn.Parameter(torch.empty(rank, **kw))
+        self.phi2 = nn.Parameter(torch.empty(rank, **kw))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        r = self.rank
+        for omega in (self.omega1, self.omega2):
+            omega.uniform_(0.8, 1.2)
+        for phi in (self.phi1, self.phi2):
+            phi.normal_(0.0, 0.1)
+        self.M.weight.normal_(0.0, 0.5 / math.sqrt(r))
+        self.M.bias.uniform_(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.cos(self.omega1 * z + self.phi1)
+        return torch.cos(self.omega2 * self.M(h) + self.phi2)
+
+
+def make_activation(name: str, rank: int, device: Any = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The branch nonlinearity σ: ``cosnet`` (paper), ``silu`` (user document), ``gelu`` or ``tanh``."""
+    if name == "cosnet":
+        return CosNet(rank, device=device, dtype=dtype)
+    if name == "silu":
+        return nn.SiLU()
+    if name == "gelu":
+        return nn.GELU()
+    if name == "tanh":
+        return nn.Tanh()
+    raise ValueError(f"NOBLE activation={name!r} is not valid; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D``: ``y = x W + b`` with ``weight (in, out)``."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return False
+    return isinstance(module, Conv1D)
+
+
+class NobleLinear(nn.Module):
+    """``y = x Wᵀ + b + W_up σ(W_down x + b_down)``: a drop-in for ``nn.Linear`` (paper Eq. 1).
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``; ``weight``/``bias`` keep its state-dict names.
+        rank: r, the branch width (paper default 32). ``rank_ratio`` overrides it:
+            ``r = max(1, round(out_features * rank_ratio))`` (the user document's ``d_out // 4`` is 0.25).
+        activation: σ, one of ``cosnet`` (paper), ``silu``, ``gelu``, ``tanh``.
+        fusion: ``add`` (paper: plain sum) or ``gate`` (user document:
+            ``y = α (sigmoid(w) main + (1 − sigmoid(w)) branch)``, w a learned scalar, init 0).
+        dropout: on the branch output (both fusions).
+        alpha: α, the gate variant's output scale; ``fusion="add"`` has none and needs ``alpha=1``.
+        fused: compute ``x [W; W_down]ᵀ`` as one matrix product and split it (same result as
+            :meth:`forward_reference`, the two-product version).
+
+    Input ``(..., in_features)``, output ``(..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 32,
+                 rank_ratio: float | None = None, activation: str = "cosnet", fusion: str = "add",
+                 dropout: float = 0.0, alpha: float = 1.0, fused: bool = True,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"NobleLinear needs in_features, out_features >= 1, "
+                             f"got {in_features}, {out_features}")
+        if rank_ratio is not None:
+            if not rank_ratio > 0:
+                raise ValueError(f"NobleLinear rank_ratio={rank_ratio} must be > 0 (e.g. 0.25)")
+            rank = max(1, round(out_features * rank_ratio))
+        if rank < 1:
+            raise ValueError(f"NobleLinear rank={rank} must be >= 1")
+        if fusion not in FUSIONS:
+            raise ValueError(f"NobleLinear fusion={fusion!r} is not valid; "
+                             f"choose one of {', '.join(FUSIONS)}")
+        if fusion == "add" and alpha != 1.0:
+            raise ValueError(f"NobleLinear alpha={alpha} only applies to fusion='gate'; with fusion='add' "
+                             "(the paper's plain sum) leave alpha=1.0")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"NobleLinear dropout={dropout} must be in [0, 1)")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.activation, self.fusion, self.alpha, self.fused = activation, fusion, alpha, fused
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.down = BranchLinear(in_features, rank, bias=True, **kw)
+        self.act = make_activation(activation, rank, **kw)
+        self.up = BranchLinear(rank, out_features, bias=False, **kw)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate = nn.Parameter(torch.zeros((), **kw)) if fusion == "gate" else None
+        self._plain_cls: type = nn.Linear  # what to_linear() rebuilds
+        self.reset_parameters()
+        self._tag_parameters()
+        self.register_load_state_dict_post_hook(_retag_after_load)  # after the children are loaded
+
+    # ------------------------------------------------------------------ init and multipliers
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's init: W ~ N(0, 0.5/√d_in), b = 0, W_down ~ N(0, 1/√d_in), b_down = 0,
+        W_up ~ N(0, 0.01/√r), CosNet as in :class:`CosNet`, gate w = 0."""
+        self.weight.normal_(0.0, 0.5 / math.sqrt(self.in_features))
+        if self.bias is not None:
+            self.bias.zero_()
+        self.reset_branch(zero_up=False)
+
+    def post_init(self) -> None:
+        """Called by ``TransformerLM.reset_parameters`` after its GPT-2 init: the paper's init throughout."""
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_branch(self, zero_up: bool = False) -> None:
+        """Re-initialise only the branch (and gate); ``zero_up=True`` makes the branch output exactly 0."""
+        self.down.weight.normal_(0.0, 1.0 / math.sqrt(self.in_features))
+        self.down.bias.zero_()
+        if zero_up:
+            self.up.weight.zero_()
+        else:
+            self.up.weight.normal_(0.0, 0.01 / math.sqrt(self.rank))
+        if isinstance(self.act, CosNet):
+            self.act.reset_parameters()
+        if self.gate is not None:
+            self.gate.zero_()
+
+    def lr_mults(self) -> dict[str, float]:
+        """Per-parameter learning-rate multipliers (official code), by parameter name; others are 1.
+
+        W_up × (min(d_in, d_out)/r)^0.4, M × (min(d_in, d_out)/r)^0.5 (the official code attaches this
+        one to the module, where it is lost), ω × 2, φ × 4, W_down × 1.
+        """
+        ratio = min(self.in_features, self.out_features) / self.rank
+        mults = {"down.weight": 1.0, "down.bias": 1.0, "up.weight": ratio ** 0.4}
+        if isinstance(self.act, CosNet):
+            mults.update({"act.omega1": 2.0, "act.omega2": 2.0, "act.phi1": 4.0, "act.phi2": 4.0,
+                          "act.M.weight": ratio ** 0.5, "act.M.bias": 1.0})
+        if self.gate is not None:
+            mults["gate"] = 1.0
+        return mults
+
+    def no_weight_decay_names(self) -> list[str]:
+        """Parameters that must not be weight-decayed: biases, ω, φ, the gate (all the 0-/1-d ones)."""
+        return [n for n, p in self.named_parameters() if p.ndim < 2]
+
+    def _tag_parameters(self) -> None:
+        params = dict(self.named_parameters())
+        for name, mult in self.lr_mults().items():
+            params[name].lr_mult = float(mult)
+        for name in self.no_weight_decay_names():
+            params[name].no_weight_decay = True
+
+    # Tensor attributes do not survive deepcopy/pickle/assign-loading/some .to(): put them back.
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._tag_parameters()
+
+    def _apply(self, fn, recurse: bool = True):  # torch's signature
+        out = super()._apply(fn, recurse)
+        self._tag_parameters()
+        return out
+
+
+    # ------------------------------------------------------------------ forward
+    def _main_and_down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x Wᵀ + b, x W_downᵀ + b_down)``, fused or not."""
+        if not self.fused:
+            return F.linear(x, self.weight, self.bias), self.down(x)
+        w = torch.cat([self.weight, self.down.weight], dim=0)  # (d_out + r, d_in)
+        if self.bias is not None:
+            b = torch.cat([self.bias, self.down.bias], dim=0)
+        else:
+            b = F.pad(self.down.bias, (self.out_features, 0))  # zeros for the main rows
+        h = F.linear(x, w, b)  # (..., d_out + r)
+        return h.split([self.out_features, self.rank], dim=-1)
+
+    def _combine(self, main: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        branch = self.drop(self.up(self.act(z)))
+        if self.gate is None:
+            return main + branch
+        g = torch.sigmoid(self.gate)
+        return self.alpha * (g * main + (1.0 - g) * branch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., d_in) -> (..., d_out)``; the fused path when ``self.fused``."""
+        return self._combine(*self._main_and_down(x))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain version: two separate matrix products, then the branch."""
+        return self._combine(F.linear(x, self.weight, self.bias), self.down(x))
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int = 32, activation: str = "cosnet",
+                    preserve_output: bool = True, **kwargs: Any) -> NobleLinear:
+        """A NobleLinear whose main path is ``linear`` (an ``nn.Linear`` or Hugging Face ``Conv1D``).
+
+        The main weight and bias are kept bit for bit (an ``nn.Linear``'s parameters are reused, a
+        ``Conv1D``'s ``(in, out)`` weight is transposed into our ``(out, in)`` layout). With
+        ``preserve_output`` W_up = 0, so the layer's output equals ``linear``'s at the start; otherwise
+        the branch gets the paper init. ``kwargs`` go to the constructor (rank_ratio, fusion, ...).
+        """
+        if isinstance(linear, NobleLinear):
+            raise TypeError("from_linear got a NobleLinear already; it takes an nn.Linear or Conv1D")
+        conv1d = _is_conv1d(linear)
+        if not conv1d and not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear or transformers Conv1D, "
+                            f"got {type(linear).__name__}")
+        if preserve_output and kwargs.get("fusion", "add") == "gate":
+            raise ValueError("preserve_output=True cannot hold with fusion='gate' (the gate scales the main "
+                             "path by sigmoid(0) = 0.5 at init); use fusion='add' or preserve_output=False")
+        weight = linear.weight
+        d_in, d_out = (weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0])
+        has_bias = getattr(linear, "bias", None) is not None
+        layer = cls(d_in, d_out, bias=has_bias, rank=rank, activation=activation,
+                    device=weight.device, dtype=weight.dtype, **kwargs)
+        if conv1d:
+            layer.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+        else:
+            layer.weight = weight
+        if has_bias:
+            layer.bias = linear.bias
+        if preserve_output:
+            layer.reset_branch(zero_up=True)
+        layer._plain_cls = type(linear)
+        layer._tag_parameters()
+        return layer
+
+    def to_linear(self) -> nn.Module:
+        """The main path alone as the plain module type it came from (``nn.Linear`` or ``Conv1D``).
+
+        The branch is dropped, so outputs equal this layer's only while W_up = 0 (e.g. right after
+        ``from_linear(..., preserve_output=True)``). An ``nn.Linear`` gets this layer's parameters.
+        """
+        if self._plain_cls is not nn.Linear and _is_conv1d_cls(self._plain_cls):
+            plain = self._plain_cls(self.out_features, self.in_features)
+            plain.weight = nn.Parameter(self.weight.detach().t().contiguous(),
+                                        requires_grad=self.weight.requires_grad)
+            plain.bias = self.bias
+            return plain
+        cls = self._plain_cls if issubclass(self._plain_cls, nn.Linear) else nn.Linear
+        plain = torch.nn.utils.skip_init(cls, self.in_features, self.out_features, bias=self.bias is not None,
+                                         device=self.weight.device, dtype=self.weight.dtype)
+        plain.weight = self.weight
+        if self.bias is not None:
+            plain.bias = self.bias
+        return plain
+
+    # ------------------------------------------------------------------ accounting
+    def extra_params(self) -> int:
+        """Parameters added by the branch (W_down, b_down, σ's, W_up, gate)."""
+        return sum(p.numel() for n, p in self.named_parameters() if n not in ("weight", "bias"))
+
+    def flops_per_token(self, include_main: bool = False) -> int:
+        """Forward matmul FLOPs per token of the branch: 2(d_in r + r r + r d_out) with CosNet,
+        2(d_in r + r d_out) otherwise (element-wise ops not counted); ``include_main`` adds 2 d_in d_out."""
+        d_in, d_out, r = self.in_features, self.out_features, self.rank
+        flops = 2 * (d_in * r + r * d_out + (r * r if isinstance(self.act, CosNet) else 0))
+        return flops + (2 * d_in * d_out if include_main else 0)
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, "
+             f"bias={self.bias is not None}, "
+             f"rank={self.rank}, activation={self.activation}, fusion={self.fusion}, fused={self.fused}")
+        if self.fusion == "gate":
+            s += f", alpha={self.alpha}"
+        return s
+
+
+def _is_conv1d_cls(cls: type) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return issubclass(cls, Conv1D)
+
+
+def _retag_after_load(module: NobleLinear, incompatible_keys: Any) -> None:
+    """``load_state_dict(assign=True)`` swaps in new tensors without our attributes."""
+    module._tag_parameters()

@@ -1,0 +1,249 @@
+"""Decayed (RetNet-style) linear attention in three equivalent forms, plus an optional fla backend.
+
+Per batch row and head h, with feature-mapped queries/keys ``q, k``: (B, H, T, m) and values ``v``:
+(B, H, T, d), the output is
+
+    o_i = Σ_{j≤i} exp((i−j)·logγ_h + n_j − n_i) (q_i · k_j) v_j                      (DiJiang eq. 13-14)
+
+``log_gamma``: (H,) = log γ_h ≤ 0. ``log_norm`` n: (B, H, T) is an optional per-token log-normaliser
+(``None`` = 0, the plain form ``Σ γ^(i−j) (q_i·k_j) v_j``). It divides every output o_i by exp(n_i) and
+lets a caller keep all exponents ≤ 0 when its keys carry a large scale: DiJiang's exp feature map passes
+keys already divided by exp(n_j) and picks ``n_i = max(n_{i−1} + logγ, …)`` so that
+``n_i ≥ n_j + (i−j)·logγ`` for every j ≤ i (see :mod:`leanformer.layers.dijiang`). Nothing here requires
+that inequality; it only decides whether the exponents stay ≤ 0.
+
+Forms (shapes as above; all decays computed from ``i − j`` directly, never as γ^i · γ^-j):
+
+* :func:`parallel` — masked T×T, O(T²·(m+d)): the reference, and fast for short sequences.
+* :func:`chunk` — chunkwise, O(T·C·(m+d) + T·m·d): intra-chunk masked part + a carried state
+  S: (B, H, m, d); every exponent is ≤ 0, so nothing overflows at any length.
+* :func:`recurrent` — S ← γ·S + kᵀv, o = q·S, one token at a time (decoding).
+* :func:`fla_chunk` / :func:`fla_recurrent` — fla's Triton kernels (``chunk_simple_gla`` /
+  ``fused_recurrent_simple_gla``), imported lazily, CUDA only. Checked against :func:`chunk` on an H100
+  (fla 0.6.0, Triton 3.6): forward relative error ~1e-3 (chunk, TF32) / ~1e-5 (recurrent). With a
+  ``log_norm`` the kernels take a per-token gate ``g``, whose backward fla refuses on Hopper with
+  Triton < 3.7.1 (its issue #640); without one (``g_gamma``) forward and backward run.
+
+A state S is always "normalised at" the log-normaliser of the last token it has absorbed:
+``S = Σ_j exp((t−j)·logγ + n_j − n_t) k_jᵀ v_j`` for the last token t; ``initial_log_norm`` (B, H) is
+that n_t for an ``initial_state`` (0 when omitted).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+           log_norm: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k: (B, H, T, m) and v: (B, H, T, d) with matching B, H, T; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if log_gamma.shape != (q.shape[1],):
+        raise ValueError(f"log_gamma must have shape (H,)=({q.shape[1]},), got {tuple(log_gamma.shape)}")
+    if log_norm is not None and log_norm.shape != q.shape[:3]:
+        raise ValueError(f"log_norm must have shape (B, H, T)={tuple(q.shape[:3])}, got {tuple(log_norm.shape)}")
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States accumulate in at least float32 (bf16/fp16 inputs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _zeros_norm(q: torch.Tensor, initial_log_norm: torch.Tensor | None) -> torch.Tensor:
+    if initial_log_norm is not None:
+        return initial_log_norm.to(_state_dtype(q.dtype))
+    return q.new_zeros(q.shape[:2], dtype=_state_dtype(q.dtype))
+
+
+def decay_matrix(log_gamma: torch.Tensor, t_q: int, t_k: int | None = None,
+                 log_norm_q: torch.Tensor | None = None, log_norm_k: torch.Tensor | None = None,
+                 offset: int = 0) -> torch.Tensor:
+    """exp((i−j)·logγ + n_j − n_i) for query i, key j ≤ i + offset, 0 above: (H or B,H, t_q, t_k).
+
+    Query i sits at position ``offset + i`` of the keys' frame. The exponent is built from ``i − j``
+    (and n differences), masked to −inf above the diagonal *before* ``exp``, so it never overflows.
+    """
+    t_k = t_q if t_k is None else t_k
+    dev = log_gamma.device
+    i = torch.arange(t_q, device=dev)[:, None] + offset
+    j = torch.arange(t_k, device=dev)[None, :]
+    diff = (i - j).to(log_gamma.dtype)
+    expo = diff * log_gamma[:, None, None]  # (H, t_q, t_k)
+    if log_norm_q is not None:
+        expo = expo + log_norm_k[..., None, :] - log_norm_q[..., :, None]
+    expo = torch.where(diff >= 0, expo, torch.full((), float("-inf"), dtype=expo.dtype, device=dev))
+    return expo.exp()
+
+
+def parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+             log_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked quadratic form: ``((q kᵀ) ⊙ Γ) v`` with Γ_ij = exp((i−j)·logγ + n_j − n_i), j ≤ i.
+
+    q, k: (B, H, T, m); v: (B, H, T, d); log_gamma: (H,); log_norm: (B, H, T) or None → o: (B, H, T, d).
+    """
+    _check(q, k, v, log_gamma, log_norm)
+    T = q.shape[2]
+    lg = log_gamma.to(_state_dtype(q.dtype))
+    ln = log_norm.to(lg.dtype) if log_norm is not None else None
+    decay = decay_matrix(lg, T, log_norm_q=ln, log_norm_k=ln).to(q.dtype)
+    scores = q @ k.transpose(-1, -2) * decay
+    return scores @ v
+
+
+def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+              initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
+              initial_log_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step by step: ``S_t = exp(logγ + n_{t−1} − n_t) S_{t−1} + k_tᵀ v_t``, ``o_t = q_t S_t``.
+
+    q, k: (B, H, T, m); v: (B, H, T, d); initial_state: (B, H, m, d) or None (zeros) →
+    (o: (B, H, T, d), state: (B, H, m, d)). The state is kept in at least float32.
+    """
+    _check(q, k, v, log_gamma, log_norm)
+    B, H, T, m = q.shape
+    sd = _state_dtype(q.dtype)
+    S = initial_state.to(sd) if initial_state is not None else q.new_zeros(B, H, m, v.shape[-1], dtype=sd)
+    lg = log_gamma.to(sd)[None, :, None, None]
+    prev = _zeros_norm(q, initial_log_norm) if log_norm is not None else None
+    outs = []
+    for t in range(T):
+        step = lg
+        if log_norm is not None:
+            cur = log_norm[:, :, t].to(sd)
+            step = lg + (prev - cur)[..., None, None]
+            prev = cur
+        kt, vt, qt = k[:, :, t].to(sd), v[:, :, t].to(sd), q[:, :, t].to(sd)
+        S = step.exp() * S + kt[..., :, None] * vt[..., None, :]
+        outs.append((qt[..., None, :] @ S).squeeze(-2))
+    o = torch.stack(outs, dim=2).to(v.dtype) if T else v.new_zeros(B, H, 0, v.shape[-1])
+    return o, S
+
+
+def _chunk_block(q, k, v, lg, ln, S0, n0, C: int):
+    """Chunked form over T = N·C tokens (T a multiple of C). lg: (H,) float; ln: (B,H,T) or None;
+    S0: (B,H,m,d) state-dtype; n0: (B,H) log-norm of S0 (or None when ln is None). Returns (o, S_end)."""
+    B, H, T, m = q.shape
+    d = v.shape[-1]
+    N = T // C
+    sd = S0.dtype
+    qc, kc, vc = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v))
+    r = torch.arange(C, device=q.device, dtype=sd)
+    lgh = lg[:, None]  # (H, 1)
+    if ln is None:
+        # Decays shared by every chunk: intra (H,C,C); key-to-chunk-end (H,C); chunk-start-to-query (H,C).
+        intra = decay_matrix(lg, C)[None, :, None]                      # (1,H,1,C,C)
+        to_end = ((C - 1 - r) * lgh).exp()[None, :, None, :]            # (1,H,1,C)
+        from_start = ((r + 1) * lgh).exp()[None, :, None, :]            # (1,H,1,C)
+        carry = (C * lg).exp()[None, :, None].expand(B, H, N)           # (B,H,N)
+    else:
+        lnc = ln.reshape(B, H, N, C).to(sd)
+        n_end = lnc[..., -1]                                            # (B,H,N)
+        n_prev = torch.cat((n0[..., None], n_end[..., :-1]), dim=-1)    # n of the token before each chunk
+        base = (r[:, None] - r[None, :])                                # (C,C) i−j
+        expo = base * lg[:, None, None][None, :, None] + lnc[..., None, :] - lnc[..., :, None]
+        intra = torch.where(base >= 0, expo, torch.full((), float("-inf"), dtype=sd, device=q.device)).exp()
+        to_end = ((C - 1 - r) * lgh[None, :, None] + lnc - n_end[..., None]).exp()
+        from_start = ((r + 1) * lgh[None, :, None] + n_prev[..., None] - lnc).exp()
+        carry = (C * lg[None, :, None] + n_prev - n_end).exp()
+    # Intra-chunk (masked, in the input dtype) and each chunk's own contribution to the state.
+    o = (qc @ kc.transpose(-1, -2) * intra.to(q.dtype)) @ vc                          # (B,H,N,C,d)
+    U = (kc.to(sd) * to_end[..., None]).transpose(-1, -2) @ vc.to(sd)                 # (B,H,N,m,d)
+    # State entering each chunk: S_c = carry_{c−1} S_{c−1} + U_{c−1} (a short loop over chunks).
+    states = []
+    S = S0
+    for c in range(N):
+        states.append(S)
+        S = carry[:, :, c, None, None] * S + U[:, :, c]
+    Sin = torch.stack(states, dim=2)                                                  # (B,H,N,m,d)
+    o = o + ((qc.to(sd) * from_start[..., None]) @ Sin).to(o.dtype)
+    return o.reshape(B, H, T, d), S
+
+
+def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, chunk_size: int = 64,
+          initial_state: torch.Tensor | None = None, return_state: bool = False,
+          log_norm: torch.Tensor | None = None, initial_log_norm: torch.Tensor | None = None):
+    """Chunkwise form: O(T·C·(m+d) + T·m·d) time, O(T·(m+d) + (T/C)·m·d) memory.
+
+    q, k: (B, H, T, m); v: (B, H, T, d); initial_state: (B, H, m, d) or None →
+    o: (B, H, T, d), or (o, state (B, H, m, d)) when ``return_state``. A last chunk shorter than
+    ``chunk_size`` (T not a multiple of C) is processed as one chunk of its own length.
+    """
+    _check(q, k, v, log_gamma, log_norm)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    B, H, T, m = q.shape
+    sd = _state_dtype(q.dtype)
+    S = initial_state.to(sd) if initial_state is not None else q.new_zeros(B, H, m, v.shape[-1], dtype=sd)
+    n0 = _zeros_norm(q, initial_log_norm) if log_norm is not None else None
+    lg = log_gamma.to(sd)
+    C = min(chunk_size, T) if T else 1
+    main = (T // C) * C
+    outs = []
+    if main:
+        ln = log_norm[..., :main] if log_norm is not None else None
+        o, S = _chunk_block(q[:, :, :main], k[:, :, :main], v[:, :, :main], lg, ln, S, n0, C)
+        outs.append(o)
+        if log_norm is not None:
+            n0 = log_norm[..., main - 1].to(sd)
+    if main < T:  # ragged tail: one chunk of length T − main
+        ln = log_norm[..., main:] if log_norm is not None else None
+        o, S = _chunk_block(q[:, :, main:], k[:, :, main:], v[:, :, main:], lg, ln, S, n0, T - main)
+        outs.append(o)
+    o = torch.cat(outs, dim=2) if outs else v.new_zeros(B, H, 0, v.shape[-1])
+    return (o, S) if return_state else o
+
+
+# ---------------------------------------------------------------------------------------------- fla
+def _import_fla():
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    except ImportError as err:  # fla is optional
+        raise RuntimeError(
+            "dijiang mode='fla' needs the flash-linear-attention package (pip install flash-linear-attention) "
+            f"and a CUDA GPU; import failed: {err}. Use mode='auto', 'chunk', 'parallel' or 'recurrent'."
+        ) from err
+    return chunk_simple_gla, fused_recurrent_simple_gla
+
+
+def fla_available() -> bool:
+    """True when fla imports (it is never imported at module import time)."""
+    try:
+        _import_fla()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _fla_call(recurrent_kernel: bool, q, k, v, log_gamma, initial_state, log_norm, initial_log_norm):
+    _check(q, k, v, log_gamma, log_norm)
+    if not q.is_cuda:
+        raise RuntimeError(f"dijiang mode='fla' needs CUDA tensors, got device {q.device}; use mode='chunk'")
+    chunk_k, rec_k = _import_fla()
+    kernel = rec_k if recurrent_kernel else chunk_k
+    # fla's layout is (B, T, H, ·); scale=1 (fla scales q by 1/√K by default).
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    kwargs = dict(scale=1.0, initial_state=initial_state.float() if initial_state is not None else None,
+                  output_final_state=True)
+    if log_norm is None:
+        kwargs["g_gamma"] = log_gamma.float()
+    else:  # per-token log-gate g_t = logγ + n_{t−1} − n_t (cumulated inside the kernel)
+        prev = _zeros_norm(q, initial_log_norm).float()
+        n = log_norm.float()
+        g = log_gamma.float()[None, :, None] + torch.cat((prev[..., None], n[..., :-1]), -1) - n
+        kwargs["g"] = g.transpose(1, 2).contiguous()
+    o, state = kernel(qt, kt, vt, **kwargs)
+    return o.transpose(1, 2), state
+
+
+def fla_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+              initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
+              initial_log_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla ``chunk_simple_gla`` (Triton, CUDA): same arguments and result as :func:`recurrent`."""
+    return _fla_call(False, q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
+
+
+def fla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                  initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
+                  initial_log_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla ``fused_recurrent_simple_gla`` (Triton, CUDA): same arguments and result as :func:`recurrent`."""
+    return _fla_call(True, q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
