@@ -26,7 +26,6 @@ import torch
 from leanformer.config import DataConfig, RunConfig, TrainConfig, TransformerConfig
 from leanformer.convert import convert_to_dijiang
 from leanformer.data import load_data
-from leanformer.model import TransformerLM
 from leanformer.train import Trainer
 
 

@@ -221,6 +221,8 @@ class Trainer:
                                       "lr": lr, "grad_norm": float(grad_norm), "tok_per_s": tokens_per_step / dt}
             if self.peak_flops:
                 record["mfu"] = self.flops_per_token * tokens_per_step / dt / self.peak_flops
+            if self.device.type == "cuda":
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             if self.step % tc.eval_every == 0 or self.step == tc.steps:
                 record["val_loss"] = self.evaluate()
                 record["val_ppl"] = math.exp(min(record["val_loss"], 50))
