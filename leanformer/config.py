@@ -158,7 +158,7 @@ class TransformerConfig:
             raise ConfigError(f"rotary dims {int(self.head_dim * self.rotary_pct)} must be even")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
-        if self.block in ("sas", "sas_p") and self.attention == "softmax":
+        if self.block in ("sas", "sas_p") and self.attention != "shaped":
             raise ConfigError(f"model.block={self.block} needs attention='shaped' (no value/output projection)")
         self.noble.validate()
         self.dijiang.validate()

@@ -69,7 +69,7 @@ class TransformerLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif type(module) is nn.Embedding:
                 nn.init.normal_(module.weight, 0.0, std)
-        for module in self.modules():
+        for module in reversed(list(self.modules())):  # children first: a parent's post_init wins
             if module is not self and hasattr(module, "post_init"):
                 module.post_init()
 

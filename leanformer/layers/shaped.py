@@ -1,0 +1,231 @@
+"""Shaped attention (He & Hofmann, ICLR 2024, arXiv 2311.01906, Eq. 5; Noci et al. 2023).
+
+Per head h, with queries at the last ``Tq`` of ``Tk`` positions::
+
+    A_h = α_h I + β_h softmax(Q Kᵀ / √d + M) − γ_h C          (Eq. 5)
+
+``I`` picks each query's own position, ``M`` is the causal mask and ``C`` the attention of zero logits:
+causal, row ``i`` (absolute position ``i``, from 0) holds ``1/(i+1)`` on its first ``i+1`` entries;
+bidirectional, ``C = 𝟙𝟙ᵀ/T``. With ``W_Q = 0`` at init the softmax equals ``C`` and, with
+``α = β = γ = 1``, ``A = I``: the attention sub-block is the identity.
+
+The fast form never builds a T×T matrix: ``β · SDPA(q, k, v) + α · v_own − γ · mean(v)``, the mean being
+the causal running mean (a cumulative sum over time, continued from a cached sum when decoding) or the
+global mean. The official code slices its identity ``[:Tk, :Tk]`` under a KV cache (wrong rows), which
+:func:`shaped_attention` gets right; its :func:`shaped_attention_reference` twin materialises ``A``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanformer.config import TransformerConfig
+from leanformer.layers.attention import append_to_cache, causal_mask, merge_heads, split_heads
+from leanformer.layers.linear import make_linear
+from leanformer.layers.rope import Rotary
+
+
+def _per_head(g: torch.Tensor) -> torch.Tensor:
+    """(H,) -> (1, H, 1, 1) for broadcasting over (B, H, T, D)."""
+    return g.view(1, -1, 1, 1)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> int:
+    """Validate (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, Dv); return the number of past positions."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree on B, H or T")
+    past = k.shape[2] - q.shape[2]
+    if past < 0:
+        raise ValueError(f"{q.shape[2]} queries but only {k.shape[2]} keys: queries must be the last Tq of Tk")
+    if past and not causal:
+        raise ValueError("bidirectional shaped attention needs Tq == Tk (no decoding cache); "
+                         f"got Tq={q.shape[2]}, Tk={k.shape[2]}")
+    return past
+
+
+def centring_matrix(t_new: int, t_total: int, causal: bool, device=None, dtype=None) -> torch.Tensor:
+    """``C`` (t_new, t_total): rows of the uniform attention for queries at the last ``t_new`` positions."""
+    if not causal:
+        return torch.full((t_new, t_total), 1.0 / t_total, device=device, dtype=dtype)
+    pos = torch.arange(t_total - t_new, t_total, device=device)[:, None]
+    allowed = torch.arange(t_total, device=device)[None, :] <= pos
+    return allowed.to(dtype) / (pos + 1).to(dtype)
+
+
+def shaped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                               beta: torch.Tensor, gamma: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Materialised ``A V`` with ``A = αI + β softmax(QKᵀ/√d + M) − γC`` (Eq. 5), per head.
+
+    q, k: (B, H, Tq, D), (B, H, Tk, D); v: (B, H, Tk, Dv); alpha, beta, gamma: (H,).
+    Queries sit at the last ``Tq`` of ``Tk`` positions (``Tq == Tk`` when bidirectional).
+    Returns (B, H, Tq, Dv). O(Tq·Tk) memory: for tests.
+    """
+    past = _check_shapes(q, k, v, causal)
+    t_new, t_total = q.shape[2], k.shape[2]
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        mask = causal_mask(t_new, t_total, q.device)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+    identity = torch.zeros(t_new, t_total, device=q.device, dtype=q.dtype)
+    identity[torch.arange(t_new), torch.arange(past, t_total)] = 1.0
+    C = centring_matrix(t_new, t_total, causal, q.device, q.dtype)
+    A = _per_head(alpha) * identity + _per_head(beta) * logits.softmax(-1) - _per_head(gamma) * C
+    return A @ v
+
+
+def running_mean(v: torch.Tensor, past: int, prefix_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """``C v`` for causal rows: mean of v over positions ``0..p`` for the last Tq positions ``p``.
+
+    v: (B, H, Tk, Dv) (all positions; only the last Tq = Tk − past are summed when ``prefix_sum``,
+    (B, H, Dv), holds the sum of the first ``past``). Accumulates in at least float32.
+    """
+    acc = torch.promote_types(v.dtype, torch.float32)
+    new = v[:, :, past:, :].to(acc)
+    if prefix_sum is None:
+        prefix_sum = v[:, :, :past, :].to(acc).sum(2)
+    sums = prefix_sum.to(acc).unsqueeze(2) + new.cumsum(2)
+    counts = torch.arange(past + 1, v.shape[2] + 1, device=v.device, dtype=acc)
+    return (sums / counts[:, None]).to(v.dtype)
+
+
+def shaped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                     beta: torch.Tensor, gamma: torch.Tensor | None, causal: bool = True,
+                     v_prefix_sum: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """``A V`` of Eq. 5 without a T×T matrix: ``α v_own + β SDPA(q, k, v) − γ C v``.
+
+    q: (B, H, Tq, D) at the last Tq of the Tk positions of k: (B, H, Tk, D) and v: (B, H, Tk, Dv);
+    alpha, beta, gamma: (H,); ``gamma=None`` drops the centring (V-SkipInit, He et al. 2023).
+    ``v_prefix_sum`` (B, H, Dv): the sum of v over the first Tk − Tq positions, when a decoding cache
+    holds it (otherwise it is summed from ``v``). ``dropout_p`` applies to the softmax part only.
+    Returns (B, H, Tq, Dv).
+    """
+    past = _check_shapes(q, k, v, causal)
+    t_new, t_total = q.shape[2], k.shape[2]
+    mask = causal_mask(t_new, t_total, q.device) if causal and past else None
+    soft = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=causal and not past and t_new > 1)
+    out = _per_head(alpha) * v[:, :, past:, :] + _per_head(beta) * soft
+    if gamma is not None:
+        mean = running_mean(v, past, v_prefix_sum) if causal else v.mean(2, keepdim=True)
+        out = out - _per_head(gamma) * mean
+    return out
+
+
+def trainable_gain(shape: tuple[int, ...] | int, value: float) -> nn.Parameter:
+    """A trainable gain filled with ``value``, excluded from weight decay."""
+    p = nn.Parameter(torch.full(shape if isinstance(shape, tuple) else (shape,), float(value)))
+    p.no_weight_decay = True
+    return p
+
+
+@torch.no_grad()
+def _zero_linear(layer: nn.Module) -> None:
+    """Zero a projection's output exactly: its weight (and bias), and a NOBLE branch's up-projection."""
+    if layer.weight.is_meta:
+        return
+    layer.weight.zero_()
+    if getattr(layer, "bias", None) is not None:
+        layer.bias.zero_()
+    if hasattr(layer, "reset_branch"):
+        layer.reset_branch(zero_up=True)
+
+
+class SkipValue(nn.Module):
+    """Layer 0's value map ``W_V = α_V I + β_V ΔW`` (Eq. 6), ``ΔW = 0``, ``α_V = β_V = 1`` at init.
+
+    (B, T, C) -> (B, T, C). The official code's ``first_layer_value_resid_gain = 1``,
+    ``value_skip_gain = 1``, both trainable. ``ΔW`` is made through ``make_linear`` (role ``v``).
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.delta = make_linear(cfg, "v", cfg.d_model, cfg.d_model, bias=False)
+        self.alpha_v = trainable_gain(1, 1.0)
+        self.beta_v = trainable_gain(1, 1.0)
+        self.post_init()
+
+    def post_init(self) -> None:
+        _zero_linear(self.delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha_v * x + self.beta_v * self.delta(x)
+
+
+class ShapedAttention(nn.Module):
+    """Shaped self-attention, (B, T, C) -> (B, T, C); the attention contract of ``leanformer.registry``.
+
+    Default (SAS, SAS-P): ``W_V = W_P = I``: the values are the (normed) input split into heads and
+    there is no output projection; layer 0 keeps ``W_V = α_V I + β_V ΔW`` (:class:`SkipValue`).
+    ``projections=True`` keeps ordinary ``v`` and ``o`` linears (orthogonal init, as the official
+    V-SkipInit runs); ``centring=False`` drops ``γC``, which with ``beta_init=0`` is V-SkipInit
+    ``αI + βA`` (He et al. 2023). ``causal=False`` is the bidirectional (encoder) form.
+
+    Parameters: ``q`` (zero at init), ``k`` (N(0, 0.02)), per-head ``alpha``, ``beta``, ``gamma`` (H,).
+    Decoding state: ``k`` (post-RoPE, kv heads), ``v`` (H heads), ``v_sum`` (B, H, D) and ``pos``.
+    """
+
+    def __init__(self, cfg: TransformerConfig, layer_idx: int, *, causal: bool = True,
+                 projections: bool = False, centring: bool = True, beta_init: float | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.causal, self.centring, self.init_std = causal, centring, cfg.init_std
+        C = cfg.d_model
+        self.q = make_linear(cfg, "q", C, C)
+        self.k = make_linear(cfg, "k", C, self.n_kv * self.head_dim)
+        if projections:
+            self.v, self.o = make_linear(cfg, "v", C, C), make_linear(cfg, "o", C, C)
+        else:
+            self.v = SkipValue(cfg) if layer_idx == 0 else None
+            self.o = None
+        self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
+        sh = cfg.shaped
+        self.alpha = trainable_gain(self.n_heads, sh.alpha_init)
+        self.beta = trainable_gain(self.n_heads, sh.beta_init if beta_init is None else beta_init)
+        self.gamma = trainable_gain(self.n_heads, sh.gamma_init) if centring else None
+        self.dropout = cfg.dropout
+        self.post_init()
+
+    @torch.no_grad()
+    def post_init(self) -> None:
+        """W_Q = 0 and W_K ~ N(0, init_std) (official code); ``v``/``o`` orthogonal when kept."""
+        _zero_linear(self.q)
+        if self.k.weight.is_meta:
+            return
+        self.k.weight.normal_(0.0, self.init_std)
+        if self.o is not None:
+            for layer in (self.v, self.o):
+                nn.init.orthogonal_(layer.weight)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        if state is not None and not self.causal:
+            raise ValueError("bidirectional shaped attention cannot decode with a cache (state must be None)")
+        start = state.get("pos", 0) if state is not None else 0
+        q = split_heads(self.q(x), self.n_heads)
+        k = split_heads(self.k(x), self.n_kv)
+        v = split_heads(self.v(x) if self.v is not None else x, self.n_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, start)
+        prefix_sum = None
+        if state is not None:
+            if self.centring:
+                prefix_sum = state.get("v_sum")
+                acc = torch.promote_types(v.dtype, torch.float32)
+                new_sum = v.to(acc).sum(2)
+                state["v_sum"] = new_sum if prefix_sum is None else prefix_sum + new_sum
+            kv = append_to_cache(state, k=k, v=v)
+            k, v = kv["k"], kv["v"]
+            state["pos"] = start + x.shape[1]
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = shaped_attention(q, k, v, self.alpha, self.beta, self.gamma if self.centring else None,
+                             causal=self.causal, v_prefix_sum=prefix_sum,
+                             dropout_p=self.dropout if self.training else 0.0)
+        y = merge_heads(y)
+        return self.o(y) if self.o is not None else y
