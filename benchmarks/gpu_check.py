@@ -1,0 +1,472 @@
+"""One GPU run that checks and measures everything (issue 8): run it through ``benchmarks/gpu.sh``.
+
+1. Correctness on the device, against a float64 reference: DiJiang's parallel / chunk / recurrent forms
+   (and fla's kernels when fla imports) in float32 and bfloat16, forward and gradients; DiJiang's cached
+   decoding against its full forward; NOBLE fused vs plain (float32, and bf16 autocast against float64);
+   shaped attention's fast form against its materialised reference. Each line prints PASS/FAIL/SKIP with
+   the maximum error relative to the reference's largest magnitude.
+2. The three benchmarks at GPT-2-small scale (d768 × 12 layers × 12 heads, vocab 50304, seq 1024, bf16):
+   ``bench train`` (eager, then a few arms under torch.compile), ``bench attention`` (512..32K),
+   ``bench decode`` (512..32K context, batch 1/8/32). Each section has a time budget; whatever has not
+   started when it is spent is reported as "skipped (time budget)", so the whole run ends in ~8 minutes.
+3. A summary against the issue's targets, printed last.
+
+Outputs (at most 8 files come back from the GPU machine): ``gpu_check.json`` (everything),
+``gpu_check.md`` (all tables), ``train.png``, ``attention.png``, ``decode.png`` (and ``log.txt`` from
+gpu.sh). ``--cpu-smoke`` runs the same code tiny on CPU (a test of this script, not a measurement).
+
+    PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out $OUT
+    CUDA_VISIBLE_DEVICES= bash benchmarks/gpu.sh --cpu-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+T0 = time.monotonic()
+
+
+def elapsed() -> float:
+    return time.monotonic() - T0
+
+
+def log(msg: str) -> None:
+    print(f"[{elapsed():6.1f}s] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ 1. correctness
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out − ref| / max |ref| (float64)."""
+    ref = ref.double()
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+class Checks:
+    """Collects PASS/FAIL/SKIP lines."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, name: str, err: float | None, tol: float | None, note: str = "") -> None:
+        if err is None:
+            status = "SKIP"
+        else:
+            status = "PASS" if err == err and err <= tol else "FAIL"  # NaN fails
+        self.rows.append({"check": name, "status": status, "max_rel_err": err, "tol": tol, "note": note})
+        e = "—" if err is None else f"{err:.2e}"
+        t = "—" if tol is None else tol
+        print(f"  {status:4s} {name:58s} err {e:>9s}  tol {t}  {note}", flush=True)
+
+    def fail(self, name: str, exc: BaseException) -> None:
+        self.rows.append({"check": name, "status": "FAIL", "max_rel_err": None, "tol": None,
+                          "note": f"{type(exc).__name__}: {exc}"[:300]})
+        print(f"  FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
+        traceback.print_exc(limit=3)
+
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def dijiang_inputs(device: torch.device, B: int = 2, H: int = 4, T: int = 300, D: int = 64):
+    """Feature-mapped q, k (the model's paper map and stabilisers), v, log γ and the keys' log-normaliser."""
+    from leanformer.config import TransformerConfig
+    from leanformer.layers.dijiang import DiJiangAttention
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=H * D, n_heads=H, attention="dijiang").validate()
+    attn = DiJiangAttention(cfg, 0).to(device)
+    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
+    lg = attn.log_gamma().float()
+    with torch.no_grad():
+        fq, fk, n = attn.features(q, k, lg, None)
+    return fq.float(), fk.float(), v, lg, n.float()
+
+
+# fla's Triton kernels compute float32 products in TF32 (10-bit mantissa): ~1e-3 relative error is their norm
+FLA_FP32_TOL = 5e-3
+
+
+def check_dijiang_forms(checks: Checks, device: torch.device, smoke: bool, fla: bool) -> None:
+    """Our three forms (``fla=False``), or fla's two kernels against them and float64 (``fla=True``)."""
+    from leanformer.ops import decayed_linear_attention as dla
+
+    T = 100 if smoke else 300  # not a multiple of the chunk size: the ragged tail is exercised
+    fq, fk, v, lg, n = dijiang_inputs(device, T=T)
+    ref = dla.parallel(fq.double(), fk.double(), v.double(), lg.double(), n.double())
+    forms = {
+        "parallel": lambda a, b, c: dla.parallel(a, b, c, lg, n),
+        "chunk": lambda a, b, c: dla.chunk(a, b, c, lg, 64, log_norm=n),
+        "recurrent": lambda a, b, c: dla.recurrent(a, b, c, lg, log_norm=n)[0],
+    }
+    tested = list(forms)
+    if fla:
+        if device.type != "cuda" or not dla.fla_available():
+            checks.add("dijiang fla kernels vs float64", None, None,
+                       "fla not importable" if device.type == "cuda" else "CPU: fla needs CUDA")
+            return
+        forms["fla_chunk"] = lambda a, b, c: dla.fla_chunk(a, b, c, lg, log_norm=n)[0]
+        forms["fla_recurrent"] = lambda a, b, c: dla.fla_recurrent(a, b, c, lg, log_norm=n)[0]
+        tested = ["fla_chunk", "fla_recurrent"]
+    for dtype in (torch.float32, torch.bfloat16):
+        outs = {}
+        for name, fn in forms.items():
+            label = f"dijiang {name} {str(dtype)[6:]} vs float64 (fwd)"
+            tol = FLA_FP32_TOL if name.startswith("fla") and dtype == torch.float32 else TOL[dtype]
+            try:
+                outs[name] = fn(fq.to(dtype), fk.to(dtype), v.to(dtype))
+                if name in tested:
+                    checks.add(label, rel_err(outs[name], ref), tol)
+            except Exception as e:  # noqa: BLE001
+                checks.fail(label, e)
+        for theirs, ours in (("fla_chunk", "chunk"), ("fla_recurrent", "recurrent")):
+            if theirs in outs and ours in outs:
+                tol = FLA_FP32_TOL if dtype == torch.float32 else TOL[dtype]
+                checks.add(f"dijiang {theirs} vs our {ours}, both {str(dtype)[6:]} (fwd)",
+                           rel_err(outs[theirs], outs[ours]), tol)
+    # gradients: every form against float64 parallel, float32
+    g = torch.randn_like(v)
+    leaves64 = [t.double().requires_grad_() for t in (fq, fk, v)]
+    dla.parallel(*leaves64, lg.double(), n.double()).backward(g.double())
+    for name in tested:
+        label = f"dijiang {name} float32 grads (q, k, v) vs float64"
+        try:
+            leaves = [t.clone().requires_grad_() for t in (fq, fk, v)]
+            forms[name](*leaves).backward(g)
+            tol = FLA_FP32_TOL if name.startswith("fla") else 1e-4
+            checks.add(label, max(rel_err(a.grad, b.grad) for a, b in zip(leaves, leaves64)), tol)
+        except Exception as e:  # noqa: BLE001
+            checks.fail(label, e)
+
+
+def check_dijiang_decode(checks: Checks, device: torch.device, modes: tuple[str, ...]) -> None:
+    """A DiJiang model decoding token by token with its recurrent state equals its full forward."""
+    from leanformer.config import TransformerConfig
+    from leanformer.model import TransformerLM
+
+    for mode in modes:
+        label = f"dijiang model decode (mode {mode}) vs full forward, float32"
+        if mode == "fla":
+            from leanformer.ops.decayed_linear_attention import fla_available
+
+            if device.type != "cuda" or not fla_available():
+                checks.add(label, None, None, "fla unavailable")
+                continue
+        try:
+            torch.manual_seed(0)
+            cfg = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, attention="dijiang")
+            cfg.dijiang.mode = mode
+            model = TransformerLM(cfg).to(device).eval()
+            idx = torch.randint(0, 512, (2, 80), device=device)
+            with torch.no_grad():
+                full = model(idx)[0]
+                cache = model.new_cache()
+                steps = [model(idx[:, :40], cache=cache)[0]]  # a multi-token prompt, then one at a time
+                steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(40, 80)]
+            tol = FLA_FP32_TOL if mode == "fla" else 1e-4
+            checks.add(label, rel_err(torch.cat(steps, 1), full), tol)
+        except Exception as e:  # noqa: BLE001
+            checks.fail(label, e)
+
+
+def check_noble(checks: Checks, device: torch.device, smoke: bool) -> None:
+    from leanformer.layers.noble import NobleLinear
+
+    d, tokens = (64, 256) if smoke else (768, 8192)
+    torch.manual_seed(0)
+    layer = NobleLinear(d, d, bias=True, rank=32).to(device)
+    with torch.no_grad():  # a branch large enough to matter in the comparison
+        layer.up.weight.normal_(0, 0.5 / 32 ** 0.5)
+    x = torch.randn(tokens, d, device=device)
+    g = torch.randn(tokens, d, device=device)
+
+    def run(fused: bool, dtype: torch.dtype | None, double: bool = False):
+        m = NobleLinear(d, d, bias=True, rank=32, fused=fused).to(device)
+        m.load_state_dict(layer.state_dict())
+        xin = x.clone()
+        if double:
+            m, xin = m.double(), xin.double()
+        xin.requires_grad_()
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
+                                                                                                   enabled=False)
+        with ctx:
+            y = m(xin)
+        y.backward(g.to(y.dtype))
+        return y.detach(), xin.grad, m.weight.grad, m.down.weight.grad
+
+    try:
+        ref = run(False, None, double=True)
+        for label, args, tol in (("fp32 fused", (True, None), 1e-5), ("fp32 plain", (False, None), 1e-5),
+                                 ("bf16 fused", (True, torch.bfloat16), 3e-2),
+                                 ("bf16 plain", (False, torch.bfloat16), 3e-2)):
+            out = run(*args)
+            errs = [rel_err(a, b) for a, b in zip(out, ref)]
+            checks.add(f"noble {label} vs float64 (out, dx, dW, dW_down)", max(errs), tol,
+                       "errors " + ", ".join(f"{e:.1e}" for e in errs))
+    except Exception as e:  # noqa: BLE001
+        checks.fail("noble fused vs plain", e)
+
+
+def check_shaped(checks: Checks, device: torch.device) -> None:
+    from leanformer.layers.shaped import shaped_attention, shaped_attention_reference
+
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 256, 64
+    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
+    a, b, c = (torch.rand(H, device=device) + 0.5 for _ in range(3))
+    ref = shaped_attention_reference(*(t.double() for t in (q, k, v, a, b, c)))
+    for dtype in (torch.float32, torch.bfloat16):
+        label = f"shaped attention fast {str(dtype)[6:]} vs float64 reference"
+        try:
+            out = shaped_attention(q.to(dtype), k.to(dtype), v.to(dtype), a, b, c)
+            checks.add(label, rel_err(out, ref), TOL[dtype])
+        except Exception as e:  # noqa: BLE001
+            checks.fail(label, e)
+
+
+OUR_CHECKS = ("dijiang forms", "dijiang decode", "noble", "shaped")
+FLA_CHECKS = ("dijiang fla kernels", "dijiang fla decode")
+
+
+def run_correctness(device: torch.device, smoke: bool, groups: tuple[str, ...],
+                    deadline: float) -> list[dict]:
+    """The check groups named in ``groups``; one not started by ``deadline`` (elapsed seconds) is a SKIP.
+    Our kernels take seconds; fla's take minutes on first use (Triton compiles and autotunes them)."""
+    checks = Checks()
+    table = {"dijiang forms": lambda: check_dijiang_forms(checks, device, smoke, fla=False),
+             "dijiang decode": lambda: check_dijiang_decode(checks, device, ("chunk",)),
+             "noble": lambda: check_noble(checks, device, smoke),
+             "shaped": lambda: check_shaped(checks, device),
+             "dijiang fla kernels": lambda: check_dijiang_forms(checks, device, smoke, fla=True),
+             "dijiang fla decode": lambda: check_dijiang_decode(checks, device, ("fla",))}
+    for name in groups:
+        fn = table[name]
+        if elapsed() > deadline:
+            checks.add(name, None, None, "skipped (time budget)")
+            continue
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a section that cannot even start
+            checks.fail(name, e)
+    return checks.rows
+
+
+# ------------------------------------------------------------------------------------------ 3. summary
+
+
+def _get(rows: list[dict], **where) -> dict | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in where.items()) and r.get("status") == "ok":
+            return r
+    return None
+
+
+def targets(train: list[dict], attention: list[dict], decode: list[dict]) -> list[dict]:
+    """The issue's targets with what was measured (ratios; ``None`` where not measured)."""
+    out = []
+
+    def add(target: str, value: float | None, goal: float, higher: bool, fmt: str, where: str) -> None:
+        met = None if value is None else (value >= goal if higher else value <= goal)
+        out.append({"target": target, "measured": value, "goal": goal, "met": met, "fmt": fmt,
+                    "where": where})
+
+    for comp in (False, True):
+        tag = "compiled" if comp else "eager"
+        pre = _get(train, arm="preln", compile=comp)
+        add(f"Pre-LN MFU ({tag})", pre and pre.get("mfu"), 0.50, True, "pct", "bench train")
+        nf = _get(train, arm="noble_fused", compile=comp)
+        add(f"NOBLE fused step-time overhead ({tag})", nf and nf.get("step_overhead"), 0.07, False, "pct",
+            "bench train")
+        sp = _get(train, arm="sas_p", compile=comp)
+        add(f"SAS-P tokens/s ÷ Pre-LN ({tag})", sp and sp.get("speed_vs_preln"), 1.16, True, "x",
+            "bench train")
+    for method in ("dijiang_chunk", "dijiang_fla"):
+        for T, goal in ((4096, 1.0), (16384, 3.0)):
+            r = _get(attention, method=method, seq_len=T)
+            add(f"{method} fwd+bwd speed-up vs softmax at {T // 1024}K", r and r.get("speedup_vs_softmax"),
+                goal, True, "x", "bench attention")
+    for arm in ("dijiang", "dijiang_fla"):
+        r = _get(decode, arm=arm, context=8192, batch=32)
+        add(f"{arm} decode tokens/s ÷ softmax at 8K, batch 32", r and r.get("speed_vs_softmax"), 5.0, True,
+            "x", "bench decode")
+    return out
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    def f(v, kind):
+        if v is None:
+            return "not measured"
+        return f"{100 * v:.1f}%" if kind == "pct" else f"{v:.2f}×"
+
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for r in rows:
+        goal = ("≥ " if r["target"].find("overhead") < 0 else "≤ ") + f(r["goal"], r["fmt"])
+        met = {True: "yes", False: "no", None: "—"}[r["met"]]
+        lines.append(f"| {r['target']} | {f(r['measured'], r['fmt'])} | {goal} | {met} |")
+    return "\n".join(lines)
+
+
+def correctness_markdown(rows: list[dict]) -> str:
+    lines = ["| check | status | max rel. error | tolerance | note |", "|---|---|---|---|---|"]
+    for r in rows:
+        e = "—" if r["max_rel_err"] is None else f"{r['max_rel_err']:.2e}"
+        lines.append(f"| {r['check']} | {r['status']} | {e} | {r['tol'] if r['tol'] is not None else '—'} "
+                     f"| {r['note']} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--cpu-smoke", action="store_true", help="the same code, tiny, on CPU (tests this script)")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default 480)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile arms")
+    p.add_argument("--smoke-compile", action="store_true",
+                   help="with --cpu-smoke: also run the compile section")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    smoke = args.cpu_smoke
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if smoke:
+        torch.set_num_threads(1)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    from leanformer.bench.timing import run_metadata
+
+    meta = run_metadata(device, command)
+    log(f"device {meta['machine']}, torch {torch.__version__}, out {out}")
+    try:
+        from leanformer.ops.decayed_linear_attention import fla_available
+
+        meta["fla"] = fla_available()
+    except Exception as e:  # noqa: BLE001
+        meta["fla"] = f"{type(e).__name__}: {e}"
+    log(f"fla importable: {meta['fla']}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 checks in true float32
+
+    result: dict = {"meta": meta, "correctness": [], "reports": {}, "targets": []}
+    reports = {}
+
+    # elapsed seconds by which each section must have started its last item (a share of --budget)
+    budget = args.budget
+    ends = {"train": 0.35 * budget, "attention": 0.55 * budget, "decode": 0.75 * budget,
+            "fla checks": 0.80 * budget, "train_compiled": 0.92 * budget}
+
+    log("== 1. correctness (our kernels; fla's come after the benchmarks: Triton autotunes them for minutes)")
+    try:
+        result["correctness"] = run_correctness(device, smoke, groups=OUR_CHECKS, deadline=ends["train"])
+    except Exception as e:  # noqa: BLE001
+        log(f"correctness section failed: {type(e).__name__}: {e}")
+        traceback.print_exc()
+
+    save(out, result, reports, command)
+    from leanformer.bench.attention import run_attention_bench
+    from leanformer.bench.decode import run_decode_bench
+    from leanformer.bench.train import add_ratios, run_train_bench
+
+    if smoke:
+        train_kw = dict(size="tiny", repeats=2, warmup=1)
+        compile_kw = dict(compile_arms="preln")
+        attn_kw = dict(lengths=[64, 128], batch=1, heads=2, head_dim=16, repeats=2, warmup=1)
+        dec_kw = dict(size="tiny", contexts=[32, 64], batches=[1, 2], steps=2, warmup=1, prefill_chunk=32)
+    else:
+        train_kw = dict(size="gpt2", seq_len=1024, batch=16, repeats=8, warmup=3)
+        compile_kw = dict(compile_arms="preln,noble_fused,sas_p,parallel,sas_p_nonorm,noble_plain,sas",
+                          compile_reserve_s=60.0)
+        attn_kw = dict(lengths=[512, 1024, 2048, 4096, 8192, 16384, 32768], batch=4, heads=12, head_dim=64,
+                       dtype="bfloat16", repeats=5, warmup=2, max_seconds=2.0)
+        dec_kw = dict(size="gpt2", arms="preln,dijiang,sas_p,noble_fused,dijiang_fla",
+                      contexts=[512, 2048, 8192, 32768], batches=[1, 8, 32], steps=16, warmup=2,
+                      prefill_chunk=4096)
+    sections = [("train", run_train_bench, dict(train_kw, compile=False)),
+                ("attention", run_attention_bench, attn_kw), ("decode", run_decode_bench, dec_kw),
+                ("fla checks", None, {})]
+    if not args.no_compile and (device.type == "cuda" or args.smoke_compile):
+        compiled_kw = dict(train_kw, compile=True, eager=False, **compile_kw)
+        sections.append(("train_compiled", run_train_bench, compiled_kw))
+    for i, (name, fn, kw) in enumerate(sections, start=2):
+        left = ends[name] - elapsed()
+        log(f"== {i}. {name} (must start its last item within {left:.0f}s)")
+        try:
+            if fn is None:  # fla's kernels against ours and float64
+                result["correctness"] += run_correctness(device, smoke, FLA_CHECKS, deadline=ends[name])
+                save(out, result, reports, command)
+                continue
+            rep = fn(device=device, time_budget=max(1.0, left), command=f"{command}  # section {name}: {kw}",
+                     **kw)
+            if name == "train_compiled" and "train" in reports:  # one train table: eager and compiled rows
+                base = reports["train"]
+                base.rows += rep.rows
+                base.settings["compile"] = True
+                add_ratios(base.rows, base.settings.get("peak_flops"))
+                rep, name = base, "train"
+            reports[name] = rep
+            result["reports"][name] = rep.to_json()
+            rep.write(out, formats=("png",))
+            print(rep.markdown(level=3), flush=True)
+        except Exception as e:  # noqa: BLE001
+            log(f"{name} failed: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            result["reports"][name] = {"error": f"{type(e).__name__}: {e}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save(out, result, reports, command)  # after every section: a run cut short still leaves its results
+
+    save(out, result, reports, command)
+
+    n_fail = sum(r["status"] == "FAIL" for r in result["correctness"])
+    n_pass = sum(r["status"] == "PASS" for r in result["correctness"])
+    print("\n==================== SUMMARY ====================")
+    print(f"machine: {meta['machine']}   elapsed: {meta['elapsed_s']} s   fla: {meta['fla']}")
+    print(f"correctness: {n_pass} PASS, {n_fail} FAIL, "
+          f"{sum(r['status'] == 'SKIP' for r in result['correctness'])} SKIP")
+    for r in result["correctness"]:
+        if r["status"] == "FAIL":
+            print(f"  FAIL {r['check']}: err {r['max_rel_err']} {r['note']}")
+    print(targets_markdown(result["targets"]))
+    print(f"outputs: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return 1 if n_fail else 0
+
+
+def save(out: Path, result: dict, reports: dict, command: str) -> None:
+    """Write gpu_check.json (everything) and gpu_check.md (all tables) from what has run so far."""
+    meta = result["meta"]
+    rows = {k: (reports[k].rows if k in reports else []) for k in ("train", "attention", "decode")}
+    result["targets"] = targets(rows["train"], rows["attention"], rows["decode"])
+    meta["elapsed_s"] = round(elapsed(), 1)
+    (out / "gpu_check.json").write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n")
+    md = [f"# GPU check: {meta['machine']}", "",
+          f"- date {meta['date']}; torch {meta['torch']}; fla {meta['fla']}; elapsed {meta['elapsed_s']} s",
+          f"- command: `{command}`", "", "## Targets", "", targets_markdown(result["targets"]), "",
+          "## Correctness", "", correctness_markdown(result["correctness"]), ""]
+    md += [reports[k].markdown(level=2) for k in ("train", "attention", "decode") if k in reports]
+    (out / "gpu_check.md").write_text("\n".join(md))
+
+
+def _clean(obj):
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""``leanformer bench attention``: token-mixer forward+backward time and memory against sequence length.
+
+Inputs q, k, v: (B, H, T, D) (after projections and RoPE), a random output gradient; one call =
+forward + backward to q, k, v (and the mixer's own parameters). Methods:
+
+* ``softmax`` — ``F.scaled_dot_product_attention(is_causal=True)``; on CUDA in bf16/fp16 restricted to the
+  FlashAttention backend (falls back to the default choice where it cannot run).
+* ``shaped`` — shaped attention, fast form (He & Hofmann 2024, Eq. 5 without a T×T matrix:
+  ``α v + β SDPA − γ · running mean``), :func:`leanformer.layers.shaped.shaped_attention`.
+* ``dijiang_parallel`` / ``dijiang_chunk`` / ``dijiang_fla`` — DiJiang's mixer exactly as the model runs
+  it: the ``paper`` feature map and its stabilisers (:meth:`DiJiangAttention.features`), then the decayed
+  linear attention in the masked-T×T, chunkwise (pure PyTorch) or fla Triton form
+  (:meth:`DiJiangAttention.mix`). The parallel form is skipped where its T×T tensors would not fit.
+
+Memory: CUDA — peak allocated during one call above what was allocated before (the inputs); CPU —
+bytes autograd saves for backward + the output + the input gradients (see
+:class:`leanformer.bench.timing.MemoryMeter`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from leanformer.bench.timing import (
+    Column,
+    MemoryMeter,
+    Report,
+    fmt_float,
+    failure_status,
+    fmt_mib,
+    free_device_memory,
+    release,
+    run_metadata,
+    series,
+    time_fn,
+)
+from leanformer.config import ConfigError
+
+METHODS = ("softmax", "shaped", "dijiang_parallel", "dijiang_chunk", "dijiang_fla")
+CPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+GPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_methods(spec: str | list[str] | None) -> list[str]:
+    if spec is None or spec == "all":
+        return list(METHODS)
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [n for n in names if n not in METHODS]
+    if bad or not names:
+        raise ConfigError(f"unknown method(s) {', '.join(map(repr, bad)) or repr(spec)}; "
+                          f"valid methods: {', '.join(METHODS)}")
+    return ["softmax"] + [n for n in dict.fromkeys(names) if n != "softmax"]
+
+
+def parse_lengths(spec: str | list[int] | None, device: torch.device) -> list[int]:
+    if spec is None:
+        return list(GPU_LENGTHS if device.type == "cuda" else CPU_LENGTHS)
+    try:
+        values = [int(s) for s in spec.split(",")] if isinstance(spec, str) else [int(s) for s in spec]
+    except ValueError:
+        raise ConfigError(f"--lengths {spec!r} must be comma-separated integers, e.g. 512,2048") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"--lengths {spec!r} must be positive integers")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+def _flash_only(device: torch.device, dtype: torch.dtype):
+    """Restrict SDPA to FlashAttention on CUDA in half precision; elsewhere the default choice."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    return nullcontext()
+
+
+def softmax_fn(device: torch.device, dtype: torch.dtype, H: int) -> tuple[Callable, list[torch.Tensor]]:
+    def fn(q, k, v):
+        with _flash_only(device, dtype):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return fn, []
+
+
+def shaped_fn(device: torch.device, dtype: torch.dtype, H: int) -> tuple[Callable, list[torch.Tensor]]:
+    from leanformer.layers.shaped import shaped_attention
+
+    # α, β, γ: float32 per-head gains, as in the model
+    gains = [torch.ones(H, device=device, requires_grad=True) for _ in range(3)]
+
+    def fn(q, k, v):
+        with _flash_only(device, dtype):
+            return shaped_attention(q, k, v, *gains)
+    return fn, gains
+
+
+def dijiang_fn(mode: str) -> Callable:
+    def make(device: torch.device, dtype: torch.dtype, H: int, D: int) -> tuple[Callable, list[torch.Tensor]]:
+        from leanformer.config import DiJiangConfig, TransformerConfig
+        from leanformer.layers.dijiang import DiJiangAttention
+
+        cfg = TransformerConfig(d_model=H * D, n_heads=H, attention="dijiang",
+                                dijiang=DiJiangConfig(mode=mode)).validate()
+        attn = DiJiangAttention(cfg, 0).to(device)
+
+        def fn(q, k, v):
+            lg = attn.log_gamma()
+            fq, fk, n = attn.features(q, k, lg, None)
+            return attn.mix(fq.to(v.dtype), fk.to(v.dtype), v, lg, n, None)
+        return fn, [p for p in attn.feature_map.parameters()]
+    return make
+
+
+def parallel_bytes(B: int, H: int, T: int, dtype: torch.dtype) -> int:
+    """Rough peak of the masked form: the (H, T, T) float32 decay plus ~3 (B, H, T, T) tensors in ``dtype``
+    (scores, decayed scores, and one saved for backward), plus their gradients in backward."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return H * T * T * 4 * 2 + B * H * T * T * elem * 5
+
+
+def unavailable_reason(method: str, device: torch.device) -> str | None:
+    import importlib
+
+    modules = {"shaped": "leanformer.layers.shaped"}
+    if method.startswith("dijiang"):
+        modules[method] = "leanformer.layers.dijiang"
+    if method in modules:
+        try:
+            importlib.import_module(modules[method])
+        except ImportError as e:
+            return f"unavailable: {modules[method]} cannot be imported ({e})"
+    if method == "dijiang_fla":
+        if device.type != "cuda":
+            return "unavailable: needs fla and CUDA"
+        from leanformer.ops.decayed_linear_attention import fla_available
+
+        try:
+            if not fla_available():
+                return "unavailable: fla is not installed"
+        except Exception as e:  # noqa: BLE001 - fla present but broken (version mismatch with torch/triton)
+            return f"unavailable: fla import failed ({type(e).__name__}: {e})"[:300]
+    return None
+
+
+def build_method(method: str, device: torch.device, dtype: torch.dtype, H: int, D: int):
+    if method == "softmax":
+        return softmax_fn(device, dtype, H)
+    if method == "shaped":
+        return shaped_fn(device, dtype, H)
+    mode = {"dijiang_parallel": "parallel", "dijiang_chunk": "chunk", "dijiang_fla": "fla"}[method]
+    return dijiang_fn(mode)(device, dtype, H, D)
+
+
+def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: int, T: int, D: int, *,
+            warmup: int, repeats: int, max_seconds: float | None, seed: int = 0) -> dict:
+    """Forward+backward of one method at length T: timing and memory (one row, no ratios)."""
+    fn, params = build_method(method, device, dtype, H, D)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
+    leaves = [q, k, v, *params]
+
+    def call() -> torch.Tensor:
+        for t in leaves:
+            t.grad = None
+        out = fn(q, k, v)
+        out.backward(grad_out)
+        return out
+
+    call()  # first call: kernels selected / compiled (Triton), lazy buffers
+    if device.type == "cuda":
+        for t in leaves:
+            t.grad = None
+        release(device)
+        with MemoryMeter(device) as mem:
+            call()
+        mem_bytes = mem.extra_bytes
+    else:
+        mem = MemoryMeter(device, saved_tensors=True)
+        mem.account(leaves)  # inputs and parameters: not counted as extra
+        with mem:
+            out = fn(q, k, v)
+        # saved for backward (beyond the inputs) + the output + the three input gradients (same shape)
+        mem_bytes = mem.extra_bytes + 4 * out.numel() * out.element_size()
+        del out
+    timing = time_fn(call, device, warmup=max(0, warmup - 1), repeats=repeats, max_seconds=max_seconds)
+    return {"ms": timing.median_ms, "q1_ms": timing.q1_ms, "q3_ms": timing.q3_ms, "iqr_ms": timing.iqr_ms,
+            "repeats": timing.repeats, "mem_bytes": mem_bytes}
+
+
+def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str | list[str] | None = None,
+                        batch: int | None = None, heads: int | None = None, head_dim: int = 64,
+                        dtype: str | None = None, device: torch.device | None = None, warmup: int = 2,
+                        repeats: int = 5, max_seconds: float | None = 20.0,
+                        max_memory_gb: float | None = None, time_budget: float | None = None,
+                        command: str = "leanformer bench attention") -> Report:
+    """Every method at every length; returns the :class:`Report` (rows: method × length)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    lens = parse_lengths(lengths, device)
+    names = parse_methods(methods)
+    B = batch or (4 if gpu else 1)
+    H = heads or (12 if gpu else 2)
+    dtype_name = dtype or ("bfloat16" if gpu else "float32")
+    if dtype_name not in DTYPES:
+        raise ConfigError(f"--dtype {dtype_name!r} is not valid; choose one of {', '.join(DTYPES)}")
+    dt = DTYPES[dtype_name]
+    if min(B, H, head_dim, repeats) < 1:
+        raise ConfigError(f"--batch={B}, --heads={H}, --head-dim={head_dim}, --repeats={repeats} "
+                          "must be >= 1")
+    meta = run_metadata(device, command)
+    deadline = time.monotonic() + time_budget if time_budget else None
+    rows: list[dict] = []
+    for T in lens:
+        for method in names:
+            row = {"method": method, "seq_len": T}
+            reason = unavailable_reason(method, device)
+            free = free_device_memory(device)
+            budget = max_memory_gb * 2**30 if max_memory_gb else (0.7 * free if free else None)
+            if reason is not None:
+                row["status"] = reason
+            elif deadline is not None and time.monotonic() > deadline:
+                row["status"] = "skipped (time budget)"
+            elif method == "dijiang_parallel" and budget is not None and parallel_bytes(B, H, T, dt) > budget:
+                row["status"] = "skipped (memory)"
+            else:
+                try:
+                    row.update(measure(method, device, dt, B, H, T, head_dim, warmup=warmup, repeats=repeats,
+                                       max_seconds=max_seconds))
+                    row["status"] = "ok"
+                except Exception as e:  # noqa: BLE001 - one failing cell must not stop the others
+                    row["status"] = failure_status(e)
+                release(device)
+            rows.append(row)
+            print(f"[bench attention] T={T} {method}: {row['status']}"
+                  + (f", {row['ms']:.2f} ms" if row["status"] == "ok" else ""), flush=True)
+    add_ratios(rows)
+    report = Report(
+        name="attention", title=f"Attention forward+backward: B={B}, H={H}, D={head_dim}, {dtype_name}",
+        meta=meta, rows=rows, columns=ATTENTION_COLUMNS, plot=plot_attention,
+        settings={"batch": B, "heads": H, "head_dim": head_dim, "dtype": dtype_name, "lengths": lens,
+                  "warmup": warmup, "repeats": repeats, "max_seconds": max_seconds},
+        notes=[
+            "one call = forward + backward to q, k, v (and the mixer's parameters); median over repeats, "
+            "warm-up excluded",
+            "speed-up = softmax ms / method ms at the same length (>1: faster than softmax)",
+            "DiJiang includes its paper feature map and stabilisers (as in the model)",
+            "memory: " + ("CUDA allocator peak during one call, above the inputs" if gpu else
+                          "accounted bytes: tensors saved for backward + output + input gradients"),
+        ],
+    )
+    report.finish()
+    return report
+
+
+def add_ratios(rows: list[dict]) -> None:
+    base = {r["seq_len"]: r for r in rows if r["method"] == "softmax" and r.get("status") == "ok"}
+    for r in rows:
+        b = base.get(r["seq_len"])
+        if r.get("status") == "ok" and b is not None:
+            r["speedup_vs_softmax"] = b["ms"] / r["ms"]
+            r["mem_vs_softmax"] = r["mem_bytes"] / b["mem_bytes"] if b["mem_bytes"] else None
+
+
+ATTENTION_COLUMNS = [
+    Column("seq_len", "T"),
+    Column("method", "method"),
+    Column("ms", "fwd+bwd ms", fmt_float(2)),
+    Column("iqr_ms", "IQR ms", fmt_float(2)),
+    Column("speedup_vs_softmax", "speed-up vs softmax", fmt_float(2)),
+    Column("mem_bytes", "memory (MiB)", fmt_mib),
+    Column("mem_vs_softmax", "mem × softmax", fmt_float(2)),
+    Column("status", "status", lambda v: "" if v == "ok" else v),
+]
+
+
+def plot_attention(fig, rows: list[dict]) -> None:
+    """Log-log: time against length, and memory against length, one line per method."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for panel, (key, label, scale) in enumerate((("ms", "forward+backward (ms)", 1.0),
+                                                 ("mem_bytes", "memory (MiB)", 2.0 ** -20))):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        for m in methods:
+            xs, ys = series(rows, {"method": m, "status": "ok"}, "seq_len", key)
+            if xs:
+                ax.plot(xs, [y * scale for y in ys], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)

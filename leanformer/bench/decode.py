@@ -1,0 +1,272 @@
+"""``leanformer bench decode``: ms per decoding step and memory against context length and batch.
+
+Per model arm and context length L: a random prompt of L tokens is prefilled at batch 1 by chunks of
+``prefill_chunk`` tokens (``model(chunk, cache)``, not timed per token; its total time is reported), the
+cache is replicated to each batch size b (``index_select`` of every cached tensor: the same bytes and
+shapes a real batch of b prompts would leave), then ``warmup`` untimed and ``steps`` timed single-token
+steps ``model(next (b, 1), cache)`` + argmax run; the median step is reported.
+
+* ms/token: the median step time (each step yields one token per sequence, b in all).
+* tokens/s = b / step time; the ratio to ``preln`` (softmax with a KV cache) at the same (L, b).
+* memory: the decoding cache's bytes (``DecodeCache.memory_bytes``: K/V grow with L, DiJiang's state does
+  not) and, on CUDA, the allocator's peak over the timed steps (weights included); on CPU the accounted
+  bytes, parameters + cache.
+
+Arms (see :mod:`leanformer.bench.train`): ``preln`` (softmax + KV cache), ``dijiang`` (recurrent state:
+chunkwise prefill, one recurrent step per token), ``sas_p`` (shaped attention: K/V cache + running sum of
+V), ``noble_fused``; ``dijiang_fla`` uses fla's kernels for both (CUDA + fla).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from leanformer.bench.timing import (
+    Column,
+    Report,
+    failure_status,
+    fmt_float,
+    fmt_mib,
+    free_device_memory,
+    release,
+    run_metadata,
+    series,
+    summarize,
+    synchronize,
+    tensor_bytes,
+    time_once,
+)
+from leanformer.bench.train import arm_config, autocast, base_config, get_size, parse_arms, unavailable_reason
+from leanformer.config import ConfigError
+
+DEFAULT_ARMS = ("preln", "dijiang", "sas_p", "noble_fused")
+CPU_CONTEXTS = (512, 2048, 8192)
+GPU_CONTEXTS = (512, 2048, 8192, 32768)
+BATCHES = (1, 8, 32)
+
+
+def parse_ints(spec: str | list[int] | None, default: tuple[int, ...], flag: str) -> list[int]:
+    if spec is None:
+        return list(default)
+    try:
+        values = [int(s) for s in spec.split(",")] if isinstance(spec, str) else [int(s) for s in spec]
+    except ValueError:
+        raise ConfigError(f"{flag} {spec!r} must be comma-separated integers, e.g. 512,2048") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {spec!r} must be positive integers")
+    return values
+
+
+def expand_cache(cache, batch: int):
+    """A new cache whose every batched tensor is row 0 of ``cache`` repeated ``batch`` times."""
+    from leanformer.model import DecodeCache
+
+    out = DecodeCache(len(cache.layers))
+    out.pos = cache.pos
+    index = None
+    for src, dst in zip(cache.layers, out.layers):
+        for key, t in src.items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                if index is None or index.device != t.device:
+                    index = torch.zeros(batch, dtype=torch.long, device=t.device)
+                dst[key] = t.index_select(0, index)
+            else:
+                dst[key] = t
+    return out
+
+
+@torch.no_grad()
+def prefill(model, context: int, chunk: int, device: torch.device, vocab: int, seed: int = 0):
+    """Fill a batch-1 cache with ``context`` random tokens, ``chunk`` at a time; returns (cache, seconds)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, context), generator=g).to(device)
+    cache = model.new_cache()
+    synchronize(device)
+    t0 = time.perf_counter()
+    with autocast(device):
+        for s in range(0, context, chunk):
+            model(prompt[:, s:s + chunk], cache=cache)
+    synchronize(device)
+    return cache, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def time_steps(model, cache, batch: int, steps: int, warmup: int, device: torch.device, vocab: int) -> dict:
+    """Median (IQR) ms of ``steps`` single-token steps after ``warmup`` untimed ones; peak memory on CUDA."""
+    nxt = torch.zeros(batch, 1, dtype=torch.long, device=device)
+
+    def step() -> None:
+        nonlocal nxt
+        with autocast(device):
+            logits, _ = model(nxt, cache=cache)
+        nxt = logits[:, -1].argmax(-1, keepdim=True) % vocab
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [time_once(step, device) for _ in range(steps)]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    t = summarize(times)
+    return {"ms_per_step": t.median_ms, "q1_ms": t.q1_ms, "q3_ms": t.q3_ms, "iqr_ms": t.iqr_ms,
+            "steps": t.repeats, "peak_mem_bytes": peak}
+
+
+def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
+                     contexts: str | list[int] | None = None, batches: str | list[int] | None = None,
+                     steps: int | None = None, warmup: int = 2, prefill_chunk: int | None = None,
+                     device: torch.device | None = None, time_budget: float | None = None,
+                     max_memory_gb: float | None = None, command: str = "leanformer bench decode") -> Report:
+    """Every arm × context × batch; returns the :class:`Report`."""
+    from leanformer.model import TransformerLM
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    sz = get_size(size)
+    names = parse_arms(arms, default=DEFAULT_ARMS)
+    ctxs = parse_ints(contexts, GPU_CONTEXTS if gpu else CPU_CONTEXTS, "--contexts")
+    bs = parse_ints(batches, BATCHES, "--batches")
+    steps = steps or (32 if gpu else 8)
+    chunk = prefill_chunk or (4096 if gpu else 1024)
+    if steps < 1 or warmup < 0 or chunk < 1:
+        raise ConfigError(f"--steps={steps} and --prefill-chunk={chunk} must be >= 1, --warmup={warmup} >= 0")
+    base = base_config(sz, max_seq_len=max(ctxs) + warmup + steps + 1)
+    meta = run_metadata(device, command)
+    deadline = time.monotonic() + time_budget if time_budget else None
+    rows: list[dict] = []
+    for name in names:
+        reason = unavailable_reason(name, device)
+        model = None
+        if reason is None:
+            try:
+                cfg = arm_config(base, name)
+                torch.manual_seed(0)
+                with torch.device(device):  # initialised on the device: seconds faster at GPT-2 size
+                    model = TransformerLM(cfg).eval()
+            except Exception as e:  # noqa: BLE001
+                reason = f"failed: {type(e).__name__}: {e}"[:300]
+        param_bytes = tensor_bytes(model.parameters()) if model is not None else None
+        for L in ctxs:
+            cache, prefill_s, status = None, None, reason
+            if status is None and deadline is not None and time.monotonic() > deadline:
+                status = "skipped (time budget)"
+            if status is None:
+                try:
+                    cache, prefill_s = prefill(model, L, chunk, device, sz.vocab_size)
+                except Exception as e:  # noqa: BLE001
+                    status = failure_status(e)
+                    release(device)
+            for b in bs:
+                row = {"arm": name, "context": L, "batch": b, "prefill_s": prefill_s}
+                if status is not None:
+                    row["status"] = status
+                    rows.append(row)
+                    continue
+                one = cache.memory_bytes()
+                free = free_device_memory(device)
+                budget = max_memory_gb * 2**30 if max_memory_gb else (0.8 * free if free else None)
+                # the expanded cache, plus one more copy while torch.cat grows a K/V cache
+                if budget is not None and 2.2 * one * b > budget:
+                    row["status"] = "skipped (memory)"
+                elif deadline is not None and time.monotonic() > deadline:
+                    row["status"] = "skipped (time budget)"
+                else:
+                    try:
+                        cb = expand_cache(cache, b)
+                        row["cache_bytes"] = cb.memory_bytes()
+                        row.update(time_steps(model, cb, b, steps, warmup, device, sz.vocab_size))
+                        row["cache_bytes_end"] = cb.memory_bytes()
+                        if row["peak_mem_bytes"] is None:
+                            row["peak_mem_bytes"] = param_bytes + row["cache_bytes_end"]
+                        row["tokens_per_s"] = b / (row["ms_per_step"] / 1e3)
+                        row["status"] = "ok"
+                        del cb
+                    except Exception as e:  # noqa: BLE001
+                        row["status"] = failure_status(e)
+                    release(device)
+                rows.append(row)
+                print(f"[bench decode] {name} L={L} b={b}: {row['status']}"
+                      + (f", {row['ms_per_step']:.2f} ms/step" if row["status"] == "ok" else ""), flush=True)
+            del cache
+            release(device)
+        del model
+        release(device)
+    order = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: (r["context"], r["batch"], order[r["arm"]]))
+    add_ratios(rows)
+    report = Report(
+        name="decode", title=f"Decoding: size {size}, {'bf16 autocast' if gpu else 'float32'}",
+        meta=meta, rows=rows, columns=DECODE_COLUMNS, plot=plot_decode,
+        settings={"size": size, "model": vars(sz), "contexts": ctxs, "batches": bs, "steps": steps,
+                  "warmup": warmup, "prefill_chunk": chunk},
+        notes=[
+            "prompt prefilled at batch 1 by chunks, cache replicated to the batch; then single-token steps "
+            "(model + argmax), median over the timed steps",
+            "ms/token = one decoding step (it yields one token for each of the b sequences); "
+            "tokens/s = b / step",
+            "× softmax: tokens/s ratio to preln (softmax + KV cache) at the same context and batch",
+            "memory: cache = decoding-state bytes; peak = " + ("CUDA allocator peak during the steps" if gpu
+                                                             else "parameters + cache (accounted)"),
+        ],
+    )
+    report.finish()
+    return report
+
+
+def add_ratios(rows: list[dict]) -> None:
+    base = {(r["context"], r["batch"]): r for r in rows if r["arm"] == "preln" and r.get("status") == "ok"}
+    for r in rows:
+        b = base.get((r["context"], r["batch"]))
+        if r.get("status") == "ok" and b is not None:
+            r["speed_vs_softmax"] = r["tokens_per_s"] / b["tokens_per_s"]
+
+
+DECODE_COLUMNS = [
+    Column("context", "context"),
+    Column("batch", "batch"),
+    Column("arm", "arm"),
+    Column("ms_per_step", "ms/token", fmt_float(2)),
+    Column("iqr_ms", "IQR ms", fmt_float(2)),
+    Column("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}"),
+    Column("speed_vs_softmax", "× softmax", fmt_float(2)),
+    Column("cache_bytes", "cache (MiB)", fmt_mib),
+    Column("peak_mem_bytes", "peak mem (MiB)", fmt_mib),
+    Column("prefill_s", "prefill s (b=1)", fmt_float(2)),
+    Column("status", "status", lambda v: "" if v == "ok" else v),
+]
+
+
+def plot_decode(fig, rows: list[dict]) -> None:
+    """One panel per batch: ms/token against context (log-log), one line per arm; and cache bytes."""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    n = len(batches) + 1
+    for i, b in enumerate(batches):
+        ax = fig.add_subplot(1, n, i + 1)
+        for a in arms:
+            xs, ys = series(rows, {"arm": a, "batch": b, "status": "ok"}, "context", "ms_per_step")
+            if xs:
+                ax.plot(xs, ys, marker="o", label=a)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"batch {b}", fontsize=9)
+        ax.set_xlabel("context")
+        ax.set_ylabel("ms / token")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = fig.add_subplot(1, n, n)
+    b0 = batches[0] if batches else 1
+    for a in arms:
+        xs, ys = series(rows, {"arm": a, "batch": b0, "status": "ok"}, "context", "cache_bytes")
+        if xs:
+            ax.plot(xs, [y / 2**20 for y in ys], marker="o", label=a)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(f"cache, batch {b0}", fontsize=9)
+    ax.set_xlabel("context")
+    ax.set_ylabel("MiB")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)

@@ -1,0 +1,398 @@
+"""``leanformer bench train``: training-step speed, MFU and peak memory of every arm at one size.
+
+One step = ``zero_grad`` → forward (bf16 autocast on CUDA, float32 on CPU) → cross-entropy →
+``backward`` → AdamW ``step`` (fused on CUDA, :func:`leanformer.train.optim.build_optimizer`; no
+gradient clipping). Random tokens, fixed for all steps. ``warmup`` untimed steps (more under
+``torch.compile``), then the median of ``repeats`` timed steps (:func:`leanformer.bench.timing.time_fn`).
+
+* tokens/s = batch · seq_len / median step time.
+* MFU = ``model.flops_per_token(seq_len)`` · tokens/s / peak FLOP/s (PaLM appendix B; the peak from
+  :data:`leanformer.train.mfu.PEAK_BF16_FLOPS` or ``--peak-flops``). Each arm counts its own FLOPs
+  (NOBLE's branches add, SAS's missing V/P projections subtract).
+* Peak memory: see :class:`leanformer.bench.timing.MemoryMeter` (CUDA allocator peak over the timed
+  steps; on CPU parameters + gradients + AdamW state + tensors saved for backward).
+
+Arms differ from ``preln`` only in block wiring, attention or linear layers (methods.md):
+``parallel``, ``noble_plain`` / ``noble_fused`` (NOBLE on q, k, v, o, ffn_in, ffn_out, rank 32, CosNet;
+two products or one stacked product), ``sas``, ``sas_p``, ``sas_p_nonorm`` (shaped attention),
+``dijiang`` (chunkwise form, pure PyTorch) and ``dijiang_fla`` (fla's Triton kernel; CUDA + fla only).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from leanformer.bench.timing import (
+    Column,
+    MemoryMeter,
+    Report,
+    failure_status,
+    fmt_float,
+    fmt_mib,
+    fmt_pct,
+    fmt_si,
+    optimizer_state_tensors,
+    release,
+    run_metadata,
+    series,
+    time_fn,
+)
+from leanformer.config import ConfigError, TrainConfig, TransformerConfig
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Size:
+    """A model size preset and its default sequence length and batch."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    seq_len: int
+    batch: int
+
+
+SIZES: dict[str, Size] = {
+    "tiny": Size(d_model=32, n_layers=2, n_heads=2, vocab_size=256, seq_len=32, batch=2),  # tests
+    "cpu": Size(d_model=256, n_layers=4, n_heads=4, vocab_size=8192, seq_len=256, batch=8),
+    "gpt2": Size(d_model=768, n_layers=12, n_heads=12, vocab_size=50304, seq_len=1024, batch=16),  # ~124M
+}
+
+
+def get_size(name: str) -> Size:
+    if name not in SIZES:
+        raise ConfigError(f"--size {name!r} is not valid; choose one of {', '.join(SIZES)}")
+    return SIZES[name]
+
+
+def base_config(size: Size, max_seq_len: int) -> TransformerConfig:
+    """The ``preln`` baseline at ``size``: GPT-2 shape, RoPE, LayerNorm, GELU, no biases, tied head."""
+    return TransformerConfig(vocab_size=size.vocab_size, d_model=size.d_model, n_layers=size.n_layers,
+                             n_heads=size.n_heads, max_seq_len=max_seq_len)
+
+
+# ---------------------------------------------------------------------------------------------- arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: what it is, the transform of the baseline config, and the modules it needs."""
+
+    name: str
+    description: str
+    transform: Callable[[TransformerConfig], None]
+    needs: tuple[str, ...] = ()
+    needs_fla: bool = False
+
+
+def _preln(c: TransformerConfig) -> None:
+    c.block, c.attention = "preln", "softmax"
+
+
+def _parallel(c: TransformerConfig) -> None:
+    c.block, c.attention = "parallel", "softmax"
+
+
+def _noble(fused: bool) -> Callable[[TransformerConfig], None]:
+    def transform(c: TransformerConfig) -> None:
+        _preln(c)
+        c.noble.enabled, c.noble.fused = True, fused
+    return transform
+
+
+def _sas(c: TransformerConfig) -> None:
+    c.block, c.attention = "sas", "shaped"
+
+
+def _sas_p(c: TransformerConfig) -> None:
+    c.block, c.attention = "sas_p", "shaped"
+
+
+def _sas_p_nonorm(c: TransformerConfig) -> None:
+    _sas_p(c)
+    c.norm = "none"
+
+
+def _dijiang(mode: str) -> Callable[[TransformerConfig], None]:
+    def transform(c: TransformerConfig) -> None:
+        c.block, c.attention = "preln", "dijiang"
+        c.dijiang.mode = mode
+    return transform
+
+
+_SHAPED = ("leanformer.layers.shaped", "leanformer.blocks.simplified")
+_DIJIANG = ("leanformer.layers.dijiang", "leanformer.ops.decayed_linear_attention")
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("preln", "baseline: Pre-LN block, softmax attention (SDPA)", _preln),
+    Arm("parallel", "parallel block (one norm, attention and MLP side by side)", _parallel),
+    Arm("noble_plain", "Pre-LN + NOBLE (rank 32, CosNet), two matrix products", _noble(False),
+        ("leanformer.layers.noble",)),
+    Arm("noble_fused", "Pre-LN + NOBLE (rank 32, CosNet), one stacked [W; W_down] product", _noble(True),
+        ("leanformer.layers.noble",)),
+    Arm("sas", "SAS block: shaped attention, no V/P, no attention skip", _sas, _SHAPED),
+    Arm("sas_p", "SAS-P block: parallel, no skip at all", _sas_p, _SHAPED),
+    Arm("sas_p_nonorm", "SAS-P without block norms (layer 0's and the final norm kept)", _sas_p_nonorm,
+        _SHAPED),
+    Arm("dijiang", "Pre-LN + DiJiang attention, chunkwise form (pure PyTorch)", _dijiang("chunk"), _DIJIANG),
+    Arm("dijiang_fla", "Pre-LN + DiJiang attention through fla's Triton chunk kernel", _dijiang("fla"),
+        _DIJIANG, needs_fla=True),
+)}
+DEFAULT_ARMS = ("preln", "parallel", "noble_plain", "noble_fused", "sas", "sas_p", "sas_p_nonorm", "dijiang",
+                "dijiang_fla")
+BASELINE = "preln"
+
+
+def parse_arms(spec: str | list[str] | None, valid: dict[str, Arm] = ARMS,
+               default: tuple[str, ...] = DEFAULT_ARMS) -> list[str]:
+    """``"a,b"`` → arm names, baseline first (every ratio needs it); unknown names are a ConfigError."""
+    if spec is None or spec == "all":
+        names = list(default)
+    else:
+        names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+        if not names:
+            raise ConfigError(f"--arms {spec!r} names no arm; valid arms: {', '.join(valid)}")
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ConfigError(f"unknown arm(s) {', '.join(map(repr, bad))}; valid arms: {', '.join(valid)}")
+    return [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
+
+
+def arm_config(base: TransformerConfig, name: str) -> TransformerConfig:
+    cfg = copy.deepcopy(base)
+    ARMS[name].transform(cfg)
+    return cfg.validate()
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why arm ``name`` cannot run here (a module missing, fla absent, no CUDA), or None."""
+    import importlib
+
+    arm = ARMS[name]
+    for module in arm.needs:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            return f"unavailable: {module} cannot be imported ({e})"
+    if arm.needs_fla:
+        if device.type != "cuda":
+            return "unavailable: needs fla and CUDA"
+        from leanformer.ops.decayed_linear_attention import fla_available
+
+        try:
+            if not fla_available():
+                return "unavailable: fla is not installed"
+        except Exception as e:  # noqa: BLE001 - fla present but broken (version mismatch with torch/triton)
+            return f"unavailable: fla import failed ({type(e).__name__}: {e})"[:300]
+    return None
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (as the trainer), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- one arm
+
+
+def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_len: int, *, compile: bool,
+                warmup: int, repeats: int, max_seconds: float | None, seed: int = 0) -> dict:
+    """Time ``repeats`` training steps of ``TransformerLM(cfg)``; returns one result row (no ratios)."""
+    from leanformer.model import TransformerLM
+    from leanformer.train.optim import build_optimizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialised on the device: seconds faster at GPT-2 size
+        model = TransformerLM(cfg)
+    flops_per_token = model.flops_per_token(seq_len)
+    params = model.num_params()
+    opt = build_optimizer(model, TrainConfig(lr=1e-4))
+    run = torch.compile(model) if compile else model
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
+    last_loss: list[float] = []
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            _, loss = run(x, y)
+        loss.backward()
+        opt.step()
+        last_loss[:] = [loss.detach()]
+
+    t0 = time.perf_counter()
+    step()  # first step: compilation (when asked), lazy optimizer state, cuBLAS handles
+    first_s = time.perf_counter() - t0
+    with MemoryMeter(device) as mem:
+        timing = time_fn(step, device, warmup=max(0, warmup - 1), repeats=repeats, max_seconds=max_seconds)
+    if device.type != "cuda":  # account: params + grads + AdamW state + what one forward saves for backward
+        mem = MemoryMeter(device, saved_tensors=True)
+        mem.account(list(model.parameters()) + [p.grad for p in model.parameters()]
+                    + optimizer_state_tensors(opt))
+        try:
+            with mem, autocast(device):
+                _, loss = run(x, y)
+            del loss
+        except Exception:  # noqa: BLE001 - hooks under torch.compile: fall back to the static part
+            mem.peak_bytes = mem.base_bytes = sum(mem._accounted.values())
+    tokens_per_s = batch * seq_len / (timing.median_ms / 1e3)
+    loss_value = float(last_loss[0]) if last_loss else None
+    return {
+        "params": params,
+        "flops_per_token": flops_per_token,
+        "step_ms": timing.median_ms, "step_q1_ms": timing.q1_ms, "step_q3_ms": timing.q3_ms,
+        "step_iqr_ms": timing.iqr_ms,
+        "repeats": timing.repeats,
+        "first_step_s": first_s,
+        "tokens_per_s": tokens_per_s,
+        "achieved_flops": flops_per_token * tokens_per_s,
+        "peak_mem_bytes": mem.peak_bytes,
+        "memory_kind": mem.kind,
+        "loss": loss_value,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+
+def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, seq_len: int | None = None,
+                    batch: int | None = None, compile: bool = False, eager: bool = True,
+                    compile_arms: str | list[str] | None = None,
+                    device: torch.device | None = None, warmup: int = 3, repeats: int = 10,
+                    peak_flops: float | None = None, time_budget: float | None = None,
+                    max_seconds_per_arm: float | None = None, compile_reserve_s: float = 45.0,
+                    command: str = "leanformer bench train") -> Report:
+    """Run every arm (eager, then compiled when ``compile``) and return the :class:`Report`.
+
+    ``time_budget`` (seconds): an arm not started when it is spent is "skipped (time budget)"; a compiled
+    arm also needs ``compile_reserve_s`` left (its compilation alone takes that long at GPT-2 scale).
+    ``eager=False`` runs only the compiled arms.
+    """
+    from leanformer.train.mfu import peak_flops_for
+
+    sz = get_size(size)
+    names = parse_arms(arms)
+    compiled = parse_arms(compile_arms) if compile else []
+    seq_len = seq_len or sz.seq_len
+    batch = batch or sz.batch
+    if seq_len < 1 or batch < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError(f"--seq-len={seq_len}, --batch={batch}, --repeats={repeats} must be >= 1 "
+                          f"and --warmup={warmup} >= 0")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_flops if peak_flops is not None else peak_flops_for(device)
+    base = base_config(sz, max_seq_len=seq_len)
+    meta = run_metadata(device, command)
+    deadline = time.monotonic() + time_budget if time_budget else None
+    rows: list[dict] = []
+    plan = [(n, False) for n in names if eager] + [(n, True) for n in compiled]
+    for name, comp in plan:
+        row = {"arm": name, "compile": comp, "description": ARMS[name].description}
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            row["status"] = reason
+        elif deadline is not None and time.monotonic() > deadline - (compile_reserve_s if comp else 0.0):
+            row["status"] = "skipped (time budget)"
+        else:
+            try:
+                cfg = arm_config(base, name)
+                row.update(measure_arm(cfg, device, batch, seq_len, compile=comp,
+                                       warmup=warmup + (2 if comp else 0), repeats=repeats,
+                                       max_seconds=max_seconds_per_arm))
+                row["status"] = "ok"
+            except Exception as e:  # noqa: BLE001 - one failing arm must not stop the others
+                row["status"] = failure_status(e)
+            if comp:
+                torch._dynamo.reset()  # drop the compiled graphs (and the model they hold)
+            release(device)
+        rows.append(row)
+        ok = row["status"] == "ok"
+        done = f", {row['step_ms']:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s" if ok else ""
+        print(f"[bench train] {name}{' (compiled)' if comp else ''}: {row['status']}{done}", flush=True)
+    add_ratios(rows, peak)
+    report = Report(
+        name="train", title=f"Training step: size {size}, seq {seq_len}, batch {batch}",
+        meta=meta, rows=rows, columns=TRAIN_COLUMNS, plot=plot_train,
+        settings={"size": size, "model": vars(sz), "seq_len": seq_len, "batch": batch, "warmup": warmup,
+                  "repeats": repeats, "compile": compile, "peak_flops": peak,
+                  "dtype": "bf16 autocast" if device.type == "cuda" else "float32"},
+        notes=[
+            "one step = zero_grad + forward + cross-entropy + backward + AdamW step; median of the timed "
+            "steps and their inter-quartile range, warm-up excluded",
+            f"MFU against a peak of {fmt_si(peak)}FLOP/s" if peak else "MFU: no peak FLOP/s known for this "
+            "device (give --peak-flops)",
+            "× preln: tokens/s ratio to preln with the same compile setting (>1 is faster); step overhead = "
+            "step time / preln's − 1",
+            "memory: " + ("CUDA allocator peak over the timed steps" if device.type == "cuda" else
+                          "accounted bytes: parameters + gradients + AdamW state + tensors saved for "
+                          "backward (a lower bound: no temporaries)"),
+        ],
+    )
+    report.finish()
+    return report
+
+
+def add_ratios(rows: list[dict], peak: float | None) -> None:
+    """MFU, and the ratios to the baseline with the same compile setting."""
+    base = {r["compile"]: r for r in rows if r["arm"] == BASELINE and r.get("status") == "ok"}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        r["mfu"] = r["achieved_flops"] / peak if peak else None
+        b = base.get(r["compile"])
+        if b is not None:
+            r["speed_vs_preln"] = r["tokens_per_s"] / b["tokens_per_s"]
+            r["step_overhead"] = r["step_ms"] / b["step_ms"] - 1
+            r["mem_vs_preln"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
+
+
+def _status(v: str) -> str:
+    return "" if v == "ok" else v
+
+
+TRAIN_COLUMNS = [
+    Column("arm", "arm"),
+    Column("compile", "compile", lambda v: "yes" if v else "no"),
+    Column("params", "params (M)", lambda v: f"{v / 1e6:.2f}"),
+    Column("step_ms", "step ms", fmt_float(1)),
+    Column("step_iqr_ms", "IQR ms", fmt_float(1)),
+    Column("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}"),
+    Column("speed_vs_preln", "× preln", fmt_float(3)),
+    Column("step_overhead", "step overhead", fmt_pct),
+    Column("achieved_flops", "TFLOP/s", lambda v: f"{v / 1e12:.3f}"),
+    Column("mfu", "MFU", fmt_pct),
+    Column("peak_mem_bytes", "peak mem (MiB)", fmt_mib),
+    Column("mem_vs_preln", "mem × preln", fmt_float(2)),
+    Column("status", "status", _status),
+]
+
+
+def plot_train(fig, rows: list[dict]) -> None:
+    """Two panels: tokens/s per arm (eager and compiled bars) and peak memory per arm."""
+    names = list(dict.fromkeys(r["arm"] for r in rows))
+    xs = range(len(names))
+    for panel, (key, label, scale) in enumerate((("tokens_per_s", "tokens/s", 1.0),
+                                                 ("peak_mem_bytes", "peak memory (MiB)", 2.0 ** -20))):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        modes = sorted({r["compile"] for r in rows})
+        width = 0.8 / max(1, len(modes))
+        for i, comp in enumerate(modes):
+            vals = []
+            for n in names:
+                _, ys = series(rows, {"arm": n, "compile": comp}, "arm", key)
+                vals.append(ys[0] * scale if ys else 0.0)
+            ax.bar([x + i * width for x in xs], vals, width, label="compiled" if comp else "eager")
+        centres = [x + width * (len(modes) - 1) / 2 for x in xs]
+        ax.set_xticks(centres, names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)

@@ -1,0 +1,172 @@
+"""``leanformer bench``: each subcommand end to end on the tiny size; the timer and the memory meter.
+
+Speed is never asserted: only that the outputs exist, hold finite numbers and say what they measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from leanformer.bench import timing
+from leanformer.cli import main
+
+CPU = ["--device", "cpu", "--threads", "1"]
+
+
+def _load(out, name: str) -> dict:
+    for ext in ("json", "md", "png"):
+        assert (out / f"{name}.{ext}").stat().st_size > 0, f"{name}.{ext} missing or empty"
+    assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def _finite(row: dict, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        assert isinstance(row[k], (int, float)) and math.isfinite(row[k]) and row[k] > 0, (k, row)
+
+
+def _check_meta(data: dict, md: str, sub: str) -> None:
+    meta = data["meta"]
+    assert meta["command"].startswith(f"leanformer bench {sub}") and meta["torch"] == torch.__version__
+    assert meta["machine"] and meta["date"]
+    assert meta["command"] in md and meta["machine"] in md
+
+
+def test_bench_train_tiny(tmp_path):
+    out = tmp_path / "train"
+    arms = "preln,noble_fused,sas_p_nonorm,dijiang,dijiang_fla"
+    rc = main(["bench", "train", "--size", "tiny", "--arms", arms,
+               "--repeats", "2", "--warmup", "1", "--peak-flops", "1e12", "--out", str(out), *CPU])
+    assert rc == 0
+    data = _load(out, "train")
+    _check_meta(data, (out / "train.md").read_text(), "train")
+    rows = {r["arm"]: r for r in data["results"]}
+    assert list(rows) == ["preln", "noble_fused", "sas_p_nonorm", "dijiang", "dijiang_fla"]
+    for arm in ("preln", "noble_fused", "sas_p_nonorm", "dijiang"):
+        assert rows[arm]["status"] == "ok", rows[arm]
+        _finite(rows[arm], ("step_ms", "tokens_per_s", "mfu", "peak_mem_bytes", "speed_vs_preln", "loss"))
+    assert rows["preln"]["speed_vs_preln"] == 1.0
+    # NOBLE adds parameters; the accounted memory grows with them (params, grads, two AdamW moments)
+    assert rows["noble_fused"]["params"] > rows["preln"]["params"]
+    assert rows["noble_fused"]["peak_mem_bytes"] > rows["preln"]["peak_mem_bytes"]
+    assert rows["dijiang_fla"]["status"].startswith("unavailable")  # CPU: reported, not a crash
+
+
+def test_bench_attention_tiny(tmp_path):
+    out = tmp_path / "attn"
+    rc = main(["bench", "attention", "--lengths", "32,64", "--heads", "2", "--head-dim", "16",
+               "--repeats", "2", "--warmup", "1", "--out", str(out), *CPU])
+    assert rc == 0
+    data = _load(out, "attention")
+    _check_meta(data, (out / "attention.md").read_text(), "attention")
+    rows = data["results"]
+    assert {(r["method"], r["seq_len"]) for r in rows} == {
+        (m, t) for m in ("softmax", "shaped", "dijiang_parallel", "dijiang_chunk", "dijiang_fla")
+        for t in (32, 64)}
+    for r in rows:
+        if r["method"] == "dijiang_fla":
+            assert r["status"].startswith("unavailable")
+        else:
+            assert r["status"] == "ok", r
+            _finite(r, ("ms", "mem_bytes", "speedup_vs_softmax"))
+
+
+def test_bench_attention_skips_parallel_over_memory(tmp_path):
+    out = tmp_path / "attn"
+    rc = main(["bench", "attention", "--lengths", "64", "--methods", "dijiang_parallel,dijiang_chunk",
+               "--heads", "1", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
+               "--max-memory-gb", "1e-9", "--out", str(out), *CPU])
+    assert rc == 0
+    status = {r["method"]: r["status"] for r in json.loads((out / "attention.json").read_text())["results"]}
+    assert status == {"softmax": "ok", "dijiang_parallel": "skipped (memory)", "dijiang_chunk": "ok"}
+    assert "skipped (memory)" in (out / "attention.md").read_text()
+
+
+def test_bench_decode_tiny(tmp_path):
+    out = tmp_path / "dec"
+    rc = main(["bench", "decode", "--size", "tiny", "--contexts", "16,48", "--batches", "1,3",
+               "--steps", "2", "--warmup", "1", "--prefill-chunk", "32", "--out", str(out), *CPU])
+    assert rc == 0
+    data = _load(out, "decode")
+    _check_meta(data, (out / "decode.md").read_text(), "decode")
+    rows = data["results"]
+    assert len(rows) == 4 * 2 * 2  # preln, dijiang, sas_p, noble_fused × 2 contexts × 2 batches
+    for r in rows:
+        assert r["status"] == "ok", r
+        _finite(r, ("ms_per_step", "tokens_per_s", "cache_bytes", "peak_mem_bytes", "speed_vs_softmax"))
+    cache = {(r["arm"], r["context"], r["batch"]): r["cache_bytes"] for r in rows}
+    # a KV cache grows with context and batch; DiJiang's recurrent state only with batch
+    assert cache["preln", 48, 1] > cache["preln", 16, 1]
+    assert cache["preln", 16, 3] == 3 * cache["preln", 16, 1]
+    assert cache["dijiang", 48, 1] == cache["dijiang", 16, 1]
+
+
+def test_expand_cache_replicates_rows():
+    from leanformer.bench.decode import expand_cache, prefill
+    from leanformer.bench.train import SIZES, arm_config, base_config
+    from leanformer.model import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(arm_config(base_config(SIZES["tiny"], 64), "dijiang")).eval()
+    cache, _ = prefill(model, 20, 8, torch.device("cpu"), SIZES["tiny"].vocab_size)
+    big = expand_cache(cache, 3)
+    assert big.pos == cache.pos == 20
+    nxt = torch.tensor([[5]])
+    with torch.no_grad():
+        one = model(nxt, cache=cache)[0]
+        three = model(nxt.expand(3, 1), cache=big)[0]
+    torch.testing.assert_close(three, one.expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "train", "--size", "tiny", "--arms", "preln,bogus"], "unknown arm(s) 'bogus'"),
+    (["bench", "train", "--size", "huge"], "--size 'huge' is not valid"),
+    (["bench", "decode", "--size", "huge"], "--size 'huge' is not valid"),
+    (["bench", "decode", "--size", "tiny", "--arms", "nope"], "unknown arm(s) 'nope'"),
+    (["bench", "attention", "--methods", "flash3"], "unknown method(s) 'flash3'"),
+    (["bench", "attention", "--lengths", "512,abc"], "must be comma-separated integers"),
+    (["bench", "decode", "--size", "tiny", "--contexts", "0"], "must be positive integers"),
+    (["bench", "train", "--size", "tiny", "--device", "tpu"], "--device 'tpu' is not valid"),
+])
+def test_bad_input_exits_2(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_timer_median_and_iqr():
+    t = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median_ms, t.q1_ms, t.q3_ms, t.iqr_ms, t.repeats) == (3.0, 2.0, 4.0, 2.0, 5)
+    calls = []
+    t = timing.time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=4)
+    assert len(calls) == 6 and t.repeats == 4 and t.median_ms >= 0
+
+
+def test_memory_meter_counts_saved_tensors_once():
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(16, 64)
+    meter = timing.MemoryMeter(torch.device("cpu"), saved_tensors=True)
+    meter.account([w])
+    with meter:
+        h = x @ w  # saves x (and w, already accounted)
+        y = h.exp()  # saves its output y
+        z = (y * y).sum()  # saves y twice: one storage
+    assert meter.base_bytes == 64 * 64 * 4
+    assert meter.extra_bytes == (x.numel() + y.numel()) * 4
+    del z
+
+
+def test_markdown_table_and_command_line():
+    import argparse
+
+    rows = [{"a": 1.23456, "b": None}, {"a": 2.0, "b": "x"}]
+    md = timing.markdown_table(rows, [timing.Column("a", "A", timing.fmt_float(2)), timing.Column("b", "B")])
+    assert md.splitlines() == ["| A | B |", "|---|---|", "| 1.23 | — |", "| 2.00 | x |"]
+    ns = argparse.Namespace(size="tiny", compile=True, peak_flops=None, arms="preln,sas", func=print)
+    assert timing.command_line("leanformer bench train", ns) == (
+        "leanformer bench train --arms preln,sas --compile --size tiny")
