@@ -38,12 +38,15 @@ class NobleConfig:
     dropout: float = 0.0  # on the branch (gate variant)
     alpha: float = 1.0  # output scale (gate variant)
     fused: bool = True  # one stacked matmul for [W; W_down]
+    main_init: str = "paper"  # paper: W ~ N(0, 0.5/sqrt(d_in)) | model: W keeps the LM's GPT-2 init
+    lr_mults: bool = True  # the official per-parameter learning-rate multipliers (False: all 1)
 
     def validate(self) -> None:
         for t in self.targets:
             _choice("noble.targets entry", t, NOBLE_TARGETS)
         _choice("noble.activation", self.activation, ("cosnet", "silu", "gelu", "tanh"))
         _choice("noble.fusion", self.fusion, ("add", "gate"))
+        _choice("noble.main_init", self.main_init, ("paper", "model"))
         if self.rank < 1:
             raise ConfigError(f"noble.rank={self.rank} must be >= 1")
         if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:

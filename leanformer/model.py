@@ -62,7 +62,7 @@ class TransformerLM(nn.Module):
         method module's own ``post_init()`` (NOBLE, shaped attention, DiJiang set their own)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
-            if type(module) is nn.Linear:
+            if type(module) is nn.Linear or getattr(module, "main_init", None) == "model":
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(_RESIDUAL_OUTPUTS) else 1.0
                 nn.init.normal_(module.weight, 0.0, std * scale)
                 if module.bias is not None:

@@ -129,6 +129,7 @@ class NobleLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 32,
                  rank_ratio: float | None = None, activation: str = "cosnet", fusion: str = "add",
                  dropout: float = 0.0, alpha: float = 1.0, fused: bool = True,
+                 main_init: str = "paper", lr_mults: bool = True,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
@@ -151,6 +152,9 @@ class NobleLinear(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.activation, self.fusion, self.alpha, self.fused = activation, fusion, alpha, fused
+        if main_init not in ("paper", "model"):
+            raise ValueError(f"NobleLinear main_init={main_init!r} is not valid; choose paper or model")
+        self.main_init, self.use_lr_mults = main_init, lr_mults
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.down = BranchLinear(in_features, rank, bias=True, **kw)
@@ -174,8 +178,13 @@ class NobleLinear(nn.Module):
         self.reset_branch(zero_up=False)
 
     def post_init(self) -> None:
-        """Called by ``TransformerLM.reset_parameters`` after its GPT-2 init: the paper's init throughout."""
-        self.reset_parameters()
+        """Called by ``TransformerLM.reset_parameters`` after its GPT-2 init: the paper's init for the branch,
+        and for the main weight too unless ``main_init="model"`` (then it keeps the model's init, so a NOBLE
+        model differs from its baseline only by the branches)."""
+        if self.main_init == "model":
+            self.reset_branch(zero_up=False)
+        else:
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_branch(self, zero_up: bool = False) -> None:
@@ -204,6 +213,8 @@ class NobleLinear(nn.Module):
                           "act.M.weight": ratio ** 0.5, "act.M.bias": 1.0})
         if self.gate is not None:
             mults["gate"] = 1.0
+        if not self.use_lr_mults:  # ablation: every branch parameter at the base learning rate
+            mults = dict.fromkeys(mults, 1.0)
         return mults
 
     def no_weight_decay_names(self) -> list[str]:
