@@ -449,3 +449,18 @@ def test_apply_noble_on_our_lm_preserves_output():
     assert torch.equal(model(idx)[0], ref)
     remove_noble(model)
     assert torch.equal(model(idx)[0], ref)
+
+
+def test_main_init_model_keeps_the_lm_init_and_lr_mults_can_be_switched_off():
+    from leanformer import TransformerConfig, TransformerLM
+    from leanformer.config import NobleConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=128, n_layers=4, noble=NobleConfig(enabled=True, main_init="model", lr_mults=False))
+    model = TransformerLM(cfg)
+    q, o = model.blocks[0].attn.q, model.blocks[0].attn.o
+    assert abs(q.weight.std().item() - 0.02) < 0.002  # GPT-2 init, not N(0, 0.5/sqrt(128)) = 0.044
+    assert abs(o.weight.std().item() - 0.02 / 8 ** 0.5) < 0.001  # residual output scaled by 1/sqrt(2L)
+    assert all(getattr(p, "lr_mult", 1.0) == 1.0 for p in model.parameters())
+    paper = TransformerLM(TransformerConfig(d_model=128, n_layers=4, noble=NobleConfig(enabled=True)))
+    assert abs(paper.blocks[0].attn.q.weight.std().item() - 0.5 / 128 ** 0.5) < 0.004
