@@ -1,0 +1,235 @@
+"""``leanformer compare``: the smoke preset end to end (once per module), resume, bad input, the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import matplotlib
+import pytest
+import yaml
+
+from leanformer.cli import main
+from leanformer.compare.arms import ARMS, BASELINE, arm_config, finetune_config, parse_arms
+from leanformer.compare.presets import PRESETS, estimated_seconds
+from leanformer.compare.report import PLOTS, _cell, reach, throughput
+from leanformer.compare.runner import base_config, plan
+from leanformer.config import ConfigError
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, cache_dir):
+    """Every arm of the smoke preset, trained once for the whole module."""
+    out = tmp_path_factory.mktemp("compare") / "out"
+    argv = ["compare", "--preset", "smoke", "--out", str(out), "--set", f"data.cache_dir={cache_dir}",
+            "--no-progress"]
+    assert main(argv) == 0
+    return out, argv
+
+
+def _table(report: str) -> dict[str, list[str]]:
+    """Rows of the report's table keyed by arm (the footnote mark stripped)."""
+    lines = [ln for ln in report.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[1:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0].replace(" ¹", "")] = dict(zip(header, cells))
+    return rows
+
+
+def _number(cell: str) -> float:
+    m = re.match(r"^([-\d.]+)([kMG]?)", cell)
+    assert m, f"not a number: {cell!r}"
+    return float(m.group(1)) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_report_table_has_every_arm_with_finite_numbers(smoke):
+    out, _ = smoke
+    report = (out / "report.md").read_text()
+    rows = _table(report)
+    assert set(rows) == set(ARMS)
+    for arm, row in rows.items():
+        for col in ("params", "tokens", "final val loss", "ppl", "train tok/s", "decode ms/tok @128"):
+            assert math.isfinite(_number(row[col])) and _number(row[col]) > 0, (arm, col, row[col])
+    assert _number(rows[BASELINE]["steps × base"]) == 1.0  # the baseline reaches its own final loss
+    assert _number(rows[BASELINE]["seconds × base"]) == 1.0
+    assert "not reached" not in rows[BASELINE]["steps to baseline loss"]
+    assert "CPU:" in report and "torch" in report and "leanformer compare --preset smoke" in report
+    for arm in ARMS:  # a greedy sample and the exact config of every arm
+        assert f"**{arm}**" in report and f"<summary>{arm}</summary>" in report
+
+
+def test_plots_are_valid_pngs(smoke):
+    import matplotlib.image
+
+    out, _ = smoke
+    for name in PLOTS.values():
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        img = matplotlib.image.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_metrics_and_configs(smoke):
+    out, _ = smoke
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in records} == set(ARMS)
+    assert all("val_loss" in r for r in records if r["step"] == 0)
+    cfgs = {a: yaml.safe_load((out / "arms" / a / "config.yaml").read_text()) for a in ARMS}
+    base = cfgs[BASELINE]
+    for arm, cfg in cfgs.items():
+        for key in ("d_model", "n_layers", "n_heads", "vocab_size"):
+            assert cfg["model"][key] == base["model"][key], (arm, key)
+        assert cfg["train"]["seed"] == base["train"]["seed"]
+        assert cfg["train"]["seq_len"] == base["train"]["seq_len"]
+        if ARMS[arm].parent is None:
+            assert cfg["train"]["steps"] == base["train"]["steps"]
+            for key in ("lr", "betas", "schedule"):
+                assert cfg["train"][key] == base["train"][key], (arm, key)
+    assert cfgs["dijiang_convert"]["train"]["steps"] == round(0.1 * base["train"]["steps"])
+    assert cfgs["dijiang_convert"]["train"]["betas"] == [0.9, 0.95]
+    nonorm = cfgs["sas_p_nonorm"]["model"]
+    assert (nonorm["norm"], nonorm["block"]) == ("none", "sas_p")
+    assert cfgs["sas_p+noble"]["model"]["noble"]["enabled"] and not cfgs["sas_p"]["model"]["noble"]["enabled"]
+    done = json.loads((out / "arms" / "dijiang_convert" / "done.json").read_text())
+    assert done["parent_tokens"] == json.loads((out / "arms" / BASELINE / "done.json").read_text())["tokens"]
+
+
+def test_rerun_skips_finished_arms(smoke, monkeypatch):
+    out, argv = smoke
+    from leanformer.train import loop
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished arm was retrained")
+
+    monkeypatch.setattr(loop.Trainer, "fit", no_training)
+    before = {a: (out / "arms" / a / "done.json").stat().st_mtime_ns for a in ARMS}
+    report_before = (out / "report.md").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert {a: (out / "arms" / a / "done.json").stat().st_mtime_ns for a in ARMS} == before
+    assert (out / "report.md").stat().st_mtime_ns >= report_before
+
+
+def test_interrupted_arm_resumes_from_its_checkpoint(smoke, monkeypatch):
+    """An arm without done.json is resumed by the Trainer from its checkpoint: no step is trained again."""
+    out, argv = smoke
+    from leanformer.train import loop
+
+    steps_run = []
+    real_step = loop.lr_at
+
+    def counting_lr_at(step, cfg):
+        steps_run.append(step)
+        return real_step(step, cfg)
+
+    monkeypatch.setattr(loop, "lr_at", counting_lr_at)
+    arm = out / "arms" / "sas"
+    lines = (arm / "metrics.jsonl").read_text()
+    (arm / "done.json").unlink()
+    assert main(argv) == 0
+    assert (arm / "done.json").exists()
+    assert steps_run == []  # the checkpoint is at the last step
+    assert (arm / "metrics.jsonl").read_text() == lines
+
+
+def test_changed_config_in_same_out_fails_before_training(smoke, capsys):
+    out, argv = smoke
+    assert main([*argv, "--set", "train.lr=0.5"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- bad input, before training
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any data loading or training is a failure: bad input must be rejected before."""
+    import leanformer.data
+    from leanformer.train import loop
+
+    def fail(*args, **kwargs):
+        raise AssertionError("work started before the input was validated")
+
+    monkeypatch.setattr(leanformer.data, "load_data", fail)
+    monkeypatch.setattr(loop.Trainer, "__init__", fail)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arms", "preln,transformer_xl"], "unknown arm(s) 'transformer_xl'; valid arms: preln, noble"),
+    (["--preset", "huge"], "unknown preset 'huge'; valid presets: smoke, cpu, gpu"),
+    (["--data", "/nonexistent/corpus.txt"], "data path /nonexistent/corpus.txt does not exist"),
+    (["--seeds", "0"], "--seeds 0 must be >= 1"),
+    (["--set", "model.n_heads=3"], "not divisible"),
+])
+def test_bad_input_fails_at_once(tmp_path, capsys, no_work, extra, message):
+    argv = ["compare", "--preset", "smoke", "--out", str(tmp_path / "out"), "--no-progress", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_method_module_is_named(monkeypatch):
+    from leanformer import registry
+
+    monkeypatch.setitem(registry.ATTENTIONS, "dijiang", "leanformer.layers.not_written_yet:DiJiangAttention")
+    with pytest.raises(ConfigError, match="arm dijiang_scratch needs module leanformer.layers.not_written"):
+        plan("smoke", arms="preln,dijiang_scratch")
+
+
+# ---------------------------------------------------------------------------- the pieces
+def test_parse_arms_puts_the_baseline_first():
+    assert parse_arms("sas,noble,sas") == ["preln", "sas", "noble"]
+    assert parse_arms("all") == list(ARMS)
+    with pytest.raises(ConfigError, match="names no arm"):
+        parse_arms(" , ")
+
+
+def test_plan_with_seeds_uses_one_folder_per_seed(tmp_path):
+    p = plan("smoke", arms="preln,dijiang_convert", seeds=2, out=tmp_path)
+    assert [(r.arm, r.seed) for r in p.runs] == [("preln", 1337), ("preln", 1338), ("dijiang_convert", 1337),
+                                                 ("dijiang_convert", 1338)]
+    assert p.runs[1].dir == tmp_path / "arms" / "preln" / "seed1338"
+    assert p.runs[3].cfg.train.seed == 1338 and p.runs[3].cfg.model.attention == "dijiang"
+
+
+def test_arm_transforms_keep_the_size():
+    base = base_config(PRESETS["cpu"])
+    for name in ARMS:
+        cfg = arm_config(base, name)
+        assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads) == (
+            base.model.d_model, base.model.n_layers, base.model.n_heads)
+    ft = finetune_config(arm_config(base, "preln"), 0.1, 0.3, 0.1)
+    assert ft.train.steps == round(0.1 * base.train.steps)
+    assert ft.train.lr == pytest.approx(0.3 * base.train.lr)
+    assert (ft.train.schedule, ft.train.weight_decay, ft.model.attention) == ("cosine", 0.1, "dijiang")
+
+
+def test_reach_interpolates_between_eval_points():
+    evals = [{"step": 0, "train_seconds": 0.0, "val_loss": 5.0},
+             {"step": 10, "train_seconds": 2.0, "val_loss": 4.0},
+             {"step": 20, "train_seconds": 6.0, "val_loss": 3.0}]
+    assert reach(evals, 3.5) == pytest.approx((15.0, 4.0))
+    assert reach(evals, 4.0) == pytest.approx((10.0, 2.0))
+    assert reach(evals, 6.0) == (0.0, 0.0)
+    assert reach(evals, 2.9) is None
+
+
+def test_throughput_skips_warmup_and_cells_show_spread():
+    recs = [{"step": s, "tokens": 100 * s, "train_seconds": 1.0 + s * 0.5} for s in range(1, 21)]
+    assert throughput(recs) == pytest.approx(200.0)
+    assert _cell([1.0, 3.0], ".1f") == "2.0 ± 1.4"
+    assert _cell([1.0, None], ".1f", "not reached") == "1.0 (1/2 seeds; not reached in the others)"
+    assert _cell([None, None], ".1f", "not reached") == "not reached"
+
+
+def test_gpu_preset_fits_nine_minutes_at_40_percent_mfu():
+    assert estimated_seconds(PRESETS["gpu"], mfu=0.4) < 9 * 60
