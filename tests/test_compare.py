@@ -11,7 +11,10 @@ import pytest
 import yaml
 
 from leanformer.cli import main
-from leanformer.compare.arms import ARMS, BASELINE, arm_config, finetune_config, parse_arms
+from leanformer.compare.arms import ARMS as ALL_ARMS
+from leanformer.compare.arms import BASELINE, arm_config, finetune_config, parse_arms
+
+ARMS = {n: a for n, a in ALL_ARMS.items() if a.in_all}  # the default comparison's arms
 from leanformer.compare.presets import PRESETS, estimated_seconds
 from leanformer.compare.report import PLOTS, _cell, reach, throughput
 from leanformer.compare.runner import base_config, plan
@@ -203,7 +206,7 @@ def test_plan_with_seeds_uses_one_folder_per_seed(tmp_path):
 
 def test_arm_transforms_keep_the_size():
     base = base_config(PRESETS["cpu"])
-    for name in ARMS:
+    for name in ALL_ARMS:
         cfg = arm_config(base, name)
         assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads) == (
             base.model.d_model, base.model.n_layers, base.model.n_heads)

@@ -24,6 +24,10 @@ def _preln(cfg: RunConfig) -> None:
     cfg.model.block, cfg.model.attention = "preln", "softmax"
 
 
+def _parallel(cfg: RunConfig) -> None:
+    cfg.model.block, cfg.model.attention = "parallel", "softmax"
+
+
 def _noble(cfg: RunConfig) -> None:
     _preln(cfg)
     cfg.model.noble.enabled = True
@@ -60,6 +64,7 @@ class Arm:
     transform: Callable[[RunConfig], None]
     parent: str | None = None  # trained after, and converted from, this arm's finished model
     needs: tuple[str, ...] = ()  # extra modules (beyond the config's block and attention)
+    in_all: bool = True  # part of ``--arms all`` (the default comparison)
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
@@ -73,6 +78,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("dijiang_convert", "DiJiang converted from the finished preln model, fine-tuned", _dijiang,
         parent=BASELINE, needs=("leanformer.convert",)),
     Arm("dijiang_scratch", "DiJiang attention (Pre-LN block) trained from scratch", _dijiang),
+    Arm("parallel", "parallel block (GPT-J: one norm, attention and MLP side by side, skips kept)", _parallel,
+        in_all=False),
 )}
 
 
@@ -80,7 +87,7 @@ def parse_arms(spec: str | None) -> list[str]:
     """``"a,b,c"`` → arm names in run order: the baseline first (every ratio, and ``dijiang_convert``,
     need it), then the others in the order given. ``None`` or ``"all"`` → every arm."""
     if spec is None or spec.strip() == "all":
-        names = list(ARMS)
+        names = [n for n, arm in ARMS.items() if arm.in_all]
     else:
         names = [s.strip() for s in spec.split(",") if s.strip()]
         if not names:
