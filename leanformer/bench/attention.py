@@ -137,15 +137,9 @@ def unavailable_reason(method: str, device: torch.device) -> str | None:
         except ImportError as e:
             return f"unavailable: {modules[method]} cannot be imported ({e})"
     if method == "dijiang_fla":
-        if device.type != "cuda":
-            return "unavailable: needs fla and CUDA"
-        from leanformer.ops.decayed_linear_attention import fla_available
+        from leanformer.ops.decayed_linear_attention import fla_unavailable_reason
 
-        try:
-            if not fla_available():
-                return "unavailable: fla is not installed"
-        except Exception as e:  # noqa: BLE001 - fla present but broken (version mismatch with torch/triton)
-            return f"unavailable: fla import failed ({type(e).__name__}: {e})"[:300]
+        return fla_unavailable_reason(device)
     return None
 
 

@@ -183,15 +183,9 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
         except ImportError as e:
             return f"unavailable: {module} cannot be imported ({e})"
     if arm.needs_fla:
-        if device.type != "cuda":
-            return "unavailable: needs fla and CUDA"
-        from leanformer.ops.decayed_linear_attention import fla_available
+        from leanformer.ops.decayed_linear_attention import fla_unavailable_reason
 
-        try:
-            if not fla_available():
-                return "unavailable: fla is not installed"
-        except Exception as e:  # noqa: BLE001 - fla present but broken (version mismatch with torch/triton)
-            return f"unavailable: fla import failed ({type(e).__name__}: {e})"[:300]
+        return fla_unavailable_reason(device)
     return None
 
 

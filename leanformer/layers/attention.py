@@ -56,18 +56,24 @@ def append_to_cache(state: dict, **tensors: torch.Tensor) -> dict[str, torch.Ten
     return out
 
 
+def add_projections(module: nn.Module, cfg: TransformerConfig) -> None:
+    """Give ``module`` the q, k, v, o projections (grouped-query widths) and rotary positions, under the
+    names every attention that keeps them shares, so a conversion between attention types inherits them."""
+    module.n_heads, module.n_kv, module.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    C, kv_width = cfg.d_model, cfg.kv_heads * cfg.head_dim
+    module.q = make_linear(cfg, "q", C, C)
+    module.k = make_linear(cfg, "k", C, kv_width)
+    module.v = make_linear(cfg, "v", C, kv_width)
+    module.o = make_linear(cfg, "o", C, C)
+    module.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
+
+
 class SoftmaxAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention; (B, T, C) -> (B, T, C)."""
 
     def __init__(self, cfg: TransformerConfig, layer_idx: int):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        C, kv_width = cfg.d_model, cfg.kv_heads * cfg.head_dim
-        self.q = make_linear(cfg, "q", C, C)
-        self.k = make_linear(cfg, "k", C, kv_width)
-        self.v = make_linear(cfg, "v", C, kv_width)
-        self.o = make_linear(cfg, "o", C, C)
-        self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
+        add_projections(self, cfg)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:

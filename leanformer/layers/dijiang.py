@@ -34,9 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
-from leanformer.layers.attention import merge_heads, split_heads
+from leanformer.layers.attention import add_projections, merge_heads, split_heads
 from leanformer.layers.linear import make_linear
-from leanformer.layers.rope import Rotary
 from leanformer.ops import decayed_linear_attention as dla
 
 
@@ -154,16 +153,11 @@ class DiJiangAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer_idx: int):
         super().__init__()
         self.cfg = cfg.dijiang
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.feature_dim = self.cfg.feature_dim or cfg.head_dim
         if self.feature_dim < 1:
             raise ValueError(f"dijiang.feature_dim={self.cfg.feature_dim} must be >= 1 (or None = head dim)")
-        C, kv_width = cfg.d_model, cfg.kv_heads * cfg.head_dim
-        self.q = make_linear(cfg, "q", C, C)
-        self.k = make_linear(cfg, "k", C, kv_width)
-        self.v = make_linear(cfg, "v", C, kv_width)
-        self.o = make_linear(cfg, "o", C, C)
-        self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
+        C = cfg.d_model
+        add_projections(self, cfg)  # q, k, v, o and RoPE, named as SoftmaxAttention's
         self.feature_map = DiJiangFeatureMap(cfg.head_dim, self.feature_dim, cfg.n_heads, self.cfg.feature_map,
                                              seed=layer_idx)
         gamma0 = default_log_gamma(cfg.n_heads)

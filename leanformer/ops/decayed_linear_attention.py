@@ -214,6 +214,18 @@ def fla_available() -> bool:
     return True
 
 
+def fla_unavailable_reason(device: torch.device) -> str | None:
+    """Why the fla backend cannot run on ``device`` (no CUDA, not installed, broken import), or ``None``."""
+    if device.type != "cuda":
+        return "unavailable: needs fla and CUDA"
+    try:
+        if not fla_available():
+            return "unavailable: fla is not installed"
+    except Exception as e:  # noqa: BLE001 - fla present but broken (version mismatch with torch/triton)
+        return f"unavailable: fla import failed ({type(e).__name__}: {e})"[:300]
+    return None
+
+
 def _fla_call(recurrent_kernel: bool, q, k, v, log_gamma, initial_state, log_norm, initial_log_norm):
     _check(q, k, v, log_gamma, log_norm)
     if not q.is_cuda:
