@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from leanformer.train import train
 
     if args.nproc > 1 and "RANK" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc)
+        return _relaunch_with_torchrun(args.nproc, args.argv)
     cfg = load_run_config(args.config, args.set, args.data)
     _check_data_path(cfg.data.path)
     out = Path(args.out)
@@ -74,12 +74,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _relaunch_with_torchrun(nproc: int) -> int:
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """``leanformer train --nproc N ...`` = ``torchrun --standalone --nproc_per_node N -m leanformer train ...``."""
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--nproc")
-    del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--nproc=")]
+    if "--nproc" in argv:
+        i = argv.index("--nproc")
+        del argv[i:i + 2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "leanformer", *argv]
     return subprocess.call(cmd)
@@ -205,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     from leanformer.data import DataError
     from leanformer.train.checkpoint import CheckpointError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:

@@ -34,13 +34,11 @@ def write_shards(folder: Path, vocab: int = 64) -> Path:
 
 
 def launch(args: list[str], nproc: int, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``leanformer ARGS`` under torchrun with ``nproc`` CPU processes (gloo), or plainly for one."""
+    """``leanformer ARGS --nproc N``: torchrun with ``nproc`` CPU processes (gloo), or plainly for one."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "leanformer", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "leanformer", *args]
+    cmd = [sys.executable, "-m", "leanformer", *args]
+    if nproc > 1:  # the CLI's shortcut for torchrun --standalone --nproc_per_node N -m leanformer ...
+        cmd += ["--nproc", str(nproc)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

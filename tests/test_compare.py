@@ -13,14 +13,13 @@ import yaml
 from leanformer.cli import main
 from leanformer.compare.arms import ARMS as ALL_ARMS
 from leanformer.compare.arms import BASELINE, arm_config, finetune_config, parse_arms
-
-ARMS = {n: a for n, a in ALL_ARMS.items() if a.in_all}  # the default comparison's arms
 from leanformer.compare.presets import PRESETS, estimated_seconds
 from leanformer.compare.report import PLOTS, _cell, reach, throughput
 from leanformer.compare.runner import base_config, plan
 from leanformer.config import ConfigError
 
 matplotlib.use("Agg")
+ARMS = {n: a for n, a in ALL_ARMS.items() if a.in_all}  # the default comparison's arms
 
 
 @pytest.fixture(scope="module")
