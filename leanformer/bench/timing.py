@@ -278,7 +278,7 @@ def run_metadata(device: torch.device, command: str) -> dict[str, Any]:
     }
 
 
-def command_line(prog: str, args: Any, skip: tuple[str, ...] = ("func", "command", "bench")) -> str:
+def command_line(prog: str, args: Any, skip: tuple[str, ...] = ("func", "command", "bench", "argv")) -> str:
     """The exact effective command: ``prog`` plus every option of the parsed ``args`` (defaults included)."""
     import shlex
 
