@@ -27,9 +27,17 @@ class DecodeCache:
         self.pos = 0
 
     def memory_bytes(self) -> int:
-        """Bytes held by the cached tensors (grows with context for a KV cache, not for DiJiang)."""
-        return sum(t.numel() * t.element_size() for s in self.layers for t in s.values()
-                   if isinstance(t, torch.Tensor))
+        """Bytes of decoding state in use (grows with context for a KV cache, not for DiJiang). A KV cache's
+        pre-allocated spare capacity (at most half again, see ``append_to_cache``) is not counted."""
+        total = 0
+        for state in self.layers:
+            for key, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if key.endswith("_buf"):  # (B, H, capacity, D): count the filled slots
+                    t = t[:, :, : state[key[:-4] + "_len"]]
+                total += t.numel() * t.element_size()
+        return total
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows ``index`` of every cached tensor (beam search / Hugging Face generate)."""
