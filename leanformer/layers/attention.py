@@ -79,6 +79,17 @@ def add_projections(module: nn.Module, cfg: TransformerConfig) -> None:
     module.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
 
 
+def project_qkv(module: nn.Module, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+    """``x`` (B, T, C) → q (B, H, T, D), k and v (B, H_kv, T, D), q and k rotated at positions ``start + t``;
+    ``module`` holds what :func:`add_projections` gave it."""
+    q = split_heads(module.q(x), module.n_heads)
+    k = split_heads(module.k(x), module.n_kv)
+    v = split_heads(module.v(x), module.n_kv)
+    if module.rotary is not None:
+        q, k = module.rotary(q, k, start)
+    return q, k, v
+
+
 class SoftmaxAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention; (B, T, C) -> (B, T, C)."""
 
@@ -89,11 +100,7 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         start = state.get("pos", 0) if state is not None else 0
-        q = split_heads(self.q(x), self.n_heads)
-        k = split_heads(self.k(x), self.n_kv)
-        v = split_heads(self.v(x), self.n_kv)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, start)
+        q, k, v = project_qkv(self, x, start)
         if state is not None:
             kv = append_to_cache(state, k=k, v=v)
             k, v = kv["k"], kv["v"]

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
-from leanformer.layers.attention import add_projections, merge_heads, split_heads
+from leanformer.layers.attention import add_projections, merge_heads, project_qkv
 from leanformer.layers.linear import make_linear
 from leanformer.ops import decayed_linear_attention as dla
 
@@ -229,11 +229,7 @@ class DiJiangAttention(nn.Module):
         """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C)."""
         B, T, C = x.shape
         start = state.get("pos", 0) if state is not None else 0
-        q = split_heads(self.q(x), self.n_heads)
-        k = split_heads(self.k(x), self.n_kv)
-        v = split_heads(self.v(x), self.n_kv)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, start)
+        q, k, v = project_qkv(self, x, start)
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
