@@ -118,3 +118,38 @@ def test_cli_errors_are_one_line(args, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_cli_convert_to_dijiang_then_fine_tune(tmp_path, capsys):
+    """`leanformer convert` writes a DiJiang checkpoint that inherits the parent's weights and trains on."""
+    from leanformer.train.checkpoint import load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    parent = TransformerLM(TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32))
+    save_checkpoint(tmp_path / "parent", parent, run_cfg())
+    assert main(["convert", "--checkpoint", str(tmp_path / "parent"), "--to", "dijiang", "--out",
+                 str(tmp_path / "dj")]) == 0
+    child = load_model(tmp_path / "dj")
+    assert child.cfg.attention == "dijiang"
+    assert torch.equal(child.blocks[1].attn.q.weight, parent.blocks[1].attn.q.weight)
+    assert torch.equal(child.blocks[0].mlp.ffn_in.weight, parent.blocks[0].mlp.ffn_in.weight)
+    # converting again into the same folder refuses to overwrite
+    assert main(["convert", "--checkpoint", str(tmp_path / "parent"), "--out", str(tmp_path / "dj")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    # and the converted model fine-tunes with the trainer
+    cfg = run_cfg(steps=2)
+    cfg.model = child.cfg
+    history = Trainer(cfg, random_data(), model=child).fit()
+    assert all(np.isfinite(r["loss"]) for r in history if "loss" in r)
+
+
+def test_kv_cache_buffers_grow_and_views_match_concatenation():
+    from leanformer.layers.attention import append_to_cache
+
+    state, pieces = {}, []
+    for t in (3, 1, 70, 1):  # crosses the initial capacity of 64 and the 1.5x growth
+        piece = torch.randn(2, 4, t, 8)
+        pieces.append(piece)
+        out = append_to_cache(state, k=piece)
+        assert torch.equal(out["k"], torch.cat(pieces, dim=2))
+    assert state["k_len"] == 75 and state["k_buf"].shape[2] >= 75
