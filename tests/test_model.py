@@ -83,3 +83,21 @@ def test_learned_positions_reject_overlong_sequences():
     model = TransformerLM(tiny(pos="learned", max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_rotary_tables_kept_between_calls_equal_fresh_ones():
+    from leanformer.layers.rope import Rotary
+
+    x = torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    kept = Rotary(16, rotary_pct=0.5)
+    kept.rotate(x, 0)  # builds the first tables
+    for start in (3, 250, 700, 2):  # inside, across and beyond them (they grow), then back
+        fresh = Rotary(16, rotary_pct=0.5)
+        assert torch.equal(kept.rotate(x, start), fresh.rotate(x, start))
+    assert kept._tables[0] >= 705
+    # relative positions: <rot(q, i), rot(k, j)> depends on i - j only (rotary_pct=1)
+    r = Rotary(16)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    a = (r.rotate(q, 10) * r.rotate(k, 7)).sum()
+    b = (r.rotate(q, 503) * r.rotate(k, 500)).sum()
+    torch.testing.assert_close(a, b)

@@ -19,13 +19,23 @@ class Rotary(nn.Module):
         self.rotary_dim = int(head_dim * rotary_pct)
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def cos_sin(self, start: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(T, rotary_dim)`` cos and sin tables, computed in float64 then cast."""
-        pos = torch.arange(start, start + length, device=device, dtype=torch.float64)
-        freqs = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """``(T, rotary_dim)`` cos and sin tables for positions ``start .. start+T-1``.
+
+        Computed in float64, cast to ``dtype`` and kept: later calls (every layer, every step, every decoded
+        token) slice the kept tables, which grow by doubling when a position beyond them is asked for.
+        """
+        end = start + length
+        cached = self._tables
+        if cached is None or cached[0] < end or cached[1].device != torch.device(device) or cached[1].dtype != dtype:
+            size = max(end, 2 * cached[0] if cached is not None else 0, 256)
+            pos = torch.arange(size, device=device, dtype=torch.float64)
+            freqs = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cached = self._tables = (size, emb.cos().to(dtype), emb.sin().to(dtype))
+        return cached[1][start:end], cached[2][start:end]
 
     def rotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``x``: (B, H, T, D) -> same shape, rotated at positions ``start + t``."""
