@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=None, help="default: the size's (tiny 2, cpu 8, gpt2 16)")
     t.add_argument("--repeats", type=int, default=10, help="timed steps (median reported)")
     t.add_argument("--compile", action="store_true", help="also run each arm under torch.compile")
-    t.add_argument("--compile-arms", default=None, help="arms to compile with --compile (default: all)")
+    t.add_argument("--compile-arms", default=None, help="arms to compile with --compile (default: the arms run)")
     t.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s for MFU (default: the table of known GPUs; none on CPU)")
     t.set_defaults(func=run_train)

@@ -277,7 +277,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
 
     sz = get_size(size)
     names = parse_arms(arms)
-    compiled = parse_arms(compile_arms) if compile else []
+    compiled = (parse_arms(compile_arms) if compile_arms else names) if compile else []  # default: the arms run
     seq_len = seq_len or sz.seq_len
     batch = batch or sz.batch
     if seq_len < 1 or batch < 1 or repeats < 1 or warmup < 0:
