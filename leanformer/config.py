@@ -112,6 +112,7 @@ class TransformerConfig:
     pos: str = "rope"  # rope | learned | none
     rope_theta: float = 10000.0
     rotary_pct: float = 1.0  # fraction of each head rotated (Pythia: 0.25)
+    rope_scaling: dict | None = None  # {"type": "linear"|"llama3", "factor": ..., ...}: see layers/rope.py
     max_seq_len: int = 256
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -161,6 +162,14 @@ class TransformerConfig:
             raise ConfigError(f"rotary dims {int(self.head_dim * self.rotary_pct)} must be even")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.rope_scaling:
+            kind = self.rope_scaling.get("type")
+            _choice("model.rope_scaling.type", kind, ("linear", "llama3"))
+            needed = {"factor"} | ({"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+                                   if kind == "llama3" else set())
+            missing = sorted(needed - set(self.rope_scaling))
+            if missing:
+                raise ConfigError(f"model.rope_scaling of type {kind} needs {', '.join(missing)}")
         if self.block in ("sas", "sas_p") and self.attention != "shaped":
             raise ConfigError(f"model.block={self.block} needs attention='shaped' (no value/output projection)")
         self.noble.validate()

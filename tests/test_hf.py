@@ -109,8 +109,9 @@ def test_unsupported_folders_and_options(tmp_path):
         from_hf(torch.nn.Linear(2, 2))
     scaled = transformers.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                       intermediate_size=48, bos_token_id=0, eos_token_id=0,
-                                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
-    with pytest.raises(UnsupportedModelError, match="rope_type='linear'"):
+                                      rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+                                                       "original_max_position_embeddings": 32})
+    with pytest.raises(UnsupportedModelError, match="rope_type='yarn'"):
         from_hf(AutoModelForCausalLM.from_config(scaled))
 
 
@@ -265,3 +266,32 @@ def test_imported_models_convert_to_dijiang(family):
     cache = dj.new_cache()
     steps = [dj(idx[:, :4], cache=cache)[0]] + [dj(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+])
+def test_llama_rope_scaling_imports_and_exports_exactly(tmp_path, rope):
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
+                                   rope_parameters=rope, bos_token_id=0, eos_token_id=0)
+    hf = _randomise(AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")).eval()
+    ours = from_hf(hf).eval()
+    assert ours.cfg.rope_scaling["type"] == rope["rope_type"]
+    idx = torch.randint(0, V, (2, 40))  # past the llama3 rule's original context of 16
+    with torch.no_grad():
+        _assert_logits_close(hf(idx).logits, ours(idx)[0])
+    to_hf(ours, tmp_path / "back", family="llama")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        _assert_logits_close(hf(idx).logits, again(idx).logits)
+
+
+def test_rope_scaling_config_errors():
+    with pytest.raises(leanformer.ConfigError, match="rope_scaling.type='yarn' is not valid"):
+        TransformerConfig(rope_scaling={"type": "yarn", "factor": 2.0}).validate()
+    with pytest.raises(leanformer.ConfigError, match="needs high_freq_factor"):
+        TransformerConfig(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "original_max_position_embeddings": 16}).validate()

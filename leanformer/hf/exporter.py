@@ -25,6 +25,15 @@ FAMILIES = ("leanformer", "gpt2", "gpt_neox", "llama")
 _HF_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
+def _rope_parameters(cfg: TransformerConfig) -> dict:
+    """Our rotary settings as a transformers ``rope_parameters`` dict (the inverse of the importer's)."""
+    params = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        scaling = dict(cfg.rope_scaling)
+        params.update(rope_type=scaling.pop("type"), **scaling)
+    return params
+
+
 def _require(family: str, cfg: TransformerConfig, **expected: Any) -> None:
     """Raise unless every ``cfg.<name>`` is one of ``expected[name]`` (a value or a tuple of values)."""
     if cfg.noble.enabled:
@@ -84,8 +93,7 @@ def gpt_neox_export(cfg: TransformerConfig, sd: dict[str, torch.Tensor]) -> tupl
         hidden_act=_act("gpt_neox", cfg, _HF_ACTIVATIONS), max_position_embeddings=cfg.max_seq_len,
         layer_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
         use_parallel_residual=cfg.block == "neox_parallel", attention_bias=True,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
-                         "partial_rotary_factor": cfg.rotary_pct},
+        rope_parameters={**_rope_parameters(cfg), "partial_rotary_factor": cfg.rotary_pct},
         bos_token_id=None, eos_token_id=None,
     )
     p, C, H, D = "gpt_neox", cfg.d_model, cfg.n_heads, cfg.head_dim
@@ -116,7 +124,7 @@ def llama_export(cfg: TransformerConfig, sd: dict[str, torch.Tensor]) -> tuple[A
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ffn_dim,
         hidden_act="silu", max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_rope_parameters(cfg),
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     p = "model"

@@ -43,14 +43,20 @@ def _activation(model_type: str, name: str) -> str:
     return _ACTIVATIONS[name]
 
 
-def _rope(model_type: str, hf_config: Any) -> tuple[float, float]:
-    """(rope_theta, partial_rotary_factor) of a plain (unscaled) rotary embedding."""
+def _rope(model_type: str, hf_config: Any) -> tuple[float, float, dict | None]:
+    """(rope_theta, partial_rotary_factor, rope_scaling) of the model's rotary embedding; rope scaling of
+    type ``linear`` or ``llama3`` maps onto ``model.rope_scaling``, other types are refused."""
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     kind = rope.get("rope_type", "default")
-    if kind != "default":
-        raise _unsupported(model_type, f"rope_type={kind!r} (rope scaling; only 'default' is supported)")
+    scaling = None
+    if kind in ("linear", "llama3"):
+        keys = ("factor",) + (("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                              if kind == "llama3" else ())
+        scaling = {"type": kind, **{k: rope[k] for k in keys}}
+    elif kind != "default":
+        raise _unsupported(model_type, f"rope_type={kind!r} (supported: default, linear, llama3)")
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    return float(theta), float(rope.get("partial_rotary_factor", 1.0))
+    return float(theta), float(rope.get("partial_rotary_factor", 1.0)), scaling
 
 
 def _t(w: torch.Tensor) -> torch.Tensor:
@@ -102,11 +108,11 @@ def gpt_neox_config(c: Any) -> TransformerConfig:
     # LayerNorms and MLP linears always carry biases in GPT-NeoX; ours follow one flag (cfg.bias).
     if not getattr(c, "attention_bias", True):
         raise _unsupported("gpt_neox", "attention_bias=False (its LayerNorm and MLP biases stay on)")
-    theta, pct = _rope("gpt_neox", c)
+    theta, pct, scaling = _rope("gpt_neox", c)
     return TransformerConfig(
         vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
         n_heads=c.num_attention_heads, d_ff=c.intermediate_size, ffn_act=_activation("gpt_neox", c.hidden_act),
-        norm="layernorm", norm_eps=c.layer_norm_eps, pos="rope", rope_theta=theta, rotary_pct=pct,
+        norm="layernorm", norm_eps=c.layer_norm_eps, pos="rope", rope_theta=theta, rotary_pct=pct, rope_scaling=scaling,
         max_seq_len=c.max_position_embeddings, tie_embeddings=bool(c.tie_word_embeddings), bias=True,
         lm_head_bias=False, block="neox_parallel" if c.use_parallel_residual else "preln",
         attention="softmax", dropout=0.0,
@@ -144,11 +150,11 @@ def llama_config(c: Any) -> TransformerConfig:
         raise _unsupported("llama", f"attention_bias={attn_bias} with mlp_bias={mlp_bias} (one bias flag)")
     if c.hidden_act != "silu":
         raise _unsupported("llama", f"hidden_act={c.hidden_act!r} (only silu → SwiGLU)")
-    theta, pct = _rope("llama", c)
+    theta, pct, scaling = _rope("llama", c)
     return TransformerConfig(
         vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=heads,
         n_kv_heads=c.num_key_value_heads or heads, d_ff=c.intermediate_size, ffn_act="swiglu",
-        norm="rmsnorm", norm_eps=c.rms_norm_eps, pos="rope", rope_theta=theta, rotary_pct=pct,
+        norm="rmsnorm", norm_eps=c.rms_norm_eps, pos="rope", rope_theta=theta, rotary_pct=pct, rope_scaling=scaling,
         max_seq_len=c.max_position_embeddings, tie_embeddings=bool(c.tie_word_embeddings), bias=attn_bias,
         lm_head_bias=False, block="preln", attention="softmax", dropout=0.0,
     )

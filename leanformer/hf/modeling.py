@@ -161,7 +161,7 @@ class LeanformerPreTrainedModel(PreTrainedModel):
         fresh model come from ``TransformerLM.reset_parameters`` and are never touched here."""
         if isinstance(module, Rotary):
             cfg = self.config.transformer_config()
-            fresh = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta).inv_freq
+            fresh = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta, cfg.rope_scaling).inv_freq
             hf_init.copy_(module.inv_freq, fresh.to(module.inv_freq.dtype))
         else:
             super()._init_weights(module)

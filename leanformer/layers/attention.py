@@ -76,7 +76,8 @@ def add_projections(module: nn.Module, cfg: TransformerConfig) -> None:
     module.k = make_linear(cfg, "k", C, kv_width)
     module.v = make_linear(cfg, "v", C, kv_width)
     module.o = make_linear(cfg, "o", C, C)
-    module.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
+    module.rotary = (Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta, cfg.rope_scaling)
+                     if cfg.pos == "rope" else None)
 
 
 def project_qkv(module: nn.Module, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:

@@ -7,17 +7,43 @@ channels pass through unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+
+
+def scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """Context-extension rescaling of the rotary frequencies (``model.rope_scaling``).
+
+    * ``{"type": "linear", "factor": f}``: position interpolation (Chen et al. 2023), ω / f.
+    * ``{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+      "original_max_position_embeddings"}``: Llama 3.1's rule: wavelengths longer than
+      ``original / low_freq_factor`` are divided by ``factor``, shorter than ``original / high_freq_factor``
+      kept, and those between interpolated linearly in ``original / wavelength``.
+    """
+    if not scaling:
+        return inv_freq
+    kind, factor = scaling["type"], float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    original = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 class Rotary(nn.Module):
     """Rotates ``(B, H, T, D)`` queries and keys at absolute positions ``start .. start+T-1``."""
 
-    def __init__(self, head_dim: int, rotary_pct: float = 1.0, theta: float = 10000.0):
+    def __init__(self, head_dim: int, rotary_pct: float = 1.0, theta: float = 10000.0,
+                 scaling: dict | None = None):
         super().__init__()
         self.rotary_dim = int(head_dim * rotary_pct)
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
+        with torch.device("cpu"):  # a fixed table: also under ``with torch.device("meta")``
+            inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
+            inv_freq = scale_frequencies(inv_freq, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 

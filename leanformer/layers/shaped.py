@@ -184,7 +184,8 @@ class ShapedAttention(nn.Module):
         else:
             self.v = SkipValue(cfg) if layer_idx == 0 else None
             self.o = None
-        self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.rotary = (Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta, cfg.rope_scaling)
+                   if cfg.pos == "rope" else None)
         sh = cfg.shaped
         self.alpha = trainable_gain(self.n_heads, sh.alpha_init)
         self.beta = trainable_gain(self.n_heads, sh.beta_init if beta_init is None else beta_init)
