@@ -212,10 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        # Bad input (config, data, checkpoint, an argument a model cannot take): one line, exit 2.
+        # LEANFORMER_DEBUG=1 shows the traceback instead.
+        if os.environ.get("LEANFORMER_DEBUG"):
+            raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees the same bad input: say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the loss diverged: the last checkpoint is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -153,3 +153,14 @@ def test_kv_cache_buffers_grow_and_views_match_concatenation():
         out = append_to_cache(state, k=piece)
         assert torch.equal(out["k"], torch.cat(pieces, dim=2))
     assert state["k_len"] == 75 and state["k_buf"].shape[2] >= 75
+
+
+def test_cli_rejects_data_with_more_token_ids_than_the_vocabulary(tmp_path, capsys):
+    from dist_helpers import write_shards
+
+    shards = write_shards(tmp_path / "shards", vocab=64)
+    args = ["train", "--data", str(shards), "--out", str(tmp_path / "o"), "--set", "model.vocab_size=32",
+            "--set", "train.progress=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the data has 64 token ids but model.vocab_size is 32" in err and "\n" not in err.strip()

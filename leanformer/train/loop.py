@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from leanformer.config import RunConfig
+from leanformer.config import ConfigError, RunConfig
 from leanformer.model import TransformerLM
 from leanformer.train import distributed as dist_utils
 from leanformer.train.checkpoint import (
@@ -69,8 +69,8 @@ class Trainer:
         if model is None:
             model = TransformerLM(self.cfg.model)
         if data.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"the data has {data.vocab_size} token ids but model.vocab_size is "
-                             f"{model.cfg.vocab_size}")
+            raise ConfigError(f"the data has {data.vocab_size} token ids but model.vocab_size is "
+                              f"{model.cfg.vocab_size}; raise model.vocab_size")
         self.model = model.to(self.device)
         tags = param_tags(self.model)  # before FSDP2 replaces the parameters
         self.wrapped = dist_utils.wrap(self.model, tc, self.ctx)
