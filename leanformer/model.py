@@ -88,6 +88,8 @@ class TransformerLM(nn.Module):
 
         With ``cache``, ``idx`` holds only the new tokens; the cache is advanced in place.
         """
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be (B, T) integer token ids, got shape {tuple(idx.shape)} of {idx.dtype}")
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if self.wpe is not None and start + T > self.cfg.max_seq_len:

@@ -101,3 +101,11 @@ def test_rotary_tables_kept_between_calls_equal_fresh_ones():
     a = (r.rotate(q, 10) * r.rotate(k, 7)).sum()
     b = (r.rotate(q, 503) * r.rotate(k, 500)).sum()
     torch.testing.assert_close(a, b)
+
+
+def test_bad_input_shapes_are_named():
+    model = TransformerLM(tiny())
+    with pytest.raises(ValueError, match=r"idx must be \(B, T\) integer token ids, got shape \(7,\)"):
+        model(torch.zeros(7, dtype=torch.long))
+    with pytest.raises(ValueError, match="torch.float32"):
+        model(torch.zeros(1, 7))
