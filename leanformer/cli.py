@@ -64,6 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc, args.argv)
     cfg = load_run_config(args.config, args.set, args.data)
+    if args.print_config:  # every key with its value: the reference for --set and YAML files
+        from leanformer.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     _check_data_path(cfg.data.path)
     out = Path(args.out)
     trainer = train(cfg, out_dir=out, resume=not args.no_resume)
@@ -167,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value by its dotted key, e.g. --set train.steps=100")
     t.add_argument("--nproc", type=int, default=1, help="processes (relaunches under torchrun)")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the full resolved config (every key, defaults included) as YAML and exit")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")

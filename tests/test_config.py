@@ -56,3 +56,14 @@ def test_dotted_overrides_and_yaml(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_run_config("no/such/file.yaml")
+
+
+def test_print_config_round_trips(capsys):
+    import yaml
+
+    from leanformer.cli import main
+
+    assert main(["train", "--config", "tiny", "--set", "model.noble.enabled=true", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    cfg = from_dict(RunConfig, printed)
+    assert cfg.model.noble.enabled and cfg.model.d_model == 128 and cfg == from_dict(RunConfig, to_dict(cfg))
