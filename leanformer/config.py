@@ -116,7 +116,10 @@ class TransformerConfig:
     max_seq_len: int = 256
     tie_embeddings: bool = True
     dropout: float = 0.0
-    bias: bool = False  # biases on attention and FFN linears
+    bias: bool = False  # biases on attention and FFN linears and on LayerNorm
+    attn_bias: bool | None = None  # q, k, v, o biases; None: follow `bias`
+    mlp_bias: bool | None = None  # ffn_in, ffn_out biases; None: follow `bias`
+    norm_bias: bool | None = None  # LayerNorm biases; None: follow `bias`
     lm_head_bias: bool = False
     init_std: float = 0.02
     block: str = "preln"
@@ -128,6 +131,12 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def linear_bias(self, role: str) -> bool:
+        """Whether the projection of ``role`` (q, k, v, o, ffn_in, ffn_out, ...) has a bias."""
+        specific = {"q": self.attn_bias, "k": self.attn_bias, "v": self.attn_bias, "o": self.attn_bias,
+                    "ffn_in": self.mlp_bias, "ffn_out": self.mlp_bias}.get(role)
+        return self.bias if specific is None else specific
 
     @property
     def kv_heads(self) -> int:

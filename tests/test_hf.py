@@ -295,3 +295,31 @@ def test_rope_scaling_config_errors():
     with pytest.raises(leanformer.ConfigError, match="needs high_freq_factor"):
         TransformerConfig(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                         "original_max_position_embeddings": 16}).validate()
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("gpt_neox", {"attention_bias": False}),  # LayerNorm and MLP biases stay on
+    ("llama", {"attention_bias": True, "mlp_bias": False}),
+    ("llama", {"attention_bias": False, "mlp_bias": True}),
+])
+def test_separate_bias_flags_import_exactly(tmp_path, family, kw):
+    if family == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, bos_token_id=0, eos_token_id=0, **kw)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=48, bos_token_id=0, eos_token_id=0,
+                                       **kw)
+    hf = _randomise(AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")).eval()
+    ours = from_hf(hf).eval()
+    has_attn_bias = ours.blocks[0].attn.q.bias is not None
+    has_mlp_bias = ours.blocks[0].mlp.ffn_in.bias is not None
+    assert has_attn_bias == kw["attention_bias"] and has_mlp_bias == kw.get("mlp_bias", True)
+    idx = torch.randint(0, V, (2, 11))
+    with torch.no_grad():
+        _assert_logits_close(hf(idx).logits, ours(idx)[0])
+    if family == "llama":  # and back to the family's own format
+        to_hf(ours, tmp_path / "back", family="llama")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+        with torch.no_grad():
+            _assert_logits_close(hf(idx).logits, again(idx).logits)

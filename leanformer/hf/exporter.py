@@ -58,6 +58,7 @@ def gpt2_export(cfg: TransformerConfig, sd: dict[str, torch.Tensor]) -> tuple[An
     from transformers import GPT2Config
 
     _require("gpt2", cfg, block="preln", attention="softmax", norm="layernorm", pos="learned", bias=True,
+             attn_bias=(None, True), mlp_bias=(None, True), norm_bias=(None, True),
              lm_head_bias=False, n_kv_heads=(None, cfg.n_heads))
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
                         n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.ffn_dim,
@@ -86,7 +87,8 @@ def gpt_neox_export(cfg: TransformerConfig, sd: dict[str, torch.Tensor]) -> tupl
     from transformers import GPTNeoXConfig
 
     _require("gpt_neox", cfg, block=("preln", "neox_parallel"), attention="softmax", norm="layernorm",
-             pos="rope", bias=True, lm_head_bias=False, n_kv_heads=(None, cfg.n_heads))
+             pos="rope", bias=True, attn_bias=(None, True), mlp_bias=(None, True), norm_bias=(None, True),
+             lm_head_bias=False, n_kv_heads=(None, cfg.n_heads))
     hf_cfg = GPTNeoXConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, intermediate_size=cfg.ffn_dim,
@@ -123,7 +125,8 @@ def llama_export(cfg: TransformerConfig, sd: dict[str, torch.Tensor]) -> tuple[A
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.ffn_dim,
         hidden_act="silu", max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.linear_bias("q"),
+        mlp_bias=cfg.linear_bias("ffn_in"),
         rope_parameters=_rope_parameters(cfg),
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
@@ -132,9 +135,10 @@ def llama_export(cfg: TransformerConfig, sd: dict[str, torch.Tensor]) -> tuple[A
            "lm_head.weight": sd["lm_head.weight"]}
     for i in range(cfg.n_layers):
         h, b = f"{p}.layers.{i}", f"blocks.{i}"
-        for s in ("weight", "bias") if cfg.bias else ("weight",):
+        for s in ("weight", "bias") if cfg.linear_bias("q") else ("weight",):
             for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
                 out[f"{h}.self_attn.{theirs}.{s}"] = sd[f"{b}.attn.{ours}.{s}"]
+        for s in ("weight", "bias") if cfg.linear_bias("ffn_in") else ("weight",):
             gate, up = sd[f"{b}.mlp.ffn_in.{s}"].chunk(2)
             out[f"{h}.mlp.gate_proj.{s}"], out[f"{h}.mlp.up_proj.{s}"] = gate, up
             out[f"{h}.mlp.down_proj.{s}"] = sd[f"{b}.mlp.ffn_out.{s}"]

@@ -2,8 +2,8 @@
 
 Each family is a pair of functions: ``<family>_config(hf_config) -> TransformerConfig`` and
 ``<family>_weights(hf_state, cfg) -> our state dict``. The config maps every architectural option onto
-a :class:`TransformerConfig` field; an option we cannot express exactly (Llama rope scaling, mixed
-bias flags, GPT-2 without attention scaling, ...) is an :class:`UnsupportedModelError`, never a silent
+a :class:`TransformerConfig` field; an option we cannot express exactly (rope scaling other than linear or
+llama3, an explicit head_dim, GPT-2 without attention scaling, ...) is an :class:`UnsupportedModelError`, never a silent
 approximation. Weight layouts that differ:
 
 * GPT-2 ``Conv1D`` stores ``(in, out)``: transposed; ``c_attn`` holds ``[Q | K | V]`` along ``out``.
@@ -105,15 +105,14 @@ def gpt2_weights(sd: dict[str, torch.Tensor], cfg: TransformerConfig) -> dict[st
 
 # ---------------------------------------------------------------------------- GPT-NeoX
 def gpt_neox_config(c: Any) -> TransformerConfig:
-    # LayerNorms and MLP linears always carry biases in GPT-NeoX; ours follow one flag (cfg.bias).
-    if not getattr(c, "attention_bias", True):
-        raise _unsupported("gpt_neox", "attention_bias=False (its LayerNorm and MLP biases stay on)")
+    # LayerNorms and MLP linears always carry biases in GPT-NeoX; the attention's follow `attention_bias`.
     theta, pct, scaling = _rope("gpt_neox", c)
     return TransformerConfig(
         vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
         n_heads=c.num_attention_heads, d_ff=c.intermediate_size, ffn_act=_activation("gpt_neox", c.hidden_act),
         norm="layernorm", norm_eps=c.layer_norm_eps, pos="rope", rope_theta=theta, rotary_pct=pct, rope_scaling=scaling,
         max_seq_len=c.max_position_embeddings, tie_embeddings=bool(c.tie_word_embeddings), bias=True,
+        attn_bias=bool(getattr(c, "attention_bias", True)),
         lm_head_bias=False, block="neox_parallel" if c.use_parallel_residual else "preln",
         attention="softmax", dropout=0.0,
     )
@@ -126,16 +125,18 @@ def gpt_neox_weights(sd: dict[str, torch.Tensor], cfg: TransformerConfig) -> dic
     for i in range(cfg.n_layers):
         h, b = f"{p}.layers.{i}", f"blocks.{i}"
         # rows of query_key_value are (H, 3, D): per head [q_h; k_h; v_h]
+        attn_bias = cfg.linear_bias("q")
         qkv_w = sd[f"{h}.attention.query_key_value.weight"].view(H, 3, D, C)
-        qkv_b = sd[f"{h}.attention.query_key_value.bias"].view(H, 3, D)
         for j, name in enumerate("qkv"):
             out[f"{b}.attn.{name}.weight"] = qkv_w[:, j].reshape(C, C)
-            out[f"{b}.attn.{name}.bias"] = qkv_b[:, j].reshape(C)
+            if attn_bias:
+                out[f"{b}.attn.{name}.bias"] = sd[f"{h}.attention.query_key_value.bias"].view(H, 3, D)[:, j].reshape(C)
         for ours, theirs in (("attn.o", "attention.dense"), ("mlp.ffn_in", "mlp.dense_h_to_4h"),
                              ("mlp.ffn_out", "mlp.dense_4h_to_h"), ("norm1", "input_layernorm"),
                              ("norm2", "post_attention_layernorm")):
             out[f"{b}.{ours}.weight"] = sd[f"{h}.{theirs}.weight"]
-            out[f"{b}.{ours}.bias"] = sd[f"{h}.{theirs}.bias"]
+            if ours != "attn.o" or attn_bias:
+                out[f"{b}.{ours}.bias"] = sd[f"{h}.{theirs}.bias"]
     out["lm_head.weight"] = sd.get("lm_head.weight", sd.get("embed_out.weight"))
     return out
 
@@ -146,8 +147,6 @@ def llama_config(c: Any) -> TransformerConfig:
     if getattr(c, "head_dim", None) not in (None, c.hidden_size // heads):
         raise _unsupported("llama", f"head_dim={c.head_dim} != hidden_size / num_attention_heads")
     attn_bias, mlp_bias = bool(getattr(c, "attention_bias", False)), bool(getattr(c, "mlp_bias", False))
-    if attn_bias != mlp_bias:
-        raise _unsupported("llama", f"attention_bias={attn_bias} with mlp_bias={mlp_bias} (one bias flag)")
     if c.hidden_act != "silu":
         raise _unsupported("llama", f"hidden_act={c.hidden_act!r} (only silu → SwiGLU)")
     theta, pct, scaling = _rope("llama", c)
@@ -155,20 +154,22 @@ def llama_config(c: Any) -> TransformerConfig:
         vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=heads,
         n_kv_heads=c.num_key_value_heads or heads, d_ff=c.intermediate_size, ffn_act="swiglu",
         norm="rmsnorm", norm_eps=c.rms_norm_eps, pos="rope", rope_theta=theta, rotary_pct=pct, rope_scaling=scaling,
-        max_seq_len=c.max_position_embeddings, tie_embeddings=bool(c.tie_word_embeddings), bias=attn_bias,
-        lm_head_bias=False, block="preln", attention="softmax", dropout=0.0,
+        max_seq_len=c.max_position_embeddings, tie_embeddings=bool(c.tie_word_embeddings), bias=False,
+        attn_bias=attn_bias, mlp_bias=mlp_bias, lm_head_bias=False, block="preln", attention="softmax", dropout=0.0,
     )
 
 
 def llama_weights(sd: dict[str, torch.Tensor], cfg: TransformerConfig) -> dict[str, torch.Tensor]:
     p = "model"
     out = {"wte.weight": sd[f"{p}.embed_tokens.weight"], "norm_f.weight": sd[f"{p}.norm.weight"]}
-    suffixes = ("weight", "bias") if cfg.bias else ("weight",)
+    attn_suffixes = ("weight", "bias") if cfg.linear_bias("q") else ("weight",)
+    mlp_suffixes = ("weight", "bias") if cfg.linear_bias("ffn_in") else ("weight",)
     for i in range(cfg.n_layers):
         h, b = f"{p}.layers.{i}", f"blocks.{i}"
-        for s in suffixes:
+        for s in attn_suffixes:
             for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
                 out[f"{b}.attn.{ours}.{s}"] = sd[f"{h}.self_attn.{theirs}.{s}"]
+        for s in mlp_suffixes:
             out[f"{b}.mlp.ffn_in.{s}"] = torch.cat((sd[f"{h}.mlp.gate_proj.{s}"], sd[f"{h}.mlp.up_proj.{s}"]))
             out[f"{b}.mlp.ffn_out.{s}"] = sd[f"{h}.mlp.down_proj.{s}"]
         out[f"{b}.norm1.weight"] = sd[f"{h}.input_layernorm.weight"]

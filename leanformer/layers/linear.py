@@ -14,7 +14,7 @@ from leanformer.config import TransformerConfig
 def make_linear(cfg: TransformerConfig, role: str, in_features: int, out_features: int,
                 bias: bool | None = None) -> nn.Module:
     """A linear map ``in_features -> out_features`` for ``role``; NOBLE where ``cfg.noble`` targets it."""
-    bias = cfg.bias if bias is None else bias
+    bias = cfg.linear_bias(role) if bias is None else bias
     noble = cfg.noble
     if noble.enabled and role in noble.targets:
         from leanformer.layers.noble import NobleLinear

@@ -11,7 +11,7 @@ def make_norm(cfg: TransformerConfig, kind: str | None = None) -> nn.Module:
     """A norm over ``d_model`` of ``kind`` (default ``cfg.norm``); ``none`` is the identity."""
     kind = kind or cfg.norm
     if kind == "layernorm":
-        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias if cfg.norm_bias is None else cfg.norm_bias)
     if kind == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     if kind == "none":
