@@ -78,13 +78,17 @@ class DiJiangConfig:
     learnable_decay: bool = False
     mode: str = "auto"  # auto | parallel | chunk | recurrent | fla
     chunk_size: int = 64
-    parallel_max_len: int = 256  # auto: parallel up to this length, chunk beyond (CPU: equal at 128-256)
+    # auto: parallel up to this length, chunk beyond; None: 256 on CPU, 1024 on CUDA (where the two forms
+    # cross: CPU 128-256 tokens, H100 1-2K tokens; docs/benchmarks.md)
+    parallel_max_len: int | None = None
 
     def validate(self) -> None:
         _choice("dijiang.feature_map", self.feature_map, ("paper", "official"))
         _choice("dijiang.mode", self.mode, ("auto", "parallel", "chunk", "recurrent", "fla"))
         if self.chunk_size < 1:
             raise ConfigError(f"dijiang.chunk_size={self.chunk_size} must be >= 1")
+        if self.parallel_max_len is not None and self.parallel_max_len < 1:
+            raise ConfigError(f"dijiang.parallel_max_len={self.parallel_max_len} must be >= 1 (or null: by device)")
 
 
 BLOCKS = ("preln", "parallel", "neox_parallel", "sas", "sas_p", "vskipinit")

@@ -203,7 +203,8 @@ class DiJiangAttention(nn.Module):
         mode = self.cfg.mode
         if state is None:
             if mode == "auto":
-                mode = "parallel" if T <= self.cfg.parallel_max_len else "chunk"
+                limit = self.cfg.parallel_max_len or (1024 if v.is_cuda else 256)
+                mode = "parallel" if T <= limit else "chunk"
             if mode == "parallel":
                 return dla.parallel(fq, fk, v, log_gamma, n)
             if mode == "chunk":
