@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from leanformer.compare import arms
 from leanformer.config import DataConfig, RunConfig, TrainConfig, TransformerConfig
 from leanformer.convert import convert_to_dijiang
 from leanformer.data import load_data
@@ -40,13 +41,11 @@ def base_config(args: argparse.Namespace, vocab: int) -> RunConfig:
     )
 
 
-def finetune_config(parent: RunConfig, steps: int, distill: float) -> RunConfig:
-    cfg = copy.deepcopy(parent)
-    cfg.train.steps = steps
-    cfg.train.lr = 0.3 * parent.train.lr  # official: 3e-4 after Pythia's 1e-3 pretraining lr
-    cfg.train.betas, cfg.train.weight_decay, cfg.train.schedule = (0.9, 0.95), 0.1, "cosine"
-    cfg.train.warmup_frac = 0.05
-    cfg.train.eval_every = steps
+def finetune_config(parent: RunConfig, frac: int, distill: float) -> RunConfig:
+    """The DiJiang fine-tune recipe of ``leanformer compare`` (:func:`leanformer.compare.arms.finetune_config`)
+    on 1/``frac`` of the parent's tokens, with 5% warm-up, fresh batches and optional distillation."""
+    cfg = arms.finetune_config(parent, fraction=1 / frac, lr_ratio=0.3, warmup_frac=0.05)
+    cfg.train.eval_every = cfg.train.steps
     cfg.train.distill_weight = distill
     cfg.train.seed = parent.train.seed + 1  # fresh batches, not a replay of the parent's first ones
     return cfg
@@ -99,7 +98,7 @@ def main() -> None:
             for distill in (0.0, 1.0):
                 t0 = time.time()
                 model = convert_to_dijiang(parent, feature_map=fmap)
-                cfg = finetune_config(parent_cfg, steps, distill)
+                cfg = finetune_config(parent_cfg, frac, distill)
                 cfg.model = model.cfg
                 tr = Trainer(cfg, data, model=model, teacher=parent if distill else None, out_dir=None)
                 tr.fit()
