@@ -323,3 +323,22 @@ def test_conversion_errors():
     child = convert_to_dijiang(parent)
     with pytest.raises(ConfigError, match="softmax-attention"):
         convert_to_dijiang(child)
+
+
+def test_feature_gain_is_never_weight_decayed_after_copies_and_loading():
+    """log D is a 2-d gain: decay would pull D towards 1. Its no-decay setting is declared by the module,
+    so deepcopy and assign-loading (which drop tensor attributes) keep it."""
+    import copy
+
+    from leanformer.model import TransformerLM
+    from leanformer.train.optim import param_tags
+
+    model = TransformerLM(TransformerConfig(vocab_size=37, d_model=32, n_layers=2, n_heads=4, attention="dijiang"))
+    other = TransformerLM(model.cfg)
+    other.load_state_dict(copy.deepcopy(model).state_dict(), assign=True)
+    for m in (model, copy.deepcopy(model), other):
+        tags = param_tags(m)
+        gains = [n for n in tags if n.endswith("feature_map.log_d")]
+        assert len(gains) == model.cfg.n_layers
+        assert all(tags[n] == (1.0, False) for n in gains)
+        assert tags["blocks.0.attn.q.weight"] == (1.0, True)

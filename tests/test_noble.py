@@ -128,34 +128,36 @@ def _expected_mults(d_in: int, d_out: int, r: int) -> dict[str, float]:
             "act.M.bias": 1.0, "act.omega1": 2.0, "act.omega2": 2.0, "act.phi1": 4.0, "act.phi2": 4.0}
 
 
-def _mults(module: nn.Module) -> dict[str, float | None]:
-    return {n: getattr(p, "lr_mult", None) for n, p in module.named_parameters()}
+def _tags(module: nn.Module) -> dict[str, tuple[float, bool]]:
+    from leanformer.train.optim import param_tags
+
+    return param_tags(module)
 
 
 def test_lr_mult_on_each_parameter():
     layer = NobleLinear(96, 64, rank=16)
-    got = _mults(layer)
+    got = {n: mult for n, (mult, _) in _tags(layer).items()}
     expected = _expected_mults(96, 64, 16)
     assert got["act.M.weight"] == pytest.approx(2.0)  # (64/16)^0.5: the multiplier the official code loses
     for name, mult in expected.items():
         assert got[name] == pytest.approx(mult), name
-    assert got["weight"] is None and got["bias"] is None  # main path: trainer default 1
-    no_decay = {n for n, p in layer.named_parameters() if getattr(p, "no_weight_decay", False)}
+    assert got["weight"] == 1.0 and got["bias"] == 1.0  # main path: trainer default 1
+    no_decay = {n for n, (_, decays) in _tags(layer).items() if not decays}
     assert no_decay == {"bias", "down.bias", "act.M.bias", "act.omega1", "act.omega2", "act.phi1", "act.phi2"}
 
 
 def test_lr_mult_survives_copies_and_loading():
     layer = NobleLinear(32, 48, rank=8)
-    want = _mults(layer)
-    assert _mults(copy.deepcopy(layer)) == want
+    want = _tags(layer)
+    assert _tags(copy.deepcopy(layer)) == want
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
-    assert _mults(torch.load(buf, weights_only=False)) == want
+    assert _tags(torch.load(buf, weights_only=False)) == want
     other = NobleLinear(32, 48, rank=8)
     other.load_state_dict(copy.deepcopy(layer).state_dict(), assign=True)
-    assert _mults(other) == want
-    assert _mults(layer.to(torch.float64)) == want
+    assert _tags(other) == want
+    assert _tags(layer.to(torch.float64)) == want
 
 
 def test_lr_mult_reaches_optimizer_groups():
@@ -200,7 +202,7 @@ def test_gate_variant():
     y.square().sum().backward()
     assert layer.gate.grad is not None and layer.gate.grad.abs() > 0
     assert layer.up.weight.grad.abs().sum() > 0
-    assert getattr(layer.gate, "no_weight_decay", False)
+    assert _tags(layer)["gate"] == (1.0, False)
 
 
 # ------------------------------------------------------------------ injection
@@ -303,7 +305,7 @@ def test_safetensors_round_trip(tmp_path):
     assert not torch.equal(fresh(idx), ref)
     fresh.load_state_dict(load_file(str(tmp_path / "noble.safetensors")), strict=True)
     assert torch.equal(fresh(idx), ref)
-    assert _mults(fresh.blocks[0]["proj"]) == _mults(model.blocks[0]["proj"])
+    assert _tags(fresh.blocks[0]["proj"]) == _tags(model.blocks[0]["proj"])
 
 
 # ------------------------------------------------------------------ Hugging Face
@@ -461,6 +463,6 @@ def test_main_init_model_keeps_the_lm_init_and_lr_mults_can_be_switched_off():
     q, o = model.blocks[0].attn.q, model.blocks[0].attn.o
     assert abs(q.weight.std().item() - 0.02) < 0.002  # GPT-2 init, not N(0, 0.5/sqrt(128)) = 0.044
     assert abs(o.weight.std().item() - 0.02 / 8 ** 0.5) < 0.001  # residual output scaled by 1/sqrt(2L)
-    assert all(getattr(p, "lr_mult", 1.0) == 1.0 for p in model.parameters())
+    assert all(mult == 1.0 for mult, _ in _tags(model).values())
     paper = TransformerLM(TransformerConfig(d_model=128, n_layers=4, noble=NobleConfig(enabled=True)))
     assert abs(paper.blocks[0].attn.q.weight.std().item() - 0.5 / 128 ** 0.5) < 0.004

@@ -129,8 +129,11 @@ def test_gains_are_trainable_and_not_decayed():
     attn = ShapedAttention(cfg, 0)
     assert attn.alpha.shape == (cfg.n_heads,) and float(attn.alpha.detach()[0]) == 0.5
     assert float(attn.gamma.detach()[0]) == 0.25
-    for p in (attn.alpha, attn.beta, attn.gamma, attn.v.alpha_v, attn.v.beta_v):
-        assert p.requires_grad and p.no_weight_decay
+    from leanformer.train.optim import param_tags
+
+    tags = param_tags(attn)
+    for name in ("alpha", "beta", "gamma", "v.alpha_v", "v.beta_v"):
+        assert tags[name] == (1.0, False), name
     assert torch.count_nonzero(attn.q.weight) == 0
 
 

@@ -71,7 +71,7 @@ def test_grad_accumulation_matches_a_bigger_batch():
 
 def test_param_groups_honour_lr_mult_and_weight_decay():
     model = TransformerLM(TransformerConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4))
-    model.blocks[0].mlp.ffn_in.weight.lr_mult = 4.0
+    model.blocks[0].mlp.optim_settings = lambda: {"ffn_in.weight": {"lr_mult": 4.0}}  # a module declares
     groups = param_groups(model, 0.1)
     by_param = {id(p): g for g in groups for p in g["params"]}
     assert by_param[id(model.blocks[0].mlp.ffn_in.weight)]["lr_mult"] == 4.0

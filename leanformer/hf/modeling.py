@@ -12,17 +12,16 @@ Importing this module registers ``model_type="leanformer"`` with ``AutoConfig`` 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers import initialization as hf_init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from leanformer.config import TransformerConfig, from_dict, to_dict
-from leanformer.layers.rope import Rotary
 from leanformer.model import DecodeCache, TransformerLM
 
 
@@ -157,14 +156,10 @@ class LeanformerPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Only reached for tensors a checkpoint did not provide (``from_pretrained`` builds on the meta
-        device): the rotary table is recomputed, plain layers get the generic init; the weights of a
-        fresh model come from ``TransformerLM.reset_parameters`` and are never touched here."""
-        if isinstance(module, Rotary):
-            cfg = self.config.transformer_config()
-            fresh = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rope_theta, cfg.rope_scaling).inv_freq
-            hf_init.copy_(module.inv_freq, fresh.to(module.inv_freq.dtype))
-        else:
-            super()._init_weights(module)
+        device): plain layers get the generic init; the weights of a fresh model come from
+        ``TransformerLM.reset_parameters`` and are never touched here (the rotary table is no tensor of the
+        model's: it is computed on the CPU at construction, also under the meta device)."""
+        super()._init_weights(module)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -212,6 +207,8 @@ class LeanformerForCausalLM(LeanformerPreTrainedModel, GenerationMixin):
         """
         if input_ids is None:
             raise ValueError("LeanformerForCausalLM needs input_ids (inputs_embeds is not supported)")
+        if past_key_values is None:  # transformers >= 5.2x names it ``cache``
+            past_key_values = kwargs.pop("cache", None)
         if past_key_values is not None and not isinstance(past_key_values, LeanformerCache):
             raise ValueError(f"past_key_values must be a LeanformerCache, got {type(past_key_values).__name__}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -228,7 +225,12 @@ class LeanformerForCausalLM(LeanformerPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=past_key_values if use_cache else None)
+                                      **{_OUTPUT_CACHE_FIELD: past_key_values if use_cache else None})
+
+
+# The output field that carries the cache: ``past_key_values`` until transformers 5.2x renamed it ``cache``.
+_OUTPUT_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+                       else "past_key_values")
 
 
 def _build(cfg: TransformerConfig) -> TransformerLM:

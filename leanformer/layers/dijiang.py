@@ -28,6 +28,7 @@ The decoding state is S (B, H, m, d), n (B, H) and "pos": its size does not depe
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -68,12 +69,12 @@ def qmc_scales(m: int, seed: int = 0) -> torch.Tensor:
 
 
 def feature_projection(d: int, m: int, kind: str, seed: int = 0) -> torch.Tensor:
-    """(d, m) matrix P with ``x @ P`` = ``T C x`` (paper) or ``x C T`` (official), float64.
-
-    Always built on the CPU (also under ``with torch.device("meta")``, as ``from_pretrained`` uses).
+    """(d, m) matrix P with ``x @ P`` = ``T C x`` (paper) or ``x C T`` (official), float64, on the
+    current default device (computed on the CPU: Sobol points and Φ⁻¹ have no meta or CUDA kernels).
     """
     with torch.device("cpu"):
-        return _feature_projection(d, m, kind, seed)
+        table = _feature_projection(d, m, kind, seed)
+    return table.to(torch.get_default_device())
 
 
 def _feature_projection(d: int, m: int, kind: str, seed: int) -> torch.Tensor:
@@ -100,9 +101,11 @@ class DiJiangFeatureMap(nn.Module):
         self.in_scale = head_dim ** -0.25 if kind == "paper" else 1.0
         # D = exp(log_d) > 0 (paper only); init 1/√m.
         self.log_d = nn.Parameter(torch.zeros(n_heads, feature_dim)) if kind == "paper" else None
-        if self.log_d is not None:
-            self.log_d.no_weight_decay = True  # a gain: decay would pull D towards 1
         self.post_init()
+
+    def optim_settings(self) -> dict[str, dict]:
+        """D is a gain: weight decay would pull it towards 1, so it gets none (see leanformer.train.optim)."""
+        return {"log_d": {"weight_decay": False}} if self.log_d is not None else {}
 
     def post_init(self) -> None:
         if self.log_d is not None:
@@ -111,7 +114,9 @@ class DiJiangFeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):  # exp amplifies rounding: no bf16 matmul here
+        no_autocast = (torch.autocast(x.device.type, enabled=False)  # exp amplifies rounding: no bf16 matmul
+                       if torch.amp.is_autocast_available(x.device.type) else nullcontext())  # (meta has none)
+        with no_autocast:
             z = (x.to(cd) * self.in_scale) @ self.proj.to(cd)
         if self.kind == "official":
             return z.softmax(dim=-1)
@@ -136,10 +141,12 @@ def running_log_norm(mk: torch.Tensor, log_gamma: torch.Tensor,
 
 
 def default_log_gamma(n_heads: int) -> torch.Tensor:
-    """log γ_h with γ_h = 1 − exp(linspace(log 1/32, log 1/512, H)) (official schedule), float64."""
+    """log γ_h with γ_h = 1 − exp(linspace(log 1/32, log 1/512, H)) (official schedule), float64, on the
+    current default device."""
     with torch.device("cpu"):
-        return torch.log1p(-torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), n_heads,
-                                                     dtype=torch.float64)))
+        table = torch.log1p(-torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), n_heads,
+                                                      dtype=torch.float64)))
+    return table.to(torch.get_default_device())
 
 
 class DiJiangAttention(nn.Module):
@@ -162,8 +169,7 @@ class DiJiangAttention(nn.Module):
                                              seed=layer_idx)
         gamma0 = default_log_gamma(cfg.n_heads)
         if self.cfg.learnable_decay:  # γ = sigmoid(θ) stays in (0, 1)
-            self.decay_logit = nn.Parameter((gamma0 - torch.log(-torch.expm1(gamma0))).float())
-            self.decay_logit.no_weight_decay = True
+            self.decay_logit = nn.Parameter((gamma0 - torch.log(-torch.expm1(gamma0))).float())  # 1-d: no decay
         else:
             self.register_buffer("log_gamma_fixed", gamma0.float())
         self.group_norm = nn.GroupNorm(cfg.n_heads, C, eps=cfg.norm_eps)

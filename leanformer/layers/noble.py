@@ -9,10 +9,8 @@ with σ = CosNet by default:
 Shapes: x ``(..., d_in)``, W ``(d_out, d_in)``, W_down ``(r, d_in)``, M ``(r, r)``, W_up ``(d_out, r)``,
 y ``(..., d_out)``. The branch is nonlinear, so it cannot be merged into W.
 
-Learning-rate multipliers and no-weight-decay marks live on the parameter tensors themselves
-(``p.lr_mult``, ``p.no_weight_decay``), so any optimizer builder that reads them gets them; they are
-re-attached after ``deepcopy``, pickling, ``.to()`` and ``load_state_dict(assign=True)``, which drop
-tensor attributes.
+Learning-rate multipliers are declared by :meth:`NobleLinear.optim_settings` and read by
+:func:`leanformer.train.optim.param_tags` (0-/1-d parameters get no weight decay by the trainer's default).
 """
 
 from __future__ import annotations
@@ -164,8 +162,6 @@ class NobleLinear(nn.Module):
         self.gate = nn.Parameter(torch.zeros((), **kw)) if fusion == "gate" else None
         self._plain_cls: type = nn.Linear  # what to_linear() rebuilds
         self.reset_parameters()
-        self._tag_parameters()
-        self.register_load_state_dict_post_hook(_retag_after_load)  # after the children are loaded
 
     # ------------------------------------------------------------------ init and multipliers
     @torch.no_grad()
@@ -217,26 +213,10 @@ class NobleLinear(nn.Module):
             mults = dict.fromkeys(mults, 1.0)
         return mults
 
-    def no_weight_decay_names(self) -> list[str]:
-        """Parameters that must not be weight-decayed: biases, ω, φ, the gate (all the 0-/1-d ones)."""
-        return [n for n, p in self.named_parameters() if p.ndim < 2]
-
-    def _tag_parameters(self) -> None:
-        params = dict(self.named_parameters())
-        for name, mult in self.lr_mults().items():
-            params[name].lr_mult = float(mult)
-        for name in self.no_weight_decay_names():
-            params[name].no_weight_decay = True
-
-    # Tensor attributes do not survive deepcopy/pickle/assign-loading/some .to(): put them back.
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._tag_parameters()
-
-    def _apply(self, fn, recurse: bool = True):  # torch's signature
-        out = super()._apply(fn, recurse)
-        self._tag_parameters()
-        return out
+    def optim_settings(self) -> dict[str, dict]:
+        """The optimizer settings this layer declares (see :mod:`leanformer.train.optim`): its
+        :meth:`lr_mults`. Biases, ω, φ and the gate are 0-/1-d, so the trainer's default leaves them undecayed."""
+        return {name: {"lr_mult": mult} for name, mult in self.lr_mults().items()}
 
 
     # ------------------------------------------------------------------ forward
@@ -301,7 +281,6 @@ class NobleLinear(nn.Module):
         if preserve_output:
             layer.reset_branch(zero_up=True)
         layer._plain_cls = type(linear)
-        layer._tag_parameters()
         return layer
 
     def to_linear(self) -> nn.Module:
@@ -352,7 +331,3 @@ def _is_conv1d_cls(cls: type) -> bool:
         return False
     return issubclass(cls, Conv1D)
 
-
-def _retag_after_load(module: NobleLinear, incompatible_keys: Any) -> None:
-    """``load_state_dict(assign=True)`` swaps in new tensors without our attributes."""
-    module._tag_parameters()

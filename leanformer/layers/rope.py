@@ -41,10 +41,12 @@ class Rotary(nn.Module):
                  scaling: dict | None = None):
         super().__init__()
         self.rotary_dim = int(head_dim * rotary_pct)
-        with torch.device("cpu"):  # a fixed table: also under ``with torch.device("meta")``
+        # A fixed float64 table kept on the CPU as a plain attribute, not a buffer: it is real under
+        # ``with torch.device("meta")`` (``from_pretrained``) and the cos/sin tables built from it are made
+        # on the device of the tensors being rotated.
+        with torch.device("cpu"):
             inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
-            inv_freq = scale_frequencies(inv_freq, scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+            self.inv_freq = scale_frequencies(inv_freq, scaling)
         self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
 
     def cos_sin(self, start: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

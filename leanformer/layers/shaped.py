@@ -119,10 +119,8 @@ def shaped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
 
 
 def trainable_gain(shape: tuple[int, ...] | int, value: float) -> nn.Parameter:
-    """A trainable gain filled with ``value``, excluded from weight decay."""
-    p = nn.Parameter(torch.full(shape if isinstance(shape, tuple) else (shape,), float(value)))
-    p.no_weight_decay = True
-    return p
+    """A trainable gain filled with ``value`` (1-d: the trainer does not weight-decay it)."""
+    return nn.Parameter(torch.full(shape if isinstance(shape, tuple) else (shape,), float(value)))
 
 
 @torch.no_grad()

@@ -1,8 +1,14 @@
 """AdamW with parameter groups, and the learning-rate schedule.
 
-Groups are keyed by (learning-rate multiplier, weight decay): a parameter's ``lr_mult`` attribute
-(NOBLE attaches one to each branch tensor) scales its learning rate; norms, biases, scalar gains and
-anything marked ``no_weight_decay`` get no weight decay.
+Groups are keyed by (learning-rate multiplier, weight decay). By default every parameter has multiplier 1
+and only matrices (``dim >= 2``) are decayed; a module changes that for its own parameters by declaring
+them (NOBLE's branch multipliers, DiJiang's feature gains):
+
+    def optim_settings(self) -> dict[str, dict]:
+        return {"up.weight": {"lr_mult": 2.5}, "log_d": {"weight_decay": False}}
+
+Names are relative to the declaring module. The settings live in code, not on tensors, so they survive
+``deepcopy``, pickling, ``.to()``, ``load_state_dict(assign=True)`` and FSDP2's parameter swap.
 """
 
 from __future__ import annotations
@@ -15,19 +21,21 @@ import torch.nn as nn
 from leanformer.config import TrainConfig
 
 
-def decays(param: torch.Tensor) -> bool:
-    """Weight decay applies to matrices only, never to tensors marked ``no_weight_decay``."""
-    return param.dim() >= 2 and not getattr(param, "no_weight_decay", False)
-
-
 def param_tags(model: nn.Module) -> dict[str, tuple[float, bool]]:
-    """``name -> (lr_mult, decays)`` for every trainable parameter, read from the tensors' attributes.
-
-    Taken before FSDP2 wraps the model: ``fully_shard`` swaps parameters for new DTensor ones, which do
-    not carry the attributes, while their names stay the same.
-    """
-    return {name: (float(getattr(p, "lr_mult", 1.0)), decays(p))
-            for name, p in model.named_parameters() if p.requires_grad}
+    """``name -> (lr_mult, decays)`` for every trainable parameter: the defaults (1, ``dim >= 2``) overridden
+    by what each module's ``optim_settings()`` declares (see the module docstring). A tied tensor is named
+    once, as ``named_parameters()`` names it."""
+    tags = {name: (1.0, p.dim() >= 2) for name, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "optim_settings", None)
+        if declare is None:
+            continue
+        for rel, setting in declare().items():
+            name = f"{prefix}.{rel}" if prefix else rel
+            if name in tags:
+                mult, wd = tags[name]
+                tags[name] = (float(setting.get("lr_mult", mult)), bool(setting.get("weight_decay", wd)))
+    return tags
 
 
 def param_groups(model: nn.Module, weight_decay: float,
