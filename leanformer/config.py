@@ -237,6 +237,7 @@ class DataConfig:
     """Where tokens come from; ``path=None`` is the built-in corpus (the Python standard library)."""
 
     path: str | None = None
+    builtin: str = "stdlib"  # the corpus when path is null: stdlib | site (installed packages) | all
     text_field: str = "text"  # for JSONL
     tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE
     vocab_size: int = 4096
@@ -245,6 +246,7 @@ class DataConfig:
     cache_dir: str | None = None  # None: ~/.cache/leanformer
 
     def validate(self) -> DataConfig:
+        _choice("data.builtin", self.builtin, ("stdlib", "site", "all"))
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.vocab_size < 260:

@@ -66,7 +66,10 @@ def test_report_table_has_every_arm_with_finite_numbers(smoke):
     assert _number(rows[BASELINE]["steps × base"]) == 1.0  # the baseline reaches its own final loss
     assert _number(rows[BASELINE]["seconds × base"]) == 1.0
     assert "not reached" not in rows[BASELINE]["steps to baseline loss"]
-    assert "CPU:" in report and "torch" in report and "leanformer compare --preset smoke" in report
+    assert "- Machine: " in report and "cores" in report and "torch" in report
+    assert "leanformer compare --preset smoke" in report
+    assert re.search(r"[\d.]+k? train \+ [\d.]+k? validation tokens", report)
+    assert "tokenizer: byte-level BPE" in report
     for arm in ARMS:  # a greedy sample and the exact config of every arm
         assert f"**{arm}**" in report and f"<summary>{arm}</summary>" in report
 
@@ -233,15 +236,43 @@ def test_throughput_skips_warmup_and_cells_show_spread():
     assert _cell([None, None], ".1f", "not reached") == "not reached"
 
 
-def test_gpu_preset_fits_nine_minutes_at_40_percent_mfu():
-    assert estimated_seconds(PRESETS["gpu"], mfu=0.4) < 9 * 60
-
-
-def test_gpu_preset_fits_nine_minutes_at_the_measured_eager_h100_throughput():
-    """docs/benchmarks.md measured 110k (slowest arm) to 230k tokens/s on an H100 at this size, eager, bf16."""
-    from leanformer.compare.runner import base_config
-
+def test_gpu_preset_trains_100m_tokens_per_arm_within_one_run():
+    """>= 100M tokens per arm (issue #16), and one arm's training inside a 10-minute machine run at 40% MFU
+    of an H100 (the compiled Pre-LN GPT-2-small step reached 36.9% on 2026-11-24), leaving the rest for
+    tokenising, compiling, evaluation and decoding."""
     t = base_config(PRESETS["gpu"]).train
-    tokens = t.steps * t.batch_size * t.seq_len
-    slowest_arm_seconds = tokens / 110_000
-    assert 7 * slowest_arm_seconds + 0.1 * slowest_arm_seconds < 9 * 60
+    assert t.steps * t.batch_size * t.seq_len >= 100e6
+    assert estimated_seconds(PRESETS["gpu"], mfu=0.4) / (7 + PRESETS["gpu"].convert_fraction) < 5 * 60
+
+
+# ---------------------------------------------------------------------------- parts on several machines
+def test_parts_trained_separately_assemble_into_one_report(tmp_path, cache_dir):
+    common = ["compare", "--preset", "smoke", "--set", f"data.cache_dir={cache_dir}", "--set", "train.steps=6",
+              "--no-progress", "--without-baseline"]
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "report"
+    assert main(common + ["--arms", "preln,dijiang_convert", "--out", str(a)]) == 0
+    assert main(common + ["--arms", "sas_p", "--out", str(b)]) == 0
+    assert not (b / "arms" / BASELINE).exists() and not (b / "report.md").exists()
+    assert sorted(p.name for p in (b / "arms" / "sas_p").iterdir() if p.is_file()) == [
+        "config.yaml", "done.json", "metrics.jsonl"]
+    assert main(["compare", "--report-only", "--from", str(a), str(b), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert set(_table(report)) == {BASELINE, "dijiang_convert", "sas_p"}
+    assert "Assembled from parts trained separately" in report and "- Machine: " in report
+    assert (out / "arms" / "sas_p" / "done.json").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_parts_that_do_not_belong_together_are_refused(tmp_path, cache_dir, capsys):
+    common = ["compare", "--preset", "smoke", "--set", f"data.cache_dir={cache_dir}", "--no-progress",
+              "--without-baseline"]
+    assert main(common + ["--arms", "dijiang_convert", "--out", str(tmp_path / "x")]) == 2
+    assert "train them in the same invocation (--arms preln,dijiang_convert)" in capsys.readouterr().err
+    assert main(common + ["--set", "train.steps=4", "--arms", "sas", "--out", str(tmp_path / "s")]) == 0
+    assert main(["compare", "--report-only", "--from", str(tmp_path / "s"), "--out", str(tmp_path / "r")]) == 2
+    assert "no part holds the finished baseline" in capsys.readouterr().err
+    assert main(common + ["--set", "train.steps=5", "--arms", "preln", "--out", str(tmp_path / "p")]) == 0
+    assert main(["compare", "--report-only", "--from", str(tmp_path / "p"), str(tmp_path / "s"),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "another base config" in capsys.readouterr().err
+    assert main(["compare", "--report-only", "--from", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "not the output of a leanformer compare run" in capsys.readouterr().err

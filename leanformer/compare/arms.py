@@ -33,6 +33,11 @@ def _noble(cfg: RunConfig) -> None:
     cfg.model.noble.enabled = True
 
 
+def _noble_silu(cfg: RunConfig) -> None:
+    _noble(cfg)
+    cfg.model.noble.activation, cfg.model.noble.main_init = "silu", "model"
+
+
 def _sas(cfg: RunConfig) -> None:
     cfg.model.block, cfg.model.attention = "sas", "shaped"
 
@@ -71,6 +76,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("preln", "baseline: Pre-LN block, softmax attention", _preln),
     Arm("noble", "Pre-LN + NOBLE branches on q, k, v, o, ffn_in, ffn_out", _noble,
         needs=("leanformer.layers.noble",)),
+    Arm("noble_silu", "Pre-LN + NOBLE with SiLU branches and the LM's own init (the ablation's recipe)",
+        _noble_silu, needs=("leanformer.layers.noble",), in_all=False),
     Arm("sas", "SAS block (shaped attention, no V/P, no attention skip)", _sas),
     Arm("sas_p", "SAS-P block (parallel, no skip at all)", _sas_p),
     Arm("sas_p_nonorm", "SAS-P without block norms (layer 0's and the final norm kept)", _sas_p_nonorm),
@@ -124,9 +131,11 @@ def check_available(name: str, cfg: RunConfig) -> None:
                               f"leave the arm out with --arms")
 
 
-def finetune_config(parent: RunConfig, fraction: float, lr_ratio: float, warmup_frac: float) -> RunConfig:
+def finetune_config(parent: RunConfig, fraction: float, lr_ratio: float, warmup_frac: float,
+                    distill_weight: float = 0.0) -> RunConfig:
     """The fine-tune recipe of ``dijiang_convert`` (official DiJiang code: AdamW, betas (0.9, 0.95),
-    weight decay 0.1, cosine schedule with warm-up, LM loss only).
+    weight decay 0.1, cosine schedule with warm-up, LM loss), plus ``distill_weight`` · KL to the
+    parent's logits (0: the official LM loss alone).
 
     Tokens: ``fraction`` of the parent's (same batch and sequence length, ``fraction`` of its steps).
     Learning rate: the official 3e-4 was used on Pythia models pre-trained at 1e-3 (70M) to 3e-4 (410M);
@@ -141,7 +150,7 @@ def finetune_config(parent: RunConfig, fraction: float, lr_ratio: float, warmup_
     t.weight_decay = 0.1
     t.schedule = "cosine"
     t.warmup_frac = warmup_frac
-    t.distill_weight = 0.0
+    t.distill_weight = distill_weight
     t.eval_every = max(1, min(t.eval_every, t.steps // 4 or 1))
     t.save_every = 0
     return cfg.validate()

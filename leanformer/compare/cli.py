@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: the preset's; smoke uses 1, the others all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--without-baseline", action="store_true",
+                        help="train only the arms named by --arms (one part of a comparison spread over "
+                             "machines; the report comes from --report-only)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: assemble the report in --out from the parts named by --from")
+    parser.add_argument("--from", dest="parts", nargs="+", metavar="DIR", default=[],
+                        help="with --report-only: compare output folders holding the finished arms")
     parser.set_defaults(func=run)
 
 
@@ -45,15 +52,27 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--threads", str(args.threads)]
     for assignment in args.set:
         parts += ["--set", assignment]
+    if args.without_baseline:
+        parts.append("--without-baseline")
     return shlex.join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
     from leanformer.compare.runner import execute, plan
+    from leanformer.config import ConfigError
 
+    if args.report_only:
+        from leanformer.compare.assemble import assemble
+
+        command = shlex.join(["leanformer", "compare", "--report-only", "--out", str(args.out), "--from",
+                              *args.parts])
+        print(f"report: {assemble(args.parts, args.out, command)}")
+        return 0
+    if args.parts:
+        raise ConfigError("--from only goes with --report-only")
     p = plan(preset=args.preset, arms=args.arms, seeds=args.seeds, out=args.out, data=args.data,
              overrides=args.set, progress=not args.no_progress, command=command_line(args),
-             threads=args.threads)
+             threads=args.threads, with_baseline=not args.without_baseline)
     report = execute(p)
-    print(f"report: {report}")
+    print(f"report: {report}" if report.name == "report.md" else f"part written: {p.out}")
     return 0

@@ -112,6 +112,37 @@ def _mib(values: list[float | None]) -> str:
     return _cell(values, ".1f", scale=2**20) + (" MiB" if any(v is not None for v in values) else "")
 
 
+def machines_line(results: dict[tuple[str, int], dict[str, Any]]) -> str:
+    """The machine the arms ran on (each run's record names its own), or one per arm when they differ
+    (a comparison assembled from parts)."""
+    named = {key: r.get("machine") for key, r in results.items()}
+    if not all(named.values()):
+        return f"Machine: {machine_line(results)}"
+    kinds = sorted(set(named.values()))
+    if len(kinds) == 1:
+        return f"Machine: {kinds[0]}"
+    per_arm = {arm: m for (arm, _), m in named.items()}
+    return "Machines (per arm): " + "; ".join(f"{arm}: {m}" for arm, m in per_arm.items())
+
+
+def data_line(plan, results: dict[tuple[str, int], dict[str, Any]]) -> str:
+    """The corpus the arms trained on, with its size and tokenizer when the records have them."""
+    d = next((r["data"] for r in results.values() if r.get("data")), None)
+    if d is None:
+        return f"Data: {plan.base.data.path or 'built-in corpus (Python standard library)'}"
+    text = f"Data: {d['source']}"
+    if "characters" in d:
+        text += (f"; {_si(d['characters'])} characters in {d['train_docs']:,} train + "
+                 f"{d['val_docs']:,} validation documents")
+    text += f"; {_si(d['train_tokens'])} train + {_si(d['val_tokens'])} validation tokens"
+    tok = d.get("tokenizer")
+    text += (f"; tokenizer: byte-level BPE trained on the train split, vocabulary {d['vocab_size']:,}"
+             if tok in (None, "trained") else f"; tokenizer: {tok} (vocabulary {d['vocab_size']:,})")
+    tokens = max(r["tokens"] for r in results.values())
+    text += f"; the longest arm trains on {tokens / d['train_tokens']:.2f}× the train split"
+    return text
+
+
 def machine_line(results: dict) -> str:
     """GPU name if the runs used CUDA, else the CPU model from /proc/cpuinfo and the core count."""
     import torch
@@ -132,7 +163,7 @@ def machine_line(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- the report
-def write_report(plan, results: dict[tuple[str, int], dict[str, Any]], elapsed: float) -> Path:
+def write_report(plan, results: dict[tuple[str, int], dict[str, Any]], elapsed: float | None) -> Path:
     """Write ``report.md``, the plots and the combined ``metrics.jsonl`` into ``plan.out``."""
     import torch
 
@@ -165,13 +196,16 @@ def write_report(plan, results: dict[tuple[str, int], dict[str, Any]], elapsed: 
     lines = [
         f"# leanformer compare: preset `{plan.preset.name}`",
         "",
-        f"- Machine: {machine_line(results)}; torch {torch.__version__}; "
+        f"- {machines_line(results)}; torch {torch.__version__}; "
         f"date {datetime.date.today().isoformat()}{load}",
         f"- Command: `{plan.command}`",
-        f"- Wall-clock of this invocation: {elapsed:.0f} s (sum of the arms' training+eval wall-clock: "
-        f"{sum(r.get('wall_seconds', 0) for r in results.values()):.0f} s)",
-        f"- Data: {plan.base.data.path or 'built-in corpus (Python standard library)'}; "
-        f"model d_model={plan.base.model.d_model}, n_layers={plan.base.model.n_layers}, "
+        (f"- Wall-clock of this invocation: {elapsed:.0f} s (sum of the arms' training+eval wall-clock: "
+         f"{sum(r.get('wall_seconds', 0) for r in results.values()):.0f} s)" if elapsed is not None else
+         f"- Assembled from parts trained separately: "
+         f"{', '.join(sorted({r['part'] for r in results.values() if 'part' in r}))} (sum of the arms' "
+         f"training+eval wall-clock: {sum(r.get('wall_seconds', 0) for r in results.values()):.0f} s)"),
+        f"- {data_line(plan, results)}",
+        f"- Model d_model={plan.base.model.d_model}, n_layers={plan.base.model.n_layers}, "
         f"n_heads={plan.base.model.n_heads}; seq_len={plan.base.train.seq_len}, "
         f"batch={plan.base.train.batch_size}, steps={plan.base.train.steps}; "
         f"seeds {', '.join(map(str, seeds))}",

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from leanformer.compare.arms import ARMS, arm_config, check_available, finetune_config, parse_arms
+from leanformer.compare.arms import ARMS, BASELINE, arm_config, check_available, finetune_config, parse_arms
 from leanformer.compare.presets import Preset, get_preset
 from leanformer.config import ConfigError, RunConfig, from_dict, set_dotted, to_dict
 
@@ -85,10 +85,17 @@ def _comparable(cfg_dict: dict) -> dict:
 
 def plan(preset: str = "cpu", arms: str | None = None, seeds: int = 1, out: str | Path = "runs/compare",
          data: str | None = None, overrides: list[str] | tuple = (), progress: bool = True,
-         command: str = "", threads: int | None = None) -> Plan:
-    """Check everything and list the runs; raises :class:`ConfigError` before anything is trained."""
+         command: str = "", threads: int | None = None, with_baseline: bool = True) -> Plan:
+    """Check everything and list the runs; raises :class:`ConfigError` before anything is trained.
+
+    ``with_baseline=False`` trains only the named arms (one part of a comparison spread over machines,
+    assembled later by :func:`leanformer.compare.assemble.assemble`); a converted arm still needs its
+    parent in the same invocation.
+    """
     p = get_preset(preset)
     names = parse_arms(arms)
+    if not with_baseline:
+        names = without_baseline(names, arms)
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds} must be >= 1")
     if threads is not None and threads < 1:
@@ -110,12 +117,26 @@ def plan(preset: str = "cpu", arms: str | None = None, seeds: int = 1, out: str 
             run_cfg = _with_seed(cfg, seed)
             if ARMS[name].parent is not None:
                 run_cfg = finetune_config(run_cfg, p.convert_fraction, p.convert_lr_ratio,
-                                          p.convert_warmup_frac)
+                                          p.convert_warmup_frac, p.convert_distill_weight)
             folder = out / "arms" / name if seeds == 1 else out / "arms" / name / f"seed{seed}"
             run = Run(name, seed, k, run_cfg, folder)
             _check_existing(run)
             result.runs.append(run)
     return result
+
+
+def without_baseline(names: list[str], spec: str | None) -> list[str]:
+    """``names`` without the baseline unless ``spec`` names it; every converted arm keeps its parent."""
+    asked = {s.strip() for s in (spec or "").split(",")}
+    kept = [n for n in names if n != BASELINE or BASELINE in asked]
+    for n in kept:
+        parent = ARMS[n].parent
+        if parent is not None and parent not in kept:
+            raise ConfigError(f"arm {n} is converted from {parent}: train them in the same invocation "
+                              f"(--arms {parent},{n})")
+    if not kept:
+        raise ConfigError("--without-baseline leaves no arm to train; name the arms with --arms")
+    return kept
 
 
 def _with_seed(cfg: RunConfig, seed: int) -> RunConfig:
@@ -162,6 +183,7 @@ def _execute(p: Plan) -> Path:
     from leanformer.data import load_data
 
     start = time.perf_counter()
+    write_plan(p)
     todo = [r for r in p.runs if not r.done_file.exists()]
     data = None
     if todo:
@@ -177,7 +199,22 @@ def _execute(p: Plan) -> Path:
             results[(run.arm, run.seed)] = train_run(run, p, data, results, bar)
         bar.update(1)
     bar.close()
+    if BASELINE not in p.arms:  # one part of a comparison: `compare --report-only --from` assembles it
+        print(f"trained {', '.join(p.arms)} into {p.out}; assemble the report with leanformer compare "
+              f"--report-only --from {p.out} OTHER_PARTS... --out REPORT_DIR")
+        return p.out / PLAN_FILE
     return write_report(p, results, elapsed=time.perf_counter() - start)
+
+
+PLAN_FILE = "compare.json"
+
+
+def write_plan(p: Plan) -> None:
+    """``OUT/compare.json``: what this invocation trains (preset, arms, seeds, base config, command), so
+    that parts of a comparison trained on different machines can be checked and assembled."""
+    record = {"preset": p.preset.name, "arms": p.arms, "seeds": p.seeds, "command": p.command,
+              "base": to_dict(p.base)}
+    (p.out / PLAN_FILE).write_text(json.dumps(record, indent=1))
 
 
 def train_run(run: Run, p: Plan, data, results: dict, bar=None) -> dict[str, Any]:
@@ -185,6 +222,7 @@ def train_run(run: Run, p: Plan, data, results: dict, bar=None) -> dict[str, Any
     write ``done.json``; returns that record."""
     import torch
 
+    from leanformer.bench.timing import machine_string
     from leanformer.compare.decode import decode_latency, greedy_sample, peak_memory_bytes, peak_memory_start
     from leanformer.train.loop import Trainer, resolve_device, seed_everything
 
@@ -194,10 +232,10 @@ def train_run(run: Run, p: Plan, data, results: dict, bar=None) -> dict[str, Any
         cfg.model.vocab_size = data.vocab_size
     (run.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     device = resolve_device(cfg.train.device)
-    model, parent_info = None, {}
+    model, teacher, parent_info = None, None, {}
     arm = ARMS[run.arm]
     if arm.parent is not None:
-        model, parent_info = _converted_parent(run, p, results, device)
+        model, teacher, parent_info = _converted_parent(run, p, results, device)
 
     def on_log(record: dict) -> None:
         if bar is not None and "loss" in record:
@@ -207,7 +245,8 @@ def train_run(run: Run, p: Plan, data, results: dict, bar=None) -> dict[str, Any
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     wall0 = time.perf_counter()
     seed_everything(cfg.train.seed)
-    trainer = Trainer(cfg, data, model=model, out_dir=run.dir, on_log=on_log, resume=True)
+    trainer = Trainer(cfg, data, model=model, teacher=teacher if cfg.train.distill_weight > 0 else None,
+                      out_dir=run.dir, on_log=on_log, resume=True)
     history = trainer.fit()
     wall = time.perf_counter() - wall0
     peak = peak_memory_bytes(device)
@@ -225,6 +264,7 @@ def train_run(run: Run, p: Plan, data, results: dict, bar=None) -> dict[str, Any
         "steps": trainer.step, "tokens": trainer.tokens, "train_seconds": trainer.train_seconds,
         "wall_seconds": wall, "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "peak_memory_bytes": peak, "peak_memory_kind": mem_kind, "device": str(device),
+        "machine": machine_string(device), "torch": torch.__version__, "data": data_summary(data),
         "load_average": load, "threads": torch.get_num_threads(),
         "decode": decode, "sample": sample, **parent_info,
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -236,8 +276,21 @@ def train_run(run: Run, p: Plan, data, results: dict, bar=None) -> dict[str, Any
     return record
 
 
-def _converted_parent(run: Run, p: Plan, results: dict, device) -> tuple[Any, dict[str, Any]]:
-    """``convert_to_dijiang`` of the finished parent run with the same seed (new weights seeded)."""
+def data_summary(data) -> dict[str, Any]:
+    """What the arm trained on: the source, and (for a tokenised text corpus) the cache's statistics:
+    characters, documents, tokens per split, the tokenizer."""
+    out: dict[str, Any] = {"source": data.source, "train_tokens": len(data.train), "val_tokens": len(data.val),
+                           "vocab_size": data.vocab_size}
+    meta_file = data.cache_path / "meta.json" if data.cache_path is not None else None
+    if meta_file is not None and meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        out.update({k: meta[k] for k in ("characters", "train_docs", "val_docs", "tokenizer") if k in meta})
+    return out
+
+
+def _converted_parent(run: Run, p: Plan, results: dict, device) -> tuple[Any, Any, dict[str, Any]]:
+    """``convert_to_dijiang`` of the finished parent run with the same seed (new weights seeded), and the
+    parent itself (the distillation teacher)."""
     from leanformer.convert import convert_to_dijiang
     from leanformer.train.checkpoint import load_model
     from leanformer.train.loop import seed_everything
@@ -249,10 +302,12 @@ def _converted_parent(run: Run, p: Plan, results: dict, device) -> tuple[Any, di
         raise ConfigError(f"arm {run.arm} needs the finished {parent_name} run in {parent_run.dir}")
     parent = load_model(parent_run.dir / "checkpoint", device=device)
     seed_everything(run.seed)
+    teacher = (load_model(parent_run.dir / "checkpoint", device=device).eval()
+               if run.cfg.train.distill_weight > 0 else None)
     model = convert_to_dijiang(parent, feature_map="paper")
     info = {"parent": parent_name, "parent_steps": parent_rec["steps"], "parent_tokens": parent_rec["tokens"],
             "parent_train_seconds": parent_rec["train_seconds"]}
-    return model, info
+    return model, teacher, info
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:

@@ -2,10 +2,11 @@
 
 Kinds of input (``resolve_source``):
 
-* ``None`` — the built-in corpus: every ``.py`` file under the running interpreter's standard library
-  folder (``sysconfig.get_paths()["stdlib"]``), ``site-packages`` and ``__pycache__`` excluded, sorted by
-  relative path. The stdlib's own ``test/`` package is **kept**: it is real Python code (CodeParrot, the
-  benchmark this mirrors, keeps test files too) and about half of the bytes.
+* ``None`` — a built-in corpus (``data.builtin``, :mod:`leanformer.data.builtin`): by default every
+  ``.py`` file under the running interpreter's standard library folder (``sysconfig.get_paths()["stdlib"]``),
+  ``site-packages`` and ``__pycache__`` excluded, sorted by relative path. The stdlib's own ``test/``
+  package is **kept**: it is real Python code (CodeParrot, the benchmark this mirrors, keeps test files
+  too) and about half of the bytes. ``site`` and ``all`` add the installed packages' source.
 * a text file — one document; the last ``val_fraction`` of it (cut at a line break) is validation.
 * a folder (searched recursively, sorted) — if it holds ``.bin`` files they are token shards; otherwise
   every ``.jsonl`` file (one document per record) and every text file with a suffix in
@@ -29,8 +30,6 @@ import hashlib
 import json
 import os
 import re
-import sys
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,19 +68,23 @@ class TextSource:
     val_fraction: float
     description: str
     identity: dict[str, Any] = field(default_factory=dict)
+    # one key per file deciding its split (files sharing a key land on the same side); None: the file's
+    # relative path (JSONL records: path:line)
+    split_keys: list[str] | None = None
 
     def read(self) -> tuple[list[str], list[str]]:
         """All documents, split: ``(train_docs, val_docs)``; empty documents are dropped."""
         keys: list[str] = []
         docs: list[str] = []
-        for path in self.files:
+        for i, path in enumerate(self.files):
             rel = _relname(path, self.root)
+            group = self.split_keys[i] if self.split_keys is not None else None
             if path.suffix.lower() in JSONL_SUFFIXES:
                 for line_no, text in read_jsonl(path, self.text_field):
-                    keys.append(f"{rel}:{line_no}")
+                    keys.append(group or f"{rel}:{line_no}")
                     docs.append(text)
             else:
-                keys.append(rel)
+                keys.append(group or rel)
                 docs.append(read_text(path))
         kept = [(k, d) for k, d in zip(keys, docs) if d.strip()]
         if not kept:
@@ -115,15 +118,18 @@ Source = TextSource | ShardSource
 
 
 def resolve_source(path: str | os.PathLike | None, *, text_field: str = "text", val_fraction: float = 0.05,
-                   max_files: int | None = None) -> Source:
+                   max_files: int | None = None, builtin: str = "stdlib") -> Source:
     """Turn ``data.path`` into a :class:`TextSource` or :class:`ShardSource` without reading the data.
 
-    ``max_files`` keeps the first N files in sorted order (named validation shards are always kept).
+    ``max_files`` keeps the first N files in sorted order (named validation shards are always kept);
+    ``builtin`` picks the built-in corpus used when ``path`` is None (:mod:`leanformer.data.builtin`).
     """
     if max_files is not None and max_files < 1:
         raise DataError(f"data.max_files={max_files} must be >= 1 (or null for all files)")
     if path is None:
-        return _stdlib_source(val_fraction, max_files)
+        from leanformer.data.builtin import builtin_source
+
+        return builtin_source(builtin, val_fraction, max_files)
     spec = str(path)
     p = Path(spec).expanduser()
     if p.is_file():
@@ -167,23 +173,6 @@ def _text_source(kind: str, root: Path, files: list[Path], text_field: str, val_
     if kind in ("jsonl", "folder", "glob"):
         identity["text_field"] = text_field
     return TextSource(kind, root, files, text_field, val_fraction, description, identity)
-
-
-def _stdlib_source(val_fraction: float, max_files: int | None) -> TextSource:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        (f for f in root.rglob("*.py")
-         if not {"site-packages", "dist-packages", "__pycache__"} & set(f.relative_to(root).parts)),
-        key=lambda f: f.relative_to(root).as_posix(),
-    )
-    if max_files is not None:
-        files = files[:max_files]
-    if not files:
-        raise DataError(f"built-in corpus: no .py files under the standard library folder {root}")
-    desc = f"Python {sys.version.split()[0]} standard library ({len(files)} .py files under {root})"
-    src = _text_source("stdlib", root, files, "text", val_fraction, desc)
-    src.identity["python"] = sys.version
-    return src
 
 
 def _shard_source(shards: list[Path], root: Path, val_fraction: float, max_files: int | None,

@@ -128,7 +128,7 @@ def load_data(data_cfg: DataConfig, *, rank: int = 0, progress: bool = True,
     """
     data_cfg.validate()
     src = resolve_source(data_cfg.path, text_field=data_cfg.text_field, val_fraction=data_cfg.val_fraction,
-                         max_files=data_cfg.max_files)
+                         max_files=data_cfg.max_files, builtin=data_cfg.builtin)
     user_tok = Tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
     if isinstance(src, ShardSource):
         return _load_shards(src, user_tok)

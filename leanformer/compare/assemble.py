@@ -1,0 +1,98 @@
+"""``leanformer compare --report-only --from DIR...``: one report from parts trained on different machines.
+
+A comparison too long for one machine (GPUs lent for 10-minute runs that keep nothing) is trained in
+parts: each part is an ordinary ``leanformer compare --without-baseline --arms ... --out PART`` (the
+baseline is one part of its own, with ``dijiang_convert`` beside it, since that arm is converted from the
+baseline's final weights). A part leaves ``compare.json`` (preset, arms, seeds, base config) and, per
+run, ``done.json``, ``metrics.jsonl`` and ``config.yaml``: a few small files, no checkpoint needed.
+
+:func:`assemble` checks that the parts belong together (same preset, seeds and base config, up to the
+vocabulary), copies their runs' small files into ``OUT/arms/``, and writes the usual report, which names
+each arm's machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from leanformer.compare.arms import ARMS, BASELINE
+from leanformer.compare.presets import get_preset
+from leanformer.compare.runner import PLAN_FILE, Plan, Run, _comparable
+from leanformer.config import ConfigError, RunConfig, from_dict
+
+RUN_FILES = ("done.json", "metrics.jsonl", "config.yaml")
+
+
+def _read_part(folder: Path) -> dict[str, Any]:
+    file = folder / PLAN_FILE
+    if not file.is_file():
+        raise ConfigError(f"{folder} is not the output of a leanformer compare run (no {PLAN_FILE})")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} is not valid JSON ({e})") from None
+
+
+def _run_folders(part: Path, arm: str, seeds: list[int]) -> dict[int, Path]:
+    base = part / "arms" / arm
+    return {s: base for s in seeds} if len(seeds) == 1 else {s: base / f"seed{s}" for s in seeds}
+
+
+def assemble(parts: list[str | Path], out: str | Path, command: str = "") -> Path:
+    """Check ``parts`` (compare output folders), gather their finished runs into ``out`` and write
+    ``out/report.md``; returns its path. Raises :class:`ConfigError` naming the part that does not fit."""
+    from leanformer.compare.report import write_report
+
+    if not parts:
+        raise ConfigError("--report-only needs --from with at least one compare output folder")
+    folders = [Path(p) for p in parts]
+    infos = [_read_part(f) for f in folders]
+    first = infos[0]
+    for folder, info in zip(folders, infos):
+        for key in ("preset", "seeds"):
+            if info[key] != first[key]:
+                raise ConfigError(f"{folder}: {key} {info[key]!r} differs from {folders[0]}'s {first[key]!r}")
+        if _comparable(info["base"]) != _comparable(first["base"]):
+            raise ConfigError(f"{folder} was trained with another base config than {folders[0]}; "
+                              "parts of one comparison must share preset, --set and --data")
+    preset = get_preset(first["preset"])
+    base = from_dict(RunConfig, first["base"])
+    seeds = [base.train.seed + k for k in range(first["seeds"])]
+    owner: dict[str, Path] = {}
+    for folder, info in zip(folders, infos):
+        for arm in info["arms"]:
+            if arm not in ARMS:
+                raise ConfigError(f"{folder}: unknown arm {arm!r}")
+            if not all((d / "done.json").is_file() for d in _run_folders(folder, arm, seeds).values()):
+                continue  # trained elsewhere, or not finished here
+            if arm in owner:
+                raise ConfigError(f"arm {arm} is finished in both {owner[arm]} and {folder}; pass one of them")
+            owner[arm] = folder
+    if BASELINE not in owner:
+        raise ConfigError(f"no part holds the finished baseline {BASELINE!r}; every ratio needs it")
+    arms = [BASELINE] + [a for a in ARMS if a in owner and a != BASELINE]
+    out = Path(out)
+    p = Plan(preset, arms, len(seeds), out, base, command=command or first.get("command", ""))
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for arm in arms:
+        sources = _run_folders(owner[arm], arm, seeds)
+        for k, seed in enumerate(seeds):
+            target = _run_folders(out, arm, seeds)[seed]
+            target.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:
+                if (sources[seed] / name).is_file() and sources[seed].resolve() != target.resolve():
+                    shutil.copyfile(sources[seed] / name, target / name)
+            record = json.loads((target / "done.json").read_text())
+            record.setdefault("part", str(owner[arm]))
+            results[(arm, seed)] = record
+            p.runs.append(Run(arm, seed, k, from_dict(RunConfig, _yaml(target / "config.yaml")), target))
+    return write_report(p, results, elapsed=None)
+
+
+def _yaml(file: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(file.read_text()) or {}
