@@ -1,7 +1,10 @@
 """The ``leanformer`` command line: train, eval, generate, convert, compare, bench, import, export.
 
-Every command has ``--help``. Bad input (unknown config key, missing data or checkpoint, a shape that
-cannot work) prints one ``error:`` line and exits with status 2; nothing is overwritten.
+Every command has ``--help``. Bad input (unknown config key, a value of the wrong type, missing data or
+checkpoint, a shape that cannot work) prints one ``error:`` line and exits with status 2 before anything is
+written; only our own error types (:class:`ConfigError`, :class:`DataError`, :class:`CheckpointError`) are
+shown that way, any other exception keeps its traceback. SIGINT / SIGTERM during training save a checkpoint
+and exit with status 130 / 143 (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,7 +44,10 @@ def load_run_config(path: str | None, overrides: list[str] = (), data: str | Non
         try:
             raw = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{file} is not valid YAML: {e}") from None
+            raise ConfigError(f"{file} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file} must hold a mapping of sections (model:, train:, data:), "
+                              f"got {type(raw).__name__}")
     for assignment in overrides:
         set_dotted(raw, assignment)
     if data is not None:
@@ -57,6 +64,11 @@ def _check_data_path(path: str | None) -> None:
         raise ConfigError(f"data path {path} does not exist")
 
 
+def _absolute(path: str | None) -> str | None:
+    """``path`` made absolute (globs kept), so a checkpoint's config works from any folder."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     from leanformer.train import train
@@ -70,13 +82,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     _check_data_path(cfg.data.path)
+    from leanformer.train.loop import resolve_device
+
+    resolve_device(cfg.train.device)  # train.device=cuda without a GPU: an error before anything is written
+    cfg.data.path, cfg.data.tokenizer, cfg.data.cache_dir = (
+        _absolute(cfg.data.path), _absolute(cfg.data.tokenizer), _absolute(cfg.data.cache_dir))
     out = Path(args.out)
-    trainer = train(cfg, out_dir=out, resume=not args.no_resume)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    data = _training_data(cfg, None if args.no_resume else out / "checkpoint")
+    trainer = train(cfg, out_dir=out, data=data, resume=not args.no_resume)
     if trainer.ctx.is_main:
         last = next((r for r in reversed(trainer.history) if "val_loss" in r), {})
         print(json.dumps({"out": str(out), "step": trainer.step, "val_loss": last.get("val_loss"),
                           "params": trainer.model.num_params()}))
     return 0
+
+
+def _training_data(cfg: RunConfig, checkpoint: Path | None):
+    """The data of ``cfg``, tokenised with the tokenizer of the checkpoint a resume will load (if any)."""
+    from leanformer.data import load_data
+    from leanformer.train import distributed as dist_utils
+    from leanformer.train.checkpoint import latest_checkpoint, load_tokenizer
+
+    found = latest_checkpoint(checkpoint) if checkpoint is not None else None
+    tokenizer = load_tokenizer(found) if found is not None else None
+    return load_data(cfg.data, rank=dist_utils.context().rank, progress=cfg.train.progress, tokenizer=tokenizer)
 
 
 def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
@@ -96,14 +127,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import math
 
     from leanformer.data import eval_batches, load_data
-    from leanformer.train.checkpoint import load_model, run_config_of
+    from leanformer.train.checkpoint import load_model, load_tokenizer, run_config_of
 
+    if args.batches < 1:
+        raise ConfigError(f"--batches {args.batches} must be >= 1")
     cfg = run_config_of(args.checkpoint)
     if args.data is not None:
         _check_data_path(args.data)
         cfg.data.path = args.data
     model = load_model(args.checkpoint).eval()
-    data = load_data(cfg.data)
+    # the checkpoint's own tokenizer, never one trained anew on this data (the token ids would not match)
+    data = load_data(cfg.data, tokenizer=load_tokenizer(args.checkpoint))
+    if data.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(f"the data has {data.vocab_size} token ids but the checkpoint's model has "
+                          f"{model.cfg.vocab_size}")
     batches = eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, args.batches)
     import torch
 
@@ -116,15 +153,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from leanformer.data import Tokenizer
-    from leanformer.train.checkpoint import CheckpointError, load_model
+    from leanformer.train.checkpoint import CheckpointError, load_model, load_tokenizer
 
+    _check_sampling(args)
     model = load_model(args.checkpoint).eval()
-    tok_file = Path(args.checkpoint) / "tokenizer.json"
-    if not tok_file.exists():
+    tok = load_tokenizer(args.checkpoint)
+    if tok is None:
         raise CheckpointError(f"checkpoint {args.checkpoint} has no tokenizer.json (trained on .bin shards?)")
-    tok = Tokenizer.load(tok_file)
     ids = tok.encode(args.prompt) or [tok.eot_id]
+    if model.cfg.pos == "learned" and len(ids) + args.max_new_tokens > model.cfg.max_seq_len:
+        raise ConfigError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
+                          f"model's context of {model.cfg.max_seq_len} tokens (learned positions); use "
+                          f"--max-new-tokens {max(model.cfg.max_seq_len - len(ids), 0)} or a shorter prompt")
     g = torch.Generator().manual_seed(args.seed)
     out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, generator=g)
@@ -132,9 +172,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    """``generate``'s arguments, checked before the model is loaded."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature {args.temperature} must be a finite number >= 0 (0 = greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k} must be >= 1 (the number of likeliest tokens sampled from)")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach Python as lone surrogates
+        byte = ord(args.prompt[e.start]) - 0xDC00 if 0xDC80 <= ord(args.prompt[e.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else repr(args.prompt[e.start])
+        raise ConfigError(f"--prompt is not valid UTF-8 ({what} at character {e.start}); pass UTF-8 text") \
+            from None
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from leanformer.convert import convert_to_dijiang
-    from leanformer.train.checkpoint import load_model, read_config, save_checkpoint
+    from leanformer.train.checkpoint import load_model, load_tokenizer, read_config, save_checkpoint
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -142,13 +199,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     parent = load_model(args.checkpoint)
     model = convert_to_dijiang(parent, feature_map=args.feature_map)
     run_cfg = from_dict(RunConfig, read_config(args.checkpoint))
-    tok_file = Path(args.checkpoint) / "tokenizer.json"
-    tokenizer = None
-    if tok_file.exists():
-        from leanformer.data import Tokenizer
-
-        tokenizer = Tokenizer.load(tok_file)
-    save_checkpoint(out, model, run_cfg, tokenizer=tokenizer)
+    save_checkpoint(out, model, run_cfg, tokenizer=load_tokenizer(args.checkpoint))
     print(json.dumps({"out": str(out), "params": model.num_params(), "parent_params": parent.num_params()}))
     return 0
 
@@ -213,25 +264,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from leanformer.data import DataError
     from leanformer.train.checkpoint import CheckpointError
+    from leanformer.train.signals import TrainingInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank sees the same: say it once
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         # Bad input (config, data, checkpoint, an argument a model cannot take): one line, exit 2.
-        # LEANFORMER_DEBUG=1 shows the traceback instead.
+        # Only our own error types: anything else is a bug and keeps its traceback.
+        # LEANFORMER_DEBUG=1 shows the traceback here too.
         if os.environ.get("LEANFORMER_DEBUG"):
             raise
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees the same bad input: say it once
-            print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # the loss diverged: the last checkpoint is intact
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM: the step finished and a checkpoint was saved
+        if main_rank:
+            print(str(e), file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is intact; re-run the same command to resume", file=sys.stderr)
+        if main_rank:
+            print("interrupted: stopped at once, without saving; re-run the same command to resume from the "
+                  "last checkpoint", file=sys.stderr)
         return 130
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,7 +211,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 10
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0  # also save every N steps (0: by time and at the end only)
+    save_every_minutes: float = 10.0  # save when this much wall time has passed since the last save (0: off)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA) | float32 | bfloat16
@@ -220,9 +224,19 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> TrainConfig:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("save_every", "save_every_minutes", "grad_clip", "weight_decay", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0 (0: off)")
+        for name in ("warmup_frac", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be in [0, 1]")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas={list(self.betas)} must both be in [0, 1)")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"train.distill_temperature={self.distill_temperature} must be > 0")
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
@@ -274,23 +288,89 @@ class RunConfig:
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion."""
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion and values of
+    the wrong type (one :class:`ConfigError` naming the key, the value and the type it needs).
+
+    Numbers are checked as a YAML user means them: an integer field takes only integers (``2.5`` and
+    ``128.0`` are errors), a float field takes integers and numeric strings (PyYAML reads ``1e-3`` as a
+    string), and must be finite; a bool field takes only true/false.
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+        what = f"section '{prefix[:-1]}'" if prefix else "a config"
+        raise ConfigError(f"{what} must be a mapping of keys to values, got {_shown(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         sub = _dataclass_type(cls, key)
-        if sub is not None and isinstance(value, dict):
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{prefix}{key}' is a section: it must be a mapping of keys to values, "
+                                  f"got {_shown(value)}")
             value = from_dict(sub, value, prefix=f"{prefix}{key}.")
-        elif key == "betas" and isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = _coerce(value, hints[key], f"{prefix}{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """``value`` checked (and, for numbers, converted) against the field type ``hint``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint) or hint
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{name}={value!r} must be {what}")
+
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if origin is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
+    if origin is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad("a list")
+        return [_coerce(v, args[0], f"{name} entry") for v in value] if args else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{name} entry") for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return value
+    return value
 
 
 _NESTED = {
@@ -328,11 +408,18 @@ def set_dotted(data: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r} must look like key.sub=value")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: the key {key!r} must be dotted names such as train.steps")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({first}); quote it, "
+                          f"e.g. {key}='\"{raw}\"'") from None
     node = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: '{part}' is not a section")
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
     node[parts[-1]] = value

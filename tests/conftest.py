@@ -1,4 +1,19 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))  # the tests' shared helpers (dist_helpers)
+
+
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("leanformer_cache")
+
+
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path, monkeypatch, _session_cache):
+    """Every test runs in its own temporary folder with a temporary token cache: nothing reads or writes
+    the working directory (e.g. the ``runs/compare`` that the README's first command leaves) or ~/.cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LEANFORMER_CACHE", str(_session_cache))

@@ -253,7 +253,7 @@ def test_parts_trained_separately_assemble_into_one_report(tmp_path, cache_dir):
     assert main(common + ["--arms", "preln,dijiang_convert", "--out", str(a)]) == 0
     assert main(common + ["--arms", "sas_p", "--out", str(b)]) == 0
     assert not (b / "arms" / BASELINE).exists() and not (b / "report.md").exists()
-    assert sorted(p.name for p in (b / "arms" / "sas_p").iterdir() if p.is_file()) == [
+    assert sorted(p.name for p in (b / "arms" / "sas_p").iterdir() if p.is_file() and p.name[0] != ".") == [
         "config.yaml", "done.json", "metrics.jsonl"]
     assert main(["compare", "--report-only", "--from", str(a), str(b), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()

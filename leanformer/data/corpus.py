@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ SHARD_FORMATS = {(20240520, 1): np.dtype("<u2"), (20240801, 7): np.dtype("<u4")}
 
 @dataclass
 class TextSource:
-    """Text documents still on disk. ``identity`` (paths, sizes, mtimes) is what the cache key hashes."""
+    """Text documents still on disk. ``identity`` (paths, sizes, content hashes) is what the cache key hashes."""
 
     kind: str  # stdlib | text | jsonl | folder | glob
     root: Path
@@ -76,16 +77,21 @@ class TextSource:
         """All documents, split: ``(train_docs, val_docs)``; empty documents are dropped."""
         keys: list[str] = []
         docs: list[str] = []
+        not_utf8: list[str] = []
         for i, path in enumerate(self.files):
             rel = _relname(path, self.root)
             group = self.split_keys[i] if self.split_keys is not None else None
             if path.suffix.lower() in JSONL_SUFFIXES:
-                for line_no, text in read_jsonl(path, self.text_field):
+                for line_no, text in read_jsonl(path, self.text_field, not_utf8):
                     keys.append(group or f"{rel}:{line_no}")
                     docs.append(text)
             else:
                 keys.append(group or rel)
-                docs.append(read_text(path))
+                docs.append(read_text(path, not_utf8))
+        if not_utf8:
+            print(f"note: {self.description}: {len(not_utf8)} of {len(self.files)} files are not valid UTF-8 "
+                  f"(first: {not_utf8[0]}); their undecodable bytes became U+FFFD (re-encode them as UTF-8 "
+                  "to keep them)", file=sys.stderr)
         kept = [(k, d) for k, d in zip(keys, docs) if d.strip()]
         if not kept:
             raise DataError(f"{self.description}: no text ({len(docs)} documents, all empty)")
@@ -169,7 +175,7 @@ def _from_files(files: list[Path], root: Path, spec: str, kind: str, text_field:
 
 def _text_source(kind: str, root: Path, files: list[Path], text_field: str, val_fraction: float,
                  description: str) -> TextSource:
-    identity = {"kind": kind, "root": str(root.resolve()), "files": _stats(files, root)}
+    identity = {"kind": kind, "root": str(root.resolve()), "files": _contents(files, root)}
     if kind in ("jsonl", "folder", "glob"):
         identity["text_field"] = text_field
     return TextSource(kind, root, files, text_field, val_fraction, description, identity)
@@ -233,34 +239,46 @@ def split_text(text: str, val_fraction: float, name: str = "text") -> tuple[str,
 # ---------------------------------------------------------------------------- readers
 
 
-def read_text(path: Path) -> str:
-    """A file's text as UTF-8 (undecodable bytes become U+FFFD), line endings kept as they are."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return f.read()
+def read_text(path: Path, not_utf8: list[str] | None = None) -> str:
+    """A file's text as UTF-8, line endings kept as they are.
+
+    A binary file (one with a NUL byte) is a :class:`DataError`. Undecodable bytes become U+FFFD and the
+    file is named in ``not_utf8`` (the caller says so once).
+    """
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    if nul != -1:
+        raise DataError(f"{path} looks binary (a NUL byte at offset {nul}), not text; remove it from the data, "
+                        "or pass pre-tokenised .bin shards")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not_utf8 is not None:
+            not_utf8.append(f"{path} (byte 0x{data[e.start]:02x} at offset {e.start})")
+        return data.decode("utf-8", errors="replace")
 
 
-def read_jsonl(path: Path, text_field: str) -> list[tuple[int, str]]:
+def read_jsonl(path: Path, text_field: str, not_utf8: list[str] | None = None) -> list[tuple[int, str]]:
     """``(line_number, text)`` for every non-blank line of a JSONL file; errors name the line."""
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            if text_field not in record:
-                fields = ", ".join(map(str, list(record)[:8])) or "none"
-                raise DataError(f"{path}:{line_no}: no field '{text_field}' (fields: {fields}); "
-                                "set data.text_field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{line_no}: field '{text_field}' is {type(text).__name__}, "
-                                "expected a string")
-            out.append((line_no, text))
+    for line_no, line in enumerate(read_text(path, not_utf8).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        if text_field not in record:
+            fields = ", ".join(map(str, list(record)[:8])) or "none"
+            raise DataError(f"{path}:{line_no}: no field '{text_field}' (fields: {fields}); "
+                            "set data.text_field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line_no}: field '{text_field}' is {type(text).__name__}, "
+                            "expected a string")
+        out.append((line_no, text))
     return out
 
 
@@ -306,6 +324,19 @@ def shard_format(dtype: np.dtype) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _contents(files: list[Path], root: Path) -> list[list]:
+    """``[relative name, size, SHA-256 of the bytes]`` per file: what a text cache is keyed on (an edit that
+    keeps the size and restores the mtime still changes the key)."""
+    out = []
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise DataError(f"{f}: cannot be read ({e.strerror})") from None
+        out.append([_relname(f, root), len(data), hashlib.sha256(data).hexdigest()])
+    return out
 
 
 def _stats(files: list[Path], root: Path) -> list[list]:

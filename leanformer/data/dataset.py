@@ -2,10 +2,12 @@
 
 Text sources are tokenised once and cached under ``cache_dir`` (``data.cache_dir``, else the environment
 variable ``LEANFORMER_CACHE``, else ``~/.cache/leanformer``) in a folder named by a hash of the source's
-identity (paths, sizes, mtimes; the Python version for the built-in corpus), the vocabulary size, the split
-settings and the user tokenizer's file hash. The folder holds ``tokenizer.json``, ``train.bin`` and
-``val.bin`` (llm.c shard format, so other tools can read them) and ``meta.json``. It is built in a
-temporary folder and renamed into place, so an interrupted build never leaves a half cache.
+identity (relative paths, sizes and the SHA-256 of the files' contents; the Python version for the built-in
+corpus), the vocabulary size, the split settings and the tokenizer's hash. The folder holds
+``tokenizer.json``, ``train.bin`` and ``val.bin`` (llm.c shard format, so other tools can read them) and
+``meta.json``. It is built in a temporary folder (``.tmp-NAME-HOST-PID``) and renamed into place, so an
+interrupted build never leaves a half cache; the temporary folders of builds killed on this host are deleted
+by the next build.
 
 Each document is preceded by ``<|endoftext|>`` (as in llm.c / modded-nanogpt shards), so the token stream
 reads ``EOT doc EOT doc ...``. ``.bin`` shards are used in place: no copy, no tokenizer (unless
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -120,8 +123,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def load_data(data_cfg: DataConfig, *, rank: int = 0, progress: bool = True,
-              wait_timeout: float = 3600.0) -> TokenData:
+              wait_timeout: float = 3600.0, tokenizer: Tokenizer | None = None) -> TokenData:
     """Resolve, tokenise (once, cached) and memory-map the data that ``data_cfg`` names.
+
+    ``tokenizer`` (a checkpoint's) overrides ``data.tokenizer`` and the trained one: the tokens then mean
+    what they meant to that model. A cache built by a trained tokenizer equal to it is reused.
 
     Under data parallelism every rank calls this: rank 0 builds a missing cache, the other ranks wait
     (up to ``wait_timeout`` seconds) for it to appear.
@@ -129,11 +135,12 @@ def load_data(data_cfg: DataConfig, *, rank: int = 0, progress: bool = True,
     data_cfg.validate()
     src = resolve_source(data_cfg.path, text_field=data_cfg.text_field, val_fraction=data_cfg.val_fraction,
                          max_files=data_cfg.max_files, builtin=data_cfg.builtin)
-    user_tok = Tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
+    user_tok = tokenizer or (Tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None)
     if isinstance(src, ShardSource):
         return _load_shards(src, user_tok)
-    key = cache_key(src, data_cfg)
-    folder = cache_root(data_cfg) / f"{src.kind}-{key[:16]}"
+    folder = cache_root(data_cfg) / f"{src.kind}-{cache_key(src, data_cfg)[:16]}"
+    if tokenizer is not None and not _cache_has_tokenizer(folder, tokenizer):
+        folder = cache_root(data_cfg) / f"{src.kind}-{cache_key(src, data_cfg, tokenizer)[:16]}"
     if not (folder / "meta.json").is_file():
         if rank == 0:
             _build(src, data_cfg, folder, user_tok, progress)
@@ -142,13 +149,25 @@ def load_data(data_cfg: DataConfig, *, rank: int = 0, progress: bool = True,
     return _open_cache(folder)
 
 
-def cache_key(src: TextSource, data_cfg: DataConfig) -> str:
+def _cache_has_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool:
+    """Whether the finished cache ``folder`` was tokenised by a tokenizer identical to ``tokenizer``."""
+    if not (folder / "meta.json").is_file():
+        return False
+    try:
+        return Tokenizer.load(folder / "tokenizer.json").tok.to_str() == tokenizer.tok.to_str()
+    except DataError:
+        return False
+
+
+def cache_key(src: TextSource, data_cfg: DataConfig, tokenizer: Tokenizer | None = None) -> str:
     """SHA-256 over everything that changes the tokens: source identity, split, vocabulary, format."""
     parts: dict[str, Any] = {
         "format": CACHE_FORMAT, "source": src.identity, "val_fraction": data_cfg.val_fraction,
         "max_files": data_cfg.max_files,
     }
-    if data_cfg.tokenizer:
+    if tokenizer is not None:
+        parts["tokenizer_sha256"] = hashlib.sha256(tokenizer.tok.to_str().encode()).hexdigest()
+    elif data_cfg.tokenizer:
         parts["tokenizer_sha256"] = _file_sha256(Path(data_cfg.tokenizer).expanduser())
     else:
         parts["vocab_size"] = data_cfg.vocab_size
@@ -161,7 +180,8 @@ def cache_key(src: TextSource, data_cfg: DataConfig) -> str:
 def _build(src: TextSource, data_cfg: DataConfig, folder: Path, user_tok: Tokenizer | None,
            progress: bool) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    remove_stale_builds(folder.parent)
+    tmp = folder.parent / f".tmp-{folder.name}-{_host()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     t0 = time.perf_counter()
@@ -206,6 +226,33 @@ def _build(src: TextSource, data_cfg: DataConfig, folder: Path, user_tok: Tokeni
     if progress:
         print(f"cached {n_train:,} train + {n_val:,} val tokens in {folder} ({meta['seconds_total']:.1f} s)",
               file=sys.stderr)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def remove_stale_builds(root: Path) -> list[Path]:
+    """Delete ``root/.tmp-NAME-HOST-PID`` folders of builds killed on this host (their PID is gone)."""
+    removed = []
+    for tmp in root.glob(".tmp-*"):
+        parts = tmp.name.rsplit("-", 2)
+        if len(parts) != 3 or parts[1] != _host() or not parts[2].isdigit():
+            continue  # another host's build, or a name we did not make
+        if not _pid_alive(int(parts[2])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_tokens(path: Path, tok: Tokenizer, docs: list[str], dtype: np.dtype, bar=None) -> int:

@@ -214,10 +214,13 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = None) -> torch.n
 
     import leanformer.hf.modeling  # noqa: F401  (registers model_type "leanformer")
 
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", local_files_only=True)
-    except OSError as e:
-        raise UnsupportedModelError(f"{path}: could not load the weights: {e}") from None
+    except (OSError, SafetensorError) as e:  # SafetensorError: a truncated or damaged .safetensors file
+        raise UnsupportedModelError(f"{path}: could not load the weights (model.safetensors or the other weight "
+                                    f"files): {e}") from None
 
 
 def from_hf(model_or_path: Any, dtype: torch.dtype | None = None) -> TransformerLM:

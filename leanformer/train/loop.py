@@ -6,7 +6,6 @@ One :class:`Trainer` per run. Data parallelism (DDP / FSDP2 under torchrun) ente
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -24,22 +23,26 @@ from tqdm.auto import tqdm
 from leanformer.config import ConfigError, RunConfig
 from leanformer.model import TransformerLM
 from leanformer.train import distributed as dist_utils
+from leanformer.train import metrics as metrics_file
 from leanformer.train.checkpoint import (
     CheckpointError,
+    latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
     read_weights,
     save_checkpoint,
 )
+from leanformer.train.lock import OutputLock
 from leanformer.train.mfu import peak_flops_for
 from leanformer.train.optim import build_optimizer, lr_at, param_tags, set_lr
+from leanformer.train.signals import SaveTimer, StopRequest, TrainingInterrupted, agree
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
     return torch.device(name)
 
 
@@ -90,8 +93,12 @@ class Trainer:
         peak = tc.peak_flops or peak_flops_for(self.device)
         self.peak_flops = peak * self.ctx.world_size if peak else None
         self.flops_per_token = self.model.flops_per_token(tc.seq_len)
-        if resume and self.out_dir is not None and (self.out_dir / "checkpoint").exists():
-            self._resume(self.out_dir / "checkpoint")
+        self.lock = OutputLock(self.out_dir).acquire() if self.out_dir is not None and self.ctx.is_main else None
+        if self.out_dir is not None:
+            found = latest_checkpoint(self.out_dir / "checkpoint") if resume else None
+            if found is not None:
+                self._resume(found)
+            self._restart_metrics()
         if tc.compile:
             self.wrapped = torch.compile(self.wrapped)
 
@@ -132,8 +139,15 @@ class Trainer:
         if self.on_log is not None:
             self.on_log(record)
         if self.out_dir is not None and self.ctx.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            metrics_file.append(self.out_dir / "metrics.jsonl", record)
+
+    def _restart_metrics(self) -> None:
+        """``metrics.jsonl`` cut back to the resumed step (a fresh file at step 0); history to match."""
+        file = self.out_dir / "metrics.jsonl"
+        if self.ctx.is_main:
+            self.history = metrics_file.restart_at(file, self.step)
+        elif self.step > 0:
+            self.history = [r for r in metrics_file.read_records(file) if r["step"] <= self.step]
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -175,14 +189,25 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        if self.out_dir is not None and (self.out_dir / "metrics.jsonl").exists():
-            self.history = [json.loads(line) for line in open(self.out_dir / "metrics.jsonl")
-                            if json.loads(line)["step"] <= self.step]
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
-        """Train until ``train.steps`` (or ``stop_after`` steps in this call); returns the metrics history."""
+        """Train until ``train.steps`` (or ``stop_after`` steps in this call); returns the metrics history.
+
+        SIGINT / SIGTERM finish the current step, save, and raise :class:`TrainingInterrupted`.
+        """
+        if self.lock is not None:
+            self.lock.acquire()  # again, if an earlier fit() released it
+        try:
+            with StopRequest(announce=self.ctx.is_main) as stop:
+                return self._fit(stop_after, stop)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self, stop_after: int | None, stop: StopRequest) -> list[dict[str, Any]]:
         tc = self.cfg.train
+        timer = SaveTimer(tc.save_every_minutes)
         if self.out_dir is not None and self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * self.ctx.world_size
@@ -231,8 +256,14 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{record['val_loss']:.3f}"}
                                                          if "val_loss" in record else {}))
-            if tc.save_every and self.step % tc.save_every == 0 and self.step < tc.steps:
+            stop_now, time_due = agree(stop.signum is not None, timer.due(), self.ctx)
+            if stop_now:
+                bar.close()
+                path = self.save()
+                raise TrainingInterrupted(stop.signum or 15, self.step, path)
+            if self.step < tc.steps and (time_due or (tc.save_every and self.step % tc.save_every == 0)):
                 self.save()
+                timer.reset()
         bar.close()
         if self.step >= tc.steps or stop_after is not None:
             self.save()
