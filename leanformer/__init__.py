@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     """Method entry points, imported on first use."""
-    if name in ("apply_noble", "remove_noble", "convert_to_noble"):
+    if name in ("apply_noble", "remove_noble"):
         from leanformer import inject
 
         return getattr(inject, name)
@@ -35,7 +35,7 @@ def __getattr__(name: str):
 __all__ = [
     "ConfigError", "DataConfig", "DiJiangConfig", "NobleConfig", "RunConfig", "ShapedConfig",
     "TrainConfig", "TransformerConfig", "TransformerLM", "DecodeCache",
-    "apply_noble", "remove_noble", "convert_to_noble", "convert_to_dijiang", "from_hf", "to_hf",
+    "apply_noble", "remove_noble", "convert_to_dijiang", "from_hf", "to_hf",
 ]
 
 

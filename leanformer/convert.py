@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import torch.nn as nn
-
 from leanformer.config import ConfigError, DiJiangConfig
 from leanformer.model import TransformerLM
 
@@ -57,8 +55,3 @@ def convert_to_dijiang(model: TransformerLM, feature_map: str = "paper", **dijia
                            f"missing inherited {sorted(set(missing) - allowed)[:5]}")
     new.train(model.training)
     return new
-
-
-def inherited_keys(parent: nn.Module, child: nn.Module) -> list[str]:
-    """State-dict keys the two models share (what a conversion copies)."""
-    return sorted(set(parent.state_dict()) & set(child.state_dict()))

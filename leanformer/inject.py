@@ -1,8 +1,8 @@
 """Put NOBLE branches into any ``torch.nn.Module`` (ours or a Hugging Face model), PEFT style.
 
-* :func:`apply_noble` (alias :func:`convert_to_noble`, the user document's name) replaces matching
-  ``nn.Linear`` / Hugging Face ``Conv1D`` layers in place by :class:`NobleLinear`, keeping their weights;
-  with ``preserve_output=True`` (W_up = 0) the converted model computes exactly what it did before.
+* :func:`apply_noble` replaces matching ``nn.Linear`` / Hugging Face ``Conv1D`` layers in place by
+  :class:`NobleLinear`, keeping their weights; with ``preserve_output=True`` (W_up = 0) the converted
+  model computes exactly what it did before.
 * :func:`remove_noble` puts the plain layers back (same module types, same outputs while W_up = 0).
 * :func:`importance_scores` / :func:`select_by_importance`: the user document's layer selection
   (NOBLE only where a layer's importance is at or above a percentile, default the 70th).
@@ -177,8 +177,6 @@ def apply_noble(model: nn.Module, target_modules: str | Iterable[str] = "all-lin
     model.noble_injection = record
     return model
 
-
-convert_to_noble = apply_noble
 
 
 def remove_noble(model: nn.Module) -> nn.Module:

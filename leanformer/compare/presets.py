@@ -18,7 +18,7 @@ were 5–10× slower per step than one (2026-11-23, load average 6.7: the cpu pr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from leanformer.config import ConfigError
@@ -48,7 +48,6 @@ class Preset:
     convert_lr_ratio: float = 0.3  # fine-tune lr = ratio × baseline lr (official 3e-4 over Pythia-70M's 1e-3)
     convert_warmup_frac: float = 0.1
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def run_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.run)
