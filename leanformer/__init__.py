@@ -25,7 +25,7 @@ def __getattr__(name: str):
         from leanformer.convert import convert_to_dijiang
 
         return convert_to_dijiang
-    if name in ("from_hf", "to_hf"):
+    if name in ("from_hf", "to_hf"):  # transformers is imported here, not by ``import leanformer``
         from leanformer import hf
 
         return getattr(hf, name)
@@ -38,13 +38,3 @@ __all__ = [
     "apply_noble", "remove_noble", "convert_to_dijiang", "from_hf", "to_hf",
 ]
 
-
-def _register_with_transformers() -> None:
-    """Make ``AutoModelForCausalLM.from_pretrained(exported_folder)`` work after ``import leanformer``."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is not None:
-        import leanformer.hf.modeling  # noqa: F401  (AutoConfig / AutoModelForCausalLM.register)
-
-
-_register_with_transformers()
