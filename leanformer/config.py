@@ -91,10 +91,6 @@ class DiJiangConfig:
             raise ConfigError(f"dijiang.parallel_max_len={self.parallel_max_len} must be >= 1 (or null: by device)")
 
 
-BLOCKS = ("preln", "parallel", "neox_parallel", "sas", "sas_p", "vskipinit")
-ATTENTIONS = ("softmax", "shaped", "dijiang")
-
-
 @dataclass
 class TransformerConfig:
     """A decoder-only language model.
@@ -154,6 +150,17 @@ class TransformerConfig:
             return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
         return 4 * self.d_model
 
+    def _check_registered(self) -> None:
+        """``block`` and ``attention`` name registered types (:mod:`leanformer.registry`) that fit together."""
+        from leanformer import registry
+
+        _choice("model.block", self.block, list(registry.BLOCKS))
+        _choice("model.attention", self.attention, list(registry.ATTENTIONS))
+        allowed = registry.BLOCKS[self.block].attentions
+        if allowed is not None and self.attention not in allowed:
+            raise ConfigError(f"model.block={self.block} needs attention={' or '.join(map(repr, allowed))}, "
+                              f"got {self.attention!r}")
+
     def validate(self) -> TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
@@ -167,8 +174,7 @@ class TransformerConfig:
         _choice("model.ffn_act", self.ffn_act, ("relu", "gelu", "gelu_tanh", "swiglu"))
         _choice("model.norm", self.norm, ("layernorm", "rmsnorm", "none"))
         _choice("model.pos", self.pos, ("rope", "learned", "none"))
-        _choice("model.block", self.block, BLOCKS)
-        _choice("model.attention", self.attention, ATTENTIONS)
+        self._check_registered()
         if not 0 < self.rotary_pct <= 1:
             raise ConfigError(f"model.rotary_pct={self.rotary_pct} must be in (0, 1]")
         if self.pos == "rope" and int(self.head_dim * self.rotary_pct) % 2:
@@ -183,8 +189,6 @@ class TransformerConfig:
             missing = sorted(needed - set(self.rope_scaling))
             if missing:
                 raise ConfigError(f"model.rope_scaling of type {kind} needs {', '.join(missing)}")
-        if self.block in ("sas", "sas_p") and self.attention != "shaped":
-            raise ConfigError(f"model.block={self.block} needs attention='shaped' (no value/output projection)")
         self.noble.validate()
         self.dijiang.validate()
         return self

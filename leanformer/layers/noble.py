@@ -182,6 +182,11 @@ class NobleLinear(nn.Module):
         else:
             self.reset_parameters()
 
+    @property
+    def takes_model_init(self) -> bool:
+        """Whether ``TransformerLM.reset_parameters`` gives the main weight its generic linear init."""
+        return self.main_init == "model"
+
     @torch.no_grad()
     def reset_branch(self, zero_up: bool = False) -> None:
         """Re-initialise only the branch (and gate); ``zero_up=True`` makes the branch output exactly 0."""
