@@ -27,14 +27,14 @@ NOBLE_TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 
 @dataclass
 class NobleConfig:
-    """NOBLE branch settings (methods.md section 1): ``y = W x + b + W_up σ(W_down x + b_down)``."""
+    """NOBLE branch settings (docs/methods.md, section 1): ``y = W x + b + W_up σ(W_down x + b_down)``."""
 
     enabled: bool = False
     targets: list[str] = field(default_factory=lambda: list(NOBLE_TARGETS))
     rank: int = 32
-    rank_ratio: float | None = None  # the user document's rank = d_out * ratio (e.g. 0.25); overrides rank
+    rank_ratio: float | None = None  # rank = d_out * ratio (a write-up's 0.25); overrides rank
     activation: str = "cosnet"  # cosnet | silu | gelu | tanh
-    fusion: str = "add"  # add (paper) | gate (user document)
+    fusion: str = "add"  # add (paper) | gate (docs/methods.md, section 1)
     dropout: float = 0.0  # on the branch (gate variant)
     alpha: float = 1.0  # output scale (gate variant)
     fused: bool = True  # one stacked matmul for [W; W_down]
@@ -59,7 +59,7 @@ class NobleConfig:
 
 @dataclass
 class ShapedConfig:
-    """Shaped attention / simplified blocks (methods.md section 2)."""
+    """Shaped attention / simplified blocks (docs/methods.md, section 2)."""
 
     alpha_init: float = 1.0  # identity weight α_h
     beta_init: float = 1.0  # softmax weight β_h
@@ -71,7 +71,7 @@ class ShapedConfig:
 
 @dataclass
 class DiJiangConfig:
-    """DiJiang frequency-domain linear attention (methods.md section 3)."""
+    """DiJiang frequency-domain linear attention (docs/methods.md, section 3)."""
 
     feature_map: str = "paper"  # paper: D ⊙ exp(T C x) | official: softmax(x C T)
     feature_dim: int | None = None  # m; None = head dim

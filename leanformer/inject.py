@@ -4,7 +4,7 @@
   :class:`NobleLinear`, keeping their weights; with ``preserve_output=True`` (W_up = 0) the converted
   model computes exactly what it did before.
 * :func:`remove_noble` puts the plain layers back (same module types, same outputs while W_up = 0).
-* :func:`importance_scores` / :func:`select_by_importance`: the user document's layer selection
+* :func:`importance_scores` / :func:`select_by_importance`: layer selection by importance (docs/methods.md)
   (NOBLE only where a layer's importance is at or above a percentile, default the 70th).
 
 LM heads are never converted: modules named ``lm_head``, ``head``, ``embed_out`` (or the model's
@@ -273,7 +273,7 @@ def importance_scores(model: nn.Module, batches: Iterable[Any],
 
 def select_by_importance(scores: dict[str, float], percentile: float = 70.0) -> list[str]:
     """Names whose score is at or above the ``percentile``-th percentile (linear interpolation) of all
-    scores; the user document's rule with its default 70. Ordered by decreasing score."""
+    scores (a NOBLE write-up's rule, default the 70th; docs/methods.md). Ordered by decreasing score."""
     if not scores:
         raise ValueError("select_by_importance got no scores")
     if not 0.0 <= percentile <= 100.0:

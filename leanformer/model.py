@@ -68,7 +68,7 @@ class TransformerLM(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 init for plain layers (N(0, σ), residual outputs σ/√(2L), zero biases) and for any layer whose
         ``takes_model_init`` is true, then each module's own ``post_init()`` (NOBLE, shaped attention,
-        DiJiang set their own). docs/methods.md, "Pre-LN baseline", says why σ/√(2L)."""
+        DiJiang set their own). docs/methods.md, section 0, says why σ/√(2L)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if type(module) is nn.Linear or getattr(module, "takes_model_init", False):  # a layer may opt in
