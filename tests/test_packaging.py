@@ -61,6 +61,15 @@ def test_import_and_cli_parser_do_not_import_transformers():
     assert out.strip() == "[]"
 
 
+def test_leanformer_hf_registers_the_auto_classes_on_first_use():
+    pytest.importorskip("transformers")
+    code = ("import sys, leanformer.hf as hf; assert 'transformers' not in sys.modules; hf.register(); "
+            "from transformers import AutoConfig; print(type(AutoConfig.for_model('leanformer')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert out.strip() == "LeanformerConfig"
+
+
 @pytest.mark.slow
 def test_installed_wheel_runs_outside_the_repository(tmp_path):
     """``pip install`` of the wheel into a fresh venv (its dependencies borrowed from this environment
