@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     """Method entry points, imported on first use."""
-    if name in ("apply_noble", "remove_noble", "convert_to_noble"):
+    if name in ("apply_noble", "remove_noble"):
         from leanformer import inject
 
         return getattr(inject, name)
@@ -25,7 +25,7 @@ def __getattr__(name: str):
         from leanformer.convert import convert_to_dijiang
 
         return convert_to_dijiang
-    if name in ("from_hf", "to_hf"):
+    if name in ("from_hf", "to_hf"):  # transformers is imported here, not by ``import leanformer``
         from leanformer import hf
 
         return getattr(hf, name)
@@ -35,16 +35,6 @@ def __getattr__(name: str):
 __all__ = [
     "ConfigError", "DataConfig", "DiJiangConfig", "NobleConfig", "RunConfig", "ShapedConfig",
     "TrainConfig", "TransformerConfig", "TransformerLM", "DecodeCache",
-    "apply_noble", "remove_noble", "convert_to_noble", "convert_to_dijiang", "from_hf", "to_hf",
+    "apply_noble", "remove_noble", "convert_to_dijiang", "from_hf", "to_hf",
 ]
 
-
-def _register_with_transformers() -> None:
-    """Make ``AutoModelForCausalLM.from_pretrained(exported_folder)`` work after ``import leanformer``."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is not None:
-        import leanformer.hf.modeling  # noqa: F401  (AutoConfig / AutoModelForCausalLM.register)
-
-
-_register_with_transformers()

@@ -22,15 +22,15 @@ import yaml
 
 from leanformer.config import ConfigError, RunConfig, from_dict, set_dotted
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package (wheel included)
 
 
 def resolve_config_path(name: str) -> Path:
-    """A config file path, or the name of one in ``configs/`` (``tiny`` → ``configs/tiny.yaml``)."""
+    """A config file path, or the name of one in ``leanformer/configs/`` (``tiny`` → ``configs/tiny.yaml``)."""
     path = Path(name)
     if path.exists():
         return path
-    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml", Path(__file__).parent / "configs" / name):
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
         if candidate.exists():
             return candidate
     raise ConfigError(f"config file {name} does not exist")
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
-    t.add_argument("--config", default="tiny", help="YAML file, or a name in configs/ (default: tiny)")
+    t.add_argument("--config", default="tiny", help="YAML file, or a name in leanformer/configs/ (default: tiny)")
     t.add_argument("--data", help="text file, folder, .jsonl or .bin shard(s); default: the built-in corpus")
     t.add_argument("--out", default="runs/train", help="output folder (metrics.jsonl, checkpoint/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

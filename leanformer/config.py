@@ -30,14 +30,14 @@ NOBLE_TARGETS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 
 @dataclass
 class NobleConfig:
-    """NOBLE branch settings (methods.md section 1): ``y = W x + b + W_up σ(W_down x + b_down)``."""
+    """NOBLE branch settings (docs/methods.md, section 1): ``y = W x + b + W_up σ(W_down x + b_down)``."""
 
     enabled: bool = False
     targets: list[str] = field(default_factory=lambda: list(NOBLE_TARGETS))
     rank: int = 32
-    rank_ratio: float | None = None  # the user document's rank = d_out * ratio (e.g. 0.25); overrides rank
+    rank_ratio: float | None = None  # rank = d_out * ratio (a write-up's 0.25); overrides rank
     activation: str = "cosnet"  # cosnet | silu | gelu | tanh
-    fusion: str = "add"  # add (paper) | gate (user document)
+    fusion: str = "add"  # add (paper) | gate (docs/methods.md, section 1)
     dropout: float = 0.0  # on the branch (gate variant)
     alpha: float = 1.0  # output scale (gate variant)
     fused: bool = True  # one stacked matmul for [W; W_down]
@@ -62,7 +62,7 @@ class NobleConfig:
 
 @dataclass
 class ShapedConfig:
-    """Shaped attention / simplified blocks (methods.md section 2)."""
+    """Shaped attention / simplified blocks (docs/methods.md, section 2)."""
 
     alpha_init: float = 1.0  # identity weight α_h
     beta_init: float = 1.0  # softmax weight β_h
@@ -74,7 +74,7 @@ class ShapedConfig:
 
 @dataclass
 class DiJiangConfig:
-    """DiJiang frequency-domain linear attention (methods.md section 3)."""
+    """DiJiang frequency-domain linear attention (docs/methods.md, section 3)."""
 
     feature_map: str = "paper"  # paper: D ⊙ exp(T C x) | official: softmax(x C T)
     feature_dim: int | None = None  # m; None = head dim
@@ -92,10 +92,6 @@ class DiJiangConfig:
             raise ConfigError(f"dijiang.chunk_size={self.chunk_size} must be >= 1")
         if self.parallel_max_len is not None and self.parallel_max_len < 1:
             raise ConfigError(f"dijiang.parallel_max_len={self.parallel_max_len} must be >= 1 (or null: by device)")
-
-
-BLOCKS = ("preln", "parallel", "neox_parallel", "sas", "sas_p", "vskipinit")
-ATTENTIONS = ("softmax", "shaped", "dijiang")
 
 
 @dataclass
@@ -157,6 +153,17 @@ class TransformerConfig:
             return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
         return 4 * self.d_model
 
+    def _check_registered(self) -> None:
+        """``block`` and ``attention`` name registered types (:mod:`leanformer.registry`) that fit together."""
+        from leanformer import registry
+
+        _choice("model.block", self.block, list(registry.BLOCKS))
+        _choice("model.attention", self.attention, list(registry.ATTENTIONS))
+        allowed = registry.BLOCKS[self.block].attentions
+        if allowed is not None and self.attention not in allowed:
+            raise ConfigError(f"model.block={self.block} needs attention={' or '.join(map(repr, allowed))}, "
+                              f"got {self.attention!r}")
+
     def validate(self) -> TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) < 1:
@@ -170,8 +177,7 @@ class TransformerConfig:
         _choice("model.ffn_act", self.ffn_act, ("relu", "gelu", "gelu_tanh", "swiglu"))
         _choice("model.norm", self.norm, ("layernorm", "rmsnorm", "none"))
         _choice("model.pos", self.pos, ("rope", "learned", "none"))
-        _choice("model.block", self.block, BLOCKS)
-        _choice("model.attention", self.attention, ATTENTIONS)
+        self._check_registered()
         if not 0 < self.rotary_pct <= 1:
             raise ConfigError(f"model.rotary_pct={self.rotary_pct} must be in (0, 1]")
         if self.pos == "rope" and int(self.head_dim * self.rotary_pct) % 2:
@@ -186,8 +192,6 @@ class TransformerConfig:
             missing = sorted(needed - set(self.rope_scaling))
             if missing:
                 raise ConfigError(f"model.rope_scaling of type {kind} needs {', '.join(missing)}")
-        if self.block in ("sas", "sas_p") and self.attention != "shaped":
-            raise ConfigError(f"model.block={self.block} needs attention='shaped' (no value/output projection)")
         self.noble.validate()
         self.dijiang.validate()
         return self

@@ -10,22 +10,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import torch.nn as nn
-
+from leanformer import registry
 from leanformer.config import ConfigError, DiJiangConfig
 from leanformer.model import TransformerLM
 
-_INHERITED_ATTN = ("q", "k", "v", "o")
-
 
 def _new_attention_keys(model: TransformerLM) -> set[str]:
-    """State-dict keys that DiJiang adds: everything in an ``attn`` module outside its q/k/v/o."""
+    """State-dict keys the model's attention type adds to softmax attention's: everything in its attention
+    layers outside the sub-modules its spec lists as ``from_softmax`` (q, k, v, o for DiJiang)."""
+    spec = registry.attention_spec(model.cfg.attention)
+    layer_cls = registry.load_layer(spec)
     keys = set()
     for name, module in model.named_modules():
-        if type(module).__name__ != "DiJiangAttention":
+        if type(module) is not layer_cls:
             continue
         for key in module.state_dict():
-            if key.split(".", 1)[0] not in _INHERITED_ATTN:
+            if key.split(".", 1)[0] not in spec.from_softmax:
                 keys.add(f"{name}.{key}")
     return keys
 
@@ -57,8 +57,3 @@ def convert_to_dijiang(model: TransformerLM, feature_map: str = "paper", **dijia
                            f"missing inherited {sorted(set(missing) - allowed)[:5]}")
     new.train(model.training)
     return new
-
-
-def inherited_keys(parent: nn.Module, child: nn.Module) -> list[str]:
-    """State-dict keys the two models share (what a conversion copies)."""
-    return sorted(set(parent.state_dict()) & set(child.state_dict()))

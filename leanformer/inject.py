@@ -1,10 +1,10 @@
 """Put NOBLE branches into any ``torch.nn.Module`` (ours or a Hugging Face model), PEFT style.
 
-* :func:`apply_noble` (alias :func:`convert_to_noble`, the user document's name) replaces matching
-  ``nn.Linear`` / Hugging Face ``Conv1D`` layers in place by :class:`NobleLinear`, keeping their weights;
-  with ``preserve_output=True`` (W_up = 0) the converted model computes exactly what it did before.
+* :func:`apply_noble` replaces matching ``nn.Linear`` / Hugging Face ``Conv1D`` layers in place by
+  :class:`NobleLinear`, keeping their weights; with ``preserve_output=True`` (W_up = 0) the converted
+  model computes exactly what it did before.
 * :func:`remove_noble` puts the plain layers back (same module types, same outputs while W_up = 0).
-* :func:`importance_scores` / :func:`select_by_importance`: the user document's layer selection
+* :func:`importance_scores` / :func:`select_by_importance`: layer selection by importance (docs/methods.md)
   (NOBLE only where a layer's importance is at or above a percentile, default the 70th).
 
 LM heads are never converted: modules named ``lm_head``, ``head``, ``embed_out`` (or the model's
@@ -178,8 +178,6 @@ def apply_noble(model: nn.Module, target_modules: str | Iterable[str] = "all-lin
     return model
 
 
-convert_to_noble = apply_noble
-
 
 def remove_noble(model: nn.Module) -> nn.Module:
     """Put every :class:`NobleLinear` of ``model`` back as the plain layer it came from; returns ``model``.
@@ -275,7 +273,7 @@ def importance_scores(model: nn.Module, batches: Iterable[Any],
 
 def select_by_importance(scores: dict[str, float], percentile: float = 70.0) -> list[str]:
     """Names whose score is at or above the ``percentile``-th percentile (linear interpolation) of all
-    scores; the user document's rule with its default 70. Ordered by decreasing score."""
+    scores (a NOBLE write-up's rule, default the 70th; docs/methods.md). Ordered by decreasing score."""
     if not scores:
         raise ValueError("select_by_importance got no scores")
     if not 0.0 <= percentile <= 100.0:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
 from leanformer.layers.norms import make_norm
-from leanformer.registry import build_block
+from leanformer.registry import attention_spec, build_block
 
 _RESIDUAL_OUTPUTS = ("attn.o", "mlp.ffn_out")
 
@@ -66,11 +66,12 @@ class TransformerLM(nn.Module):
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
-        """GPT-2 init for plain layers (N(0, σ), residual outputs σ/√(2L), zero biases), then each
-        method module's own ``post_init()`` (NOBLE, shaped attention, DiJiang set their own)."""
+        """GPT-2 init for plain layers (N(0, σ), residual outputs σ/√(2L), zero biases) and for any layer whose
+        ``takes_model_init`` is true, then each module's own ``post_init()`` (NOBLE, shaped attention,
+        DiJiang set their own). docs/methods.md, section 0, says why σ/√(2L)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
-            if type(module) is nn.Linear or getattr(module, "main_init", None) == "model":
+            if type(module) is nn.Linear or getattr(module, "takes_model_init", False):  # a layer may opt in
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(_RESIDUAL_OUTPUTS) else 1.0
                 nn.init.normal_(module.weight, 0.0, std * scale)
                 if module.bias is not None:
@@ -146,18 +147,24 @@ class TransformerLM(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6·N (matmul params incl. the head) + attention (Kaplan et al. 2020;
-        PaLM appendix B). The attention term: 12·L·C·T for softmax/shaped (QKᵀ and AV, fwd+bwd),
-        for DiJiang's linear form 12·L·H·m·d_head (state update and read-out, fwd+bwd)."""
+        """Training FLOPs per token: 6·N (matmul params incl. the head) + L × the attention type's own term
+        (Kaplan et al. 2020; PaLM appendix B), declared by its :class:`~leanformer.registry.AttentionSpec`:
+        12·C·T for softmax/shaped (QKᵀ and AV, fwd+bwd), 12·H·m·d_head for DiJiang's linear form."""
         cfg = self.cfg
         head = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0  # untied: already counted
         n_matmul = self.num_params(non_embedding=True) + head
-        if cfg.attention == "dijiang":
-            m = cfg.dijiang.feature_dim or cfg.head_dim
-            attn = 12 * cfg.n_layers * cfg.n_heads * m * cfg.head_dim
-        else:
-            attn = 12 * cfg.n_layers * cfg.d_model * seq_len
+        attn = cfg.n_layers * attention_spec(cfg.attention).flops_per_token(cfg, seq_len)
         return 6 * n_matmul + attn
+
+    def decode_state_bytes(self, context: int, batch: int = 1, dtype: torch.dtype | None = None) -> int:
+        """Bytes of decoding state after ``context`` tokens of ``batch`` sequences, as the attention type's
+        spec declares it (what :meth:`DecodeCache.memory_bytes` measures): a KV cache grows with the
+        context, a recurrent state does not. ``dtype``: the activations' (default: the parameters')."""
+        spec = attention_spec(self.cfg.attention)
+        dtype = dtype or next(self.parameters()).dtype
+        per_layer = context * spec.state_bytes_per_token(self.cfg, dtype) + spec.state_bytes_per_sequence(
+            self.cfg, dtype)
+        return self.cfg.n_layers * batch * per_layer
 
     def summary(self) -> dict:
         """Parameter counts, including the NOBLE branches' share and their forward FLOPs per token."""

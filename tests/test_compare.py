@@ -183,9 +183,13 @@ def test_bad_input_fails_at_once(tmp_path, capsys, no_work, extra, message):
 
 
 def test_missing_method_module_is_named(monkeypatch):
+    import dataclasses
+
     from leanformer import registry
 
-    monkeypatch.setitem(registry.ATTENTIONS, "dijiang", "leanformer.layers.not_written_yet:DiJiangAttention")
+    missing = dataclasses.replace(registry.ATTENTIONS["dijiang"],
+                                  layer="leanformer.layers.not_written_yet:DiJiangAttention")
+    monkeypatch.setitem(registry.ATTENTIONS, "dijiang", missing)
     with pytest.raises(ConfigError, match="arm dijiang_scratch needs module leanformer.layers.not_written"):
         plan("smoke", arms="preln,dijiang_scratch")
 

@@ -19,6 +19,8 @@ MODELS = {
     "dijiang": ["--set", "model.attention=dijiang"],
 }
 
+pytestmark = pytest.mark.slow  # several torchrun launches: skip locally with -m "not slow"; CI runs them
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:

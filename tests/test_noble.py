@@ -12,7 +12,6 @@ from torch import nn
 
 from leanformer.inject import (
     apply_noble,
-    convert_to_noble,
     importance_scores,
     noble_overhead,
     remove_noble,
@@ -229,7 +228,7 @@ def test_preserve_output_and_remove_toy():
     ref = model(idx)
     originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     types = [(n, type(m)) for n, m in model.named_modules()]
-    out = convert_to_noble(model, rank=4)
+    out = apply_noble(model, rank=4)
     assert out is model
     replaced = model.noble_injection["replaced"]
     assert replaced == ["blocks.0.out", "blocks.0.proj", "blocks.1.out", "blocks.1.proj"]

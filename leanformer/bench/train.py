@@ -12,7 +12,7 @@ gradient clipping). Random tokens, fixed for all steps. ``warmup`` untimed steps
 * Peak memory: see :class:`leanformer.bench.timing.MemoryMeter` (CUDA allocator peak over the timed
   steps; on CPU parameters + gradients + AdamW state + tensors saved for backward).
 
-Arms differ from ``preln`` only in block wiring, attention or linear layers (methods.md):
+Arms differ from ``preln`` only in block wiring, attention or linear layers (docs/methods.md):
 ``parallel``, ``noble_plain`` / ``noble_fused`` (NOBLE on q, k, v, o, ffn_in, ffn_out, rank 32, CosNet;
 two products or one stacked product), ``sas``, ``sas_p``, ``sas_p_nonorm`` (shaped attention),
 ``dijiang`` (chunkwise form, pure PyTorch) and ``dijiang_fla`` (fla's Triton kernel; CUDA + fla only).

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from leanformer.config import ConfigError, RunConfig
-from leanformer.registry import ATTENTIONS, BLOCKS
+from leanformer.registry import attention_spec, block_spec, layer_path
 
 BASELINE = "preln"
 
@@ -118,7 +118,7 @@ def arm_config(base: RunConfig, name: str) -> RunConfig:
 
 def check_available(name: str, cfg: RunConfig) -> None:
     """Import every module arm ``name`` needs; a missing one is a :class:`ConfigError` naming it."""
-    modules = [ATTENTIONS[cfg.model.attention].split(":"), BLOCKS[cfg.model.block].split(":")]
+    modules = [layer_path(attention_spec(cfg.model.attention)), layer_path(block_spec(cfg.model.block))]
     modules += [(m, None) for m in ARMS[name].needs]
     for module, attr in modules:
         try:

@@ -18,7 +18,7 @@ were 5–10× slower per step than one (2026-11-23, load average 6.7: the cpu pr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from leanformer.config import ConfigError
@@ -49,7 +49,6 @@ class Preset:
     convert_warmup_frac: float = 0.1
     convert_distill_weight: float = 0.0  # KL to the parent's logits during the fine-tune (0: LM loss only)
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def run_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.run)

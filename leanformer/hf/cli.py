@@ -69,7 +69,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="one of our checkpoint folders")
     parser.add_argument("--out", required=True, help="Hugging Face model folder to write")
     parser.add_argument("--family", choices=["leanformer", "gpt2", "gpt_neox", "llama"], default="leanformer",
-                        help="leanformer (any model; load after `import leanformer`) or a plain model's "
+                        help="leanformer (any model; load after leanformer.hf.register()) or a plain model's "
                              "original format")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     parser.set_defaults(func=cmd_export)

@@ -1,10 +1,10 @@
 """Export a :class:`TransformerLM` as a Hugging Face model folder.
 
 ``to_hf(model, out)`` writes ``config.json`` + ``model.safetensors`` of :class:`LeanformerForCausalLM`
-(any block, attention, NOBLE setting), loadable with ``AutoModelForCausalLM.from_pretrained`` after
-``import leanformer``. ``family="gpt2" | "gpt_neox" | "llama"`` instead writes the original family's
-format (no leanformer needed to load it) when the model is expressible there; each family function
-below is the exact inverse of its importer.
+(any block, attention, NOBLE setting), loadable with ``AutoModelForCausalLM.from_pretrained`` once
+:mod:`leanformer.hf` is used (see :func:`leanformer.hf.register`). ``family="gpt2" | "gpt_neox" | "llama"``
+instead writes the original family's format (no leanformer needed to load it) when the model is
+expressible there; each family function below is the exact inverse of its importer.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ carried between steps in ``past_key_values`` as a :class:`LeanformerCache`.
 
 Importing this module registers ``model_type="leanformer"`` with ``AutoConfig`` and
 ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(folder)`` works after
-``import leanformer.hf``.
+``leanformer.hf.register()`` or the first use of any name of :mod:`leanformer.hf`.
 """
 
 from __future__ import annotations

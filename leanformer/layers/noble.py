@@ -85,7 +85,7 @@ class CosNet(nn.Module):
 
 
 def make_activation(name: str, rank: int, device: Any = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """The branch nonlinearity σ: ``cosnet`` (paper), ``silu`` (user document), ``gelu`` or ``tanh``."""
+    """The branch nonlinearity σ: ``cosnet`` (paper), ``silu``, ``gelu`` or ``tanh``."""
     if name == "cosnet":
         return CosNet(rank, device=device, dtype=dtype)
     if name == "silu":
@@ -112,9 +112,9 @@ class NobleLinear(nn.Module):
     Args:
         in_features, out_features, bias: as ``nn.Linear``; ``weight``/``bias`` keep its state-dict names.
         rank: r, the branch width (paper default 32). ``rank_ratio`` overrides it:
-            ``r = max(1, round(out_features * rank_ratio))`` (the user document's ``d_out // 4`` is 0.25).
+            ``r = max(1, round(out_features * rank_ratio))`` (``d_out // 4`` is 0.25).
         activation: σ, one of ``cosnet`` (paper), ``silu``, ``gelu``, ``tanh``.
-        fusion: ``add`` (paper: plain sum) or ``gate`` (user document:
+        fusion: ``add`` (paper: plain sum) or ``gate`` (docs/methods.md, section 1:
             ``y = α (sigmoid(w) main + (1 − sigmoid(w)) branch)``, w a learned scalar, init 0).
         dropout: on the branch output (both fusions).
         alpha: α, the gate variant's output scale; ``fusion="add"`` has none and needs ``alpha=1``.
@@ -181,6 +181,11 @@ class NobleLinear(nn.Module):
             self.reset_branch(zero_up=False)
         else:
             self.reset_parameters()
+
+    @property
+    def takes_model_init(self) -> bool:
+        """Whether ``TransformerLM.reset_parameters`` gives the main weight its generic linear init."""
+        return self.main_init == "model"
 
     @torch.no_grad()
     def reset_branch(self, zero_up: bool = False) -> None:
