@@ -379,6 +379,19 @@ class StaticDecoder:
             self._run_fixed(self._step_body)
         self.cache.pos += 1
 
+    def expanded(self, batch: int) -> StaticDecoder:
+        """A decoder of ``batch`` rows, each a copy of row 0 of this prefilled one, with the same settings
+        (benchmarks: one prefill, many batch sizes). Not captured yet."""
+        if self.logits is None:
+            raise RuntimeError("prefill a prompt before expanding the decoder")
+        new = StaticDecoder(self.model, batch, self.capacity, graph=self.graph_kind,
+                            prefill_chunk=self.prefill_chunk, cache=self.cache.expand(batch), **self.sampling)
+        new.ids.copy_(self.ids[:1].expand(batch, 1))
+        new.tokens.copy_(self.tokens[:1].expand(batch, -1))
+        new.logits = self.logits[:1].expand(batch, -1).clone()
+        new.step_pos_sync()
+        return new
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """(B, T) prompt → (B, T + max_new_tokens): prefill, capture, ``max_new_tokens − 1`` steps."""
@@ -401,13 +414,18 @@ class StaticDecoder:
 # ---------------------------------------------------------------------------------------------- dtype
 def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A copy of ``model`` with its weights in ``dtype`` for fast decoding (no per-step autocast casts),
-    except buffers and DiJiang's feature-map and decay tensors, which stay float32 (they feed ``exp``)."""
+    except buffers and DiJiang's feature-map and decay tensors, which stay float32 (they feed ``exp``).
+    NOBLE layers compute their main and branch products separately (``fused=False``: same result, no
+    per-call concatenation of the weights, which a one-token step would pay for in full)."""
     import copy
 
     from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap
+    from leanformer.layers.noble import NobleLinear
 
     out = copy.deepcopy(model).to(dtype)
     for m in out.modules():
+        if isinstance(m, NobleLinear):
+            m.fused = False
         if isinstance(m, DiJiangFeatureMap):
             m.float()
         elif isinstance(m, DiJiangAttention) and getattr(m, "decay_logit", None) is not None:
