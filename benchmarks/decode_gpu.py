@@ -70,10 +70,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def check_correctness() -> None:
+def check_correctness(arms=tuple(ARMS)) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    for arm in ARMS:
+    for arm in arms:
         try:
             cpu = small(arm)
             gpu = small(arm).cuda()
@@ -147,13 +147,15 @@ def gpt2(arm: str, weights: str = "bf16", max_len: int = 40000) -> TransformerLM
 
 
 @torch.no_grad()
-def time_decoder(model, L: int, b: int, graph="cuda", attention="math", autocast=False, steps=50) -> dict:
+def time_decoder(model, L: int, b: int, graph="cuda", attention="sdpa", autocast=False, steps=50,
+                 compile=False) -> dict:
     def ctx():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
 
     prompt = torch.randint(0, model.cfg.vocab_size, (1, L), device="cuda")
     with ctx():
-        dec1 = StaticDecoder(model, 1, L + steps + 20, graph=graph, attention=attention, prefill_chunk=4096)
+        dec1 = StaticDecoder(model, 1, L + steps + 20, graph=graph, attention=attention, prefill_chunk=4096,
+                             compile=compile)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     dec1.prefill(prompt)
@@ -285,12 +287,59 @@ def profile(arm: str, model, L: int, b: int) -> None:
     torch.cuda.empty_cache()
 
 
+def run_final(budget: float) -> None:
+    """Call 2: correctness again (graph vs eager tokens, every arm; compiled step too), today's eager path at
+    the issue's cells, then (after the table) the compiled step at the target cells, while time lasts."""
+    check_correctness(arms=("preln", "gqa", "sas", "sas_p", "dijiang", "noble", "noble_sas_p"))
+    try:
+        model = small("dijiang").cuda()
+        prompt = torch.randint(0, 4096, (3, 50), device="cuda")
+        eager = model.generate(prompt, 30, temperature=0, static=False)
+        comp = model.generate(prompt, 30, temperature=0, static=True, compile=True)
+        rec = {"check": "compiled graph vs eager (float32)", "arm": "dijiang",
+               "tokens_equal": bool(torch.equal(eager, comp))}
+    except Exception as e:  # noqa: BLE001
+        rec = {"check": "compiled graph vs eager (float32)", "error": f"{type(e).__name__}: {e}"[:400]}
+    RESULTS["checks"].append(rec)
+    log(rec)
+    soft = gpt2("preln", "autocast")
+    for L, b in ((512, 1), (8192, 1), (8192, 32), (32768, 8)):
+        variant(f"softmax eager path (autocast, today) L={L} b={b}",
+                lambda m=soft, L=L, b=b: eager_step_ms(m, L, b))
+    soft = None
+    torch.cuda.empty_cache()
+    variant("softmax graph autocast-fp32-weights L=2048 b=1",
+            lambda: time_decoder(gpt2("preln", "autocast"), 2048, 1, autocast=True))
+
+
+def run_compiled(budget: float) -> None:
+    import torch._dynamo.config as dc
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, 256)
+    cells = [("dijiang", 8192, 32), ("preln", 8192, 32), ("dijiang", 32768, 8), ("preln", 32768, 8),
+             ("preln", 2048, 1), ("sas_p", 2048, 1), ("noble_fused", 2048, 1), ("dijiang", 2048, 1)]
+    models = {}
+    for arm, L, b in cells:
+        if time.monotonic() - T0 > budget - 45:
+            RESULTS["variants"].append({"variant": f"{arm} compiled graph L={L} b={b}", "error": "skipped (time)"})
+            continue
+        if arm not in models:
+            models.clear()
+            torch.cuda.empty_cache()
+            models[arm] = gpt2(arm)
+        variant(f"{arm} compiled graph bf16 L={L} b={b}",
+                lambda m=models[arm], L=L, b=b: time_decoder(m, L, b, compile=True, steps=30))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--skip-table", action="store_true")
     ap.add_argument("--only-table", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--final", action="store_true", help="call 2: checks, eager baseline, table, compiled cells")
     ap.add_argument("--table-args", default="")
     ap.add_argument("--budget", type=float, default=320, help="seconds for the whole script (the table stops)")
     args = ap.parse_args()
@@ -300,7 +349,10 @@ def main() -> int:
     RESULTS["meta"] = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": commit or None,
                        "argv": sys.argv}
-    if not args.only_table:
+    if args.final:
+        run_final(args.budget)
+        (out / "decode_check.json").write_text(json.dumps(RESULTS, indent=1))
+    elif not args.only_table:
         check_correctness()
         check_gpt2_bf16()
         run_variants(args.compile)
@@ -308,9 +360,12 @@ def main() -> int:
     if not args.skip_table:
         from leanformer.cli import main as cli
 
-        budget = max(30, args.budget - (time.monotonic() - T0))
+        budget = max(30, args.budget - (time.monotonic() - T0) - (150 if args.final else 0))
         cli(["bench", "decode", "--size", "gpt2", "--out", str(out), "--steps", "32", "--warmup", "3",
              "--time-budget", str(int(budget)), *args.table_args.split()])
+    if args.final:
+        (out / "decode_check.json").write_text(json.dumps(RESULTS, indent=1))
+        run_compiled(args.budget)
     (out / "decode_check.json").write_text(json.dumps(RESULTS, indent=1))
     log("done")
     return 0

@@ -16,8 +16,11 @@ Python and kernel launches. Here instead (the design of gpt-fast's static KV cac
   attends over the whole buffer with a mask ``slot <= pos``, so no shape or host value changes from one
   token to the next. Sampling (temperature, top-k, top-p) is part of it (:func:`sample_next`: the
   exponential race ``argmax(p / E)``, E ~ Exp(1), which draws from ``p`` without a host sync).
-* On CUDA the step is captured once as a CUDA graph (``torch.cuda.CUDAGraph``; ``graph="compile"``
-  uses ``torch.compile(mode="reduce-overhead")`` instead) and replayed per token.
+* On CUDA the step is captured once as a CUDA graph (``torch.cuda.CUDAGraph``) and replayed per token.
+  ``compile=True`` first passes the step through ``torch.compile`` (Inductor fuses its element-wise
+  kernels) and captures the compiled step in the same graph: fewer, larger kernels, at the price of a
+  compilation per shape. (``torch.compile(mode="reduce-overhead")`` was measured too: it skips its CUDA
+  graphs because the step mutates its inputs, the cache, and ran 5× slower; see docs/benchmarks.md.)
 
 Attention modules see a static state through the ``positions`` key of their per-layer dict (a
 :class:`StaticPositions` shared by every layer) and ``pos``, the new tokens' positions as a (T,) tensor.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -49,13 +52,22 @@ class StaticPositions:
       (causal attention over the new tokens alone).
     * ``attention``: ``"math"`` (matmul + masked softmax) or ``"sdpa"`` for the masked step.
     * ``capacity``: the cache's length in tokens.
+    * ``shared``: tensors every layer needs once per call (rotary cos/sin, 1/(position+1)), made by the
+      first layer that asks (:meth:`memo`) and cleared at each call.
     """
 
     capacity: int
     index: torch.Tensor | None = None
     end: int | None = None
     mask: torch.Tensor | None = None
-    attention: str = "math"
+    attention: str = "sdpa"
+    shared: dict = field(default_factory=dict)
+
+    def memo(self, key, make):
+        """``make()``, computed once per call for all layers under ``key``."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
 
 def is_static(state: dict | None) -> bool:
@@ -115,7 +127,7 @@ class StaticCache:
 
     static = True
 
-    def __init__(self, model: nn.Module, batch: int, capacity: int, attention: str = "math"):
+    def __init__(self, model: nn.Module, batch: int, capacity: int, attention: str = "sdpa"):
         from leanformer.layers.rope import Rotary
 
         cfg = model.cfg
@@ -142,6 +154,7 @@ class StaticCache:
         if batch != self.batch:
             raise ValueError(f"batch of {batch} sequences, but the static cache holds {self.batch}")
         p = self.positions
+        p.shared = {}
         if self.fixed_shape:
             if T != 1:
                 raise ValueError(f"a fixed-shape step takes one token per sequence, got {T}")
@@ -241,20 +254,21 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 class StaticDecoder:
     """Generation over a :class:`StaticCache`: eager chunked prefill, then fixed-shape steps.
 
-    ``graph``: ``"cuda"`` captures the step with ``torch.cuda.CUDAGraph`` (CUDA only), ``"compile"`` runs
-    it through ``torch.compile(mode="reduce-overhead")``, ``"none"`` runs it eagerly (the CPU; tests),
-    ``"auto"`` = ``"cuda"`` on a GPU, else ``"none"``. The autocast state at construction (e.g. bf16) is
+    ``graph``: ``"cuda"`` captures the step with ``torch.cuda.CUDAGraph`` (CUDA only), ``"none"`` runs it
+    eagerly (the CPU; tests), ``"auto"`` = ``"cuda"`` on a GPU, else ``"none"``. ``compile``: the step
+    goes through ``torch.compile`` (default mode) before capture. ``attention``: the masked step's
+    attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state at construction (e.g. bf16) is
     the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the token to feed, ``tokens``
     (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.
     """
 
     def __init__(self, model: nn.Module, batch: int, capacity: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, graph: str = "auto", attention: str = "math",
-                 prefill_chunk: int = 2048, cache: StaticCache | None = None):
+                 generator: torch.Generator | None = None, graph: str = "auto", attention: str = "sdpa",
+                 prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool = False):
         check_sampling(temperature, top_k, top_p)
-        if graph not in ("auto", "cuda", "compile", "none"):
-            raise ValueError(f"graph={graph!r} is not valid; choose auto, cuda, compile or none")
+        if graph not in ("auto", "cuda", "none"):
+            raise ValueError(f"graph={graph!r} is not valid; choose auto, cuda or none")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
         self.model = model
@@ -270,16 +284,14 @@ class StaticDecoder:
         dev = self.device.type
         on = torch.is_autocast_enabled(dev) if torch.amp.is_autocast_available(dev) else False
         # The autocast weight-cast cache must stay off: a captured graph would read a freed cast.
-        self._autocast = (torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
-                          if on else nullcontext)
+        dtype = torch.get_autocast_dtype(dev) if on else None
+        self._ctx = ((lambda: torch.autocast(dev, dtype=dtype, cache_enabled=False)) if on else nullcontext)
         self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(self.batch, self.capacity, dtype=torch.long, device=self.device)
         self.logits: torch.Tensor | None = None
         self._graph = None
-        self._compiled = None
-
-    def _ctx(self):
-        return self._autocast() if callable(self._autocast) else self._autocast
+        self.compiled = compile
+        self._body = torch.compile(self._step_body, dynamic=False) if compile else self._step_body
 
     # ---------------------------------------------------------------- prefill
     @torch.no_grad()
@@ -331,36 +343,30 @@ class StaticDecoder:
         finally:
             self.cache.fixed_shape = False
 
-    def capture(self, warmup: int = 2) -> None:
-        """Build the step's graph (a no-op for ``graph="none"``); the cache is left as it was."""
-        if self.graph_kind == "none" or self._graph is not None or self._compiled is not None:
+    def capture(self, warmup: int = 3) -> None:
+        """Build the step's CUDA graph (a no-op for ``graph="none"``); the cache is left as it was.
+        ``warmup`` steps run first on a side stream (and compile the step when ``compile``)."""
+        if self.graph_kind == "none" or self._graph is not None:
             return
         if self.logits is None:
             raise RuntimeError("prefill a prompt before capturing the decoding step")
         snap = self.cache.snapshot()
         ids, logits = self.ids.clone(), self.logits.clone()
-        if self.graph_kind == "compile":
-            for _, _, t in self.cache.tensors():
-                torch._dynamo.mark_static_address(t)
-            self._compiled = torch.compile(self._step_body, mode="reduce-overhead", fullgraph=False)
-            for _ in range(warmup + 1):
-                self._run_fixed(self._compiled)
-        else:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._run_fixed(self._step_body)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.cache.restore(snap)
-            self.ids.copy_(ids)
-            g = torch.cuda.CUDAGraph()
-            gen = self.sampling["generator"]
-            if gen is not None and gen.device.type == "cuda" and hasattr(g, "register_generator_state"):
-                g.register_generator_state(gen)
-            with torch.cuda.graph(g):
-                self._run_fixed(self._step_body)
-            self._graph = g
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._run_fixed(self._body)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.cache.restore(snap)
+        self.ids.copy_(ids)
+        g = torch.cuda.CUDAGraph()
+        gen = self.sampling["generator"]
+        if gen is not None and gen.device.type == "cuda" and hasattr(g, "register_generator_state"):
+            g.register_generator_state(gen)
+        with torch.cuda.graph(g):
+            self._run_fixed(self._body)
+        self._graph = g
         self.cache.restore(snap)
         self.ids.copy_(ids)
         self.logits.copy_(logits)
@@ -373,10 +379,8 @@ class StaticDecoder:
             raise ValueError(f"the static cache is full ({self.capacity} tokens); make it larger")
         if self._graph is not None:
             self._graph.replay()
-        elif self._compiled is not None:
-            self._run_fixed(self._compiled)
         else:
-            self._run_fixed(self._step_body)
+            self._run_fixed(self._body)
         self.cache.pos += 1
 
     def expanded(self, batch: int) -> StaticDecoder:
@@ -385,7 +389,8 @@ class StaticDecoder:
         if self.logits is None:
             raise RuntimeError("prefill a prompt before expanding the decoder")
         new = StaticDecoder(self.model, batch, self.capacity, graph=self.graph_kind,
-                            prefill_chunk=self.prefill_chunk, cache=self.cache.expand(batch), **self.sampling)
+                            prefill_chunk=self.prefill_chunk, cache=self.cache.expand(batch),
+                            compile=self.compiled, **self.sampling)
         new.ids.copy_(self.ids[:1].expand(batch, 1))
         new.tokens.copy_(self.tokens[:1].expand(batch, -1))
         new.logits = self.logits[:1].expand(batch, -1).clone()

@@ -130,14 +130,15 @@ class TransformerLM(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  top_p: float | None = None, static: bool | None = None, max_len: int | None = None,
-                 graph: str = "auto") -> torch.Tensor:
+                 graph: str = "auto", compile: bool = False) -> torch.Tensor:
         """Sample ``max_new_tokens`` after the prompt ``idx`` (B, T); returns (B, T + max_new_tokens).
 
         ``temperature=0`` is greedy; otherwise draws from the softmax cut to ``top_k`` / ``top_p``
         (:func:`leanformer.decoding.sample_next`, the same draws on both paths for one generator).
         ``static`` (default: on CUDA) decodes through :class:`leanformer.decoding.StaticDecoder`: caches
         pre-allocated to ``max_len`` tokens (default ``T + max_new_tokens``), the step a CUDA graph
-        (``graph``: auto, cuda, compile, none). ``static=False`` is the eager reference path
+        (``graph``: auto, cuda, none; ``compile=True`` fuses the step with ``torch.compile`` first).
+        ``static=False`` is the eager reference path
         (:class:`DecodeCache`, growing caches), the default on the CPU.
         """
         check_sampling(temperature, top_k, top_p)
@@ -152,7 +153,7 @@ class TransformerLM(nn.Module):
             if need > capacity:
                 raise ValueError(f"prompt of {idx.shape[1]} tokens + {max_new_tokens} new tokens = {need} "
                                  f"exceeds max_len={capacity}")
-            decoder = StaticDecoder(self, idx.shape[0], capacity, graph=graph, **sampling)
+            decoder = StaticDecoder(self, idx.shape[0], capacity, graph=graph, compile=compile, **sampling)
             return decoder.generate(idx, max_new_tokens)
         cache = self.new_cache()
         logits, _ = self(idx, cache=cache)

@@ -170,3 +170,14 @@ def test_cuda_graph_tokens_equal_eager(arm):
     eager = model.generate(prompt, 12, temperature=0, static=False)
     graph = model.generate(prompt, 12, temperature=0, static=True, graph="cuda")
     assert torch.equal(graph, eager)
+
+
+def test_decoder_made_under_autocast_runs_under_it():
+    """The autocast state at construction is the one prefill and steps run under (bf16 on the CPU here)."""
+    model = _model().float()
+    prompt = torch.randint(0, V, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dec = StaticDecoder(model, 2, 12, graph="none")
+    dec.prefill(prompt)
+    dec.step()
+    assert dec.cache.layers[0]["k"].dtype == torch.bfloat16 and dec.logits.dtype == torch.bfloat16

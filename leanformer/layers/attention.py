@@ -81,9 +81,10 @@ def add_projections(module: nn.Module, cfg: TransformerConfig) -> None:
                      if cfg.pos == "rope" else None)
 
 
-def project_qkv(module: nn.Module, x: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+def project_qkv(module: nn.Module, x: torch.Tensor, start) -> tuple[torch.Tensor, ...]:
     """``x`` (B, T, C) → q (B, H, T, D), k and v (B, H_kv, T, D), q and k rotated at positions ``start + t``
-    (or ``start[t]``, a (T,) tensor of positions); ``module`` holds what :func:`add_projections` gave it."""
+    (or as :meth:`Rotary.rotate` reads a tensor or static positions); ``module`` holds what
+    :func:`add_projections` gave it."""
     q = split_heads(module.q(x), module.n_heads)
     k = split_heads(module.k(x), module.n_kv)
     v = split_heads(module.v(x), module.n_kv)
@@ -124,6 +125,6 @@ class SoftmaxAttention(nn.Module):
         """The static-cache branch (:mod:`leanformer.decoding`): K/V written in place at the positions
         ``state["pos"]`` of a pre-allocated buffer, attention over it with the shared mask."""
         p = state["positions"]
-        q, k, v = project_qkv(self, x, state["pos"])
+        q, k, v = project_qkv(self, x, p)
         kv = write_kv(state, k=k, v=v)
         return self.o(merge_heads(cached_attention(q, kv["k"], kv["v"], p)))

@@ -48,6 +48,7 @@ class Rotary(nn.Module):
         with torch.device("cpu"):
             inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
             self.inv_freq = scale_frequencies(inv_freq, scaling)
+        self._freq_key = hash(tuple(self.inv_freq.tolist()))  # layers with equal tables share them per step
         self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
         self._reserved = 0
 
@@ -75,18 +76,20 @@ class Rotary(nn.Module):
     def cos_sin_at(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, rotary_dim)`` tables at the positions (T,) int64 (on their device): a gather from tables
         covering :meth:`reserve`'s length, with no host synchronisation."""
-        cos, sin = self.cos_sin(0, 1, positions.device, dtype)
-        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= cos.shape[0]:
-            cos, sin = self.cos_sin(0, int(positions.max()) + 1, positions.device, dtype)
+        self.cos_sin(0, 1, positions.device, dtype)  # builds (or keeps) the tables
         size = self._tables[0]
         return self._tables[1][:size].index_select(0, positions), self._tables[2][:size].index_select(0, positions)
 
-    def rotate(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """``x``: (B, H, T, D) -> same shape, rotated at positions ``start + t`` (``start`` an int) or at
-        ``start[t]`` (a (T,) int64 tensor of positions)."""
+    def rotate(self, x: torch.Tensor, start=0) -> torch.Tensor:
+        """``x``: (B, H, T, D) -> same shape, rotated at positions ``start + t`` (``start`` an int), at
+        ``start[t]`` (a (T,) int64 tensor of positions), or at ``start.index`` (a static cache's
+        :class:`leanformer.decoding.StaticPositions`, whose tables are gathered once per step for all layers)."""
         if self.rotary_dim == 0:
             return x
-        if isinstance(start, torch.Tensor):
+        if hasattr(start, "memo"):
+            key = ("rope", self.rotary_dim, self._freq_key, x.dtype)
+            cos, sin = start.memo(key, lambda: self.cos_sin_at(start.index, x.dtype))
+        elif isinstance(start, torch.Tensor):
             cos, sin = self.cos_sin_at(start, x.dtype)
         else:
             cos, sin = self.cos_sin(start, x.shape[-2], x.device, x.dtype)
@@ -97,6 +100,5 @@ class Rotary(nn.Module):
         out = x_rot * cos + rotated * sin
         return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor,
-                start: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start=0) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotate(q, start), self.rotate(k, start)

@@ -242,22 +242,23 @@ class ShapedAttention(nn.Module):
         k = split_heads(self.k(x), self.n_kv)
         v = split_heads(self.v(x) if self.v is not None else x, self.n_heads)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, state["pos"])
+            q, k = self.rotary(q, k, p)
         kv = write_kv(state, k=k, v=v)
         keys = kv["k"]
         if self.n_kv != self.n_heads:
             keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        out = _per_head(self.alpha) * v + _per_head(self.beta) * cached_attention(q, keys, kv["v"], p)
+        out = torch.addcmul(_per_head(self.alpha) * v, _per_head(self.beta), cached_attention(q, keys, kv["v"], p))
         if self.centring:
-            new = v.to(torch.promote_types(v.dtype, torch.float32))
-            sums = new.cumsum(2)
+            acc = torch.promote_types(v.dtype, torch.float32)
+            new = v.to(acc)
+            sums = new.cumsum(2) if new.shape[2] > 1 else new
             if "v_sum" in state:
                 sums = sums + state["v_sum"].unsqueeze(2)
-            counts = (state["pos"] + 1).to(new.dtype)
-            out = out - _per_head(self.gamma) * (sums / counts[:, None]).to(v.dtype)
-            if "v_sum" in state:
                 state["v_sum"].copy_(sums[:, :, -1])
             else:
                 state["v_sum"] = sums[:, :, -1].clone()
+            inv_count = p.memo(("inv_count", acc), lambda: 1.0 / (p.index + 1).to(acc))  # (T,)
+            mean = (sums * inv_count[:, None]).to(v.dtype)
+            out = torch.addcmul(out, _per_head(self.gamma), mean, value=-1)
         y = merge_heads(out)
         return self.o(y) if self.o is not None else y
