@@ -302,6 +302,15 @@ def run_final(budget: float) -> None:
         rec = {"check": "compiled graph vs eager (float32)", "error": f"{type(e).__name__}: {e}"[:400]}
     RESULTS["checks"].append(rec)
     log(rec)
+    try:
+        from leanformer.compare.decode import decode_latency
+
+        lat = decode_latency(small("sas_p").cuda(), [64, 256], 8, 2)
+        rec = {"check": "compare decode_latency on CUDA (graph)", **lat}
+    except Exception as e:  # noqa: BLE001
+        rec = {"check": "compare decode_latency on CUDA (graph)", "error": f"{type(e).__name__}: {e}"[:400]}
+    RESULTS["checks"].append(rec)
+    log(rec)
     soft = gpt2("preln", "autocast")
     for L, b in ((512, 1), (8192, 1), (8192, 32), (32768, 8)):
         variant(f"softmax eager path (autocast, today) L={L} b={b}",
