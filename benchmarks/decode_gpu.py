@@ -354,7 +354,9 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    stamp = Path("COMMIT")  # written when the tree is staged without its .git (the device copy)
+    commit = (stamp.read_text().strip() if stamp.exists() else
+              subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
     RESULTS["meta"] = {"machine": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": commit or None,
                        "argv": sys.argv}

@@ -255,17 +255,17 @@ class StaticDecoder:
     """Generation over a :class:`StaticCache`: eager chunked prefill, then fixed-shape steps.
 
     ``graph``: ``"cuda"`` captures the step with ``torch.cuda.CUDAGraph`` (CUDA only), ``"none"`` runs it
-    eagerly (the CPU; tests), ``"auto"`` = ``"cuda"`` on a GPU, else ``"none"``. ``compile``: the step
-    goes through ``torch.compile`` (default mode) before capture. ``attention``: the masked step's
-    attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state at construction (e.g. bf16) is
-    the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the token to feed, ``tokens``
-    (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.
+    eagerly (the CPU; tests), ``"auto"`` = ``"cuda"`` on a GPU, else ``"none"``. ``compile``: the step goes
+    through ``torch.compile`` (default mode; a string names the backend) before capture. ``attention``:
+    the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state
+    at construction (e.g. bf16) is the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the
+    token to feed, ``tokens`` (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.
     """
 
     def __init__(self, model: nn.Module, batch: int, capacity: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, graph: str = "auto", attention: str = "sdpa",
-                 prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool = False):
+                 prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool | str = False):
         check_sampling(temperature, top_k, top_p)
         if graph not in ("auto", "cuda", "none"):
             raise ValueError(f"graph={graph!r} is not valid; choose auto, cuda or none")
@@ -291,7 +291,8 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self._graph = None
         self.compiled = compile
-        self._body = torch.compile(self._step_body, dynamic=False) if compile else self._step_body
+        backend = compile if isinstance(compile, str) else "inductor"
+        self._body = torch.compile(self._step_body, dynamic=False, backend=backend) if compile else self._step_body
 
     # ---------------------------------------------------------------- prefill
     @torch.no_grad()

@@ -130,7 +130,7 @@ class TransformerLM(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  top_p: float | None = None, static: bool | None = None, max_len: int | None = None,
-                 graph: str = "auto", compile: bool = False) -> torch.Tensor:
+                 graph: str = "auto", compile: bool | str = False) -> torch.Tensor:
         """Sample ``max_new_tokens`` after the prompt ``idx`` (B, T); returns (B, T + max_new_tokens).
 
         ``temperature=0`` is greedy; otherwise draws from the softmax cut to ``top_k`` / ``top_p``

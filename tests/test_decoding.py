@@ -181,3 +181,13 @@ def test_decoder_made_under_autocast_runs_under_it():
     dec.prefill(prompt)
     dec.step()
     assert dec.cache.layers[0]["k"].dtype == torch.bfloat16 and dec.logits.dtype == torch.bfloat16
+
+
+def test_compiled_step_equals_eager_step():
+    """``compile``: the step traced by torch.compile (its side effects on the cache included; the aot_eager
+    backend keeps the test fast, Inductor runs on the GPU) gives the eager path's tokens."""
+    model = _model(n_layers=1, block="sas_p", attention="shaped")
+    prompt = torch.randint(0, V, (2, 5))
+    eager = model.generate(prompt, 5, temperature=0, static=False)
+    assert torch.equal(model.generate(prompt, 5, temperature=0, static=True, graph="none", compile="aot_eager"),
+                       eager)

@@ -9,13 +9,14 @@ from leanformer.cli import main
 
 def test_bench_decode_static_path_tiny(tmp_path):
     out = tmp_path / "dec"
-    rc = main(["bench", "decode", "--size", "tiny", "--contexts", "16,48", "--batches", "1,3", "--path", "static",
-               "--steps", "2", "--warmup", "1", "--prefill-chunk", "32", "--out", str(out), "--device", "cpu"])
+    rc = main(["bench", "decode", "--size", "tiny", "--arms", "preln,dijiang", "--contexts", "16,48",
+               "--batches", "1,3", "--path", "static", "--steps", "2", "--warmup", "1", "--prefill-chunk", "32",
+               "--out", str(out), "--device", "cpu"])
     assert rc == 0
     data = json.loads((out / "decode.json").read_text())
     assert data["settings"]["path"] == "static"
     rows = data["results"]
-    assert len(rows) == 4 * 2 * 2
+    assert len(rows) == 2 * 2 * 2
     for r in rows:
         assert r["status"] == "ok", r
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["prefill_s"] > 0
@@ -50,3 +51,8 @@ def test_expanded_decoder_steps_equal_a_batch_of_copies():
             three.step()
             torch.testing.assert_close(wide.logits, three.logits)
         assert torch.equal(wide.tokens, three.tokens)
+
+
+def test_bench_decode_compile_needs_the_static_path(capsys):
+    assert main(["bench", "decode", "--size", "tiny", "--path", "eager", "--compile", "--device", "cpu"]) == 2
+    assert "--compile applies to the static step" in capsys.readouterr().err

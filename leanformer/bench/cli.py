@@ -85,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--weights", default="bf16",
                    help="on CUDA: bf16 (a bf16 decoding copy of the model, default) or autocast (float32 "
                         "weights under bf16 autocast)")
+    d.add_argument("--compile", action="store_true",
+                   help="pass the static step through torch.compile before its CUDA graph is captured")
     d.set_defaults(func=run_decode)
 
 
@@ -134,4 +136,5 @@ def run_decode(args: argparse.Namespace) -> int:
         size=args.size, arms=args.arms, contexts=args.contexts, batches=args.batches, steps=args.steps,
         warmup=2 if args.warmup is None else args.warmup, prefill_chunk=args.prefill_chunk, device=device,
         time_budget=args.time_budget, max_memory_gb=args.max_memory_gb, path=args.path, weights=args.weights,
+        compile=args.compile,
         command=command_line("leanformer bench decode", args)))

@@ -9,6 +9,8 @@ fixed-shape step (model + greedy sampling, inside the graph) is captured as a CU
 untimed and ``steps`` timed replays follow, each timed with CUDA events; the median is reported. Weights
 are bf16 (``--weights bf16``, :func:`leanformer.decoding.decoding_copy`) or float32 under bf16 autocast
 (``--weights autocast``). ``--path static`` runs the same fixed-shape step without a graph (the CPU).
+``--compile`` passes the step through ``torch.compile`` before capture (one compilation per arm, context and
+batch: seconds each; ``capture_s`` in the JSON includes it).
 
 ``--path eager`` (the default on CPU) is the reference path below (growing caches, Python positions).
 Per model arm and context length L: a random prompt of L tokens is prefilled at batch 1 by chunks of
@@ -129,14 +131,14 @@ def time_steps(model, cache, batch: int, steps: int, warmup: int, device: torch.
 
 @torch.no_grad()
 def static_prefill(model, context: int, capacity: int, chunk: int, device: torch.device, vocab: int,
-                   graph: str, ctx, seed: int = 0):
+                   graph: str, ctx, seed: int = 0, compile: bool = False):
     """A batch-1 :class:`StaticDecoder` with ``context`` random tokens prefilled; returns (decoder, seconds)."""
     from leanformer.decoding import StaticDecoder
 
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, context), generator=g).to(device)
     with ctx():
-        dec = StaticDecoder(model, 1, capacity, graph=graph, prefill_chunk=chunk)
+        dec = StaticDecoder(model, 1, capacity, graph=graph, prefill_chunk=chunk, compile=compile)
     synchronize(device)
     t0 = time.perf_counter()
     dec.prefill(prompt)
@@ -188,7 +190,7 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
                      steps: int | None = None, warmup: int = 2, prefill_chunk: int | None = None,
                      device: torch.device | None = None, time_budget: float | None = None,
                      max_memory_gb: float | None = None, path: str | None = None, weights: str = "bf16",
-                     command: str = "leanformer bench decode") -> Report:
+                     compile: bool = False, command: str = "leanformer bench decode") -> Report:
     """Every arm × context × batch; returns the :class:`Report`."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
@@ -199,17 +201,25 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
         raise ConfigError("--path graph needs CUDA; use --path static or eager on the CPU")
     if weights not in ("bf16", "autocast"):
         raise ConfigError(f"--weights {weights!r} is not valid; choose bf16 or autocast")
+    if compile and path == "eager":
+        raise ConfigError("--compile applies to the static step (--path graph or static), not --path eager")
+    if compile:
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # one compilation per arm, context and batch
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 512))
     if path == "eager":
         return _run_eager(size=size, arms=arms, contexts=contexts, batches=batches, steps=steps, warmup=warmup,
                           prefill_chunk=prefill_chunk, device=device, time_budget=time_budget,
                           max_memory_gb=max_memory_gb, command=command)
     return _run_static(size=size, arms=arms, contexts=contexts, batches=batches, steps=steps, warmup=warmup,
                        prefill_chunk=prefill_chunk, device=device, time_budget=time_budget,
-                       max_memory_gb=max_memory_gb, path=path, weights=weights, command=command)
+                       max_memory_gb=max_memory_gb, path=path, weights=weights, compile=compile, command=command)
 
 
 def _run_static(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, device, time_budget,
-                max_memory_gb, path, weights, command) -> Report:
+                max_memory_gb, path, weights, compile, command) -> Report:
     from leanformer.decoding import decoding_copy
     from leanformer.model import TransformerLM
 
@@ -251,7 +261,8 @@ def _run_static(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, 
                 status = "skipped (time budget)"
             if status is None:
                 try:
-                    dec1, prefill_s = static_prefill(model, L, L + extra, chunk, device, sz.vocab_size, graph, ctx)
+                    dec1, prefill_s = static_prefill(model, L, L + extra, chunk, device, sz.vocab_size, graph, ctx,
+                                                     compile=compile)
                 except Exception as e:  # noqa: BLE001
                     status = failure_status(e)
                     release(device)
@@ -290,10 +301,11 @@ def _run_static(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, 
     add_ratios(rows)
     dtype = ("bf16 weights" if weights == "bf16" else "bf16 autocast") if gpu else "float32"
     report = Report(
-        name="decode", title=f"Decoding ({path} path): size {size}, {dtype}",
+        name="decode", title=f"Decoding ({path} path{', compiled step' if compile else ''}): size {size}, {dtype}",
         meta=meta, rows=rows, columns=DECODE_COLUMNS, plot=plot_decode,
         settings={"size": size, "model": vars(sz), "contexts": ctxs, "batches": bs, "steps": steps,
-                  "warmup": warmup, "prefill_chunk": chunk, "path": path, "weights": weights if gpu else "float32"},
+                  "warmup": warmup, "prefill_chunk": chunk, "path": path, "weights": weights if gpu else "float32",
+                  "compile": compile},
         notes=[
             "static cache of capacity context + warm-up + steps + 2; prompt prefilled at batch 1 by chunks "
             "(time to first token = that prefill + the first sample), the cache replicated to the batch; then "
