@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
+from leanformer.decoding import StaticCache, StaticDecoder, check_sampling, sample_next
 from leanformer.layers.norms import make_norm
 from leanformer.registry import attention_spec, build_block
 
@@ -84,58 +85,85 @@ class TransformerLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: DecodeCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: DecodeCache | StaticCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) int64 → (logits (B, T, V), mean cross-entropy or None).
 
-        With ``cache``, ``idx`` holds only the new tokens; the cache is advanced in place.
+        With ``cache`` (a :class:`DecodeCache` or a :class:`leanformer.decoding.StaticCache`), ``idx``
+        holds only the new tokens; the cache is advanced in place.
         """
-        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be (B, T) integer token ids, got shape {tuple(idx.shape)} of {idx.dtype}")
-        B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if self.wpe is not None and start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len} "
-                             "(learned positions)")
-        x = self.wte(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache.layers[i] if cache is not None else None)
-        if cache is not None:
-            cache.pos = start + T
-        logits = self.lm_head(self.norm_f(x))
+        logits = self.lm_head(self.hidden_states(idx, cache))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100)
         return logits, loss
 
+    def hidden_states(self, idx: torch.Tensor, cache: DecodeCache | StaticCache | None = None) -> torch.Tensor:
+        """idx: (B, T) → the final-normed hidden states (B, T, C) that the LM head maps to logits."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be (B, T) integer token ids, got shape {tuple(idx.shape)} of {idx.dtype}")
+        B, T = idx.shape
+        static = getattr(cache, "static", False)
+        if static:  # positions as a device tensor (a graph's counter in a fixed-shape step)
+            positions = cache.begin(T, B, idx.device)
+        else:
+            start = cache.pos if cache is not None else 0
+            if self.wpe is not None and start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len} "
+                                 "(learned positions)")
+            positions = torch.arange(start, start + T, device=idx.device) if self.wpe is not None else None
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None)
+        if static:
+            cache.advance(T)
+        elif cache is not None:
+            cache.pos = start + T
+        return self.norm_f(x)
+
     def new_cache(self) -> DecodeCache:
         return DecodeCache(self.cfg.n_layers)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``max_new_tokens`` after the prompt ``idx`` (B, T) with the decoding cache.
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 top_p: float | None = None, static: bool | None = None, max_len: int | None = None,
+                 graph: str = "auto", compile: bool | str = False) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after the prompt ``idx`` (B, T); returns (B, T + max_new_tokens).
 
-        ``temperature=0`` is greedy. Returns (B, T + max_new_tokens).
+        ``temperature=0`` is greedy; otherwise draws from the softmax cut to ``top_k`` / ``top_p``
+        (:func:`leanformer.decoding.sample_next`, the same draws on both paths for one generator).
+        ``static`` (default: on CUDA) decodes through :class:`leanformer.decoding.StaticDecoder`: caches
+        pre-allocated to ``max_len`` tokens (default ``T + max_new_tokens``), the step a CUDA graph
+        (``graph``: auto, cuda, none; ``compile=True`` fuses the step with ``torch.compile`` first).
+        ``static=False`` is the eager reference path
+        (:class:`DecodeCache`, growing caches), the default on the CPU.
         """
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if static is None:
+            static = idx.is_cuda
+        if static:
+            need = idx.shape[1] + max_new_tokens
+            capacity = max_len if max_len is not None else need
+            if need > capacity:
+                raise ValueError(f"prompt of {idx.shape[1]} tokens + {max_new_tokens} new tokens = {need} "
+                                 f"exceeds max_len={capacity}")
+            decoder = StaticDecoder(self, idx.shape[0], capacity, graph=graph, compile=compile, **sampling)
+            return decoder.generate(idx, max_new_tokens)
         cache = self.new_cache()
         logits, _ = self(idx, cache=cache)
         out = [idx]
-        for _ in range(max_new_tokens):
-            next_logits = logits[:, -1, :].float()
-            if temperature == 0:
-                nxt = next_logits.argmax(-1, keepdim=True)
-            else:
-                next_logits = next_logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(next_logits, min(top_k, next_logits.size(-1))).values[:, -1:]
-                    next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(next_logits, -1), 1, generator=generator)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1, :], **sampling)[:, None]
             out.append(nxt)
-            logits, _ = self(nxt, cache=cache)
+            if i + 1 < max_new_tokens:
+                logits, _ = self(nxt, cache=cache)
         return torch.cat(out, dim=1)
 
     # ------------------------------------------------------------------ accounting

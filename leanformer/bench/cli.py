@@ -79,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="tokens per prefill call (default 1024 on CPU, 4096 on GPU)")
     d.add_argument("--max-memory-gb", type=float, default=None,
                    help="skip a (context, batch) whose cache would pass this (default: 80%% of free memory)")
+    d.add_argument("--path", default=None,
+                   help="graph (static cache + CUDA graph; default on CUDA), static (the same fixed-shape step "
+                        "without a graph) or eager (growing caches; default on CPU)")
+    d.add_argument("--weights", default="bf16",
+                   help="on CUDA: bf16 (a bf16 decoding copy of the model, default) or autocast (float32 "
+                        "weights under bf16 autocast)")
+    d.add_argument("--compile", action="store_true",
+                   help="pass the static step through torch.compile before its CUDA graph is captured")
     d.set_defaults(func=run_decode)
 
 
@@ -127,5 +135,6 @@ def run_decode(args: argparse.Namespace) -> int:
     return _run(args, lambda device: run_decode_bench(
         size=args.size, arms=args.arms, contexts=args.contexts, batches=args.batches, steps=args.steps,
         warmup=2 if args.warmup is None else args.warmup, prefill_chunk=args.prefill_chunk, device=device,
-        time_budget=args.time_budget, max_memory_gb=args.max_memory_gb,
+        time_budget=args.time_budget, max_memory_gb=args.max_memory_gb, path=args.path, weights=args.weights,
+        compile=args.compile,
         command=command_line("leanformer bench decode", args)))

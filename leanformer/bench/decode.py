@@ -1,5 +1,18 @@
-"""``leanformer bench decode``: ms per decoding step and memory against context length and batch.
+"""``leanformer bench decode``: time to first token, ms per decoding step and decode-state size against
+context length and batch.
 
+``--path graph`` (the default on CUDA) decodes as ``TransformerLM.generate`` does there
+(:mod:`leanformer.decoding`): per arm and context L, a random prompt of L tokens is prefilled at batch 1
+into a static cache of capacity L + warm-up + steps + 2, by chunks of ``prefill_chunk`` tokens (its time,
+first sampled token included, is the time to first token); the cache is replicated to each batch b; the
+fixed-shape step (model + greedy sampling, inside the graph) is captured as a CUDA graph; ``warmup``
+untimed and ``steps`` timed replays follow, each timed with CUDA events; the median is reported. Weights
+are bf16 (``--weights bf16``, :func:`leanformer.decoding.decoding_copy`) or float32 under bf16 autocast
+(``--weights autocast``). ``--path static`` runs the same fixed-shape step without a graph (the CPU).
+``--compile`` passes the step through ``torch.compile`` before capture (one compilation per arm, context and
+batch: seconds each; ``capture_s`` in the JSON includes it).
+
+``--path eager`` (the default on CPU) is the reference path below (growing caches, Python positions).
 Per model arm and context length L: a random prompt of L tokens is prefilled at batch 1 by chunks of
 ``prefill_chunk`` tokens (``model(chunk, cache)``, not timed per token; its total time is reported), the
 cache is replicated to each batch size b (``index_select`` of every cached tensor: the same bytes and
@@ -20,6 +33,7 @@ V), ``noble_fused``; ``dijiang_fla`` uses fla's kernels for both (CUDA + fla).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -115,15 +129,204 @@ def time_steps(model, cache, batch: int, steps: int, warmup: int, device: torch.
             "steps": t.repeats, "peak_mem_bytes": peak}
 
 
+@torch.no_grad()
+def static_prefill(model, context: int, capacity: int, chunk: int, device: torch.device, vocab: int,
+                   graph: str, ctx, seed: int = 0, compile: bool = False):
+    """A batch-1 :class:`StaticDecoder` with ``context`` random tokens prefilled; returns (decoder, seconds)."""
+    from leanformer.decoding import StaticDecoder
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, context), generator=g).to(device)
+    with ctx():
+        dec = StaticDecoder(model, 1, capacity, graph=graph, prefill_chunk=chunk, compile=compile)
+    synchronize(device)
+    t0 = time.perf_counter()
+    dec.prefill(prompt)
+    synchronize(device)
+    return dec, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def time_static_steps(dec1, batch: int, steps: int, warmup: int, device: torch.device, ctx) -> dict:
+    """Expand the prefilled decoder to ``batch`` rows, capture, and time ``steps`` single-token steps
+    (CUDA events around each replay; ``perf_counter`` on CPU) after ``warmup`` untimed ones."""
+    with ctx():
+        dec = dec1.expanded(batch)  # a copy even at batch 1: dec1 stays at the context for the next batch
+        row = {"cache_bytes": dec.cache.memory_bytes(), "cache_alloc_bytes": dec.cache.memory_bytes(filled=False)}
+        t0 = time.perf_counter()
+        dec.capture()
+        synchronize(device)
+        row["capture_s"] = time.perf_counter() - t0
+    for _ in range(warmup):
+        dec.step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            dec.step()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+        row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            dec.step()
+            times.append(1e3 * (time.perf_counter() - t0))
+        row["peak_mem_bytes"] = None
+    t = summarize(times)
+    row.update({"ms_per_step": t.median_ms, "q1_ms": t.q1_ms, "q3_ms": t.q3_ms, "iqr_ms": t.iqr_ms,
+                "steps": t.repeats})
+    del dec
+    return row
+
+
 def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
                      contexts: str | list[int] | None = None, batches: str | list[int] | None = None,
                      steps: int | None = None, warmup: int = 2, prefill_chunk: int | None = None,
                      device: torch.device | None = None, time_budget: float | None = None,
-                     max_memory_gb: float | None = None, command: str = "leanformer bench decode") -> Report:
+                     max_memory_gb: float | None = None, path: str | None = None, weights: str = "bf16",
+                     compile: bool = False, command: str = "leanformer bench decode") -> Report:
     """Every arm × context × batch; returns the :class:`Report`."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    path = path or ("graph" if gpu else "eager")
+    if path not in ("graph", "static", "eager"):
+        raise ConfigError(f"--path {path!r} is not valid; choose graph, static or eager")
+    if path == "graph" and not gpu:
+        raise ConfigError("--path graph needs CUDA; use --path static or eager on the CPU")
+    if weights not in ("bf16", "autocast"):
+        raise ConfigError(f"--weights {weights!r} is not valid; choose bf16 or autocast")
+    if compile and path == "eager":
+        raise ConfigError("--compile applies to the static step (--path graph or static), not --path eager")
+    if compile:
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # one compilation per arm, context and batch
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 512))
+    if path == "eager":
+        return _run_eager(size=size, arms=arms, contexts=contexts, batches=batches, steps=steps, warmup=warmup,
+                          prefill_chunk=prefill_chunk, device=device, time_budget=time_budget,
+                          max_memory_gb=max_memory_gb, command=command)
+    return _run_static(size=size, arms=arms, contexts=contexts, batches=batches, steps=steps, warmup=warmup,
+                       prefill_chunk=prefill_chunk, device=device, time_budget=time_budget,
+                       max_memory_gb=max_memory_gb, path=path, weights=weights, compile=compile, command=command)
+
+
+def _run_static(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, device, time_budget,
+                max_memory_gb, path, weights, compile, command) -> Report:
+    from leanformer.decoding import decoding_copy
     from leanformer.model import TransformerLM
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    sz = get_size(size)
+    names = parse_arms(arms, default=DEFAULT_ARMS)
+    ctxs = parse_ints(contexts, GPU_CONTEXTS if gpu else CPU_CONTEXTS, "--contexts")
+    bs = parse_ints(batches, BATCHES, "--batches")
+    steps = steps or (32 if gpu else 8)
+    chunk = prefill_chunk or (4096 if gpu else 1024)
+    if steps < 1 or warmup < 0 or chunk < 1:
+        raise ConfigError(f"--steps={steps} and --prefill-chunk={chunk} must be >= 1, --warmup={warmup} >= 0")
+    extra = warmup + steps + 2
+    base = base_config(sz, max_seq_len=max(ctxs) + extra)
+    meta = run_metadata(device, command)
+    deadline = time.monotonic() + time_budget if time_budget else None
+    use_autocast = gpu and weights == "autocast"
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
+    graph = "cuda" if path == "graph" else "none"
+    rows: list[dict] = []
+    for name in names:
+        reason = unavailable_reason(name, device)
+        model = None
+        if reason is None:
+            try:
+                cfg = arm_config(base, name)
+                torch.manual_seed(0)
+                with torch.device(device):
+                    model = TransformerLM(cfg).eval()
+                if gpu and weights == "bf16":
+                    model = decoding_copy(model, torch.bfloat16)
+                model.requires_grad_(False)
+            except Exception as e:  # noqa: BLE001
+                reason = f"failed: {type(e).__name__}: {e}"[:300]
+        param_bytes = tensor_bytes(model.parameters()) if model is not None else None
+        for L in ctxs:
+            dec1, prefill_s, status = None, None, reason
+            if status is None and deadline is not None and time.monotonic() > deadline:
+                status = "skipped (time budget)"
+            if status is None:
+                try:
+                    dec1, prefill_s = static_prefill(model, L, L + extra, chunk, device, sz.vocab_size, graph, ctx,
+                                                     compile=compile)
+                except Exception as e:  # noqa: BLE001
+                    status = failure_status(e)
+                    release(device)
+            for b in bs:
+                row = {"arm": name, "context": L, "batch": b, "prefill_s": prefill_s}
+                if status is not None:
+                    row["status"] = status
+                    rows.append(row)
+                    continue
+                alloc = dec1.cache.memory_bytes(filled=False)
+                free = free_device_memory(device)
+                budget = max_memory_gb * 2**30 if max_memory_gb else (0.85 * free if free else None)
+                if budget is not None and 1.05 * alloc * b > budget:
+                    row["status"] = "skipped (memory)"
+                elif deadline is not None and time.monotonic() > deadline:
+                    row["status"] = "skipped (time budget)"
+                else:
+                    try:
+                        row.update(time_static_steps(dec1, b, steps, warmup, device, ctx))
+                        if row["peak_mem_bytes"] is None:
+                            row["peak_mem_bytes"] = param_bytes + row["cache_alloc_bytes"]
+                        row["tokens_per_s"] = b / (row["ms_per_step"] / 1e3)
+                        row["status"] = "ok"
+                    except Exception as e:  # noqa: BLE001
+                        row["status"] = failure_status(e)
+                    release(device)
+                rows.append(row)
+                print(f"[bench decode] {name} L={L} b={b}: {row['status']}"
+                      + (f", {row['ms_per_step']:.3f} ms/step" if row["status"] == "ok" else ""), flush=True)
+            del dec1
+            release(device)
+        del model
+        release(device)
+    order = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: (r["context"], r["batch"], order[r["arm"]]))
+    add_ratios(rows)
+    dtype = ("bf16 weights" if weights == "bf16" else "bf16 autocast") if gpu else "float32"
+    report = Report(
+        name="decode", title=f"Decoding ({path} path{', compiled step' if compile else ''}): size {size}, {dtype}",
+        meta=meta, rows=rows, columns=DECODE_COLUMNS, plot=plot_decode,
+        settings={"size": size, "model": vars(sz), "contexts": ctxs, "batches": bs, "steps": steps,
+                  "warmup": warmup, "prefill_chunk": chunk, "path": path, "weights": weights if gpu else "float32",
+                  "compile": compile},
+        notes=[
+            "static cache of capacity context + warm-up + steps + 2; prompt prefilled at batch 1 by chunks "
+            "(time to first token = that prefill + the first sample), the cache replicated to the batch; then "
+            f"single-token steps (model + greedy sampling{', one CUDA graph replay each' if path == 'graph' else ''}), "
+            "median over the timed steps",
+            "ms/token = one decoding step (it yields one token for each of the b sequences); tokens/s = b / step",
+            "× softmax: tokens/s ratio to preln (softmax + KV cache) at the same context and batch",
+            "state = decode-state bytes at the context (K/V filled up to it, DiJiang's S and n, shaped "
+            "attention's running sum); peak = " + ("CUDA allocator peak during the steps (weights and the "
+                                                  "whole pre-allocated cache included)" if gpu
+                                                  else "parameters + allocated cache (accounted)"),
+        ],
+    )
+    report.finish()
+    return report
+
+
+def _run_eager(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, device, time_budget,
+               max_memory_gb, command) -> Report:
+    from leanformer.model import TransformerLM
+
     gpu = device.type == "cuda"
     sz = get_size(size)
     names = parse_arms(arms, default=DEFAULT_ARMS)
@@ -201,7 +404,7 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
         name="decode", title=f"Decoding: size {size}, {'bf16 autocast' if gpu else 'float32'}",
         meta=meta, rows=rows, columns=DECODE_COLUMNS, plot=plot_decode,
         settings={"size": size, "model": vars(sz), "contexts": ctxs, "batches": bs, "steps": steps,
-                  "warmup": warmup, "prefill_chunk": chunk},
+                  "warmup": warmup, "prefill_chunk": chunk, "path": "eager"},
         notes=[
             "prompt prefilled at batch 1 by chunks, cache replicated to the batch; then single-token steps "
             "(model + argmax), median over the timed steps",
@@ -232,9 +435,9 @@ DECODE_COLUMNS = [
     Column("iqr_ms", "IQR ms", fmt_float(2)),
     Column("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}"),
     Column("speed_vs_softmax", "× softmax", fmt_float(2)),
-    Column("cache_bytes", "cache (MiB)", fmt_mib),
+    Column("cache_bytes", "state (MiB)", fmt_mib),
     Column("peak_mem_bytes", "peak mem (MiB)", fmt_mib),
-    Column("prefill_s", "prefill s (b=1)", fmt_float(2)),
+    Column("prefill_s", "first token s (b=1)", fmt_float(3)),
     Column("status", "status", lambda v: "" if v == "ok" else v),
 ]
 

@@ -2,8 +2,9 @@
 
 Latency (batch 1): a random prompt of ``L`` tokens fills the cache (not timed), then each decoding
 step ``model(next_token, cache)`` + argmax is timed after ``warmup`` untimed steps; the median is
-reported. On CPU decoding runs on one thread (batch-1 decoding of a small model gains little from
-more, and a busy machine makes multi-threaded timings erratic).
+reported. On CUDA the step is the static decoder's CUDA graph (:mod:`leanformer.decoding`, as
+``generate`` decodes there), timed with CUDA events. On CPU decoding runs on one thread (batch-1
+decoding of a small model gains little from more, and a busy machine makes multi-threaded timings erratic).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed decode at that context; everywhere
 the bytes of the decoding cache (``DecodeCache.memory_bytes``: K/V grow with ``L``, DiJiang's recurrent
@@ -62,6 +63,9 @@ def _decode_latency(model: TransformerLM, device: torch.device, contexts, n_toke
     out: dict[str, dict[str, float]] = {}
     for L in contexts:
         prompt = torch.randint(0, model.cfg.vocab_size, (1, L), generator=g).to(device)
+        if device.type == "cuda":
+            out[str(L)] = _graph_latency(model, prompt, n_tokens, warmup)
+            continue
         cache = model.new_cache()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -84,6 +88,31 @@ def _decode_latency(model: TransformerLM, device: torch.device, contexts, n_toke
         out[str(L)] = rec
         del cache, logits
     return out
+
+
+def _graph_latency(model: TransformerLM, prompt: torch.Tensor, n_tokens: int, warmup: int) -> dict[str, float]:
+    """Batch-1 ms/token of the static decoder's CUDA-graph step (bf16 autocast), its state and peak memory."""
+    from leanformer.decoding import StaticDecoder
+
+    device = prompt.device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    with _autocast(device):
+        dec = StaticDecoder(model, 1, prompt.shape[1] + warmup + n_tokens + 1, temperature=0.0)
+    dec.prefill(prompt)
+    dec.capture()
+    for _ in range(warmup):
+        dec.step()
+    times = []
+    for _ in range(n_tokens):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dec.step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"ms_per_token": statistics.median(times), "cache_bytes": dec.cache.memory_bytes(),
+            "peak_bytes": torch.cuda.max_memory_allocated(device)}
 
 
 @torch.no_grad()

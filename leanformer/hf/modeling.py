@@ -1,9 +1,12 @@
 """Our model as a Hugging Face causal LM: ``LeanformerConfig`` + ``LeanformerForCausalLM``, Auto-registered.
 
 ``LeanformerForCausalLM`` wraps a :class:`TransformerLM` (any block, attention and NOBLE setting) as
-``self.model``; its state-dict keys are ours with a ``model.`` prefix. ``generate()`` decodes with our
-own per-layer state (KV cache for softmax/shaped attention, the recurrent state ``S, n`` for DiJiang),
-carried between steps in ``past_key_values`` as a :class:`LeanformerCache`.
+``self.model``; its state-dict keys are ours with a ``model.`` prefix. On CUDA, a plain ``generate()``
+(greedy or sampling with temperature / top-k / top-p, one sequence per prompt, EOS and padding as Hugging
+Face does them) runs our static decoder (:mod:`leanformer.decoding`: pre-allocated caches, the step a CUDA
+graph); anything else (beams, logits processors, streamers, returned scores...) and the CPU go through
+Hugging Face's loop, with our own per-layer state (KV cache for softmax/shaped attention, the recurrent
+state ``S, n`` for DiJiang) carried between steps in ``past_key_values`` as a :class:`LeanformerCache`.
 
 Importing this module registers ``model_type="leanformer"`` with ``AutoConfig`` and
 ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(folder)`` works after
@@ -226,6 +229,95 @@ class LeanformerForCausalLM(LeanformerPreTrainedModel, GenerationMixin):
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{_OUTPUT_CACHE_FIELD: past_key_values if use_cache else None})
+
+
+    # Generation settings the static decoder reproduces; any other non-default one means Hugging Face's loop.
+    _STATIC_KWARGS = frozenset({"input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample",
+                                "temperature", "top_k", "top_p", "pad_token_id", "eos_token_id",
+                                "bos_token_id", "use_cache", "generation_config"})
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None,
+                 static_decoding: bool | None = None, **kwargs: Any):
+        """Hugging Face's ``generate``; a plain greedy / sampling call on CUDA (or any device with
+        ``static_decoding=True``) runs :meth:`TransformerLM.generate`'s static, CUDA-graph path instead and
+        returns the same ``(B, T + new)`` token tensor (EOS: later tokens become ``pad_token_id`` and the
+        output stops once every row has ended, as Hugging Face's loop does). ``static_decoding=False``
+        forces Hugging Face's loop."""
+        if static_decoding is not False:
+            out = self._static_generate(inputs, generation_config, kwargs, force=bool(static_decoding))
+            if out is not None:
+                return out
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def _static_generate(self, inputs, generation_config, kwargs: dict, force: bool) -> torch.Tensor | None:
+        import copy
+
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
+            return None
+        if not (force or ids.is_cuda) or set(kwargs) - self._STATIC_KWARGS:
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            return None
+        gc = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        unused = gc.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask",
+                                                                            "generation_config")})
+        if unused:
+            return None
+        plain = all(getattr(gc, name, default) in allowed for name, default, allowed in _PLAIN_GENERATION)
+        if not plain:
+            return None
+        T = ids.shape[1]
+        new = gc.max_new_tokens if gc.max_new_tokens is not None else (gc.max_length or 20) - T
+        if new <= 0:
+            return None
+        if gc.do_sample:
+            sampling = dict(temperature=gc.temperature if gc.temperature is not None else 1.0,
+                            top_k=gc.top_k or None, top_p=gc.top_p if gc.top_p not in (None, 1.0) else None)
+        else:
+            sampling = dict(temperature=0.0)
+        out = self.model.generate(ids, new, static=True, **sampling)
+        eos = gc.eos_token_id
+        if eos is None:
+            return out
+        return _finish_at_eos(out, T, eos, gc.pad_token_id)
+
+
+# (setting, its value when absent, the values the static decoder reproduces)
+_PLAIN_GENERATION = (
+    ("num_beams", 1, (None, 1)), ("num_return_sequences", 1, (None, 1)),
+    ("return_dict_in_generate", False, (None, False)), ("output_scores", False, (None, False)),
+    ("output_logits", False, (None, False)), ("repetition_penalty", 1.0, (None, 1.0)),
+    ("no_repeat_ngram_size", 0, (None, 0)), ("min_length", 0, (None, 0)), ("min_new_tokens", None, (None, 0)),
+    ("max_time", None, (None,)), ("stop_strings", None, (None,)), ("bad_words_ids", None, (None,)),
+    ("suppress_tokens", None, (None,)), ("begin_suppress_tokens", None, (None,)),
+    ("forced_eos_token_id", None, (None,)), ("forced_bos_token_id", None, (None,)), ("min_p", None, (None,)),
+    ("typical_p", 1.0, (None, 1.0)), ("epsilon_cutoff", 0.0, (None, 0.0)), ("eta_cutoff", 0.0, (None, 0.0)),
+    ("assistant_model", None, (None,)), ("prompt_lookup_num_tokens", None, (None,)),
+    ("sequence_bias", None, (None,)), ("guidance_scale", None, (None, 1.0)), ("watermarking_config", None, (None,)),
+    ("renormalize_logits", False, (None, False)), ("exponential_decay_length_penalty", None, (None,)),
+    ("diversity_penalty", 0.0, (None, 0.0)), ("num_beam_groups", 1, (None, 1)),
+    ("encoder_repetition_penalty", 1.0, (None, 1.0)), ("length_penalty", 1.0, (None, 1.0, 1)),
+    ("top_h", None, (None,)),
+)
+
+
+def _finish_at_eos(out: torch.Tensor, prompt_len: int, eos: int | list[int] | torch.Tensor,
+                   pad: int | None) -> torch.Tensor:
+    """Hugging Face's end-of-sequence rule on a fixed-length output: after a row's first generated EOS its
+    tokens become ``pad`` (EOS when there is none), and the output ends at the step every row has ended."""
+    eos_ids = torch.as_tensor(eos, device=out.device).reshape(-1)
+    gen = out[:, prompt_len:]
+    is_eos = torch.isin(gen, eos_ids)
+    ended = is_eos.cumsum(1) > 0
+    after = ended & ~(is_eos & (is_eos.cumsum(1) == 1))  # strictly after the first EOS
+    gen = gen.masked_fill(after, int(eos_ids[0]) if pad is None else pad)
+    done = ended.all(0)
+    if bool(done.any()):
+        gen = gen[:, : int(done.nonzero()[0]) + 1]
+    return torch.cat((out[:, :prompt_len], gen), dim=1)
 
 
 # The output field that carries the cache: ``past_key_values`` until transformers 5.2x renamed it ``cache``.

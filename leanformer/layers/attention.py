@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from leanformer.config import TransformerConfig
+from leanformer.decoding import cached_attention, is_static, write_kv
 from leanformer.layers.linear import make_linear
 from leanformer.layers.rope import Rotary
 
@@ -80,9 +81,10 @@ def add_projections(module: nn.Module, cfg: TransformerConfig) -> None:
                      if cfg.pos == "rope" else None)
 
 
-def project_qkv(module: nn.Module, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
-    """``x`` (B, T, C) → q (B, H, T, D), k and v (B, H_kv, T, D), q and k rotated at positions ``start + t``;
-    ``module`` holds what :func:`add_projections` gave it."""
+def project_qkv(module: nn.Module, x: torch.Tensor, start) -> tuple[torch.Tensor, ...]:
+    """``x`` (B, T, C) → q (B, H, T, D), k and v (B, H_kv, T, D), q and k rotated at positions ``start + t``
+    (or as :meth:`Rotary.rotate` reads a tensor or static positions); ``module`` holds what
+    :func:`add_projections` gave it."""
     q = split_heads(module.q(x), module.n_heads)
     k = split_heads(module.k(x), module.n_kv)
     v = split_heads(module.v(x), module.n_kv)
@@ -100,6 +102,8 @@ class SoftmaxAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        if is_static(state):
+            return self._static_forward(x, state)
         start = state.get("pos", 0) if state is not None else 0
         q, k, v = project_qkv(self, x, start)
         if state is not None:
@@ -116,3 +120,11 @@ class SoftmaxAttention(nn.Module):
                 enable_gqa=self.n_kv != self.n_heads,
             )
         return self.o(merge_heads(y))
+
+    def _static_forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """The static-cache branch (:mod:`leanformer.decoding`): K/V written in place at the positions
+        ``state["pos"]`` of a pre-allocated buffer, attention over it with the shared mask."""
+        p = state["positions"]
+        q, k, v = project_qkv(self, x, p)
+        kv = write_kv(state, k=k, v=v)
+        return self.o(merge_heads(cached_attention(q, kv["k"], kv["v"], p)))

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
+from leanformer.decoding import store_state
 from leanformer.layers.attention import add_projections, merge_heads, project_qkv
 from leanformer.layers.linear import make_linear
 from leanformer.ops import decayed_linear_attention as dla
@@ -227,9 +228,9 @@ class DiJiangAttention(nn.Module):
         else:  # a multi-token prompt with a state: chunkwise, continuing from it
             o, S = dla.chunk(fq, fk, v, log_gamma, self.cfg.chunk_size, S0, return_state=True,
                              log_norm=n, initial_log_norm=n0)
-        state["S"] = S
+        store_state(state, "S", S)  # in place when the state is static (pre-allocated, CUDA graphs)
         if n is not None:
-            state["n"] = n[..., -1]
+            store_state(state, "n", n[..., -1])
         return o
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:

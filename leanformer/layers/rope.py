@@ -35,7 +35,8 @@ def scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Ten
 
 
 class Rotary(nn.Module):
-    """Rotates ``(B, H, T, D)`` queries and keys at absolute positions ``start .. start+T-1``."""
+    """Rotates ``(B, H, T, D)`` queries and keys at absolute positions ``start .. start+T-1``, or at the
+    positions held in a (T,) int64 tensor (static decoding: a device counter read inside a CUDA graph)."""
 
     def __init__(self, head_dim: int, rotary_pct: float = 1.0, theta: float = 10000.0,
                  scaling: dict | None = None):
@@ -47,7 +48,14 @@ class Rotary(nn.Module):
         with torch.device("cpu"):
             inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
             self.inv_freq = scale_frequencies(inv_freq, scaling)
+        self._freq_key = hash(tuple(self.inv_freq.tolist()))  # layers with equal tables share them per step
         self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
+        self._reserved = 0
+
+    def reserve(self, length: int) -> None:
+        """Make the next tables cover at least ``length`` positions (a static cache's capacity), so that
+        positions given as a tensor never need a table grown inside a captured graph."""
+        self._reserved = max(self._reserved, length)
 
     def cos_sin(self, start: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, rotary_dim)`` cos and sin tables for positions ``start .. start+T-1``.
@@ -55,7 +63,7 @@ class Rotary(nn.Module):
         Computed in float64, cast to ``dtype`` and kept: later calls (every layer, every step, every decoded
         token) slice the kept tables, which grow by doubling when a position beyond them is asked for.
         """
-        end = start + length
+        end = max(start + length, self._reserved)
         cached = self._tables
         if cached is None or cached[0] < end or cached[1].device != torch.device(device) or cached[1].dtype != dtype:
             size = max(end, 2 * cached[0] if cached is not None else 0, 256)
@@ -63,13 +71,28 @@ class Rotary(nn.Module):
             freqs = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
             emb = torch.cat((freqs, freqs), dim=-1)
             cached = self._tables = (size, emb.cos().to(dtype), emb.sin().to(dtype))
-        return cached[1][start:end], cached[2][start:end]
+        return cached[1][start:start + length], cached[2][start:start + length]
 
-    def rotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """``x``: (B, H, T, D) -> same shape, rotated at positions ``start + t``."""
+    def cos_sin_at(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T, rotary_dim)`` tables at the positions (T,) int64 (on their device): a gather from tables
+        covering :meth:`reserve`'s length, with no host synchronisation."""
+        self.cos_sin(0, 1, positions.device, dtype)  # builds (or keeps) the tables
+        size = self._tables[0]
+        return self._tables[1][:size].index_select(0, positions), self._tables[2][:size].index_select(0, positions)
+
+    def rotate(self, x: torch.Tensor, start=0) -> torch.Tensor:
+        """``x``: (B, H, T, D) -> same shape, rotated at positions ``start + t`` (``start`` an int), at
+        ``start[t]`` (a (T,) int64 tensor of positions), or at ``start.index`` (a static cache's
+        :class:`leanformer.decoding.StaticPositions`, whose tables are gathered once per step for all layers)."""
         if self.rotary_dim == 0:
             return x
-        cos, sin = self.cos_sin(start, x.shape[-2], x.device, x.dtype)
+        if hasattr(start, "memo"):
+            key = ("rope", self.rotary_dim, self._freq_key, x.dtype)
+            cos, sin = start.memo(key, lambda: self.cos_sin_at(start.index, x.dtype))
+        elif isinstance(start, torch.Tensor):
+            cos, sin = self.cos_sin_at(start, x.dtype)
+        else:
+            cos, sin = self.cos_sin(start, x.shape[-2], x.device, x.dtype)
         r = self.rotary_dim
         x_rot, x_pass = x[..., :r], x[..., r:]
         x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
@@ -77,5 +100,5 @@ class Rotary(nn.Module):
         out = x_rot * cos + rotated * sin
         return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start=0) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotate(q, start), self.rotate(k, start)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
+from leanformer.decoding import cached_attention, is_static, write_kv
 from leanformer.layers.attention import append_to_cache, causal_mask, merge_heads, split_heads
 from leanformer.layers.linear import make_linear
 from leanformer.layers.rope import Rotary
@@ -205,6 +206,8 @@ class ShapedAttention(nn.Module):
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         if state is not None and not self.causal:
             raise ValueError("bidirectional shaped attention cannot decode with a cache (state must be None)")
+        if is_static(state):
+            return self._static_forward(x, state)
         start = state.get("pos", 0) if state is not None else 0
         q = split_heads(self.q(x), self.n_heads)
         k = split_heads(self.k(x), self.n_kv)
@@ -227,4 +230,35 @@ class ShapedAttention(nn.Module):
                              causal=self.causal, v_prefix_sum=prefix_sum,
                              dropout_p=self.dropout if self.training else 0.0)
         y = merge_heads(y)
+        return self.o(y) if self.o is not None else y
+
+    def _static_forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """The static-cache branch (:mod:`leanformer.decoding`), Eq. 5 at the positions ``state["pos"]``:
+        K/V written in place into pre-allocated buffers, ``β`` · masked softmax attention over them,
+        ``+ α v_own``, ``− γ`` · the running mean ``(v_sum + cumsum(v_new)) / (position + 1)``, with
+        ``v_sum`` (B, H, Dv) kept in float32 and updated in place."""
+        p = state["positions"]
+        q = split_heads(self.q(x), self.n_heads)
+        k = split_heads(self.k(x), self.n_kv)
+        v = split_heads(self.v(x) if self.v is not None else x, self.n_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, p)
+        kv = write_kv(state, k=k, v=v)
+        keys = kv["k"]
+        if self.n_kv != self.n_heads:
+            keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        out = torch.addcmul(_per_head(self.alpha) * v, _per_head(self.beta), cached_attention(q, keys, kv["v"], p))
+        if self.centring:
+            acc = torch.promote_types(v.dtype, torch.float32)
+            new = v.to(acc)
+            sums = new.cumsum(2) if new.shape[2] > 1 else new
+            if "v_sum" in state:
+                sums = sums + state["v_sum"].unsqueeze(2)
+                state["v_sum"].copy_(sums[:, :, -1])
+            else:
+                state["v_sum"] = sums[:, :, -1].clone()
+            inv_count = p.memo(("inv_count", acc), lambda: 1.0 / (p.index + 1).to(acc))  # (T,)
+            mean = (sums * inv_count[:, None]).to(v.dtype)
+            out = torch.addcmul(out, _per_head(self.gamma), mean, value=-1)
+        y = merge_heads(out)
         return self.o(y) if self.o is not None else y

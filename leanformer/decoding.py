@@ -1,0 +1,442 @@
+"""Static decoding: caches pre-allocated to a maximum length, a fixed-shape one-token step, CUDA graphs.
+
+The eager path (:class:`leanformer.model.DecodeCache`) grows its caches and passes positions as Python
+integers, so every step is a new sequence of shapes and host-side decisions: on a GPU it is bound by
+Python and kernel launches. Here instead (the design of gpt-fast's static KV cache):
+
+* :class:`StaticCache` holds every layer's decoding state in tensors allocated once, at the first write
+  (the prefill), for ``capacity`` tokens: K and V ``(B, H_kv, capacity, D)`` for softmax and shaped
+  attention, the running value sum ``(B, H, D)`` (float32) for shaped attention's centring, DiJiang's
+  state S ``(B, H, m, d)`` and normaliser n ``(B, H)`` (float32). Later writes are in place.
+* The prefill (:meth:`StaticDecoder.prefill`) is eager and chunked: a chunk at positions
+  ``s .. s+T-1`` writes its K/V with ``index_copy_`` and attends over the filled prefix ``[:s+T]``
+  (the first chunk with FlashAttention's causal kernel); DiJiang's prefill runs its chunk form.
+* The step (:meth:`StaticDecoder.step`) is fixed-shape: the position is a device tensor
+  (``StaticCache.step_pos``, (1,) int64), K/V are written at it with ``index_copy_``, and the query
+  attends over the whole buffer with a mask ``slot <= pos``, so no shape or host value changes from one
+  token to the next. Sampling (temperature, top-k, top-p) is part of it (:func:`sample_next`: the
+  exponential race ``argmax(p / E)``, E ~ Exp(1), which draws from ``p`` without a host sync).
+* On CUDA the step is captured once as a CUDA graph (``torch.cuda.CUDAGraph``) and replayed per token.
+  ``compile=True`` first passes the step through ``torch.compile`` (Inductor fuses its element-wise
+  kernels) and captures the compiled step in the same graph: fewer, larger kernels, at the price of a
+  compilation per shape. (``torch.compile(mode="reduce-overhead")`` was measured too: it skips its CUDA
+  graphs because the step mutates its inputs, the cache, and ran 5× slower; see docs/benchmarks.md.)
+
+Attention modules see a static state through the ``positions`` key of their per-layer dict (a
+:class:`StaticPositions` shared by every layer) and ``pos``, the new tokens' positions as a (T,) tensor.
+On the CPU the same fixed-shape step runs eagerly: the tests hold it equal (float64) to the eager
+path and to the full forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KV_KEYS = ("k", "v")  # per-layer tensors indexed by position along dim 2: never snapshot
+
+
+# ---------------------------------------------------------------------------------------------- positions
+@dataclass
+class StaticPositions:
+    """Where the tokens of the current call sit; one object shared by every layer of a :class:`StaticCache`.
+
+    * ``index``: (T,) int64 positions of the new tokens (the graph's device counter during a step).
+    * ``end``: a host int: attend over slots ``[:end]`` (prefill), or None: the whole buffer (step).
+    * ``mask``: (T, end or capacity) bool, True where a query may attend; None on a first prefill chunk
+      (causal attention over the new tokens alone).
+    * ``attention``: ``"math"`` (matmul + masked softmax) or ``"sdpa"`` for the masked step.
+    * ``capacity``: the cache's length in tokens.
+    * ``shared``: tensors every layer needs once per call (rotary cos/sin, 1/(position+1)), made by the
+      first layer that asks (:meth:`memo`) and cleared at each call.
+    """
+
+    capacity: int
+    index: torch.Tensor | None = None
+    end: int | None = None
+    mask: torch.Tensor | None = None
+    attention: str = "sdpa"
+    shared: dict = field(default_factory=dict)
+
+    def memo(self, key, make):
+        """``make()``, computed once per call for all layers under ``key``."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
+
+
+def is_static(state: dict | None) -> bool:
+    """True for a per-layer state of a :class:`StaticCache` (pre-allocated, written in place)."""
+    return state is not None and "positions" in state
+
+
+def write_kv(state: dict, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Write ``(B, H, T, D)`` tensors in place at ``state["positions"].index`` into ``(B, H, capacity, D)``
+    buffers (allocated, zeroed, at the first write); returns the buffers, cut to ``[:end]`` in a prefill."""
+    p: StaticPositions = state["positions"]
+    out = {}
+    for name, new in tensors.items():
+        buf = state.get(name)
+        if buf is None:
+            buf = state[name] = new.new_zeros(*new.shape[:2], p.capacity, new.shape[3])
+        buf.index_copy_(2, p.index, new.to(buf.dtype))
+        out[name] = buf if p.end is None else buf[:, :, : p.end]
+    return out
+
+
+def store_state(state: dict, key: str, value: torch.Tensor) -> None:
+    """``state[key] = value``; in a static state the tensor already there is overwritten in place (its
+    address is what a captured CUDA graph reads and writes), and a first one is a private copy."""
+    old = state.get(key)
+    if not is_static(state):
+        state[key] = value
+    elif old is None:
+        state[key] = value.clone()
+    else:
+        old.copy_(value)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: StaticPositions) -> torch.Tensor:
+    """Causal attention of queries at ``p.index`` over the cached k, v: (B, H, T, D) × (B, H_kv, S, D) →
+    (B, H, T, D). ``p.mask`` (T, S) marks the allowed slots; None means S == T, plain causal attention."""
+    B, H, T, D = q.shape
+    n_kv = k.shape[1]
+    if p.mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=n_kv != H)
+    if p.attention == "sdpa" and n_kv == H:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask)
+    rep = H // n_kv  # grouped-query: the rep query heads of a kv head share one matrix product
+    s = q.reshape(B, n_kv, rep * T, D) @ k.transpose(-1, -2)  # (B, H_kv, rep·T, S)
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * (1.0 / math.sqrt(D))
+    s = s.masked_fill(~p.mask.repeat(rep, 1), float("-inf"))
+    return (s.softmax(-1).to(v.dtype) @ v).view(B, H, T, v.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------- cache
+class StaticCache:
+    """Decoding state of ``batch`` sequences of at most ``capacity`` tokens, pre-allocated (see module doc).
+
+    ``pos``: tokens filled (host int, advanced by each call). In ``fixed_shape`` mode a call takes one
+    token at the device position ``step_pos`` and leaves ``pos`` alone (the caller advances both).
+    """
+
+    static = True
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int, attention: str = "sdpa"):
+        from leanformer.layers.rope import Rotary
+
+        cfg = model.cfg
+        if capacity < 1 or batch < 1:
+            raise ValueError(f"StaticCache needs batch >= 1 and capacity >= 1, got batch={batch}, "
+                             f"capacity={capacity}")
+        if cfg.pos == "learned" and capacity > cfg.max_seq_len:
+            raise ValueError(f"static cache capacity {capacity} exceeds max_seq_len={cfg.max_seq_len} "
+                             "(learned positions)")
+        if attention not in ("math", "sdpa"):
+            raise ValueError(f"attention={attention!r} is not valid; choose math or sdpa")
+        device = next(model.parameters()).device
+        self.batch, self.capacity, self.pos, self.fixed_shape = batch, capacity, 0, False
+        self.positions = StaticPositions(capacity, attention=attention)
+        self.layers: list[dict] = [{"positions": self.positions} for _ in range(cfg.n_layers)]
+        self.step_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(capacity, device=device)
+        for m in model.modules():
+            if isinstance(m, Rotary):
+                m.reserve(capacity)  # the cos/sin tables must exist before a graph is captured
+
+    def begin(self, T: int, batch: int, device: torch.device) -> torch.Tensor:
+        """Positions (T,) of a call's new tokens, published to every layer; checks batch and capacity."""
+        if batch != self.batch:
+            raise ValueError(f"batch of {batch} sequences, but the static cache holds {self.batch}")
+        p = self.positions
+        p.shared = {}
+        if self.fixed_shape:
+            if T != 1:
+                raise ValueError(f"a fixed-shape step takes one token per sequence, got {T}")
+            p.index, p.end = self.step_pos, None
+            p.mask = (self.slots <= self.step_pos)[None, :]
+        else:
+            end = self.pos + T
+            if end > self.capacity:
+                raise ValueError(f"{self.pos} cached + {T} new tokens = {end} exceeds the static cache's "
+                                 f"capacity of {self.capacity} tokens (make it larger)")
+            p.index, p.end = torch.arange(self.pos, end, device=device), end
+            p.mask = None if self.pos == 0 else self.slots[None, :end] <= p.index[:, None]
+        for state in self.layers:
+            state["pos"] = p.index
+        return p.index
+
+    def advance(self, T: int) -> None:
+        if not self.fixed_shape:
+            self.pos += T
+
+    def tensors(self):
+        """(layer state, key, tensor) of every cached tensor."""
+        for state in self.layers:
+            for key, t in state.items():
+                if isinstance(t, torch.Tensor) and key != "pos":
+                    yield state, key, t
+
+    def memory_bytes(self, filled: bool = True) -> int:
+        """Bytes of decoding state: K/V counted up to ``pos`` (``filled``) or at full capacity."""
+        total = 0
+        for _, key, t in self.tensors():
+            if key in KV_KEYS and filled:
+                t = t[:, :, : self.pos]
+            total += t.numel() * t.element_size()
+        return total
+
+    def snapshot(self) -> dict:
+        """Copies of the tensors a step updates in place other than K/V (whose slots past ``pos`` are
+        rewritten before they are read): taken before warm-up steps, put back by :meth:`restore`."""
+        snap = {(id(s), k): t.clone() for s, k, t in self.tensors() if k not in KV_KEYS}
+        snap["step_pos"] = self.step_pos.clone()
+        return snap
+
+    def restore(self, snap: dict) -> None:
+        for s, k, t in self.tensors():
+            if k not in KV_KEYS:
+                t.copy_(snap[(id(s), k)])
+        self.step_pos.copy_(snap["step_pos"])
+
+    def expand(self, batch: int) -> StaticCache:
+        """A cache of ``batch`` rows, each a copy of row 0 of this one (benchmarks: one prefill, many rows)."""
+        new = object.__new__(StaticCache)
+        new.__dict__.update(self.__dict__)
+        new.batch, new.positions = batch, StaticPositions(self.capacity, attention=self.positions.attention)
+        new.layers = [{"positions": new.positions} for _ in self.layers]
+        new.step_pos = self.step_pos.clone()
+        for src, dst in zip(self.layers, new.layers):
+            for key, t in src.items():
+                if isinstance(t, torch.Tensor) and key != "pos":
+                    dst[key] = t[:1].expand(batch, *t.shape[1:]).contiguous()
+        return new
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (or None)")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) int64 from logits (B, V): greedy at ``temperature=0``, else a draw from
+    ``softmax(logits / temperature)`` cut to the ``top_k`` largest and the smallest set of mass
+    ``>= top_p`` (nucleus, Holtzman et al. 2020). The draw is ``argmax(p / E)``, E ~ Exp(1) i.i.d.: token
+    i wins with probability p_i (the exponential race), with no host synchronisation (graph-safe)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above: the first is always kept
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------- decoder
+class StaticDecoder:
+    """Generation over a :class:`StaticCache`: eager chunked prefill, then fixed-shape steps.
+
+    ``graph``: ``"cuda"`` captures the step with ``torch.cuda.CUDAGraph`` (CUDA only), ``"none"`` runs it
+    eagerly (the CPU; tests), ``"auto"`` = ``"cuda"`` on a GPU, else ``"none"``. ``compile``: the step goes
+    through ``torch.compile`` (default mode; a string names the backend) before capture. ``attention``:
+    the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state
+    at construction (e.g. bf16) is the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the
+    token to feed, ``tokens`` (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, graph: str = "auto", attention: str = "sdpa",
+                 prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool | str = False):
+        check_sampling(temperature, top_k, top_p)
+        if graph not in ("auto", "cuda", "none"):
+            raise ValueError(f"graph={graph!r} is not valid; choose auto, cuda or none")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
+        self.model = model
+        self.device = next(model.parameters()).device
+        if graph == "auto":
+            graph = "cuda" if self.device.type == "cuda" else "none"
+        if graph != "none" and self.device.type != "cuda":
+            raise ValueError(f"graph={graph!r} needs a CUDA model; this one is on {self.device}")
+        self.graph_kind, self.prefill_chunk = graph, prefill_chunk
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.cache = cache if cache is not None else StaticCache(model, batch, capacity, attention)
+        self.batch, self.capacity = self.cache.batch, self.cache.capacity
+        dev = self.device.type
+        on = torch.is_autocast_enabled(dev) if torch.amp.is_autocast_available(dev) else False
+        # The autocast weight-cast cache must stay off: a captured graph would read a freed cast.
+        dtype = torch.get_autocast_dtype(dev) if on else None
+        self._ctx = ((lambda: torch.autocast(dev, dtype=dtype, cache_enabled=False)) if on else nullcontext)
+        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros(self.batch, self.capacity, dtype=torch.long, device=self.device)
+        self.logits: torch.Tensor | None = None
+        self._graph = None
+        self.compiled = compile
+        backend = compile if isinstance(compile, str) else "inductor"
+        self._body = torch.compile(self._step_body, dynamic=False, backend=backend) if compile else self._step_body
+
+    # ---------------------------------------------------------------- prefill
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, T) through the cache in chunks; returns the last position's logits (B, V)
+        and makes the first sampled token the next one to feed."""
+        B, T = prompt.shape
+        if T < 1:
+            raise ValueError("the prompt must hold at least one token")
+        if self.cache.pos + T > self.capacity:
+            raise ValueError(f"prompt of {T} tokens (after {self.cache.pos} cached) exceeds the static "
+                             f"cache's capacity of {self.capacity} tokens")
+        with self._ctx():
+            for s in range(0, T, self.prefill_chunk):
+                h = self.model.hidden_states(prompt[:, s:s + self.prefill_chunk], cache=self.cache)
+            logits = self.model.lm_head(h[:, -1])
+            self.tokens[:, self.cache.pos - T: self.cache.pos] = prompt
+            nxt = sample_next(logits, **self.sampling)
+        if self.logits is None:
+            self.logits = logits.clone()
+        else:
+            self.logits.copy_(logits)
+        self.ids.copy_(nxt[:, None])
+        self.step_pos_sync()
+        if self.cache.pos < self.capacity:
+            self.tokens[:, self.cache.pos] = nxt
+        return logits
+
+    def step_pos_sync(self) -> None:
+        self.cache.step_pos.fill_(self.cache.pos)
+
+    # ---------------------------------------------------------------- step
+    def _step_body(self) -> None:
+        """Feed ``ids`` at ``step_pos``, write the logits and the sampled next token, advance ``step_pos``."""
+        cache = self.cache
+        h = self.model.hidden_states(self.ids, cache=cache)
+        logits = self.model.lm_head(h[:, -1])
+        self.logits.copy_(logits)
+        nxt = sample_next(logits, **self.sampling)
+        self.ids.copy_(nxt[:, None])
+        cache.step_pos.add_(1)
+        self.tokens.index_copy_(1, cache.step_pos.clamp(max=self.capacity - 1), self.ids)
+
+    def _run_fixed(self, fn) -> None:
+        self.cache.fixed_shape = True
+        try:
+            with torch.no_grad(), self._ctx():
+                fn()
+        finally:
+            self.cache.fixed_shape = False
+
+    def capture(self, warmup: int = 3) -> None:
+        """Build the step's CUDA graph (a no-op for ``graph="none"``); the cache is left as it was.
+        ``warmup`` steps run first on a side stream (and compile the step when ``compile``)."""
+        if self.graph_kind == "none" or self._graph is not None:
+            return
+        if self.logits is None:
+            raise RuntimeError("prefill a prompt before capturing the decoding step")
+        snap = self.cache.snapshot()
+        ids, logits = self.ids.clone(), self.logits.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._run_fixed(self._body)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.cache.restore(snap)
+        self.ids.copy_(ids)
+        g = torch.cuda.CUDAGraph()
+        gen = self.sampling["generator"]
+        if gen is not None and gen.device.type == "cuda" and hasattr(g, "register_generator_state"):
+            g.register_generator_state(gen)
+        with torch.cuda.graph(g):
+            self._run_fixed(self._body)
+        self._graph = g
+        self.cache.restore(snap)
+        self.ids.copy_(ids)
+        self.logits.copy_(logits)
+
+    def step(self) -> None:
+        """One token per sequence: the graph's replay (or the eager fixed-shape step)."""
+        if self.logits is None:
+            raise RuntimeError("prefill a prompt before decoding steps")
+        if self.cache.pos + 1 > self.capacity:
+            raise ValueError(f"the static cache is full ({self.capacity} tokens); make it larger")
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._run_fixed(self._body)
+        self.cache.pos += 1
+
+    def expanded(self, batch: int) -> StaticDecoder:
+        """A decoder of ``batch`` rows, each a copy of row 0 of this prefilled one, with the same settings
+        (benchmarks: one prefill, many batch sizes). Not captured yet."""
+        if self.logits is None:
+            raise RuntimeError("prefill a prompt before expanding the decoder")
+        new = StaticDecoder(self.model, batch, self.capacity, graph=self.graph_kind,
+                            prefill_chunk=self.prefill_chunk, cache=self.cache.expand(batch),
+                            compile=self.compiled, **self.sampling)
+        new.ids.copy_(self.ids[:1].expand(batch, 1))
+        new.tokens.copy_(self.tokens[:1].expand(batch, -1))
+        new.logits = self.logits[:1].expand(batch, -1).clone()
+        new.step_pos_sync()
+        return new
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """(B, T) prompt → (B, T + max_new_tokens): prefill, capture, ``max_new_tokens − 1`` steps."""
+        B, T = prompt.shape
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if self.cache.pos + T + max_new_tokens > self.capacity:
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens = {T + max_new_tokens} "
+                             f"exceeds the static cache's capacity of {self.capacity} tokens")
+        start = self.cache.pos
+        if max_new_tokens == 0:
+            return prompt.clone()
+        self.prefill(prompt)
+        self.capture()
+        for _ in range(max_new_tokens - 1):
+            self.step()
+        return self.tokens[:, start: start + T + max_new_tokens].clone()
+
+
+# ---------------------------------------------------------------------------------------------- dtype
+def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A copy of ``model`` with its weights in ``dtype`` for fast decoding (no per-step autocast casts),
+    except buffers and DiJiang's feature-map and decay tensors, which stay float32 (they feed ``exp``).
+    NOBLE layers compute their main and branch products separately (``fused=False``: same result, no
+    per-call concatenation of the weights, which a one-token step would pay for in full)."""
+    import copy
+
+    from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap
+    from leanformer.layers.noble import NobleLinear
+
+    out = copy.deepcopy(model).to(dtype)
+    for m in out.modules():
+        if isinstance(m, NobleLinear):
+            m.fused = False
+        if isinstance(m, DiJiangFeatureMap):
+            m.float()
+        elif isinstance(m, DiJiangAttention) and getattr(m, "decay_logit", None) is not None:
+            m.decay_logit.data = m.decay_logit.data.float()
+        for name, b in m.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(m, name, b.float())
+    return out

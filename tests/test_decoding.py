@@ -1,0 +1,193 @@
+"""Static decoding (leanformer.decoding): the pre-allocated cache and the fixed-shape step give the eager
+path's logits and tokens and the full forward pass's logits, for every attention × block × NOBLE (float64);
+sampling; capacity errors. CUDA-graph capture itself is checked on a GPU only."""
+
+import pytest
+import torch
+
+from leanformer import NobleConfig, TransformerConfig, TransformerLM
+from leanformer.config import DiJiangConfig
+from leanformer.decoding import StaticCache, StaticDecoder, decoding_copy, sample_next
+
+DT = torch.float64
+V = 97
+
+ARMS = {
+    "softmax-preln": dict(),
+    "softmax-parallel": dict(block="parallel"),
+    "softmax-gqa-swiglu": dict(norm="rmsnorm", ffn_act="swiglu", n_kv_heads=2, tie_embeddings=False),
+    "softmax-learned-pos": dict(pos="learned", bias=True),
+    "softmax-partial-rope": dict(block="neox_parallel", rotary_pct=0.25),
+    "shaped-sas": dict(block="sas", attention="shaped"),
+    "shaped-sas_p": dict(block="sas_p", attention="shaped"),
+    "shaped-sas_p-nonorm-gqa": dict(block="sas_p", attention="shaped", norm="none", n_kv_heads=2),
+    "vskipinit": dict(block="vskipinit", attention="softmax"),
+    "dijiang-preln": dict(attention="dijiang"),
+    "dijiang-official-parallel": dict(attention="dijiang", block="parallel",
+                                      dijiang=DiJiangConfig(feature_map="official")),
+    "dijiang-learnable-decay": dict(attention="dijiang", dijiang=DiJiangConfig(learnable_decay=True)),
+    "noble-preln": dict(noble=NobleConfig(enabled=True, rank=4)),
+    "noble-sas_p": dict(block="sas_p", attention="shaped", noble=NobleConfig(enabled=True, rank=4)),
+    "noble-dijiang": dict(attention="dijiang", noble=NobleConfig(enabled=True, rank=4, activation="silu")),
+}
+
+
+def _model(seed: int = 0, **kw) -> TransformerLM:
+    base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    base.update(kw)
+    torch.manual_seed(seed)
+    model = TransformerLM(TransformerConfig(**base)).to(DT).eval()
+    with torch.no_grad():  # move every parameter off its init (zero W_Q, identity gains ...)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_static_steps_equal_eager_and_full_forward(arm):
+    model = _model(**ARMS[arm])
+    B, T, N = 2, 7, 6
+    prompt = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    eager = model.generate(prompt, N, temperature=0, static=False)
+    full, _ = model(eager)
+    dec = StaticDecoder(model, B, capacity=T + N + 3, graph="none", prefill_chunk=3)  # chunks 3, 3, 1
+    first = dec.prefill(prompt)
+    torch.testing.assert_close(first, full[:, T - 1], rtol=1e-9, atol=1e-9)
+    for i in range(N - 1):
+        dec.step()
+        torch.testing.assert_close(dec.logits, full[:, T + i], rtol=1e-9, atol=1e-9)
+    assert torch.equal(dec.tokens[:, :T + N], eager)
+    assert dec.cache.pos == T + N - 1
+    static = model.generate(prompt, N, temperature=0, static=True, graph="none")
+    assert torch.equal(static, eager)
+
+
+@pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-preln"])
+def test_sampled_tokens_equal_eager_with_the_same_generator(arm):
+    model = _model(**ARMS[arm])
+    prompt = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9)
+    eager = model.generate(prompt, 8, generator=torch.Generator().manual_seed(5), static=False, **kw)
+    static = model.generate(prompt, 8, generator=torch.Generator().manual_seed(5), static=True, graph="none",
+                            **kw)
+    assert torch.equal(static, eager)
+    other = model.generate(prompt, 8, generator=torch.Generator().manual_seed(6), static=False, **kw)
+    assert not torch.equal(other, eager)
+
+
+def test_cache_layout_and_size():
+    """K/V are (B, H_kv, capacity, D), written at their positions; DiJiang's state does not grow."""
+    model = _model(n_kv_heads=2)
+    prompt = torch.randint(0, V, (2, 5))
+    dec = StaticDecoder(model, 2, 16, graph="none")
+    dec.prefill(prompt)
+    k = dec.cache.layers[0]["k"]
+    assert k.shape == (2, 2, 16, 8) and k.dtype == DT
+    assert k[:, :, :5].abs().sum() > 0 and k[:, :, 5:].abs().sum() == 0
+    bytes5 = dec.cache.memory_bytes()
+    dec.step()
+    assert dec.cache.memory_bytes() > bytes5
+    assert dec.cache.memory_bytes(filled=False) == 2 * 2 * (2 * 2 * 16 * 8) * 8  # layers × k,v × numel × 8 B
+
+    dj = _model(attention="dijiang")
+    dec = StaticDecoder(dj, 2, 16, graph="none")
+    dec.prefill(prompt)
+    held = dec.cache.memory_bytes()
+    S = dec.cache.layers[0]["S"]
+    assert S.dtype == torch.float64 and S.shape == (2, 4, 8, 8)
+    dec.step()
+    dec.step()
+    assert dec.cache.memory_bytes() == held and dec.cache.layers[0]["S"] is S  # written in place
+
+
+def test_snapshot_restore_and_expand():
+    model = _model(block="sas_p", attention="shaped")
+    prompt = torch.randint(0, V, (1, 6))
+    dec = StaticDecoder(model, 1, 12, graph="none")
+    dec.prefill(prompt)
+    snap = dec.cache.snapshot()
+    before = dec.cache.layers[1]["v_sum"].clone()
+    dec.step()
+    assert not torch.equal(dec.cache.layers[1]["v_sum"], before)
+    dec.cache.restore(snap)
+    assert torch.equal(dec.cache.layers[1]["v_sum"], before)
+    wide = dec.cache.expand(3)
+    assert wide.layers[0]["k"].shape[0] == 3 and torch.equal(wide.layers[0]["k"][2], dec.cache.layers[0]["k"][0])
+    assert wide.layers[0]["positions"] is wide.positions and wide.positions is not dec.cache.positions
+
+
+def test_capacity_errors_are_clear():
+    model = _model()
+    prompt = torch.randint(0, V, (1, 6))
+    with pytest.raises(ValueError, match=r"prompt of 6 tokens \+ 5 new tokens = 11 exceeds max_len=8"):
+        model.generate(prompt, 5, temperature=0, static=True, graph="none", max_len=8)
+    dec = StaticDecoder(model, 1, 7, graph="none")
+    with pytest.raises(ValueError, match="6 new tokens = 12 exceeds the static cache's capacity of 7"):
+        dec.generate(prompt, 6)
+    dec.prefill(prompt)
+    dec.step()
+    with pytest.raises(ValueError, match="static cache is full"):
+        dec.step()
+    with pytest.raises(ValueError, match="batch of 2 sequences, but the static cache holds 1"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache=StaticCache(model, 1, 4))
+    learned = _model(pos="learned")
+    with pytest.raises(ValueError, match="capacity 65 exceeds max_seq_len=64"):
+        StaticCache(learned, 1, 65)
+    with pytest.raises(ValueError, match="graph='cuda' needs a CUDA model"):
+        StaticDecoder(model, 1, 8, graph="cuda")
+    with pytest.raises(ValueError, match="top_p=1.5 must be in"):
+        model.generate(prompt, 2, top_p=1.5)
+
+
+def test_sample_next_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits[:2], 0.0), torch.zeros(2, dtype=torch.long))
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=g), torch.zeros(4000, dtype=torch.long))
+    assert torch.equal(sample_next(logits, 1.0, top_p=0.01, generator=g), torch.zeros(4000, dtype=torch.long))
+    two = sample_next(logits, 1.0, top_k=2, generator=g)
+    assert set(two.tolist()) == {0, 1}
+    counts = torch.bincount(sample_next(logits, 1.0, generator=g), minlength=4).double() / 4000
+    torch.testing.assert_close(counts, logits[0].softmax(-1).double(), atol=0.03, rtol=0)  # the race draws p
+    nucleus = sample_next(logits, 1.0, top_p=0.7, generator=g)  # p = .61, .22, .14, .03: the first two
+    assert set(nucleus.tolist()) == {0, 1}
+
+
+def test_decoding_copy_keeps_dijiang_tables_float32():
+    model = _model(attention="dijiang")
+    half = decoding_copy(model, torch.bfloat16)
+    attn = half.blocks[0].attn
+    assert half.wte.weight.dtype == torch.bfloat16 and attn.q.weight.dtype == torch.bfloat16
+    assert attn.feature_map.proj.dtype == torch.float32 and attn.log_gamma().dtype == torch.float32
+    assert model.wte.weight.dtype == DT  # the original is untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-preln", "noble-preln"])
+def test_cuda_graph_tokens_equal_eager(arm):
+    model = _model(**ARMS[arm]).float().cuda()
+    prompt = torch.randint(0, V, (2, 9), device="cuda")
+    eager = model.generate(prompt, 12, temperature=0, static=False)
+    graph = model.generate(prompt, 12, temperature=0, static=True, graph="cuda")
+    assert torch.equal(graph, eager)
+
+
+def test_decoder_made_under_autocast_runs_under_it():
+    """The autocast state at construction is the one prefill and steps run under (bf16 on the CPU here)."""
+    model = _model().float()
+    prompt = torch.randint(0, V, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dec = StaticDecoder(model, 2, 12, graph="none")
+    dec.prefill(prompt)
+    dec.step()
+    assert dec.cache.layers[0]["k"].dtype == torch.bfloat16 and dec.logits.dtype == torch.bfloat16
+
+
+def test_compiled_step_equals_eager_step():
+    """``compile``: the step traced by torch.compile (its side effects on the cache included; the aot_eager
+    backend keeps the test fast, Inductor runs on the GPU) gives the eager path's tokens."""
+    model = _model(n_layers=1, block="sas_p", attention="shaped")
+    prompt = torch.randint(0, V, (2, 5))
+    eager = model.generate(prompt, 5, temperature=0, static=False)
+    assert torch.equal(model.generate(prompt, 5, temperature=0, static=True, graph="none", compile="aot_eager"),
+                       eager)
