@@ -27,6 +27,7 @@ The decoding state is S (B, H, m, d), n (B, H) and "pos": its size does not depe
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 
@@ -149,6 +150,35 @@ def default_log_gamma(n_heads: int) -> torch.Tensor:
     return table.to(torch.get_default_device())
 
 
+def rescaled_group_norm(o: torch.Tensor, log_scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float) -> torch.Tensor:
+    """GroupNorm (one group per head) of the true output, given o = exp(log_scale) × true o.
+
+    o: (B, H, T, d); log_scale: (B, H, T) (detached); weight, bias: (H·d,) → (B, T, H·d) in at least float32.
+    GroupNorm is scale-free except for ε: GN(r·x, ε·r²) = GN(x, ε). Each group is first divided by its
+    own max |o| = a (so its values are O(1)), and gets ε·(r/a)² = ε·exp(2·(log_scale − log a)), computed
+    in log space (capped at e^80, where the group is already 0 to within e^−40).
+    """
+    B, H, T, d = o.shape
+    x = o.to(torch.promote_types(o.dtype, torch.float32))
+    a = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    xs = x / a
+    var, mean = torch.var_mean(xs, dim=-1, unbiased=False, keepdim=True)
+    log_eps = (math.log(eps) + 2 * (log_scale.to(x.dtype)[..., None] - a.log())).clamp(max=80.0) if eps > 0 \
+        else None
+    y = (xs - mean) * torch.rsqrt(var + log_eps.exp() if log_eps is not None else var)
+    return merge_heads(y) * weight.to(x.dtype) + bias.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_usable() -> bool:
+    """fla imports (checked once); a broken install counts as absent."""
+    try:
+        return dla.fla_available()
+    except Exception:  # noqa: BLE001 - fla present but broken (version mismatch with torch/triton)
+        return False
+
+
 class DiJiangAttention(nn.Module):
     """DiJiang token mixer obeying the attention contract; (B, T, C) → (B, T, C).
 
@@ -192,45 +222,56 @@ class DiJiangAttention(nn.Module):
             return F.logsigmoid(self.decay_logit)
         return self.log_gamma_fixed
 
-    def features(self, q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor,
-                 n_init: torch.Tensor | None):
-        """(B, H, T, d) q, k → φ(q), φ(k) (B, H, T, m) and the keys' log-normaliser n (B, H, T) or None."""
+    def features(self, q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor, n_init: torch.Tensor | None):
+        """(B, H, T, d) q, k → φ(q), φ(k) (B, H, T, m), the keys' log-normaliser n (B, H, T) or None, and
+        the output's log-scale (B, H, T) or None: the mix then returns exp(log_scale_i) × the true o_i
+        (paper: log_scale = −n_i − max_f z_{q,i,f}; official: no stabiliser, None)."""
         if self.cfg.feature_map == "official":
-            return self.feature_map(q), self.feature_map(k), None
+            return self.feature_map(q), self.feature_map(k), None, None
         zq, zk = self.feature_map(q), self.feature_map(k)
-        fq = (zq - zq.detach().amax(dim=-1, keepdim=True)).exp()
+        mq = zq.detach().amax(dim=-1)
+        fq = (zq - mq[..., None]).exp()
         n = running_log_norm(zk.detach().amax(dim=-1), log_gamma.detach(), n_init)
         fk = (zk - n[..., None]).exp()
-        return fq, fk, n
+        return fq, fk, n, -(n + mq)
+
+    def form(self, T: int, device: torch.device, stateful: bool) -> str:
+        """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode; ``auto``:
+        fla's kernel on CUDA when fla imports, else parallel up to ``parallel_max_len`` and chunk beyond)."""
+        mode = self.cfg.mode
+        if mode == "auto":
+            if not stateful and device.type == "cuda" and _fla_usable():
+                return "fla_chunk"
+            if stateful:
+                return "recurrent" if T == 1 else "chunk"
+            limit = self.cfg.parallel_max_len or (1024 if device.type == "cuda" else 256)
+            return "parallel" if T <= limit else "chunk"
+        if mode == "fla":
+            return "fla_recurrent" if stateful and T == 1 else "fla_chunk"
+        if stateful and mode == "parallel":  # a prompt with a state: chunkwise, continuing from it
+            return "recurrent" if T == 1 else "chunk"
+        return mode
 
     def mix(self, fq, fk, v, log_gamma, n, state: dict | None) -> torch.Tensor:
-        """Pick the form (cfg.dijiang.mode) and run it; updates ``state`` in place."""
-        T = v.shape[2]
-        mode = self.cfg.mode
+        """Run the form :meth:`form` names (one lookup in :data:`dla.FORMS`); updates ``state`` in place."""
+        name = self.form(v.shape[2], v.device, state is not None)
+        fn = dla.FORMS[name]
+        kw = {"chunk_size": self.cfg.chunk_size} if name == "chunk" else {}
         if state is None:
-            if mode == "auto":
-                limit = self.cfg.parallel_max_len or (1024 if v.is_cuda else 256)
-                mode = "parallel" if T <= limit else "chunk"
-            if mode == "parallel":
-                return dla.parallel(fq, fk, v, log_gamma, n)
-            if mode == "chunk":
-                return dla.chunk(fq, fk, v, log_gamma, self.cfg.chunk_size, log_norm=n)
-            if mode == "recurrent":
-                return dla.recurrent(fq, fk, v, log_gamma, log_norm=n)[0]
-            return dla.fla_chunk(fq, fk, v, log_gamma, log_norm=n)[0]
-        S0, n0 = state.get("S"), state.get("n")
-        if mode == "fla":
-            fn = dla.fla_recurrent if T == 1 else dla.fla_chunk
-            o, S = fn(fq, fk, v, log_gamma, S0, log_norm=n, initial_log_norm=n0)
-        elif mode == "recurrent" or T == 1:
-            o, S = dla.recurrent(fq, fk, v, log_gamma, S0, log_norm=n, initial_log_norm=n0)
-        else:  # a multi-token prompt with a state: chunkwise, continuing from it
-            o, S = dla.chunk(fq, fk, v, log_gamma, self.cfg.chunk_size, S0, return_state=True,
-                             log_norm=n, initial_log_norm=n0)
+            return fn(fq, fk, v, log_gamma, log_norm=n, **kw)[0]
+        o, S = fn(fq, fk, v, log_gamma, state.get("S"), n, state.get("n"), **kw)
         state["S"] = S
         if n is not None:
             state["n"] = n[..., -1]
         return o
+
+    def normalise(self, o: torch.Tensor, log_scale: torch.Tensor | None) -> torch.Tensor:
+        """Per-head GroupNorm of o (B, H, T, d) → (B, T, C), independent of the stabiliser's rescale."""
+        B, H, T, d = o.shape
+        if log_scale is None:
+            return self.group_norm(merge_heads(o).reshape(B * T, H * d)).view(B, T, H * d)
+        gn = self.group_norm
+        return rescaled_group_norm(o, log_scale, gn.weight, gn.bias, gn.eps)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C)."""
@@ -242,9 +283,9 @@ class DiJiangAttention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         log_gamma = self.log_gamma()
         n_init = state.get("n") if state is not None else None
-        fq, fk, n = self.features(q, k, log_gamma, n_init)
+        fq, fk, n, log_scale = self.features(q, k, log_gamma, n_init)
         o = self.mix(fq.to(v.dtype), fk.to(v.dtype), v, log_gamma, n, state)
         if state is not None:
             state["pos"] = start + T
-        o = self.group_norm(merge_heads(o).reshape(B * T, C)).view(B, T, C)
+        o = self.normalise(o, log_scale)
         return self.o(F.silu(self.gate(x)) * o.to(x.dtype))
