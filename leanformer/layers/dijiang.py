@@ -150,6 +150,60 @@ def default_log_gamma(n_heads: int) -> torch.Tensor:
     return table.to(torch.get_default_device())
 
 
+def feature_pair(q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor, log_d: torch.Tensor | None,
+                 in_scale: float, log_gamma: torch.Tensor, n_init: torch.Tensor | None, out_dtype: torch.dtype):
+    """φ(q), φ(k) with the stabilisers, as :class:`DiJiangFeatureMap` + :meth:`DiJiangAttention.features`
+    define them, in one function (one fused graph under ``torch.compile``).
+
+    q, k: (B, H, T, d); proj: (d, m); log_d: (H, m) (paper) or None (official) → fq, fk: (B, H, T, m) in
+    ``out_dtype``, laid out in memory as (B, T, H, m) (the layout fla's kernels read, so passing them there
+    copies nothing); n: keys' running log-normaliser (B, H, T) or None; log_scale (B, H, T) or None: the mix
+    returns exp(log_scale_i) × the true o_i (paper: −n_i − max_f z_{q,i,f}).
+    """
+    cd = torch.promote_types(q.dtype, torch.float32)
+    no_autocast = (torch.autocast(q.device.type, enabled=False)  # exp amplifies rounding: no bf16 matmul
+                   if torch.amp.is_autocast_available(q.device.type) else nullcontext())  # (meta has none)
+    with no_autocast:
+        p = proj.to(cd)
+        zq = (q.transpose(1, 2).to(cd) * in_scale) @ p                            # (B, T, H, m)
+        zk = (k.transpose(1, 2).to(cd) * in_scale) @ p
+    if log_d is None:  # official: softmax over the features, no stabiliser needed
+        return (zq.softmax(-1).to(out_dtype).transpose(1, 2), zk.softmax(-1).to(out_dtype).transpose(1, 2),
+                None, None)
+    ld = log_d.to(cd)
+    zq, zk = zq + ld, zk + ld                                                       # log φ = log D + T C x
+    mq = zq.detach().amax(dim=-1)                                                   # (B, T, H)
+    fq = (zq - mq[..., None]).exp()
+    n = running_log_norm(zk.detach().amax(dim=-1).transpose(1, 2), log_gamma.detach(), n_init)  # (B, H, T)
+    fk = (zk - n.transpose(1, 2)[..., None]).exp()
+    return fq.to(out_dtype).transpose(1, 2), fk.to(out_dtype).transpose(1, 2), n, -(n + mq.transpose(1, 2))
+
+
+COMPILE_ON_CUDA = True  # fuse the feature map and the GroupNorm with torch.compile on CUDA (False: eager)
+_compiled: dict = {}
+
+
+def on_cuda_compiled(fn):
+    """``fn`` itself on CPU/meta; on CUDA its ``torch.compile`` form (static shapes), falling back to ``fn``
+    for good, with a warning, if compiling fails."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not (COMPILE_ON_CUDA and args[0].is_cuda) or _compiled.get(fn) is False:
+            return fn(*args, **kwargs)
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=False)
+        try:
+            return _compiled[fn](*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training
+            import warnings
+
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eager",
+                          stacklevel=2)
+            _compiled[fn] = False
+            return fn(*args, **kwargs)
+    return run
+
+
 def rescaled_group_norm(o: torch.Tensor, log_scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         eps: float) -> torch.Tensor:
     """GroupNorm (one group per head) of the true output, given o = exp(log_scale) × true o.
@@ -168,6 +222,10 @@ def rescaled_group_norm(o: torch.Tensor, log_scale: torch.Tensor, weight: torch.
         else None
     y = (xs - mean) * torch.rsqrt(var + log_eps.exp() if log_eps is not None else var)
     return merge_heads(y) * weight.to(x.dtype) + bias.to(x.dtype)
+
+
+_feature_pair = on_cuda_compiled(feature_pair)
+_rescaled_group_norm = on_cuda_compiled(rescaled_group_norm)
 
 
 @functools.lru_cache(maxsize=1)
@@ -222,18 +280,14 @@ class DiJiangAttention(nn.Module):
             return F.logsigmoid(self.decay_logit)
         return self.log_gamma_fixed
 
-    def features(self, q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor, n_init: torch.Tensor | None):
-        """(B, H, T, d) q, k → φ(q), φ(k) (B, H, T, m), the keys' log-normaliser n (B, H, T) or None, and
-        the output's log-scale (B, H, T) or None: the mix then returns exp(log_scale_i) × the true o_i
-        (paper: log_scale = −n_i − max_f z_{q,i,f}; official: no stabiliser, None)."""
-        if self.cfg.feature_map == "official":
-            return self.feature_map(q), self.feature_map(k), None, None
-        zq, zk = self.feature_map(q), self.feature_map(k)
-        mq = zq.detach().amax(dim=-1)
-        fq = (zq - mq[..., None]).exp()
-        n = running_log_norm(zk.detach().amax(dim=-1), log_gamma.detach(), n_init)
-        fk = (zk - n[..., None]).exp()
-        return fq, fk, n, -(n + mq)
+    def features(self, q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor, n_init: torch.Tensor | None,
+                 out_dtype: torch.dtype | None = None):
+        """(B, H, T, d) q, k → φ(q), φ(k) (B, H, T, m) in ``out_dtype`` (default q's), the keys'
+        log-normaliser n (B, H, T) or None, and the output's log-scale (B, H, T) or None: the mix then
+        returns exp(log_scale_i) × the true o_i (paper: −n_i − max_f z_{q,i,f}; official: None).
+        See :func:`feature_pair` (compiled on CUDA)."""
+        fm = self.feature_map
+        return _feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, log_gamma, n_init, out_dtype or q.dtype)
 
     def form(self, T: int, device: torch.device, stateful: bool) -> str:
         """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode; ``auto``:
@@ -271,7 +325,7 @@ class DiJiangAttention(nn.Module):
         if log_scale is None:
             return self.group_norm(merge_heads(o).reshape(B * T, H * d)).view(B, T, H * d)
         gn = self.group_norm
-        return rescaled_group_norm(o, log_scale, gn.weight, gn.bias, gn.eps)
+        return _rescaled_group_norm(o, log_scale, gn.weight, gn.bias, gn.eps)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C)."""
@@ -283,8 +337,8 @@ class DiJiangAttention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         log_gamma = self.log_gamma()
         n_init = state.get("n") if state is not None else None
-        fq, fk, n, log_scale = self.features(q, k, log_gamma, n_init)
-        o = self.mix(fq.to(v.dtype), fk.to(v.dtype), v, log_gamma, n, state)
+        fq, fk, n, log_scale = self.features(q, k, log_gamma, n_init, v.dtype)
+        o = self.mix(fq, fk, v, log_gamma, n, state)
         if state is not None:
             state["pos"] = start + T
         o = self.normalise(o, log_scale)
