@@ -230,16 +230,66 @@ def section(name, fn, *args, budget: float | None = None, **kwargs):
     print(f"[section] {name}: {time.monotonic() - t:.1f} s", flush=True)
 
 
+def prune_autotune() -> None:
+    """Fewer fla autotune candidates (num_warps 4, num_stages 2 where offered): a fresh machine otherwise
+    spends minutes compiling ~48 configs per kernel and dtype. Conservative: the figures can only be slower
+    than with fla's full search."""
+    import triton
+
+    full = triton.autotune
+
+    def few(configs, key, **kw):
+        keep = [c for c in configs if c.num_warps == 4 and c.num_stages in (2, None)]
+        keep = keep or [c for c in configs if c.num_warps == 4] or list(configs)[:2]
+        return full(keep, key, **kw)
+    triton.autotune = few
+
+
+def time_train(out: str, budget_end: float) -> None:
+    from leanformer.bench.train import run_train_bench
+
+    dev = torch.device("cuda")
+    for seq, batch, compile_ in ((1024, 16, False), (4096, 4, True)):
+        left = budget_end - (time.monotonic() - T0)
+        if left < 30:
+            RESULTS["notes"].append(f"train seq {seq}: skipped (time budget)")
+            continue
+        rep = run_train_bench(size="gpt2", arms="preln,dijiang_fla", seq_len=seq, batch=batch, compile=compile_,
+                              device=dev, warmup=3, repeats=5, time_budget=left, compile_reserve_s=60.0,
+                              command=f"leanformer bench train --size gpt2 --arms preln,dijiang_fla --seq-len {seq} "
+                                      f"--batch {batch} --repeats 5{' --compile' if compile_ else ''}")
+        rep.write(os.path.join(out, f"train{seq}"), formats=("json", "md"))
+        print(rep.markdown(), flush=True)
+
+
+def time_attention_report(out: str) -> None:
+    from leanformer.bench.attention import run_attention_bench
+
+    rep = run_attention_bench(lengths=[1024, 2048, 4096, 16384, 32768],
+                              methods=["softmax", "dijiang_parallel", "dijiang_fla", "dijiang_official_fla"],
+                              batch=4, heads=12, head_dim=64, dtype="bfloat16", device=torch.device("cuda"),
+                              warmup=3, repeats=10, max_seconds=10.0,
+                              command="leanformer bench attention --lengths 1024,2048,4096,16384,32768 --methods "
+                                      "softmax,dijiang_parallel,dijiang_fla,dijiang_official_fla --repeats 10")
+    rep.write(os.path.join(out, "attention"), formats=("json", "md"))
+    print(rep.markdown(), flush=True)
+    for r in rep.rows:
+        RESULTS["timings"].append({"method": r["method"], "T": r["seq_len"], "ms": r.get("ms"),
+                                   "status": r.get("status")})
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--budget", type=float, default=300.0, help="seconds: later sections are skipped after")
+    p.add_argument("--budget", type=float, default=320.0, help="seconds: later sections are skipped after")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    p.add_argument("--prune-autotune", action="store_true", help="see prune_autotune()")
     p.add_argument("--cpu-smoke", action="store_true", help="run the script's code paths on the CPU: fla is "
                    "replaced by the chunk form, tiny sizes (a test of this script, not of the GPU)")
     args = p.parse_args()
     global DEV
+    if args.prune_autotune:
+        prune_autotune()
     if args.cpu_smoke:
         DEV = torch.device("cpu")
         dla._fla_kernel = lambda recurrent: lambda q, k, v, lg, s0: dla.chunk(q, k, v, lg, s0)
@@ -248,7 +298,7 @@ def main() -> int:
         torch.cuda.get_device_name = lambda *a: "cpu (smoke)"
     RESULTS["meta"] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": args.commit,
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "python": platform.python_version()}
+                       "python": platform.python_version(), "pruned_autotune": args.prune_autotune}
     try:
         import fla
         import triton
@@ -257,35 +307,40 @@ def main() -> int:
         RESULTS["meta"]["fla"] = f"import failed: {e}"
     print(RESULTS["meta"], flush=True)
     B = args.budget
+    bf16 = torch.bfloat16
     section("compile check", compile_check)
-    for fmap in ("paper", "official"):
-        for dtype in (torch.float32, torch.bfloat16):
-            section(f"layer {fmap} {dtype}", layer_check, fmap, dtype, 1.0, False)
-    section("layer paper large q/k", layer_check, "paper", torch.float32, 4.0, False)
-    section("layer paper learnable", layer_check, "paper", torch.bfloat16, 1.0, True)
+    section("layer paper bf16 large q/k", layer_check, "paper", bf16, 4.0, False)
+    section("layer paper bf16 learnable", layer_check, "paper", bf16, 1.0, True)
+    section("layer official bf16", layer_check, "official", bf16, 1.0, False)
     section("guard", guard_check)
-    lengths = [256] if args.cpu_smoke else [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 16384, 32768]
-    section("attention", time_attention, lengths,
-            ["softmax", "dijiang_parallel", "dijiang_fla", "dijiang_official_fla"], 10, budget=B * 0.45)
-    long = [256] if args.cpu_smoke else [4096, 16384, 32768]
-    if not args.cpu_smoke:
-        section("bare fla", time_bare_fla, long, 10, budget=B * 0.6)
+    smoke = args.cpu_smoke
+    if smoke:
+        section("attention", time_attention, [256], ["softmax", "dijiang_fla", "dijiang_official_fla"], 2)
+    else:
+        section("attention", time_attention_report, args.out, budget=B * 0.3)
+        section("nan 32k", nan_check_32k, budget=B * 0.45)
+    long = [256] if smoke else [16384, 32768]
+    if not smoke:
+        section("bare fla", time_bare_fla, long, 10, budget=B * 0.5)
     dj.COMPILE_ON_CUDA = False
-    section("eager feature map", time_attention, long, ["dijiang_fla"], 10, " (eager features)", budget=B * 0.65)
+    section("eager feature map", time_attention, long, ["dijiang_fla"], 10, " (eager features)", budget=B * 0.5)
     dj.COMPILE_ON_CUDA = True
     cdm.RANGE_CHECK = False
-    section("no range check", time_attention, long[:2], ["dijiang_fla"], 10, " (no range check)", budget=B * 0.7)
+    section("no range check", time_attention, [256] if smoke else [4096, 16384], ["dijiang_fla"], 10,
+            " (no range check)", budget=B * 0.55)
     cdm.RANGE_CHECK = True
-    section("profile", profile, 256 if args.cpu_smoke else 16384, "dijiang_fla", budget=B * 0.75)
-    if not args.cpu_smoke:
-        section("nan 32k", nan_check_32k, budget=B * 0.85)
+    section("profile", profile, 256 if smoke else 16384, "dijiang_fla", budget=B * 0.6)
+    with open(os.path.join(args.out, "dijiang_gpu.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    if not smoke:
+        section("train", time_train, args.out, B, budget=B * 0.62)
     with open(os.path.join(args.out, "dijiang_gpu.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
     # short table last
     print("\n| T | method | ms | × SDPA |\n|---|---|---|---|")
-    sdpa = {r["T"]: r["ms"] for r in RESULTS["timings"] if r["method"] == "softmax" and "ms" in r}
+    sdpa = {r["T"]: r["ms"] for r in RESULTS["timings"] if r["method"] == "softmax" and r.get("ms")}
     for r in RESULTS["timings"]:
-        if "ms" in r:
+        if r.get("ms"):
             x = sdpa.get(r["T"], float("nan")) / r["ms"]
             print(f"| {r['T']} | {r['method']} | {r['ms']:.3f} | {x:.2f} |")
     fails = [c["name"] for c in RESULTS["checks"] if not c["pass"]]
