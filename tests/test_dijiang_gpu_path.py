@@ -257,6 +257,7 @@ def test_auto_picks_fla_on_cuda_only(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(dj, "_fla_usable", lambda: True)
     assert att.form(4096, cuda, stateful=False) == "fla_chunk"
+    assert att.form(1024, cuda, stateful=False) == "parallel"
     assert att.form(100, cpu, stateful=False) == "parallel"
     assert att.form(4096, cpu, stateful=False) == "chunk"
     assert att.form(1, cuda, stateful=True) == "recurrent"

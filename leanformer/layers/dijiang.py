@@ -290,16 +290,18 @@ class DiJiangAttention(nn.Module):
         return _feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, log_gamma, n_init, out_dtype or q.dtype)
 
     def form(self, T: int, device: torch.device, stateful: bool) -> str:
-        """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode; ``auto``:
-        fla's kernel on CUDA when fla imports, else parallel up to ``parallel_max_len`` and chunk beyond)."""
+        """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode). ``auto``:
+        parallel up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA), beyond it fla's kernel
+        on CUDA when fla imports, else chunk. On the H100 (docs/benchmarks.md, 2026-11-24) the fla path
+        costs ≥ 4.4 ms per fwd+bwd whatever T up to 4K (host-bound), the masked form 2.9 ms at 1K."""
         mode = self.cfg.mode
         if mode == "auto":
-            if not stateful and device.type == "cuda" and _fla_usable():
-                return "fla_chunk"
             if stateful:
                 return "recurrent" if T == 1 else "chunk"
             limit = self.cfg.parallel_max_len or (1024 if device.type == "cuda" else 256)
-            return "parallel" if T <= limit else "chunk"
+            if T <= limit:
+                return "parallel"
+            return "fla_chunk" if device.type == "cuda" and _fla_usable() else "chunk"
         if mode == "fla":
             return "fla_recurrent" if stateful and T == 1 else "fla_chunk"
         if stateful and mode == "parallel":  # a prompt with a state: chunkwise, continuing from it
