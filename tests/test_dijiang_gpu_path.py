@@ -125,6 +125,17 @@ def test_guard_splits_a_sequence_whose_keys_jump_and_stays_exact(dtype):
         assert not err < 1e-2
 
 
+def test_shift_in_bfloat16_is_within_bfloat16_rounding():
+    """bf16 inputs (the GPU path): the shift's products are made in bf16; the result stays at bf16 rounding
+    of the float64 reference, with large q/k."""
+    zq, zk, v, lg = _inputs(T=200, m=16, d=16, scale=4.0)
+    fq, fk, n = _features(zq, zk, lg)
+    ref, _ = dla.parallel(fq, fk, v, lg, log_norm=n)
+    o, _ = cd.via_constant_decay(StandIn(), fq.bfloat16(), fk.bfloat16(), v.bfloat16(), lg.float(),
+                                 log_norm=n.float())
+    assert ((o.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
 def test_guard_with_a_tight_limit_splits_and_keeps_gradients():
     zq, zk, v, lg = _inputs(T=50, scale=3.0)
     S0, n0 = torch.randn(2, 3, 5, 4, dtype=F64), torch.randn(2, 3, dtype=F64)

@@ -168,7 +168,7 @@ def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: in
     # (B, T, H, D) memory viewed as (B, H, T, D), as the model's projections make them
     q, k, v = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
                .requires_grad_() for _ in range(3))
-    grad_out = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
+    grad_out = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)  # as the model's
     leaves = [q, k, v, *params]
 
     def call() -> torch.Tensor:
