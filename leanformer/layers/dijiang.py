@@ -11,17 +11,23 @@ Per head (head dim d, feature dim m), after RoPE on q and k (as the official cod
   ours draws t from the same QMC points instead of plain uniform ones).
 * decayed linear attention ``o_i = Σ_{j≤i} γ_h^(i−j) (φ(q_i)·φ(k_j)) v_j`` (eq. 13-14, RetNet decay
   γ_h = 1 − exp(linspace(log 1/32, log 1/512, H))), computed by :mod:`leanformer.ops.decayed_linear_attention`
-  in its parallel, chunk or recurrent form;
+  in one of its forms (parallel, chunk, recurrent, fla; :meth:`DiJiangAttention.form` picks it, the table
+  ``dla.FORMS`` runs it);
 * per-head GroupNorm (one group per head), the gate ``silu(x W_G) ⊙ o`` and the output projection.
 
 Numerical safety of the ``paper`` map, exact and causal. Write z = log φ (so φ = exp(z)).
 * Queries: φ(q_i) is divided by exp(max_f z_{q,i,f}). That multiplies o_i by a positive per-token,
-  per-head scalar, which the per-head GroupNorm removes (exactly, up to its ε).
+  per-head scalar, which the per-head GroupNorm removes.
 * Keys: a per-key scalar would *not* cancel, so keys get a running log-normaliser instead:
   ``n_i = max(n_{i−1} + logγ, max_f z_{k,i,f})`` (the xLSTM stabiliser). The op computes
   ``Σ_j exp((i−j)·logγ + n_j − n_i) (φ(q_i)·e^{z_{k,j} − n_j}) v_j`` = e^{−n_i} × the true o_i: again a
   per-query scalar, removed by the GroupNorm. n_i depends on tokens ≤ i only, every feature is ≤ 1 and
   every decay exponent is ≤ 0, so nothing overflows at any length in float32 or bfloat16.
+* GroupNorm: GN(r·x, ε) ≠ GN(x, ε) when r·x is small against √ε, so the layer passes each token's
+  log-rescale (−n_i − max_f z_{q,i,f}) to :func:`rescaled_group_norm`, which uses ε·r² (in log space):
+  the output is the paper formula's, whatever the stabiliser did.
+On CUDA the feature map (:func:`feature_pair`) and the GroupNorm run under ``torch.compile``; fla's kernel
+takes the paper map through the exact shift of :mod:`leanformer.ops.constant_decay`.
 The decoding state is S (B, H, m, d), n (B, H) and "pos": its size does not depend on the context.
 """
 

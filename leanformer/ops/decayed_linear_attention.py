@@ -1,4 +1,4 @@
-"""Decayed (RetNet-style) linear attention in three equivalent forms, plus an optional fla backend.
+"""Decayed (RetNet-style) linear attention in three equivalent forms, plus fla's kernels as a fourth.
 
 Per batch row and head h, with feature-mapped queries/keys ``q, k``: (B, H, T, m) and values ``v``:
 (B, H, T, d), the output is
@@ -19,10 +19,14 @@ Forms (shapes as above; all decays computed from ``i − j`` directly, never as 
   S: (B, H, m, d); every exponent is ≤ 0, so nothing overflows at any length.
 * :func:`recurrent` — S ← γ·S + kᵀv, o = q·S, one token at a time (decoding).
 * :func:`fla_chunk` / :func:`fla_recurrent` — fla's Triton kernels (``chunk_simple_gla`` /
-  ``fused_recurrent_simple_gla``), imported lazily, CUDA only. Checked against :func:`chunk` on an H100
-  (fla 0.6.0, Triton 3.6): forward relative error ~1e-3 (chunk, TF32) / ~1e-5 (recurrent). With a
-  ``log_norm`` the kernels take a per-token gate ``g``, whose backward fla refuses on Hopper with
-  Triton < 3.7.1 (its issue #640); without one (``g_gamma``) forward and backward run.
+  ``fused_recurrent_simple_gla``), imported lazily, CUDA only, always with a constant decay ``g_gamma``:
+  a ``log_norm`` and a decay gradient reach them through :func:`leanformer.ops.constant_decay.via_constant_decay`
+  (an exact shift), never through fla's per-token gate ``g``, whose backward fla 0.6.0 refuses on Hopper
+  with Triton < 3.7.1. Checked on an H100 against float64 (docs/benchmarks.md, 2026-11-24).
+
+Every form has one signature, ``(q, k, v, log_gamma, initial_state=None, log_norm=None,
+initial_log_norm=None) → (o, final_state)`` (``chunk`` adds the keyword ``chunk_size``); :data:`FORMS`
+names them.
 
 A state S is always "normalised at" the log-normaliser of the last token it has absorbed:
 ``S = Σ_j exp((t−j)·logγ + n_j − n_t) k_jᵀ v_j`` for the last token t; ``initial_log_norm`` (B, H) is
