@@ -62,10 +62,10 @@ def dijiang_core(q, k, v, fmap, log_gamma, mode: str, chunk_size: int):
     n = running_log_norm(zk.detach().amax(-1), log_gamma)
     fk = (zk - n[..., None]).exp().to(v.dtype)
     if mode == "parallel":
-        return dla.parallel(fq, fk, v, log_gamma, n)
+        return dla.parallel(fq, fk, v, log_gamma, log_norm=n)[0]
     if mode == "fla":
         return dla.fla_chunk(fq, fk, v, log_gamma, log_norm=n)[0]
-    return dla.chunk(fq, fk, v, log_gamma, chunk_size, log_norm=n)
+    return dla.chunk(fq, fk, v, log_gamma, log_norm=n, chunk_size=chunk_size)[0]
 
 
 def _train_step(name, q, k, v, grad, fmap, log_gamma, chunk_size) -> None:

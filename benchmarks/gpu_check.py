@@ -102,10 +102,10 @@ def check_dijiang_forms(checks: Checks, device: torch.device, smoke: bool, fla: 
 
     T = 100 if smoke else 300  # not a multiple of the chunk size: the ragged tail is exercised
     fq, fk, v, lg, n = dijiang_inputs(device, T=T)
-    ref = dla.parallel(fq.double(), fk.double(), v.double(), lg.double(), n.double())
+    ref = dla.parallel(fq.double(), fk.double(), v.double(), lg.double(), log_norm=n.double())[0]
     forms = {
-        "parallel": lambda a, b, c: dla.parallel(a, b, c, lg, n),
-        "chunk": lambda a, b, c: dla.chunk(a, b, c, lg, 64, log_norm=n),
+        "parallel": lambda a, b, c: dla.parallel(a, b, c, lg, log_norm=n)[0],
+        "chunk": lambda a, b, c: dla.chunk(a, b, c, lg, log_norm=n)[0],
         "recurrent": lambda a, b, c: dla.recurrent(a, b, c, lg, log_norm=n)[0],
     }
     tested = list(forms)
@@ -136,7 +136,7 @@ def check_dijiang_forms(checks: Checks, device: torch.device, smoke: bool, fla: 
     # gradients: every form against float64 parallel, float32
     g = torch.randn_like(v)
     leaves64 = [t.double().requires_grad_() for t in (fq, fk, v)]
-    dla.parallel(*leaves64, lg.double(), n.double()).backward(g.double())
+    dla.parallel(*leaves64, lg.double(), log_norm=n.double())[0].backward(g.double())
     for name in tested:
         label = f"dijiang {name} float32 grads (q, k, v) vs float64"
         try:

@@ -44,7 +44,7 @@ def _grads(out, leaves, seed=1):
 def test_parallel_chunk_recurrent_agree_with_grads(T, with_norm):
     q, k, v, lg, n = _inputs(T=T, log_norm=with_norm)
     leaves = [t.requires_grad_() for t in (q, k, v, lg) + ((n,) if with_norm else ())]
-    ref = dla.parallel(q, k, v, lg, n)
+    ref, S_par = dla.parallel(q, k, v, lg, log_norm=n)
     # plain definition for the smallest cases: a Python double loop
     if T <= 7:
         naive = torch.zeros_like(ref)
@@ -57,10 +57,11 @@ def test_parallel_chunk_recurrent_agree_with_grads(T, with_norm):
     g_ref = _grads(ref, leaves)
     rec, S_rec = dla.recurrent(q, k, v, lg, log_norm=n)
     torch.testing.assert_close(rec, ref)
+    torch.testing.assert_close(S_par, S_rec)
     for a, b in zip(_grads(rec, leaves), g_ref):
         torch.testing.assert_close(a, b)
     for C in (1, 16, 64):
-        out, S = dla.chunk(q, k, v, lg, chunk_size=C, return_state=True, log_norm=n)
+        out, S = dla.chunk(q, k, v, lg, log_norm=n, chunk_size=C)
         torch.testing.assert_close(out, ref)
         torch.testing.assert_close(S, S_rec)
         for a, b in zip(_grads(out, leaves), g_ref):
@@ -71,18 +72,31 @@ def test_parallel_chunk_recurrent_agree_with_grads(T, with_norm):
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_chunk_continuing_from_state_equals_one_shot(split, with_norm):
     q, k, v, lg, n = _inputs(T=50, log_norm=with_norm)
-    full, S_full = dla.chunk(q, k, v, lg, chunk_size=16, return_state=True, log_norm=n)
+    full, S_full = dla.chunk(q, k, v, lg, log_norm=n, chunk_size=16)
     n1 = n[..., :split] if with_norm else None
     n2 = n[..., split:] if with_norm else None
-    o1, S1 = dla.chunk(q[:, :, :split], k[:, :, :split], v[:, :, :split], lg, 16, return_state=True, log_norm=n1)
+    o1, S1 = dla.chunk(q[:, :, :split], k[:, :, :split], v[:, :, :split], lg, log_norm=n1, chunk_size=16)
     n0 = n[..., split - 1] if with_norm else None
-    o2, S2 = dla.chunk(q[:, :, split:], k[:, :, split:], v[:, :, split:], lg, 16, initial_state=S1,
-                       return_state=True, log_norm=n2, initial_log_norm=n0)
+    o2, S2 = dla.chunk(q[:, :, split:], k[:, :, split:], v[:, :, split:], lg, S1, n2, n0, chunk_size=16)
     torch.testing.assert_close(torch.cat((o1, o2), 2), full)
     torch.testing.assert_close(S2, S_full)
     o3, S3 = dla.recurrent(q[:, :, split:], k[:, :, split:], v[:, :, split:], lg, S1, n2, n0)
     torch.testing.assert_close(o3, o2)
     torch.testing.assert_close(S3, S_full)
+    o4, S4 = dla.parallel(q[:, :, split:], k[:, :, split:], v[:, :, split:], lg, S1, n2, n0)
+    torch.testing.assert_close(o4, o2)
+    torch.testing.assert_close(S4, S_full)
+
+
+def test_every_form_has_one_signature():
+    """Every entry of FORMS: (q, k, v, log_gamma, initial_state, log_norm, initial_log_norm) → (o, state)."""
+    import inspect
+
+    want = ["q", "k", "v", "log_gamma", "initial_state", "log_norm", "initial_log_norm"]
+    for name, fn in dla.FORMS.items():
+        params = [p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        assert params == want, name
 
 
 def test_chunk_gradcheck():
@@ -90,7 +104,7 @@ def test_chunk_gradcheck():
     S0 = torch.randn(1, 2, 3, 2, dtype=F64)
 
     def f(q, k, v, lg, n, S0):
-        return dla.chunk(q, k, v, lg, chunk_size=2, initial_state=S0, return_state=True, log_norm=n)
+        return dla.chunk(q, k, v, lg, S0, n, chunk_size=2)
 
     assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (q, k, v, lg, n, S0)))
 
@@ -100,8 +114,8 @@ def test_chunk_decay_never_overflows_at_16k():
     q = torch.rand(1, 2, T, 4)
     k, v = torch.rand(1, 2, T, 4), torch.randn(1, 2, T, 4)
     lg = torch.log1p(-torch.tensor([1 / 32, 1 / 512]))
-    out = dla.chunk(q, k, v, lg, chunk_size=64)
-    assert torch.isfinite(out).all()
+    out, S = dla.chunk(q, k, v, lg, chunk_size=64)
+    assert torch.isfinite(out).all() and torch.isfinite(S).all()
     # the official code's separable γ^i · γ^-j overflows float32 here: ours does not use it
     assert not torch.isfinite(torch.exp(-lg[0] * T))
 
@@ -230,7 +244,7 @@ def test_paper_stabiliser_is_exact():
     v = att.v(x).view(B, T, 4, 8).transpose(1, 2)
     q, k = att.rotary(q, k)
     fq, fk = att.feature_map(q).exp(), att.feature_map(k).exp()  # no stabiliser at all
-    o = dla.parallel(fq, fk, v, att.log_gamma()).transpose(1, 2).reshape(B * T, C)
+    o = dla.parallel(fq, fk, v, att.log_gamma())[0].transpose(1, 2).reshape(B * T, C)
     ref = att.o(F.silu(att.gate(x)) * F.group_norm(o, 4, att.group_norm.weight, att.group_norm.bias, 0.0)
                 .view(B, T, C))
     torch.testing.assert_close(att(x), ref)

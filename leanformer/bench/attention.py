@@ -8,9 +8,15 @@ forward + backward to q, k, v (and the mixer's own parameters). Methods:
 * ``shaped`` — shaped attention, fast form (He & Hofmann 2024, Eq. 5 without a T×T matrix:
   ``α v + β SDPA − γ · running mean``), :func:`leanformer.layers.shaped.shaped_attention`.
 * ``dijiang_parallel`` / ``dijiang_chunk`` / ``dijiang_fla`` — DiJiang's mixer exactly as the model runs
-  it: the ``paper`` feature map and its stabilisers (:meth:`DiJiangAttention.features`), then the decayed
-  linear attention in the masked-T×T, chunkwise (pure PyTorch) or fla Triton form
-  (:meth:`DiJiangAttention.mix`). The parallel form is skipped where its T×T tensors would not fit.
+  it: the ``paper`` feature map and its stabilisers (:meth:`DiJiangAttention.features`: DCT projection, exp,
+  running log-normaliser; compiled on CUDA), then the decayed linear attention in the masked-T×T, chunkwise
+  (pure PyTorch) or fla Triton form (:meth:`DiJiangAttention.mix`; for fla, the exact shift, its range check
+  and rescale included). The parallel form is skipped where its T×T tensors would not fit.
+  ``dijiang_official_*``: the same with the ``official`` feature map (softmax over the features; timed by
+  default on CUDA as ``dijiang_official_fla``, on request elsewhere). The GroupNorm and gate that follow
+  the mixer in the layer are not included (nor are SDPA's output projection and the rest of its layer).
+
+Inputs are laid out as the model's projections make them: (B, T, H, D) memory viewed as (B, H, T, D).
 
 Memory: CUDA — peak allocated during one call above what was allocated before (the inputs); CPU —
 bytes autograd saves for backward + the output + the input gradients (see
@@ -42,19 +48,21 @@ from leanformer.bench.timing import (
 from leanformer.config import ConfigError
 
 METHODS = ("softmax", "shaped", "dijiang_parallel", "dijiang_chunk", "dijiang_fla")
+OFFICIAL = ("dijiang_official_parallel", "dijiang_official_chunk", "dijiang_official_fla")
+ALL_METHODS = METHODS + OFFICIAL
 CPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 GPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_methods(spec: str | list[str] | None) -> list[str]:
+def parse_methods(spec: str | list[str] | None, device: torch.device | None = None) -> list[str]:
     if spec is None or spec == "all":
-        return list(METHODS)
+        return list(METHODS) + (["dijiang_official_fla"] if device is not None and device.type == "cuda" else [])
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    bad = [n for n in names if n not in METHODS]
+    bad = [n for n in names if n not in ALL_METHODS]
     if bad or not names:
         raise ConfigError(f"unknown method(s) {', '.join(map(repr, bad)) or repr(spec)}; "
-                          f"valid methods: {', '.join(METHODS)}")
+                          f"valid methods: {', '.join(ALL_METHODS)}")
     return ["softmax"] + [n for n in dict.fromkeys(names) if n != "softmax"]
 
 
@@ -101,19 +109,19 @@ def shaped_fn(device: torch.device, dtype: torch.dtype, H: int) -> tuple[Callabl
     return fn, gains
 
 
-def dijiang_fn(mode: str) -> Callable:
+def dijiang_fn(mode: str, feature_map: str = "paper") -> Callable:
     def make(device: torch.device, dtype: torch.dtype, H: int, D: int) -> tuple[Callable, list[torch.Tensor]]:
         from leanformer.config import DiJiangConfig, TransformerConfig
         from leanformer.layers.dijiang import DiJiangAttention
 
         cfg = TransformerConfig(d_model=H * D, n_heads=H, attention="dijiang",
-                                dijiang=DiJiangConfig(mode=mode)).validate()
+                                dijiang=DiJiangConfig(mode=mode, feature_map=feature_map)).validate()
         attn = DiJiangAttention(cfg, 0).to(device)
 
         def fn(q, k, v):
             lg = attn.log_gamma()
-            fq, fk, n = attn.features(q, k, lg, None)
-            return attn.mix(fq.to(v.dtype), fk.to(v.dtype), v, lg, n, None)
+            fq, fk, n, _ = attn.features(q, k, lg, None, v.dtype)
+            return attn.mix(fq, fk, v, lg, n, None)
         return fn, [p for p in attn.feature_map.parameters()]
     return make
 
@@ -136,7 +144,7 @@ def unavailable_reason(method: str, device: torch.device) -> str | None:
             importlib.import_module(modules[method])
         except ImportError as e:
             return f"unavailable: {modules[method]} cannot be imported ({e})"
-    if method == "dijiang_fla":
+    if method.endswith("_fla"):
         from leanformer.ops.decayed_linear_attention import fla_unavailable_reason
 
         return fla_unavailable_reason(device)
@@ -148,8 +156,8 @@ def build_method(method: str, device: torch.device, dtype: torch.dtype, H: int, 
         return softmax_fn(device, dtype, H)
     if method == "shaped":
         return shaped_fn(device, dtype, H)
-    mode = {"dijiang_parallel": "parallel", "dijiang_chunk": "chunk", "dijiang_fla": "fla"}[method]
-    return dijiang_fn(mode)(device, dtype, H, D)
+    feature_map = "official" if method.startswith("dijiang_official_") else "paper"
+    return dijiang_fn(method.rsplit("_", 1)[1], feature_map)(device, dtype, H, D)
 
 
 def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: int, T: int, D: int, *,
@@ -157,9 +165,10 @@ def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: in
     """Forward+backward of one method at length T: timing and memory (one row, no ratios)."""
     fn, params = build_method(method, device, dtype, H, D)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q, k, v = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
-               for _ in range(3))
-    grad_out = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
+    # (B, T, H, D) memory viewed as (B, H, T, D), as the model's projections make them
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
+    grad_out = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)  # as the model's
     leaves = [q, k, v, *params]
 
     def call() -> torch.Tensor:
@@ -200,7 +209,7 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     lens = parse_lengths(lengths, device)
-    names = parse_methods(methods)
+    names = parse_methods(methods, device)
     B = batch or (4 if gpu else 1)
     H = heads or (12 if gpu else 2)
     dtype_name = dtype or ("bfloat16" if gpu else "float32")
@@ -223,7 +232,7 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
                 row["status"] = reason
             elif deadline is not None and time.monotonic() > deadline:
                 row["status"] = "skipped (time budget)"
-            elif method == "dijiang_parallel" and budget is not None and parallel_bytes(B, H, T, dt) > budget:
+            elif method.endswith("_parallel") and budget is not None and parallel_bytes(B, H, T, dt) > budget:
                 row["status"] = "skipped (memory)"
             else:
                 try:
@@ -246,7 +255,8 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
             "one call = forward + backward to q, k, v (and the mixer's parameters); median over repeats, "
             "warm-up excluded",
             "speed-up = softmax ms / method ms at the same length (>1: faster than softmax)",
-            "DiJiang includes its paper feature map and stabilisers (as in the model)",
+            "DiJiang includes its feature map (paper, or official for dijiang_official_*) and stabilisers, "
+            "as in the model; not the GroupNorm and gate after it",
             "memory: " + ("CUDA allocator peak during one call, above the inputs" if gpu else
                           "accounted bytes: tensors saved for backward + output + input gradients"),
         ],

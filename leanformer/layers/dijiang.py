@@ -11,22 +11,29 @@ Per head (head dim d, feature dim m), after RoPE on q and k (as the official cod
   ours draws t from the same QMC points instead of plain uniform ones).
 * decayed linear attention ``o_i = Σ_{j≤i} γ_h^(i−j) (φ(q_i)·φ(k_j)) v_j`` (eq. 13-14, RetNet decay
   γ_h = 1 − exp(linspace(log 1/32, log 1/512, H))), computed by :mod:`leanformer.ops.decayed_linear_attention`
-  in its parallel, chunk or recurrent form;
+  in one of its forms (parallel, chunk, recurrent, fla; :meth:`DiJiangAttention.form` picks it, the table
+  ``dla.FORMS`` runs it);
 * per-head GroupNorm (one group per head), the gate ``silu(x W_G) ⊙ o`` and the output projection.
 
 Numerical safety of the ``paper`` map, exact and causal. Write z = log φ (so φ = exp(z)).
 * Queries: φ(q_i) is divided by exp(max_f z_{q,i,f}). That multiplies o_i by a positive per-token,
-  per-head scalar, which the per-head GroupNorm removes (exactly, up to its ε).
+  per-head scalar, which the per-head GroupNorm removes.
 * Keys: a per-key scalar would *not* cancel, so keys get a running log-normaliser instead:
   ``n_i = max(n_{i−1} + logγ, max_f z_{k,i,f})`` (the xLSTM stabiliser). The op computes
   ``Σ_j exp((i−j)·logγ + n_j − n_i) (φ(q_i)·e^{z_{k,j} − n_j}) v_j`` = e^{−n_i} × the true o_i: again a
   per-query scalar, removed by the GroupNorm. n_i depends on tokens ≤ i only, every feature is ≤ 1 and
   every decay exponent is ≤ 0, so nothing overflows at any length in float32 or bfloat16.
+* GroupNorm: GN(r·x, ε) ≠ GN(x, ε) when r·x is small against √ε, so the layer passes each token's
+  log-rescale (−n_i − max_f z_{q,i,f}) to :func:`rescaled_group_norm`, which uses ε·r² (in log space):
+  the output is the paper formula's, whatever the stabiliser did.
+On CUDA the feature map (:func:`feature_pair`) and the GroupNorm run under ``torch.compile``; fla's kernel
+takes the paper map through the exact shift of :mod:`leanformer.ops.constant_decay`.
 The decoding state is S (B, H, m, d), n (B, H) and "pos": its size does not depend on the context.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 
@@ -150,6 +157,93 @@ def default_log_gamma(n_heads: int) -> torch.Tensor:
     return table.to(torch.get_default_device())
 
 
+def feature_pair(q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor, log_d: torch.Tensor | None,
+                 in_scale: float, log_gamma: torch.Tensor, n_init: torch.Tensor | None, out_dtype: torch.dtype):
+    """φ(q), φ(k) with the stabilisers, as :class:`DiJiangFeatureMap` + :meth:`DiJiangAttention.features`
+    define them, in one function (one fused graph under ``torch.compile``).
+
+    q, k: (B, H, T, d); proj: (d, m); log_d: (H, m) (paper) or None (official) → fq, fk: (B, H, T, m) in
+    ``out_dtype``, laid out in memory as (B, T, H, m) (the layout fla's kernels read, so passing them there
+    copies nothing); n: keys' running log-normaliser (B, H, T) or None; log_scale (B, H, T) or None: the mix
+    returns exp(log_scale_i) × the true o_i (paper: −n_i − max_f z_{q,i,f}).
+    """
+    cd = torch.promote_types(q.dtype, torch.float32)
+    no_autocast = (torch.autocast(q.device.type, enabled=False)  # exp amplifies rounding: no bf16 matmul
+                   if q.device.type in ("cuda", "cpu") else nullcontext())  # (meta has none; traceable test)
+    with no_autocast:
+        p = proj.to(cd)
+        zq = (q.transpose(1, 2).to(cd) * in_scale) @ p                            # (B, T, H, m)
+        zk = (k.transpose(1, 2).to(cd) * in_scale) @ p
+    if log_d is None:  # official: softmax over the features, no stabiliser needed
+        return (zq.softmax(-1).to(out_dtype).transpose(1, 2), zk.softmax(-1).to(out_dtype).transpose(1, 2),
+                None, None)
+    ld = log_d.to(cd)
+    zq, zk = zq + ld, zk + ld                                                       # log φ = log D + T C x
+    mq = zq.detach().amax(dim=-1)                                                   # (B, T, H)
+    fq = (zq - mq[..., None]).exp()
+    n = running_log_norm(zk.detach().amax(dim=-1).transpose(1, 2), log_gamma.detach(), n_init)  # (B, H, T)
+    fk = (zk - n.transpose(1, 2)[..., None]).exp()
+    return fq.to(out_dtype).transpose(1, 2), fk.to(out_dtype).transpose(1, 2), n, -(n + mq.transpose(1, 2))
+
+
+COMPILE_ON_CUDA = True  # fuse the feature map and the GroupNorm with torch.compile on CUDA (False: eager)
+_compiled: dict = {}
+
+
+def on_cuda_compiled(fn):
+    """``fn`` itself on CPU/meta; on CUDA its ``torch.compile`` form, falling back to ``fn``
+    for good, with a warning, if compiling fails."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not (COMPILE_ON_CUDA and args[0].is_cuda) or _compiled.get(fn) is False:
+            return fn(*args, **kwargs)
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn)  # static first, dynamic in T after a second length
+        try:
+            return _compiled[fn](*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training
+            import warnings
+
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eager",
+                          stacklevel=2)
+            _compiled[fn] = False
+            return fn(*args, **kwargs)
+    return run
+
+
+def rescaled_group_norm(o: torch.Tensor, log_scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float) -> torch.Tensor:
+    """GroupNorm (one group per head) of the true output, given o = exp(log_scale) × true o.
+
+    o: (B, H, T, d); log_scale: (B, H, T) (detached); weight, bias: (H·d,) → (B, T, H·d) in at least float32.
+    GroupNorm is scale-free except for ε: GN(r·x, ε·r²) = GN(x, ε). Each group is first divided by its
+    own max |o| = a (so its values are O(1)), and gets ε·(r/a)² = ε·exp(2·(log_scale − log a)), computed
+    in log space (capped at e^80, where the group is already 0 to within e^−40).
+    """
+    B, H, T, d = o.shape
+    x = o.to(torch.promote_types(o.dtype, torch.float32))
+    a = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    xs = x / a
+    var, mean = torch.var_mean(xs, dim=-1, unbiased=False, keepdim=True)
+    log_eps = (math.log(eps) + 2 * (log_scale.to(x.dtype)[..., None] - a.log())).clamp(max=80.0) if eps > 0 \
+        else None
+    y = (xs - mean) * torch.rsqrt(var + log_eps.exp() if log_eps is not None else var)
+    return merge_heads(y) * weight.to(x.dtype) + bias.to(x.dtype)
+
+
+_feature_pair = on_cuda_compiled(feature_pair)
+_rescaled_group_norm = on_cuda_compiled(rescaled_group_norm)
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_usable() -> bool:
+    """fla imports (checked once); a broken install counts as absent."""
+    try:
+        return dla.fla_available()
+    except Exception:  # noqa: BLE001 - fla present but broken (version mismatch with torch/triton)
+        return False
+
+
 class DiJiangAttention(nn.Module):
     """DiJiang token mixer obeying the attention contract; (B, T, C) → (B, T, C).
 
@@ -193,45 +287,54 @@ class DiJiangAttention(nn.Module):
             return F.logsigmoid(self.decay_logit)
         return self.log_gamma_fixed
 
-    def features(self, q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor,
-                 n_init: torch.Tensor | None):
-        """(B, H, T, d) q, k → φ(q), φ(k) (B, H, T, m) and the keys' log-normaliser n (B, H, T) or None."""
-        if self.cfg.feature_map == "official":
-            return self.feature_map(q), self.feature_map(k), None
-        zq, zk = self.feature_map(q), self.feature_map(k)
-        fq = (zq - zq.detach().amax(dim=-1, keepdim=True)).exp()
-        n = running_log_norm(zk.detach().amax(dim=-1), log_gamma.detach(), n_init)
-        fk = (zk - n[..., None]).exp()
-        return fq, fk, n
+    def features(self, q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor, n_init: torch.Tensor | None,
+                 out_dtype: torch.dtype | None = None):
+        """(B, H, T, d) q, k → φ(q), φ(k) (B, H, T, m) in ``out_dtype`` (default q's), the keys'
+        log-normaliser n (B, H, T) or None, and the output's log-scale (B, H, T) or None: the mix then
+        returns exp(log_scale_i) × the true o_i (paper: −n_i − max_f z_{q,i,f}; official: None).
+        See :func:`feature_pair` (compiled on CUDA)."""
+        fm = self.feature_map
+        return _feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, log_gamma, n_init, out_dtype or q.dtype)
+
+    def form(self, T: int, device: torch.device, stateful: bool) -> str:
+        """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode). ``auto``:
+        parallel up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA), beyond it fla's kernel
+        on CUDA when fla imports, else chunk. On the H100 (docs/benchmarks.md, 2026-11-24) the fla path
+        costs ≥ 4.4 ms per fwd+bwd whatever T up to 4K (host-bound), the masked form 2.9 ms at 1K."""
+        mode = self.cfg.mode
+        if mode == "auto":
+            if stateful:
+                return "recurrent" if T == 1 else "chunk"
+            limit = self.cfg.parallel_max_len or (1024 if device.type == "cuda" else 256)
+            if T <= limit:
+                return "parallel"
+            return "fla_chunk" if device.type == "cuda" and _fla_usable() else "chunk"
+        if mode == "fla":
+            return "fla_recurrent" if stateful and T == 1 else "fla_chunk"
+        if stateful and mode == "parallel":  # a prompt with a state: chunkwise, continuing from it
+            return "recurrent" if T == 1 else "chunk"
+        return mode
 
     def mix(self, fq, fk, v, log_gamma, n, state: dict | None) -> torch.Tensor:
-        """Pick the form (cfg.dijiang.mode) and run it; updates ``state`` in place."""
-        T = v.shape[2]
-        mode = self.cfg.mode
+        """Run the form :meth:`form` names (one lookup in :data:`dla.FORMS`); updates ``state`` in place."""
+        name = self.form(v.shape[2], v.device, state is not None)
+        fn = dla.FORMS[name]
+        kw = {"chunk_size": self.cfg.chunk_size} if name == "chunk" else {}
         if state is None:
-            if mode == "auto":
-                limit = self.cfg.parallel_max_len or (1024 if v.is_cuda else 256)
-                mode = "parallel" if T <= limit else "chunk"
-            if mode == "parallel":
-                return dla.parallel(fq, fk, v, log_gamma, n)
-            if mode == "chunk":
-                return dla.chunk(fq, fk, v, log_gamma, self.cfg.chunk_size, log_norm=n)
-            if mode == "recurrent":
-                return dla.recurrent(fq, fk, v, log_gamma, log_norm=n)[0]
-            return dla.fla_chunk(fq, fk, v, log_gamma, log_norm=n)[0]
-        S0, n0 = state.get("S"), state.get("n")
-        if mode == "fla":
-            fn = dla.fla_recurrent if T == 1 else dla.fla_chunk
-            o, S = fn(fq, fk, v, log_gamma, S0, log_norm=n, initial_log_norm=n0)
-        elif mode == "recurrent" or T == 1:
-            o, S = dla.recurrent(fq, fk, v, log_gamma, S0, log_norm=n, initial_log_norm=n0)
-        else:  # a multi-token prompt with a state: chunkwise, continuing from it
-            o, S = dla.chunk(fq, fk, v, log_gamma, self.cfg.chunk_size, S0, return_state=True,
-                             log_norm=n, initial_log_norm=n0)
+            return fn(fq, fk, v, log_gamma, log_norm=n, **kw)[0]
+        o, S = fn(fq, fk, v, log_gamma, state.get("S"), n, state.get("n"), **kw)
         store_state(state, "S", S)  # in place when the state is static (pre-allocated, CUDA graphs)
         if n is not None:
             store_state(state, "n", n[..., -1])
         return o
+
+    def normalise(self, o: torch.Tensor, log_scale: torch.Tensor | None) -> torch.Tensor:
+        """Per-head GroupNorm of o (B, H, T, d) → (B, T, C), independent of the stabiliser's rescale."""
+        B, H, T, d = o.shape
+        if log_scale is None:
+            return self.group_norm(merge_heads(o).reshape(B * T, H * d)).view(B, T, H * d)
+        gn = self.group_norm
+        return _rescaled_group_norm(o, log_scale, gn.weight, gn.bias, gn.eps)
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C)."""
@@ -243,9 +346,9 @@ class DiJiangAttention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         log_gamma = self.log_gamma()
         n_init = state.get("n") if state is not None else None
-        fq, fk, n = self.features(q, k, log_gamma, n_init)
-        o = self.mix(fq.to(v.dtype), fk.to(v.dtype), v, log_gamma, n, state)
+        fq, fk, n, log_scale = self.features(q, k, log_gamma, n_init, v.dtype)
+        o = self.mix(fq, fk, v, log_gamma, n, state)
         if state is not None:
             state["pos"] = start + T
-        o = self.group_norm(merge_heads(o).reshape(B * T, C)).view(B, T, C)
+        o = self.normalise(o, log_scale)
         return self.o(F.silu(self.gate(x)) * o.to(x.dtype))

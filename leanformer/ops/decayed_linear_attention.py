@@ -1,4 +1,4 @@
-"""Decayed (RetNet-style) linear attention in three equivalent forms, plus an optional fla backend.
+"""Decayed (RetNet-style) linear attention in three equivalent forms, plus fla's kernels as a fourth.
 
 Per batch row and head h, with feature-mapped queries/keys ``q, k``: (B, H, T, m) and values ``v``:
 (B, H, T, d), the output is
@@ -19,10 +19,14 @@ Forms (shapes as above; all decays computed from ``i − j`` directly, never as 
   S: (B, H, m, d); every exponent is ≤ 0, so nothing overflows at any length.
 * :func:`recurrent` — S ← γ·S + kᵀv, o = q·S, one token at a time (decoding).
 * :func:`fla_chunk` / :func:`fla_recurrent` — fla's Triton kernels (``chunk_simple_gla`` /
-  ``fused_recurrent_simple_gla``), imported lazily, CUDA only. Checked against :func:`chunk` on an H100
-  (fla 0.6.0, Triton 3.6): forward relative error ~1e-3 (chunk, TF32) / ~1e-5 (recurrent). With a
-  ``log_norm`` the kernels take a per-token gate ``g``, whose backward fla refuses on Hopper with
-  Triton < 3.7.1 (its issue #640); without one (``g_gamma``) forward and backward run.
+  ``fused_recurrent_simple_gla``), imported lazily, CUDA only, always with a constant decay ``g_gamma``:
+  a ``log_norm`` and a decay gradient reach them through :func:`leanformer.ops.constant_decay.via_constant_decay`
+  (an exact shift), never through fla's per-token gate ``g``, whose backward fla 0.6.0 refuses on Hopper
+  with Triton < 3.7.1. Checked on an H100 against float64 (docs/benchmarks.md, 2026-11-24).
+
+Every form has one signature, ``(q, k, v, log_gamma, initial_state=None, log_norm=None,
+initial_log_norm=None) → (o, final_state)`` (``chunk`` adds the keyword ``chunk_size``); :data:`FORMS`
+names them.
 
 A state S is always "normalised at" the log-normaliser of the last token it has absorbed:
 ``S = Σ_j exp((t−j)·logγ + n_j − n_t) k_jᵀ v_j`` for the last token t; ``initial_log_norm`` (B, H) is
@@ -31,7 +35,13 @@ that n_t for an ``initial_state`` (0 when omitted).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from leanformer.ops.constant_decay import PlainKernel, via_constant_decay
+
+Form = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
@@ -76,19 +86,47 @@ def decay_matrix(log_gamma: torch.Tensor, t_q: int, t_k: int | None = None,
     return expo.exp()
 
 
-def parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
-             log_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked quadratic form: ``((q kᵀ) ⊙ Γ) v`` with Γ_ij = exp((i−j)·logγ + n_j − n_i), j ≤ i.
+def _initial(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
+    B, H, _, m = q.shape
+    sd = _state_dtype(q.dtype)
+    return initial_state.to(sd) if initial_state is not None else q.new_zeros(B, H, m, v.shape[-1], dtype=sd)
 
-    q, k: (B, H, T, m); v: (B, H, T, d); log_gamma: (H,); log_norm: (B, H, T) or None → o: (B, H, T, d).
+
+def parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+             initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
+             initial_log_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked quadratic form: ``((q kᵀ) ⊙ Γ) v`` with Γ_ij = exp((i−j)·logγ + n_j − n_i), j ≤ i, plus the
+    initial state's share ``exp((i+1)·logγ + n₀ − n_i) q_i S₀``.
+
+    q, k: (B, H, T, m); v: (B, H, T, d); log_gamma: (H,); initial_state: (B, H, m, d) or None;
+    log_norm: (B, H, T) or None → (o: (B, H, T, d), state: (B, H, m, d)). The state is the chunk form's
+    with a single chunk of length T (computed from the same decays).
     """
     _check(q, k, v, log_gamma, log_norm)
-    T = q.shape[2]
-    lg = log_gamma.to(_state_dtype(q.dtype))
-    ln = log_norm.to(lg.dtype) if log_norm is not None else None
+    _, _, T, _ = q.shape
+    sd = _state_dtype(q.dtype)
+    lg = log_gamma.to(sd)
+    ln = log_norm.to(sd) if log_norm is not None else None
+    S0 = _initial(q, v, initial_state)
+    if T == 0:
+        return v.new_zeros(v.shape), S0
+    n0 = _zeros_norm(q, initial_log_norm) if log_norm is not None else None
     decay = decay_matrix(lg, T, log_norm_q=ln, log_norm_k=ln).to(q.dtype)
-    scores = q @ k.transpose(-1, -2) * decay
-    return scores @ v
+    o = (q @ k.transpose(-1, -2) * decay) @ v
+    r = torch.arange(T, device=q.device, dtype=sd)
+    from_start = (r + 1) * lg[:, None]                                    # (H, T): query i ← S₀
+    to_end = (T - 1 - r) * lg[:, None]                                    # (H, T): key j → state
+    carry = T * lg[None, :].expand(q.shape[0], -1)                        # (B, H): S₀ → state
+    if ln is not None:
+        from_start = from_start + n0[..., None] - ln
+        to_end = to_end + ln - ln[..., -1:]
+        carry = carry + n0 - ln[..., -1]
+    else:
+        from_start, to_end = from_start.expand(q.shape[:3]), to_end.expand(q.shape[:3])
+    if initial_state is not None:
+        o = o + ((q.to(sd) * from_start.exp()[..., None]) @ S0).to(o.dtype)
+    S = carry.exp()[..., None, None] * S0 + (k.to(sd) * to_end.exp()[..., None]).transpose(-1, -2) @ v.to(sd)
+    return o, S
 
 
 def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
@@ -102,7 +140,7 @@ def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torc
     _check(q, k, v, log_gamma, log_norm)
     B, H, T, m = q.shape
     sd = _state_dtype(q.dtype)
-    S = initial_state.to(sd) if initial_state is not None else q.new_zeros(B, H, m, v.shape[-1], dtype=sd)
+    S = _initial(q, v, initial_state)
     lg = log_gamma.to(sd)[None, :, None, None]
     prev = _zeros_norm(q, initial_log_norm) if log_norm is not None else None
     outs = []
@@ -159,21 +197,21 @@ def _chunk_block(q, k, v, lg, ln, S0, n0, C: int):
     return o.reshape(B, H, T, d), S
 
 
-def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, chunk_size: int = 64,
-          initial_state: torch.Tensor | None = None, return_state: bool = False,
-          log_norm: torch.Tensor | None = None, initial_log_norm: torch.Tensor | None = None):
+def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+          initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
+          initial_log_norm: torch.Tensor | None = None, *, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise form: O(T·C·(m+d) + T·m·d) time, O(T·(m+d) + (T/C)·m·d) memory.
 
     q, k: (B, H, T, m); v: (B, H, T, d); initial_state: (B, H, m, d) or None →
-    o: (B, H, T, d), or (o, state (B, H, m, d)) when ``return_state``. A last chunk shorter than
-    ``chunk_size`` (T not a multiple of C) is processed as one chunk of its own length.
+    (o: (B, H, T, d), state: (B, H, m, d)). A last chunk shorter than ``chunk_size`` (T not a multiple
+    of C) is processed as one chunk of its own length.
     """
     _check(q, k, v, log_gamma, log_norm)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     B, H, T, m = q.shape
     sd = _state_dtype(q.dtype)
-    S = initial_state.to(sd) if initial_state is not None else q.new_zeros(B, H, m, v.shape[-1], dtype=sd)
+    S = _initial(q, v, initial_state)
     n0 = _zeros_norm(q, initial_log_norm) if log_norm is not None else None
     lg = log_gamma.to(sd)
     C = min(chunk_size, T) if T else 1
@@ -190,7 +228,7 @@ def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Te
         o, S = _chunk_block(q[:, :, main:], k[:, :, main:], v[:, :, main:], lg, ln, S, n0, T - main)
         outs.append(o)
     o = torch.cat(outs, dim=2) if outs else v.new_zeros(B, H, 0, v.shape[-1])
-    return (o, S) if return_state else o
+    return o, S
 
 
 # ---------------------------------------------------------------------------------------------- fla
@@ -226,36 +264,44 @@ def fla_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _fla_call(recurrent_kernel: bool, q, k, v, log_gamma, initial_state, log_norm, initial_log_norm):
-    _check(q, k, v, log_gamma, log_norm)
-    if not q.is_cuda:
-        raise RuntimeError(f"dijiang mode='fla' needs CUDA tensors, got device {q.device}; use mode='chunk'")
-    chunk_k, rec_k = _import_fla()
-    kernel = rec_k if recurrent_kernel else chunk_k
-    # fla's layout is (B, T, H, ·); scale=1 (fla scales q by 1/√K by default).
-    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    kwargs = dict(scale=1.0, initial_state=initial_state.float() if initial_state is not None else None,
-                  output_final_state=True)
-    if log_norm is None:
-        kwargs["g_gamma"] = log_gamma.float()
-    else:  # per-token log-gate g_t = logγ + n_{t−1} − n_t (cumulated inside the kernel)
-        prev = _zeros_norm(q, initial_log_norm).float()
-        n = log_norm.float()
-        g = log_gamma.float()[None, :, None] + torch.cat((prev[..., None], n[..., :-1]), -1) - n
-        kwargs["g"] = g.transpose(1, 2).contiguous()
-    o, state = kernel(qt, kt, vt, **kwargs)
-    return o.transpose(1, 2), state
+def _fla_kernel(recurrent_kernel: bool) -> PlainKernel:
+    """fla's kernel for the plain form (no log-norm, constant decay ``g_gamma``, which gets no gradient)
+    on our (B, H, T, ·) layout; fla's own is (B, T, H, ·): the transposes are free when the tensors were
+    made from (B, T, H, ·) memory, as the model's projections and feature map make them."""
+    def run(q, k, v, log_gamma, initial_state):
+        if not q.is_cuda:
+            raise RuntimeError(f"dijiang mode='fla' needs CUDA tensors, got device {q.device}; use mode='chunk'")
+        kernel = _import_fla()[1 if recurrent_kernel else 0]
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        o, state = kernel(qt, kt, vt, g_gamma=log_gamma.float(), scale=1.0,  # fla scales q by 1/√m by default
+                          initial_state=initial_state.float() if initial_state is not None else None,
+                          output_final_state=True)
+        return o.transpose(1, 2), state
+    return run
 
 
 def fla_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
               initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
               initial_log_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fla ``chunk_simple_gla`` (Triton, CUDA): same arguments and result as :func:`recurrent`."""
-    return _fla_call(False, q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
+    """fla ``chunk_simple_gla`` (Triton, CUDA) through :func:`via_constant_decay`: same arguments and
+    result as :func:`recurrent`, forward and backward (log-norm, decay and state gradients included)."""
+    return via_constant_decay(_fla_kernel(False), q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
 
 
 def fla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
                   initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
                   initial_log_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fla ``fused_recurrent_simple_gla`` (Triton, CUDA): same arguments and result as :func:`recurrent`."""
-    return _fla_call(True, q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
+    """fla ``fused_recurrent_simple_gla`` (Triton, CUDA) through :func:`via_constant_decay`: same
+    arguments and result as :func:`recurrent`."""
+    return via_constant_decay(_fla_kernel(True), q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
+
+
+# Every form, one signature: (q, k, v, log_gamma, initial_state=None, log_norm=None, initial_log_norm=None)
+# → (o, final_state). ``chunk`` also takes ``chunk_size=`` (keyword).
+FORMS: dict[str, Form] = {
+    "parallel": parallel,
+    "chunk": chunk,
+    "recurrent": recurrent,
+    "fla_chunk": fla_chunk,
+    "fla_recurrent": fla_recurrent,
+}
