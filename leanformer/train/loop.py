@@ -43,6 +43,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile``: ``auto`` compiles on CUDA (where it pays) and runs eagerly on CPU."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def enable_fast_matmul(device: torch.device) -> None:
+    """TF32 for float32 matrix products and convolutions on CUDA (bf16 autocast is unaffected)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -92,7 +104,9 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(tc.seq_len)
         if resume and self.out_dir is not None and (self.out_dir / "checkpoint").exists():
             self._resume(self.out_dir / "checkpoint")
-        if tc.compile:
+        enable_fast_matmul(self.device)
+        self.compiled = compile_enabled(tc.compile, self.device)
+        if self.compiled:  # the whole model (forward + loss) is one graph: no graph breaks (GPU check)
             self.wrapped = torch.compile(self.wrapped)
 
     # ------------------------------------------------------------------ pieces
