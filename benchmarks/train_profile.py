@@ -2,6 +2,8 @@
 
 Sections (each under the run's ``--budget``; what has not started when it is spent is skipped):
 
+0. ``check``: NOBLE and shaped attention in bf16 (eager and compiled) against float64, and compiled vs
+   eager training losses over 20 steps (d 256, 4 layers).
 1. ``shaped``: shaped attention fwd+bwd vs SDPA alone (B 4, H 12, d_head 64, bf16, 512..32K), causal and
    bidirectional, eager and compiled; which SDPA kernel runs (profiler kernel names).
 2. ``noble``: one linear fwd+bwd at 16,384 tokens (768→768, 768→3072, 3072→768): ``nn.Linear`` vs
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import traceback
 from pathlib import Path
@@ -85,7 +86,7 @@ def section_shaped(device: torch.device, smoke: bool, result: dict) -> None:
     variants = {"sdpa": sdpa, "shaped_eager": shaped_attention, "shaped_compiled": compiled}
     rows = []
     for causal in (True, False):
-        for T in lengths:
+        for T in (lengths if causal else lengths[::3]):
             torch.manual_seed(T)
             # the model's layout: (B, T, H·D) activations viewed as (B, H, T, D)
             q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dt).transpose(1, 2).requires_grad_()
@@ -94,7 +95,7 @@ def section_shaped(device: torch.device, smoke: bool, result: dict) -> None:
             g = torch.randn(B, H, T, D, device=device, dtype=dt)
             row = {"causal": causal, "T": T}
             for name, fn in variants.items():
-                def step(fn=fn):
+                def step(fn=fn, q=q, k=k, v=v, gains=gains, causal=causal, g=g):
                     out = fn(q, k, v, *gains, causal)
                     out.backward(g.to(out.dtype))
                 try:
@@ -105,17 +106,88 @@ def section_shaped(device: torch.device, smoke: bool, result: dict) -> None:
                 except Exception as e:  # noqa: BLE001
                     row[name + "_ms"] = None
                     row[name + "_error"] = f"{type(e).__name__}: {e}"[:200]
-            if T == lengths[1] or (smoke and T == lengths[0]):
-                row["kernels_eager"] = top_kernels(lambda: variants["shaped_eager"](q, k, v, *gains, causal)
-                                                   .backward(g.float()), device, limit=12)
-                row["kernels_compiled"] = top_kernels(lambda: compiled(q, k, v, *gains, causal).backward(g),
-                                                      device, limit=12)
+            if T == lengths[1] and causal:
+                row["kernels_compiled"] = top_kernels(lambda: step(compiled), device, limit=12)
             rows.append(row)
             s = row.get("sdpa_ms")
             log(f"shaped causal={causal} T={T}: sdpa {s}, eager {row.get('shaped_eager_ms')}, "
                 f"compiled {row.get('shaped_compiled_ms')} ms")
-            del q, k, v, g
     result["shaped"] = rows
+
+
+# ------------------------------------------------------------------------------------------ 0. checks
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (NaN stays NaN)."""
+    ref = ref.double()
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def section_check(device: torch.device, smoke: bool, result: dict) -> None:
+    """Compiled vs eager losses over 20 steps; NOBLE (one buffer, addmm) and shaped attention (chunked
+    running mean) in bf16 against float64, forward and gradients, compiled and eager."""
+    from leanformer.bench import train as bt
+    from leanformer.layers.noble import NobleLinear
+    from leanformer.layers.shaped import shaped_attention, shaped_attention_reference
+
+    rows = []
+
+    def add(name: str, err: float, tol: float) -> None:
+        ok = err == err and err <= tol
+        rows.append({"check": name, "err": err, "tol": tol, "status": "PASS" if ok else "FAIL"})
+        log(f"{'PASS' if ok else 'FAIL'} {name}: {err:.2e} (tol {tol})")
+
+    bf = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tol = 2e-2 if bf == torch.bfloat16 else 1e-5
+    # NOBLE: fused layer (stacked view + addmm) under autocast vs float64 reference, out and grads
+    torch.manual_seed(0)
+    layer = NobleLinear(768 if not smoke else 32, 768 if not smoke else 32, rank=32).to(device)
+    with torch.no_grad():
+        layer.up.weight.normal_(0, 0.5 / 32 ** 0.5)
+    x = torch.randn(4096 if not smoke else 64, layer.in_features, device=device)
+    g = torch.randn(x.shape[0], layer.out_features, device=device)
+    ref_layer = NobleLinear(layer.in_features, layer.out_features, rank=32).to(device).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    xr = x.double().requires_grad_()
+    yr = ref_layer.forward_reference(xr)
+    yr.backward(g.double())
+    for comp in (False, True):
+        layer.zero_grad()
+        fn = torch.compile(layer) if comp else layer
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=bf, enabled=bf != torch.float32):
+            y = fn(xi)
+        y.backward(g.to(y.dtype))
+        errs = [rel(y, yr), rel(xi.grad, xr.grad), rel(layer.weight.grad, ref_layer.weight.grad),
+                rel(layer.down.weight.grad, ref_layer.down.weight.grad),
+                rel(layer.up.weight.grad, ref_layer.up.weight.grad)]
+        add(f"noble fused {'compiled' if comp else 'eager'} bf16 vs float64 (out, dx, dW, dW_down, dW_up)",
+            max(errs), tol)
+    # shaped attention (chunked running mean) vs the materialised float64 reference, out and grads
+    B, H, T, D = (2, 4, 1000, 64) if not smoke else (1, 2, 70, 8)
+    q, k, v = (torch.randn(B, T, H, D, device=device).transpose(1, 2) for _ in range(3))
+    gains = [torch.rand(H, device=device) + 0.5 for _ in range(3)]
+    go = torch.randn(B, H, T, D, device=device)
+    for causal in (True, False):
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = shaped_attention_reference(*leaves, *(t.double() for t in gains), causal=causal)
+        ref_grads = torch.autograd.grad(ref, leaves, go.double())
+        for comp in (False, True):
+            fn = torch.compile(shaped_attention) if comp else shaped_attention
+            ins = [t.to(bf).requires_grad_() for t in (q, k, v)]
+            out = fn(*ins, *gains, causal=causal)
+            grads = torch.autograd.grad(out, ins, go.to(out.dtype))
+            errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+            add(f"shaped causal={causal} {'compiled' if comp else 'eager'} bf16 vs float64 (out, dq, dk, dv)",
+                max(errs), tol)
+    # compiled vs eager training losses, 20 steps, same init and data
+    for arm in ("preln", "noble_fused", "sas_p"):
+        eager, compiled = bt.compiled_vs_eager_losses(arm, "cpu" if not smoke else "tiny", device)
+        diff = max(abs(a - b) / abs(b) for a, b in zip(compiled, eager))
+        add(f"{arm}: compiled vs eager loss, 20 steps (max relative difference; "
+            f"final {eager[-1]:.4f} vs {compiled[-1]:.4f})", diff, 2e-2)
+    result["checks"] = rows
 
 
 # ------------------------------------------------------------------------------------------ 2. NOBLE layer
@@ -140,7 +212,7 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
             for comp in (False, True):
                 fn = torch.compile(layer) if comp else layer
 
-                def step(fn=fn):
+                def step(fn=fn, x=x, g=g):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         y = fn(x)
                     y.backward(g.to(y.dtype))
@@ -152,7 +224,7 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
         if d_in == d_out:
             lay = torch.compile(layers["noble_fused"])
 
-            def nstep():
+            def nstep(lay=lay, x=x, g=g):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     y = lay(x)
                 y.backward(g.to(y.dtype))
@@ -168,11 +240,11 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
             x = torch.randn(n, d, device=device, dtype=bf)
             wd = torch.randn(32, d, device=device, dtype=bf)
             dz = torch.randn(n, 32, device=device, dtype=bf)
-            mm[f"x@Wdᵀ ({n}x{d}x32)"] = bench(lambda: x @ wd.t(), device)
-            mm[f"dzᵀ@x (32x{n}x{d})"] = bench(lambda: dz.t() @ x, device)
-            mm[f"xᵀ@dz ({d}x{n}x32)"] = bench(lambda: x.t() @ dz, device)
-            mm[f"dz@Wd ({n}x32x{d})"] = bench(lambda: dz @ wd, device)
-            mm[f"copy {n}x{d}"] = bench(lambda: x.clone(), device)
+            mm[f"x@Wdᵀ ({n}x{d}x32)"] = bench(lambda x=x, wd=wd: x @ wd.t(), device)
+            mm[f"dzᵀ@x (32x{n}x{d})"] = bench(lambda x=x, dz=dz: dz.t() @ x, device)
+            mm[f"xᵀ@dz ({d}x{n}x32)"] = bench(lambda x=x, dz=dz: x.t() @ dz, device)
+            mm[f"dz@Wd ({n}x32x{d})"] = bench(lambda dz=dz, wd=wd: dz @ wd, device)
+            mm[f"copy {n}x{d}"] = bench(lambda x=x: x.clone(), device)
         a = torch.randn(8192, 8192, device=device, dtype=bf)
         ms = bench(lambda: a @ a, device)
         mm["mm 8192³ TFLOP/s"] = 2 * 8192**3 / ms / 1e9
@@ -184,15 +256,17 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
 # ------------------------------------------------------------------------------------------ 3. whole steps
 
 
-STEP_PLAN = [  # (label, size, arm, batch, profile)
+STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode]), most wanted first
     ("gpt2 preln b16", "gpt2", "preln", 16, True),
     ("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
-    ("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
+    ("gpt2 sas_p b16", "gpt2", "sas_p", 16, False),
     ("gpt2 sas_p_nonorm b16", "gpt2", "sas_p_nonorm", 16, False),
-    ("gpt2 preln b32", "gpt2", "preln", 32, False),
     ("bert preln b128", "bert", "preln", 128, False),
     ("bert sas_p b128", "bert", "sas_p", 128, False),
     ("bert sas_p_nonorm b128", "bert", "sas_p_nonorm", 128, False),
+    ("gpt2 preln b16 cudagraphs", "gpt2", "preln", 16, False, "reduce-overhead"),
+    ("gpt2 preln b32", "gpt2", "preln", 32, False),
+    ("gpt2 noble_fused b16 cudagraphs", "gpt2", "noble_fused", 16, False, "reduce-overhead"),
 ]
 
 
@@ -202,20 +276,18 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     from leanformer.train.optim import build_optimizer
     from leanformer.config import TrainConfig
 
-    sizes = {"gpt2": (bt.SIZES["gpt2"], 1024),
-             "bert": (bt.Size(d_model=768, n_layers=16, n_heads=12, vocab_size=32768, seq_len=128, batch=128),
-                      128)}
+    sizes = {"gpt2": (bt.SIZES["gpt2"], 1024), "bert": (bt.SIZES["bert"], 128)}
     if smoke:
         sizes = {k: (bt.SIZES["tiny"], 32) for k in sizes}
     rows = []
-    for label, size, arm, batch, prof in STEP_PLAN:
-        if time.monotonic() > deadline - 45:
+    for label, size, arm, batch, prof, *mode in STEP_PLAN:
+        if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
             continue
         sz, seq = sizes[size]
         batch = 2 if smoke else batch
-        row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq}
+        row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode[0] if mode else None}
         try:
             cfg = bt.arm_config(bt.base_config(sz, seq), arm)
             torch.manual_seed(0)
@@ -223,11 +295,11 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
                 model = TransformerLM(cfg)
             row["flops_per_token"] = model.flops_per_token(seq)
             opt = build_optimizer(model, TrainConfig(lr=1e-4))
-            run = torch.compile(model)
+            run = torch.compile(model, mode=mode[0] if mode else None)
             x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
             y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
 
-            def step():
+            def step(opt=opt, run=run, x=x, y=y):
                 opt.zero_grad(set_to_none=True)
                 with bt.autocast(device):
                     _, loss = run(x, y)
@@ -266,29 +338,49 @@ def markdown(result: dict) -> str:
            f"- date {result['meta']['date']}; torch {result['meta']['torch']}; command `{result['meta']['command']}`",
            ""]
     if "steps" in result:
-        out += ["## Compiled training steps", "", "| run | step ms | tokens/s | MFU | peak GiB | compile s |",
-                "|---|---:|---:|---:|---:|---:|"]
+        out += ["## Compiled training steps", "",
+                "| run | step ms | tokens/s | MFU | peak GiB | FLOPs × preln | FLOP-limit × preln | × preln | "
+                "realised | mem × preln | compile s |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         peak = result["meta"].get("peak_flops")
+        def key(r: dict) -> tuple:
+            return r["label"].split()[0], r["batch"], r.get("mode")
+
+        base = {key(r): r for r in result["steps"] if r.get("status") == "ok" and r["arm"] == "preln"}
         for r in result["steps"]:
             if r.get("status") != "ok":
-                out.append(f"| {r['label']} | {r.get('status')} | | | | |")
+                out.append(f"| {r['label']} | {r.get('status')} | | | | | | | | | |")
                 continue
             mfu = f"{r['flops_per_token'] * r['tokens_per_s'] / peak:.1%}" if peak else "—"
+            b = base.get(key(r))
+            if b:
+                fr = r["flops_per_token"] / b["flops_per_token"]
+                sp = r["tokens_per_s"] / b["tokens_per_s"]
+                mem = (r["peak_mem_gib"] or 0) / (b["peak_mem_gib"] or 1)
+                ratios = f"{fr:.4f} | {1 / fr:.3f} | {sp:.3f} | {sp * fr:.1%} | {mem:.3f}"
+            else:
+                ratios = "— | — | — | — | —"
             out.append(f"| {r['label']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                       f"{r['peak_mem_gib'] or 0:.2f} | {r['compile_s']:.0f} |")
+                       f"{r['peak_mem_gib'] or 0:.2f} | {ratios} | {r['compile_s']:.0f} |")
         for r in result["steps"]:
             if "kernels" in r:
                 out += ["", f"### Top kernels: {r['label']} (ms per step)", "", "| kernel | ms | calls | share |",
                         "|---|---:|---:|---:|"]
                 out += [f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} | "
                         f"{k['share']:.1%} |" for k in r["kernels"]]
+    if "checks" in result:
+        out += ["", "## Checks", "", "| check | status | error | tol |", "|---|---|---:|---:|"]
+        out += [f"| {c['check']} | {c['status']} | {c['err']:.2e} | {c['tol']} |" for c in result["checks"]]
     if "shaped" in result:
         out += ["", "## Shaped attention fwd+bwd vs SDPA (ms)", "",
                 "| causal | T | sdpa | shaped eager | × | shaped compiled | × |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in result["shaped"]:
             s, e, c = r.get("sdpa_ms"), r.get("shaped_eager_ms"), r.get("shaped_compiled_ms")
-            f = (lambda v: f"{v:.3f}" if v else "—")
-            ratio = (lambda v: f"{v / s:.2f}" if v and s else "—")
+            def f(v: float | None) -> str:
+                return f"{v:.3f}" if v else "—"
+
+            def ratio(v: float | None, s: float | None = s) -> str:
+                return f"{v / s:.2f}" if v and s else "—"
             out.append(f"| {r['causal']} | {r['T']} | {f(s)} | {f(e)} | {ratio(e)} | {f(c)} | {ratio(c)} |")
         for r in result["shaped"]:
             for key in ("kernels_eager", "kernels_compiled"):
@@ -318,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out")
-    p.add_argument("--sections", default="shaped,noble,steps")
+    p.add_argument("--sections", default="check,shaped,steps")
     p.add_argument("--budget", type=float, default=320.0)
     p.add_argument("--cpu-smoke", action="store_true")
     args = p.parse_args(argv)
@@ -344,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"section {name}")
         try:
-            if name == "shaped":
+            if name == "check":
+                section_check(device, args.cpu_smoke, result)
+            elif name == "shaped":
                 section_shaped(device, args.cpu_smoke, result)
             elif name == "noble":
                 section_noble(device, args.cpu_smoke, result)

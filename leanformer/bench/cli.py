@@ -107,8 +107,9 @@ def run_train(args: argparse.Namespace) -> int:
     from leanformer.bench.train import run_train_bench
 
     return _run(args, lambda device: run_train_bench(
-        size=args.size, arms=args.arms, seq_len=args.seq_len, batch=args.batch, compile=args.compile,
-        eager=args.eager, compile_arms=args.compile_arms, device=device, warmup=3 if args.warmup is None else args.warmup,
+        size=args.size, arms=args.arms, seq_len=args.seq_len, batch=args.batch,
+        compile=args.compile, eager=args.eager, compile_arms=args.compile_arms, device=device,
+        warmup=3 if args.warmup is None else args.warmup,
         repeats=args.repeats, peak_flops=args.peak_flops, time_budget=args.time_budget,
         command=command_line("leanformer bench train", args)))
 

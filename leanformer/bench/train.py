@@ -259,6 +259,39 @@ def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_le
     }
 
 
+def compiled_vs_eager_losses(arm: str, size: str, device: torch.device, steps: int = 20,
+                             seed: int = 0) -> tuple[list[float], list[float]]:
+    """Training losses of ``steps`` AdamW steps of arm ``arm`` at ``size``, eager and under ``torch.compile``,
+    from the same initial weights and the same random batches (bf16 autocast on CUDA). The two lists agree
+    within bf16 rounding when compilation changes nothing but speed."""
+    from leanformer.model import TransformerLM
+    from leanformer.train.optim import build_optimizer
+
+    sz = get_size(size)
+    cfg = arm_config(base_config(sz, sz.seq_len), arm)
+    runs = []
+    for comp in (False, True):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = TransformerLM(cfg)
+        opt = build_optimizer(model, TrainConfig(lr=3e-4))
+        run = torch.compile(model) if comp else model
+        gen = torch.Generator().manual_seed(seed + 1)
+        losses = []
+        for _ in range(steps):
+            xb = torch.randint(0, cfg.vocab_size, (sz.batch, sz.seq_len + 1), generator=gen).to(device)
+            opt.zero_grad(set_to_none=True)
+            with autocast(device):
+                _, loss = run(xb[:, :-1], xb[:, 1:])
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        runs.append(losses)
+        if comp:
+            torch._dynamo.reset()
+    return runs[0], runs[1]
+
+
 # ---------------------------------------------------------------------------------------------- the benchmark
 
 
@@ -324,7 +357,8 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
         print(f"[bench train] {name}{' (compiled)' if comp else ''}: {row['status']}{done}", flush=True)
     add_ratios(rows, peak)
     report = Report(
-        name="train", title=f"Training step: size {size}, seq {seq_len}, batch {batch}",
+        name="train" if size != "bert" else "train_bert",
+        title=f"Training step: size {size}, seq {seq_len}, batch {batch}",
         meta=meta, rows=rows, columns=TRAIN_COLUMNS, plot=plot_train,
         settings={"size": size, "model": vars(sz), "seq_len": seq_len, "batch": batch, "warmup": warmup,
                   "repeats": repeats, "compile": compile, "peak_flops": peak,
