@@ -285,7 +285,7 @@ def compiled_vs_eager_losses(arm: str, size: str, device: torch.device, steps: i
                 _, loss = run(xb[:, :-1], xb[:, 1:])
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         runs.append(losses)
         if comp:
             torch._dynamo.reset()

@@ -316,9 +316,13 @@ class NobleLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., d_in) -> (..., d_out)``; the fused path when ``self.fused``."""
         main, z = self._main_and_down(x)
-        if not (self.fused and self.gate is None and isinstance(self.drop, nn.Identity)):
+        if (torch.compiler.is_compiling() or not self.fused or self.gate is not None
+                or not isinstance(self.drop, nn.Identity)):
+            # Under torch.compile the plain sum is better: inductor fuses ``main + branch`` into the next
+            # element-wise kernel, while an addmm on the strided ``main`` (a column block of the stacked
+            # product) costs a copy of it (measured on an H100: docs/gpu/train_profile_after.md)
             return self._combine(main, z)
-        # main + σ(z) W_upᵀ as one addmm: the product is accumulated into the main output
+        # eager: main + σ(z) W_upᵀ as one addmm, the product accumulated into the main output
         s = self.act(z)
         lead = main.shape[:-1]
         s2, main2 = s.reshape(-1, self.rank), main.reshape(-1, self.out_features)
