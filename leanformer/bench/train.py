@@ -202,7 +202,8 @@ def autocast(device: torch.device):
 
 
 def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_len: int, *, compile: bool,
-                warmup: int, repeats: int, max_seconds: float | None, seed: int = 0) -> dict:
+                warmup: int, repeats: int, max_seconds: float | None, seed: int = 0,
+                compile_mode: str | None = None) -> dict:
     """Time ``repeats`` training steps of ``TransformerLM(cfg)``; returns one result row (no ratios)."""
     from leanformer.model import TransformerLM
     from leanformer.train.optim import build_optimizer
@@ -213,7 +214,7 @@ def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_le
     flops_per_token = model.flops_per_token(seq_len)
     params = model.num_params()
     opt = build_optimizer(model, TrainConfig(lr=1e-4))  # fused AdamW on CUDA
-    run = torch.compile(model) if compile else model
+    run = torch.compile(model, mode=compile_mode) if compile else model
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
@@ -301,6 +302,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
                     device: torch.device | None = None, warmup: int = 3, repeats: int = 10,
                     peak_flops: float | None = None, time_budget: float | None = None,
                     max_seconds_per_arm: float | None = None, compile_reserve_s: float = 45.0,
+                    compile_mode: str | None = None,
                     command: str = "leanformer bench train") -> Report:
     """Run every arm (eager, then compiled when ``compile``) and return the :class:`Report`.
 
@@ -342,7 +344,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
         else:
             try:
                 cfg = arm_config(base, name)
-                row.update(measure_arm(cfg, device, batch, seq_len, compile=comp,
+                row.update(measure_arm(cfg, device, batch, seq_len, compile=comp, compile_mode=compile_mode,
                                        warmup=warmup + (2 if comp else 0), repeats=repeats,
                                        max_seconds=max_seconds_per_arm))
                 row["status"] = "ok"
@@ -361,7 +363,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
         title=f"Training step: size {size}, seq {seq_len}, batch {batch}",
         meta=meta, rows=rows, columns=TRAIN_COLUMNS, plot=plot_train,
         settings={"size": size, "model": vars(sz), "seq_len": seq_len, "batch": batch, "warmup": warmup,
-                  "repeats": repeats, "compile": compile, "peak_flops": peak,
+                  "repeats": repeats, "compile": compile, "compile_mode": compile_mode, "peak_flops": peak,
                   "dtype": "bf16 autocast" if device.type == "cuda" else "float32"},
         notes=[
             "one step = zero_grad + forward + cross-entropy + backward + AdamW step; median of the timed "
