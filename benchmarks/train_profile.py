@@ -259,7 +259,7 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
 STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode]), most wanted first
     ("gpt2 preln b16", "gpt2", "preln", 16, True),
     ("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
-    ("gpt2 sas_p b16", "gpt2", "sas_p", 16, False),
+    ("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
     ("gpt2 sas_p_nonorm b16", "gpt2", "sas_p_nonorm", 16, False),
     ("bert preln b128", "bert", "preln", 128, False),
     ("bert sas_p b128", "bert", "sas_p", 128, False),

@@ -86,11 +86,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "GPT-2-small scale (~125M with a 16K vocabulary), bf16, all arms in about 9 minutes on one H100",
         # 250 steps × 32 × 1024 tokens per arm: at the eager H100 throughputs of docs/benchmarks.md
         # (110k-230k tokens/s by arm) the 7 from-scratch arms train in ~6.5 minutes, leaving time for
-        # tokenising, evaluation and decoding.
+        # tokenising, evaluation and decoding. Eager on purpose (train.compile's default, auto, compiles on
+        # CUDA): compiling one arm's training and evaluation graphs takes ~40-100 s at this size on an H100
+        # (docs/benchmarks.md), more than it saves over 250 steps; a longer run should leave compile on auto.
         _run(model={"d_model": 768, "n_layers": 12, "n_heads": 12, "max_seq_len": 1024},
              train={"steps": 250, "batch_size": 32, "seq_len": 1024, "lr": 1e-3, "eval_every": 25,
                     "eval_batches": 8, "log_every": 10, "save_every": 100, "device": "auto",
-                    "dtype": "auto"},
+                    "dtype": "auto", "compile": False},
              data={"vocab_size": 16384}),
         decode_contexts=(1024, 4096, 16384), decode_tokens=32, decode_warmup=5, sample_tokens=64,
     ),
