@@ -288,7 +288,7 @@ def _get(rows: list[dict], **where) -> dict | None:
 
 
 def targets(train: list[dict], attention: list[dict], decode: list[dict],
-            bert: list[dict] | None = None) -> list[dict]:
+            bert: list[dict] | None = None, batch32: list[dict] | None = None) -> list[dict]:
     """The issue's targets with what was measured (ratios; ``None`` where not measured)."""
     out = []
 
@@ -302,6 +302,9 @@ def targets(train: list[dict], attention: list[dict], decode: list[dict],
     add("Pre-LN GPT-2 small tokens/s (compiled, batch 16)", pre and pre.get("tokens_per_s"), 500_000, True,
         "int", "bench train")
     add("Pre-LN MFU (compiled)", pre and pre.get("mfu"), 0.43, True, "pct", "bench train")
+    best = max((r["tokens_per_s"] for r in (pre, _get(batch32 or [], arm="preln", compile=True)) if r), default=None)
+    add("Pre-LN GPT-2 small tokens/s (compiled, best of batch 16 and 32)", best, 500_000, True, "int",
+        "bench train --batch 32")
     nf = _get(train, arm="noble_fused", compile=True)
     add("NOBLE step-time overhead (compiled)", nf and nf.get("step_overhead"), 0.10, False, "pct", "bench train")
     add("NOBLE peak memory × Pre-LN (compiled)", nf and nf.get("mem_vs_preln"), 1.05, False, "x", "bench train")
@@ -391,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # elapsed seconds by which each section must have started its last item (a share of --budget)
     budget = args.budget
-    ends = {"train": 0.40 * budget, "train_bert": 0.62 * budget, "attention": 0.75 * budget,
+    ends = {"train": 0.40 * budget, "train_bert": 0.62 * budget, "train_b32": 0.67 * budget,
+            "attention": 0.77 * budget,
             "decode": 0.88 * budget, "fla checks": 0.93 * budget}
 
     log("== 1. correctness (our kernels; fla's come after the benchmarks: Triton autotunes them for minutes)")
@@ -422,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         dec_kw = dict(size="gpt2", arms="preln,dijiang,sas_p,noble_fused,dijiang_fla",
                       contexts=[512, 2048, 8192, 32768], batches=[1, 8, 32], steps=16, warmup=2,
                       prefill_chunk=4096)
+    b32_kw = dict(train_kw, arms="preln", batch=4 if smoke else 32)  # Pre-LN's best batch (issue 13)
     sections = [("train", run_train_bench, train_kw), ("train_bert", run_train_bench, bert_kw),
+                ("train_b32", run_train_bench, b32_kw),
                 ("attention", run_attention_bench, attn_kw), ("decode", run_decode_bench, dec_kw),
                 ("fla checks", None, {})]
     for i, (name, fn, kw) in enumerate(sections, start=2):
@@ -437,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                      **kw)
             reports[name] = rep
             result["reports"][name] = rep.to_json()
-            if name != "train_bert":  # at most 8 files come back from the GPU machine
+            if name not in ("train_bert", "train_b32"):  # at most 8 files come back from the GPU machine
                 rep.write(out, formats=("png",))
             print(rep.markdown(level=3), flush=True)
         except Exception as e:  # noqa: BLE001
@@ -467,15 +473,17 @@ def main(argv: list[str] | None = None) -> int:
 def save(out: Path, result: dict, reports: dict, command: str) -> None:
     """Write gpu_check.json (everything) and gpu_check.md (all tables) from what has run so far."""
     meta = result["meta"]
-    rows = {k: (reports[k].rows if k in reports else []) for k in ("train", "train_bert", "attention", "decode")}
-    result["targets"] = targets(rows["train"], rows["attention"], rows["decode"], rows["train_bert"])
+    names = ("train", "train_bert", "train_b32", "attention", "decode")
+    rows = {k: (reports[k].rows if k in reports else []) for k in names}
+    result["targets"] = targets(rows["train"], rows["attention"], rows["decode"], rows["train_bert"],
+                                rows["train_b32"])
     meta["elapsed_s"] = round(elapsed(), 1)
     (out / "gpu_check.json").write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n")
     md = [f"# GPU check: {meta['machine']}", "",
           f"- date {meta['date']}; torch {meta['torch']}; fla {meta['fla']}; elapsed {meta['elapsed_s']} s",
           f"- command: `{command}`", "", "## Targets", "", targets_markdown(result["targets"]), "",
           "## Correctness", "", correctness_markdown(result["correctness"]), ""]
-    md += [reports[k].markdown(level=2) for k in ("train", "train_bert", "attention", "decode") if k in reports]
+    md += [reports[k].markdown(level=2) for k in names if k in reports]
     (out / "gpu_check.md").write_text("\n".join(md))
 
 
