@@ -220,7 +220,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA) | float32 | bfloat16
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: torch.compile on CUDA, eager on CPU | true | false
     peak_flops: float | None = None  # FLOP/s; None: looked up for known GPUs
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
     distill_weight: float = 0.0  # KL to a teacher's logits (DiJiang conversion)
@@ -245,6 +245,8 @@ class TrainConfig:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _choice("train.distributed", self.distributed, ("ddp", "fsdp"))
+        if self.compile not in (True, False, "auto"):
+            raise ConfigError(f"train.compile={self.compile!r} is not valid; choose auto, true or false")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         return self

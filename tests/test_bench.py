@@ -54,6 +54,16 @@ def test_bench_train_tiny(tmp_path):
     assert rows["noble_fused"]["params"] > rows["preln"]["params"]
     assert rows["noble_fused"]["peak_mem_bytes"] > rows["preln"]["peak_mem_bytes"]
     assert rows["dijiang_fla"]["status"].startswith("unavailable")  # CPU: reported, not a crash
+    # compile=auto: eager only on CPU; each arm's FLOP ratio to preln, its inverse and the share realised
+    assert all(r["compile"] is False for r in data["results"])
+    for arm in ("noble_fused", "sas_p_nonorm"):
+        r = rows[arm]
+        assert r["flops_vs_preln"] == pytest.approx(r["flops_per_token"] / rows["preln"]["flops_per_token"])
+        assert r["flop_limit_speed"] == pytest.approx(1 / r["flops_vs_preln"])
+        assert r["realised"] == pytest.approx(r["speed_vs_preln"] / r["flop_limit_speed"])
+    assert rows["noble_fused"]["flops_vs_preln"] > 1 > rows["sas_p_nonorm"]["flops_vs_preln"]
+    md = (out / "train.md").read_text()
+    assert "FLOP-limit × preln" in md and "realised" in md
 
 
 def test_bench_attention_tiny(tmp_path):
@@ -170,3 +180,32 @@ def test_markdown_table_and_command_line():
     ns = argparse.Namespace(size="tiny", compile=True, peak_flops=None, arms="preln,sas", func=print)
     assert timing.command_line("leanformer bench train", ns) == (
         "leanformer bench train --arms preln,sas --compile --size tiny")
+
+
+def test_compile_setting_resolves_by_device_and_rejects_bad_values():
+    from leanformer.config import ConfigError, TrainConfig
+    from leanformer.train.loop import compile_enabled
+
+    assert TrainConfig().compile == "auto"
+    assert compile_enabled("auto", torch.device("cuda")) and not compile_enabled("auto", torch.device("cpu"))
+    assert compile_enabled(True, torch.device("cpu")) and not compile_enabled(False, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="train.compile='yes' is not valid; choose auto, true or false"):
+        TrainConfig(compile="yes").validate()
+
+
+def test_extra_flop_fraction_of_noble_at_gpt2_small():
+    """The figure printed beside NOBLE's measurement: 2(d_in r + r² + r d_out) per linear and token, ×3 for
+    training, over Pre-LN's 6N + attention."""
+    from leanformer.bench.train import SIZES, arm_config, base_config
+    from leanformer.model import TransformerLM
+
+    sz = SIZES["gpt2"]
+    with torch.device("meta"):
+        pre, noble = (TransformerLM(arm_config(base_config(sz, sz.seq_len), a)) for a in ("preln", "noble_fused"))
+    r, C, L = 32, 768, 12
+    per_layer = 4 * (C * r + r * r + r * C) + (C * r + r * r + r * 4 * C) + (4 * C * r + r * r + r * C)
+    extra = 6 * L * per_layer  # branch matmul parameters (W_down, M, W_up); ω, φ, biases: 6 · (vectors)
+    got = noble.flops_per_token(sz.seq_len) - pre.flops_per_token(sz.seq_len)
+    vectors = 6 * L * 6 * (r + r + r + r + r + r)  # per linear: b_down, c, ω1, φ1, ω2, φ2 (6 linears)
+    assert got == extra + vectors
+    assert 0.037 < got / pre.flops_per_token(sz.seq_len) < 0.039  # +3.8% of the training FLOPs

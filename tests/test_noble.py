@@ -465,3 +465,68 @@ def test_main_init_model_keeps_the_lm_init_and_lr_mults_can_be_switched_off():
     assert all(mult == 1.0 for mult, _ in _tags(model).values())
     paper = TransformerLM(TransformerConfig(d_model=128, n_layers=4, noble=NobleConfig(enabled=True)))
     assert abs(paper.blocks[0].attn.q.weight.std().item() - 0.5 / 128 ** 0.5) < 0.004
+
+
+# ---------------------------------------------------------------------------------------------- one stored matrix
+
+
+def _shares_buffer(layer: NobleLinear) -> bool:
+    from leanformer.layers.noble import _adjacent
+
+    return _adjacent(layer.weight, layer.down.weight)
+
+
+def test_main_and_down_weights_are_one_buffer_through_moves_loads_and_from_linear():
+    layer = NobleLinear(12, 10, rank=3)
+    assert _shares_buffer(layer)
+    layer = layer.double()  # .to() moves each parameter on its own: restacked after
+    assert _shares_buffer(layer) and layer.weight.dtype == torch.float64
+    other = NobleLinear(12, 10, rank=3).double()
+    other.load_state_dict(layer.state_dict())
+    assert _shares_buffer(other) and torch.equal(other.weight, layer.weight)
+    other.load_state_dict(layer.state_dict(), assign=True)  # new Parameter objects: restacked by the hook
+    assert _shares_buffer(other)
+    lin = nn.Linear(12, 10)
+    w0 = lin.weight.detach().clone()
+    noble = NobleLinear.from_linear(lin, rank=3)
+    assert noble.weight is lin.weight and torch.equal(noble.weight, w0) and _shares_buffer(noble)
+    sd = noble.state_dict()  # the checkpoint keys are unchanged, and each entry owns its storage
+    assert {"weight", "down.weight"} <= set(sd)
+    assert sd["weight"].untyped_storage().data_ptr() != sd["down.weight"].untyped_storage().data_ptr()
+    assert sd["weight"].shape == (10, 12) and sd["down.weight"].shape == (3, 12)
+
+
+def test_stacked_view_and_addmm_match_float64_reference_with_gradients():
+    torch.manual_seed(0)
+    layer = NobleLinear(16, 24, rank=4, bias=True).double()
+    with torch.no_grad():
+        layer.up.weight.normal_(0, 0.3)
+    assert _shares_buffer(layer)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 24, dtype=torch.float64)
+    names = ["weight", "down.weight", "up.weight", "act.M.weight", "bias", "down.bias"]
+    params = dict(layer.named_parameters())
+
+    def grads(fn):
+        out = fn(x)
+        got = torch.autograd.grad(out, [x] + [params[n] for n in names], g)
+        return out, got
+
+    fast_out, fast = grads(layer.forward)
+    ref_out, ref = grads(layer.forward_reference)
+    torch.testing.assert_close(fast_out, ref_out, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(["x"] + names, fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
+    # optimizer-visible gradients land on the two ordinary parameters
+    layer.zero_grad()
+    layer(x).backward(g)
+    assert layer.weight.grad.shape == (24, 16) and layer.down.weight.grad.shape == (4, 16)
+    torch.testing.assert_close(layer.down.weight.grad, ref[2])
+
+
+def test_fused_falls_back_to_concatenation_when_weights_do_not_share_a_buffer():
+    torch.manual_seed(1)
+    layer = NobleLinear(8, 8, rank=2).double()
+    layer.down.weight = nn.Parameter(layer.down.weight.detach().clone())  # a separate tensor
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x))

@@ -266,3 +266,43 @@ def test_model_init_follows_official_code():
         assert block.attn.k.weight.std().item() == pytest.approx(0.02, rel=0.05)
         assert block.mlp.ffn_out.weight.std().item() == pytest.approx(0.02, rel=0.05)
         assert block.beta_ff.item() == pytest.approx(0.15)  # 0.1·√(18/8)
+
+
+# ---------------------------------------------------------------------------------------------- running mean
+
+
+@pytest.mark.parametrize("T", [2, 63, 64, 65, 200])
+def test_chunked_running_mean_matches_cumsum_float64_with_gradients(T):
+    from leanformer.layers.shaped import running_mean_chunked, running_mean_cumsum
+
+    torch.manual_seed(T)
+    v = torch.randn(2, T, 3, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()  # split_heads layout
+    g = torch.randn(2, 3, T, 8, dtype=torch.float64)
+    fast, ref = running_mean_chunked(v, chunk=16), running_mean_cumsum(v, 0)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    (gf,), (gr,) = torch.autograd.grad(fast, v, g), torch.autograd.grad(ref, v, g)
+    torch.testing.assert_close(gf, gr, rtol=1e-12, atol=1e-12)
+    explicit = v.cumsum(2) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(fast, explicit)
+
+
+def test_running_mean_with_past_and_prefix_sum_agree():
+    from leanformer.layers.shaped import running_mean
+
+    torch.manual_seed(0)
+    v = torch.randn(1, 2, 30, 4, dtype=torch.float64)
+    full = running_mean(v, 0)
+    torch.testing.assert_close(running_mean(v, 10), full[:, :, 10:])
+    torch.testing.assert_close(running_mean(v, 10, v[:, :, :10].sum(2)), full[:, :, 10:])
+
+
+def test_shaped_attention_keeps_bf16_activations_bf16():
+    from leanformer.layers.shaped import shaped_attention, shaped_attention_reference
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    gains = [torch.rand(2) + 0.5 for _ in range(3)]  # float32 parameters
+    out = shaped_attention(*(t.bfloat16() for t in (q, k, v)), *gains)
+    assert out.dtype == torch.bfloat16
+    ref = shaped_attention_reference(*(t.double() for t in (q, k, v, *gains)))
+    assert (out.double() - ref).norm() / ref.norm() < 2e-2

@@ -40,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="default: the size's (tiny 32, cpu 256, gpt2 1024)")
     t.add_argument("--batch", type=int, default=None, help="default: the size's (tiny 2, cpu 8, gpt2 16)")
     t.add_argument("--repeats", type=int, default=10, help="timed steps (median reported)")
-    t.add_argument("--compile", action="store_true", help="also run each arm under torch.compile")
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="run each arm under torch.compile (default: on CUDA; with --compile the eager arms run too)")
+    t.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for the compiled arms (e.g. reduce-overhead: CUDA graphs)")
+    t.add_argument("--eager", action="store_true", default=None,
+                   help="also time the eager arms (default: on CPU, or when --compile is given)")
     t.add_argument("--compile-arms", default=None, help="arms to compile with --compile (default: the arms run)")
     t.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s for MFU (default: the table of known GPUs; none on CPU)")
@@ -112,8 +117,10 @@ def run_train(args: argparse.Namespace) -> int:
     from leanformer.bench.train import run_train_bench
 
     return _run(args, lambda device: run_train_bench(
-        size=args.size, arms=args.arms, seq_len=args.seq_len, batch=args.batch, compile=args.compile,
-        compile_arms=args.compile_arms, device=device, warmup=3 if args.warmup is None else args.warmup,
+        size=args.size, arms=args.arms, seq_len=args.seq_len, batch=args.batch,
+        compile=args.compile, eager=args.eager, compile_arms=args.compile_arms, compile_mode=args.compile_mode,
+        device=device,
+        warmup=3 if args.warmup is None else args.warmup,
         repeats=args.repeats, peak_flops=args.peak_flops, time_budget=args.time_budget,
         command=command_line("leanformer bench train", args)))
 

@@ -64,6 +64,8 @@ SIZES: dict[str, Size] = {
     "tiny": Size(d_model=32, n_layers=2, n_heads=2, vocab_size=256, seq_len=32, batch=2),  # tests
     "cpu": Size(d_model=256, n_layers=4, n_heads=4, vocab_size=8192, seq_len=256, batch=8),
     "gpt2": Size(d_model=768, n_layers=12, n_heads=12, vocab_size=50304, seq_len=1024, batch=16),  # ~124M
+    # the simplified-blocks paper's crammed-BERT shape (He & Hofmann 2024, Sec. 5; causal here)
+    "bert": Size(d_model=768, n_layers=16, n_heads=12, vocab_size=32768, seq_len=128, batch=128),
 }
 
 
@@ -200,7 +202,8 @@ def autocast(device: torch.device):
 
 
 def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_len: int, *, compile: bool,
-                warmup: int, repeats: int, max_seconds: float | None, seed: int = 0) -> dict:
+                warmup: int, repeats: int, max_seconds: float | None, seed: int = 0,
+                compile_mode: str | None = None) -> dict:
     """Time ``repeats`` training steps of ``TransformerLM(cfg)``; returns one result row (no ratios)."""
     from leanformer.model import TransformerLM
     from leanformer.train.optim import build_optimizer
@@ -210,8 +213,8 @@ def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_le
         model = TransformerLM(cfg)
     flops_per_token = model.flops_per_token(seq_len)
     params = model.num_params()
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
-    run = torch.compile(model) if compile else model
+    opt = build_optimizer(model, TrainConfig(lr=1e-4))  # fused AdamW on CUDA
+    run = torch.compile(model, mode=compile_mode) if compile else model
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
@@ -257,33 +260,74 @@ def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_le
     }
 
 
+def compiled_vs_eager_losses(arm: str, size: str, device: torch.device, steps: int = 20,
+                             seed: int = 0) -> tuple[list[float], list[float]]:
+    """Training losses of ``steps`` AdamW steps of arm ``arm`` at ``size``, eager and under ``torch.compile``,
+    from the same initial weights and the same random batches (bf16 autocast on CUDA). The two lists agree
+    within bf16 rounding when compilation changes nothing but speed."""
+    from leanformer.model import TransformerLM
+    from leanformer.train.optim import build_optimizer
+
+    sz = get_size(size)
+    cfg = arm_config(base_config(sz, sz.seq_len), arm)
+    runs = []
+    for comp in (False, True):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = TransformerLM(cfg)
+        opt = build_optimizer(model, TrainConfig(lr=3e-4))
+        run = torch.compile(model) if comp else model
+        gen = torch.Generator().manual_seed(seed + 1)
+        losses = []
+        for _ in range(steps):
+            xb = torch.randint(0, cfg.vocab_size, (sz.batch, sz.seq_len + 1), generator=gen).to(device)
+            opt.zero_grad(set_to_none=True)
+            with autocast(device):
+                _, loss = run(xb[:, :-1], xb[:, 1:])
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        runs.append(losses)
+        if comp:
+            torch._dynamo.reset()
+    return runs[0], runs[1]
+
+
 # ---------------------------------------------------------------------------------------------- the benchmark
 
 
 def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, seq_len: int | None = None,
-                    batch: int | None = None, compile: bool = False, eager: bool = True,
+                    batch: int | None = None, compile: bool | None = None, eager: bool | None = None,
                     compile_arms: str | list[str] | None = None,
                     device: torch.device | None = None, warmup: int = 3, repeats: int = 10,
                     peak_flops: float | None = None, time_budget: float | None = None,
                     max_seconds_per_arm: float | None = None, compile_reserve_s: float = 45.0,
+                    compile_mode: str | None = None,
                     command: str = "leanformer bench train") -> Report:
     """Run every arm (eager, then compiled when ``compile``) and return the :class:`Report`.
 
     ``time_budget`` (seconds): an arm not started when it is spent is "skipped (time budget)"; a compiled
     arm also needs ``compile_reserve_s`` left (its compilation alone takes that long at GPT-2 scale).
-    ``eager=False`` runs only the compiled arms.
+    ``compile=None`` (auto): compiled arms on CUDA, none on CPU; ``eager=None``: eager arms unless
+    ``compile`` was chosen automatically (so on CUDA only the compiled arms run by default).
     """
+    from leanformer.train.loop import enable_fast_matmul
     from leanformer.train.mfu import peak_flops_for
 
     sz = get_size(size)
     names = parse_arms(arms)
-    compiled = (parse_arms(compile_arms) if compile_arms else names) if compile else []  # default: the arms run
     seq_len = seq_len or sz.seq_len
     batch = batch or sz.batch
     if seq_len < 1 or batch < 1 or repeats < 1 or warmup < 0:
         raise ConfigError(f"--seq-len={seq_len}, --batch={batch}, --repeats={repeats} must be >= 1 "
                           f"and --warmup={warmup} >= 0")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if eager is None:
+        eager = compile is not None or device.type != "cuda"
+    if compile is None:
+        compile = device.type == "cuda"
+    compiled = (parse_arms(compile_arms) if compile_arms else names) if compile else []
+    enable_fast_matmul(device)
     peak = peak_flops if peak_flops is not None else peak_flops_for(device)
     base = base_config(sz, max_seq_len=seq_len)
     meta = run_metadata(device, command)
@@ -300,7 +344,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
         else:
             try:
                 cfg = arm_config(base, name)
-                row.update(measure_arm(cfg, device, batch, seq_len, compile=comp,
+                row.update(measure_arm(cfg, device, batch, seq_len, compile=comp, compile_mode=compile_mode,
                                        warmup=warmup + (2 if comp else 0), repeats=repeats,
                                        max_seconds=max_seconds_per_arm))
                 row["status"] = "ok"
@@ -315,10 +359,11 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
         print(f"[bench train] {name}{' (compiled)' if comp else ''}: {row['status']}{done}", flush=True)
     add_ratios(rows, peak)
     report = Report(
-        name="train", title=f"Training step: size {size}, seq {seq_len}, batch {batch}",
+        name="train" if size != "bert" else "train_bert",
+        title=f"Training step: size {size}, seq {seq_len}, batch {batch}",
         meta=meta, rows=rows, columns=TRAIN_COLUMNS, plot=plot_train,
         settings={"size": size, "model": vars(sz), "seq_len": seq_len, "batch": batch, "warmup": warmup,
-                  "repeats": repeats, "compile": compile, "peak_flops": peak,
+                  "repeats": repeats, "compile": compile, "compile_mode": compile_mode, "peak_flops": peak,
                   "dtype": "bf16 autocast" if device.type == "cuda" else "float32"},
         notes=[
             "one step = zero_grad + forward + cross-entropy + backward + AdamW step; median of the timed "
@@ -327,6 +372,8 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
             "device (give --peak-flops)",
             "× preln: tokens/s ratio to preln with the same compile setting (>1 is faster); step overhead = "
             "step time / preln's − 1",
+            "FLOPs × preln: model.flops_per_token ratio to preln (6N + attention); FLOP-limit × preln = its "
+            "inverse, the speed ratio if every FLOP cost the same; realised = × preln ÷ FLOP-limit × preln",
             "memory: " + ("CUDA allocator peak over the timed steps" if device.type == "cuda" else
                           "accounted bytes: parameters + gradients + AdamW state + tensors saved for "
                           "backward (a lower bound: no temporaries)"),
@@ -348,6 +395,9 @@ def add_ratios(rows: list[dict], peak: float | None) -> None:
             r["speed_vs_preln"] = r["tokens_per_s"] / b["tokens_per_s"]
             r["step_overhead"] = r["step_ms"] / b["step_ms"] - 1
             r["mem_vs_preln"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
+            r["flops_vs_preln"] = r["flops_per_token"] / b["flops_per_token"]
+            r["flop_limit_speed"] = 1.0 / r["flops_vs_preln"]
+            r["realised"] = r["speed_vs_preln"] / r["flop_limit_speed"]
 
 
 def _status(v: str) -> str:
@@ -361,7 +411,10 @@ TRAIN_COLUMNS = [
     Column("step_ms", "step ms", fmt_float(1)),
     Column("step_iqr_ms", "IQR ms", fmt_float(1)),
     Column("tokens_per_s", "tokens/s", lambda v: f"{v:,.0f}"),
+    Column("flops_vs_preln", "FLOPs × preln", fmt_float(3)),
+    Column("flop_limit_speed", "FLOP-limit × preln", fmt_float(3)),
     Column("speed_vs_preln", "× preln", fmt_float(3)),
+    Column("realised", "realised", fmt_pct),
     Column("step_overhead", "step overhead", fmt_pct),
     Column("achieved_flops", "TFLOP/s", lambda v: f"{v / 1e12:.3f}"),
     Column("mfu", "MFU", fmt_pct),

@@ -97,6 +97,45 @@ def make_activation(name: str, rank: int, device: Any = None, dtype: torch.dtype
     raise ValueError(f"NOBLE activation={name!r} is not valid; choose one of {', '.join(ACTIVATIONS)}")
 
 
+class _StackedRows(torch.autograd.Function):
+    """``[W; W_down]`` (d_out + r, d_in) as a view of the one buffer both parameters live in (no copy).
+
+    Forward returns the buffer's rows; backward hands each parameter its rows of the gradient (views).
+    Only valid when :func:`_adjacent` holds; :meth:`NobleLinear.stacked_weight` falls back to ``torch.cat``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, down: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.rows = weight.shape[0]
+        return weight.as_strided((weight.shape[0] + down.shape[0], weight.shape[1]), weight.stride())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        return grad[: ctx.rows], grad[ctx.rows:]
+
+
+def _adjacent(weight: torch.Tensor, down: torch.Tensor) -> bool:
+    """True when ``down`` continues ``weight`` row for row in one storage (plain contiguous tensors)."""
+    return (type(weight) in (torch.Tensor, nn.Parameter) and type(down) in (torch.Tensor, nn.Parameter)
+            and weight.device.type != "meta" and weight.is_contiguous() and down.is_contiguous()
+            and weight.dtype == down.dtype and weight.device == down.device
+            and weight.untyped_storage().data_ptr() == down.untyped_storage().data_ptr()
+            and down.storage_offset() == weight.storage_offset() + weight.numel())
+
+
+def _restack_after_load(module: NobleLinear, _keys) -> None:  # noqa: ANN001
+    module.restack()
+
+
+def _unshare_in_state_dict(module: NobleLinear, state_dict: dict, prefix: str, _meta) -> None:  # noqa: ANN001
+    """``weight`` and ``down.weight`` leave as tensors of their own (safetensors refuses views of one
+    buffer); with ``keep_vars=True`` the parameters themselves stay."""
+    for key in (prefix + "weight", prefix + "down.weight"):
+        t = state_dict.get(key)
+        if t is not None and not isinstance(t, nn.Parameter) and t.device.type != "meta":
+            state_dict[key] = t.clone()
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """Hugging Face's GPT-2 ``Conv1D``: ``y = x W + b`` with ``weight (in, out)``."""
     try:
@@ -118,8 +157,12 @@ class NobleLinear(nn.Module):
             ``y = α (sigmoid(w) main + (1 − sigmoid(w)) branch)``, w a learned scalar, init 0).
         dropout: on the branch output (both fusions).
         alpha: α, the gate variant's output scale; ``fusion="add"`` has none and needs ``alpha=1``.
-        fused: compute ``x [W; W_down]ᵀ`` as one matrix product and split it (same result as
-            :meth:`forward_reference`, the two-product version).
+        fused: compute ``x [W; W_down]ᵀ`` as one matrix product and split it, then accumulate
+            ``W_up σ(·)`` into the main output with one ``addmm`` (same result as :meth:`forward_reference`,
+            the two-product version). ``W`` and ``W_down`` are stored as one ``(d_out + r, d_in)`` buffer
+            (the parameters ``weight`` and ``down.weight`` are its row blocks), so the stacked matrix is a
+            view, not a copy; state-dict keys, optimizer groups and ``from_linear``/``to_linear`` see two
+            ordinary parameters.
 
     Input ``(..., in_features)``, output ``(..., out_features)``.
     """
@@ -161,6 +204,9 @@ class NobleLinear(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gate = nn.Parameter(torch.zeros((), **kw)) if fusion == "gate" else None
         self._plain_cls: type = nn.Linear  # what to_linear() rebuilds
+        self.restack()
+        self.register_load_state_dict_post_hook(_restack_after_load)
+        self._register_state_dict_hook(_unshare_in_state_dict)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init and multipliers
@@ -224,12 +270,40 @@ class NobleLinear(nn.Module):
         return {name: {"lr_mult": mult} for name, mult in self.lr_mults().items()}
 
 
+    # ------------------------------------------------------------------ storage
+    @torch.no_grad()
+    def restack(self) -> None:
+        """Put ``weight`` and ``down.weight`` back into one ``(d_out + r, d_in)`` buffer (values kept, the
+        Parameter objects kept). Called after construction, ``.to()``/``.half()`` (which move each parameter
+        on its own), ``load_state_dict`` and ``from_linear``; a no-op when they already share it, on the meta
+        device and for tensor subclasses (FSDP2's DTensors), where :meth:`stacked_weight` concatenates."""
+        w, d = self.weight, self.down.weight
+        if (_adjacent(w, d) or w.device.type == "meta" or type(w) is not nn.Parameter
+                or type(d) is not nn.Parameter or w.dtype != d.dtype or w.device != d.device):
+            return
+        buf = torch.cat([w.detach(), d.detach()], dim=0)
+        w.data, d.data = buf[: self.out_features], buf[self.out_features:]
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        out = super()._apply(fn, recurse)
+        self.restack()
+        return out
+
+    def stacked_weight(self) -> torch.Tensor:
+        """``[W; W_down]`` (d_out + r, d_in): a view of the shared buffer, or a concatenation when the two
+        do not share one (or under ``torch.compile``, where inductor fuses the concatenation into the
+        bf16 cast that every weight gets under autocast)."""
+        w, d = self.weight, self.down.weight
+        if not torch.compiler.is_compiling() and _adjacent(w, d):
+            return _StackedRows.apply(w, d)
+        return torch.cat([w, d], dim=0)
+
     # ------------------------------------------------------------------ forward
     def _main_and_down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x Wᵀ + b, x W_downᵀ + b_down)``, fused or not."""
         if not self.fused:
             return F.linear(x, self.weight, self.bias), self.down(x)
-        w = torch.cat([self.weight, self.down.weight], dim=0)  # (d_out + r, d_in)
+        w = self.stacked_weight()  # (d_out + r, d_in)
         if self.bias is not None:
             b = torch.cat([self.bias, self.down.bias], dim=0)
         else:
@@ -246,7 +320,18 @@ class NobleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., d_in) -> (..., d_out)``; the fused path when ``self.fused``."""
-        return self._combine(*self._main_and_down(x))
+        main, z = self._main_and_down(x)
+        if (torch.compiler.is_compiling() or not self.fused or self.gate is not None
+                or not isinstance(self.drop, nn.Identity)):
+            # Under torch.compile the plain sum is better: inductor fuses ``main + branch`` into the next
+            # element-wise kernel, while an addmm on the strided ``main`` (a column block of the stacked
+            # product) costs a copy of it (measured on an H100: docs/gpu/train_profile_after.md)
+            return self._combine(main, z)
+        # eager: main + σ(z) W_upᵀ as one addmm, the product accumulated into the main output
+        s = self.act(z)
+        lead = main.shape[:-1]
+        s2, main2 = s.reshape(-1, self.rank), main.reshape(-1, self.out_features)
+        return torch.addmm(main2, s2, self.up.weight.t()).view(*lead, self.out_features)  # autocast: bf16
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain version: two separate matrix products, then the branch."""
@@ -286,6 +371,7 @@ class NobleLinear(nn.Module):
         if preserve_output:
             layer.reset_branch(zero_up=True)
         layer._plain_cls = type(linear)
+        layer.restack()  # the reused main weight joins W_down's buffer (same Parameter, same values)
         return layer
 
     def to_linear(self) -> nn.Module:

@@ -64,14 +64,21 @@ class Rotary(nn.Module):
         token) slice the kept tables, which grow by doubling when a position beyond them is asked for.
         """
         end = max(start + length, self._reserved)
+        if torch.compiler.is_compiling() and not self._reserved:
+            # training under torch.compile: built inside the graph (storing it would make dynamo recompile)
+            return self._fresh(start, start + length, device, dtype)
         cached = self._tables
         if cached is None or cached[0] < end or cached[1].device != torch.device(device) or cached[1].dtype != dtype:
             size = max(end, 2 * cached[0] if cached is not None else 0, 256)
-            pos = torch.arange(size, device=device, dtype=torch.float64)
-            freqs = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cached = self._tables = (size, emb.cos().to(dtype), emb.sin().to(dtype))
+            cached = self._tables = (size, *self._fresh(0, size, device, dtype))
         return cached[1][start:start + length], cached[2][start:start + length]
+
+    def _fresh(self, start: int, end: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``(end − start, rotary_dim)`` for positions ``start .. end−1``, computed in float64."""
+        pos = torch.arange(start, end, device=device, dtype=torch.float64)
+        freqs = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def cos_sin_at(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, rotary_dim)`` tables at the positions (T,) int64 (on their device): a gather from tables

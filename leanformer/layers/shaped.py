@@ -81,19 +81,61 @@ def shaped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return A @ v
 
 
+RUNNING_MEAN_CHUNK = 64  # positions per chunk of the chunked running mean
+
+
 def running_mean(v: torch.Tensor, past: int, prefix_sum: torch.Tensor | None = None) -> torch.Tensor:
     """``C v`` for causal rows: mean of v over positions ``0..p`` for the last Tq positions ``p``.
 
     v: (B, H, Tk, Dv) (all positions; only the last Tq = Tk − past are summed when ``prefix_sum``,
     (B, H, Dv), holds the sum of the first ``past``). Accumulates in at least float32.
+    Without a past (training, prefill) it takes :func:`running_mean_chunked`; otherwise
+    :func:`running_mean_cumsum`, its plain twin.
     """
+    if past == 0 and prefix_sum is None and v.shape[2] > 1:
+        return running_mean_chunked(v)
+    return running_mean_cumsum(v, past, prefix_sum)
+
+
+def running_mean_cumsum(v: torch.Tensor, past: int, prefix_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`running_mean` as a cumulative sum over time (the reference form; any ``past``)."""
     acc = torch.promote_types(v.dtype, torch.float32)
     new = v[:, :, past:, :].to(acc)
-    if prefix_sum is None:
-        prefix_sum = v[:, :, :past, :].to(acc).sum(2)
-    sums = prefix_sum.to(acc).unsqueeze(2) + new.cumsum(2)
+    sums = new.cumsum(2)
+    if prefix_sum is not None:
+        sums = prefix_sum.to(acc).unsqueeze(2) + sums
+    elif past:
+        sums = v[:, :, :past, :].to(acc).sum(2, keepdim=True) + sums
     counts = torch.arange(past + 1, v.shape[2] + 1, device=v.device, dtype=acc)
     return (sums / counts[:, None]).to(v.dtype)
+
+
+def running_mean_chunked(v: torch.Tensor, chunk: int = RUNNING_MEAN_CHUNK) -> torch.Tensor:
+    """Causal running mean of v (B, H, T, D) over time as matrix products, no scan over a strided axis.
+
+    Time is cut into chunks of ``c`` positions: inside a chunk the prefix sums are ``L @ v_chunk`` with
+    ``L`` the (c, c) lower-triangular ones; each chunk then adds the exclusive prefix of the chunk totals
+    (a cumulative sum over T/c entries, in at least float32), and row ``t`` is divided by ``t + 1``.
+    The products run on the ``(B, T, H·D)`` layout the heads were split from (one batched product, coalesced
+    reads), in v's dtype (bf16 under autocast: bf16 operands, float32 accumulation). Same result as
+    :func:`running_mean_cumsum` with ``past = 0``. Returns (B, H, T, D) in v's dtype.
+    """
+    B, H, T, D = v.shape
+    acc = torch.promote_types(v.dtype, torch.float32)
+    pad = (-T) % chunk
+    x = v.transpose(1, 2)  # (B, T, H, D): contiguous when v came from split_heads
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+    n = (T + pad) // chunk
+    blocks = x.reshape(B, n, chunk, H * D)
+    lower = torch.ones(chunk, chunk, device=v.device, dtype=blocks.dtype).tril()
+    inner = torch.matmul(lower, blocks)  # (B, n, c, H·D): prefix sums inside each chunk
+    totals = inner[:, :, -1, :].to(acc)
+    before = totals.cumsum(1) - totals  # (B, n, H·D): sum of all earlier chunks
+    counts = torch.arange(1, n * chunk + 1, device=v.device, dtype=acc).view(n, chunk, 1)
+    mean = (inner.to(acc) + before.unsqueeze(2)) / counts
+    mean = mean.reshape(B, n * chunk, H, D)[:, :T]
+    return mean.transpose(1, 2).to(v.dtype)
 
 
 def shaped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
@@ -112,10 +154,11 @@ def shaped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
     mask = causal_mask(t_new, t_total, q.device) if causal and past else None
     soft = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=causal and not past and t_new > 1)
-    out = _per_head(alpha) * v[:, :, past:, :] + _per_head(beta) * soft
+    dt = torch.promote_types(v.dtype, soft.dtype)  # gains follow the activations: no float32 promotion
+    out = _per_head(alpha.to(dt)) * v[:, :, past:, :] + _per_head(beta.to(dt)) * soft
     if gamma is not None:
         mean = running_mean(v, past, v_prefix_sum) if causal else v.mean(2, keepdim=True)
-        out = out - _per_head(gamma) * mean
+        out = out - _per_head(gamma.to(dt)) * mean
     return out
 
 

@@ -46,6 +46,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile``: ``auto`` compiles on CUDA (where it pays) and runs eagerly on CPU."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def enable_fast_matmul(device: torch.device) -> None:
+    """TF32 for float32 matrix products and convolutions on CUDA (bf16 autocast is unaffected)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -99,7 +111,9 @@ class Trainer:
             if found is not None:
                 self._resume(found)
             self._restart_metrics()
-        if tc.compile:
+        enable_fast_matmul(self.device)
+        self.compiled = compile_enabled(tc.compile, self.device)
+        if self.compiled:  # the whole model (forward + loss) is one graph: no graph breaks (GPU check)
             self.wrapped = torch.compile(self.wrapped)
 
     # ------------------------------------------------------------------ pieces

@@ -1,0 +1,457 @@
+"""Profile the GPU training step (issue 13): where the time of each arm goes, before and after a change.
+
+Sections (each under the run's ``--budget``; what has not started when it is spent is skipped):
+
+0. ``check``: NOBLE and shaped attention in bf16 (eager and compiled) against float64, and compiled vs
+   eager training losses over 20 steps (d 256, 4 layers).
+1. ``shaped``: shaped attention fwd+bwd vs SDPA alone (B 4, H 12, d_head 64, bf16, 512..32K), causal and
+   bidirectional, eager and compiled; which SDPA kernel runs (profiler kernel names).
+2. ``noble``: one linear fwd+bwd at 16,384 tokens (768→768, 768→3072, 3072→768): ``nn.Linear`` vs
+   ``NobleLinear`` (rank 32, CosNet), eager and compiled, with the branch's FLOP share.
+3. ``steps``: compiled training steps of whole models (GPT-2 small and the crammed-BERT shape), the
+   top CUDA kernels of Pre-LN and NOBLE steps (torch.profiler), graph breaks logged.
+
+    PYTHONPATH=$PWD python3 benchmarks/train_profile.py --out $OUT [--sections shaped,noble,steps]
+    PYTHONPATH=$PWD python benchmarks/train_profile.py --cpu-smoke     # tiny, on CPU: tests this script
+
+Writes ``train_profile.json`` and ``train_profile.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+def bench(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on a GPU)."""
+    from leanformer.bench.timing import time_fn
+
+    return time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=5.0).median_ms
+
+
+def top_kernels(fn, device: torch.device, steps: int = 2, limit: int = 18) -> list[dict]:
+    """The ``limit`` kernels with the largest total device time over ``steps`` calls of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if device.type != "cuda":
+            t = e.self_cpu_time_total
+        if t > 0 and (device.type != "cuda" or e.device_type.name == "CUDA"):
+            rows.append({"kernel": e.key[:140], "ms_per_step": t / 1e3 / steps, "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    for r in rows:
+        r["share"] = r["ms_per_step"] / total if total else 0.0
+    return rows[:limit]
+
+
+# ------------------------------------------------------------------------------------------ 1. shaped attention
+
+
+def section_shaped(device: torch.device, smoke: bool, result: dict) -> None:
+    from leanformer.layers.shaped import shaped_attention
+
+    B, H, D = (1, 2, 16) if smoke else (4, 12, 64)
+    lengths = (64, 128) if smoke else (512, 1024, 2048, 4096, 8192, 16384, 32768)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compiled = torch.compile(shaped_attention, dynamic=False)
+
+    def sdpa(q, k, v, a, b, c, causal):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    variants = {"sdpa": sdpa, "shaped_eager": shaped_attention, "shaped_compiled": compiled}
+    rows = []
+    for causal in (True, False):
+        for T in (lengths if causal else lengths[::3]):
+            torch.manual_seed(T)
+            # the model's layout: (B, T, H·D) activations viewed as (B, H, T, D)
+            q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dt).transpose(1, 2).requires_grad_()
+                       for _ in range(3))
+            gains = [torch.rand(H, device=device) + 0.5 for _ in range(3)]  # float32, as the parameters
+            g = torch.randn(B, H, T, D, device=device, dtype=dt)
+            row = {"causal": causal, "T": T}
+            for name, fn in variants.items():
+                def step(fn=fn, q=q, k=k, v=v, gains=gains, causal=causal, g=g):
+                    out = fn(q, k, v, *gains, causal)
+                    out.backward(g.to(out.dtype))
+                try:
+                    step()
+                    row[name + "_ms"] = bench(step, device)
+                    out = fn(q, k, v, *gains, causal)
+                    row[name + "_out_dtype"] = str(out.dtype)
+                except Exception as e:  # noqa: BLE001
+                    row[name + "_ms"] = None
+                    row[name + "_error"] = f"{type(e).__name__}: {e}"[:200]
+            if T == lengths[1] and causal:
+                row["kernels_compiled"] = top_kernels(lambda: step(compiled), device, limit=12)
+            rows.append(row)
+            s = row.get("sdpa_ms")
+            log(f"shaped causal={causal} T={T}: sdpa {s}, eager {row.get('shaped_eager_ms')}, "
+                f"compiled {row.get('shaped_compiled_ms')} ms")
+    result["shaped"] = rows
+
+
+# ------------------------------------------------------------------------------------------ 0. checks
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (NaN stays NaN)."""
+    ref = ref.double()
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def section_check(device: torch.device, smoke: bool, result: dict) -> None:
+    """Compiled vs eager losses over 20 steps; NOBLE (one buffer, addmm) and shaped attention (chunked
+    running mean) in bf16 against float64, forward and gradients, compiled and eager."""
+    from leanformer.bench import train as bt
+    from leanformer.layers.noble import NobleLinear
+    from leanformer.layers.shaped import shaped_attention, shaped_attention_reference
+
+    rows = []
+
+    def add(name: str, err: float, tol: float) -> None:
+        ok = err == err and err <= tol
+        rows.append({"check": name, "err": err, "tol": tol, "status": "PASS" if ok else "FAIL"})
+        log(f"{'PASS' if ok else 'FAIL'} {name}: {err:.2e} (tol {tol})")
+
+    bf = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tol = 2e-2 if bf == torch.bfloat16 else 1e-5
+    # NOBLE: fused layer (stacked view + addmm) under autocast vs float64 reference, out and grads
+    torch.manual_seed(0)
+    layer = NobleLinear(768 if not smoke else 32, 768 if not smoke else 32, rank=32).to(device)
+    with torch.no_grad():
+        layer.up.weight.normal_(0, 0.5 / 32 ** 0.5)
+    x = torch.randn(4096 if not smoke else 64, layer.in_features, device=device)
+    g = torch.randn(x.shape[0], layer.out_features, device=device)
+    ref_layer = NobleLinear(layer.in_features, layer.out_features, rank=32).to(device).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    xr = x.double().requires_grad_()
+    yr = ref_layer.forward_reference(xr)
+    yr.backward(g.double())
+    for comp in (False, True):
+        layer.zero_grad()
+        fn = torch.compile(layer) if comp else layer
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=bf, enabled=bf != torch.float32):
+            y = fn(xi)
+        y.backward(g.to(y.dtype))
+        errs = [rel(y, yr), rel(xi.grad, xr.grad), rel(layer.weight.grad, ref_layer.weight.grad),
+                rel(layer.down.weight.grad, ref_layer.down.weight.grad),
+                rel(layer.up.weight.grad, ref_layer.up.weight.grad)]
+        add(f"noble fused {'compiled' if comp else 'eager'} bf16 vs float64 (out, dx, dW, dW_down, dW_up)",
+            max(errs), tol)
+    # shaped attention (chunked running mean) vs the materialised float64 reference, out and grads
+    B, H, T, D = (2, 4, 1000, 64) if not smoke else (1, 2, 70, 8)
+    q, k, v = (torch.randn(B, T, H, D, device=device).transpose(1, 2) for _ in range(3))
+    gains = [torch.rand(H, device=device) + 0.5 for _ in range(3)]
+    go = torch.randn(B, H, T, D, device=device)
+    for causal in (True, False):
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = shaped_attention_reference(*leaves, *(t.double() for t in gains), causal=causal)
+        ref_grads = torch.autograd.grad(ref, leaves, go.double())
+        for comp in (False, True):
+            fn = torch.compile(shaped_attention) if comp else shaped_attention
+            ins = [t.to(bf).requires_grad_() for t in (q, k, v)]
+            out = fn(*ins, *gains, causal=causal)
+            grads = torch.autograd.grad(out, ins, go.to(out.dtype))
+            errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+            add(f"shaped causal={causal} {'compiled' if comp else 'eager'} bf16 vs float64 (out, dq, dk, dv)",
+                max(errs), tol)
+    # compiled vs eager training losses, 20 steps, same init and data
+    for arm in ("preln", "noble_fused", "sas_p"):
+        eager, compiled = bt.compiled_vs_eager_losses(arm, "cpu" if not smoke else "tiny", device)
+        diff = max(abs(a - b) / abs(b) for a, b in zip(compiled, eager))
+        add(f"{arm}: compiled vs eager loss, 20 steps (max relative difference; "
+            f"final {eager[-1]:.4f} vs {compiled[-1]:.4f})", diff, 2e-2)
+    result["checks"] = rows
+
+
+# ------------------------------------------------------------------------------------------ 2. NOBLE layer
+
+
+def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
+    from leanformer.layers.noble import NobleLinear
+
+    n = 256 if smoke else 16384
+    shapes = ((64, 64),) if smoke else ((768, 768), (768, 3072), (3072, 768))
+    rows = []
+    for d_in, d_out in shapes:
+        layers = {"linear": nn.Linear(d_in, d_out, bias=False),
+                  "noble_fused": NobleLinear(d_in, d_out, bias=False, rank=32, fused=True),
+                  "noble_plain": NobleLinear(d_in, d_out, bias=False, rank=32, fused=False)}
+        x = torch.randn(n, d_in, device=device, requires_grad=True)
+        g = torch.randn(n, d_out, device=device)
+        row = {"d_in": d_in, "d_out": d_out, "tokens": n,
+               "branch_flop_share": layers["noble_fused"].flops_per_token() / (2 * d_in * d_out)}
+        for name, layer in layers.items():
+            layer.to(device)
+            for comp in (False, True):
+                fn = torch.compile(layer) if comp else layer
+
+                def step(fn=fn, x=x, g=g):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        y = fn(x)
+                    y.backward(g.to(y.dtype))
+                try:
+                    step()
+                    row[f"{name}{'_compiled' if comp else ''}_ms"] = bench(step, device)
+                except Exception as e:  # noqa: BLE001
+                    row[f"{name}{'_compiled' if comp else ''}_error"] = f"{type(e).__name__}: {e}"[:200]
+        if d_in == d_out:
+            lay = torch.compile(layers["noble_fused"])
+
+            def nstep(lay=lay, x=x, g=g):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    y = lay(x)
+                y.backward(g.to(y.dtype))
+            row["kernels_noble_compiled"] = top_kernels(nstep, device, limit=15)
+        rows.append(row)
+        log(f"noble {d_in}->{d_out}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                   if k.endswith("_ms")))
+    # the raw matrix products of the branch (bf16, 16K tokens), both operand orders for the weight grads
+    if device.type == "cuda" and not smoke:
+        mm = {}
+        bf = torch.bfloat16
+        for d in (768, 3072):
+            x = torch.randn(n, d, device=device, dtype=bf)
+            wd = torch.randn(32, d, device=device, dtype=bf)
+            dz = torch.randn(n, 32, device=device, dtype=bf)
+            mm[f"x@Wdᵀ ({n}x{d}x32)"] = bench(lambda x=x, wd=wd: x @ wd.t(), device)
+            mm[f"dzᵀ@x (32x{n}x{d})"] = bench(lambda x=x, dz=dz: dz.t() @ x, device)
+            mm[f"xᵀ@dz ({d}x{n}x32)"] = bench(lambda x=x, dz=dz: x.t() @ dz, device)
+            mm[f"dz@Wd ({n}x32x{d})"] = bench(lambda dz=dz, wd=wd: dz @ wd, device)
+            mm[f"copy {n}x{d}"] = bench(lambda x=x: x.clone(), device)
+        a = torch.randn(8192, 8192, device=device, dtype=bf)
+        ms = bench(lambda: a @ a, device)
+        mm["mm 8192³ TFLOP/s"] = 2 * 8192**3 / ms / 1e9
+        result["branch_mm_ms"] = mm
+        log("branch mm: " + ", ".join(f"{k} {v:.3f}" for k, v in mm.items()))
+    result["noble_layer"] = rows
+
+
+# ------------------------------------------------------------------------------------------ 3. whole steps
+
+
+STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode]), most wanted first
+    ("gpt2 preln b16", "gpt2", "preln", 16, True),
+    ("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
+    ("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
+    ("gpt2 sas_p_nonorm b16", "gpt2", "sas_p_nonorm", 16, False),
+    ("bert preln b128", "bert", "preln", 128, False),
+    ("bert sas_p b128", "bert", "sas_p", 128, False),
+    ("bert sas_p_nonorm b128", "bert", "sas_p_nonorm", 128, False),
+    ("gpt2 preln b16 cudagraphs", "gpt2", "preln", 16, False, "reduce-overhead"),
+    ("gpt2 preln b32", "gpt2", "preln", 32, False),
+    ("gpt2 noble_fused b16 cudagraphs", "gpt2", "noble_fused", 16, False, "reduce-overhead"),
+]
+
+
+def section_steps(device: torch.device, smoke: bool, result: dict, deadline: float) -> None:
+    from leanformer.bench import train as bt
+    from leanformer.model import TransformerLM
+    from leanformer.train.optim import build_optimizer
+    from leanformer.config import TrainConfig
+
+    sizes = {"gpt2": (bt.SIZES["gpt2"], 1024), "bert": (bt.SIZES["bert"], 128)}
+    if smoke:
+        sizes = {k: (bt.SIZES["tiny"], 32) for k in sizes}
+    rows = []
+    for label, size, arm, batch, prof, *mode in STEP_PLAN:
+        if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45):
+            rows.append({"label": label, "status": "skipped (time budget)"})
+            log(f"{label}: skipped (time budget)")
+            continue
+        sz, seq = sizes[size]
+        batch = 2 if smoke else batch
+        row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode[0] if mode else None}
+        try:
+            cfg = bt.arm_config(bt.base_config(sz, seq), arm)
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = TransformerLM(cfg)
+            row["flops_per_token"] = model.flops_per_token(seq)
+            opt = build_optimizer(model, TrainConfig(lr=1e-4))
+            run = torch.compile(model, mode=mode[0] if mode else None)
+            x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+            y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+
+            def step(opt=opt, run=run, x=x, y=y):
+                opt.zero_grad(set_to_none=True)
+                with bt.autocast(device):
+                    _, loss = run(x, y)
+                loss.backward()
+                opt.step()
+            t = time.monotonic()
+            step()
+            row["compile_s"] = time.monotonic() - t
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = bench(step, device, warmup=3, repeats=15)
+            row["step_ms"] = ms
+            row["tokens_per_s"] = batch * seq / ms * 1e3
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            if prof:
+                row["kernels"] = top_kernels(step, device, limit=20)
+            row["status"] = "ok"
+            log(f"{label}: {ms:.2f} ms/step, {row['tokens_per_s']:,.0f} tok/s, compile {row['compile_s']:.0f} s, "
+                f"peak {row['peak_mem_gib']} GiB")
+            del model, opt, run
+        except Exception as e:  # noqa: BLE001
+            row["status"] = f"failed: {type(e).__name__}: {e}"[:300]
+            traceback.print_exc(limit=4)
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+    result["steps"] = rows
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def markdown(result: dict) -> str:
+    out = [f"# Training-step profile: {result['meta']['device']}", "",
+           f"- date {result['meta']['date']}; torch {result['meta']['torch']}; command `{result['meta']['command']}`",
+           ""]
+    if "steps" in result:
+        out += ["## Compiled training steps", "",
+                "| run | step ms | tokens/s | MFU | peak GiB | FLOPs × preln | FLOP-limit × preln | × preln | "
+                "realised | mem × preln | compile s |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        peak = result["meta"].get("peak_flops")
+        def key(r: dict) -> tuple:
+            return r["label"].split()[0], r["batch"], r.get("mode")
+
+        base = {key(r): r for r in result["steps"] if r.get("status") == "ok" and r["arm"] == "preln"}
+        for r in result["steps"]:
+            if r.get("status") != "ok":
+                out.append(f"| {r['label']} | {r.get('status')} | | | | | | | | | |")
+                continue
+            mfu = f"{r['flops_per_token'] * r['tokens_per_s'] / peak:.1%}" if peak else "—"
+            b = base.get(key(r))
+            if b:
+                fr = r["flops_per_token"] / b["flops_per_token"]
+                sp = r["tokens_per_s"] / b["tokens_per_s"]
+                mem = (r["peak_mem_gib"] or 0) / (b["peak_mem_gib"] or 1)
+                ratios = f"{fr:.4f} | {1 / fr:.3f} | {sp:.3f} | {sp * fr:.1%} | {mem:.3f}"
+            else:
+                ratios = "— | — | — | — | —"
+            out.append(f"| {r['label']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                       f"{r['peak_mem_gib'] or 0:.2f} | {ratios} | {r['compile_s']:.0f} |")
+        for r in result["steps"]:
+            if "kernels" in r:
+                out += ["", f"### Top kernels: {r['label']} (ms per step)", "", "| kernel | ms | calls | share |",
+                        "|---|---:|---:|---:|"]
+                out += [f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} | "
+                        f"{k['share']:.1%} |" for k in r["kernels"]]
+    if "checks" in result:
+        out += ["", "## Checks", "", "| check | status | error | tol |", "|---|---|---:|---:|"]
+        out += [f"| {c['check']} | {c['status']} | {c['err']:.2e} | {c['tol']} |" for c in result["checks"]]
+    if "shaped" in result:
+        out += ["", "## Shaped attention fwd+bwd vs SDPA (ms)", "",
+                "| causal | T | sdpa | shaped eager | × | shaped compiled | × |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in result["shaped"]:
+            s, e, c = r.get("sdpa_ms"), r.get("shaped_eager_ms"), r.get("shaped_compiled_ms")
+            def f(v: float | None) -> str:
+                return f"{v:.3f}" if v else "—"
+
+            def ratio(v: float | None, s: float | None = s) -> str:
+                return f"{v / s:.2f}" if v and s else "—"
+            out.append(f"| {r['causal']} | {r['T']} | {f(s)} | {f(e)} | {ratio(e)} | {f(c)} | {ratio(c)} |")
+        for r in result["shaped"]:
+            for key in ("kernels_eager", "kernels_compiled"):
+                if key in r:
+                    out += ["", f"### {key} (causal={r['causal']}, T={r['T']})", ""]
+                    out += [f"- `{k['kernel'][:100]}` {k['ms_per_step']:.3f} ms × {k['calls_per_step']:.0f}"
+                            for k in r[key]]
+    if "noble_layer" in result:
+        out += ["", "## One linear layer fwd+bwd, 16,384 tokens, bf16 (ms)", ""]
+        for r in result["noble_layer"]:
+            out.append(f"- {r['d_in']}→{r['d_out']} (branch FLOPs {r['branch_flop_share']:.1%}): "
+                       + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r.items() if k.endswith("_ms")))
+            if "kernels_noble_compiled" in r:
+                out += [f"  - `{k['kernel'][:100]}` {k['ms_per_step']:.3f} ms × {k['calls_per_step']:.0f}"
+                        for k in r["kernels_noble_compiled"]]
+        if "branch_mm_ms" in result:
+            out += [""] + [f"- {k}: {v:.3f}" for k, v in result["branch_mm_ms"].items()]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import shlex
+    import sys
+    from datetime import datetime, timezone
+
+    from leanformer.train.mfu import peak_flops_for
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--sections", default="check,shaped,steps")
+    p.add_argument("--budget", type=float, default=320.0)
+    p.add_argument("--cpu-smoke", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64
+    try:
+        torch._logging.set_logs(graph_breaks=True, recompiles=True)
+    except Exception:  # noqa: BLE001
+        pass
+    deadline = T0 + args.budget
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"meta": {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "torch": torch.__version__,
+        "command": shlex.join(["python3"] + sys.argv), "peak_flops": peak_flops_for(device)}}
+    sections = args.sections.split(",")
+    for name in sections:
+        if time.monotonic() > deadline:
+            log(f"section {name}: skipped (time budget)")
+            continue
+        log(f"section {name}")
+        try:
+            if name == "check":
+                section_check(device, args.cpu_smoke, result)
+            elif name == "shaped":
+                section_shaped(device, args.cpu_smoke, result)
+            elif name == "noble":
+                section_noble(device, args.cpu_smoke, result)
+            elif name == "steps":
+                section_steps(device, args.cpu_smoke, result, deadline)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+        torch._dynamo.reset()
+        (out / "train_profile.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / "train_profile.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
