@@ -450,13 +450,13 @@ def test_a_killed_cache_build_leaves_no_tmp_folder(tmp_path):
 
 
 def test_eval_works_from_another_folder(tmp_path, monkeypatch, capsys):
-    a, _ = texts(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
+    texts(work)
     monkeypatch.chdir(work)
-    (work / "a.txt").write_text(a.read_text())
     assert train_on(Path("a.txt"), Path("run")) == 0  # a relative --data
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where no a.txt is
+    assert not Path("a.txt").exists()
     capsys.readouterr()
     assert main(["eval", "--checkpoint", "work/run/checkpoint", "--batches", "1"]) == 0
     assert "val_loss" in capsys.readouterr().out
