@@ -155,6 +155,25 @@ def test_sigint_finishes_the_step_saves_and_says_where(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
+def test_ctrl_c_in_the_cli_saves_says_where_and_exits_130(tmp_path, monkeypatch, capsys):
+    from leanformer.train import loop
+
+    real = loop.Trainer._log
+
+    def log(self, record):
+        real(self, record)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop.Trainer, "_log", log)
+    shards, out = write_shards(tmp_path / "shards"), tmp_path / "run"
+    assert main(["train", "--data", str(shards), "--out", str(out), *TINY, "--set", "train.steps=1000",
+                 "--set", "train.batch_size=2"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted by SIGINT after step 2: saved the checkpoint {out / 'checkpoint'}" in err
+    assert ckpt_step(out / "checkpoint") == 2
+
+
 def test_checkpoints_by_time_by_default(tmp_path):
     assert TrainConfig().save_every_minutes > 0
     out, seen = tmp_path / "run", []
