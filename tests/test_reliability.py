@@ -123,6 +123,22 @@ def test_a_save_never_deletes_the_only_good_copy(tmp_path, monkeypatch):
     load_model(c)
 
 
+def test_half_deleted_folders_are_never_resumed_from(tmp_path):
+    import shutil
+
+    c = tmp_path / "c"
+    save_checkpoint(c, TransformerLM(run_cfg().model), trainer_state={"step": 1})
+    half = tmp_path / "c.old.deleting"  # a kill while deleting a newer-looking copy: files partly gone
+    shutil.copytree(c, half)
+    (half / "manifest.json").unlink()
+    assert latest_checkpoint(c) == c
+    ckpt.recover_checkpoint(c)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    os.replace(c, tmp_path / "c.tmp")  # killed between the renames: the error says how to repair it
+    with pytest.raises(CheckpointError, match="a save was interrupted: re-run the training command"):
+        load_model(c)
+
+
 def test_a_save_fsyncs_every_file_and_the_folders(tmp_path, monkeypatch):
     synced: list[str] = []
     real = os.fsync
