@@ -123,6 +123,22 @@ def test_a_save_never_deletes_the_only_good_copy(tmp_path, monkeypatch):
     load_model(c)
 
 
+def test_half_deleted_folders_are_never_resumed_from(tmp_path):
+    import shutil
+
+    c = tmp_path / "c"
+    save_checkpoint(c, TransformerLM(run_cfg().model), trainer_state={"step": 1})
+    half = tmp_path / "c.old.deleting"  # a kill while deleting a newer-looking copy: files partly gone
+    shutil.copytree(c, half)
+    (half / "manifest.json").unlink()
+    assert latest_checkpoint(c) == c
+    ckpt.recover_checkpoint(c)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    os.replace(c, tmp_path / "c.tmp")  # killed between the renames: the error says how to repair it
+    with pytest.raises(CheckpointError, match="a save was interrupted: re-run the training command"):
+        load_model(c)
+
+
 def test_a_save_fsyncs_every_file_and_the_folders(tmp_path, monkeypatch):
     synced: list[str] = []
     real = os.fsync
@@ -153,6 +169,25 @@ def test_sigint_finishes_the_step_saves_and_says_where(tmp_path):
     assert str(out / "checkpoint") in str(e.value)
     assert ckpt_step(out / "checkpoint") == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_ctrl_c_in_the_cli_saves_says_where_and_exits_130(tmp_path, monkeypatch, capsys):
+    from leanformer.train import loop
+
+    real = loop.Trainer._log
+
+    def log(self, record):
+        real(self, record)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop.Trainer, "_log", log)
+    shards, out = write_shards(tmp_path / "shards"), tmp_path / "run"
+    assert main(["train", "--data", str(shards), "--out", str(out), *TINY, "--set", "train.steps=1000",
+                 "--set", "train.batch_size=2"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted by SIGINT after step 2: saved the checkpoint {out / 'checkpoint'}" in err
+    assert ckpt_step(out / "checkpoint") == 2
 
 
 def test_checkpoints_by_time_by_default(tmp_path):
@@ -450,13 +485,13 @@ def test_a_killed_cache_build_leaves_no_tmp_folder(tmp_path):
 
 
 def test_eval_works_from_another_folder(tmp_path, monkeypatch, capsys):
-    a, _ = texts(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
+    texts(work)
     monkeypatch.chdir(work)
-    (work / "a.txt").write_text(a.read_text())
     assert train_on(Path("a.txt"), Path("run")) == 0  # a relative --data
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where no a.txt is
+    assert not Path("a.txt").exists()
     capsys.readouterr()
     assert main(["eval", "--checkpoint", "work/run/checkpoint", "--batches", "1"]) == 0
     assert "val_loss" in capsys.readouterr().out

@@ -92,11 +92,12 @@ def test_kills_at_random_moments_and_inside_saves_resume_exactly(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the child
     try:
         reference = Trainer(crash_child.config(), crash_child.data(), out_dir=tmp_path / "ref").fit()
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     got = read_records(out / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in reference] == list(range(crash_child.STEPS + 1))
     assert [r.get("loss") for r in got] == [r.get("loss") for r in reference]

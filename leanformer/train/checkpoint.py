@@ -65,8 +65,12 @@ def _rename(src: Path, dst: Path) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Delete folder ``path``: renamed to ``*.deleting`` first, so a half-deleted folder is never a candidate."""
     if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+        doomed = path.with_name(path.name + ".deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
         fsync_dir(path.parent)
 
 
@@ -208,6 +212,8 @@ def recover_checkpoint(path: str | Path) -> Path | None:
         _rename(best, path)
     for kind in ("tmp", "old", "stale"):
         _remove(_sibling(path, kind))
+    for doomed in path.parent.glob(f"{path.name}.*.deleting"):
+        shutil.rmtree(doomed, ignore_errors=True)
     return path if best is not None else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -182,6 +183,7 @@ class Trainer:
         state = self.state()
         path = self.out_dir / "checkpoint"
         if self.ctx.is_main:
+            metrics_file.sync(self.out_dir / "metrics.jsonl")  # the records up to this step survive a power loss
             save_checkpoint(path, self.model, self.cfg, state, tokenizer=self.tokenizer, weights=weights)
         dist_utils.barrier(self.ctx)
         return path
@@ -271,10 +273,10 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{record['val_loss']:.3f}"}
                                                          if "val_loss" in record else {}))
             stop_now, time_due = agree(stop.signum is not None, timer.due(), self.ctx)
-            if stop_now:
+            if stop_now and self.step < last:  # (at the last step the final save below follows anyway)
                 bar.close()
                 path = self.save()
-                raise TrainingInterrupted(stop.signum or 15, self.step, path)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.step, path)
             if self.step < tc.steps and (time_due or (tc.save_every and self.step % tc.save_every == 0)):
                 self.save()
                 timer.reset()

@@ -66,3 +66,11 @@ def append(path: str | Path, record: dict[str, Any]) -> None:
     """Add one record as one line (a single write, so a kill tears at most this line)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def sync(path: str | Path) -> None:
+    """Fsync ``path`` (before a checkpoint is written, so that no record up to its step can be lost)."""
+    path = Path(path)
+    if path.exists():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
