@@ -334,7 +334,16 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
+        members = [a for a in args if a is not type(None)]
+        if len(members) > 1:  # e.g. bool | str: the first member that takes the value
+            errors = []
+            for member in members:
+                try:
+                    return _coerce(value, member, name)
+                except ConfigError as e:
+                    errors.append(str(e).split(" must be ", 1)[-1])
+            raise ConfigError(f"{name}={value!r} must be {' or '.join(errors)}")
+        (hint,) = members
         args = typing.get_args(hint)
     origin = typing.get_origin(hint) or hint
 

@@ -67,3 +67,13 @@ def test_print_config_round_trips(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     cfg = from_dict(RunConfig, printed)
     assert cfg.model.noble.enabled and cfg.model.d_model == 128 and cfg == from_dict(RunConfig, to_dict(cfg))
+
+
+def test_union_fields_take_any_of_their_types():
+    """``train.compile: bool | str`` takes true/false and "auto"; anything else names both types."""
+    from leanformer.config import TrainConfig, from_dict
+
+    assert from_dict(TrainConfig, {"compile": "auto"}).compile == "auto"
+    assert from_dict(TrainConfig, {"compile": False}).compile is False
+    with pytest.raises(ConfigError, match=r"compile=3 must be true or false or a string"):
+        from_dict(TrainConfig, {"compile": 3})
