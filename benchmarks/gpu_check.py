@@ -89,7 +89,7 @@ def dijiang_inputs(device: torch.device, B: int = 2, H: int = 4, T: int = 300, D
     q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
     lg = attn.log_gamma().float()
     with torch.no_grad():
-        fq, fk, n = attn.features(q, k, lg, None)
+        fq, fk, n, _log_scale = attn.features(q, k, lg, None)
     return fq.float(), fk.float(), v, lg, n.float()
 
 
