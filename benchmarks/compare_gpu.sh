@@ -26,7 +26,7 @@ mkdir -p "$out"
 [ -f "$work/compare.json" ] && cp "$work/compare.json" "$out/"
 meta=$(ls "$work"/cache/*/meta.json 2>/dev/null | head -n 1)
 if [ -n "$meta" ]; then
-  echo "data: $(cat "$meta")"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d.pop(\"identity\", None); print(\"data:\", d)" "$meta"
   [ -z "${TOKENIZER:-}" ] && cp "$(dirname "$meta")/tokenizer.json" "$out/"
 fi
 for dir in "$work"/arms/*/; do
