@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from leanformer.compare import arms
+from leanformer.compare import runs
 from leanformer.config import DataConfig, RunConfig, TrainConfig, TransformerConfig
 from leanformer.convert import convert_to_dijiang
 from leanformer.data import load_data
@@ -42,9 +42,9 @@ def base_config(args: argparse.Namespace, vocab: int) -> RunConfig:
 
 
 def finetune_config(parent: RunConfig, frac: int, distill: float) -> RunConfig:
-    """The DiJiang fine-tune recipe of ``leanformer compare`` (:func:`leanformer.compare.arms.finetune_config`)
+    """The DiJiang fine-tune recipe of ``leanformer compare`` (:func:`leanformer.compare.runs.finetune_config`)
     on 1/``frac`` of the parent's tokens, with 5% warm-up, fresh batches and optional distillation."""
-    cfg = arms.finetune_config(parent, fraction=1 / frac, lr_ratio=0.3, warmup_frac=0.05)
+    cfg = runs.finetune_config(parent, fraction=1 / frac, lr_ratio=0.3, warmup_frac=0.05)
     cfg.train.eval_every = cfg.train.steps
     cfg.train.distill_weight = distill
     cfg.train.seed = parent.train.seed + 1  # fresh batches, not a replay of the parent's first ones

@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     _check_data_path(cfg.data.path)
-    from leanformer.train.loop import resolve_device
+    from leanformer.device import resolve_device
 
     resolve_device(cfg.train.device)  # train.device=cuda without a GPU: an error before anything is written
     cfg.data.path, cfg.data.tokenizer, cfg.data.cache_dir = (
