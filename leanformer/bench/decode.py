@@ -229,30 +229,25 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
         for name in ("recompile_limit", "cache_size_limit"):  # one compilation per arm, context and batch
             if hasattr(dynamo_config, name):
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), 512))
-    if path == "eager":
-        return _run_eager(size=size, arms=arms, contexts=contexts, batches=batches, steps=steps, warmup=warmup,
-                          prefill_chunk=prefill_chunk, device=device, time_budget=time_budget,
-                          max_memory_gb=max_memory_gb, command=command)
-    return _run_static(size=size, arms=arms, contexts=contexts, batches=batches, steps=steps, warmup=warmup,
-                       prefill_chunk=prefill_chunk, device=device, time_budget=time_budget,
-                       max_memory_gb=max_memory_gb, path=path, weights=weights, compile=compile, command=command)
-
-
-def _run_static(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, device, time_budget,
-                max_memory_gb, path, weights, compile, command) -> Report:
-    gpu = device.type == "cuda"
-    sz = get_size(size)
-    names = parse_arms(arms, default=DEFAULT_ARMS)
-    ctxs = parse_ints(contexts, GPU_CONTEXTS if gpu else CPU_CONTEXTS, "--contexts")
-    bs = parse_ints(batches, BATCHES, "--batches")
     steps = steps or (32 if gpu else 8)
     chunk = prefill_chunk or (4096 if gpu else 1024)
+    run = dict(size=size, sz=get_size(size), names=parse_arms(arms, default=DEFAULT_ARMS),
+               ctxs=parse_ints(contexts, GPU_CONTEXTS if gpu else CPU_CONTEXTS, "--contexts"),
+               bs=parse_ints(batches, BATCHES, "--batches"), steps=steps, warmup=warmup, chunk=chunk, device=device,
+               max_memory_gb=max_memory_gb)
     if steps < 1 or warmup < 0 or chunk < 1:
         raise ConfigError(f"--steps={steps} and --prefill-chunk={chunk} must be >= 1, --warmup={warmup} >= 0")
+    run.update(meta=run_metadata(device, command), deadline=time.monotonic() + time_budget if time_budget else None)
+    if path == "eager":
+        return _run_eager(**run)
+    return _run_static(**run, path=path, weights=weights, compile=compile)
+
+
+def _run_static(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_memory_gb, meta, deadline, path,
+                weights, compile) -> Report:
+    gpu = device.type == "cuda"
     extra = warmup + steps + 2
     base = base_config(sz, max_seq_len=max(ctxs) + extra)
-    meta = run_metadata(device, command)
-    deadline = time.monotonic() + time_budget if time_budget else None
     use_autocast = gpu and weights == "autocast"
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
     graph = "cuda" if path == "graph" else "none"
@@ -329,20 +324,10 @@ def _run_static(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, 
     return report
 
 
-def _run_eager(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, device, time_budget,
-               max_memory_gb, command) -> Report:
+def _run_eager(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_memory_gb, meta,
+               deadline) -> Report:
     gpu = device.type == "cuda"
-    sz = get_size(size)
-    names = parse_arms(arms, default=DEFAULT_ARMS)
-    ctxs = parse_ints(contexts, GPU_CONTEXTS if gpu else CPU_CONTEXTS, "--contexts")
-    bs = parse_ints(batches, BATCHES, "--batches")
-    steps = steps or (32 if gpu else 8)
-    chunk = prefill_chunk or (4096 if gpu else 1024)
-    if steps < 1 or warmup < 0 or chunk < 1:
-        raise ConfigError(f"--steps={steps} and --prefill-chunk={chunk} must be >= 1, --warmup={warmup} >= 0")
     base = base_config(sz, max_seq_len=max(ctxs) + warmup + steps + 1)
-    meta = run_metadata(device, command)
-    deadline = time.monotonic() + time_budget if time_budget else None
     rows: list[dict] = []
     for name in names:
         model, reason = _model(name, base, device)

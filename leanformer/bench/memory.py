@@ -104,9 +104,14 @@ def free_device_memory(device: torch.device) -> int | None:
     """Bytes free on a CUDA device (``mem_get_info``), or ``MemAvailable`` on Linux; None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return _proc_bytes("/proc/meminfo", "MemAvailable:")
+
+
+def _proc_bytes(file: str, key: str) -> int | None:
+    """The ``key: N kB`` line of a Linux ``/proc`` file, in bytes; None where there is none."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(file).read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -157,11 +162,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     """The peak since :func:`peak_memory_start` (see the module docstring for what that is)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_bytes("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
