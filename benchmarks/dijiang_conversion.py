@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from datetime import date
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from leanformer.bench.machine import cpu_model
 from leanformer.compare import runs
 from leanformer.config import DataConfig, RunConfig, TrainConfig, TransformerConfig
 from leanformer.convert import convert_to_dijiang
@@ -122,13 +122,8 @@ def main() -> None:
                tr.model.num_params())
 
     parent_loss = rows[0]["val_loss"]
-    machine = platform.processor() or platform.machine()
-    try:
-        machine = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     lines = [f"Command: `python {' '.join(sys.argv)}`  ",
-             f"Machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}  ",
+             f"Machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}  ",
              f"Model: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, seq {args.seq_len}, "
              f"batch {args.batch}, vocab {data.vocab_size}; parent trained {args.steps} steps "
              f"({parent_tokens:,} tokens).", "",
