@@ -138,6 +138,7 @@ def test_expand_cache_replicates_rows():
     (["bench", "train", "--size", "huge"], "--size 'huge' is not valid"),
     (["bench", "decode", "--size", "huge"], "--size 'huge' is not valid"),
     (["bench", "decode", "--size", "tiny", "--arms", "nope"], "unknown arm(s) 'nope'"),
+    (["bench", "train", "--size", "tiny", "--arms", "dijiang_convert"], "only leanformer compare trains"),
     (["bench", "attention", "--methods", "flash3"], "unknown method(s) 'flash3'"),
     (["bench", "attention", "--lengths", "512,abc"], "must be comma-separated integers"),
     (["bench", "decode", "--size", "tiny", "--contexts", "0"], "must be positive integers"),

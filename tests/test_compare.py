@@ -8,6 +8,7 @@ import re
 
 import matplotlib
 import pytest
+import torch
 import yaml
 
 from leanformer.arms import ARMS as ALL_ARMS
@@ -194,6 +195,14 @@ def test_missing_method_module_is_named(monkeypatch):
         plan("smoke", arms="preln,dijiang_scratch")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fla may run where CUDA is")
+def test_an_arm_that_cannot_run_here_is_refused_before_training(tmp_path, capsys, no_work):
+    """Any arm of the registry can be compared; one whose kernels need CUDA is refused on a CPU."""
+    argv = ["compare", "--preset", "smoke", "--arms", "noble_fused,dijiang_fla", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "arm dijiang_fla needs fla and CUDA; leave the arm out with --arms" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- the pieces
 def test_parse_arms_puts_the_baseline_first():
     assert parse_arms("sas,noble,sas", DEFAULT_ARMS) == ["preln", "sas", "noble"]
@@ -261,8 +270,6 @@ def test_gpu_preset_trains_100m_tokens_per_arm_within_one_run():
     """>= 100M tokens per arm (issue #16), and one arm's training inside a 10-minute machine run at 40% MFU
     of an H100 (dense bf16 peak 989 TFLOP/s; the compiled Pre-LN GPT-2-small step reached 36.9% on
     2026-11-24), leaving the rest for tokenising, compiling, evaluation and decoding."""
-    import torch
-
     from leanformer.model import TransformerLM
 
     cfg = base_config(PRESETS["gpu"])
