@@ -113,7 +113,8 @@ def check_correctness(arms=tuple(ARMS)) -> None:
 @torch.no_grad()
 def check_gpt2_bf16() -> None:
     """GPT-2 small, bf16 weights, graph step logits vs float64 CPU forward at context 256."""
-    from leanformer.bench.train import SIZES, arm_config, base_config
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
 
     for arm in ("preln", "sas_p", "noble_fused", "dijiang"):
         cfg = arm_config(base_config(SIZES["gpt2"], 1024), arm)
@@ -136,7 +137,8 @@ def check_gpt2_bf16() -> None:
 
 
 def gpt2(arm: str, weights: str = "bf16", max_len: int = 40000) -> TransformerLM:
-    from leanformer.bench.train import SIZES, arm_config, base_config
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
 
     cfg = arm_config(base_config(SIZES["gpt2"], max_len), arm)
     torch.manual_seed(0)

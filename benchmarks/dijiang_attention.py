@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from leanformer.bench.machine import machine_string
+from leanformer.bench.timing import time_fn
 from leanformer.config import DiJiangConfig, TransformerConfig
 from leanformer.layers.attention import SoftmaxAttention
 from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap, default_log_gamma, running_log_norm
@@ -35,23 +34,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def timer(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` (:func:`leanformer.bench.timing.time_fn`)."""
+    return time_fn(fn, device, warmup=warmup, repeats=repeats).median_ms
 
 
 # ------------------------------------------------------------------------------ 1. fwd+bwd vs T
@@ -209,8 +193,7 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine(), "dtype": args.dtype, "torch": torch.__version__,
+    meta = {"device": machine_string(device), "dtype": args.dtype, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": args.batch, "heads": args.heads,
             "head_dim": args.head_dim, "chunk_size": args.chunk_size, "d_model": args.d_model,
             "decode_heads": args.decode_heads}

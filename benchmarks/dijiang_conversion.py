@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from datetime import date
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from leanformer.compare import arms
+from leanformer.bench.machine import cpu_model
+from leanformer.compare import runs
 from leanformer.config import DataConfig, RunConfig, TrainConfig, TransformerConfig
 from leanformer.convert import convert_to_dijiang
 from leanformer.data import load_data
@@ -42,9 +42,9 @@ def base_config(args: argparse.Namespace, vocab: int) -> RunConfig:
 
 
 def finetune_config(parent: RunConfig, frac: int, distill: float) -> RunConfig:
-    """The DiJiang fine-tune recipe of ``leanformer compare`` (:func:`leanformer.compare.arms.finetune_config`)
+    """The DiJiang fine-tune recipe of ``leanformer compare`` (:func:`leanformer.compare.runs.finetune_config`)
     on 1/``frac`` of the parent's tokens, with 5% warm-up, fresh batches and optional distillation."""
-    cfg = arms.finetune_config(parent, fraction=1 / frac, lr_ratio=0.3, warmup_frac=0.05)
+    cfg = runs.finetune_config(parent, fraction=1 / frac, lr_ratio=0.3, warmup_frac=0.05)
     cfg.train.eval_every = cfg.train.steps
     cfg.train.distill_weight = distill
     cfg.train.seed = parent.train.seed + 1  # fresh batches, not a replay of the parent's first ones
@@ -122,13 +122,8 @@ def main() -> None:
                tr.model.num_params())
 
     parent_loss = rows[0]["val_loss"]
-    machine = platform.processor() or platform.machine()
-    try:
-        machine = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     lines = [f"Command: `python {' '.join(sys.argv)}`  ",
-             f"Machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}  ",
+             f"Machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}  ",
              f"Model: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, seq {args.seq_len}, "
              f"batch {args.batch}, vocab {data.vocab_size}; parent trained {args.steps} steps "
              f"({parent_tokens:,} tokens).", "",

@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu.sh                          # on the GPU machine (python3 + torch + triton there)
 #   CUDA_VISIBLE_DEVICES= bash benchmarks/gpu.sh --cpu-smoke   # the same code, tiny, on CPU (tests the script)
 # Extra arguments go to benchmarks/gpu_check.py (--budget SECONDS, default 560; --no-compile: eager training arms).
+# Its correctness section runs tests/test_device_equivalence.py under pytest (on CPU and CUDA): pytest must be
+# importable by $PYTHON there (else those checks are reported as SKIP).
 # The training sections (issue 13) run compiled: GPT-2 small Pre-LN/NOBLE/SAS-P/no-norm, then the crammed-BERT
 # shape; most of their ~5 minutes is compilation. The profile with top kernels: benchmarks/train_profile.py.
 # Outputs under $OUT (default ./bench_out): gpu_check.json, gpu_check.md, train.png, attention.png,

@@ -1,10 +1,10 @@
 """One GPU run that checks and measures everything (issue 8): run it through ``benchmarks/gpu.sh``.
 
-1. Correctness on the device, against a float64 reference: DiJiang's parallel / chunk / recurrent forms
-   (and fla's kernels when fla imports) in float32 and bfloat16, forward and gradients; DiJiang's cached
-   decoding against its full forward; NOBLE fused vs plain (float32, and bf16 autocast against float64);
-   shaped attention's fast form against its materialised reference. Each line prints PASS/FAIL/SKIP with
-   the maximum error relative to the reference's largest magnitude.
+1. Correctness on the device: ``tests/test_device_equivalence.py`` under pytest (the fast paths in float32
+   and bfloat16 against float64 references: DiJiang's forms and cached decoding, NOBLE fused vs plain,
+   shaped attention; the same tests run on the CPU in CI), tabulated with each check's error; then compiled
+   against eager training losses (20 steps, the same weights and batches). fla's kernels come last (Triton
+   compiles and autotunes them for minutes on first use).
 2. The three benchmarks at GPT-2-small scale (d768 × 12 layers × 12 heads, vocab 50304, seq 1024, bf16):
    ``bench train`` (compiled: Pre-LN, NOBLE, SAS-P, SAS-P without norms; then the crammed-BERT shape,
    16 × 768, seq 128, batch 128, vocab 32,768: Pre-LN, SAS-P, no-norm), ``bench attention`` (512..32K),
@@ -23,16 +23,21 @@ gpu.sh). ``--cpu-smoke`` runs the same code tiny on CPU (a test of this script, 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
 
 T0 = time.monotonic()
+EQUIVALENCE_TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_device_equivalence.py"
 
 
 def elapsed() -> float:
@@ -46,192 +51,52 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------ 1. correctness
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out − ref| / max |ref| (float64)."""
-    ref = ref.double()
-    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 class Checks:
     """Collects PASS/FAIL/SKIP lines."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, name: str, err: float | None, tol: float | None, note: str = "") -> None:
-        if err is None:
-            status = "SKIP"
-        else:
-            status = "PASS" if err == err and err <= tol else "FAIL"  # NaN fails
+    def record(self, name: str, status: str, err: float | None, tol: float | None, note: str = "") -> None:
         self.rows.append({"check": name, "status": status, "max_rel_err": err, "tol": tol, "note": note})
         e = "—" if err is None else f"{err:.2e}"
         t = "—" if tol is None else tol
         print(f"  {status:4s} {name:58s} err {e:>9s}  tol {t}  {note}", flush=True)
 
+    def add(self, name: str, err: float | None, tol: float | None, note: str = "") -> None:
+        status = "SKIP" if err is None else ("PASS" if err == err and err <= tol else "FAIL")  # NaN fails
+        self.record(name, status, err, tol, note)
+
     def fail(self, name: str, exc: BaseException) -> None:
-        self.rows.append({"check": name, "status": "FAIL", "max_rel_err": None, "tol": None,
-                          "note": f"{type(exc).__name__}: {exc}"[:300]})
-        print(f"  FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
+        self.record(name, "FAIL", None, None, f"{type(exc).__name__}: {exc}"[:300])
         traceback.print_exc(limit=3)
 
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-
-
-def dijiang_inputs(device: torch.device, B: int = 2, H: int = 4, T: int = 300, D: int = 64):
-    """Feature-mapped q, k (the model's paper map and stabilisers), v, log γ and the keys' log-normaliser."""
-    from leanformer.config import TransformerConfig
-    from leanformer.layers.dijiang import DiJiangAttention
-
-    torch.manual_seed(0)
-    cfg = TransformerConfig(d_model=H * D, n_heads=H, attention="dijiang").validate()
-    attn = DiJiangAttention(cfg, 0).to(device)
-    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
-    lg = attn.log_gamma().float()
-    with torch.no_grad():
-        fq, fk, n, _log_scale = attn.features(q, k, lg, None)
-    return fq.float(), fk.float(), v, lg, n.float()
-
-
-# fla's Triton kernels compute float32 products in TF32 (10-bit mantissa): ~1e-3 relative error is their norm
-FLA_FP32_TOL = 5e-3
-
-
-def check_dijiang_forms(checks: Checks, device: torch.device, smoke: bool, fla: bool) -> None:
-    """Our three forms (``fla=False``), or fla's two kernels against them and float64 (``fla=True``)."""
-    from leanformer.ops import decayed_linear_attention as dla
-
-    T = 100 if smoke else 300  # not a multiple of the chunk size: the ragged tail is exercised
-    fq, fk, v, lg, n = dijiang_inputs(device, T=T)
-    ref = dla.parallel(fq.double(), fk.double(), v.double(), lg.double(), log_norm=n.double())[0]
-    forms = {
-        "parallel": lambda a, b, c: dla.parallel(a, b, c, lg, log_norm=n)[0],
-        "chunk": lambda a, b, c: dla.chunk(a, b, c, lg, log_norm=n)[0],
-        "recurrent": lambda a, b, c: dla.recurrent(a, b, c, lg, log_norm=n)[0],
-    }
-    tested = list(forms)
-    if fla:
-        if device.type != "cuda" or not dla.fla_available():
-            checks.add("dijiang fla kernels vs float64", None, None,
-                       "fla not importable" if device.type == "cuda" else "CPU: fla needs CUDA")
+def check_equivalence_tests(checks: Checks, select: str, deadline: float) -> None:
+    """Run the pytest checks whose names match ``-k select`` on every device present (they take the
+    ``device`` fixture) and record one row per test, with the error and tolerance it recorded."""
+    if importlib.util.find_spec("pytest") is None:
+        checks.add(f"{EQUIVALENCE_TESTS.name} -k '{select}'", None, None, "pytest is not installed here")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+               f"--junitxml={xml}", "-k", select, str(EQUIVALENCE_TESTS)]
+        try:
+            subprocess.run(cmd, timeout=max(30.0, deadline - elapsed()), check=False)
+        except subprocess.TimeoutExpired:
+            checks.add(f"{EQUIVALENCE_TESTS.name} -k '{select}'", None, None, "skipped (time budget)")
             return
-        forms["fla_chunk"] = lambda a, b, c: dla.fla_chunk(a, b, c, lg, log_norm=n)[0]
-        forms["fla_recurrent"] = lambda a, b, c: dla.fla_recurrent(a, b, c, lg, log_norm=n)[0]
-        tested = ["fla_chunk", "fla_recurrent"]
-    for dtype in (torch.float32, torch.bfloat16):
-        outs = {}
-        for name, fn in forms.items():
-            label = f"dijiang {name} {str(dtype)[6:]} vs float64 (fwd)"
-            tol = FLA_FP32_TOL if name.startswith("fla") and dtype == torch.float32 else TOL[dtype]
-            try:
-                outs[name] = fn(fq.to(dtype), fk.to(dtype), v.to(dtype))
-                if name in tested:
-                    checks.add(label, rel_err(outs[name], ref), tol)
-            except Exception as e:  # noqa: BLE001
-                checks.fail(label, e)
-        for theirs, ours in (("fla_chunk", "chunk"), ("fla_recurrent", "recurrent")):
-            if theirs in outs and ours in outs:
-                tol = FLA_FP32_TOL if dtype == torch.float32 else TOL[dtype]
-                checks.add(f"dijiang {theirs} vs our {ours}, both {str(dtype)[6:]} (fwd)",
-                           rel_err(outs[theirs], outs[ours]), tol)
-    # gradients: every form against float64 parallel, float32
-    g = torch.randn_like(v)
-    leaves64 = [t.double().requires_grad_() for t in (fq, fk, v)]
-    dla.parallel(*leaves64, lg.double(), log_norm=n.double())[0].backward(g.double())
-    for name in tested:
-        label = f"dijiang {name} float32 grads (q, k, v) vs float64"
-        try:
-            leaves = [t.clone().requires_grad_() for t in (fq, fk, v)]
-            forms[name](*leaves).backward(g)
-            tol = FLA_FP32_TOL if name.startswith("fla") else 1e-4
-            checks.add(label, max(rel_err(a.grad, b.grad) for a, b in zip(leaves, leaves64)), tol)
-        except Exception as e:  # noqa: BLE001
-            checks.fail(label, e)
-
-
-def check_dijiang_decode(checks: Checks, device: torch.device, modes: tuple[str, ...]) -> None:
-    """A DiJiang model decoding token by token with its recurrent state equals its full forward."""
-    from leanformer.config import TransformerConfig
-    from leanformer.model import TransformerLM
-
-    for mode in modes:
-        label = f"dijiang model decode (mode {mode}) vs full forward, float32"
-        if mode == "fla":
-            from leanformer.ops.decayed_linear_attention import fla_available
-
-            if device.type != "cuda" or not fla_available():
-                checks.add(label, None, None, "fla unavailable")
-                continue
-        try:
-            torch.manual_seed(0)
-            cfg = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, attention="dijiang")
-            cfg.dijiang.mode = mode
-            model = TransformerLM(cfg).to(device).eval()
-            idx = torch.randint(0, 512, (2, 80), device=device)
-            with torch.no_grad():
-                full = model(idx)[0]
-                cache = model.new_cache()
-                steps = [model(idx[:, :40], cache=cache)[0]]  # a multi-token prompt, then one at a time
-                steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(40, 80)]
-            tol = FLA_FP32_TOL if mode == "fla" else 1e-4
-            checks.add(label, rel_err(torch.cat(steps, 1), full), tol)
-        except Exception as e:  # noqa: BLE001
-            checks.fail(label, e)
-
-
-def check_noble(checks: Checks, device: torch.device, smoke: bool) -> None:
-    from leanformer.layers.noble import NobleLinear
-
-    d, tokens = (64, 256) if smoke else (768, 8192)
-    torch.manual_seed(0)
-    layer = NobleLinear(d, d, bias=True, rank=32).to(device)
-    with torch.no_grad():  # a branch large enough to matter in the comparison
-        layer.up.weight.normal_(0, 0.5 / 32 ** 0.5)
-    x = torch.randn(tokens, d, device=device)
-    g = torch.randn(tokens, d, device=device)
-
-    def run(fused: bool, dtype: torch.dtype | None, double: bool = False):
-        m = NobleLinear(d, d, bias=True, rank=32, fused=fused).to(device)
-        m.load_state_dict(layer.state_dict())
-        xin = x.clone()
-        if double:
-            m, xin = m.double(), xin.double()
-        xin.requires_grad_()
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
-                                                                                                   enabled=False)
-        with ctx:
-            y = m(xin)
-        y.backward(g.to(y.dtype))
-        return y.detach(), xin.grad, m.weight.grad, m.down.weight.grad
-
-    try:
-        ref = run(False, None, double=True)
-        for label, args, tol in (("fp32 fused", (True, None), 1e-5), ("fp32 plain", (False, None), 1e-5),
-                                 ("bf16 fused", (True, torch.bfloat16), 3e-2),
-                                 ("bf16 plain", (False, torch.bfloat16), 3e-2)):
-            out = run(*args)
-            errs = [rel_err(a, b) for a, b in zip(out, ref)]
-            checks.add(f"noble {label} vs float64 (out, dx, dW, dW_down)", max(errs), tol,
-                       "errors " + ", ".join(f"{e:.1e}" for e in errs))
-    except Exception as e:  # noqa: BLE001
-        checks.fail("noble fused vs plain", e)
-
-
-def check_shaped(checks: Checks, device: torch.device) -> None:
-    from leanformer.layers.shaped import shaped_attention, shaped_attention_reference
-
-    torch.manual_seed(0)
-    B, H, T, D = 2, 4, 256, 64
-    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
-    a, b, c = (torch.rand(H, device=device) + 0.5 for _ in range(3))
-    ref = shaped_attention_reference(*(t.double() for t in (q, k, v, a, b, c)))
-    for dtype in (torch.float32, torch.bfloat16):
-        label = f"shaped attention fast {str(dtype)[6:]} vs float64 reference"
-        try:
-            out = shaped_attention(q.to(dtype), k.to(dtype), v.to(dtype), a, b, c)
-            checks.add(label, rel_err(out, ref), TOL[dtype])
-        except Exception as e:  # noqa: BLE001
-            checks.fail(label, e)
+        if not xml.is_file():
+            checks.fail(f"{EQUIVALENCE_TESTS.name} -k '{select}'", RuntimeError("pytest wrote no report"))
+            return
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            props = {p.get("name"): float(p.get("value")) for p in case.iter("property")}
+            failed = case.find("failure") if case.find("failure") is not None else case.find("error")
+            skipped = case.find("skipped")
+            status = "FAIL" if failed is not None else "SKIP" if skipped is not None else "PASS"
+            note = next((e.get("message", "") for e in (failed, skipped) if e is not None), "")
+            checks.record(case.get("name"), status, props.get("max_rel_err"), props.get("tol"), note[:300])
 
 
 def check_compiled_losses(checks: Checks, device: torch.device, smoke: bool) -> None:
@@ -249,8 +114,8 @@ def check_compiled_losses(checks: Checks, device: torch.device, smoke: bool) -> 
             checks.fail(name, e)
 
 
-OUR_CHECKS = ("dijiang forms", "dijiang decode", "noble", "shaped", "compiled losses")
-FLA_CHECKS = ("dijiang fla kernels", "dijiang fla decode")
+OUR_CHECKS = ("equivalence tests", "compiled losses")
+FLA_CHECKS = ("fla equivalence tests",)
 
 
 def run_correctness(device: torch.device, smoke: bool, groups: tuple[str, ...],
@@ -258,13 +123,9 @@ def run_correctness(device: torch.device, smoke: bool, groups: tuple[str, ...],
     """The check groups named in ``groups``; one not started by ``deadline`` (elapsed seconds) is a SKIP.
     Our kernels take seconds; fla's take minutes on first use (Triton compiles and autotunes them)."""
     checks = Checks()
-    table = {"dijiang forms": lambda: check_dijiang_forms(checks, device, smoke, fla=False),
-             "dijiang decode": lambda: check_dijiang_decode(checks, device, ("chunk",)),
-             "noble": lambda: check_noble(checks, device, smoke),
-             "shaped": lambda: check_shaped(checks, device),
+    table = {"equivalence tests": lambda: check_equivalence_tests(checks, "not fla", deadline),
              "compiled losses": lambda: check_compiled_losses(checks, device, smoke),
-             "dijiang fla kernels": lambda: check_dijiang_forms(checks, device, smoke, fla=True),
-             "dijiang fla decode": lambda: check_dijiang_decode(checks, device, ("fla",))}
+             "fla equivalence tests": lambda: check_equivalence_tests(checks, "fla", deadline)}
     for name in groups:
         fn = table[name]
         if elapsed() > deadline:
@@ -375,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if smoke:
         torch.set_num_threads(1)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
-    from leanformer.bench.timing import run_metadata
+    from leanformer.bench.machine import run_metadata
 
     meta = run_metadata(device, command)
     log(f"device {meta['machine']}, torch {torch.__version__}, out {out}")
@@ -472,31 +333,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def save(out: Path, result: dict, reports: dict, command: str) -> None:
     """Write gpu_check.json (everything) and gpu_check.md (all tables) from what has run so far."""
+    from leanformer.bench.report import finite_or_none
+
     meta = result["meta"]
     names = ("train", "train_bert", "train_b32", "attention", "decode")
     rows = {k: (reports[k].rows if k in reports else []) for k in names}
     result["targets"] = targets(rows["train"], rows["attention"], rows["decode"], rows["train_bert"],
                                 rows["train_b32"])
     meta["elapsed_s"] = round(elapsed(), 1)
-    (out / "gpu_check.json").write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n")
+    (out / "gpu_check.json").write_text(json.dumps(finite_or_none(result), indent=1, allow_nan=False) + "\n")
     md = [f"# GPU check: {meta['machine']}", "",
           f"- date {meta['date']}; torch {meta['torch']}; fla {meta['fla']}; elapsed {meta['elapsed_s']} s",
           f"- command: `{command}`", "", "## Targets", "", targets_markdown(result["targets"]), "",
           "## Correctness", "", correctness_markdown(result["correctness"]), ""]
     md += [reports[k].markdown(level=2) for k in names if k in reports]
     (out / "gpu_check.md").write_text("\n".join(md))
-
-
-def _clean(obj):
-    import math
-
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
 
+from leanformer.train.metrics import read_steps
+
 
 def records(folder: Path) -> list[dict]:
-    file = folder / "metrics.jsonl"
-    return [json.loads(line) for line in open(file)] if file.exists() else []
+    return read_steps(folder / "metrics.jsonl")
 
 
 def main(root: str, n: int) -> None:

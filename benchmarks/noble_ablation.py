@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from leanformer.bench.machine import cpu_model
 from leanformer.compare.presets import get_preset
 from leanformer.config import RunConfig, from_dict
 from leanformer.data import load_data
@@ -70,7 +71,7 @@ def main() -> None:
     base_row = rows[0]
     steps_shown = [s for s, _ in base_row["val"]][2::2]
     lines = [f"Command: `python {' '.join(sys.argv)}`  ",
-             f"Machine: {next((x.split(':', 1)[1].strip() for x in open('/proc/cpuinfo') if 'model name' in x), '?')}, "
+             f"Machine: {cpu_model()}, "
              f"{args.threads} thread(s), torch {torch.__version__}, {date.today()}; noble rank "
              f"{base.model.noble.rank}, d_model {base.model.d_model}, {base.model.n_layers} layers, lr {base.train.lr}",
              "", "| arm | params | " + " | ".join(f"val @ {s}" for s in steps_shown)

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanformer.bench.machine import machine_string
+from leanformer.bench.timing import time_once
 from leanformer.layers.noble import NobleLinear
 
 
@@ -58,19 +58,6 @@ def _step_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def _time_once(step: Callable[[], None], cuda: bool) -> float:
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    step()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def time_fwd_bwd(modules: dict[str, nn.Module], x: torch.Tensor, warmup: int,
                  repeats: int) -> dict[str, float]:
     """Median milliseconds of forward + backward per module. The variants are timed round-robin (one
@@ -82,7 +69,7 @@ def time_fwd_bwd(modules: dict[str, nn.Module], x: torch.Tensor, warmup: int,
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            times[name].append(_time_once(step, x.is_cuda))
+            times[name].append(time_once(step, x.device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -125,9 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"d": d, **{f"{k}_ms": v for k, v in ms.items()},
                      **{f"{k}_vs_linear": v / ms["linear"] for k, v in ms.items() if k != "linear"},
                      "fused_vs_plain": ms["noble_fused"] / ms["noble_plain"]})
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    device_name = machine_string(torch.device(args.device))
     print(f"NobleLinear fwd+bwd, {args.tokens} tokens, rank {args.rank}, {args.activation}, {args.dtype}, "
-          f"{args.device} ({device_name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"{args.device} ({device_name}), torch {torch.__version__}, "
           f"{'torch.compile, ' if args.compile else ''}"
           f"median of {args.repeats}")
     print()

@@ -271,6 +271,7 @@ STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode]), most 
 
 
 def section_steps(device: torch.device, smoke: bool, result: dict, deadline: float) -> None:
+    from leanformer.arms import arm_config
     from leanformer.bench import train as bt
     from leanformer.model import TransformerLM
     from leanformer.train.optim import build_optimizer
@@ -289,7 +290,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         batch = 2 if smoke else batch
         row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode[0] if mode else None}
         try:
-            cfg = bt.arm_config(bt.base_config(sz, seq), arm)
+            cfg = arm_config(bt.base_config(sz, seq), arm)
             torch.manual_seed(0)
             with torch.device(device):
                 model = TransformerLM(cfg)
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=320.0)
     p.add_argument("--cpu-smoke", action="store_true")
     args = p.parse_args(argv)
+    from leanformer.bench.machine import machine_string
+
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"meta": {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": machine_string(device),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "torch": torch.__version__,
         "command": shlex.join(["python3"] + sys.argv), "peak_flops": peak_flops_for(device)}}
     sections = args.sections.split(",")

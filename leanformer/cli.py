@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -82,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     _check_data_path(cfg.data.path)
-    from leanformer.train.loop import resolve_device
+    from leanformer.device import resolve_device
 
     resolve_device(cfg.train.device)  # train.device=cuda without a GPU: an error before anything is written
     cfg.data.path, cfg.data.tokenizer, cfg.data.cache_dir = (
@@ -204,13 +203,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanformer", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a softmax checkpoint to DiJiang attention (then fine-tune)")
     c.add_argument("--checkpoint", required=True)
-    c.add_argument("--to", choices=["dijiang"], default="dijiang")
     c.add_argument("--feature-map", choices=["paper", "official"], default="paper")
     c.add_argument("--out", required=True)
     c.add_argument("--force", action="store_true")
@@ -256,8 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("import", "leanformer.hf.cli", "add_import_arguments", "import a Hugging Face model"),
         ("export", "leanformer.hf.cli", "add_export_arguments", "export a checkpoint as a Hugging Face model"),
     ):
-        if _module_exists(module):
-            getattr(importlib.import_module(module), func)(sub.add_parser(name, help=helptext))
+        getattr(importlib.import_module(module), func)(sub.add_parser(name, help=helptext))
     return p
 
 

@@ -197,17 +197,6 @@ def remove_noble(model: nn.Module) -> nn.Module:
     return model
 
 
-def noble_overhead(model: nn.Module) -> dict[str, float]:
-    """Branch accounting: NobleLinear count, extra parameters (and share of all parameters), and the
-    branches' forward matmul FLOPs per token."""
-    nobles = [m for m in model.modules() if isinstance(m, NobleLinear)]
-    extra = sum(m.extra_params() for m in nobles)
-    total = sum(p.numel() for p in model.parameters())
-    return {"noble_modules": len(nobles), "extra_params": extra, "params": total,
-            "param_overhead": extra / max(1, total - extra),
-            "extra_flops_per_token": sum(m.flops_per_token() for m in nobles)}
-
-
 # ---------------------------------------------------------------------------------------- selection
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     if isinstance(batch, dict):

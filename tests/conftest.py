@@ -17,3 +17,17 @@ def _in_a_temporary_folder(tmp_path, monkeypatch, _session_cache):
     the working directory (e.g. the ``runs/compare`` that the README's first command leaves) or ~/.cache."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LEANFORMER_CACHE", str(_session_cache))
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=_devices())
+def device(request):
+    """Each test that takes ``device`` runs on the CPU and, where one is present, on CUDA."""
+    import torch
+
+    return torch.device(request.param)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from leanformer.bench import timing
+from leanformer.bench import machine, memory, report, timing
 from leanformer.cli import main
 
 CPU = ["--device", "cpu", "--threads", "1"]
@@ -117,7 +117,8 @@ def test_bench_decode_tiny(tmp_path):
 
 def test_expand_cache_replicates_rows():
     from leanformer.bench.decode import expand_cache, prefill
-    from leanformer.bench.train import SIZES, arm_config, base_config
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
     from leanformer.model import TransformerLM
 
     torch.manual_seed(0)
@@ -137,6 +138,7 @@ def test_expand_cache_replicates_rows():
     (["bench", "train", "--size", "huge"], "--size 'huge' is not valid"),
     (["bench", "decode", "--size", "huge"], "--size 'huge' is not valid"),
     (["bench", "decode", "--size", "tiny", "--arms", "nope"], "unknown arm(s) 'nope'"),
+    (["bench", "train", "--size", "tiny", "--arms", "dijiang_convert"], "only leanformer compare trains"),
     (["bench", "attention", "--methods", "flash3"], "unknown method(s) 'flash3'"),
     (["bench", "attention", "--lengths", "512,abc"], "must be comma-separated integers"),
     (["bench", "decode", "--size", "tiny", "--contexts", "0"], "must be positive integers"),
@@ -160,7 +162,7 @@ def test_timer_median_and_iqr():
 def test_memory_meter_counts_saved_tensors_once():
     w = torch.randn(64, 64, requires_grad=True)
     x = torch.randn(16, 64)
-    meter = timing.MemoryMeter(torch.device("cpu"), saved_tensors=True)
+    meter = memory.MemoryMeter(torch.device("cpu"), saved_tensors=True)
     meter.account([w])
     with meter:
         h = x @ w  # saves x (and w, already accounted)
@@ -175,10 +177,10 @@ def test_markdown_table_and_command_line():
     import argparse
 
     rows = [{"a": 1.23456, "b": None}, {"a": 2.0, "b": "x"}]
-    md = timing.markdown_table(rows, [timing.Column("a", "A", timing.fmt_float(2)), timing.Column("b", "B")])
+    md = report.markdown_table(rows, [report.Column("a", "A", report.fmt_float(2)), report.Column("b", "B")])
     assert md.splitlines() == ["| A | B |", "|---|---|", "| 1.23 | — |", "| 2.00 | x |"]
     ns = argparse.Namespace(size="tiny", compile=True, peak_flops=None, arms="preln,sas", func=print)
-    assert timing.command_line("leanformer bench train", ns) == (
+    assert machine.command_line("leanformer bench train", ns) == (
         "leanformer bench train --arms preln,sas --compile --size tiny")
 
 
@@ -196,7 +198,8 @@ def test_compile_setting_resolves_by_device_and_rejects_bad_values():
 def test_extra_flop_fraction_of_noble_at_gpt2_small():
     """The figure printed beside NOBLE's measurement: 2(d_in r + r² + r d_out) per linear and token, ×3 for
     training, over Pre-LN's 6N + attention."""
-    from leanformer.bench.train import SIZES, arm_config, base_config
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
     from leanformer.model import TransformerLM
 
     sz = SIZES["gpt2"]

@@ -33,7 +33,8 @@ def test_bench_decode_rejects_graph_on_cpu(capsys):
 
 
 def test_expanded_decoder_steps_equal_a_batch_of_copies():
-    from leanformer.bench.train import SIZES, arm_config, base_config
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
     from leanformer.decoding import StaticDecoder
     from leanformer.model import TransformerLM
 

@@ -127,7 +127,7 @@ def test_cli_convert_to_dijiang_then_fine_tune(tmp_path, capsys):
     torch.manual_seed(0)
     parent = TransformerLM(TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32))
     save_checkpoint(tmp_path / "parent", parent, run_cfg())
-    assert main(["convert", "--checkpoint", str(tmp_path / "parent"), "--to", "dijiang", "--out",
+    assert main(["convert", "--checkpoint", str(tmp_path / "parent"), "--out",
                  str(tmp_path / "dj")]) == 0
     child = load_model(tmp_path / "dj")
     assert child.cfg.attention == "dijiang"

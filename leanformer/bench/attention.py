@@ -20,7 +20,7 @@ Inputs are laid out as the model's projections make them: (B, T, H, D) memory vi
 
 Memory: CUDA — peak allocated during one call above what was allocated before (the inputs); CPU —
 bytes autograd saves for backward + the output + the input gradients (see
-:class:`leanformer.bench.timing.MemoryMeter`).
+:class:`leanformer.bench.memory.MemoryMeter`).
 """
 
 from __future__ import annotations
@@ -32,20 +32,13 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from leanformer.bench.timing import (
-    Column,
-    MemoryMeter,
-    Report,
-    fmt_float,
-    failure_status,
-    fmt_mib,
-    free_device_memory,
-    release,
-    run_metadata,
-    series,
-    time_fn,
-)
-from leanformer.config import ConfigError
+from leanformer.arms import unavailable_reason
+from leanformer.bench.machine import run_metadata
+from leanformer.bench.memory import MemoryMeter, failure_status, free_device_memory, release
+from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, series
+from leanformer.bench.timing import time_fn
+from leanformer.config import ConfigError, DiJiangConfig, TransformerConfig
+from leanformer.device import resolve_device
 
 METHODS = ("softmax", "shaped", "dijiang_parallel", "dijiang_chunk", "dijiang_fla")
 OFFICIAL = ("dijiang_official_parallel", "dijiang_official_chunk", "dijiang_official_fla")
@@ -109,21 +102,25 @@ def shaped_fn(device: torch.device, dtype: torch.dtype, H: int) -> tuple[Callabl
     return fn, gains
 
 
-def dijiang_fn(mode: str, feature_map: str = "paper") -> Callable:
-    def make(device: torch.device, dtype: torch.dtype, H: int, D: int) -> tuple[Callable, list[torch.Tensor]]:
-        from leanformer.config import DiJiangConfig, TransformerConfig
-        from leanformer.layers.dijiang import DiJiangAttention
+def method_config(method: str, H: int, D: int) -> TransformerConfig:
+    """The model config whose attention layer ``method`` is: H heads of D dimensions."""
+    if not method.startswith("dijiang_"):
+        return TransformerConfig(d_model=H * D, n_heads=H, attention=method).validate()
+    feature_map = "official" if method.startswith("dijiang_official_") else "paper"
+    dijiang = DiJiangConfig(mode=method.rsplit("_", 1)[1], feature_map=feature_map)
+    return TransformerConfig(d_model=H * D, n_heads=H, attention="dijiang", dijiang=dijiang).validate()
 
-        cfg = TransformerConfig(d_model=H * D, n_heads=H, attention="dijiang",
-                                dijiang=DiJiangConfig(mode=mode, feature_map=feature_map)).validate()
-        attn = DiJiangAttention(cfg, 0).to(device)
 
-        def fn(q, k, v):
-            lg = attn.log_gamma()
-            fq, fk, n, _ = attn.features(q, k, lg, None, v.dtype)
-            return attn.mix(fq, fk, v, lg, n, None)
-        return fn, [p for p in attn.feature_map.parameters()]
-    return make
+def dijiang_fn(cfg: TransformerConfig, device: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    from leanformer.layers.dijiang import DiJiangAttention
+
+    attn = DiJiangAttention(cfg, 0).to(device)
+
+    def fn(q, k, v):
+        lg = attn.log_gamma()
+        fq, fk, n, _ = attn.features(q, k, lg, None, v.dtype)
+        return attn.mix(fq, fk, v, lg, n, None)
+    return fn, [p for p in attn.feature_map.parameters()]
 
 
 def parallel_bytes(B: int, H: int, T: int, dtype: torch.dtype) -> int:
@@ -133,31 +130,12 @@ def parallel_bytes(B: int, H: int, T: int, dtype: torch.dtype) -> int:
     return H * T * T * 4 * 2 + B * H * T * T * elem * 5
 
 
-def unavailable_reason(method: str, device: torch.device) -> str | None:
-    import importlib
-
-    modules = {"shaped": "leanformer.layers.shaped"}
-    if method.startswith("dijiang"):
-        modules[method] = "leanformer.layers.dijiang"
-    if method in modules:
-        try:
-            importlib.import_module(modules[method])
-        except ImportError as e:
-            return f"unavailable: {modules[method]} cannot be imported ({e})"
-    if method.endswith("_fla"):
-        from leanformer.ops.decayed_linear_attention import fla_unavailable_reason
-
-        return fla_unavailable_reason(device)
-    return None
-
-
 def build_method(method: str, device: torch.device, dtype: torch.dtype, H: int, D: int):
     if method == "softmax":
         return softmax_fn(device, dtype, H)
     if method == "shaped":
         return shaped_fn(device, dtype, H)
-    feature_map = "official" if method.startswith("dijiang_official_") else "paper"
-    return dijiang_fn(method.rsplit("_", 1)[1], feature_map)(device, dtype, H, D)
+    return dijiang_fn(method_config(method, H, D), device)
 
 
 def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: int, T: int, D: int, *,
@@ -206,7 +184,7 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
                         max_memory_gb: float | None = None, time_budget: float | None = None,
                         command: str = "leanformer bench attention") -> Report:
     """Every method at every length; returns the :class:`Report` (rows: method × length)."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device()
     gpu = device.type == "cuda"
     lens = parse_lengths(lengths, device)
     names = parse_methods(methods, device)
@@ -225,11 +203,11 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
     for T in lens:
         for method in names:
             row = {"method": method, "seq_len": T}
-            reason = unavailable_reason(method, device)
+            reason = unavailable_reason(method_config(method, H, head_dim), device)
             free = free_device_memory(device)
             budget = max_memory_gb * 2**30 if max_memory_gb else (0.7 * free if free else None)
             if reason is not None:
-                row["status"] = reason
+                row["status"] = f"unavailable: {reason}"
             elif deadline is not None and time.monotonic() > deadline:
                 row["status"] = "skipped (time budget)"
             elif method.endswith("_parallel") and budget is not None and parallel_bytes(B, H, T, dt) > budget:

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import torch
 
-from leanformer.bench.timing import Report, command_line, pick_device
+from leanformer.arms import ARMS
+from leanformer.bench.machine import command_line
+from leanformer.bench.report import Report
 from leanformer.config import ConfigError
+from leanformer.device import resolve_device
+
+
+_BENCH_ARMS = [a.name for a in ARMS.values() if a.parent is None]  # a converted arm needs a trained parent
 
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
@@ -34,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--size", default="cpu",
                    help="model size: tiny (tests), cpu (d256, 4 layers), gpt2 (d768, 12 layers, 12 heads)")
     t.add_argument("--arms", default=None,
-                   help="comma-separated arms (default: all): preln, parallel, noble_plain, noble_fused, "
-                        "sas, sas_p, sas_p_nonorm, dijiang, dijiang_fla")
+                   help="comma-separated arms (default: preln, parallel, noble_plain, noble_fused, sas, sas_p, "
+                        f"sas_p_nonorm, dijiang, dijiang_fla); any of: {', '.join(_BENCH_ARMS)}")
     t.add_argument("--seq-len", type=int, default=None,
                    help="default: the size's (tiny 32, cpu 256, gpt2 1024)")
     t.add_argument("--batch", type=int, default=None, help="default: the size's (tiny 2, cpu 8, gpt2 16)")
@@ -74,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(d, "runs/bench")
     d.add_argument("--size", default="cpu", help="model size: tiny, cpu, gpt2")
     d.add_argument("--arms", default=None,
-                   help="comma-separated arms (default: preln, dijiang, sas_p, noble_fused)")
+                   help="comma-separated arms (default: preln, dijiang, sas_p, noble_fused); any of: "
+                        f"{', '.join(_BENCH_ARMS)}")
     d.add_argument("--contexts", default=None,
                    help="comma-separated (default CPU 512,2048,8192; GPU 512,2048,8192,32768)")
     d.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
@@ -97,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, bench: Callable[[torch.device], Report]) -> int:
     """Pick the device, set ``--threads`` for the run (restored after), run, write and print the report."""
-    device = pick_device(args.device)
+    device = resolve_device(args.device, "--device")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads={args.threads} must be >= 1")
     threads = torch.get_num_threads()

@@ -25,7 +25,7 @@ steps ``model(next (b, 1), cache)`` + argmax run; the median step is reported.
   not) and, on CUDA, the allocator's peak over the timed steps (weights included); on CPU the accounted
   bytes, parameters + cache.
 
-Arms (see :mod:`leanformer.bench.train`): ``preln`` (softmax + KV cache), ``dijiang`` (recurrent state:
+Arms (:mod:`leanformer.arms`): ``preln`` (softmax + KV cache), ``dijiang`` (recurrent state:
 chunkwise prefill, one recurrent step per token), ``sas_p`` (shaped attention: K/V cache + running sum of
 V), ``noble_fused``; ``dijiang_fla`` uses fla's kernels for both (CUDA + fla).
 """
@@ -37,23 +37,14 @@ from contextlib import nullcontext
 
 import torch
 
-from leanformer.bench.timing import (
-    Column,
-    Report,
-    failure_status,
-    fmt_float,
-    fmt_mib,
-    free_device_memory,
-    release,
-    run_metadata,
-    series,
-    summarize,
-    synchronize,
-    tensor_bytes,
-    time_once,
-)
-from leanformer.bench.train import arm_config, autocast, base_config, get_size, parse_arms, unavailable_reason
+from leanformer.arms import arm_config
+from leanformer.bench.machine import run_metadata
+from leanformer.bench.memory import failure_status, free_device_memory, release, tensor_bytes
+from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, series
+from leanformer.bench.timing import summarize, synchronize, time_once
+from leanformer.bench.train import autocast, base_config, get_size, parse_arms, unavailable_reason
 from leanformer.config import ConfigError
+from leanformer.device import resolve_device
 
 DEFAULT_ARMS = ("preln", "dijiang", "sas_p", "noble_fused")
 CPU_CONTEXTS = (512, 2048, 8192)
@@ -193,6 +184,27 @@ def time_static_steps(dec1, batch: int, steps: int, warmup: int, device: torch.d
     return row
 
 
+def _model(name: str, base, device: torch.device, bf16: bool = False):
+    """(arm ``name``'s model at ``base`` on ``device``: seeded, eval, frozen, a bf16 decoding copy when
+    ``bf16``; None) or (None, why it cannot run here)."""
+    from leanformer.decoding import decoding_copy
+    from leanformer.model import TransformerLM
+
+    cfg = arm_config(base, name)
+    reason = unavailable_reason(cfg, device)
+    if reason is not None:
+        return None, reason
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):  # initialised on the device: seconds faster at GPT-2 size
+            model = TransformerLM(cfg).eval()
+        if bf16:
+            model = decoding_copy(model, torch.bfloat16)
+        return model.requires_grad_(False), None
+    except Exception as e:  # noqa: BLE001 - one failing arm must not stop the others
+        return None, f"failed: {type(e).__name__}: {e}"[:300]
+
+
 def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
                      contexts: str | list[int] | None = None, batches: str | list[int] | None = None,
                      steps: int | None = None, warmup: int = 2, prefill_chunk: int | None = None,
@@ -200,7 +212,7 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
                      max_memory_gb: float | None = None, path: str | None = None, weights: str = "bf16",
                      compile: bool = False, command: str = "leanformer bench decode") -> Report:
     """Every arm × context × batch; returns the :class:`Report`."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device()
     gpu = device.type == "cuda"
     path = path or ("graph" if gpu else "eager")
     if path not in ("graph", "static", "eager"):
@@ -217,51 +229,31 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
         for name in ("recompile_limit", "cache_size_limit"):  # one compilation per arm, context and batch
             if hasattr(dynamo_config, name):
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), 512))
-    if path == "eager":
-        return _run_eager(size=size, arms=arms, contexts=contexts, batches=batches, steps=steps, warmup=warmup,
-                          prefill_chunk=prefill_chunk, device=device, time_budget=time_budget,
-                          max_memory_gb=max_memory_gb, command=command)
-    return _run_static(size=size, arms=arms, contexts=contexts, batches=batches, steps=steps, warmup=warmup,
-                       prefill_chunk=prefill_chunk, device=device, time_budget=time_budget,
-                       max_memory_gb=max_memory_gb, path=path, weights=weights, compile=compile, command=command)
-
-
-def _run_static(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, device, time_budget,
-                max_memory_gb, path, weights, compile, command) -> Report:
-    from leanformer.decoding import decoding_copy
-    from leanformer.model import TransformerLM
-
-    gpu = device.type == "cuda"
-    sz = get_size(size)
-    names = parse_arms(arms, default=DEFAULT_ARMS)
-    ctxs = parse_ints(contexts, GPU_CONTEXTS if gpu else CPU_CONTEXTS, "--contexts")
-    bs = parse_ints(batches, BATCHES, "--batches")
     steps = steps or (32 if gpu else 8)
     chunk = prefill_chunk or (4096 if gpu else 1024)
+    run = dict(size=size, sz=get_size(size), names=parse_arms(arms, default=DEFAULT_ARMS),
+               ctxs=parse_ints(contexts, GPU_CONTEXTS if gpu else CPU_CONTEXTS, "--contexts"),
+               bs=parse_ints(batches, BATCHES, "--batches"), steps=steps, warmup=warmup, chunk=chunk, device=device,
+               max_memory_gb=max_memory_gb)
     if steps < 1 or warmup < 0 or chunk < 1:
         raise ConfigError(f"--steps={steps} and --prefill-chunk={chunk} must be >= 1, --warmup={warmup} >= 0")
+    run.update(meta=run_metadata(device, command), deadline=time.monotonic() + time_budget if time_budget else None)
+    if path == "eager":
+        return _run_eager(**run)
+    return _run_static(**run, path=path, weights=weights, compile=compile)
+
+
+def _run_static(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_memory_gb, meta, deadline, path,
+                weights, compile) -> Report:
+    gpu = device.type == "cuda"
     extra = warmup + steps + 2
     base = base_config(sz, max_seq_len=max(ctxs) + extra)
-    meta = run_metadata(device, command)
-    deadline = time.monotonic() + time_budget if time_budget else None
     use_autocast = gpu and weights == "autocast"
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
     graph = "cuda" if path == "graph" else "none"
     rows: list[dict] = []
     for name in names:
-        reason = unavailable_reason(name, device)
-        model = None
-        if reason is None:
-            try:
-                cfg = arm_config(base, name)
-                torch.manual_seed(0)
-                with torch.device(device):
-                    model = TransformerLM(cfg).eval()
-                if gpu and weights == "bf16":
-                    model = decoding_copy(model, torch.bfloat16)
-                model.requires_grad_(False)
-            except Exception as e:  # noqa: BLE001
-                reason = f"failed: {type(e).__name__}: {e}"[:300]
+        model, reason = _model(name, base, device, bf16=gpu and weights == "bf16")
         param_bytes = tensor_bytes(model.parameters()) if model is not None else None
         for L in ctxs:
             dec1, prefill_s, status = None, None, reason
@@ -332,34 +324,13 @@ def _run_static(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, 
     return report
 
 
-def _run_eager(*, size, arms, contexts, batches, steps, warmup, prefill_chunk, device, time_budget,
-               max_memory_gb, command) -> Report:
-    from leanformer.model import TransformerLM
-
+def _run_eager(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_memory_gb, meta,
+               deadline) -> Report:
     gpu = device.type == "cuda"
-    sz = get_size(size)
-    names = parse_arms(arms, default=DEFAULT_ARMS)
-    ctxs = parse_ints(contexts, GPU_CONTEXTS if gpu else CPU_CONTEXTS, "--contexts")
-    bs = parse_ints(batches, BATCHES, "--batches")
-    steps = steps or (32 if gpu else 8)
-    chunk = prefill_chunk or (4096 if gpu else 1024)
-    if steps < 1 or warmup < 0 or chunk < 1:
-        raise ConfigError(f"--steps={steps} and --prefill-chunk={chunk} must be >= 1, --warmup={warmup} >= 0")
     base = base_config(sz, max_seq_len=max(ctxs) + warmup + steps + 1)
-    meta = run_metadata(device, command)
-    deadline = time.monotonic() + time_budget if time_budget else None
     rows: list[dict] = []
     for name in names:
-        reason = unavailable_reason(name, device)
-        model = None
-        if reason is None:
-            try:
-                cfg = arm_config(base, name)
-                torch.manual_seed(0)
-                with torch.device(device):  # initialised on the device: seconds faster at GPT-2 size
-                    model = TransformerLM(cfg).eval()
-            except Exception as e:  # noqa: BLE001
-                reason = f"failed: {type(e).__name__}: {e}"[:300]
+        model, reason = _model(name, base, device)
         param_bytes = tensor_bytes(model.parameters()) if model is not None else None
         for L in ctxs:
             cache, prefill_s, status = None, None, reason

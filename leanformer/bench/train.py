@@ -9,41 +9,32 @@ gradient clipping). Random tokens, fixed for all steps. ``warmup`` untimed steps
 * MFU = ``model.flops_per_token(seq_len)`` · tokens/s / peak FLOP/s (PaLM appendix B; the peak from
   :data:`leanformer.train.mfu.PEAK_BF16_FLOPS` or ``--peak-flops``). Each arm counts its own FLOPs
   (NOBLE's branches add, SAS's missing V/P projections subtract).
-* Peak memory: see :class:`leanformer.bench.timing.MemoryMeter` (CUDA allocator peak over the timed
+* Peak memory: see :class:`leanformer.bench.memory.MemoryMeter` (CUDA allocator peak over the timed
   steps; on CPU parameters + gradients + AdamW state + tensors saved for backward).
 
-Arms differ from ``preln`` only in block wiring, attention or linear layers (docs/methods.md):
-``parallel``, ``noble_plain`` / ``noble_fused`` (NOBLE on q, k, v, o, ffn_in, ffn_out, rank 32, CosNet;
-two products or one stacked product), ``sas``, ``sas_p``, ``sas_p_nonorm`` (shaped attention),
-``dijiang`` (chunkwise form, pure PyTorch) and ``dijiang_fla`` (fla's Triton kernel; CUDA + fla only).
+Arms (:mod:`leanformer.arms`, any of them but a converted one) differ from ``preln`` only in block wiring,
+attention or linear layers (docs/methods.md). By default: ``parallel``, ``noble_plain`` / ``noble_fused``
+(NOBLE on q, k, v, o, ffn_in, ffn_out with the config's default rank 32 and CosNet; two products or one
+stacked product), ``sas``, ``sas_p``, ``sas_p_nonorm`` (shaped attention), ``dijiang`` (chunkwise form,
+pure PyTorch) and ``dijiang_fla`` (fla's Triton kernel; CUDA + fla only).
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from leanformer.bench.timing import (
-    Column,
-    MemoryMeter,
-    Report,
-    failure_status,
-    fmt_float,
-    fmt_mib,
-    fmt_pct,
-    fmt_si,
-    optimizer_state_tensors,
-    release,
-    run_metadata,
-    series,
-    time_fn,
-)
+from leanformer import arms as arm_registry
+from leanformer.arms import ARMS, BASELINE, arm_config
+from leanformer.bench.machine import run_metadata
+from leanformer.bench.memory import MemoryMeter, failure_status, optimizer_state_tensors, release
+from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, fmt_pct, fmt_si, series
+from leanformer.bench.timing import time_fn
 from leanformer.config import ConfigError, TrainConfig, TransformerConfig
+from leanformer.device import resolve_device
 
 # ---------------------------------------------------------------------------------------------- sizes
 
@@ -83,112 +74,27 @@ def base_config(size: Size, max_seq_len: int) -> TransformerConfig:
 
 # ---------------------------------------------------------------------------------------------- arms
 
-
-@dataclass(frozen=True)
-class Arm:
-    """One arm: what it is, the transform of the baseline config, and the modules it needs."""
-
-    name: str
-    description: str
-    transform: Callable[[TransformerConfig], None]
-    needs: tuple[str, ...] = ()
-    needs_fla: bool = False
-
-
-def _preln(c: TransformerConfig) -> None:
-    c.block, c.attention = "preln", "softmax"
-
-
-def _parallel(c: TransformerConfig) -> None:
-    c.block, c.attention = "parallel", "softmax"
-
-
-def _noble(fused: bool) -> Callable[[TransformerConfig], None]:
-    def transform(c: TransformerConfig) -> None:
-        _preln(c)
-        c.noble.enabled, c.noble.fused = True, fused
-    return transform
-
-
-def _sas(c: TransformerConfig) -> None:
-    c.block, c.attention = "sas", "shaped"
-
-
-def _sas_p(c: TransformerConfig) -> None:
-    c.block, c.attention = "sas_p", "shaped"
-
-
-def _sas_p_nonorm(c: TransformerConfig) -> None:
-    _sas_p(c)
-    c.norm = "none"
-
-
-def _dijiang(mode: str) -> Callable[[TransformerConfig], None]:
-    def transform(c: TransformerConfig) -> None:
-        c.block, c.attention = "preln", "dijiang"
-        c.dijiang.mode = mode
-    return transform
-
-
-_SHAPED = ("leanformer.layers.shaped", "leanformer.blocks.simplified")
-_DIJIANG = ("leanformer.layers.dijiang", "leanformer.ops.decayed_linear_attention")
-
-ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("preln", "baseline: Pre-LN block, softmax attention (SDPA)", _preln),
-    Arm("parallel", "parallel block (one norm, attention and MLP side by side)", _parallel),
-    Arm("noble_plain", "Pre-LN + NOBLE (rank 32, CosNet), two matrix products", _noble(False),
-        ("leanformer.layers.noble",)),
-    Arm("noble_fused", "Pre-LN + NOBLE (rank 32, CosNet), one stacked [W; W_down] product", _noble(True),
-        ("leanformer.layers.noble",)),
-    Arm("sas", "SAS block: shaped attention, no V/P, no attention skip", _sas, _SHAPED),
-    Arm("sas_p", "SAS-P block: parallel, no skip at all", _sas_p, _SHAPED),
-    Arm("sas_p_nonorm", "SAS-P without block norms (layer 0's and the final norm kept)", _sas_p_nonorm,
-        _SHAPED),
-    Arm("dijiang", "Pre-LN + DiJiang attention, chunkwise form (pure PyTorch)", _dijiang("chunk"), _DIJIANG),
-    Arm("dijiang_fla", "Pre-LN + DiJiang attention through fla's Triton chunk kernel", _dijiang("fla"),
-        _DIJIANG, needs_fla=True),
-)}
 DEFAULT_ARMS = ("preln", "parallel", "noble_plain", "noble_fused", "sas", "sas_p", "sas_p_nonorm", "dijiang",
                 "dijiang_fla")
-BASELINE = "preln"
 
 
-def parse_arms(spec: str | list[str] | None, valid: dict[str, Arm] = ARMS,
-               default: tuple[str, ...] = DEFAULT_ARMS) -> list[str]:
-    """``"a,b"`` → arm names, baseline first (every ratio needs it); unknown names are a ConfigError."""
-    if spec is None or spec == "all":
-        names = list(default)
-    else:
-        names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-        if not names:
-            raise ConfigError(f"--arms {spec!r} names no arm; valid arms: {', '.join(valid)}")
-    bad = [n for n in names if n not in valid]
-    if bad:
-        raise ConfigError(f"unknown arm(s) {', '.join(map(repr, bad))}; valid arms: {', '.join(valid)}")
-    return [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
+def parse_arms(spec: str | list[str] | None, default: tuple[str, ...] = DEFAULT_ARMS) -> list[str]:
+    """``"a,b"`` → arm names of :data:`leanformer.arms.ARMS`, baseline first (every ratio needs it); an
+    unknown name, or an arm converted from a trained one (only ``leanformer compare`` makes those), is a
+    ConfigError."""
+    names = arm_registry.parse_arms(spec, default)
+    converted = [n for n in names if ARMS[n].parent is not None]
+    if converted:
+        n = converted[0]
+        raise ConfigError(f"arm {n} is converted from a trained {ARMS[n].parent} model, which only "
+                          f"leanformer compare trains; bench times models from their initialisation")
+    return names
 
 
-def arm_config(base: TransformerConfig, name: str) -> TransformerConfig:
-    cfg = copy.deepcopy(base)
-    ARMS[name].transform(cfg)
-    return cfg.validate()
-
-
-def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """Why arm ``name`` cannot run here (a module missing, fla absent, no CUDA), or None."""
-    import importlib
-
-    arm = ARMS[name]
-    for module in arm.needs:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            return f"unavailable: {module} cannot be imported ({e})"
-    if arm.needs_fla:
-        from leanformer.ops.decayed_linear_attention import fla_unavailable_reason
-
-        return fla_unavailable_reason(device)
-    return None
+def unavailable_reason(cfg: TransformerConfig, device: torch.device) -> str | None:
+    """A result row's status when a model of ``cfg`` cannot run here (a module missing, fla absent, no CUDA)."""
+    reason = arm_registry.unavailable_reason(cfg, device)
+    return None if reason is None else f"unavailable: {reason}"
 
 
 def autocast(device: torch.device):
@@ -321,7 +227,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
     if seq_len < 1 or batch < 1 or repeats < 1 or warmup < 0:
         raise ConfigError(f"--seq-len={seq_len}, --batch={batch}, --repeats={repeats} must be >= 1 "
                           f"and --warmup={warmup} >= 0")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device()
     if eager is None:
         eager = compile is not None or device.type != "cuda"
     if compile is None:
@@ -336,14 +242,14 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
     plan = [(n, False) for n in names if eager] + [(n, True) for n in compiled]
     for name, comp in plan:
         row = {"arm": name, "compile": comp, "description": ARMS[name].description}
-        reason = unavailable_reason(name, device)
+        cfg = arm_config(base, name)
+        reason = unavailable_reason(cfg, device)
         if reason is not None:
             row["status"] = reason
         elif deadline is not None and time.monotonic() > deadline - (compile_reserve_s if comp else 0.0):
             row["status"] = "skipped (time budget)"
         else:
             try:
-                cfg = arm_config(base, name)
                 row.update(measure_arm(cfg, device, batch, seq_len, compile=comp, compile_mode=compile_mode,
                                        warmup=warmup + (2 if comp else 0), repeats=repeats,
                                        max_seconds=max_seconds_per_arm))

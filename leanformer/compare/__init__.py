@@ -1,10 +1,12 @@
 """``leanformer compare``: every method side by side, with a report.
 
-Modules: arms, presets, runner, decode, report, cli.
+Modules: presets (the baseline configs), runs (what a comparison trains, checked), runner (training),
+decode (decoding latency and samples), report, assemble (one report from parts), cli. The arms themselves
+are :mod:`leanformer.arms`.
 """
 
-from leanformer.compare.arms import ARMS, arm_config, parse_arms
 from leanformer.compare.presets import PRESETS, Preset, get_preset
-from leanformer.compare.runner import execute, plan
+from leanformer.compare.runner import execute
+from leanformer.compare.runs import plan
 
-__all__ = ["ARMS", "PRESETS", "Preset", "arm_config", "execute", "get_preset", "parse_arms", "plan"]
+__all__ = ["PRESETS", "Preset", "execute", "get_preset", "plan"]

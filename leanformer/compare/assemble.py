@@ -18,9 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from leanformer.compare.arms import ARMS, BASELINE
+from leanformer.arms import ARMS, BASELINE
 from leanformer.compare.presets import get_preset
-from leanformer.compare.runner import PLAN_FILE, Plan, Run, _comparable
+from leanformer.compare.report import write_report
+from leanformer.compare.runs import PLAN_FILE, Plan, Run, comparable
 from leanformer.config import ConfigError, RunConfig, from_dict
 
 RUN_FILES = ("done.json", "metrics.jsonl", "config.yaml")
@@ -44,8 +45,6 @@ def _run_folders(part: Path, arm: str, seeds: list[int]) -> dict[int, Path]:
 def assemble(parts: list[str | Path], out: str | Path, command: str = "") -> Path:
     """Check ``parts`` (compare output folders), gather their finished runs into ``out`` and write
     ``out/report.md``; returns its path. Raises :class:`ConfigError` naming the part that does not fit."""
-    from leanformer.compare.report import write_report
-
     if not parts:
         raise ConfigError("--report-only needs --from with at least one compare output folder")
     folders = [Path(p) for p in parts]
@@ -55,7 +54,7 @@ def assemble(parts: list[str | Path], out: str | Path, command: str = "") -> Pat
         for key in ("preset", "seeds"):
             if info[key] != first[key]:
                 raise ConfigError(f"{folder}: {key} {info[key]!r} differs from {folders[0]}'s {first[key]!r}")
-        if _comparable(info["base"]) != _comparable(first["base"]):
+        if comparable(info["base"]) != comparable(first["base"]):
             raise ConfigError(f"{folder} was trained with another base config than {folders[0]}; "
                               "parts of one comparison must share preset, --set and --data")
     preset = get_preset(first["preset"])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from leanformer.compare.arms import ARMS
+from leanformer.arms import ARMS
 from leanformer.compare.presets import PRESETS
+from leanformer.compare.runs import DEFAULT_ARMS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "samples, configs and metrics.jsonl into --out. Re-running with the same --out resumes: finished "
         "arms are not retrained.")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "arms:\n" + "\n".join(f"  {a.name:16s} {a.description}" for a in ARMS.values()) + \
+    parser.epilog = "arms (* in --arms all):\n" + "\n".join(
+        f"{'*' if a.name in DEFAULT_ARMS else ' '} {a.name:16s} {a.description}" for a in ARMS.values()) + \
         "\npresets:\n" + "\n".join(f"  {p.name:16s} {p.description}" for p in PRESETS.values())
     parser.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (default: cpu)")
     parser.add_argument("--data",
@@ -58,7 +60,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leanformer.compare.runner import execute, plan
+    from leanformer.compare.runner import execute
+    from leanformer.compare.runs import plan
     from leanformer.config import ConfigError
 
     if args.report_only:

@@ -1,35 +1,24 @@
 """Decoding cost of a trained model: greedy ms/token with the cache, memory, and a greedy sample.
 
 Latency (batch 1): a random prompt of ``L`` tokens fills the cache (not timed), then each decoding
-step ``model(next_token, cache)`` + argmax is timed after ``warmup`` untimed steps; the median is
-reported. On CUDA the step is the static decoder's CUDA graph (:mod:`leanformer.decoding`, as
-``generate`` decodes there), timed with CUDA events. On CPU decoding runs on one thread (batch-1
+step ``model(next_token, cache)`` + argmax is timed (:func:`leanformer.bench.timing.time_once`) after
+``warmup`` untimed steps; the median is reported. On CUDA the step is the static decoder's CUDA graph
+(:mod:`leanformer.decoding`, as ``generate`` decodes there). On CPU decoding runs on one thread (batch-1
 decoding of a small model gains little from more, and a busy machine makes multi-threaded timings erratic).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed decode at that context; everywhere
 the bytes of the decoding cache (``DecodeCache.memory_bytes``: K/V grow with ``L``, DiJiang's recurrent
-state does not). Training memory (:func:`peak_memory_start` / :func:`peak_memory_bytes`): on CUDA the
-allocator's peak, on CPU the process's peak resident set (``VmHWM``, reset per arm through
-``/proc/self/clear_refs`` where Linux allows it, else ``getrusage``'s lifetime peak).
+state does not).
 """
 
 from __future__ import annotations
 
-import resource
-import statistics
-import sys
-import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
+from leanformer.bench.timing import summarize, time_once
 from leanformer.model import TransformerLM
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device):
@@ -63,31 +52,24 @@ def _decode_latency(model: TransformerLM, device: torch.device, contexts, n_toke
     out: dict[str, dict[str, float]] = {}
     for L in contexts:
         prompt = torch.randint(0, model.cfg.vocab_size, (1, L), generator=g).to(device)
-        if device.type == "cuda":
-            out[str(L)] = _graph_latency(model, prompt, n_tokens, warmup)
-            continue
-        cache = model.new_cache()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        with _autocast(device):
-            logits, _ = model(prompt, cache=cache)
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            times = []
-            for i in range(warmup + n_tokens):
-                _sync(device)
-                t0 = time.perf_counter()
-                logits, _ = model(nxt, cache=cache)
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                _sync(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-        rec = {"ms_per_token": 1000 * statistics.median(times), "cache_bytes": cache.memory_bytes()}
-        if device.type == "cuda":
-            rec["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        out[str(L)] = rec
-        del cache, logits
+        latency = _graph_latency if device.type == "cuda" else _eager_latency
+        out[str(L)] = latency(model, prompt, n_tokens, warmup)
     return out
+
+
+def _eager_latency(model: TransformerLM, prompt: torch.Tensor, n_tokens: int, warmup: int) -> dict[str, float]:
+    """Batch-1 ms/token of ``model(next_token, cache)`` + argmax after the prompt, and the cache's bytes."""
+    cache = model.new_cache()
+    nxt = model(prompt, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
+
+    def step() -> None:
+        nonlocal nxt
+        nxt = model(nxt, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
+
+    for _ in range(warmup):
+        step()
+    times = [time_once(step, prompt.device) for _ in range(n_tokens)]
+    return {"ms_per_token": summarize(times).median_ms, "cache_bytes": cache.memory_bytes()}
 
 
 def _graph_latency(model: TransformerLM, prompt: torch.Tensor, n_tokens: int, warmup: int) -> dict[str, float]:
@@ -103,15 +85,8 @@ def _graph_latency(model: TransformerLM, prompt: torch.Tensor, n_tokens: int, wa
     dec.capture()
     for _ in range(warmup):
         dec.step()
-    times = []
-    for _ in range(n_tokens):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dec.step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"ms_per_token": statistics.median(times), "cache_bytes": dec.cache.memory_bytes(),
+    times = [time_once(dec.step, device) for _ in range(n_tokens)]
+    return {"ms_per_token": summarize(times).median_ms, "cache_bytes": dec.cache.memory_bytes(),
             "peak_bytes": torch.cuda.max_memory_allocated(device)}
 
 
@@ -126,33 +101,3 @@ def greedy_sample(model: TransformerLM, tokenizer, prompt: str, n_tokens: int) -
     with _autocast(device):
         out = model.generate(torch.tensor([ids], device=device), n_tokens, temperature=0)
     return tokenizer.decode(out[0].tolist())
-
-
-# ---------------------------------------------------------------------------- training peak memory
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def peak_memory_start(device: torch.device) -> str:
-    """Reset the peak-memory counter for ``device``; returns what :func:`peak_memory_bytes` will measure."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "CUDA max_memory_allocated"
-    try:
-        _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return "peak RSS (VmHWM, reset per arm)"
-    except OSError:
-        return "peak RSS of the process so far (getrusage)"
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """The peak since :func:`peak_memory_start` (see the module docstring for what that is)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)

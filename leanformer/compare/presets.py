@@ -5,7 +5,7 @@ for it). It is the simplified-blocks paper's (He & Hofmann 2024, official code),
 for Pre-LN and SAS alike: AdamW, betas (0.9, 0.999), weight decay 0.1 (not on gains, norms, biases),
 gradient clip 1.0, 5% linear warm-up then linear decay to zero. The learning rate is scaled to the
 preset's width. ``dijiang_convert`` has its own (the DiJiang fine-tune recipe, see
-:func:`leanformer.compare.arms.finetune_config`).
+:func:`leanformer.compare.runs.finetune_config`).
 
 The model family is the simplified-blocks paper's too: RMSNorm, ReLU MLP of width 4d, no biases, RoPE.
 NOBLE's rank keeps the paper's parameter overhead (r = 32 at d = 768, about 6%): r = d_model / 24.
@@ -23,9 +23,7 @@ from typing import Any
 
 from leanformer.config import ConfigError
 
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s (SXM)
-
-_RECIPE = {
+RECIPE = {  # the simplified-blocks paper's (the module docstring)
     "betas": [0.9, 0.999], "weight_decay": 0.1, "grad_clip": 1.0, "warmup_frac": 0.05,
     "schedule": "linear", "min_lr_ratio": 0.0,
 }
@@ -57,7 +55,7 @@ class Preset:
 def _run(model: dict, train: dict, data: dict) -> dict[str, Any]:
     d = model["d_model"]
     model = {**_FAMILY, "noble": {"rank": max(4, d // 24)}, **model}
-    return {"model": model, "train": {**_RECIPE, **train}, "data": data}
+    return {"model": model, "train": {**RECIPE, **train}, "data": data}
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -106,26 +104,3 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def training_flops(preset: Preset, n_arms_from_scratch: int = 7) -> float:
-    """Training FLOPs of a whole comparison: the from-scratch arms plus the converted arm's fine-tune,
-    from :meth:`TransformerLM.flops_per_token` of the baseline (6N + attention; Kaplan et al. 2020)."""
-    from leanformer.config import RunConfig, from_dict
-    from leanformer.model import TransformerLM
-
-    cfg = from_dict(RunConfig, preset.run_dict()).validate()
-    cfg.model.vocab_size = cfg.data.vocab_size
-    import torch
-
-    with torch.device("meta"):
-        model = TransformerLM(cfg.model)
-    t = cfg.train
-    tokens = t.steps * t.batch_size * t.seq_len * t.grad_accum
-    per_arm = model.flops_per_token(t.seq_len) * tokens
-    return per_arm * (n_arms_from_scratch + preset.convert_fraction)
-
-
-def estimated_seconds(preset: Preset, peak_flops: float = H100_BF16_PEAK, mfu: float = 0.4) -> float:
-    """Training time of all arms at ``mfu`` of ``peak_flops`` (evaluation and decoding not counted)."""
-    return training_flops(preset) / (peak_flops * mfu)

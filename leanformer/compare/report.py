@@ -11,13 +11,14 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
-from leanformer.compare.arms import ARMS, BASELINE
+from leanformer.arms import ARMS, BASELINE
+from leanformer.compare.presets import RECIPE
+from leanformer.compare.runs import Plan
+from leanformer.train.metrics import read_steps
 
 PLOTS = {
     "val_loss_vs_steps": "val_loss_vs_steps.png",
@@ -47,7 +48,10 @@ def reach(evals: list[dict[str, Any]], target: float) -> tuple[float, float] | N
     return None
 
 
-def throughput(records: list[dict[str, Any]], skip_frac: float = 0.1) -> float | None:
+THROUGHPUT_SKIP = 0.1  # the share of the logged steps left out of the training tokens/s (warm-up)
+
+
+def throughput(records: list[dict[str, Any]], skip_frac: float = THROUGHPUT_SKIP) -> float | None:
     """Training tokens/s over the logged steps after the first ``skip_frac`` of them (warm-up excluded)."""
     recs = [r for r in records if "train_seconds" in r and r.get("step", 0) > 0]
     if not recs:
@@ -114,10 +118,14 @@ def _mib(values: list[float | None]) -> str:
 
 def machines_line(results: dict[tuple[str, int], dict[str, Any]]) -> str:
     """The machine the arms ran on (each run's record names its own), or one per arm when they differ
-    (a comparison assembled from parts)."""
-    named = {key: r.get("machine") for key, r in results.items()}
-    if not all(named.values()):
-        return f"Machine: {machine_line(results)}"
+    (a comparison assembled from parts); records without one (older parts) get this machine's."""
+    import torch
+
+    from leanformer.bench.machine import machine_string
+
+    cuda = any(str(r.get("device", "")).startswith("cuda") for r in results.values())
+    here = machine_string(torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu"))
+    named = {key: r.get("machine") or here for key, r in results.items()}
     kinds = sorted(set(named.values()))
     if len(kinds) == 1:
         return f"Machine: {kinds[0]}"
@@ -143,35 +151,14 @@ def data_line(plan, results: dict[tuple[str, int], dict[str, Any]]) -> str:
     return text
 
 
-def machine_line(results: dict) -> str:
-    """GPU name if the runs used CUDA, else the CPU model from /proc/cpuinfo and the core count."""
-    import torch
-
-    cuda = any(str(r.get("device", "")).startswith("cuda") for r in results.values())
-    if cuda and torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name(0)}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU: {model}, {cores} cores, {torch.get_num_threads()} torch threads"
-
-
 # ---------------------------------------------------------------------------- the report
-def write_report(plan, results: dict[tuple[str, int], dict[str, Any]], elapsed: float | None) -> Path:
+def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], elapsed: float | None) -> Path:
     """Write ``report.md``, the plots and the combined ``metrics.jsonl`` into ``plan.out``."""
     import torch
 
-    from leanformer.compare.runner import read_metrics
-
     out = plan.out
     longest = str(max(plan.preset.decode_contexts))
-    metrics = {(r.arm, r.seed): read_metrics(r.dir) for r in plan.runs}
+    metrics = {(r.arm, r.seed): read_steps(r.dir / "metrics.jsonl") for r in plan.runs}
     seeds = sorted({r.seed for r in plan.runs})
     rows: dict[str, list[dict[str, Any]]] = {a: [] for a in plan.arms}
     base_rows: dict[int, dict[str, Any]] = {}
@@ -271,9 +258,65 @@ def _table(plan, rows: dict[str, list[dict[str, Any]]], longest: str, mem_kind: 
     return "\n".join(lines)
 
 
-def _notes(plan, longest: str, mem_kind: str, cuda: bool) -> list[str]:
+_POSITIONS = {"rope": "RoPE", "learned": "learned positions", "none": "no position encoding"}
+_ACTIVATIONS = {"cosnet": "CosNet", "silu": "SiLU", "gelu": "GELU", "tanh": "tanh"}
+
+
+def _run_config(plan: Plan, arm: str):
+    """The config of ``arm``'s first run (other seeds differ only in ``train.seed``)."""
+    return next(r.cfg for r in plan.runs if r.arm == arm)
+
+
+def _recipe(t) -> str:
+    """The optimizer recipe of the from-scratch arms, as configured; named after its source when it is the
+    preset's unchanged (the simplified-blocks paper's)."""
+    text = (f"AdamW lr {t.lr:g}, betas {tuple(t.betas)}, weight decay {t.weight_decay} (matrices only), clip "
+            f"{t.grad_clip}, {t.warmup_frac:.0%} warm-up then {t.schedule} decay to {t.min_lr_ratio:g}× lr")
+    paper = all((list(getattr(t, k)) if k == "betas" else getattr(t, k)) == v for k, v in RECIPE.items())
+    return f"the simplified-blocks paper's, {text}" if paper else text
+
+
+def _family(m) -> str:
+    """The baseline model's family: norm, MLP, positions, biases."""
+    attn, mlp = m.linear_bias("q"), m.linear_bias("ffn_in")
+    biases = {(False, False): "no biases", (True, True): "biases"}.get(
+        (attn, mlp), "attention biases only" if attn else "MLP biases only")
+    return f"{m.norm}, {m.ffn_act} MLP, {_POSITIONS.get(m.pos, m.pos)}, {biases}"
+
+
+def _noble(plan: Plan) -> tuple[str, bool]:
+    """The NOBLE settings of the arms that use it, grouped (``""`` when none does), and whether any of
+    them has the per-parameter learning-rate multipliers."""
+    groups: dict[str, list[str]] = {}
+    mults = False
+    for arm in plan.arms:
+        n = _run_config(plan, arm).model.noble
+        if not n.enabled:
+            continue
+        what = (f"rank ratio {n.rank_ratio:g}" if n.rank_ratio else f"rank {n.rank}") + \
+            f", {_ACTIVATIONS.get(n.activation, n.activation)}" + \
+            (", W keeps the LM's init" if n.main_init == "model" else "")
+        groups.setdefault(what, []).append(f"`{arm}`")
+        mults = mults or n.lr_mults
+    return "; ".join(f"NOBLE {what} ({', '.join(arms)})" for what, arms in groups.items()), mults
+
+
+def _converted(plan: Plan, arm: str) -> str:
+    """How converted arm ``arm`` was made, from its fine-tune config."""
+    cfg, base = _run_config(plan, arm), plan.base.train
+    t = cfg.train
+    loss = "LM loss" if not t.distill_weight else f"LM loss + {t.distill_weight:g} × KL to the parent's logits"
+    return (f"- ¹ `{arm}`: the finished `{ARMS[arm].parent}` model converted with "
+            f"`convert_to_dijiang(feature_map={cfg.model.dijiang.feature_map!r})`, then fine-tuned on "
+            f"{t.steps / base.steps:.0%} of its tokens (AdamW lr {t.lr / base.lr:g}× the baseline's, betas "
+            f"{tuple(t.betas)}, weight decay {t.weight_decay:g}, {t.schedule} with {t.warmup_frac:.0%} warm-up, "
+            f"{loss}). Its steps, seconds and tokens are the fine-tune's alone (the parent's are in brackets); "
+            "in the plots its curve starts where the parent's ends.")
+
+
+def _notes(plan: Plan, longest: str, mem_kind: str, cuda: bool) -> list[str]:
     p, t = plan.preset, plan.base.train
-    conv = [a for a in plan.arms if ARMS[a].parent is not None]
+    noble, mults = _noble(plan)
     notes = [
         "Notes:",
         f"- Target: the baseline (`{BASELINE}`) final validation loss with the same seed; steps and seconds "
@@ -282,12 +325,10 @@ def _notes(plan, longest: str, mem_kind: str, cuda: bool) -> list[str]:
         "without evaluation. Ratios are arm ÷ baseline: below 1 is better for steps, seconds and decoding "
         "latency, above 1 is better for tokens/s.",
         f"- One optimizer recipe for every arm trained from scratch (fairest: no arm gets a recipe tuned for "
-        f"it): the simplified-blocks paper's, AdamW lr {t.lr:g}, betas {tuple(t.betas)}, weight decay "
-        f"{t.weight_decay} (matrices only), clip {t.grad_clip}, {t.warmup_frac:.0%} warm-up then "
-        f"{t.schedule} decay to {t.min_lr_ratio:g}× lr. NOBLE's per-parameter lr multipliers apply on top. "
-        f"Model family: {plan.base.model.norm}, {plan.base.model.ffn_act} MLP, RoPE, no biases; NOBLE "
-        f"rank {plan.base.model.noble.rank}, CosNet.",
-        "- Training tok/s: tokens over training seconds for the logged steps after the first 10%.",
+        f"it): {_recipe(t)}." + (" NOBLE's per-parameter lr multipliers apply on top." if mults else "")
+        + f" Model family: {_family(plan.base.model)}" + (f"; {noble}." if noble else "."),
+        f"- Training tok/s: tokens over training seconds for the logged steps after the first "
+        f"{THROUGHPUT_SKIP:.0%}.",
         f"- Decoding: batch 1, greedy, with the cache, after a prompt of {longest} random tokens; median of "
         f"{p.decode_tokens} steps after {p.decode_warmup} warm-up steps. "
         + ("Decode memory: CUDA max_memory_allocated during those steps." if cuda else
@@ -296,14 +337,7 @@ def _notes(plan, longest: str, mem_kind: str, cuda: bool) -> list[str]:
         + ("." if cuda else "; it includes the process's own memory (Python, torch, the memory-mapped data "
            "and what earlier arms left allocated), so compare the differences between arms."),
     ]
-    if conv:
-        notes.append(
-            f"- ¹ `dijiang_convert`: the finished `{BASELINE}` model converted with "
-            f"`convert_to_dijiang(feature_map='paper')`, then fine-tuned on {p.convert_fraction:.0%} of its "
-            f"tokens with the DiJiang recipe (AdamW lr {p.convert_lr_ratio:g}× the baseline's, betas (0.9, "
-            f"0.95), weight decay 0.1, cosine with {p.convert_warmup_frac:.0%} warm-up, LM loss). Its steps, "
-            "seconds and tokens are the fine-tune's alone (the parent's are in brackets); in the plots its "
-            "curve starts where the parent's ends.")
+    notes += [_converted(plan, a) for a in plan.arms if ARMS[a].parent is not None]
     return notes
 
 

@@ -10,7 +10,6 @@ expressible there; each family function below is the exact inverse of its import
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -236,12 +235,3 @@ def _token_id(tokenizer_json: Path, token: str) -> int | None:
     from tokenizers import Tokenizer as HFTokenizer
 
     return HFTokenizer.from_file(str(tokenizer_json)).token_to_id(token)
-
-
-def copy_tokenizer(src_dir: str | Path, out_dir: str | Path) -> bool:
-    """Copy ``tokenizer.json`` from a model folder to another; False if there is none."""
-    src = Path(src_dir) / "tokenizer.json"
-    if not src.exists():
-        return False
-    shutil.copyfile(src, Path(out_dir) / "tokenizer.json")
-    return True

@@ -255,12 +255,12 @@ def fla_available() -> bool:
 def fla_unavailable_reason(device: torch.device) -> str | None:
     """Why the fla backend cannot run on ``device`` (no CUDA, not installed, broken import), or ``None``."""
     if device.type != "cuda":
-        return "unavailable: needs fla and CUDA"
+        return "needs fla and CUDA"
     try:
         if not fla_available():
-            return "unavailable: fla is not installed"
+            return "fla is not installed"
     except Exception as e:  # noqa: BLE001 - fla present but broken (version mismatch with torch/triton)
-        return f"unavailable: fla import failed ({type(e).__name__}: {e})"[:300]
+        return f"fla import failed ({type(e).__name__}: {e})"[:300]
     return None
 
 

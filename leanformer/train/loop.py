@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from leanformer.config import ConfigError, RunConfig
+from leanformer.device import resolve_device
 from leanformer.model import TransformerLM
 from leanformer.train import distributed as dist_utils
 from leanformer.train import metrics as metrics_file
@@ -37,14 +38,6 @@ from leanformer.train.lock import OutputLock
 from leanformer.train.mfu import peak_flops_for
 from leanformer.train.optim import build_optimizer, lr_at, param_tags, set_lr
 from leanformer.train.signals import SaveTimer, StopRequest, TrainingInterrupted, agree
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def compile_enabled(setting: bool | str, device: torch.device) -> bool:

@@ -38,6 +38,13 @@ def read_records(path: str | Path, *, warn: bool = False) -> list[dict[str, Any]
     return records
 
 
+def read_steps(path: str | Path) -> list[dict[str, Any]]:
+    """One record per step, in step order (the last one written wins where a step appears twice: the
+    files of runs resumed before :func:`restart_at` cut them back)."""
+    by_step = {r["step"]: r for r in read_records(path)}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def rewrite(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Replace ``path`` by ``records`` atomically (temporary file, fsync, rename)."""
     path = Path(path)

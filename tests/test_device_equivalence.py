@@ -1,0 +1,179 @@
+"""The fast paths in float32 and bfloat16 against float64 references, on every device present (the CPU
+always, CUDA where there is one: ``benchmarks/gpu.sh`` runs this file on the GPU machine).
+
+Each check records its error (max |out − ref| / max |ref|) and tolerance as JUnit properties, which
+``benchmarks/gpu_check.py`` tabulates: DiJiang's parallel / chunk / recurrent forms (and fla's kernels,
+CUDA + fla only), forward and gradients; DiJiang's cached decoding against its full forward; NOBLE's fused
+and plain products; shaped attention's fast form against its materialised reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanformer.ops import decayed_linear_attention as dla
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+FLA_FP32_TOL = 5e-3  # fla's Triton kernels compute float32 products in TF32 (10-bit mantissa)
+
+
+@pytest.fixture(autouse=True)
+def _true_float32(device):
+    """Float32 checks in true float32 on CUDA (no TF32), restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out − ref| / max |ref| (float64)."""
+    ref = ref.double()
+    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture
+def check(record_property):
+    """``check(err, tol)``: record the error and tolerance, then assert the error is within it."""
+    def run(err: float, tol: float) -> None:
+        record_property("max_rel_err", err)
+        record_property("tol", tol)
+        assert err <= tol, f"max relative error {err:.2e} > {tol}"
+    return run
+
+
+def _needs_fla(device: torch.device) -> None:
+    if device.type != "cuda" or not dla.fla_available():
+        pytest.skip("fla's kernels need CUDA and fla")
+
+
+# ---------------------------------------------------------------------------- DiJiang's forms
+def _dijiang_inputs(device: torch.device):
+    """Feature-mapped q, k (the model's paper map and stabilisers), v, log γ and the keys' log-normaliser;
+    T not a multiple of the chunk size, so the ragged tail is exercised."""
+    from leanformer.config import TransformerConfig
+    from leanformer.layers.dijiang import DiJiangAttention
+
+    B, H, D, T = 2, 4, 64, (300 if device.type == "cuda" else 100)
+    torch.manual_seed(0)
+    attn = DiJiangAttention(TransformerConfig(d_model=H * D, n_heads=H, attention="dijiang").validate(), 0)
+    attn = attn.to(device)
+    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
+    lg = attn.log_gamma().float()
+    with torch.no_grad():
+        fq, fk, n, _ = attn.features(q, k, lg, None)
+    return fq.float(), fk.float(), v, lg, n.float()
+
+
+FORMS = {"parallel": dla.parallel, "chunk": dla.chunk, "recurrent": dla.recurrent,
+         "fla_chunk": dla.fla_chunk, "fla_recurrent": dla.fla_recurrent}
+OURS = {"fla_chunk": "chunk", "fla_recurrent": "recurrent"}
+
+
+def _form_tol(form: str, dtype: torch.dtype) -> float:
+    return FLA_FP32_TOL if form.startswith("fla") and dtype == torch.float32 else TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_dijiang_form_forward_matches_float64(device, check, form, dtype):
+    if form.startswith("fla"):
+        _needs_fla(device)
+    fq, fk, v, lg, n = _dijiang_inputs(device)
+    ref = dla.parallel(fq.double(), fk.double(), v.double(), lg.double(), log_norm=n.double())[0]
+    out = FORMS[form](fq.to(dtype), fk.to(dtype), v.to(dtype), lg, log_norm=n)[0]
+    check(rel_err(out, ref), _form_tol(form, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("form", list(OURS))
+def test_fla_kernel_matches_our_form_in_the_same_dtype(device, check, form, dtype):
+    _needs_fla(device)
+    fq, fk, v, lg, n = _dijiang_inputs(device)
+    args = [t.to(dtype) for t in (fq, fk, v)]
+    theirs = FORMS[form](*args, lg, log_norm=n)[0]
+    ours = FORMS[OURS[form]](*args, lg, log_norm=n)[0]
+    check(rel_err(theirs, ours), FLA_FP32_TOL if dtype == torch.float32 else TOL[dtype])
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_dijiang_form_float32_gradients_match_float64(device, check, form):
+    if form.startswith("fla"):
+        _needs_fla(device)
+    fq, fk, v, lg, n = _dijiang_inputs(device)
+    g = torch.randn_like(v)
+    leaves64 = [t.double().requires_grad_() for t in (fq, fk, v)]
+    dla.parallel(*leaves64, lg.double(), log_norm=n.double())[0].backward(g.double())
+    leaves = [t.clone().requires_grad_() for t in (fq, fk, v)]
+    FORMS[form](*leaves, lg, log_norm=n)[0].backward(g)
+    check(max(rel_err(a.grad, b.grad) for a, b in zip(leaves, leaves64)),
+          FLA_FP32_TOL if form.startswith("fla") else TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["chunk", "fla"])
+def test_dijiang_model_decoding_matches_its_full_forward(device, check, mode):
+    """A multi-token prompt, then one token at a time through the recurrent state, float32."""
+    from leanformer.config import TransformerConfig
+    from leanformer.model import TransformerLM
+
+    if mode == "fla":
+        _needs_fla(device)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, attention="dijiang")
+    cfg.dijiang.mode = mode
+    model = TransformerLM(cfg).to(device).eval()
+    idx = torch.randint(0, 512, (2, 80), device=device)
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = model.new_cache()
+        steps = [model(idx[:, :40], cache=cache)[0]]
+        steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(40, 80)]
+    check(rel_err(torch.cat(steps, 1), full), FLA_FP32_TOL if mode == "fla" else TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------- NOBLE
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_noble_output_and_gradients_match_float64(device, check, fused, dtype):
+    """Output, dx, dW and dW_down of one NobleLinear with a branch large enough to matter."""
+    from leanformer.layers.noble import NobleLinear
+
+    d, tokens = (768, 8192) if device.type == "cuda" else (64, 256)
+    torch.manual_seed(0)
+    layer = NobleLinear(d, d, bias=True, rank=32).to(device)
+    with torch.no_grad():
+        layer.up.weight.normal_(0, 0.5 / 32 ** 0.5)
+    x, g = torch.randn(tokens, d, device=device), torch.randn(tokens, d, device=device)
+
+    def run(fused: bool, dtype: torch.dtype | None, double: bool = False):
+        m = NobleLinear(d, d, bias=True, rank=32, fused=fused).to(device)
+        m.load_state_dict(layer.state_dict())
+        xin = x.clone()
+        if double:
+            m, xin = m.double(), xin.double()
+        xin.requires_grad_()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            y = m(xin)
+        y.backward(g.to(y.dtype))
+        return y.detach(), xin.grad, m.weight.grad, m.down.weight.grad
+
+    ref = run(False, None, double=True)
+    out = run(fused, dtype)
+    check(max(rel_err(a, b) for a, b in zip(out, ref)), 3e-2 if dtype is not None else 1e-5)
+
+
+# ---------------------------------------------------------------------------- shaped attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_shaped_attention_fast_form_matches_float64_reference(device, check, dtype):
+    from leanformer.layers.shaped import shaped_attention, shaped_attention_reference
+
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 256, 64
+    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
+    a, b, c = (torch.rand(H, device=device) + 0.5 for _ in range(3))
+    ref = shaped_attention_reference(*(t.double() for t in (q, k, v, a, b, c)))
+    check(rel_err(shaped_attention(q.to(dtype), k.to(dtype), v.to(dtype), a, b, c), ref), TOL[dtype])
