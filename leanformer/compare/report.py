@@ -227,7 +227,8 @@ def write_report(plan, results: dict[tuple[str, int], dict[str, Any]], elapsed: 
     ]
     for arm in plan.arms:
         sample = results[(arm, first[arm].seed)].get("sample")
-        lines += [f"**{arm}**", "", "```", sample if sample is not None else "(none: no tokenizer, or an encoder)", "```", ""]
+        shown = sample if sample is not None else "(none: no tokenizer, or an encoder)"
+        lines += [f"**{arm}**", "", "```", shown, "```", ""]
     lines += ["## Configs", "", f"The exact config of each arm (seed {seeds[0]}; other seeds differ only in "
               "`train.seed`), also in `arms/<arm>/config.yaml`.", ""]
     for arm in plan.arms:

@@ -11,15 +11,16 @@ bidirectional, ``C = 𝟙𝟙ᵀ/T``. With ``W_Q = 0`` at init the softmax equal
 
 The fast form never builds a T×T matrix: ``β · SDPA(q, k, v) + α · v_own − γ · mean(v)``, the mean being
 the causal running mean (a cumulative sum over time, continued from a cached sum when decoding) or the
-global mean.
-
-Padding (``key_mask`` (B, Tk), True = token): the softmax gives padded keys no weight and ``C`` is the
-attention of zero logits over the tokens only: row ``i`` holds ``1/n_i`` on the tokens it may see
-(causal: the tokens at positions ≤ i; bidirectional: all of them), ``n_i`` their number, 0 on padding. So
-a token's output is what the sequence without its padding gives, and ``W_Q = 0`` still makes ``A = I``
-on the tokens. A padded query sees only itself in the softmax (no empty row) and its ``C`` row is the
-same as a token's would be there (zero if it sees no token); its output is never read by a token. The official code slices its identity ``[:Tk, :Tk]`` under a KV cache (wrong rows), which
+global mean. The official code slices its identity ``[:Tk, :Tk]`` under a KV cache (wrong rows), which
 :func:`shaped_attention` gets right; its :func:`shaped_attention_reference` twin materialises ``A``.
+
+Padding (``key_mask`` (B, Tk), True = token; a full pass, no cache): the softmax gives padded keys no
+weight, and ``C`` is the attention of zero logits over the tokens only: row ``i`` holds ``1/n_i`` on the
+tokens it may see (causal: the tokens at positions ≤ i; bidirectional: all of them), ``n_i`` their
+number, and 0 on padding. So a token's output is the one the sequence without its padding gives (padding
+at the end keeps every position), and ``W_Q = 0`` still makes ``A = I`` on the tokens. A padded query
+also sees itself in the softmax (no row is empty) and gets the same ``C`` row as a token there would
+(all zero if it sees no token); its output is never read by a token.
 """
 
 from __future__ import annotations

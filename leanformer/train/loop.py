@@ -35,7 +35,7 @@ from leanformer.train.checkpoint import (
 )
 from leanformer.train.lock import OutputLock
 from leanformer.train.mfu import peak_flops_for
-from leanformer.train.mlm import MaskingRule, masked_eval_batches, mlm_metrics, seeded_generator
+from leanformer.train.mlm import MaskingRule, masked_eval_batches, masking_rule, mlm_metrics, seeded_generator
 from leanformer.train.optim import build_optimizer, lr_at, param_tags, set_lr
 from leanformer.train.signals import SaveTimer, StopRequest, TrainingInterrupted, agree
 
@@ -131,14 +131,10 @@ class Trainer:
     def _add_mask_token(self, data, model: TransformerLM | None):
         """MLM: ``data`` with a mask token (:func:`leanformer.data.with_mask_token`) and the masking rule.
         A model built here gets the one extra embedding row that a ``[MASK]`` added to the tokenizer needs."""
-        from leanformer.data import with_mask_token
-
         plain = data.vocab_size
-        data, mask_id = with_mask_token(data)
+        data, self.masking = masking_rule(data, self.cfg.train.mask_rate)
         if model is None and self.cfg.model.vocab_size == plain < data.vocab_size:
             self.cfg.model.vocab_size = data.vocab_size
-        special = (data.tokenizer.eot_id,) if data.tokenizer is not None else ()
-        self.masking = MaskingRule(mask_id, plain, self.cfg.train.mask_rate, special)
         return data
 
     def _mask(self, x: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
