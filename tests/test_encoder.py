@@ -269,6 +269,8 @@ def test_crammed_bert_config_is_the_papers_shape():
     assert (m.n_layers, m.d_model, m.n_heads, m.causal, m.block) == (16, 768, 12, False, "preln")
     assert (t.seq_len, t.mask_rate, cfg.objective, d.vocab_size) == (128, 0.25, "mlm", 32768)
     assert "Geiping" in (CONFIG_DIR / "crammed_bert.yaml").read_text()
+    small = load_run_config("crammed_bert_cpu")
+    assert (small.objective, small.train.mask_rate, small.model.causal) == ("mlm", 0.25, False)
     m.vocab_size = d.vocab_size
     with torch.device("meta"):
         n = TransformerLM(m).num_params(non_embedding=True)
