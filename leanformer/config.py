@@ -236,6 +236,7 @@ class TrainConfig:
     save_every: int = 0  # also save every N steps (0: by time and at the end only)
     save_every_minutes: float = 10.0  # save when this much wall time has passed since the last save (0: off)
     seed: int = 1337
+    sampling: str = "random"  # random: windows at random offsets | epoch: disjoint windows, shuffled per pass
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA) | float32 | bfloat16
     compile: bool | str = "auto"  # auto: torch.compile on CUDA, eager on CPU | true | false
@@ -263,6 +264,7 @@ class TrainConfig:
         if self.distill_temperature <= 0:
             raise ConfigError(f"train.distill_temperature={self.distill_temperature} must be > 0")
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice("train.sampling", self.sampling, ("random", "epoch"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _choice("train.distributed", self.distributed, ("ddp", "fsdp"))
@@ -287,12 +289,17 @@ class DataConfig:
     vocab_size: int = 4096
     val_fraction: float = 0.05
     max_files: int | None = None  # cap the built-in corpus (tests)
+    max_chars: int | None = None  # cap the built-in corpus: whole files, drawn by a hash of their path
+    tokenizer_chars: int | None = None  # train the BPE on this many characters of the train split (None: all)
     cache_dir: str | None = None  # None: ~/.cache/leanformer
 
     def validate(self) -> DataConfig:
         _choice("data.builtin", self.builtin, ("stdlib", "site", "all"))
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        for name in ("max_chars", "tokenizer_chars"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1 (or null: no cap)")
         if self.vocab_size < 260:
             raise ConfigError(f"data.vocab_size={self.vocab_size} must be >= 260 (256 bytes + specials)")
         return self

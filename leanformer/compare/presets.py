@@ -91,8 +91,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         _run(model={"d_model": 768, "n_layers": 12, "n_heads": 12, "max_seq_len": 1024},
              train={"steps": 3100, "batch_size": 32, "seq_len": 1024, "lr": 1e-3, "eval_every": 250,
                     "eval_batches": 16, "log_every": 50, "save_every": 0, "device": "auto",
-                    "dtype": "auto"},
-             data={"vocab_size": 32768, "builtin": "all"}),
+                    "dtype": "auto", "sampling": "epoch"},
+             # disjoint windows from ~480 MB of source (~125M train tokens at ~3.7 characters a token): no
+             # token is a target twice; the BPE learns from 100M characters of it (tokenising is per machine)
+             data={"vocab_size": 32768, "builtin": "all", "max_chars": 480_000_000,
+                   "tokenizer_chars": 100_000_000}),
         decode_contexts=(2048, 8192), decode_tokens=32, decode_warmup=5, sample_tokens=64,
         convert_distill_weight=1.0,
     ),

@@ -21,7 +21,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from leanformer.data.corpus import DataError, TextSource, _text_source
+from leanformer.data.corpus import DataError, TextSource, _text_source, unit_hash
 
 BUILTINS = ("stdlib", "site", "all")
 _SKIP_PARTS = {"__pycache__"}
@@ -70,9 +70,12 @@ def package_files() -> list[tuple[str, Path]]:
     return out
 
 
-def builtin_source(kind: str, val_fraction: float, max_files: int | None = None) -> TextSource:
+def builtin_source(kind: str, val_fraction: float, max_files: int | None = None,
+                   max_chars: int | None = None) -> TextSource:
     """The built-in corpus ``kind`` (one of :data:`BUILTINS`) as a text source; ``max_files`` keeps the first
-    N files in the listed order (tests)."""
+    N files in the listed order (tests); ``max_chars`` keeps whole files drawn in the order of a hash of
+    their path until their sizes reach it (a sample of every package, not the alphabetically first ones;
+    sizes in bytes stand for characters: the source is nearly all ASCII)."""
     if kind not in BUILTINS:
         raise DataError(f"data.builtin={kind!r} is not valid; choose one of {', '.join(BUILTINS)}")
     root, std = stdlib_files() if kind in ("stdlib", "all") else (Path(sys.prefix), [])
@@ -82,6 +85,8 @@ def builtin_source(kind: str, val_fraction: float, max_files: int | None = None)
     keys = [f.relative_to(root).as_posix() for f in std] + [f"site-packages/{pkg}" for pkg, _ in packages]
     if max_files is not None:
         files, keys = files[:max_files], keys[:max_files]
+    if max_chars is not None:
+        files, keys = _sample_by_size(files, keys, max_chars)
     if not files:
         where = {"stdlib": f"the standard library folder {root}",
                  "site": f"the site-packages folders {', '.join(map(str, site_folders())) or '(none)'}",
@@ -96,7 +101,23 @@ def builtin_source(kind: str, val_fraction: float, max_files: int | None = None)
         n_pkg = len({k for k in keys if k.startswith("site-packages/")})
         parts.append(f"installed packages ({n_site} .py files in {n_pkg} top-level packages under "
                      f"{', '.join(map(str, site_folders()))}; split by package)")
+    if max_chars is not None:
+        parts.append(f"files sampled by path hash up to {max_chars:,} bytes")
     src = _text_source(kind, root, files, "text", val_fraction, " + ".join(parts))
     src.split_keys = keys
     src.identity["python"] = sys.version
     return src
+
+
+def _sample_by_size(files: list[Path], keys: list[str], max_chars: int) -> tuple[list[Path], list[str]]:
+    """The files (and their split keys) taken in the order of ``unit_hash(path)`` until their sizes sum to
+    at least ``max_chars``, returned in their original order."""
+    order = sorted(range(len(files)), key=lambda i: unit_hash(files[i].as_posix()))
+    keep, total = [], 0
+    for i in order:
+        if total >= max_chars:
+            break
+        keep.append(i)
+        total += files[i].stat().st_size
+    keep.sort()
+    return [files[i] for i in keep], [keys[i] for i in keep]

@@ -124,18 +124,19 @@ Source = TextSource | ShardSource
 
 
 def resolve_source(path: str | os.PathLike | None, *, text_field: str = "text", val_fraction: float = 0.05,
-                   max_files: int | None = None, builtin: str = "stdlib") -> Source:
+                   max_files: int | None = None, builtin: str = "stdlib", max_chars: int | None = None) -> Source:
     """Turn ``data.path`` into a :class:`TextSource` or :class:`ShardSource` without reading the data.
 
     ``max_files`` keeps the first N files in sorted order (named validation shards are always kept);
-    ``builtin`` picks the built-in corpus used when ``path`` is None (:mod:`leanformer.data.builtin`).
+    ``builtin`` picks the built-in corpus used when ``path`` is None (:mod:`leanformer.data.builtin`), and
+    ``max_chars`` caps it (a user's own data is used whole).
     """
     if max_files is not None and max_files < 1:
         raise DataError(f"data.max_files={max_files} must be >= 1 (or null for all files)")
     if path is None:
         from leanformer.data.builtin import builtin_source
 
-        return builtin_source(builtin, val_fraction, max_files)
+        return builtin_source(builtin, val_fraction, max_files, max_chars)
     spec = str(path)
     p = Path(spec).expanduser()
     if p.is_file():

@@ -135,7 +135,7 @@ def load_data(data_cfg: DataConfig, *, rank: int = 0, progress: bool = True,
     """
     data_cfg.validate()
     src = resolve_source(data_cfg.path, text_field=data_cfg.text_field, val_fraction=data_cfg.val_fraction,
-                         max_files=data_cfg.max_files, builtin=data_cfg.builtin)
+                         max_files=data_cfg.max_files, builtin=data_cfg.builtin, max_chars=data_cfg.max_chars)
     user_tok = tokenizer or (Tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None)
     if isinstance(src, ShardSource):
         return _load_shards(src, user_tok)
@@ -148,6 +148,21 @@ def load_data(data_cfg: DataConfig, *, rank: int = 0, progress: bool = True,
         else:
             _wait_for(folder, wait_timeout)
     return _open_cache(folder)
+
+
+def _sample_chars(docs: list[str], limit: int | None) -> list[str]:
+    """About ``limit`` characters of the documents, every k-th one (k = total // limit, so the sample spans
+    the whole list), the last one cut at the limit; all of them when ``limit`` is None."""
+    if limit is None:
+        return docs
+    step = max(1, sum(map(len, docs)) // limit)
+    out, total = [], 0
+    for doc in docs[::step]:
+        if total >= limit:
+            break
+        out.append(doc[:limit - total])
+        total += len(out[-1])
+    return out
 
 
 def _cache_has_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool:
@@ -183,6 +198,8 @@ def cache_key(src: TextSource, data_cfg: DataConfig, tokenizer: Tokenizer | None
         "format": CACHE_FORMAT, "source": src.identity, "val_fraction": data_cfg.val_fraction,
         "max_files": data_cfg.max_files,
     }
+    if data_cfg.tokenizer_chars is not None:  # keys of uncapped runs stay as they were
+        parts["tokenizer_chars"] = data_cfg.tokenizer_chars
     if tokenizer is not None:
         parts["tokenizer_sha256"] = hashlib.sha256(tokenizer.tok.to_str().encode()).hexdigest()
     elif data_cfg.tokenizer:
@@ -206,11 +223,12 @@ def _build(src: TextSource, data_cfg: DataConfig, folder: Path, user_tok: Tokeni
     try:
         train_docs, val_docs = src.read()
         if user_tok is None:
+            bpe_docs = _sample_chars(train_docs, data_cfg.tokenizer_chars)
             if progress:
-                mb = sum(map(len, train_docs)) / 1e6
+                mb = sum(map(len, bpe_docs)) / 1e6
                 print(f"training a byte-level BPE tokenizer (vocab {data_cfg.vocab_size}) on {mb:.1f}M "
                       f"characters of {src.description}", file=sys.stderr)
-            tok = Tokenizer.train(train_docs, data_cfg.vocab_size)
+            tok = Tokenizer.train(bpe_docs, data_cfg.vocab_size)
         else:
             tok = user_tok
         t_tok = time.perf_counter() - t0

@@ -5,6 +5,11 @@ stream (next-token targets). Training step ``s`` draws ``world_size * B`` offset
 seeded with ``(seed, s)`` and rank ``r`` takes rows ``r*B : (r+1)*B``: ranks see different windows, the
 union over ranks at a step is the same whatever the rank, and the stream depends only on ``(seed, step)``,
 so resuming from ``state_dict()`` draws exactly the batches an uninterrupted run would.
+
+``order="epoch"`` draws disjoint windows instead: the split is cut into ``(N − 1) // T`` windows at
+offsets ``k·T``, shuffled once per pass by a generator seeded with ``(seed, pass)``, and consumed in that
+order across steps and ranks, so no token is a target twice before every window has been used once
+(random offsets repeat some tokens and skip others long before a pass's worth of tokens).
 """
 
 from __future__ import annotations
@@ -39,10 +44,15 @@ class BatchSampler:
     """Random training windows of ``seq_len + 1`` tokens; see the module docstring for the seeding."""
 
     def __init__(self, tokens: Any, batch_size: int, seq_len: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, order: str = "random") -> None:
         _check(tokens, batch_size, seq_len, "training")
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
+        if order not in ("random", "epoch"):
+            raise DataError(f"sampling order {order!r} is not valid; choose random or epoch")
+        self.order = order
+        self.n_windows = (len(tokens) - 1) // seq_len  # disjoint windows (order="epoch")
+        self._perm: tuple[int, np.ndarray] | None = None  # (pass, its shuffled window indices)
         self.tokens = tokens
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed = int(seed)
@@ -51,10 +61,27 @@ class BatchSampler:
 
     def offsets(self, step: int) -> np.ndarray:
         """This rank's ``(B,)`` window starts at ``step``."""
+        if self.order == "epoch":
+            return self._epoch_offsets(step)
         rng = np.random.default_rng([self.seed & (2**63 - 1), step])
         high = len(self.tokens) - self.seq_len  # offsets in [0, N - T - 1]
         everyone = rng.integers(0, high, size=self.world_size * self.batch_size, dtype=np.int64)
         return everyone[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def _epoch_offsets(self, step: int) -> np.ndarray:
+        first = (step * self.world_size + self.rank) * self.batch_size
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for j, i in enumerate(range(first, first + self.batch_size)):
+            epoch, pos = divmod(i, self.n_windows)
+            if self._perm is None or self._perm[0] != epoch:
+                rng = np.random.default_rng([self.seed & (2**63 - 1), epoch, 1])
+                self._perm = (epoch, rng.permutation(self.n_windows))
+            out[j] = self._perm[1][pos] * self.seq_len
+        return out
+
+    def passes(self, steps: int) -> float:
+        """Passes over the split that ``steps`` steps take (tokens drawn / tokens in it, for both orders)."""
+        return steps * self.world_size * self.batch_size / self.n_windows
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of shape ``(B, T)``, int64; advances the step."""

@@ -101,7 +101,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc, tags)
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         self.sampler = BatchSampler(data.train, tc.batch_size, tc.seq_len, tc.seed,
-                                    rank=self.ctx.rank, world_size=self.ctx.world_size)
+                                    rank=self.ctx.rank, world_size=self.ctx.world_size, order=tc.sampling)
         self.val = eval_batches(data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
         if self.masking is not None:  # (inputs, targets) masked once with the fixed evaluation seed
             self.val = masked_eval_batches(self.val, self.masking)
