@@ -143,6 +143,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches = eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, args.batches)
     import torch
 
+    if not model.cfg.causal:  # an encoder: masked-LM loss and accuracy (leanformer.train.mlm)
+        from leanformer.train.mlm import evaluate_encoder
+
+        print(json.dumps({**evaluate_encoder(model, data, batches, cfg.train.mask_rate), "batches": len(batches)}))
+        return 0
     with torch.no_grad():
         loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
     print(json.dumps({"val_loss": loss, "val_ppl": math.exp(loss), "batches": len(batches)}))

@@ -96,9 +96,12 @@ class DiJiangConfig:
 
 @dataclass
 class TransformerConfig:
-    """A decoder-only language model.
+    """A decoder-only language model, or (``causal: false``) a bidirectional encoder.
 
     ``block`` picks the block wiring, ``attention`` the token mixer, ``noble`` the linear layers.
+    ``causal`` picks the attention pattern: true, each position sees itself and the positions before it
+    (a language model that decodes); false, every position sees the whole sequence (an encoder, trained
+    with masked language modelling and read through :meth:`TransformerLM.features`; it cannot decode).
     Family options (``bias``, ``rotary_pct``, ``n_kv_heads``, ``pos="learned"``...) let Hugging Face
     GPT-2 / GPT-NeoX / Llama models be expressed exactly.
     """
@@ -127,6 +130,7 @@ class TransformerConfig:
     init_std: float = 0.02
     block: str = "preln"
     attention: str = "softmax"
+    causal: bool = True  # false: a bidirectional encoder (softmax or shaped attention; no decoding)
     noble: NobleConfig = field(default_factory=NobleConfig)
     shaped: ShapedConfig = field(default_factory=ShapedConfig)
     dijiang: DiJiangConfig = field(default_factory=DiJiangConfig)
@@ -163,6 +167,17 @@ class TransformerConfig:
         if allowed is not None and self.attention not in allowed:
             raise ConfigError(f"model.block={self.block} needs attention={' or '.join(map(repr, allowed))}, "
                               f"got {self.attention!r}")
+        if not self.causal and not registry.ATTENTIONS[self.attention].bidirectional:
+            both = [name for name, spec in registry.ATTENTIONS.items() if spec.bidirectional]
+            raise ConfigError(f"model.causal=false (an encoder) needs a bidirectional attention; "
+                              f"model.attention={self.attention!r} is causal only; choose one of "
+                              f"{', '.join(both)} (or model.causal=true)")
+
+    def require_causal(self, what: str) -> None:
+        """Raise :class:`ConfigError` when this is an encoder (``causal: false``): ``what`` needs a decoder."""
+        if not self.causal:
+            raise ConfigError(f"{what} needs a causal language model; this one is an encoder "
+                              "(model.causal=false), which sees the whole sequence and cannot decode")
 
     def validate(self) -> TransformerConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -197,6 +212,9 @@ class TransformerConfig:
         return self
 
 
+OBJECTIVES = ("auto", "clm", "mlm")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, evaluation and checkpointing."""
@@ -226,6 +244,9 @@ class TrainConfig:
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
     distill_weight: float = 0.0  # KL to a teacher's logits (DiJiang conversion)
     distill_temperature: float = 1.0
+    # auto: clm (next-token prediction) for a causal model, mlm (masked language modelling) for an encoder
+    objective: str = "auto"  # auto | clm | mlm
+    mask_rate: float = 0.15  # mlm: fraction of positions predicted (BERT 0.15; crammed BERT 0.25)
     progress: bool = True
 
     def validate(self) -> TrainConfig:
@@ -247,6 +268,9 @@ class TrainConfig:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _choice("train.distributed", self.distributed, ("ddp", "fsdp"))
+        _choice("train.objective", self.objective, OBJECTIVES)
+        if not 0 < self.mask_rate < 1:
+            raise ConfigError(f"train.mask_rate={self.mask_rate} must be in (0, 1)")
         if self.compile not in (True, False, "auto"):
             raise ConfigError(f"train.compile={self.compile!r} is not valid; choose auto, true or false")
         if self.lr <= 0:
@@ -297,7 +321,24 @@ class RunConfig:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        objective = self.train.objective
+        if objective == "mlm" and self.model.causal:
+            raise ConfigError("train.objective=mlm needs an encoder (model.causal=false): a causal model "
+                              "cannot see the masked tokens' right context; use train.objective=clm or auto")
+        if objective == "clm" and not self.model.causal:
+            raise ConfigError("train.objective=clm needs model.causal=true: an encoder sees the next token "
+                              "it would predict; use train.objective=mlm or auto")
+        if self.objective == "mlm" and self.train.distill_weight > 0:
+            raise ConfigError(f"train.distill_weight={self.train.distill_weight} (distillation) needs "
+                              "train.objective=clm; set it to 0 for masked language modelling")
         return self
+
+    @property
+    def objective(self) -> str:
+        """The training objective ``train.objective`` resolves to: ``clm`` or ``mlm`` (auto: by ``model.causal``)."""
+        if self.train.objective != "auto":
+            return self.train.objective
+        return "clm" if self.model.causal else "mlm"
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

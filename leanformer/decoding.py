@@ -131,6 +131,7 @@ class StaticCache:
         from leanformer.layers.rope import Rotary
 
         cfg = model.cfg
+        cfg.require_causal("a static decoding cache")
         if capacity < 1 or batch < 1:
             raise ValueError(f"StaticCache needs batch >= 1 and capacity >= 1, got batch={batch}, "
                              f"capacity={capacity}")

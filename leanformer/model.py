@@ -1,7 +1,10 @@
-"""The decoder-only language model, assembled from a :class:`TransformerConfig`.
+"""The language model, assembled from a :class:`TransformerConfig`: a decoder, or (``causal: false``) an encoder.
 
 ``TransformerLM(cfg)(idx)`` maps token ids (B, T) to logits (B, T, V). Blocks and attention types come
 from :mod:`leanformer.registry`; linear layers from :func:`leanformer.layers.linear.make_linear`.
+``features(idx, attention_mask)`` gives the final-normed hidden states (B, T, C) that the LM head reads,
+with padded positions masked out of attention: what a classification head on an encoder reads.
+An encoder (``cfg.causal`` false) has no decoding: ``generate``, ``new_cache`` and any cache refuse it.
 """
 
 from __future__ import annotations
@@ -85,23 +88,46 @@ class TransformerLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: DecodeCache | StaticCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: DecodeCache | StaticCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) int64 → (logits (B, T, V), mean cross-entropy or None).
 
+        ``targets`` (B, T): the token each position predicts (the next one for a causal LM, the original
+        token at a masked position for an encoder), ``-100`` where nothing is predicted (ignored).
         With ``cache`` (a :class:`DecodeCache` or a :class:`leanformer.decoding.StaticCache`), ``idx``
-        holds only the new tokens; the cache is advanced in place.
+        holds only the new tokens; the cache is advanced in place. ``attention_mask``: see :meth:`features`.
         """
-        logits = self.lm_head(self.hidden_states(idx, cache))
+        logits = self.lm_head(self.hidden_states(idx, cache, attention_mask))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100)
         return logits, loss
 
-    def hidden_states(self, idx: torch.Tensor, cache: DecodeCache | StaticCache | None = None) -> torch.Tensor:
-        """idx: (B, T) → the final-normed hidden states (B, T, C) that the LM head maps to logits."""
+    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids → (B, T, d_model): the final-normed hidden states the LM head reads.
+
+        ``attention_mask`` (B, T): 1 (or True) for a token, 0 for padding. Padded keys get no attention
+        weight (softmax attention: masked out; shaped attention: also left out of the centring mean,
+        docs/methods.md), so with the padding at the end of each row (left-aligned tokens) the tokens'
+        features are those of the unpadded sequences; the features at padded positions are meaningless.
+        Positions count from the first column, so put the padding at the end. Without a mask every
+        position is a token (= :meth:`hidden_states`). Works for encoders and causal models alike.
+        """
+        return self.hidden_states(idx, attention_mask=attention_mask)
+
+    def hidden_states(self, idx: torch.Tensor, cache: DecodeCache | StaticCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) → the final-normed hidden states (B, T, C) that the LM head maps to logits.
+
+        ``attention_mask`` (B, T), 1 = token, 0 = padding (:meth:`features`); not with a ``cache``.
+        """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be (B, T) integer token ids, got shape {tuple(idx.shape)} of {idx.dtype}")
+        if cache is not None:
+            self.cfg.require_causal("decoding with a cache")
+        if attention_mask is not None:
+            attention_mask = self._check_mask(attention_mask, idx, cache)
         B, T = idx.shape
         static = getattr(cache, "static", False)
         if static:  # positions as a device tensor (a graph's counter in a fixed-shape step)
@@ -116,15 +142,29 @@ class TransformerLM(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)
         x = self.drop(x)
+        masked = {} if attention_mask is None else {"attention_mask": attention_mask}
         for i, block in enumerate(self.blocks):
-            x = block(x, cache.layers[i] if cache is not None else None)
+            x = block(x, cache.layers[i] if cache is not None else None, **masked)
         if static:
             cache.advance(T)
         elif cache is not None:
             cache.pos = start + T
         return self.norm_f(x)
 
+    @staticmethod
+    def _check_mask(attention_mask: torch.Tensor, idx: torch.Tensor, cache) -> torch.Tensor:
+        """A (B, T) mask of 0/1 (or bool) matching ``idx``, on its device; not together with a cache."""
+        if cache is not None:
+            raise ValueError("attention_mask is for a full pass over padded sequences, not with a decoding cache")
+        if tuple(attention_mask.shape) != tuple(idx.shape):
+            raise ValueError(f"attention_mask must have the shape of idx {tuple(idx.shape)} (1 = token, "
+                             f"0 = padding), got {tuple(attention_mask.shape)}")
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 1 (token) and 0 (padding)")
+        return attention_mask.to(idx.device).bool()
+
     def new_cache(self) -> DecodeCache:
+        self.cfg.require_causal("a decoding cache")
         return DecodeCache(self.cfg.n_layers)
 
     @torch.no_grad()
@@ -142,6 +182,7 @@ class TransformerLM(nn.Module):
         ``static=False`` is the eager reference path
         (:class:`DecodeCache`, growing caches), the default on the CPU.
         """
+        self.cfg.require_causal("generate()")
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")

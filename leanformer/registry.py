@@ -13,6 +13,9 @@ Contracts (shapes: B batch, T new tokens, C = d_model):
 * attention ``Class(cfg: TransformerConfig, layer_idx: int)``;
   ``forward(x: (B, T, C), state: dict | None) -> (B, T, C)``. ``state`` is this layer's decoding
   cache, mutated in place; ``state.get("pos", 0)`` tokens were seen before ``x``. ``None`` = no cache.
+  A layer that takes padding also accepts ``attention_mask`` ((B, T), 1 = token, 0 = padding: padded keys
+  get no weight); it is passed only when a caller gives one (:func:`mask_kwargs`). ``cfg.causal`` is
+  false for an encoder, which only a spec with ``bidirectional=True`` can be.
   Optimizer settings other than the defaults are declared by the layer's modules (``optim_settings()``,
   see :mod:`leanformer.train.optim`); initialisation after the model's generic one by ``post_init()``.
 * block ``Class(cfg: TransformerConfig, layer_idx: int)``; ``forward(x: (B, T, C), state) -> (B, T, C)``.
@@ -57,6 +60,7 @@ class AttentionSpec:
     from_softmax: names of the layer's sub-modules that have the names and shapes of softmax attention's, so
         that a conversion from softmax inherits them (every other parameter of the layer is new); ``()``
         if the type cannot be converted to.
+    bidirectional: whether the layer has a bidirectional (encoder, ``model.causal: false``) form.
     """
 
     layer: str | type
@@ -64,6 +68,7 @@ class AttentionSpec:
     state_bytes_per_token: Callable[[Any, torch.dtype], int]
     state_bytes_per_sequence: Callable[[Any, torch.dtype], int] = lambda cfg, dtype: 0
     from_softmax: tuple[str, ...] = ()
+    bidirectional: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,9 +118,10 @@ _QKVO = ("q", "k", "v", "o")
 
 ATTENTIONS: dict[str, AttentionSpec] = {
     "softmax": AttentionSpec("leanformer.layers.attention:SoftmaxAttention", _quadratic_flops, _kv_bytes,
-                             from_softmax=_QKVO),
+                             from_softmax=_QKVO, bidirectional=True),
     "shaped": AttentionSpec("leanformer.layers.shaped:ShapedAttention", _quadratic_flops, _shaped_bytes,
-                            _shaped_running_sum),
+                            _shaped_running_sum, bidirectional=True),
+    # causal only: the decay γ^(i−j) and the keys' running log-normaliser are defined for j ≤ i
     "dijiang": AttentionSpec("leanformer.layers.dijiang:DiJiangAttention", _dijiang_flops,
                              lambda cfg, dtype: 0, _dijiang_state, from_softmax=_QKVO),
 }
@@ -178,6 +184,12 @@ def load_layer(spec: AttentionSpec | BlockSpec) -> type:
         return spec.layer
     module, cls = layer_path(spec)
     return getattr(importlib.import_module(module), cls)
+
+
+def mask_kwargs(attention_mask: torch.Tensor | None) -> dict[str, Any]:
+    """The keyword arguments that hand ``attention_mask`` to an attention layer: none when it is ``None``,
+    so layers without padding support (registered ones among them) keep their two-argument forward."""
+    return {} if attention_mask is None else {"attention_mask": attention_mask}
 
 
 def build_attention(cfg, layer_idx: int) -> nn.Module:

@@ -24,7 +24,7 @@ from leanformer.config import TransformerConfig
 from leanformer.layers.mlp import MLP
 from leanformer.layers.norms import make_norm
 from leanformer.layers.shaped import ShapedAttention, trainable_gain
-from leanformer.registry import build_attention
+from leanformer.registry import build_attention, mask_kwargs
 
 
 def block_norm(cfg: TransformerConfig, layer_idx: int, first: bool) -> nn.Module:
@@ -69,8 +69,9 @@ class SASBlock(nn.Module):
     def _attention(self, cfg: TransformerConfig, layer_idx: int) -> nn.Module:
         return build_attention(cfg, layer_idx)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        h = self.beta_sa * self.drop(self.attn(self.norm1(x), state))
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.beta_sa * self.drop(self.attn(self.norm1(x), state, **mask_kwargs(attention_mask)))
         return self.alpha_ff * h + self.beta_ff * self.mlp(self.norm2(h))
 
 
@@ -90,9 +91,11 @@ class SASPBlock(nn.Module):
     def post_init(self) -> None:
         unscaled_ffn_out(self.mlp, self.init_std)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        return self.beta_sa * self.drop(self.attn(h, state)) + self.beta_ff * self.mlp(h)
+        a = self.attn(h, state, **mask_kwargs(attention_mask))
+        return self.beta_sa * self.drop(a) + self.beta_ff * self.mlp(h)
 
 
 class VSkipInitBlock(SASBlock):

@@ -1,6 +1,6 @@
 """The standard wirings: Pre-LN (GPT-2), parallel (GPT-J / PaLM, one norm) and GPT-NeoX parallel (two norms).
 
-Shapes: (B, T, C) -> (B, T, C).
+Shapes: (B, T, C) -> (B, T, C); ``attention_mask`` (B, T) (1 = token, 0 = padding) goes to the attention.
 * Pre-LN:        ``h = x + Attn(N₁x)``,  ``out = h + MLP(N₂h)``
 * parallel:      ``out = x + Attn(Nx) + MLP(Nx)``
 * neox_parallel: ``out = x + Attn(N₁x) + MLP(N₂x)`` (Pythia's ``use_parallel_residual``)
@@ -14,7 +14,7 @@ import torch.nn as nn
 from leanformer.config import TransformerConfig
 from leanformer.layers.mlp import MLP
 from leanformer.layers.norms import make_norm
-from leanformer.registry import build_attention
+from leanformer.registry import build_attention, mask_kwargs
 
 
 class PreLNBlock(nn.Module):
@@ -25,8 +25,9 @@ class PreLNBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), state))
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), state, **mask_kwargs(attention_mask)))
         return x + self.mlp(self.norm2(x))
 
 
@@ -38,11 +39,14 @@ class ParallelBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        return x + self.drop(self.attn(h, state)) + self.mlp(h)
+        return x + self.drop(self.attn(h, state, **mask_kwargs(attention_mask))) + self.mlp(h)
 
 
 class NeoXParallelBlock(PreLNBlock):
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        return x + self.drop(self.attn(self.norm1(x), state)) + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn(self.norm1(x), state, **mask_kwargs(attention_mask))
+        return x + self.drop(a) + self.mlp(self.norm2(x))

@@ -214,7 +214,8 @@ def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], ela
     ]
     for arm in plan.arms:
         sample = results[(arm, first[arm].seed)].get("sample")
-        lines += [f"**{arm}**", "", "```", sample if sample is not None else "(no tokenizer)", "```", ""]
+        shown = sample if sample is not None else "(none: no tokenizer, or an encoder)"
+        lines += [f"**{arm}**", "", "```", shown, "```", ""]
     lines += ["## Configs", "", f"The exact config of each arm (seed {seeds[0]}; other seeds differ only in "
               "`train.seed`), also in `arms/<arm>/config.yaml`.", ""]
     for arm in plan.arms:
@@ -419,6 +420,8 @@ def write_plots(out: Path, plan, results: dict, metrics: dict) -> dict[str, Path
     fig, ax = plt.subplots(figsize=(7, 4.5))
     contexts = list(plan.preset.decode_contexts)
     for arm in plan.arms:
+        if not all(results[(r.arm, r.seed)]["decode"] for r in plan.runs if r.arm == arm):
+            continue  # an encoder (model.causal=false) does not decode
         ms = [statistics.fmean(results[(r.arm, r.seed)]["decode"][str(c)]["ms_per_token"]
                                for r in plan.runs if r.arm == arm) for c in contexts]
         ax.plot(contexts, ms, "-o", color=colors[arm], label=arm, markersize=4)
@@ -428,7 +431,8 @@ def write_plots(out: Path, plan, results: dict, metrics: dict) -> dict[str, Path
     ax.set_ylabel("ms / token (batch 1, greedy)")
     ax.set_title("decoding latency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(paths["decode_latency"], dpi=110)
     plt.close(fig)

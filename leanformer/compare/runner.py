@@ -107,8 +107,10 @@ def train_run(run: Run, p: Plan, data, results: dict, bar=None) -> dict[str, Any
     if bar is not None:
         bar.set_postfix_str(f"{run.label}: decoding")
     model = trainer.model
-    decode = decode_latency(model, p.preset.decode_contexts, p.preset.decode_tokens, p.preset.decode_warmup)
-    sample = greedy_sample(model, data.tokenizer, p.preset.sample_prompt, p.preset.sample_tokens)
+    causal = model.cfg.causal  # an encoder (model.causal=false) does not decode: no latency, no sample
+    decode = decode_latency(model, p.preset.decode_contexts, p.preset.decode_tokens,
+                            p.preset.decode_warmup) if causal else {}
+    sample = greedy_sample(model, data.tokenizer, p.preset.sample_prompt, p.preset.sample_tokens) if causal else None
     evals = [r for r in history if "val_loss" in r]
     summary = model.summary()
     record = {
@@ -117,6 +119,7 @@ def train_run(run: Run, p: Plan, data, results: dict, bar=None) -> dict[str, Any
         "noble_branch_params": summary["noble_branch_params"],
         "steps": trainer.step, "tokens": trainer.tokens, "train_seconds": trainer.train_seconds,
         "wall_seconds": wall, "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "final_val_mlm_acc": evals[-1].get("val_mlm_acc") if evals else None,
         "peak_memory_bytes": peak, "peak_memory_kind": mem_kind, "device": str(device),
         "machine": machine_string(device), "torch": torch.__version__, "data": data_summary(data),
         "load_average": load, "threads": torch.get_num_threads(),

@@ -5,7 +5,7 @@ tokenizer, the vocabulary size); :class:`BatchSampler` and :func:`eval_batches` 
 """
 
 from leanformer.data.corpus import DataError, resolve_source
-from leanformer.data.dataset import ShardedTokens, TokenData, cache_root, load_data
+from leanformer.data.dataset import ShardedTokens, TokenData, cache_root, load_data, with_mask_token
 from leanformer.data.sampler import BatchSampler, eval_batches
 from leanformer.data.tokenizer import Tokenizer
 
@@ -19,4 +19,5 @@ __all__ = [
     "eval_batches",
     "load_data",
     "resolve_source",
+    "with_mask_token",
 ]

@@ -16,6 +16,7 @@ reads ``EOT doc EOT doc ...``. ``.bin`` shards are used in place: no copy, no to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -165,13 +166,30 @@ def _sample_chars(docs: list[str], limit: int | None) -> list[str]:
 
 
 def _cache_has_tokenizer(folder: Path, tokenizer: Tokenizer) -> bool:
-    """Whether the finished cache ``folder`` was tokenised by a tokenizer identical to ``tokenizer``."""
+    """Whether the finished cache ``folder`` was tokenised by a tokenizer identical to ``tokenizer``, or to it
+    without the ``[MASK]`` that masked language modelling appended (:meth:`Tokenizer.with_mask_token`): the
+    cache an encoder trained on, which its checkpoint's tokenizer must find again to resume or evaluate."""
     if not (folder / "meta.json").is_file():
         return False
     try:
-        return Tokenizer.load(folder / "tokenizer.json").tok.to_str() == tokenizer.tok.to_str()
+        cached = Tokenizer.load(folder / "tokenizer.json")
     except DataError:
         return False
+    return cached.tok.to_str() == tokenizer.tok.to_str() or cached.identity() == tokenizer.identity()
+
+
+def with_mask_token(data: TokenData) -> tuple[TokenData, int]:
+    """``data`` with a mask token for masked language modelling, and its id.
+
+    The tokenizer gets one if it lacks it (:meth:`Tokenizer.with_mask_token`: ``[MASK]`` after every other
+    id) and ``vocab_size`` covers it; the token arrays are unchanged (the text never holds the mask token).
+    Shards without a tokenizer take the first id past the data's (``vocab_size``). ``data`` itself is not
+    changed.
+    """
+    if data.tokenizer is not None:
+        tok = data.tokenizer.with_mask_token()
+        return dataclasses.replace(data, tokenizer=tok, vocab_size=max(data.vocab_size, tok.vocab_size)), tok.mask_id
+    return dataclasses.replace(data, vocab_size=data.vocab_size + 1), data.vocab_size
 
 
 def cache_key(src: TextSource, data_cfg: DataConfig, tokenizer: Tokenizer | None = None) -> str:

@@ -4,6 +4,11 @@ Byte-level means every string maps to bytes before merging (the GPT-2 scheme: ``
 pre-tokenizer and decoder, no normaliser), so ``decode(encode(s)) == s`` for every ``str`` — unicode,
 tabs, runs of spaces, ``\\r\\n`` included. Documents are separated by the special token
 ``<|endoftext|>`` (:attr:`Tokenizer.eot_id`).
+
+Masked language modelling needs a mask token (:attr:`Tokenizer.mask_id`). A trained tokenizer has none, so
+that causal runs keep their vocabulary and cached tokens; :meth:`Tokenizer.with_mask_token` returns a copy
+with ``[MASK]`` added as a special token after every other id (``vocab_size`` grows by one, no other id
+moves). A tokenizer that already has one (``[MASK]``, ``<mask>``: BERT's, RoBERTa's) keeps it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from leanformer.data.corpus import DataError
 EOT = "<|endoftext|>"
 # end-of-text names of common tokenizer.json files, tried in order when a user's tokenizer has no EOT
 _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
+MASK = "[MASK]"
+# mask-token names of common tokenizer.json files (BERT, RoBERTa), tried in order
+_MASK_CANDIDATES = (MASK, "<mask>", "<|mask|>")
 
 
 class Tokenizer:
@@ -31,6 +39,7 @@ class Tokenizer:
                 break
         else:
             raise DataError(f"tokenizer has no end-of-text token (looked for {', '.join(_EOT_CANDIDATES)})")
+        self.mask_token, self.mask_id = next(((n, vocab[n]) for n in _MASK_CANDIDATES if n in vocab), (None, None))
 
     # ------------------------------------------------------------------ construction
 
@@ -75,6 +84,32 @@ class Tokenizer:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.tok.save(str(tmp))
         os.replace(tmp, path)
+
+    def with_mask_token(self) -> Tokenizer:
+        """This tokenizer if it has a mask token, else a copy with ``[MASK]`` added as a special token at id
+        ``vocab_size`` (every other id unchanged)."""
+        if self.mask_id is not None:
+            return self
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_str(self.tok.to_str())
+        tok.add_special_tokens([AddedToken(MASK, special=True, normalized=False)])
+        out = Tokenizer(tok)
+        if out.mask_id != self.vocab_size:
+            raise DataError(f"adding {MASK} gave id {out.mask_id}, expected {self.vocab_size} (after every other id)")
+        return out
+
+    def identity(self) -> dict:
+        """The tokenizer's JSON as a dict, without a ``[MASK]`` appended after every other id: two tokenizers
+        with the same identity give the same ids to any text that does not spell ``[MASK]`` itself."""
+        import json
+
+        data = json.loads(self.tok.to_str())
+        last = self.vocab_size - 1
+        data["added_tokens"] = [t for t in data.get("added_tokens") or []
+                                if not (t.get("content") == MASK and t.get("id") == last)]
+        return data
 
     # ------------------------------------------------------------------ use
 

@@ -1,7 +1,9 @@
-"""Causal softmax attention through ``torch.nn.functional.scaled_dot_product_attention``.
+"""Softmax attention through ``torch.nn.functional.scaled_dot_product_attention``.
 
 ``softmax(Q Kᵀ / √d + M) V`` per head (Vaswani et al. 2017), with grouped-query attention
 (``n_kv_heads < n_heads``, Ainslie et al. 2023), rotary positions and a KV cache for decoding.
+``M`` is the causal mask (``cfg.causal``), or nothing for an encoder; an ``attention_mask`` (B, T) of
+padding adds −∞ on the padded keys (:func:`padding_mask`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,22 @@ def causal_mask(t_new: int, t_total: int, device) -> torch.Tensor | None:
     past = t_total - t_new
     q_pos = torch.arange(past, t_total, device=device)[:, None]
     return torch.arange(t_total, device=device)[None, :] <= q_pos
+
+
+def padding_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask, True where query i may attend to key j, for a key-padding mask.
+
+    attention_mask: (B, T), nonzero = a token, 0 = padding. A token query sees the tokens (the ones at or
+    before it when ``causal``), never a padded key. A padded query also sees itself, so that no row is
+    empty (an empty row would make the softmax 0/0); its output is never read by a token.
+    """
+    keep = attention_mask.bool()
+    T = keep.shape[1]
+    own = torch.eye(T, dtype=torch.bool, device=keep.device)
+    allowed = keep[:, None, None, :] | own
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
+    return allowed
 
 
 def append_to_cache(state: dict, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -93,15 +111,27 @@ def project_qkv(module: nn.Module, x: torch.Tensor, start) -> tuple[torch.Tensor
     return q, k, v
 
 
+def check_full_pass(state: dict | None, attention_mask: torch.Tensor | None, causal: bool, what: str) -> None:
+    """An encoder layer has no decoding cache, and a padding mask belongs to a full pass (no cache)."""
+    if state is not None and not causal:
+        raise ValueError(f"bidirectional {what} cannot decode with a cache (state must be None)")
+    if state is not None and attention_mask is not None:
+        raise ValueError(f"{what}: attention_mask is for a full pass over the sequence, not with a decoding cache")
+
+
 class SoftmaxAttention(nn.Module):
-    """Multi-head (or grouped-query) causal self-attention; (B, T, C) -> (B, T, C)."""
+    """Multi-head (or grouped-query) self-attention, causal or (``cfg.causal=False``) bidirectional;
+    (B, T, C) -> (B, T, C). ``attention_mask`` (B, T): 1 = token, 0 = padding (no weight on padded keys)."""
 
     def __init__(self, cfg: TransformerConfig, layer_idx: int):
         super().__init__()
         add_projections(self, cfg)
         self.dropout = cfg.dropout
+        self.causal = cfg.causal
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_full_pass(state, attention_mask, self.causal, "softmax attention")
         if is_static(state):
             return self._static_forward(x, state)
         start = state.get("pos", 0) if state is not None else 0
@@ -110,12 +140,16 @@ class SoftmaxAttention(nn.Module):
             kv = append_to_cache(state, k=k, v=v)
             k, v = kv["k"], kv["v"]
             state["pos"] = start + x.shape[1]
-        mask = causal_mask(q.shape[2], k.shape[2], x.device) if start else None
+        if attention_mask is not None:
+            mask = padding_mask(attention_mask, self.causal)
+        else:
+            mask = causal_mask(q.shape[2], k.shape[2], x.device) if start else None
         # Decoding: name the kernels, since SDPA's own choice costs ~50 ms on an H100 each time the key
         # length changes (measured 2026-11-23, torch 2.11), i.e. at every generated token.
         with sdpa_kernel(_DECODE_BACKENDS) if state is not None else nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=(start == 0 and q.shape[2] > 1),
+                q, k, v, attn_mask=mask,
+                is_causal=self.causal and mask is None and start == 0 and q.shape[2] > 1,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv != self.n_heads,
             )

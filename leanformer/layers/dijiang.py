@@ -336,8 +336,21 @@ class DiJiangAttention(nn.Module):
         gn = self.group_norm
         return _rescaled_group_norm(o, log_scale, gn.weight, gn.bias, gn.eps)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C)."""
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C).
+
+        ``attention_mask`` (B, T), 1 = token, 0 = padding, may only pad at the end of each row: causal
+        attention never lets a token see a later position, so the tokens' outputs are those of the
+        unpadded sequence without masking anything. Padding before a token would change the decay
+        distances γ^(i−j) across the gap, and is refused."""
+        if attention_mask is not None:
+            if state is not None:
+                raise ValueError("DiJiang attention: attention_mask is for a full pass, not with a decoding cache")
+            keep = attention_mask.bool()
+            if bool((keep[:, 1:] & ~keep[:, :-1]).any()):
+                raise ValueError("DiJiang attention takes padding only at the end of each sequence (right "
+                                 "padding: attention_mask rows of 1s then 0s)")
         B, T, C = x.shape
         start = state.get("pos", 0) if state is not None else 0
         q, k, v = project_qkv(self, x, start)

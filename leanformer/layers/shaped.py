@@ -13,6 +13,14 @@ The fast form never builds a T×T matrix: ``β · SDPA(q, k, v) + α · v_own �
 the causal running mean (a cumulative sum over time, continued from a cached sum when decoding) or the
 global mean. The official code slices its identity ``[:Tk, :Tk]`` under a KV cache (wrong rows), which
 :func:`shaped_attention` gets right; its :func:`shaped_attention_reference` twin materialises ``A``.
+
+Padding (``key_mask`` (B, Tk), True = token; a full pass, no cache): the softmax gives padded keys no
+weight, and ``C`` is the attention of zero logits over the tokens only: row ``i`` holds ``1/n_i`` on the
+tokens it may see (causal: the tokens at positions ≤ i; bidirectional: all of them), ``n_i`` their
+number, and 0 on padding. So a token's output is the one the sequence without its padding gives (padding
+at the end keeps every position), and ``W_Q = 0`` still makes ``A = I`` on the tokens. A padded query
+also sees itself in the softmax (no row is empty) and gets the same ``C`` row as a token there would
+(all zero if it sees no token); its output is never read by a token.
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
 from leanformer.decoding import cached_attention, is_static, write_kv
-from leanformer.layers.attention import append_to_cache, causal_mask, merge_heads, split_heads
+from leanformer.layers.attention import (
+    append_to_cache,
+    causal_mask,
+    check_full_pass,
+    merge_heads,
+    padding_mask,
+    split_heads,
+)
 from leanformer.layers.linear import make_linear
 from leanformer.layers.rope import Rotary
 
@@ -35,8 +50,10 @@ def _per_head(g: torch.Tensor) -> torch.Tensor:
     return g.view(1, -1, 1, 1)
 
 
-def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> int:
-    """Validate (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, Dv); return the number of past positions."""
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  key_mask: torch.Tensor | None = None) -> int:
+    """Validate (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, Dv) and a (B, Tk) ``key_mask``; return the number
+    of past positions."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2]:
@@ -47,36 +64,55 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if past and not causal:
         raise ValueError("bidirectional shaped attention needs Tq == Tk (no decoding cache); "
                          f"got Tq={q.shape[2]}, Tk={k.shape[2]}")
+    if key_mask is not None:
+        if past:
+            raise ValueError(f"a key mask needs Tq == Tk (a full pass, no cache); got Tq={q.shape[2]}, "
+                             f"Tk={k.shape[2]}")
+        if tuple(key_mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"key_mask must be (B, Tk) = {(k.shape[0], k.shape[2])}, got {tuple(key_mask.shape)}")
     return past
 
 
-def centring_matrix(t_new: int, t_total: int, causal: bool, device=None, dtype=None) -> torch.Tensor:
-    """``C`` (t_new, t_total): rows of the uniform attention for queries at the last ``t_new`` positions."""
-    if not causal:
-        return torch.full((t_new, t_total), 1.0 / t_total, device=device, dtype=dtype)
+def centring_matrix(t_new: int, t_total: int, causal: bool, device=None, dtype=None,
+                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``C`` (t_new, t_total): rows of the uniform attention for queries at the last ``t_new`` positions.
+
+    With ``key_mask`` (B, t_total), True = token (``t_new == t_total``): (B, t_new, t_total), each row
+    uniform over the tokens it sees and 0 on padding (a row that sees no token is all 0).
+    """
     pos = torch.arange(t_total - t_new, t_total, device=device)[:, None]
-    allowed = torch.arange(t_total, device=device)[None, :] <= pos
-    return allowed.to(dtype) / (pos + 1).to(dtype)
+    allowed = torch.arange(t_total, device=device)[None, :] <= pos if causal else \
+        torch.ones(t_new, t_total, dtype=torch.bool, device=device)
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, :]
+    allowed = allowed.to(dtype)
+    return allowed / allowed.sum(-1, keepdim=True).clamp(min=1)
 
 
 def shaped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                               beta: torch.Tensor, gamma: torch.Tensor, causal: bool = True) -> torch.Tensor:
+                               beta: torch.Tensor, gamma: torch.Tensor, causal: bool = True,
+                               key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Materialised ``A V`` with ``A = αI + β softmax(QKᵀ/√d + M) − γC`` (Eq. 5), per head.
 
     q, k: (B, H, Tq, D), (B, H, Tk, D); v: (B, H, Tk, Dv); alpha, beta, gamma: (H,).
-    Queries sit at the last ``Tq`` of ``Tk`` positions (``Tq == Tk`` when bidirectional).
+    Queries sit at the last ``Tq`` of ``Tk`` positions (``Tq == Tk`` when bidirectional or with
+    ``key_mask`` (B, Tk), True = token: the padding rule of the module docstring).
     Returns (B, H, Tq, Dv). O(Tq·Tk) memory: for tests.
     """
-    past = _check_shapes(q, k, v, causal)
+    past = _check_shapes(q, k, v, causal, key_mask)
     t_new, t_total = q.shape[2], k.shape[2]
     logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if causal:
-        mask = causal_mask(t_new, t_total, q.device)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
+    if key_mask is not None:
+        mask = padding_mask(key_mask, causal)
+    else:
+        mask = causal_mask(t_new, t_total, q.device) if causal else None
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     identity = torch.zeros(t_new, t_total, device=q.device, dtype=q.dtype)
     identity[torch.arange(t_new), torch.arange(past, t_total)] = 1.0
-    C = centring_matrix(t_new, t_total, causal, q.device, q.dtype)
+    C = centring_matrix(t_new, t_total, causal, q.device, q.dtype, key_mask)
+    if key_mask is not None:
+        C = C[:, None]  # (B, 1, Tq, Tk): the same for every head
     A = _per_head(alpha) * identity + _per_head(beta) * logits.softmax(-1) - _per_head(gamma) * C
     return A @ v
 
@@ -138,26 +174,48 @@ def running_mean_chunked(v: torch.Tensor, chunk: int = RUNNING_MEAN_CHUNK) -> to
     return mean.transpose(1, 2).to(v.dtype)
 
 
+def masked_mean(v: torch.Tensor, key_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """``C v`` under padding: v (B, H, T, Dv), key_mask (B, T) True = token → the mean of v over the tokens
+    each position sees (causal: at or before it; else all), 0 where it sees none; (B, H, T or 1, Dv).
+    Accumulates in at least float32."""
+    acc = torch.promote_types(v.dtype, torch.float32)
+    w = key_mask.to(acc)[:, None, :, None]  # (B, 1, T, 1)
+    vw = v.to(acc) * w
+    if causal:
+        sums, counts = vw.cumsum(2), w.cumsum(2)
+    else:
+        sums, counts = vw.sum(2, keepdim=True), w.sum(2, keepdim=True)
+    return (sums / counts.clamp(min=1)).to(v.dtype)
+
+
 def shaped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                      beta: torch.Tensor, gamma: torch.Tensor | None, causal: bool = True,
-                     v_prefix_sum: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                     v_prefix_sum: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``A V`` of Eq. 5 without a T×T matrix: ``α v_own + β SDPA(q, k, v) − γ C v``.
 
     q: (B, H, Tq, D) at the last Tq of the Tk positions of k: (B, H, Tk, D) and v: (B, H, Tk, Dv);
     alpha, beta, gamma: (H,); ``gamma=None`` drops the centring (V-SkipInit, He et al. 2023).
     ``v_prefix_sum`` (B, H, Dv): the sum of v over the first Tk − Tq positions, when a decoding cache
     holds it (otherwise it is summed from ``v``). ``dropout_p`` applies to the softmax part only.
+    ``key_mask`` (B, Tk), True = token: padding (module docstring; a full pass, Tq == Tk).
     Returns (B, H, Tq, Dv).
     """
-    past = _check_shapes(q, k, v, causal)
+    past = _check_shapes(q, k, v, causal, key_mask)
     t_new, t_total = q.shape[2], k.shape[2]
-    mask = causal_mask(t_new, t_total, q.device) if causal and past else None
+    if key_mask is not None:
+        mask = padding_mask(key_mask, causal)
+    else:
+        mask = causal_mask(t_new, t_total, q.device) if causal and past else None
     soft = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=causal and not past and t_new > 1)
+                                          is_causal=causal and mask is None and not past and t_new > 1)
     dt = torch.promote_types(v.dtype, soft.dtype)  # gains follow the activations: no float32 promotion
     out = _per_head(alpha.to(dt)) * v[:, :, past:, :] + _per_head(beta.to(dt)) * soft
     if gamma is not None:
-        mean = running_mean(v, past, v_prefix_sum) if causal else v.mean(2, keepdim=True)
+        if key_mask is not None:
+            mean = masked_mean(v, key_mask, causal)
+        else:
+            mean = running_mean(v, past, v_prefix_sum) if causal else v.mean(2, keepdim=True)
         out = out - _per_head(gamma.to(dt)) * mean
     return out
 
@@ -213,11 +271,12 @@ class ShapedAttention(nn.Module):
     Decoding state: ``k`` (post-RoPE, kv heads), ``v`` (H heads), ``v_sum`` (B, H, D) and ``pos``.
     """
 
-    def __init__(self, cfg: TransformerConfig, layer_idx: int, *, causal: bool = True,
+    def __init__(self, cfg: TransformerConfig, layer_idx: int, *, causal: bool | None = None,
                  projections: bool = False, centring: bool = True, beta_init: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.causal, self.centring, self.init_std = causal, centring, cfg.init_std
+        self.causal = cfg.causal if causal is None else causal
+        self.centring, self.init_std = centring, cfg.init_std
         C = cfg.d_model
         self.q = make_linear(cfg, "q", C, C)
         self.k = make_linear(cfg, "k", C, self.n_kv * self.head_dim)
@@ -246,9 +305,9 @@ class ShapedAttention(nn.Module):
             for layer in (self.v, self.o):
                 nn.init.orthogonal_(layer.weight)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        if state is not None and not self.causal:
-            raise ValueError("bidirectional shaped attention cannot decode with a cache (state must be None)")
+    def forward(self, x: torch.Tensor, state: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_full_pass(state, attention_mask, self.causal, "shaped attention")
         if is_static(state):
             return self._static_forward(x, state)
         start = state.get("pos", 0) if state is not None else 0
@@ -271,7 +330,8 @@ class ShapedAttention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         y = shaped_attention(q, k, v, self.alpha, self.beta, self.gamma if self.centring else None,
                              causal=self.causal, v_prefix_sum=prefix_sum,
-                             dropout_p=self.dropout if self.training else 0.0)
+                             dropout_p=self.dropout if self.training else 0.0,
+                             key_mask=attention_mask.bool() if attention_mask is not None else None)
         y = merge_heads(y)
         return self.o(y) if self.o is not None else y
 

@@ -36,6 +36,7 @@ from leanformer.train.checkpoint import (
 )
 from leanformer.train.lock import OutputLock
 from leanformer.train.mfu import peak_flops_for
+from leanformer.train.mlm import MaskingRule, masked_eval_batches, masking_rule, mlm_metrics, seeded_generator
 from leanformer.train.optim import build_optimizer, lr_at, param_tags, set_lr
 from leanformer.train.signals import SaveTimer, StopRequest, TrainingInterrupted, agree
 
@@ -74,9 +75,16 @@ class Trainer:
         tc = self.cfg.train
         self.ctx = dist_utils.context()
         self.device = resolve_device(tc.device) if not self.ctx.enabled else self.ctx.device
+        self.objective = self.cfg.objective  # clm | mlm
+        self.masking: MaskingRule | None = None
+        if self.objective == "mlm":
+            data = self._add_mask_token(data, model)
         seed_everything(tc.seed)
         if model is None:
             model = TransformerLM(self.cfg.model)
+        if self.objective == "mlm" and model.cfg.causal:
+            raise ConfigError("train.objective=mlm needs an encoder, but the model given is causal "
+                              "(model.causal=true)")
         if data.vocab_size > model.cfg.vocab_size:
             raise ConfigError(f"the data has {data.vocab_size} token ids but model.vocab_size is "
                               f"{model.cfg.vocab_size}; raise model.vocab_size")
@@ -88,6 +96,8 @@ class Trainer:
         self.sampler = BatchSampler(data.train, tc.batch_size, tc.seq_len, tc.seed,
                                     rank=self.ctx.rank, world_size=self.ctx.world_size, order=tc.sampling)
         self.val = eval_batches(data.val, tc.batch_size, tc.seq_len, tc.eval_batches)
+        if self.masking is not None:  # (inputs, targets) masked once with the fixed evaluation seed
+            self.val = masked_eval_batches(self.val, self.masking)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.tokenizer = data.tokenizer
         self.on_log = on_log
@@ -111,6 +121,20 @@ class Trainer:
             self.wrapped = torch.compile(self.wrapped)
 
     # ------------------------------------------------------------------ pieces
+    def _add_mask_token(self, data, model: TransformerLM | None):
+        """MLM: ``data`` with a mask token (:func:`leanformer.data.with_mask_token`) and the masking rule.
+        A model built here gets the one extra embedding row that a ``[MASK]`` added to the tokenizer needs."""
+        plain = data.vocab_size
+        data, self.masking = masking_rule(data, self.cfg.train.mask_rate)
+        if model is None and self.cfg.model.vocab_size == plain < data.vocab_size:
+            self.cfg.model.vocab_size = data.vocab_size
+        return data
+
+    def _mask(self, x: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLM inputs and targets of training window ``x``, seeded by (seed, step, micro-batch, rank)."""
+        g = seeded_generator(self.cfg.train.seed, self.step, micro, self.ctx.rank)
+        return self.masking(x, g)
+
     def _autocast_context(self):
         dtype = self.cfg.train.dtype
         if dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda"):
@@ -133,14 +157,28 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (the same batches for every arm and step)."""
+        return self.evaluate_metrics()["val_loss"]
+
+    @torch.no_grad()
+    def evaluate_metrics(self) -> dict[str, float]:
+        """The validation metrics: ``val_loss`` (next-token loss, or MLM loss over the masked positions) and,
+        for MLM, ``val_mlm_acc`` (top-1 accuracy over the masked positions)."""
         self.model.eval()
+        if self.masking is not None:
+            m = mlm_metrics(self.wrapped, self.val, self.device, self.autocast)
+            self.model.train()
+            loss, acc = m["loss"], m["accuracy"]
+            if self.ctx.enabled:  # every rank evaluates the same batches: the mean keeps the ranks in step
+                both = torch.tensor([loss, acc], dtype=torch.float64, device=self.device)
+                loss, acc = dist_utils.mean_across_ranks(both, self.ctx).tolist()
+            return {"val_loss": loss, "val_mlm_acc": acc}
         losses = []
         for x, y in self.val:
             with self.autocast():
                 _, loss = self.wrapped(x.to(self.device), y.to(self.device))
             losses.append(loss.float())
         self.model.train()
-        return dist_utils.mean_across_ranks(torch.stack(losses).mean(), self.ctx).item()
+        return {"val_loss": dist_utils.mean_across_ranks(torch.stack(losses).mean(), self.ctx).item()}
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -225,7 +263,7 @@ class Trainer:
                    disable=not (tc.progress and self.ctx.is_main), leave=False)
         self.model.train()
         if self.step == 0 and self.step < last:
-            self._log({"step": 0, "tokens": 0, "train_seconds": 0.0, "val_loss": self.evaluate()})
+            self._log({"step": 0, "tokens": 0, "train_seconds": 0.0, **self.evaluate_metrics()})
         while self.step < last:
             t0 = time.perf_counter()
             lr = lr_at(self.step, tc)
@@ -233,6 +271,8 @@ class Trainer:
             loss_sum = 0.0
             for micro in range(tc.grad_accum):
                 x, y = self.sampler.next_batch()
+                if self.masking is not None:
+                    x, y = self._mask(x, micro)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 with dist_utils.no_sync_unless_last(self.wrapped, micro == tc.grad_accum - 1):
                     loss = self._loss(x, y) / tc.grad_accum
@@ -258,8 +298,9 @@ class Trainer:
             if self.device.type == "cuda":
                 record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             if self.step % tc.eval_every == 0 or self.step == tc.steps:
-                record["val_loss"] = self.evaluate()
-                record["val_ppl"] = math.exp(min(record["val_loss"], 50))
+                record.update(self.evaluate_metrics())
+                if self.masking is None:
+                    record["val_ppl"] = math.exp(min(record["val_loss"], 50))
             if self.step % tc.log_every == 0 or "val_loss" in record:
                 self._log(record)
             bar.update(1)
