@@ -1,0 +1,1 @@
+"""``leanformer finetune``: sequence classification on labelled text with full fine-tuning, LoRA or NOBLE."""
