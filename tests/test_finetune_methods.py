@@ -234,3 +234,31 @@ def test_real_encoder_checkpoint_classifies_padded_batches_exactly(tmp_path):
         together = model(**clf.tokenizer.collate(items))
         alone = [model(**clf.tokenizer.collate([it]))[0] for it in items]
     torch.testing.assert_close(together, torch.stack(alone), rtol=1e-5, atol=1e-5)  # padding is masked out
+
+
+@pytest.mark.parametrize("method", ["noble", "lora"])
+def test_our_encoder_exports_to_auto_model_for_sequence_classification(tmp_path, monkeypatch, method):
+    pytest.importorskip("transformers")
+    if method == "lora":
+        pytest.importorskip("peft")
+    if not hasattr(TransformerLM, "features"):
+        monkeypatch.setattr(TransformerLM, "features", _hidden_features, raising=False)
+    from transformers import AutoModelForSequenceClassification
+
+    from leanformer.finetune.export import save_finetuned
+    from leanformer.finetune.hf_classifier import LeanformerForSequenceClassification
+
+    clf = load_classifier(_tiny_checkpoint(tmp_path / "ckpt"), LABELS)
+    spec = MethodSpec(method, rank=2)
+    model = apply_method(clf, spec)
+    finetune(model, clf.tokenizer, _tiny_data(), TrainSettings(max_steps=2, batch_size=4, lr=1e-3, max_len=24,
+                                                               progress=False), log=lambda s: None)
+    manifest = save_finetuned(tmp_path / "out", clf, model, spec, export_hf=True)
+    assert manifest["hf_loadable"] and manifest["files"]["hf"] == "hf"
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "hf").eval()
+    assert isinstance(hf, LeanformerForSequenceClassification) and hf.config.id2label[2] == "tkinter"
+    assert any(isinstance(m, NobleLinear) for m in hf.modules()) == (method == "noble")
+    batch = clf.tokenizer.collate(clf.tokenizer.encode(["def parse(node): x", "await loop"], None, 24))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits, model(**batch), rtol=1e-5, atol=1e-6)

@@ -17,7 +17,10 @@ noble(_all)        Plain ``transformers`` has no NOBLE layer, so no Auto class c
                    wrong): :func:`load_finetuned` rebuilds it (``from_config`` + ``apply_noble`` + the weights)
 ours, any method   ``model/``: a leanformer checkpoint of the encoder (NOBLE branches as ``model.noble`` in its
                    config, so :func:`leanformer.train.checkpoint.load_model` and ``leanformer export`` take it;
-                   LoRA merged), ``head.safetensors`` (the classifier); LoRA also ``adapter/`` (PEFT)
+                   LoRA merged), ``head.safetensors`` (the classifier); LoRA also ``adapter/`` (PEFT). With
+                   ``--export-hf`` also ``hf/``: ``LeanformerForSequenceClassification``, which
+                   ``AutoModelForSequenceClassification`` loads (NOBLE included) after
+                   ``import leanformer.finetune.hf_classifier`` or with ``trust_remote_code=True``
 =================  =========================================================================================
 """
 
@@ -124,9 +127,13 @@ def save_finetuned(out: str | Path, clf: Classifier, model: nn.Module, spec: Met
         files.update(_save_plain(out, clf, model))
     manifest["hf_loadable"] = clf.kind == "hf" and "model" in files and "noble" not in files
     if export_hf and clf.kind == "leanformer":
-        log("note: --export-hf: a leanformer encoder's classifier has no Hugging Face Auto class yet; "
-            f"{out / 'model'} is a leanformer checkpoint (leanformer export makes it a causal-LM folder) and "
-            f"{out / 'head.safetensors'} the classifier")
+        if "head" in files:
+            files["hf"] = _export_ours_hf(out, clf, files)
+            manifest["hf_loadable"] = True
+        else:
+            log("note: --export-hf: these NOBLE branches are not ones a leanformer config can express (not the "
+                "same roles in every block), so no Hugging Face folder; load with "
+                "leanformer.finetune.load_finetuned")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -149,6 +156,20 @@ def _save_ours(out: Path, clf: Classifier, model: LeanformerClassifier, cfg) -> 
     save_checkpoint(out / "model", encoder, tokenizer=clf.tokenizer.tok)
     _save_tensors({f"classifier.{k}": v for k, v in _state(model.classifier).items()}, out / "head.safetensors")
     return {"model": "model", "head": "head.safetensors", "dropout": model.dropout.p}
+
+
+def _export_ours_hf(out: Path, clf: Classifier, files: dict[str, Any]) -> str:
+    """``hf/``: the saved encoder checkpoint + head as ``LeanformerForSequenceClassification``."""
+    from leanformer.finetune.hf_classifier import export_hf
+    from leanformer.train.checkpoint import load_model
+
+    encoder = load_model(out / files["model"])
+    classifier = nn.Linear(encoder.cfg.d_model, clf.labels.num_labels)
+    state = load_file(str(out / files["head"]))
+    classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in state.items()})
+    export_hf(encoder, classifier, clf.labels.names, out / "hf", tokenizer=clf.tokenizer.tok,
+              dropout=files.get("dropout", 0.1))
+    return "hf"
 
 
 def _save_noble(out: Path, clf: Classifier, model: nn.Module, log, export_hf: bool) -> dict[str, Any]:
