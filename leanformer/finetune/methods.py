@@ -190,8 +190,10 @@ def apply_method(clf: Classifier, spec: MethodSpec) -> nn.Module:
     from leanformer.inject import apply_noble
     from leanformer.layers.noble import NobleLinear
 
+    # fused=False with a frozen base: the fused path's one product x [W; W_down]ᵀ would also compute the
+    # gradient of the frozen W (the stacked matrix needs one for W_down's rows); same outputs either way
     apply_noble(model, target_modules=names, rank=spec.rank, activation=spec.noble_activation,
-                preserve_output=True, lr_mults=spec.noble_lr_mults)
+                preserve_output=True, lr_mults=spec.noble_lr_mults, fused=spec.method != "noble")
     if spec.method == "noble":
         model.requires_grad_(False)
         for module in model.modules():
