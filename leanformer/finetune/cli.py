@@ -129,13 +129,11 @@ def run(args: argparse.Namespace) -> int:
                              weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
                              max_len=args.max_len, device=args.device, progress=not args.no_progress).validate()
     device = resolve_device(settings.device)
-    if args.no_progress:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     data = _load_data(args)
     print(f"data: {data.source}: {len(data.train)} training, {len(data.val)} validation examples, "
           f"{data.labels.num_labels} labels{' (pairs)' if data.pairs else ''}")
     torch.manual_seed(args.seed)  # the new head, the LoRA / NOBLE initialisation
-    clf = load_classifier(args.model, data.labels, args.dropout)
+    clf = load_classifier(args.model, data.labels, args.dropout, progress=not args.no_progress)
     if args.match_params is not None:
         budget = parse_budget(clf, spec, args.match_params)
         spec.rank = rank_for_budget(clf, spec, budget)

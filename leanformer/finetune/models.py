@@ -210,20 +210,24 @@ class Classifier:
     max_len: int = 512
 
 
-def load_classifier(path: str | Path, labels: LabelMap, dropout: float = 0.1) -> Classifier:
-    """The model of folder ``path`` (see the module docstring) with a head of ``labels.num_labels`` classes."""
+def load_classifier(path: str | Path, labels: LabelMap, dropout: float = 0.1, progress: bool = True) -> Classifier:
+    """The model of folder ``path`` (see the module docstring) with a head of ``labels.num_labels`` classes;
+    ``progress=False`` hides transformers' weight-loading bar."""
     path = resolve_model_path(path)
     if model_kind(path) == "leanformer":
         return _load_leanformer(path, labels, dropout)
-    return _load_hf(path, labels)
+    return _load_hf(path, labels, progress)
 
 
-def _load_hf(path: Path, labels: LabelMap) -> Classifier:
+def _load_hf(path: Path, labels: LabelMap, progress: bool = True) -> Classifier:
     try:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise CheckpointError(f"{path} is a Hugging Face model folder: fine-tuning it needs transformers "
                               "(pip install 'leanformer[finetune]')") from None
+    if not progress:
+        hf_logging.disable_progress_bar()
     names = labels.names
     try:
         config = AutoConfig.from_pretrained(str(path), num_labels=len(names),
