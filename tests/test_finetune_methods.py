@@ -262,3 +262,26 @@ def test_our_encoder_exports_to_auto_model_for_sequence_classification(tmp_path,
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(**batch).logits, model(**batch), rtol=1e-5, atol=1e-6)
+
+
+def test_pairs_are_encoded_as_each_model_expects(minilm, tmp_path, monkeypatch):
+    items = minilm.tokenizer.encode(["a premise here", "short"], ["the hypothesis", "another one"], 6)
+    tok = minilm.tokenizer.tok
+    assert all(len(it["input_ids"]) <= 6 for it in items)
+    assert items[1]["input_ids"][0] == tok.cls_token_id and items[1]["input_ids"].count(tok.sep_token_id) == 2
+    assert items[1]["token_type_ids"] == [0, 0, 0, 1, 1, 1]  # [CLS] short [SEP] another one [SEP]
+    batch = minilm.tokenizer.collate(items)
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask"} and batch["input_ids"].shape[0] == 2
+    from leanformer.data import DataError
+
+    with pytest.raises(DataError, match="some examples have a text_pair and some do not"):
+        minilm.tokenizer.encode(["a", "b"], ["c", None], 8)
+    if not hasattr(TransformerLM, "features"):
+        monkeypatch.setattr(TransformerLM, "features", _hidden_features, raising=False)
+    ours = load_classifier(_tiny_checkpoint(tmp_path / "ckpt"), LABELS).tokenizer
+    a, b = ours.tok.encode("def parse(node): return node.tag"), ours.tok.encode("await")
+    (item,) = ours.encode(["def parse(node): return node.tag"], ["await"], len(b) + 4)
+    assert item["input_ids"] == a[:3] + [ours.tok.eot_id] + b  # the longer text is cut first
+    padded = ours.collate([item, {"input_ids": b, "attention_mask": [1] * len(b)}])
+    assert padded["attention_mask"][1].tolist() == [1] * len(b) + [0] * (len(item["input_ids"]) - len(b))
+    assert (padded["input_ids"][1, len(b):] == ours.tok.eot_id).all()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanformer.data.corpus import DataError
 from leanformer.finetune.data import LabelMap
 from leanformer.train.checkpoint import CheckpointError
 
@@ -161,7 +162,8 @@ class HFSequenceTokenizer(SequenceTokenizer):
     def encode(self, texts: list[str], pairs: list[str | None] | None, max_len: int) -> list[dict[str, list[int]]]:
         if pairs is not None and any(p is None for p in pairs):
             if not all(p is None for p in pairs):
-                raise ValueError("some examples have a text_pair and some do not; give it to all or none")
+                raise DataError("some examples have a text_pair and some do not; a Hugging Face tokenizer "
+                                "needs one for every example or for none")
             pairs = None
         enc = self.tok(texts, pairs, truncation=True, max_length=max_len)
         keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
