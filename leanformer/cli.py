@@ -1,4 +1,4 @@
-"""The ``leanformer`` command line: train, eval, generate, convert, compare, bench, import, export.
+"""The ``leanformer`` command line: train, eval, generate, convert, compare, bench, import, export, finetune.
 
 Every command has ``--help``. Bad input (unknown config key, a value of the wrong type, missing data or
 checkpoint, a shape that cannot work) prints one ``error:`` line and exits with status 2 before anything is
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "leanformer.bench.cli", "add_arguments", "speed and memory benchmarks"),
         ("import", "leanformer.hf.cli", "add_import_arguments", "import a Hugging Face model"),
         ("export", "leanformer.hf.cli", "add_export_arguments", "export a checkpoint as a Hugging Face model"),
+        ("finetune", "leanformer.finetune.cli", "add_arguments", "fine-tune a classifier: full, LoRA or NOBLE"),
     ):
         getattr(importlib.import_module(module), func)(sub.add_parser(name, help=helptext))
     return p

