@@ -312,3 +312,32 @@ def test_parts_that_do_not_belong_together_are_refused(tmp_path, cache_dir, caps
     assert "another base config" in capsys.readouterr().err
     assert main(["compare", "--report-only", "--from", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "not the output of a leanformer compare run" in capsys.readouterr().err
+
+
+def test_parts_with_a_carried_tokenizer_assemble_and_unfinished_arms_are_named(tmp_path, cache_dir):
+    """benchmarks/compare_gpu.sh: later parts tokenise with the first part's tokenizer.json in their own
+    cache; the report takes them, refuses parts whose data records disagree, and names unfinished arms."""
+    import json
+    import shutil
+
+    common = ["compare", "--preset", "smoke", "--set", "train.steps=6", "--no-progress", "--without-baseline"]
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "report"
+    assert main(common + ["--set", f"data.cache_dir={tmp_path / 'ca'}", "--arms", "preln", "--out", str(a)]) == 0
+    tokenizer = next((tmp_path / "ca").glob("*/tokenizer.json"))
+    assert main(common + ["--set", f"data.cache_dir={tmp_path / 'cb'}", "--set", f"data.tokenizer={tokenizer}",
+                          "--arms", "sas_p,sas", "--out", str(b)]) == 0
+    (b / "arms" / "sas" / "done.json").unlink()  # as if the run had stopped early
+    assert main(["compare", "--report-only", "--from", str(a), str(b), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert set(_table(report)) == {BASELINE, "sas_p"}
+    assert "Not finished: `sas`" in report and "last logged step" in report
+    c = tmp_path / "c"
+    shutil.copytree(b, c)
+    done = c / "arms" / "sas_p" / "done.json"
+    record = json.loads(done.read_text())
+    record["data"]["train_tokens"] += 1
+    done.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="data train_tokens .* differs"):
+        from leanformer.compare.assemble import assemble
+
+        assemble([a, c], tmp_path / "r2")

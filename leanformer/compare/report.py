@@ -152,8 +152,10 @@ def data_line(plan, results: dict[tuple[str, int], dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------- the report
-def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], elapsed: float | None) -> Path:
-    """Write ``report.md``, the plots and the combined ``metrics.jsonl`` into ``plan.out``."""
+def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], elapsed: float | None,
+                 unfinished: dict[str, str] | None = None) -> Path:
+    """Write ``report.md``, the plots and the combined ``metrics.jsonl`` into ``plan.out``; ``unfinished``
+    (arm → what happened) lists arms a part started but did not finish (they get no row)."""
     import torch
 
     out = plan.out
@@ -183,8 +185,8 @@ def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], ela
     lines = [
         f"# leanformer compare: preset `{plan.preset.name}`",
         "",
-        f"- {machines_line(results)}; torch {torch.__version__}; "
-        f"date {datetime.date.today().isoformat()}{load}",
+        f"- {machines_line(results)}; torch {_versions(results) or torch.__version__}; "
+        f"date {_dates(results) or datetime.date.today().isoformat()}{load}",
         f"- Command: `{plan.command}`",
         (f"- Wall-clock of this invocation: {elapsed:.0f} s (sum of the arms' training+eval wall-clock: "
          f"{sum(r.get('wall_seconds', 0) for r in results.values()):.0f} s)" if elapsed is not None else
@@ -201,6 +203,7 @@ def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], ela
         "",
         *([spread.strip(), ""] if spread else []),
         *_notes(plan, longest, mem_kind, cuda),
+        *[f"- Not finished: `{arm}`: {what}" for arm, what in (unfinished or {}).items()],
         "",
         "## Plots",
         "",
@@ -313,6 +316,17 @@ def _converted(plan: Plan, arm: str) -> str:
             f"{tuple(t.betas)}, weight decay {t.weight_decay:g}, {t.schedule} with {t.warmup_frac:.0%} warm-up, "
             f"{loss}). Its steps, seconds and tokens are the fine-tune's alone (the parent's are in brackets); "
             "in the plots its curve starts where the parent's ends.")
+
+
+def _versions(results: dict) -> str:
+    """The torch versions the runs' records name (a comparison assembled from parts may have several)."""
+    return ", ".join(sorted({str(r["torch"]) for r in results.values() if r.get("torch")}))
+
+
+def _dates(results: dict) -> str:
+    """The days the runs finished on (their records), e.g. ``2026-12-04`` or ``2026-12-04 to 2026-12-05``."""
+    days = sorted({str(r["finished"])[:10] for r in results.values() if r.get("finished")})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}" if days else ""
 
 
 def _notes(plan: Plan, longest: str, mem_kind: str, cuda: bool) -> list[str]:
