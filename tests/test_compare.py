@@ -39,8 +39,15 @@ def smoke(tmp_path_factory, cache_dir):
 
 
 def _table(report: str) -> dict[str, list[str]]:
-    """Rows of the report's table keyed by arm (the footnote mark stripped)."""
-    lines = [ln for ln in report.splitlines() if ln.startswith("| ")]
+    """Rows of the report's (first) table keyed by arm (the footnote mark stripped)."""
+    all_lines = report.splitlines()
+    start = next(i for i, ln in enumerate(all_lines) if ln.startswith("| "))
+    lines = []
+    for ln in all_lines[start:]:
+        if not ln.startswith("|"):
+            break
+        if ln.startswith("| "):  # not the |---| line
+            lines.append(ln)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for ln in lines[1:]:

@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from leanformer.compare.claims import claims_section
 from leanformer.arms import ARMS, BASELINE
 from leanformer.compare.presets import RECIPE
 from leanformer.compare.runs import Plan
@@ -205,6 +206,7 @@ def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], ela
         *_notes(plan, longest, mem_kind, cuda),
         *[f"- Not finished: `{arm}`: {what}" for arm, what in (unfinished or {}).items()],
         "",
+        *claims_section(rows, BASELINE, unfinished),
         "## Plots",
         "",
         *[f"![{name}]({path.name})" for name, path in plot_paths.items()],
