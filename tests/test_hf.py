@@ -200,6 +200,9 @@ def test_export_family_refuses_what_it_cannot_hold(tmp_path):
         to_hf(_our_model(attention="dijiang", bias=True, pos="learned"), tmp_path, family="gpt2")
     with pytest.raises(UnsupportedModelError, match="family='opt' is not valid"):
         to_hf(_our_model(), tmp_path, family="opt")
+    for family in (None, "llama"):  # an encoder fits Llama's shapes, but not its causal mask
+        with pytest.raises(UnsupportedModelError, match="is an encoder .*leanformer finetune"):
+            to_hf(_our_model(causal=False, norm="rmsnorm", pos="rope", ffn_act="swiglu"), tmp_path, family=family)
 
 
 # ---------------------------------------------------------------------------- tokenizer + CLI

@@ -193,4 +193,6 @@ def test_compare_trains_encoder_arms(tmp_path):
         done = json.loads((out / "arms" / arm / "done.json").read_text())
         assert done["decode"] == {} and done["sample"] is None
         assert 0 <= done["final_val_mlm_acc"] <= 1 and done["final_val_loss"] > 0
-    assert "| sas_p_nonorm |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| sas_p_nonorm |" in report
+    assert "| final val MLM loss | MLM accuracy |" in report and "| ppl |" not in report  # no perplexity

@@ -81,3 +81,17 @@ def test_tokenizer_sample_spans_the_documents_and_respects_the_limit():
     assert _sample_chars(docs, None) is docs
     with pytest.raises(ConfigError, match="data.tokenizer_chars=0"):
         DataConfig(tokenizer_chars=0).validate()
+
+
+def test_epoch_order_resumes_on_another_layout_without_repeating_a_window():
+    tokens = _tokens(8 * 48 + 1)
+    single = BatchSampler(tokens, B, T, seed=2, order="epoch")
+    drawn = [single.next_batch()[0][:, 0] for _ in range(3)]  # 12 windows
+    state = single.state_dict()
+    ranks = [BatchSampler(tokens, 2, T, seed=0, rank=r, world_size=3, order="epoch") for r in range(3)]
+    for r in ranks:
+        r.load_state_dict(state)
+    for _ in range(6):  # 36 more windows: the rest of the pass
+        drawn += [r.next_batch()[0][:, 0] for r in ranks]
+    starts = sorted(int(x) for batch in drawn for x in batch)
+    assert starts == list(range(0, 8 * 48, 8))  # every window of the pass exactly once

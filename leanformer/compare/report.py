@@ -71,6 +71,7 @@ def analyse_run(record: dict[str, Any], metrics: list[dict[str, Any]], target: f
     row: dict[str, Any] = {
         "params": record["params"], "tokens": record["tokens"], "final_val_loss": record["final_val_loss"],
         "ppl": math.exp(min(record["final_val_loss"], 50)) if record["final_val_loss"] is not None else None,
+        "mlm_acc": record.get("final_val_mlm_acc"),  # encoders: their loss is an MLM loss, no perplexity
         "tok_per_s": throughput(metrics), "peak_memory_bytes": record["peak_memory_bytes"],
         "decode_ms": record["decode"][longest]["ms_per_token"] if longest in record["decode"] else None,
         "decode_mem": _decode_mem(record["decode"].get(longest, {})),
@@ -235,7 +236,9 @@ def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], ela
 
 def _table(plan, rows: dict[str, list[dict[str, Any]]], longest: str, mem_kind: str, cuda: bool) -> str:
     dec_mem = "decode peak mem (CUDA)" if cuda else "decode cache"
-    header = ["arm", "params", "tokens", "final val loss", "ppl", "steps to baseline loss", "steps × base",
+    encoder = not plan.base.model.causal
+    header = ["arm", "params", "tokens", "final val MLM loss" if encoder else "final val loss",
+              "MLM accuracy" if encoder else "ppl", "steps to baseline loss", "steps × base",
               "seconds to baseline loss", "seconds × base", "train tok/s", "tok/s × base",
               f"decode ms/tok @{longest}", "decode × base", f"train {mem_kind}", f"{dec_mem} @{longest}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -253,7 +256,8 @@ def _table(plan, rows: dict[str, list[dict[str, Any]]], longest: str, mem_kind: 
             name += " ¹"
         nr = "not reached"
         cells = [
-            name, _si(rec["params"]), tokens, _cell(get("final_val_loss"), ".4f"), _cell(get("ppl"), ".2f"),
+            name, _si(rec["params"]), tokens, _cell(get("final_val_loss"), ".4f"),
+            _cell(get("mlm_acc"), ".3f") if encoder else _cell(get("ppl"), ".2f"),
             _cell(get("reach_step"), ".0f", nr), _cell(get("reach_step_ratio"), ".2f"),
             _cell(get("reach_seconds"), ".1f", nr), _cell(get("reach_seconds_ratio"), ".2f"),
             _cell(get("tok_per_s"), ".0f"), _cell(get("tok_per_s_ratio"), ".2f"),

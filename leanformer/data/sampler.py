@@ -53,6 +53,7 @@ class BatchSampler:
         self.order = order
         self.n_windows = (len(tokens) - 1) // seq_len  # disjoint windows (order="epoch")
         self._perm: tuple[int, np.ndarray] | None = None  # (pass, its shuffled window indices)
+        self._resumed_at = (0, 0)  # (step, windows the whole job had drawn by then): resumes on a new layout
         self.tokens = tokens
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed = int(seed)
@@ -69,7 +70,8 @@ class BatchSampler:
         return everyone[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def _epoch_offsets(self, step: int) -> np.ndarray:
-        first = (step * self.world_size + self.rank) * self.batch_size
+        step0, drawn0 = self._resumed_at
+        first = drawn0 + ((step - step0) * self.world_size + self.rank) * self.batch_size
         out = np.empty(self.batch_size, dtype=np.int64)
         for j, i in enumerate(range(first, first + self.batch_size)):
             epoch, pos = divmod(i, self.n_windows)
@@ -100,11 +102,15 @@ class BatchSampler:
                 "seq_len": self.seq_len, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue the saved stream: its seed and step (batch shape and ranks come from the constructor)."""
+        """Continue the saved stream: its seed and step (batch shape and ranks come from the constructor).
+        ``order="epoch"`` continues from the windows the saved job had drawn (its step × world size × batch
+        size), so a resume on another number of processes or batch size neither repeats nor skips one."""
         missing = {"seed", "step"} - set(state)
         if missing:
             raise DataError(f"sampler state lacks {', '.join(sorted(missing))}; got keys {sorted(state)}")
         self.seed, self.step = int(state["seed"]), int(state["step"])
+        per_step = int(state.get("world_size", self.world_size)) * int(state.get("batch_size", self.batch_size))
+        self._resumed_at = (self.step, self.step * per_step)
 
 
 def eval_batches(tokens: Any, batch_size: int, seq_len: int, n: int, rank: int = 0,

@@ -129,6 +129,13 @@ def run(args: argparse.Namespace) -> int:
                              weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
                              max_len=args.max_len, device=args.device, progress=not args.no_progress).validate()
     device = resolve_device(settings.device)
+    if args.no_progress:  # transformers' own bars too (loading, and the shards an --export-hf writes)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     data = _load_data(args)
     print(f"data: {data.source}: {len(data.train)} training, {len(data.val)} validation examples, "
           f"{data.labels.num_labels} labels{' (pairs)' if data.pairs else ''}")

@@ -156,6 +156,11 @@ def to_hf_model(model: TransformerLM, family: str | None = None) -> torch.nn.Mod
     family = family or "leanformer"
     if family not in FAMILIES:
         raise UnsupportedModelError(f"family={family!r} is not valid; choose one of {', '.join(FAMILIES)}")
+    if not model.cfg.causal:
+        raise UnsupportedModelError(
+            "this model is an encoder (model.causal=false); every exported class is a causal language model "
+            "whose mask it was not trained with. Fine-tune it with `leanformer finetune --model CHECKPOINT "
+            "--export-hf ...` for an AutoModelForSequenceClassification folder")
     if family == "leanformer":
         from leanformer.hf.modeling import LeanformerConfig, LeanformerForCausalLM
 
