@@ -348,3 +348,18 @@ def test_parts_with_a_carried_tokenizer_assemble_and_unfinished_arms_are_named(t
         from leanformer.compare.assemble import assemble
 
         assemble([a, c], tmp_path / "r2")
+
+
+def test_report_lists_decoding_at_every_context_with_the_state(smoke):
+    out, _ = smoke
+    report = (out / "report.md").read_text()
+    lines = report.splitlines()
+    start = lines.index("| arm | ms/tok @32 | ms/tok @64 | ms/tok @128 | state @32 | state @64 | state @128 |")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    rows = {ln.split("|")[1].strip(): ln for ln in lines[start + 2:end]}
+    assert set(rows) == set(ARMS)
+    for arm in ("preln", "dijiang_scratch"):
+        cells = [c.strip() for c in rows[arm].strip("|").split("|")]
+        assert all(float(c) > 0 for c in cells[1:4]) and all(c.endswith("MiB") for c in cells[4:])
+    dj = [float(c.split()[0]) for c in rows["dijiang_scratch"].strip("|").split("|")[4:]]
+    assert dj[0] == dj[-1]  # DiJiang's state does not grow with the context

@@ -203,6 +203,7 @@ def write_report(plan: Plan, results: dict[tuple[str, int], dict[str, Any]], ela
         "",
         _table(plan, rows, longest, mem_kind, cuda),
         "",
+        *_decode_table(plan, rows),
         *([spread.strip(), ""] if spread else []),
         *_notes(plan, longest, mem_kind, cuda),
         *[f"- Not finished: `{arm}`: {what}" for arm, what in (unfinished or {}).items()],
@@ -266,6 +267,24 @@ def _table(plan, rows: dict[str, list[dict[str, Any]]], longest: str, mem_kind: 
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _decode_table(plan, rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Decoding at every context of the preset (first seed): ms per token and the decoding state's bytes
+    (KV cache, or DiJiang's recurrent state). [] when no arm decoded (encoders)."""
+    contexts = [str(c) for c in plan.preset.decode_contexts]
+    decoded = [a for a in plan.arms if rows[a][0]["record"].get("decode")]
+    if not decoded or len(contexts) < 2:
+        return []
+    header = ["arm"] + [f"ms/tok @{c}" for c in contexts] + [f"state @{c}" for c in contexts]
+    lines = ["Decoding at each context (batch 1, first seed): step latency and decoding state.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in decoded:
+        dec = rows[arm][0]["record"]["decode"]
+        ms = [f"{dec[c]['ms_per_token']:.2f}" if c in dec else "–" for c in contexts]
+        state = [_mib([dec[c]["cache_bytes"]]) if c in dec and "cache_bytes" in dec[c] else "–" for c in contexts]
+        lines.append("| " + " | ".join([arm, *ms, *state]) + " |")
+    return [*lines, ""]
 
 
 _POSITIONS = {"rope": "RoPE", "learned": "learned positions", "none": "no position encoding"}
