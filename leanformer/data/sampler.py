@@ -81,10 +81,6 @@ class BatchSampler:
             out[j] = self._perm[1][pos] * self.seq_len
         return out
 
-    def passes(self, steps: int) -> float:
-        """Passes over the split that ``steps`` steps take (tokens drawn / tokens in it, for both orders)."""
-        return steps * self.world_size * self.batch_size / self.n_windows
-
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of shape ``(B, T)``, int64; advances the step."""
         out = _windows(self.tokens, self.offsets(self.step), self.seq_len)

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         trainable_summary,
     )
     from leanformer.finetune.models import load_classifier
-    from leanformer.finetune.trainer import DEFAULT_LR, TrainSettings, finetune, resolve_device
+    from leanformer.device import resolve_device
+    from leanformer.finetune.trainer import DEFAULT_LR, TrainSettings, finetune
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
                              eval_batch_size=args.eval_batch_size, lr=args.lr or DEFAULT_LR[args.method],
                              weight_decay=args.weight_decay, warmup=args.warmup, clip=args.clip, seed=args.seed,
                              max_len=args.max_len, device=args.device, progress=not args.no_progress).validate()
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, "--device")
     if args.no_progress:  # transformers' own bars too (loading, and the shards an --export-hf writes)
         try:
             from transformers.utils import logging as hf_logging

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanformer.config import ConfigError
+from leanformer.device import resolve_device
 from leanformer.finetune.data import ClassificationData
 from leanformer.finetune.metrics import classification_metrics
 from leanformer.finetune.models import SequenceTokenizer, logits_of
@@ -60,18 +61,6 @@ class TrainSettings:
             if not ok:
                 raise ConfigError(message)
         return self
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when there is one, else the CPU; ``cuda`` without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} but no CUDA device is available; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1...)") from None
 
 
 def lr_at(step: int, total: int, warmup_steps: int, lr: float) -> float:
@@ -143,7 +132,7 @@ def finetune(model: nn.Module, tokenizer: SequenceTokenizer, data: Classificatio
     from leanformer.train.optim import param_groups
 
     settings.validate()
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, "--device")
     model.to(device).train()
     train_items = _encode(tokenizer, data.train, settings.max_len)
     val_items = _encode(tokenizer, data.val, settings.max_len)
