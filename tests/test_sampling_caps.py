@@ -94,3 +94,11 @@ def test_epoch_order_resumes_on_another_layout_without_repeating_a_window():
         drawn += [r.next_batch()[0][:, 0] for r in ranks]
     starts = sorted(int(x) for batch in drawn for x in batch)
     assert starts == list(range(0, 8 * 48, 8))  # every window of the pass exactly once
+
+
+def test_max_chars_with_a_user_path_is_refused_not_ignored(tmp_path):
+    from leanformer.data.corpus import resolve_source
+
+    (tmp_path / "a.txt").write_text("hello\n")
+    with pytest.raises(DataError, match="data.max_chars=10 caps the built-in corpus only"):
+        resolve_source(tmp_path / "a.txt", max_chars=10)

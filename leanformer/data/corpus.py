@@ -133,6 +133,9 @@ def resolve_source(path: str | os.PathLike | None, *, text_field: str = "text", 
     """
     if max_files is not None and max_files < 1:
         raise DataError(f"data.max_files={max_files} must be >= 1 (or null for all files)")
+    if path is not None and max_chars is not None:
+        raise DataError(f"data.max_chars={max_chars} caps the built-in corpus only; with data.path={str(path)!r} "
+                        "set it to null (cut your own data instead)")
     if path is None:
         from leanformer.data.builtin import builtin_source
 
