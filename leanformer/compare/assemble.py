@@ -22,7 +22,7 @@ from leanformer.arms import ARMS, BASELINE
 from leanformer.compare.presets import get_preset
 from leanformer.compare.report import write_report
 from leanformer.compare.runs import PLAN_FILE, Plan, Run, comparable
-from leanformer.config import ConfigError, RunConfig, from_dict
+from leanformer.config import ConfigError, RunConfig, from_dict, to_dict
 from leanformer.train.metrics import read_steps
 
 RUN_FILES = ("done.json", "metrics.jsonl", "config.yaml")
@@ -115,8 +115,10 @@ def _unfinished(folder: Path, arm: str, seeds: list[int]) -> str:
 def _same_tokens_key(base: dict) -> dict:
     """The part's base config without where its token cache lay and which path held its tokenizer: parts
     run on different machines carry the first part's tokenizer.json (benchmarks/compare_gpu.sh). That they
-    tokenised the same corpus the same way is checked on their data records (:func:`_check_same_data`)."""
-    d = comparable(base)
+    tokenised the same corpus the same way is checked on their data records (:func:`_check_same_data`).
+    The config is read back through :class:`RunConfig` first, so a part written before a field existed
+    compares with its default value."""
+    d = comparable(to_dict(from_dict(RunConfig, base)))
     for key in ("cache_dir", "tokenizer"):
         d.get("data", {}).pop(key, None)
     return d
