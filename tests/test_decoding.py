@@ -183,6 +183,28 @@ def test_decoder_made_under_autocast_runs_under_it():
     assert dec.cache.layers[0]["k"].dtype == torch.bfloat16 and dec.logits.dtype == torch.bfloat16
 
 
+def test_shaped_static_cache_stores_values_in_the_keys_dtype():
+    """SAS-P's values are the block input (float32 under autocast); its static cache keeps them in the
+    keys' bf16, so it holds what Pre-LN's holds, and the steps still give the dynamic cache's tokens."""
+    prompt = torch.randint(0, V, (2, 5))
+    sizes = {}
+    for name, kw in (("preln", {}), ("sas_p", dict(block="sas_p", attention="shaped"))):
+        model = _model(**kw).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dec = StaticDecoder(model, 2, 12, graph="none")
+            dec.prefill(prompt)
+            dec.step()
+            eager = model.generate(prompt, 4, temperature=0, static=False)
+            static = model.generate(prompt, 4, temperature=0, static=True, graph="none")
+        layer = dec.cache.layers[0]
+        assert layer["v"].dtype == layer["k"].dtype == torch.bfloat16
+        assert torch.equal(static, eager)
+        running_sums = sum(t.numel() * t.element_size() for lay in dec.cache.layers for n, t in lay.items()
+                           if n == "v_sum")  # shaped attention's (B, H, d) float32 sum of the values
+        sizes[name] = dec.cache.memory_bytes(filled=False) - running_sums
+    assert sizes["sas_p"] == sizes["preln"]
+
+
 def test_compiled_step_equals_eager_step():
     """``compile``: the step traced by torch.compile (its side effects on the cache included; the aot_eager
     backend keeps the test fast, Inductor runs on the GPU) gives the eager path's tokens."""

@@ -337,7 +337,8 @@ class ShapedAttention(nn.Module):
 
     def _static_forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         """The static-cache branch (:mod:`leanformer.decoding`), Eq. 5 at the positions ``state["pos"]``:
-        K/V written in place into pre-allocated buffers, ``β`` · masked softmax attention over them,
+        K/V written in place into pre-allocated buffers (V in K's dtype: under autocast the attention
+        product reads it in that dtype anyway), ``β`` · masked softmax attention over them,
         ``+ α v_own``, ``− γ`` · the running mean ``(v_sum + cumsum(v_new)) / (position + 1)``, with
         ``v_sum`` (B, H, Dv) kept in float32 and updated in place."""
         p = state["positions"]
@@ -346,8 +347,8 @@ class ShapedAttention(nn.Module):
         v = split_heads(self.v(x) if self.v is not None else x, self.n_heads)
         if self.rotary is not None:
             q, k = self.rotary(q, k, p)
-        kv = write_kv(state, k=k, v=v)
-        keys = kv["k"]
+        kv = write_kv(state, k=k, v=v.to(k.dtype))  # SAS(-P)'s v is the block input (float32 under autocast):
+        keys = kv["k"]                               # cached in the keys' dtype, as the attention matmul reads it
         if self.n_kv != self.n_heads:
             keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         out = torch.addcmul(_per_head(self.alpha) * v, _per_head(self.beta), cached_attention(q, keys, kv["v"], p))
