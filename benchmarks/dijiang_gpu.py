@@ -52,12 +52,13 @@ def add_check(name: str, err: float, tol: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------ 1. checks
-def layer_check(feature_map: str, dtype: torch.dtype, scale: float, learnable: bool, T: int = 1000) -> None:
+def layer_check(feature_map: str, dtype: torch.dtype, scale: float, learnable: bool, T: int = 1000,
+                mode: str = "fla") -> None:
     T = 100 if DEV.type == "cpu" else T
     dev = DEV
     torch.manual_seed(int(scale * 10) + T + learnable)
     cfg = TransformerConfig(d_model=256, n_heads=4, attention="dijiang",
-                            dijiang=DiJiangConfig(feature_map=feature_map, mode="fla",
+                            dijiang=DiJiangConfig(feature_map=feature_map, mode=mode,
                                                   learnable_decay=learnable)).validate()
     att = DiJiangAttention(cfg, 0).to(dev)
     with torch.no_grad():
@@ -79,7 +80,8 @@ def layer_check(feature_map: str, dtype: torch.dtype, scale: float, learnable: b
     with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         y = att(xx)
     y.float().backward(gy)
-    label = f"layer {feature_map} {str(dtype)[6:]} q/k×{scale} {'learnable' if learnable else 'fixed'} decay T={T}"
+    label = (f"layer {mode} {feature_map} {str(dtype)[6:]} q/k×{scale} {'learnable' if learnable else 'fixed'} "
+             f"decay T={T}")
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # fla computes fp32 products in TF32
     add_check(f"{label}: output", rel(y, y64), tol)
     add_check(f"{label}: grad x", rel(xx.grad, x64.grad), tol)
@@ -196,12 +198,12 @@ def profile(T: int, method: str) -> None:
     print(table, flush=True)
 
 
-def nan_check_32k() -> None:
+def nan_check_32k(methods=("dijiang_fla", "dijiang_official_fla")) -> None:
     from leanformer.bench.attention import build_method
 
     dev = DEV
     T = 32768
-    for method in ("dijiang_fla", "dijiang_official_fla"):
+    for method in methods:
         for scale in (1.0, 4.0):
             fn, params = build_method(method, dev, torch.bfloat16, 12, 64)
             q, k, v = ((torch.randn(4, T, 12, 64, device=dev) * (scale if i < 2 else 1.0)).to(torch.bfloat16)
