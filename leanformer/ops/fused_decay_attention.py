@@ -27,36 +27,42 @@ CPU tensors (tests), otherwise they need CUDA tensors.
 
 Supported (else :func:`fused_supported` says why, and the caller uses the ``parallel`` form): CUDA
 tensors (or CPU tensors under the interpreter); float32, bfloat16 or float16, q, k, v of one dtype;
-m and d powers of two in [16, 256] (what ``tl.dot`` and the register budget allow); any B, H, T ≥ 1
+m and d powers of two in [16, 128] (``tl.dot`` needs ≥ 16; 128 keeps a float32 block within the
+shared memory of an A100/H100); any B, H, T ≥ 1
 (the last block is masked); any strides (the feature map's (B, H, T, m) views of (B, T, H, m) memory
 are read in place). Float32 products run in full IEEE precision (no TF32).
 """
-
-from __future__ import annotations
 
 import functools
 import os
 
 import torch
 
-BLOCK = 64  # query and key block (fixed: no autotuning, so the first call costs one compile per shape)
+BLOCK = 64  # query and key block (fixed, no autotuning: the first call costs one compile per shape);
+# 32 for float32 with m or d = 128 (shared memory: 64 would need ~210 KiB for dK/dV)
 NUM_WARPS = 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MIN_DIM, MAX_DIM = 16, 256
+MIN_DIM, MAX_DIM = 16, 128
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_IMPORT: dict[str, str | None] = {}  # "error": why triton does not import, None when it does
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError as e:
-        return f"triton is not installed ({e})"
-    return None
+    """Checked once (a plain dict, not lru_cache: torch.compile traces this call)."""
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except ImportError as e:
+            _TRITON_IMPORT["error"] = f"triton is not installed ({e})"
+        else:
+            _TRITON_IMPORT["error"] = None
+    return _TRITON_IMPORT["error"]
 
 
 def fused_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> str | None:
@@ -88,12 +94,14 @@ def _kernels():
     return kern.fwd_kernel, kern.bwd_dkdv_kernel, kern.bwd_dq_kernel
 
 
-def _block(T: int) -> int:
-    """BLOCK, or the smallest power of two ≥ T (≥ 16, what tl.dot needs) for short sequences."""
-    return min(BLOCK, max(MIN_DIM, 1 << (T - 1).bit_length()))
+def _block(T: int, dtype: torch.dtype, m: int, d: int) -> int:
+    """BLOCK (32 for float32 with m or d > 64), or the smallest power of two ≥ T (≥ 16, what tl.dot
+    needs) for short sequences."""
+    big = BLOCK // 2 if dtype == torch.float32 and max(m, d) > 64 else BLOCK
+    return min(big, max(MIN_DIM, 1 << (T - 1).bit_length()))
 
 
-def _launch_args(q: torch.Tensor, log_norm: torch.Tensor | None):
+def _launch_args(q: torch.Tensor, v: torch.Tensor, log_norm: torch.Tensor | None):
     """n (a broadcast 0 when None), its strides, the block size and the kernels' constexpr arguments.
 
     Under the interpreter the loops run over every block (T_END = T rounded up to the block), masked:
@@ -102,7 +110,7 @@ def _launch_args(q: torch.Tensor, log_norm: torch.Tensor | None):
     """
     B, H, T, _ = q.shape
     n = log_norm if log_norm is not None else q.new_zeros((), dtype=torch.float32).expand(B, H, T)
-    bs = _block(T)
+    bs = _block(T, q.dtype, q.shape[-1], v.shape[-1])
     interpret = _interpret()
     meta = dict(BLOCK_M=bs, BLOCK_N=bs, HAS_NORM=log_norm is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit inputs
@@ -111,54 +119,83 @@ def _launch_args(q: torch.Tensor, log_norm: torch.Tensor | None):
 
 
 # ----------------------------------------------------------------------------------------------- ops
-@functools.lru_cache(maxsize=1)
-def _ops():
-    """Register the custom ops (once, on first use: Triton is imported here) → (forward op, backward op)."""
-    from torch.library import triton_op, wrap_triton
+# Registered at import (no Triton needed for that), so that torch.compile finds them already defined.
+# With torch ≥ 2.6 they are ``triton_op``s, which compile traces into (the kernels appear in its graph).
+# Under TRITON_INTERPRET=1 (read here, at import) or with torch 2.5 they are opaque ``custom_op``s with
+# fake implementations: compile cannot trace an interpreted kernel, but can call the op.
+OP_ROUTE = "triton_op" if hasattr(torch.library, "triton_op") and not _interpret() else "custom_op"
 
-    fwd_k, dkdv_k, dq_k = _kernels()
 
-    @triton_op("leanformer::decayed_attention", mutates_args=())
-    def forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
-                   log_norm: torch.Tensor | None) -> torch.Tensor:
-        B, H, T, m = q.shape
-        d = v.shape[-1]
-        o = v.new_empty(B, T, H, d).transpose(1, 2)  # (B, T, H, d) memory, as v comes from the projections
-        n, sn, bs, meta = _launch_args(q, log_norm)
-        wrap_triton(fwd_k)[(_cdiv(T, bs), B * H)](
-            q, k, v, log_gamma, n, o, *q.stride(), *k.stride(), *v.stride(), *sn, *o.stride(),
-            H, T, M=m, D=d, **meta)
-        return o
+def _register(name: str, fake):
+    def dec(fn):
+        if OP_ROUTE == "triton_op":
+            return torch.library.triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return dec
 
-    @triton_op("leanformer::decayed_attention_bwd", mutates_args=())
-    def backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
-                    log_norm: torch.Tensor | None, grad_o: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, H, T, m = q.shape
-        d = v.shape[-1]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        n, sn, bs, meta = _launch_args(q, log_norm)
-        grid = (_cdiv(T, bs), B * H)
-        meta.update(M=m, D=d)
-        wrap_triton(dkdv_k)[grid](
-            q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
-            *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, **meta)
-        wrap_triton(dq_k)[grid](
-            k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
-            H, T, **meta)
-        return dq, dk, dv
 
-    def setup_context(ctx, inputs, output):
-        q, k, v, log_gamma, log_norm = inputs
-        ctx.save_for_backward(q, k, v, log_gamma, log_norm)
+def _wrap(kernel):
+    return torch.library.wrap_triton(kernel) if OP_ROUTE == "triton_op" else kernel
 
-    def backward(ctx, grad_o):
-        q, k, v, log_gamma, log_norm = ctx.saved_tensors
-        dq, dk, dv = backward_op(q, k, v, log_gamma, log_norm, grad_o)
-        return dq, dk, dv, None, None
 
-    forward_op.register_autograd(backward, setup_context=setup_context)
-    return forward_op, backward_op
+def _new_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                log_norm: torch.Tensor | None) -> torch.Tensor:
+    """o: (B, H, T, d) in (B, T, H, d) memory, as v comes from the projections (merging heads is free)."""
+    B, H, T, _ = q.shape
+    return v.new_empty(B, T, H, v.shape[-1]).transpose(1, 2)
+
+
+def _new_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+               log_norm: torch.Tensor | None, grad_o: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@_register("leanformer::decayed_attention", _new_output)
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                log_norm: torch.Tensor | None) -> torch.Tensor:
+    B, H, T, m = q.shape
+    d = v.shape[-1]
+    o = _new_output(q, k, v, log_gamma, log_norm)
+    n, sn, bs, meta = _launch_args(q, v, log_norm)
+    _wrap(_kernels()[0])[(_cdiv(T, bs), B * H)](
+        q, k, v, log_gamma, n, o, *q.stride(), *k.stride(), *v.stride(), *sn, *o.stride(), H, T, M=m, D=d, **meta)
+    return o
+
+
+@_register("leanformer::decayed_attention_bwd", _new_grads)
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                 log_norm: torch.Tensor | None, grad_o: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, T, m = q.shape
+    d = v.shape[-1]
+    dq, dk, dv = _new_grads(q, k, v, log_gamma, log_norm, grad_o)
+    n, sn, bs, meta = _launch_args(q, v, log_norm)
+    grid = (_cdiv(T, bs), B * H)
+    _, dkdv_kernel, dq_kernel = _kernels()
+    _wrap(dkdv_kernel)[grid](
+        q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
+        *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta)
+    _wrap(dq_kernel)[grid](
+        k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
+        H, T, M=m, D=d, **meta)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_gamma, log_norm = inputs
+    ctx.save_for_backward(q, k, v, log_gamma, log_norm)
+
+
+def _backward(ctx, grad_o):
+    q, k, v, log_gamma, log_norm = ctx.saved_tensors
+    dq, dk, dv = _backward_op(q, k, v, log_gamma, log_norm, grad_o)
+    return dq, dk, dv, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -189,4 +226,4 @@ def decayed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gam
         return v.new_zeros(v.shape)
     lg = log_gamma.to(device=q.device, dtype=torch.float32).contiguous()
     ln = log_norm.to(torch.float32) if log_norm is not None else None
-    return _ops()[0](q, k, v, lg, ln)
+    return _forward_op(q, k, v, lg, ln)
