@@ -33,7 +33,6 @@ shared memory of an A100/H100); any B, H, T ≥ 1
 are read in place). Float32 products run in full IEEE precision (no TF32).
 """
 
-import functools
 import os
 
 import torch
