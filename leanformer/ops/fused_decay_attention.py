@@ -20,17 +20,19 @@ passes a learnable decay's gradient through q and k instead
 (:func:`leanformer.ops.constant_decay._decay_gradient_through_qk`) and refuses an n that requires grad.
 
 The op is a ``torch.library.triton_op`` (``leanformer::decayed_attention`` and its backward
-``leanformer::decayed_attention_bwd``) with ``register_autograd``, so ``torch.compile`` sees the Triton
-kernels without a graph break. Triton is imported lazily (on the first call), and the kernels are built
-then: with ``TRITON_INTERPRET=1`` in the environment at that moment they run in Triton's interpreter on
-CPU tensors (tests), otherwise they need CUDA tensors.
+``leanformer::decayed_attention_bwd``) with ``register_autograd``, so ``torch.compile`` traces the Triton
+kernels without a graph break. Triton is imported on the first call, not at import. ``TRITON_INTERPRET=1``
+must be in the environment *before this module is imported* to run the kernels in Triton's interpreter on
+CPU tensors (tests): the ops are then opaque ``custom_op``s (compile cannot trace an interpreted kernel,
+but calls the op: ``torch.compile(fullgraph=True)`` still works). Without it they need CUDA tensors.
 
 Supported (else :func:`fused_supported` says why, and the caller uses the ``parallel`` form): CUDA
 tensors (or CPU tensors under the interpreter); float32, bfloat16 or float16, q, k, v of one dtype;
 m and d powers of two in [16, 128] (``tl.dot`` needs ≥ 16; 128 keeps a float32 block within the
-shared memory of an A100/H100); any B, H, T ≥ 1
-(the last block is masked); any strides (the feature map's (B, H, T, m) views of (B, T, H, m) memory
-are read in place). Float32 products run in full IEEE precision (no TF32).
+shared memory of an A100/H100); any B, H, T ≥ 1 (the last block is masked); any strides (the feature
+map's (B, H, T, m) views of (B, T, H, m) memory are read in place). Float32 products run in full IEEE
+precision (no TF32). This module does not import the rest of leanformer (the form that uses it,
+:func:`leanformer.ops.decayed_linear_attention.fused`, imports it).
 """
 
 import os
@@ -45,6 +47,7 @@ MIN_DIM, MAX_DIM = 16, 128
 
 
 def _interpret() -> bool:
+    """TRITON_INTERPRET=1: Triton's CPU interpreter (read at import for the op route, at launch for the loops)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
