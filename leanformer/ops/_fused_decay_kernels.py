@@ -30,6 +30,15 @@ def decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM: tl.constexpr, KEYS_BY_
 
 
 @triton.jit
+def mm(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """tl.dot(a, b) with float32 accumulation. Triton 3.6's interpreter multiplies bfloat16 wrongly (it
+    reads the raw bits); there the operands are widened to float32 first (exact: bf16 ⊂ fp32)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def fwd_kernel(Q, K, V, LG, N, O,
                sqb, sqh, sqt, sqm, skb, skh, skt, skm, svb, svh, svt, svd, snb, snh, snt, sob, soh, sot, sod,
                H, T, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -57,9 +66,9 @@ def fwd_kernel(Q, K, V, LG, N, O,
         v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
                     mask=mask_j[:, None], other=0.0)
         n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = mm(q, tl.trans(k), PRECISION, INTERPRET)
         p = s * decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, False)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc += mm(p.to(v.dtype), v, PRECISION, INTERPRET)
     tl.store(O + b * sob + h * soh + offs_i[:, None] * sot + offs_d[None, :] * sod,
              acc.to(O.dtype.element_ty), mask=mask_i[:, None])
 
@@ -98,10 +107,10 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
                      mask=mask_i[:, None], other=0.0)
         n_i = tl.load(N + b * snb + h * snh + offs_i * snt, mask=mask_i, other=0.0) if HAS_NORM else lg
         g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, True)  # Γᵀ: (BLOCK_N, BLOCK_M)
-        pT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * g
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-        dsT = tl.dot(v, tl.trans(do), input_precision=PRECISION) * g
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+        pT = mm(k, tl.trans(q), PRECISION, INTERPRET) * g
+        dv += mm(pT.to(do.dtype), do, PRECISION, INTERPRET)
+        dsT = mm(v, tl.trans(do), PRECISION, INTERPRET) * g
+        dk += mm(dsT.to(q.dtype), q, PRECISION, INTERPRET)
     tl.store(DK + b * sdkb + h * sdkh + offs_j[:, None] * sdkt + offs_m[None, :] * sdkm,
              dk.to(DK.dtype.element_ty), mask=mask_j[:, None])
     tl.store(DV + b * sdvb + h * sdvh + offs_j[:, None] * sdvt + offs_d[None, :] * sdvd,
@@ -137,8 +146,8 @@ def bwd_dq_kernel(K, V, LG, N, DO, DQ,
         v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
                     mask=mask_j[:, None], other=0.0)
         n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
-        ds = tl.dot(do, tl.trans(v), input_precision=PRECISION) * decay_tile(offs_i, offs_j, lg, n_i, n_j, T,
+        ds = mm(do, tl.trans(v), PRECISION, INTERPRET) * decay_tile(offs_i, offs_j, lg, n_i, n_j, T,
                                                                            HAS_NORM, False)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += mm(ds.to(k.dtype), k, PRECISION, INTERPRET)
     tl.store(DQ + b * sdqb + h * sdqh + offs_i[:, None] * sdqt + offs_m[None, :] * sdqm,
              dq.to(DQ.dtype.element_ty), mask=mask_i[:, None])
