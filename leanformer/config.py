@@ -79,15 +79,16 @@ class DiJiangConfig:
     feature_map: str = "paper"  # paper: D ⊙ exp(T C x) | official: softmax(x C T)
     feature_dim: int | None = None  # m; None = head dim
     learnable_decay: bool = False
-    mode: str = "auto"  # auto | parallel | chunk | recurrent | fla
+    mode: str = "auto"  # auto | parallel | chunk | recurrent | fla | fused (Triton kernel, CUDA)
     chunk_size: int = 64
-    # auto: parallel up to this length, chunk beyond; None: 256 on CPU, 1024 on CUDA (where the two forms
-    # cross: CPU 128-256 tokens, H100 1-2K tokens; docs/benchmarks.md)
+    # auto: parallel (CUDA with Triton: the fused kernel) up to this length, chunk (CUDA with fla: fla)
+    # beyond; None: 256 on CPU, 1024 on CUDA for parallel (where the two forms cross: CPU 128-256 tokens,
+    # H100 1-2K tokens; docs/benchmarks.md), 4096 on CUDA for fused (provisional)
     parallel_max_len: int | None = None
 
     def validate(self) -> None:
         _choice("dijiang.feature_map", self.feature_map, ("paper", "official"))
-        _choice("dijiang.mode", self.mode, ("auto", "parallel", "chunk", "recurrent", "fla"))
+        _choice("dijiang.mode", self.mode, ("auto", "parallel", "chunk", "recurrent", "fla", "fused"))
         if self.chunk_size < 1:
             raise ConfigError(f"dijiang.chunk_size={self.chunk_size} must be >= 1")
         if self.parallel_max_len is not None and self.parallel_max_len < 1:

@@ -1,9 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tests' shared helpers (dist_helpers)
+
+# Without CUDA, Triton kernels (leanformer.ops.fused_decay_attention) run in Triton's CPU interpreter. Set
+# before any test module imports leanformer: that module picks its op route when it is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

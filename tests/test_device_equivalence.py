@@ -3,8 +3,9 @@ always, CUDA where there is one: ``benchmarks/gpu.sh`` runs this file on the GPU
 
 Each check records its error (max |out − ref| / max |ref|) and tolerance as JUnit properties, which
 ``benchmarks/gpu_check.py`` tabulates: DiJiang's parallel / chunk / recurrent forms (and fla's kernels,
-CUDA + fla only), forward and gradients; DiJiang's cached decoding against its full forward; NOBLE's fused
-and plain products; shaped attention's fast form against its materialised reference.
+CUDA + fla only; our fused Triton kernel, CUDA or Triton's interpreter), forward and gradients; DiJiang's
+cached decoding against its full forward; NOBLE's fused and plain products; shaped attention's fast form
+against its materialised reference.
 """
 
 from __future__ import annotations
@@ -70,8 +71,21 @@ def _dijiang_inputs(device: torch.device):
 
 
 FORMS = {"parallel": dla.parallel, "chunk": dla.chunk, "recurrent": dla.recurrent,
-         "fla_chunk": dla.fla_chunk, "fla_recurrent": dla.fla_recurrent}
+         "fla_chunk": dla.fla_chunk, "fla_recurrent": dla.fla_recurrent, "fused": dla.fused}
 OURS = {"fla_chunk": "chunk", "fla_recurrent": "recurrent"}
+
+
+def _needs_form(form: str, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    """Skip fla without CUDA + fla, and the fused kernel where it cannot run (CPU without Triton's
+    interpreter, which tests/conftest.py switches on when there is no CUDA)."""
+    if form.startswith("fla"):
+        _needs_fla(device)
+    if form == "fused":
+        pytest.importorskip("triton")
+        x = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
+        reason = dla.fused_supported(x, x)
+        if reason is not None:
+            pytest.skip(f"fused kernel: {reason}")
 
 
 def _form_tol(form: str, dtype: torch.dtype) -> float:
@@ -81,8 +95,7 @@ def _form_tol(form: str, dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("form", list(FORMS))
 def test_dijiang_form_forward_matches_float64(device, check, form, dtype):
-    if form.startswith("fla"):
-        _needs_fla(device)
+    _needs_form(form, device, dtype)
     fq, fk, v, lg, n = _dijiang_inputs(device)
     ref = dla.parallel(fq.double(), fk.double(), v.double(), lg.double(), log_norm=n.double())[0]
     out = FORMS[form](fq.to(dtype), fk.to(dtype), v.to(dtype), lg, log_norm=n)[0]
@@ -102,8 +115,7 @@ def test_fla_kernel_matches_our_form_in_the_same_dtype(device, check, form, dtyp
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_dijiang_form_float32_gradients_match_float64(device, check, form):
-    if form.startswith("fla"):
-        _needs_fla(device)
+    _needs_form(form, device)
     fq, fk, v, lg, n = _dijiang_inputs(device)
     g = torch.randn_like(v)
     leaves64 = [t.double().requires_grad_() for t in (fq, fk, v)]

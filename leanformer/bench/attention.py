@@ -7,13 +7,16 @@ forward + backward to q, k, v (and the mixer's own parameters). Methods:
   FlashAttention backend (falls back to the default choice where it cannot run).
 * ``shaped`` — shaped attention, fast form (He & Hofmann 2024, Eq. 5 without a T×T matrix:
   ``α v + β SDPA − γ · running mean``), :func:`leanformer.layers.shaped.shaped_attention`.
-* ``dijiang_parallel`` / ``dijiang_chunk`` / ``dijiang_fla`` — DiJiang's mixer exactly as the model runs
-  it: the ``paper`` feature map and its stabilisers (:meth:`DiJiangAttention.features`: DCT projection, exp,
-  running log-normaliser; compiled on CUDA), then the decayed linear attention in the masked-T×T, chunkwise
-  (pure PyTorch) or fla Triton form (:meth:`DiJiangAttention.mix`; for fla, the exact shift, its range check
-  and rescale included). The parallel form is skipped where its T×T tensors would not fit.
-  ``dijiang_official_*``: the same with the ``official`` feature map (softmax over the features; timed by
-  default on CUDA as ``dijiang_official_fla``, on request elsewhere). The GroupNorm and gate that follow
+* ``dijiang_parallel`` / ``dijiang_chunk`` / ``dijiang_fla`` / ``dijiang_fused`` — DiJiang's mixer exactly
+  as the model runs it: the ``paper`` feature map and its stabilisers (:meth:`DiJiangAttention.features`: DCT
+  projection, exp, running log-normaliser; compiled on CUDA), then the decayed linear attention in the
+  masked-T×T, chunkwise (pure PyTorch), fla Triton or our fused Triton form (:meth:`DiJiangAttention.mix`;
+  for fla, the exact shift, its range check and rescale included; fused: flash-style, no T×T tensor,
+  CUDA only, :mod:`leanformer.ops.fused_decay_attention`). The parallel form is skipped where its T×T
+  tensors would not fit; the fused form is timed by default on CUDA only (elsewhere on request: it needs
+  CUDA, or Triton's interpreter). ``dijiang_official_*``: the same with the ``official`` feature map
+  (softmax over the features; timed by default on CUDA as ``dijiang_official_fla`` and
+  ``dijiang_official_fused``, on request elsewhere). The GroupNorm and gate that follow
   the mixer in the layer are not included (nor are SDPA's output projection and the rest of its layer).
 
 Inputs are laid out as the model's projections make them: (B, T, H, D) memory viewed as (B, H, T, D).
@@ -41,8 +44,9 @@ from leanformer.config import ConfigError, DiJiangConfig, TransformerConfig
 from leanformer.device import resolve_device
 
 METHODS = ("softmax", "shaped", "dijiang_parallel", "dijiang_chunk", "dijiang_fla")
-OFFICIAL = ("dijiang_official_parallel", "dijiang_official_chunk", "dijiang_official_fla")
-ALL_METHODS = METHODS + OFFICIAL
+OFFICIAL = ("dijiang_official_parallel", "dijiang_official_chunk", "dijiang_official_fla", "dijiang_official_fused")
+ALL_METHODS = METHODS + ("dijiang_fused",) + OFFICIAL
+CUDA_DEFAULT_EXTRA = ("dijiang_fused", "dijiang_official_fla", "dijiang_official_fused")  # default on CUDA only
 CPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 GPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,7 +54,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_methods(spec: str | list[str] | None, device: torch.device | None = None) -> list[str]:
     if spec is None or spec == "all":
-        return list(METHODS) + (["dijiang_official_fla"] if device is not None and device.type == "cuda" else [])
+        return list(METHODS) + (list(CUDA_DEFAULT_EXTRA) if device is not None and device.type == "cuda" else [])
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     bad = [n for n in names if n not in ALL_METHODS]
     if bad or not names:
@@ -121,6 +125,16 @@ def dijiang_fn(cfg: TransformerConfig, device: torch.device) -> tuple[Callable, 
         fq, fk, n, _ = attn.features(q, k, lg, None, v.dtype)
         return attn.mix(fq, fk, v, lg, n, None)
     return fn, [p for p in attn.feature_map.parameters()]
+
+
+def _fused_reason(method: str, device: torch.device, dtype: torch.dtype, D: int) -> str | None:
+    """Why the fused kernel cannot time ``method`` (a ``*_fused`` one) here; None when it can (or not fused).
+    The layer would fall back to the parallel form: a row must not report that form under this name."""
+    if not method.endswith("_fused"):
+        return None
+    from leanformer.ops.fused_decay_attention import fused_reason
+
+    return fused_reason(device, dtype, D, D)  # m = d = head dim (feature_dim None)
 
 
 def parallel_bytes(B: int, H: int, T: int, dtype: torch.dtype) -> int:
@@ -203,7 +217,8 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
     for T in lens:
         for method in names:
             row = {"method": method, "seq_len": T}
-            reason = unavailable_reason(method_config(method, H, head_dim), device)
+            reason = unavailable_reason(method_config(method, H, head_dim), device) or _fused_reason(
+                method, device, dt, head_dim)
             free = free_device_memory(device)
             budget = max_memory_gb * 2**30 if max_memory_gb else (0.7 * free if free else None)
             if reason is not None:

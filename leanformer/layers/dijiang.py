@@ -296,31 +296,49 @@ class DiJiangAttention(nn.Module):
         fm = self.feature_map
         return _feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, log_gamma, n_init, out_dtype or q.dtype)
 
-    def form(self, T: int, device: torch.device, stateful: bool) -> str:
+    def form(self, T: int, device: torch.device, stateful: bool, q: torch.Tensor | None = None,
+             v: torch.Tensor | None = None) -> str:
         """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode). ``auto``:
-        parallel up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA), beyond it fla's kernel
-        on CUDA when fla imports, else chunk. On the H100 (docs/benchmarks.md, 2026-11-24) the fla path
-        costs ≥ 4.4 ms per fwd+bwd whatever T up to 4K (host-bound), the masked form 2.9 ms at 1K."""
+        on CUDA, when Triton imports and the fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d)
+        (:func:`dla.fused_supported`; not considered when they are not given), the fused kernel up to
+        ``parallel_max_len`` (None: 4096); otherwise parallel up to ``parallel_max_len`` (None: 256 tokens on
+        CPU, 1024 on CUDA); beyond it fla's kernel on CUDA when fla imports, else chunk. On the H100
+        (docs/benchmarks.md, 2026-11-24) the fla path costs ≥ 4.4 ms per fwd+bwd whatever T up to 4K
+        (host-bound), the masked form 2.9 ms at 1K. A decoding step (``stateful``) keeps recurrent/chunk
+        (fla's with mode ``fla``); mode ``fused`` and ``parallel`` with a state run chunkwise; mode ``fused``
+        on inputs the kernel refuses runs ``parallel``, with a warning."""
         mode = self.cfg.mode
         if mode == "auto":
             if stateful:
                 return "recurrent" if T == 1 else "chunk"
-            limit = self.cfg.parallel_max_len or (1024 if device.type == "cuda" else 256)
+            fused = (device.type == "cuda" and q is not None and v is not None
+                     and dla.fused_supported(q, v) is None)
+            limit = self.cfg.parallel_max_len or (4096 if fused else 1024 if device.type == "cuda" else 256)
             if T <= limit:
-                return "parallel"
+                return "fused" if fused else "parallel"
             return "fla_chunk" if device.type == "cuda" and _fla_usable() else "chunk"
         if mode == "fla":
             return "fla_recurrent" if stateful and T == 1 else "fla_chunk"
-        if stateful and mode == "parallel":  # a prompt with a state: chunkwise, continuing from it
+        if stateful and mode in ("parallel", "fused"):  # a prompt with a state: chunkwise, continuing from it
             return "recurrent" if T == 1 else "chunk"
+        if mode == "fused" and q is not None and v is not None:
+            reason = dla.fused_supported(q, v)
+            if reason is not None:
+                import warnings  # shown once per call site by Python's default filter
+
+                warnings.warn(f"dijiang mode='fused' cannot run these inputs ({reason}); using 'parallel'",
+                              stacklevel=3)
+                return "parallel"
         return mode
 
     def mix(self, fq, fk, v, log_gamma, n, state: dict | None) -> torch.Tensor:
         """Run the form :meth:`form` names (one lookup in :data:`dla.FORMS`); updates ``state`` in place."""
-        name = self.form(v.shape[2], v.device, state is not None)
+        name = self.form(v.shape[2], v.device, state is not None, fq, v)
         fn = dla.FORMS[name]
         kw = {"chunk_size": self.cfg.chunk_size} if name == "chunk" else {}
         if state is None:
+            if name == "fused":  # a full pass never reads the final state
+                kw["output_final_state"] = False
             return fn(fq, fk, v, log_gamma, log_norm=n, **kw)[0]
         o, S = fn(fq, fk, v, log_gamma, state.get("S"), n, state.get("n"), **kw)
         store_state(state, "S", S)  # in place when the state is static (pre-allocated, CUDA graphs)

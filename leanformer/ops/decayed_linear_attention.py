@@ -18,6 +18,9 @@ Forms (shapes as above; all decays computed from ``i − j`` directly, never as 
 * :func:`chunk` — chunkwise, O(T·C·(m+d) + T·m·d): intra-chunk masked part + a carried state
   S: (B, H, m, d); every exponent is ≤ 0, so nothing overflows at any length.
 * :func:`recurrent` — S ← γ·S + kᵀv, o = q·S, one token at a time (decoding).
+* :func:`fused` — the parallel form's result with the masked part in a flash-style Triton kernel
+  (:mod:`leanformer.ops.fused_decay_attention`): O(T²·(m+d)) time, O(T·(m+d)) memory; CUDA (or Triton's
+  interpreter), float32/bf16/fp16, m and d powers of two in [16, 128]; no gradient to ``log_norm``.
 * :func:`fla_chunk` / :func:`fla_recurrent` — fla's Triton kernels (``chunk_simple_gla`` /
   ``fused_recurrent_simple_gla``), imported lazily, CUDA only, always with a constant decay ``g_gamma``:
   a ``log_norm`` and a decay gradient reach them through :func:`leanformer.ops.constant_decay.via_constant_decay`
@@ -25,8 +28,8 @@ Forms (shapes as above; all decays computed from ``i − j`` directly, never as 
   with Triton < 3.7.1. Checked on an H100 against float64 (docs/benchmarks.md, 2026-11-24).
 
 Every form has one signature, ``(q, k, v, log_gamma, initial_state=None, log_norm=None,
-initial_log_norm=None) → (o, final_state)`` (``chunk`` adds the keyword ``chunk_size``); :data:`FORMS`
-names them.
+initial_log_norm=None) → (o, final_state)`` (``chunk`` adds the keyword ``chunk_size``, ``fused`` the
+keyword ``output_final_state``); :data:`FORMS` names them.
 
 A state S is always "normalised at" the log-normaliser of the last token it has absorbed:
 ``S = Σ_j exp((t−j)·logγ + n_j − n_t) k_jᵀ v_j`` for the last token t; ``initial_log_norm`` (B, H) is
@@ -39,7 +42,8 @@ from collections.abc import Callable
 
 import torch
 
-from leanformer.ops.constant_decay import PlainKernel, via_constant_decay
+from leanformer.ops import fused_decay_attention as fused_kernel
+from leanformer.ops.constant_decay import PlainKernel, _decay_gradient_through_qk, via_constant_decay
 
 Form = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -107,12 +111,31 @@ def parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch
     sd = _state_dtype(q.dtype)
     lg = log_gamma.to(sd)
     ln = log_norm.to(sd) if log_norm is not None else None
-    S0 = _initial(q, v, initial_state)
     if T == 0:
-        return v.new_zeros(v.shape), S0
-    n0 = _zeros_norm(q, initial_log_norm) if log_norm is not None else None
+        return v.new_zeros(v.shape), _initial(q, v, initial_state)
     decay = decay_matrix(lg, T, log_norm_q=ln, log_norm_k=ln).to(q.dtype)
     o = (q @ k.transpose(-1, -2) * decay) @ v
+    share, S = _boundary(q, k, v, lg, ln, initial_state, initial_log_norm, True)
+    if share is not None:
+        o = o + share.to(o.dtype)
+    return o, S
+
+
+def _boundary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Tensor, ln: torch.Tensor | None,
+              initial_state: torch.Tensor | None, initial_log_norm: torch.Tensor | None,
+              output_final_state: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The parts of a T-token block (T ≥ 1) beside its masked T×T part, as :func:`parallel` defines them:
+    the initial state's share ``exp((i+1)·logγ + n₀ − n_i) q_i S₀`` (B, H, T, d) in the state dtype (None
+    without an initial state) and the final state (B, H, m, d) (None unless ``output_final_state``).
+
+    lg: (H,) and ln: (B, H, T) or None, already in the state dtype.
+    """
+    if initial_state is None and not output_final_state:
+        return None, None
+    _, _, T, _ = q.shape
+    sd = _state_dtype(q.dtype)
+    S0 = _initial(q, v, initial_state)
+    n0 = _zeros_norm(q, initial_log_norm) if ln is not None else None
     r = torch.arange(T, device=q.device, dtype=sd)
     from_start = (r + 1) * lg[:, None]                                    # (H, T): query i ← S₀
     to_end = (T - 1 - r) * lg[:, None]                                    # (H, T): key j → state
@@ -123,10 +146,55 @@ def parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch
         carry = carry + n0 - ln[..., -1]
     else:
         from_start, to_end = from_start.expand(q.shape[:3]), to_end.expand(q.shape[:3])
-    if initial_state is not None:
-        o = o + ((q.to(sd) * from_start.exp()[..., None]) @ S0).to(o.dtype)
-    S = carry.exp()[..., None, None] * S0 + (k.to(sd) * to_end.exp()[..., None]).transpose(-1, -2) @ v.to(sd)
+    share = (q.to(sd) * from_start.exp()[..., None]) @ S0 if initial_state is not None else None
+    S = None
+    if output_final_state:
+        S = carry.exp()[..., None, None] * S0 + (k.to(sd) * to_end.exp()[..., None]).transpose(-1, -2) @ v.to(sd)
+    return share, S
+
+
+def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+          initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
+          initial_log_norm: torch.Tensor | None = None, *, output_final_state: bool = True
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`parallel`'s result with its masked part through the fused Triton kernel
+    (:mod:`leanformer.ops.fused_decay_attention`: flash-style, no T×T tensor in memory).
+
+    Arguments and result as :func:`parallel`; the initial state's share and the final state are
+    :func:`parallel`'s own torch code. ``output_final_state=False`` skips the final state (returned as
+    None), which a full pass without a decoding cache never reads. A learnable decay (``log_gamma``
+    requiring grad) gets its gradient through q and k
+    (:func:`leanformer.ops.constant_decay._decay_gradient_through_qk`; the kernel and the state terms get
+    the detached decay). ``log_norm`` gets no gradient here: one that requires grad is an error (the
+    ``parallel`` form differentiates it). Unsupported inputs (:func:`fused_supported`: device, dtype,
+    m or d not a power of two in [16, 128]) raise a ValueError naming the reason.
+    """
+    _check(q, k, v, log_gamma, log_norm)
+    if log_norm is not None and log_norm.requires_grad:
+        raise ValueError("dla.fused gives log_norm no gradient, but log_norm requires grad; detach it "
+                         "(DiJiang's running log-normaliser is computed from detached values) or use the "
+                         "'parallel' form, which differentiates it")
+    T = q.shape[2]
+    state_factor = None
+    if log_gamma.requires_grad and T:
+        q, k, initial_factor, state_factor = _decay_gradient_through_qk(q, k, log_gamma)
+        if initial_state is not None:
+            initial_state = initial_state * initial_factor
+    sd = _state_dtype(q.dtype)
+    lg = log_gamma.detach().to(sd)
+    ln = log_norm.to(sd) if log_norm is not None else None
+    if T == 0:
+        return v.new_zeros(v.shape), _initial(q, v, initial_state) if output_final_state else None
+    o = fused_kernel.decayed_attention(q, k, v, lg, ln)
+    share, S = _boundary(q, k, v, lg, ln, initial_state, initial_log_norm, output_final_state)
+    if share is not None:
+        o = o + share.to(o.dtype)
+    if S is not None and state_factor is not None:
+        S = S * state_factor
     return o, S
+
+
+fused_supported = fused_kernel.fused_supported
 
 
 def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
@@ -297,11 +365,12 @@ def fla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: 
 
 
 # Every form, one signature: (q, k, v, log_gamma, initial_state=None, log_norm=None, initial_log_norm=None)
-# → (o, final_state). ``chunk`` also takes ``chunk_size=`` (keyword).
+# → (o, final_state). ``chunk`` also takes ``chunk_size=``, ``fused`` ``output_final_state=`` (keywords).
 FORMS: dict[str, Form] = {
     "parallel": parallel,
     "chunk": chunk,
     "recurrent": recurrent,
     "fla_chunk": fla_chunk,
     "fla_recurrent": fla_recurrent,
+    "fused": fused,
 }

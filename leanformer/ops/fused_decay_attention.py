@@ -1,0 +1,231 @@
+"""A fused (flash-style) Triton kernel for the masked part of decayed linear attention, forward and backward.
+
+Per batch row b and head h, with q, k: (B, H, T, m), v: (B, H, T, d), log γ: (H,) and an optional
+log-normaliser n: (B, H, T) (see :mod:`leanformer.ops.decayed_linear_attention`, DiJiang eq. 13-14):
+
+    o_i = Σ_{j≤i} exp((i−j)·logγ_h + n_j − n_i) (q_i·k_j) v_j,    i.e.  o = (Q Kᵀ ⊙ Γ) V,
+
+Γ_ij = exp((i−j)·logγ + n_j − n_i) for j ≤ i and 0 above. No T×T matrix is ever stored: each program
+holds one block of queries (or keys) and loops over the blocks of the other side up to (from) the diagonal,
+recomputing Γ per tile from ``i − j`` and n, masked to −inf above the diagonal *before* ``exp`` (nothing
+overflows). Accumulators are float32; the tile ``P = S ⊙ Γ`` is cast to the input dtype for the second
+product (as FlashAttention does), so bf16/fp16 inputs run both products on tensor cores. There is no
+softmax, hence no row statistics; the backward is
+
+    dV = Pᵀ dO,   dS = (dO Vᵀ) ⊙ Γ,   dQ = dS K,   dK = dSᵀ Q,
+
+in two kernels: dK/dV (one program per key block, looping over query blocks from the diagonal on) and dQ
+(one program per query block). log γ and n get no gradient here: :func:`leanformer.ops.decayed_linear_attention.fused`
+passes a learnable decay's gradient through q and k instead
+(:func:`leanformer.ops.constant_decay._decay_gradient_through_qk`) and refuses an n that requires grad.
+
+The op is a ``torch.library.triton_op`` (``leanformer::decayed_attention`` and its backward
+``leanformer::decayed_attention_bwd``) with ``register_autograd``, so ``torch.compile`` traces the Triton
+kernels without a graph break. Triton is imported on the first call, not at import. ``TRITON_INTERPRET=1``
+must be in the environment *before this module is imported* to run the kernels in Triton's interpreter on
+CPU tensors (tests): the ops are then opaque ``custom_op``s (compile cannot trace an interpreted kernel,
+but calls the op: ``torch.compile(fullgraph=True)`` still works). Without it they need CUDA tensors.
+
+Supported (else :func:`fused_supported` says why, and the caller uses the ``parallel`` form): CUDA
+tensors (or CPU tensors under the interpreter); float32, bfloat16 or float16, q, k, v of one dtype;
+m and d powers of two in [16, 128] (``tl.dot`` needs ≥ 16; 128 keeps a float32 block within the
+shared memory of an A100/H100); any B, H, T ≥ 1 (the last block is masked); any strides (the feature
+map's (B, H, T, m) views of (B, T, H, m) memory are read in place). Float32 products run in full IEEE
+precision (no TF32). This module does not import the rest of leanformer (the form that uses it,
+:func:`leanformer.ops.decayed_linear_attention.fused`, imports it).
+"""
+
+import os
+
+import torch
+
+BLOCK = 64  # query and key block (fixed, no autotuning: the first call costs one compile per shape);
+# 32 for float32 with m or d = 128 (shared memory: 64 would need ~210 KiB for dK/dV)
+NUM_WARPS = 4
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_DIM, MAX_DIM = 16, 128
+
+
+def _interpret() -> bool:
+    """TRITON_INTERPRET=1: Triton's CPU interpreter (read at import for the op route, at launch for the loops)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_TRITON_IMPORT: dict[str, str | None] = {}  # "error": why triton does not import, None when it does
+
+
+def _triton_import_error() -> str | None:
+    """Checked once (a plain dict, not lru_cache: torch.compile traces this call)."""
+    if "error" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except ImportError as e:
+            _TRITON_IMPORT["error"] = f"triton is not installed ({e})"
+        else:
+            _TRITON_IMPORT["error"] = None
+    return _TRITON_IMPORT["error"]
+
+
+def fused_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> str | None:
+    """Why the fused kernel cannot run q, k: (…, m) and v: (…, d) of ``dtype`` on ``device``; None if it can."""
+    if device.type != "cuda" and not (device.type == "cpu" and _interpret()):
+        return f"needs CUDA tensors (got {device.type}; CPU tensors run only under TRITON_INTERPRET=1)"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not supported (float32, bfloat16, float16)"
+    for name, x in (("feature dim m", m), ("value dim d", d)):
+        if x < MIN_DIM or x > MAX_DIM or x & (x - 1):
+            return f"{name}={x} must be a power of two in [{MIN_DIM}, {MAX_DIM}]"
+    return _triton_import_error()
+
+
+def fused_supported(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why :func:`decayed_attention` refuses q: (B, H, T, m) with v: (B, H, T, d), or None when it runs them."""
+    if q.dtype != v.dtype:
+        return f"q and v must have one dtype (got {q.dtype} and {v.dtype})"
+    if q.device != v.device:
+        return f"q and v must be on one device (got {q.device} and {v.device})"
+    return fused_reason(q.device, q.dtype, q.shape[-1], v.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------- kernels
+def _kernels():
+    """The three Triton kernels (their module is imported on first use, which reads TRITON_INTERPRET)."""
+    from leanformer.ops import _fused_decay_kernels as kern
+
+    return kern.fwd_kernel, kern.bwd_dkdv_kernel, kern.bwd_dq_kernel
+
+
+def _block(T: int, dtype: torch.dtype, m: int, d: int) -> int:
+    """BLOCK (32 for float32 with m or d > 64), or the smallest power of two ≥ T (≥ 16, what tl.dot
+    needs) for short sequences."""
+    big = BLOCK // 2 if dtype == torch.float32 and max(m, d) > 64 else BLOCK
+    return min(big, max(MIN_DIM, 1 << (T - 1).bit_length()))
+
+
+def _launch_args(q: torch.Tensor, v: torch.Tensor, log_norm: torch.Tensor | None):
+    """n (a broadcast 0 when None), its strides, the block size and the kernels' constexpr arguments.
+
+    Under the interpreter the loops run over every block (T_END = T rounded up to the block), masked:
+    Triton 3.6's interpreter cannot take a loop bound computed from the program id with numpy ≥ 2.4
+    (triton-lang/triton#9171); compiled kernels loop only up to (from) the diagonal.
+    """
+    B, H, T, _ = q.shape
+    n = log_norm if log_norm is not None else q.new_zeros((), dtype=torch.float32).expand(B, H, T)
+    bs = _block(T, q.dtype, q.shape[-1], v.shape[-1])
+    interpret = _interpret()
+    meta = dict(BLOCK_M=bs, BLOCK_N=bs, HAS_NORM=log_norm is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit inputs
+                INTERPRET=interpret, T_END=_cdiv(T, bs) * bs if interpret else 0, num_warps=NUM_WARPS)
+    return n, n.stride(), bs, meta
+
+
+# ----------------------------------------------------------------------------------------------- ops
+# Registered at import (no Triton needed for that), so that torch.compile finds them already defined.
+# With torch ≥ 2.6 they are ``triton_op``s, which compile traces into (the kernels appear in its graph).
+# Under TRITON_INTERPRET=1 (read here, at import) or with torch 2.5 they are opaque ``custom_op``s with
+# fake implementations: compile cannot trace an interpreted kernel, but can call the op.
+OP_ROUTE = "triton_op" if hasattr(torch.library, "triton_op") and not _interpret() else "custom_op"
+
+
+def _register(name: str, fake):
+    def dec(fn):
+        if OP_ROUTE == "triton_op":
+            return torch.library.triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return dec
+
+
+def _wrap(kernel):
+    return torch.library.wrap_triton(kernel) if OP_ROUTE == "triton_op" else kernel
+
+
+def _new_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                log_norm: torch.Tensor | None) -> torch.Tensor:
+    """o: (B, H, T, d) in (B, T, H, d) memory, as v comes from the projections (merging heads is free)."""
+    B, H, T, _ = q.shape
+    return v.new_empty(B, T, H, v.shape[-1]).transpose(1, 2)
+
+
+def _new_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+               log_norm: torch.Tensor | None, grad_o: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@_register("leanformer::decayed_attention", _new_output)
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                log_norm: torch.Tensor | None) -> torch.Tensor:
+    B, H, T, m = q.shape
+    d = v.shape[-1]
+    o = _new_output(q, k, v, log_gamma, log_norm)
+    n, sn, bs, meta = _launch_args(q, v, log_norm)
+    _wrap(_kernels()[0])[(_cdiv(T, bs), B * H)](
+        q, k, v, log_gamma, n, o, *q.stride(), *k.stride(), *v.stride(), *sn, *o.stride(), H, T, M=m, D=d, **meta)
+    return o
+
+
+@_register("leanformer::decayed_attention_bwd", _new_grads)
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                 log_norm: torch.Tensor | None, grad_o: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, T, m = q.shape
+    d = v.shape[-1]
+    dq, dk, dv = _new_grads(q, k, v, log_gamma, log_norm, grad_o)
+    n, sn, bs, meta = _launch_args(q, v, log_norm)
+    grid = (_cdiv(T, bs), B * H)
+    _, dkdv_kernel, dq_kernel = _kernels()
+    _wrap(dkdv_kernel)[grid](
+        q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
+        *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta)
+    _wrap(dq_kernel)[grid](
+        k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
+        H, T, M=m, D=d, **meta)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_gamma, log_norm = inputs
+    ctx.save_for_backward(q, k, v, log_gamma, log_norm)
+
+
+def _backward(ctx, grad_o):
+    q, k, v, log_gamma, log_norm = ctx.saved_tensors
+    dq, dk, dv = _backward_op(q, k, v, log_gamma, log_norm, grad_o)
+    return dq, dk, dv, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def decayed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                      log_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The masked part ``((q kᵀ) ⊙ Γ) v`` through the fused kernels, differentiable in q, k, v.
+
+    q, k: (B, H, T, m); v: (B, H, T, d), one dtype (float32, bfloat16 or float16), any strides;
+    log_gamma: (H,) (no gradient: detach it); log_norm: (B, H, T) or None (no gradient) →
+    o: (B, H, T, d) in v's dtype, laid out as (B, T, H, d) memory. Raises ValueError with the reason when
+    :func:`fused_supported` refuses the inputs, or when log_gamma / log_norm require grad.
+    """
+    reason = fused_supported(q, v)
+    if reason is not None:
+        raise ValueError(f"the fused decayed-attention kernel cannot run these inputs: {reason}; "
+                         "use the 'parallel' form")
+    if k.shape != q.shape or k.dtype != q.dtype or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k: (B, H, T, m) of one dtype and v: (B, H, T, d); got q {tuple(q.shape)} "
+                         f"{q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)}")
+    if log_gamma.requires_grad or (log_norm is not None and log_norm.requires_grad):
+        raise ValueError("the fused kernel gives log_gamma and log_norm no gradient: pass them detached "
+                         "(decayed_linear_attention.fused routes a learnable decay's gradient through q and k)")
+    B, H, T, _ = q.shape
+    if T == 0:
+        return v.new_zeros(v.shape)
+    lg = log_gamma.to(device=q.device, dtype=torch.float32).contiguous()
+    ln = log_norm.to(torch.float32) if log_norm is not None else None
+    return _forward_op(q, k, v, lg, ln)

@@ -1,0 +1,224 @@
+"""The fused Triton kernel of decayed linear attention (:mod:`leanformer.ops.fused_decay_attention`, form
+``dla.fused``) against the ``parallel`` form in float64: forward, gradients to q, k, v (and a learnable
+decay), log-norm, ragged lengths, strided inputs, an initial state, bf16, the refusals, and a DiJiang layer.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
+leanformer is imported); with CUDA the same tests run the compiled kernels. The interpreter has no float64
+``tl.dot``, and the kernel refuses float64: the kernel gets the float64 inputs rounded to float32, so the
+tolerance is float32's (measured ≤ 1e-6 relative; asserted 2e-5, on max |error| / max |reference|), except
+a learnable decay's gradient (1e-3, see DECAY_GRAD_TOL).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from leanformer.config import TransformerConfig  # noqa: E402
+from leanformer.layers.dijiang import DiJiangAttention, running_log_norm  # noqa: E402
+from leanformer.ops import decayed_linear_attention as dla  # noqa: E402
+from leanformer.ops import fused_decay_attention as fda  # noqa: E402
+
+F64 = torch.float64
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FP32_TOL = 2e-5
+# A learnable decay's gradient reaches the kernel as a first moment of q·dq − k·dk (constant_decay's
+# route), terms that cancel: measured 2e-7 to 2e-4 relative in float32 over random draws (parallel in
+# float32: ≤ 1e-6).
+DECAY_GRAD_TOL = 1e-3
+BF16_TOL = 3e-2  # bf16 inputs (8-bit mantissa) and bf16 P in the second product; outputs in bf16
+
+if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1 (see tests/conftest.py)", allow_module_level=True)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.detach().double()
+    return float((out.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _inputs(B=2, H=2, T=17, m=16, d=16, seed=0, log_norm=True, layout="bthd"):
+    """Feature-like q, k ≥ 0, values, the official decay schedule's two ends, and DiJiang's running
+    log-normaliser of random key maxima; float64. ``bthd``: (B, T, H, ·) memory viewed as (B, H, T, ·),
+    as the feature map and projections make them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(last, fn):
+        x = fn(B, T, H, last, dtype=F64, generator=g)
+        return x.transpose(1, 2) if layout == "bthd" else x.transpose(1, 2).contiguous()
+    q, k, v = make(m, torch.rand), make(m, torch.rand), make(d, torch.randn)
+    lg = torch.log1p(-torch.tensor([1 / 32, 1 / 512] * (H // 2) + [1 / 64] * (H % 2), dtype=F64))
+    n = running_log_norm(3 * torch.randn(B, H, T, dtype=F64, generator=g), lg) if log_norm else None
+    return [t.to(DEV) for t in (q, k, v)], lg.to(DEV), (n.to(DEV) if n is not None else None)
+
+
+def _f32(t):
+    return t.float() if t is not None else None
+
+
+def _compare(T, log_norm=True, learnable=False, initial=False, layout="bthd", m=16, d=16, H=2):
+    torch.manual_seed(1)
+    (q, k, v), lg, n = _inputs(T=T, log_norm=log_norm, layout=layout, m=m, d=d, H=H)
+    S0 = torch.randn(2, H, m, d, dtype=F64, device=DEV) if initial else None
+    n0 = torch.randn(2, H, dtype=F64, device=DEV) if initial and log_norm else None
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    lg_ref = lg.clone().requires_grad_(learnable)
+    S0_ref = S0.clone().requires_grad_() if initial else None
+    o_ref, S_ref = dla.parallel(*ref_leaves, lg_ref, S0_ref, n, n0)
+    g = torch.randn_like(o_ref)
+    gS = torch.randn_like(S_ref)
+    torch.autograd.backward((o_ref, S_ref), (g, gS))
+
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]  # .float() keeps the strides
+    lg32 = lg.float().requires_grad_(learnable)
+    S0_32 = S0.float().requires_grad_() if initial else None
+    o, S = dla.fused(*leaves, lg32, S0_32, _f32(n), _f32(n0))
+    torch.autograd.backward((o, S), (g.float(), gS.float()))
+    assert o.dtype == torch.float32 and o.shape == o_ref.shape
+    errs = {"o": rel(o, o_ref), "S": rel(S, S_ref)}
+    errs.update({f"d{name}": rel(a.grad, b.grad) for name, a, b in zip("qkv", leaves, ref_leaves)})
+    if initial:
+        errs["dS0"] = rel(S0_32.grad, S0_ref.grad)
+    assert max(errs.values()) <= FP32_TOL, errs
+    if learnable:
+        assert rel(lg32.grad, lg_ref.grad) <= DECAY_GRAD_TOL
+
+
+@pytest.mark.parametrize("T", [1, 17, 100])
+@pytest.mark.parametrize("log_norm", [False, True], ids=["plain", "log_norm"])
+def test_forward_and_gradients_match_parallel_float64(T, log_norm):
+    _compare(T, log_norm=log_norm)
+
+
+def test_learnable_decay_gradient():
+    _compare(33, learnable=True)
+
+
+def test_initial_state_and_its_log_norm():
+    _compare(20, initial=True, learnable=True)
+
+
+def test_contiguous_inputs_and_wider_heads():
+    """(B, H, T, ·) contiguous memory (the other layout), m ≠ d, an odd head count."""
+    _compare(40, layout="bhtd", m=32, d=16, H=3)
+
+
+def test_bfloat16_within_tolerance():
+    torch.manual_seed(2)
+    (q, k, v), lg, n = _inputs(T=70)
+    ref = dla.parallel(q, k, v, lg, log_norm=n)[0]
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    o = dla.fused(*leaves, lg.float(), log_norm=n.float(), output_final_state=False)[0]
+    assert o.dtype == torch.bfloat16
+    assert rel(o, ref) <= BF16_TOL
+    g = torch.randn_like(ref)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dla.parallel(*ref_leaves, lg, log_norm=n)[0].backward(g)
+    o.backward(g.to(torch.bfloat16))
+    for a, b in zip(leaves, ref_leaves):
+        assert rel(a.grad, b.grad) <= BF16_TOL
+
+
+def test_output_final_state_false_returns_none_and_same_output():
+    (q, k, v), lg, n = _inputs(T=9)
+    args = [t.float() for t in (q, k, v)]
+    o1, S1 = dla.fused(*args, lg.float(), log_norm=n.float())
+    o2, S2 = dla.fused(*args, lg.float(), log_norm=n.float(), output_final_state=False)
+    assert S1 is not None and S2 is None
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+
+
+def test_unsupported_inputs_have_a_reason():
+    x = torch.zeros(1, 1, 4, 16, device=DEV)
+    assert fda.fused_supported(x, x) is None
+    assert "power of two" in fda.fused_supported(torch.zeros(1, 1, 4, 12, device=DEV), x)
+    assert "power of two" in fda.fused_supported(x, torch.zeros(1, 1, 4, 8, device=DEV))
+    assert "power of two" in fda.fused_supported(x, torch.zeros(1, 1, 4, 256, device=DEV))
+    assert "dtype" in fda.fused_supported(x.double(), x.double())
+    assert "one dtype" in fda.fused_supported(x, x.half())
+    assert "CUDA" in fda.fused_reason(torch.device("meta"), torch.float32, 16, 16)
+    with pytest.raises(ValueError, match="power of two.*parallel"):
+        dla.fused(*(torch.zeros(1, 1, 4, 12, device=DEV),) * 3, torch.zeros(1, device=DEV))
+
+
+def test_log_norm_requiring_grad_is_refused():
+    (q, k, v), lg, n = _inputs(T=5)
+    with pytest.raises(ValueError, match="log_norm.*'parallel' form"):
+        dla.fused(q.float(), k.float(), v.float(), lg.float(), log_norm=n.float().requires_grad_())
+
+
+def test_torch_compile_fullgraph():
+    """No graph break: compile traces (CUDA: triton_op) or calls (interpreter: custom_op) the op."""
+    (q, k, v), lg, n = _inputs(T=20)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+
+    def f(q, k, v):
+        return dla.fused(q, k, v, lg.float(), log_norm=n.float(), output_final_state=False)[0]
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager" if DEV.type == "cpu" else "inductor")(*leaves)
+    out.sum().backward()
+    ref = [t.float().requires_grad_() for t in (q, k, v)]
+    expect = f(*ref)
+    expect.sum().backward()
+    torch.testing.assert_close(out, expect)
+    for a, b in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("feature_map", ["paper", "official"])
+def test_dijiang_layer_fused_equals_parallel(feature_map):
+    """One DiJiang layer (head dim 16, learnable decay) in mode fused and mode parallel: outputs and every
+    parameter's and the input's gradients."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1, attention="dijiang").validate()
+    cfg.dijiang.learnable_decay = True
+    cfg.dijiang.feature_map = feature_map
+    base = DiJiangAttention(cfg, 0).to(DEV)
+    x = torch.randn(2, 23, 32, device=DEV)
+    results = {}
+    for mode in ("parallel", "fused"):
+        att = DiJiangAttention(cfg, 0).to(DEV)
+        att.load_state_dict(base.state_dict())
+        att.cfg.mode = mode
+        xi = x.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # mode fused must not fall back to parallel here
+            out = att(xi)
+        out.square().sum().backward()
+        results[mode] = (out, xi.grad, {n: p.grad for n, p in att.named_parameters()})
+    (o_p, gx_p, gp_p), (o_f, gx_f, gp_f) = results["parallel"], results["fused"]
+    torch.testing.assert_close(o_f, o_p, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-4, atol=1e-5)
+    assert gp_f.keys() == gp_p.keys()
+    for name in gp_p:
+        torch.testing.assert_close(gp_f[name], gp_p[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_picks_fused_on_cuda_only(monkeypatch):
+    """auto: fused on CUDA up to parallel_max_len (None: 4096) when the kernel takes the inputs; the CPU
+    choice does not change."""
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1, attention="dijiang").validate()
+    att = DiJiangAttention(cfg, 0)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    q = torch.zeros(1, 2, 3, 16)
+    monkeypatch.setattr(dla, "fused_supported", lambda q, v: None)
+    assert att.form(4096, cuda, False, q, q) == "fused"
+    assert att.form(100, cpu, False, q, q) == "parallel"
+    assert att.form(4096, cpu, False, q, q) == "chunk"
+    assert att.form(1, cuda, True, q, q) == "recurrent"
+    assert att.form(4097, cuda, False, q, q) in ("chunk", "fla_chunk")
+    att.cfg.parallel_max_len = 512
+    assert att.form(512, cuda, False, q, q) == "fused"
+    assert att.form(513, cuda, False, q, q) in ("chunk", "fla_chunk")
+    monkeypatch.setattr(dla, "fused_supported", lambda q, v: "no")
+    assert att.form(512, cuda, False, q, q) == "parallel"
+    att.cfg.mode = "fused"
+    with pytest.warns(UserWarning, match="using 'parallel'"):
+        assert att.form(10, cuda, False, q, q) == "parallel"
+    assert att.form(10, cuda, True, q, q) == "chunk"
