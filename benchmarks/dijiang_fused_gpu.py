@@ -41,7 +41,7 @@ def run_tests() -> None:
     t = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "tests/test_fused_decay_attention.py"], capture_output=True, text=True)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3 if proc.returncode == 0 else -60:]
     ok = proc.returncode == 0
     dg.RESULTS["checks"].append({"name": "pytest tests/test_fused_decay_attention.py on CUDA", "pass": ok,
                                  "tail": tail, "seconds": round(time.monotonic() - t, 1)})
@@ -51,7 +51,7 @@ def run_tests() -> None:
 def attention_report(out: str, methods: list[str]) -> None:
     from leanformer.bench.attention import run_attention_bench
 
-    lengths = [1024, 2048, 4096, 8192, 16384, 32768]
+    lengths = [1024, 4096, 8192, 16384, 32768]
     rep = run_attention_bench(lengths=lengths, methods=methods, batch=4, heads=12, head_dim=64, dtype="bfloat16",
                               device=torch.device("cuda"), warmup=3, repeats=10, max_seconds=5.0,
                               command=f"leanformer bench attention --lengths {','.join(map(str, lengths))} "
@@ -85,12 +85,31 @@ def train(out: str, budget_end: float) -> None:
                                           "status": r.get("status")})
 
 
+def step_profile(out: str, deadline: float) -> None:
+    """The top CUDA kernels of one compiled ``dijiang_scratch`` training step (GPT-2 small, seq 1024, batch
+    16), with benchmarks/train_profile.py's step section."""
+    import train_profile as tp
+
+    tp.STEP_PLAN = [("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True)]
+    result: dict = {}
+    tp.section_steps(torch.device("cuda"), False, result, deadline)
+    dg.RESULTS["steps"] = result.get("steps")
+    for row in result.get("steps") or []:
+        for k in row.get("kernels") or []:
+            print(f"[kernel] {k}", flush=True)
+
+
+SECTIONS = "tests,layers,nan,attention,profile,train,steps"
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--budget", type=float, default=480.0, help="seconds: later sections are skipped after")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    p.add_argument("--sections", default=SECTIONS, help=f"comma-separated subset of {SECTIONS}")
     args = p.parse_args()
+    want = set(args.sections.split(","))
     os.makedirs(args.out, exist_ok=True)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": args.commit,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -107,18 +126,26 @@ def main() -> int:
     print(meta, flush=True)
     have_fla = "." in str(meta.get("fla", ""))
     bf16, B = torch.bfloat16, args.budget
-    dg.section("pytest on CUDA", run_tests)
-    dg.section("layer fused paper bf16 q/k×4", dg.layer_check, "paper", bf16, 4.0, False, mode="fused")
-    dg.section("layer fused paper bf16 learnable", dg.layer_check, "paper", bf16, 1.0, True, mode="fused")
-    dg.section("layer fused official bf16", dg.layer_check, "official", bf16, 1.0, False, mode="fused")
-    dg.section("layer fused paper float32", dg.layer_check, "paper", torch.float32, 1.0, False, mode="fused")
-    dg.section("nan 32k", dg.nan_check_32k, FUSED, budget=B * 0.2)
-    methods = ["softmax", *FUSED, *(FLA if have_fla else ())]
-    dg.section("attention", attention_report, args.out, methods, budget=B * 0.3)
-    dg.section("profile", dg.profile, 4096, "dijiang_fused", budget=B * 0.5)
+    if "tests" in want:
+        dg.section("pytest on CUDA", run_tests)
+    if "layers" in want:
+        dg.section("layer fused paper bf16 q/k×4", dg.layer_check, "paper", bf16, 4.0, False, mode="fused")
+        dg.section("layer fused paper bf16 learnable", dg.layer_check, "paper", bf16, 1.0, True, mode="fused")
+        dg.section("layer fused official bf16", dg.layer_check, "official", bf16, 1.0, False, mode="fused")
+        dg.section("layer fused paper float32", dg.layer_check, "paper", torch.float32, 1.0, False, mode="fused")
+    if "nan" in want:
+        dg.section("nan 32k", dg.nan_check_32k, FUSED, budget=B * 0.4)
+    if "attention" in want:
+        methods = ["softmax", *FUSED, *(FLA if have_fla else ())]
+        dg.section("attention", attention_report, args.out, methods, budget=B * 0.5)
+    if "profile" in want:
+        dg.section("profile", dg.profile, 4096, "dijiang_fused", budget=B * 0.6)
     with open(os.path.join(args.out, "fused_gpu.json"), "w") as f:
         json.dump(dg.RESULTS, f, indent=1, default=str)
-    dg.section("train", train, args.out, B, budget=B * 0.55)
+    if "train" in want:
+        dg.section("train", train, args.out, B, budget=B * 0.55)
+    if "steps" in want:
+        dg.section("step profile", step_profile, args.out, dg.T0 + B, budget=B * 0.8)
     with open(os.path.join(args.out, "fused_gpu.json"), "w") as f:
         json.dump(dg.RESULTS, f, indent=1, default=str)
     fails = [c["name"] for c in dg.RESULTS["checks"] if not c["pass"]]

@@ -187,8 +187,8 @@ def test_dijiang_layer_fused_equals_parallel(feature_map):
         att.load_state_dict(base.state_dict())
         att.cfg.mode = mode
         xi = x.clone().requires_grad_()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # mode fused must not fall back to parallel here
+        with warnings.catch_warnings():  # mode fused must not fall back to parallel here (on CUDA, other
+            warnings.filterwarnings("error", message=".*cannot run these inputs")  # warnings, e.g. Inductor's, may come)
             out = att(xi)
         out.square().sum().backward()
         results[mode] = (out, xi.grad, {n: p.grad for n, p in att.named_parameters()})
