@@ -187,8 +187,8 @@ def test_dijiang_layer_fused_equals_parallel(feature_map):
         att.load_state_dict(base.state_dict())
         att.cfg.mode = mode
         xi = x.clone().requires_grad_()
-        with warnings.catch_warnings():  # mode fused must not fall back to parallel here (on CUDA, other
-            warnings.filterwarnings("error", message=".*cannot run these inputs")  # warnings, e.g. Inductor's, may come)
+        with warnings.catch_warnings():  # mode fused must not fall back to parallel here (other warnings,
+            warnings.filterwarnings("error", message=".*cannot run these inputs")  # e.g. Inductor's, may come)
             out = att(xi)
         out.square().sum().backward()
         results[mode] = (out, xi.grad, {n: p.grad for n, p in att.named_parameters()})
@@ -213,6 +213,9 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     assert att.form(4096, cpu, False, q, q) == "chunk"
     assert att.form(1, cuda, True, q, q) == "recurrent"
     assert att.form(4097, cuda, False, q, q) in ("chunk", "fla_chunk")
+    assert att.form(4096, cuda, True, q, q) == "fused"  # a prompt continuing a decoding state
+    assert att.form(4097, cuda, True, q, q) == "chunk"
+    assert att.form(100, cpu, True, q, q) == "chunk"
     att.cfg.parallel_max_len = 512
     assert att.form(512, cuda, False, q, q) == "fused"
     assert att.form(513, cuda, False, q, q) in ("chunk", "fla_chunk")
@@ -221,4 +224,29 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     att.cfg.mode = "fused"
     with pytest.warns(UserWarning, match="using 'parallel'"):
         assert att.form(10, cuda, False, q, q) == "parallel"
-    assert att.form(10, cuda, True, q, q) == "chunk"
+    with pytest.warns(UserWarning, match="using 'chunk'"):
+        assert att.form(10, cuda, True, q, q) == "chunk"
+    monkeypatch.setattr(dla, "fused_supported", lambda q, v: None)
+    assert att.form(10, cuda, True, q, q) == "fused"
+    assert att.form(1, cuda, True, q, q) == "recurrent"
+
+
+def test_prompt_continuing_a_state_through_the_fused_form():
+    """Decoding a prompt in two pieces and then one token, mode fused (the kernel for the pieces, their
+    states from parallel's boundary code) against mode chunk, on a DiJiang layer with learnable decay."""
+    torch.manual_seed(1)
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1, attention="dijiang").validate()
+    cfg.dijiang.learnable_decay = True
+    base = DiJiangAttention(cfg, 0).to(DEV)
+    x = torch.randn(2, 30, 32, device=DEV)
+    outs = {}
+    for mode in ("chunk", "fused"):
+        att = DiJiangAttention(cfg, 0).to(DEV)
+        att.load_state_dict(base.state_dict())
+        att.cfg.mode = mode
+        state: dict = {}
+        with torch.no_grad():
+            pieces = [att(x[:, :17], state), att(x[:, 17:29], state), att(x[:, 29:], state)]
+        outs[mode] = (torch.cat(pieces, dim=1), state["S"], state["n"])
+    for got, want in zip(outs["fused"], outs["chunk"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -298,37 +298,46 @@ class DiJiangAttention(nn.Module):
 
     def form(self, T: int, device: torch.device, stateful: bool, q: torch.Tensor | None = None,
              v: torch.Tensor | None = None) -> str:
-        """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode). ``auto``:
-        on CUDA, when Triton imports and the fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d)
-        (:func:`dla.fused_supported`; not considered when they are not given), the fused kernel up to
-        ``parallel_max_len`` (None: 4096); otherwise parallel up to ``parallel_max_len`` (None: 256 tokens on
-        CPU, 1024 on CUDA); beyond it fla's kernel on CUDA when fla imports, else chunk. On the H100
-        (docs/benchmarks.md, 2026-11-24) the fla path costs ≥ 4.4 ms per fwd+bwd whatever T up to 4K
-        (host-bound), the masked form 2.9 ms at 1K. A decoding step (``stateful``) keeps recurrent/chunk
-        (fla's with mode ``fla``); mode ``fused`` and ``parallel`` with a state run chunkwise; mode ``fused``
-        on inputs the kernel refuses runs ``parallel``, with a warning."""
+        """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode).
+
+        ``auto``: a decoding step (``stateful``, T = 1) is ``recurrent``. On CUDA, when Triton imports and the
+        fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (:func:`dla.fused_supported`; not
+        considered when they are not given), the fused kernel up to ``parallel_max_len`` (None: 4096), for a
+        full pass and for a prompt continuing a state alike. Otherwise a prompt with a state runs ``chunk``;
+        a full pass runs ``parallel`` up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA) and
+        beyond it fla's kernel on CUDA when fla imports, else ``chunk``. Measured on an H200 (docs/benchmarks.md,
+        2026-12-04; fwd+bwd, B 4, H 12, paper map): fused 3.32 ms against fla's 4.17 at 4K, 7.90 against 4.17
+        at 8K. Mode ``fla``: its recurrent kernel for a step, its chunk kernel otherwise; modes ``parallel``
+        and ``fused`` with a state: ``recurrent`` for a step, else chunk (parallel) or the fused kernel
+        (fused); mode ``fused`` on inputs the kernel refuses runs ``parallel`` (``chunk`` with a state),
+        with a warning."""
         mode = self.cfg.mode
+        if stateful and T == 1 and mode in ("auto", "parallel", "fused"):
+            return "recurrent"
         if mode == "auto":
-            if stateful:
-                return "recurrent" if T == 1 else "chunk"
             fused = (device.type == "cuda" and q is not None and v is not None
                      and dla.fused_supported(q, v) is None)
             limit = self.cfg.parallel_max_len or (4096 if fused else 1024 if device.type == "cuda" else 256)
+            if fused and T <= limit:
+                return "fused"
+            if stateful:
+                return "chunk"
             if T <= limit:
-                return "fused" if fused else "parallel"
+                return "parallel"
             return "fla_chunk" if device.type == "cuda" and _fla_usable() else "chunk"
         if mode == "fla":
             return "fla_recurrent" if stateful and T == 1 else "fla_chunk"
-        if stateful and mode in ("parallel", "fused"):  # a prompt with a state: chunkwise, continuing from it
-            return "recurrent" if T == 1 else "chunk"
+        if stateful and mode == "parallel":  # a prompt with a state: chunkwise, continuing from it
+            return "chunk"
         if mode == "fused" and q is not None and v is not None:
             reason = dla.fused_supported(q, v)
             if reason is not None:
                 import warnings  # shown once per call site by Python's default filter
 
-                warnings.warn(f"dijiang mode='fused' cannot run these inputs ({reason}); using 'parallel'",
+                fallback = "chunk" if stateful else "parallel"
+                warnings.warn(f"dijiang mode='fused' cannot run these inputs ({reason}); using '{fallback}'",
                               stacklevel=3)
-                return "parallel"
+                return fallback
         return mode
 
     def mix(self, fq, fk, v, log_gamma, n, state: dict | None) -> torch.Tensor:
