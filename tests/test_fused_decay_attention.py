@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 
 from leanformer.config import TransformerConfig  # noqa: E402
 from leanformer.layers.dijiang import DiJiangAttention, running_log_norm  # noqa: E402
+from leanformer.layers import dijiang as dijiang_layer  # noqa: E402
 from leanformer.ops import decayed_linear_attention as dla  # noqa: E402
 from leanformer.ops import fused_decay_attention as fda  # noqa: E402
 
@@ -212,13 +213,16 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     assert att.form(100, cpu, False, q, q) == "parallel"
     assert att.form(4096, cpu, False, q, q) == "chunk"
     assert att.form(1, cuda, True, q, q) == "recurrent"
-    assert att.form(4097, cuda, False, q, q) in ("chunk", "fla_chunk")
+    monkeypatch.setattr(dijiang_layer, "_fla_usable", lambda: False)
+    assert att.form(4097, cuda, False, q, q) == "fused"  # beyond the limit without fla: still the kernel
+    monkeypatch.setattr(dijiang_layer, "_fla_usable", lambda: True)
+    assert att.form(4097, cuda, False, q, q) == "fla_chunk"
     assert att.form(4096, cuda, True, q, q) == "fused"  # a prompt continuing a decoding state
     assert att.form(4097, cuda, True, q, q) == "chunk"
     assert att.form(100, cpu, True, q, q) == "chunk"
     att.cfg.parallel_max_len = 512
     assert att.form(512, cuda, False, q, q) == "fused"
-    assert att.form(513, cuda, False, q, q) in ("chunk", "fla_chunk")
+    assert att.form(513, cuda, False, q, q) == "fla_chunk"
     monkeypatch.setattr(dla, "fused_supported", lambda q, v: "no")
     assert att.form(512, cuda, False, q, q) == "parallel"
     att.cfg.mode = "fused"
