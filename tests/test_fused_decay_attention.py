@@ -109,20 +109,55 @@ def test_contiguous_inputs_and_wider_heads():
     _compare(40, layout="bhtd", m=32, d=16, H=3)
 
 
-def test_bfloat16_within_tolerance():
+@pytest.mark.parametrize("T", [64, 128], ids=["one_block", "two_blocks"])
+def test_lengths_that_fill_whole_blocks(T):
+    """T a multiple of the 64-token block: no ragged block, the diagonal tile is the last one."""
+    _compare(T)
+
+
+@pytest.mark.parametrize("m,d", [(128, 32), (32, 128)], ids=["m128", "d128"])
+def test_widest_dims_float32_use_the_small_block(m, d):
+    """m or d = 128 in float32 runs 32-token blocks (shared memory); d > m and m > d."""
+    assert fda._block(100, torch.float32, m, d) == 32
+    _compare(40, m=m, d=d)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, BF16_TOL), (torch.float16, 5e-3)],
+                         ids=["bf16", "fp16"])
+def test_half_precision_within_tolerance(dtype, tol):
+    """16-bit inputs (bf16: 8-bit mantissa; fp16: 11-bit) and P in that dtype for the second product;
+    the output gradient is a non-contiguous view (the model's comes from a transpose)."""
     torch.manual_seed(2)
     (q, k, v), lg, n = _inputs(T=70)
     ref = dla.parallel(q, k, v, lg, log_norm=n)[0]
-    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     o = dla.fused(*leaves, lg.float(), log_norm=n.float(), output_final_state=False)[0]
-    assert o.dtype == torch.bfloat16
-    assert rel(o, ref) <= BF16_TOL
-    g = torch.randn_like(ref)
+    assert o.dtype == dtype
+    assert rel(o, ref) <= tol
+    g = torch.randn(ref.shape[0], ref.shape[2], ref.shape[1], ref.shape[3], dtype=F64, device=DEV).transpose(1, 2)
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     dla.parallel(*ref_leaves, lg, log_norm=n)[0].backward(g)
-    o.backward(g.to(torch.bfloat16))
+    o.backward(g.to(dtype))
     for a, b in zip(leaves, ref_leaves):
-        assert rel(a.grad, b.grad) <= BF16_TOL
+        assert rel(a.grad, b.grad) <= tol
+
+
+def test_inference_mode_gives_the_same_output():
+    (q, k, v), lg, n = _inputs(T=30)
+    args = [t.float() for t in (q, k, v)]
+    with torch.inference_mode():
+        o = dla.fused(*args, lg.float(), log_norm=n.float(), output_final_state=False)[0]
+    torch.testing.assert_close(o, dla.fused(*args, lg.float(), log_norm=n.float())[0], rtol=0, atol=0)
+
+
+def test_auto_keeps_the_cpu_choice_with_the_real_support_check():
+    """On the CPU ``auto`` never picks the fused kernel, even where the interpreter could run it."""
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1, attention="dijiang").validate()
+    att = DiJiangAttention(cfg, 0)
+    q = torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16)
+    cpu = torch.device("cpu")
+    assert [att.form(T, cpu, False, q, q) for T in (100, 4096)] == ["parallel", "chunk"]
+    assert att.form(100, cpu, True, q, q) == "chunk"
 
 
 def test_output_final_state_false_returns_none_and_same_output():
@@ -145,6 +180,21 @@ def test_unsupported_inputs_have_a_reason():
     assert "CUDA" in fda.fused_reason(torch.device("meta"), torch.float32, 16, 16)
     with pytest.raises(ValueError, match="power of two.*parallel"):
         dla.fused(*(torch.zeros(1, 1, 4, 12, device=DEV),) * 3, torch.zeros(1, device=DEV))
+
+
+def test_gpus_that_cannot_run_the_kernel_are_named(monkeypatch):
+    """Pre-Ampere GPUs (no bf16 tensor-core dot) and, for m or d = 128, GPUs with < 160 KiB of shared
+    memory per block are refused with a reason, so ``auto`` falls back instead of failing to compile."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(fda, "_device_limits", lambda index: (7, 5, 64 * 1024))
+    assert "Ampere" in fda.fused_reason(cuda, torch.bfloat16, 64, 64)
+    monkeypatch.setattr(fda, "_device_limits", lambda index: (8, 6, 99 * 1024))
+    assert fda.fused_reason(cuda, torch.bfloat16, 64, 64) is None or "triton" in fda.fused_reason(
+        cuda, torch.bfloat16, 64, 64)
+    assert "shared memory" in fda.fused_reason(cuda, torch.bfloat16, 128, 64)
+    monkeypatch.setattr(fda, "_device_limits", lambda index: (9, 0, 227 * 1024))
+    assert fda.fused_reason(cuda, torch.bfloat16, 128, 128) is None or "triton" in fda.fused_reason(
+        cuda, torch.bfloat16, 128, 128)
 
 
 def test_log_norm_requiring_grad_is_refused():
@@ -207,9 +257,11 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1, attention="dijiang").validate()
     att = DiJiangAttention(cfg, 0)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    q = torch.zeros(1, 2, 3, 16)
+    q = torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16)
     monkeypatch.setattr(dla, "fused_supported", lambda q, v: None)
     assert att.form(4096, cuda, False, q, q) == "fused"
+    q32 = q.float()  # float32 features: the kernel's IEEE products were not timed; auto keeps parallel
+    assert att.form(1024, cuda, False, q32, q32) == "parallel"
     assert att.form(100, cpu, False, q, q) == "parallel"
     assert att.form(4096, cpu, False, q, q) == "chunk"
     assert att.form(1, cuda, True, q, q) == "recurrent"

@@ -244,6 +244,9 @@ def _fla_usable() -> bool:
         return False
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the feature dtypes ``auto`` sends to the fused kernel
+
+
 class DiJiangAttention(nn.Module):
     """DiJiang token mixer obeying the attention contract; (B, T, C) → (B, T, C).
 
@@ -300,7 +303,8 @@ class DiJiangAttention(nn.Module):
              v: torch.Tensor | None = None) -> str:
         """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode).
 
-        ``auto``: a decoding step (``stateful``, T = 1) is ``recurrent``. On CUDA, when Triton imports and the
+        ``auto``: a decoding step (``stateful``, T = 1) is ``recurrent``. On CUDA, for bf16/fp16 features (the
+        kernel's float32 runs without tensor cores and was not timed), when Triton imports and the
         fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (:func:`dla.fused_supported`; not
         considered when they are not given), the fused kernel up to ``parallel_max_len`` (None: 4096), for a
         full pass and for a prompt continuing a state alike. Otherwise a prompt with a state runs ``chunk``;
@@ -316,7 +320,7 @@ class DiJiangAttention(nn.Module):
         if stateful and T == 1 and mode in ("auto", "parallel", "fused"):
             return "recurrent"
         if mode == "auto":
-            fused = (device.type == "cuda" and q is not None and v is not None
+            fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES
                      and dla.fused_supported(q, v) is None)
             limit = self.cfg.parallel_max_len or (4096 if fused else 1024 if device.type == "cuda" else 256)
             if fused and T <= limit:

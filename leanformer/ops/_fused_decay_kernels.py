@@ -44,8 +44,8 @@ def fwd_kernel(Q, K, V, LG, N, O,
                H, T, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
                INTERPRET: tl.constexpr, T_END: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # int64: b·stride passes 2^31 for large B·T·H·m
     b = bh // H
     h = bh % H
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,8 +80,8 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
                     H, T, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
                     INTERPRET: tl.constexpr, T_END: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # int64: b·stride passes 2^31 for large B·T·H·m
     b = bh // H
     h = bh % H
     offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,8 +124,8 @@ def bwd_dq_kernel(K, V, LG, N, DO, DQ,
                   H, T, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
                   INTERPRET: tl.constexpr, T_END: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)  # int64: b·stride passes 2^31 for large B·T·H·m
     b = bh // H
     h = bh % H
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

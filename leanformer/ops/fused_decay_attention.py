@@ -27,7 +27,8 @@ CPU tensors (tests): the ops are then opaque ``custom_op``s (compile cannot trac
 but calls the op: ``torch.compile(fullgraph=True)`` still works). Without it they need CUDA tensors.
 
 Supported (else :func:`fused_supported` says why, and the caller uses the ``parallel`` form): CUDA
-tensors (or CPU tensors under the interpreter); float32, bfloat16 or float16, q, k, v of one dtype;
+tensors on an Ampere or newer GPU, with ≥ 160 KiB of shared memory per block when m or d is 128 (A100,
+H100/H200; not sm_86/89) (or CPU tensors under the interpreter); float32, bfloat16 or float16, q, k, v of one dtype;
 m and d powers of two in [16, 128] (``tl.dot`` needs ≥ 16; 128 keeps a float32 block within the
 shared memory of an A100/H100); any B, H, T ≥ 1 (the last block is masked); any strides (the feature
 map's (B, H, T, m) views of (B, T, H, m) memory are read in place). Float32 products run in full IEEE
@@ -35,6 +36,7 @@ precision (no TF32). This module does not import the rest of leanformer (the for
 :func:`leanformer.ops.decayed_linear_attention.fused`, imports it).
 """
 
+import contextlib
 import os
 
 import torch
@@ -76,7 +78,26 @@ def fused_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> st
     for name, x in (("feature dim m", m), ("value dim d", d)):
         if x < MIN_DIM or x > MAX_DIM or x & (x - 1):
             return f"{name}={x} must be a power of two in [{MIN_DIM}, {MAX_DIM}]"
+    if device.type == "cuda":
+        major, minor, smem = _device_limits(device.index if device.index is not None else -1)
+        if major < 8:
+            return f"needs an Ampere or newer GPU (compute capability ≥ 8.0; this one is {major}.{minor})"
+        if max(m, d) > 64 and smem < BIG_DIM_SMEM:
+            return (f"m or d = {max(m, d)} needs {BIG_DIM_SMEM // 1024} KiB of shared memory per block; this GPU "
+                    f"offers {smem // 1024} KiB (m, d ≤ 64 fit)")
     return _triton_import_error()
+
+
+BIG_DIM_SMEM = 160 * 1024  # dK/dV at m or d = 128 holds ≈ 130 KiB (A100: 163 KiB, H100/H200: 227 KiB; sm_86/89: 99)
+
+
+@torch.compiler.assume_constant_result
+def _device_limits(index: int) -> tuple[int, int, int]:
+    """(major, minor, opt-in shared memory per block in bytes) of CUDA device ``index`` (−1: the current one);
+    a constant to torch.compile."""
+    props = torch.cuda.get_device_properties(index if index >= 0 else torch.cuda.current_device())
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 0
+    return props.major, props.minor, int(smem)
 
 
 def fused_supported(q: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -162,8 +183,10 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: to
     d = v.shape[-1]
     o = _new_output(q, k, v, log_gamma, log_norm)
     n, sn, bs, meta = _launch_args(q, v, log_norm)
-    _wrap(_kernels()[0])[(_cdiv(T, bs), B * H)](
-        q, k, v, log_gamma, n, o, *q.stride(), *k.stride(), *v.stride(), *sn, *o.stride(), H, T, M=m, D=d, **meta)
+    with _on_device(q):
+        _wrap(_kernels()[0])[(B * H, _cdiv(T, bs))](
+            q, k, v, log_gamma, n, o, *q.stride(), *k.stride(), *v.stride(), *sn, *o.stride(), H, T, M=m, D=d,
+            **meta)
     return o
 
 
@@ -175,15 +198,22 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: t
     d = v.shape[-1]
     dq, dk, dv = _new_grads(q, k, v, log_gamma, log_norm, grad_o)
     n, sn, bs, meta = _launch_args(q, v, log_norm)
-    grid = (_cdiv(T, bs), B * H)
+    grid = (B * H, _cdiv(T, bs))  # B·H on the first axis: CUDA caps the second at 65,535
     _, dkdv_kernel, dq_kernel = _kernels()
-    _wrap(dkdv_kernel)[grid](
-        q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
-        *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta)
-    _wrap(dq_kernel)[grid](
-        k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
-        H, T, M=m, D=d, **meta)
+    with _on_device(q):
+        _wrap(dkdv_kernel)[grid](
+            q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
+            *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta)
+        _wrap(dq_kernel)[grid](
+            k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
+            H, T, M=m, D=d, **meta)
     return dq, dk, dv
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s (a model on cuda:1 while cuda:0 is
+    current would otherwise fail, triton-lang/triton#2441)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _setup_context(ctx, inputs, output):
