@@ -10,11 +10,13 @@
 5. torch.profiler: the top kernels of one fused fwd+bwd at 4K.
 6. ``bench train --size gpt2`` compiled: Pre-LN against ``dijiang_scratch`` (``auto``) at seq 1024 × 16 and
    4096 × 4 (issue #14's targets: ≥ 0.9× and ≥ 1.3× Pre-LN's tokens/s).
+7. ``variants``: the bare op under several kernel settings (``fused_decay_attention``'s switches), with its
+   float64 error at 1K. 8. ``decode``: ``bench decode`` for Pre-LN, SAS-P and DiJiang.
 
-    python benchmarks/dijiang_fused_gpu.py --out OUT [--budget SECONDS]
+    python benchmarks/dijiang_fused_gpu.py --out OUT [--budget SECONDS] [--sections a,b,...]
 
 Writes OUT/fused_gpu.json (every check, timing and note), OUT/attention.{json,md},
-OUT/train1024.{json,md} and OUT/train4096.{json,md}; prints a short table last.
+OUT/train1024.{json,md}, OUT/train4096.{json,md} and OUT/decode.{json,md}; prints a short table last.
 """
 
 from __future__ import annotations
@@ -99,7 +101,84 @@ def step_profile(out: str, deadline: float) -> None:
             print(f"[kernel] {k}", flush=True)
 
 
-SECTIONS = "tests,layers,nan,attention,profile,train,steps"
+# Kernel settings timed side by side by ``variants`` (attributes of leanformer.ops.fused_decay_attention,
+# read at each launch); the first is today's default.
+VARIANTS = [
+    ("default", {}),
+    ("factored", {"FACTORED": True}),
+    ("factored 128x64 w8", {"FACTORED": True, "BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8}),
+    ("factored 64x64 s3", {"FACTORED": True, "NUM_STAGES": 3}),
+    ("128x64 w8", {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8}),
+]
+
+
+def variants(lengths=(4096, 16384)) -> None:
+    """The bare op (no feature map: feature-like q, k ≥ 0 and DiJiang's running n) fwd+bwd under each kernel
+    setting, its error against the float64 parallel form at 1K (skipped beyond 4K), and ms per call."""
+    from triton.testing import do_bench
+
+    from leanformer.layers.dijiang import default_log_gamma, running_log_norm
+    from leanformer.ops import decayed_linear_attention as dla
+    from leanformer.ops import fused_decay_attention as fda
+
+    dev = torch.device("cuda")
+    saved = {k: getattr(fda, k) for _, kv in VARIANTS for k in kv if hasattr(fda, k)}
+    lg = default_log_gamma(12).to(dev).float()
+    for T in (1024, *lengths):
+        g = torch.Generator(device="cpu").manual_seed(T)
+        q, k = (torch.rand(4, T, 12, 64, generator=g).to(dev, torch.bfloat16).transpose(1, 2) for _ in range(2))
+        v = torch.randn(4, T, 12, 64, generator=g).to(dev, torch.bfloat16).transpose(1, 2)
+        n = running_log_norm(3 * torch.randn(4, 12, T, generator=g).to(dev), lg)
+        go = torch.randn(4, T, 12, 64, generator=g).to(dev, torch.bfloat16).transpose(1, 2)
+        ref = None
+        if T <= 1024:
+            leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+            o64 = dla.parallel(*leaves64, lg.double(), log_norm=n.double())[0]
+            o64.backward(go.double())
+            ref = (o64, [t.grad for t in leaves64])
+        for name, kv in VARIANTS:
+            if any(not hasattr(fda, key) for key in kv):
+                print(f"[variant] {name}: not available in this tree", flush=True)
+                continue
+            for key, val in saved.items():
+                setattr(fda, key, val)
+            for key, val in kv.items():
+                setattr(fda, key, val)
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+            def step(leaves=leaves, n=n, go=go):
+                o = dla.fused(*leaves, lg, log_norm=n, output_final_state=False)[0]
+                o.backward(go)
+                return o
+            try:
+                o = step()
+                row = {"variant": name, "T": T, "status": "ok"}
+                if ref is not None:
+                    row["rel_err_o"] = dg.rel(o, ref[0])
+                    row["rel_err_grads"] = max(dg.rel(a.grad, b) for a, b in zip(leaves, ref[1]))
+                row["ms"] = do_bench(step, warmup=10, rep=200, return_mode="median")
+            except Exception as e:  # noqa: BLE001
+                row = {"variant": name, "T": T, "status": f"{type(e).__name__}: {str(e)[:200]}"}
+            dg.RESULTS.setdefault("variants", []).append(row)
+            print(f"[variant] {row}", flush=True)
+    for key, val in saved.items():
+        setattr(fda, key, val)
+
+
+def decode(out: str) -> None:
+    """``bench decode`` (graph path, bf16 weights): Pre-LN, SAS-P (values now cached in bf16) and DiJiang
+    (prompts continuing a state now run the fused kernel) at 2K/8K/32K × batch 1/32."""
+    from leanformer.bench.decode import run_decode_bench
+
+    arms, contexts, batches = "preln,sas_p,dijiang_scratch", [2048, 8192, 32768], [1, 32]
+    rep = run_decode_bench(size="gpt2", arms=arms, contexts=contexts, batches=batches, device=torch.device("cuda"),
+                           command=f"leanformer bench decode --size gpt2 --arms {arms} --contexts 2048,8192,32768 "
+                                   "--batches 1,32")
+    rep.write(os.path.join(out, "decode"), formats=("json", "md"))
+    print(rep.markdown(), flush=True)
+
+
+SECTIONS = "tests,layers,nan,attention,profile,train,steps,variants,decode"
 
 
 def main() -> int:
@@ -144,6 +223,10 @@ def main() -> int:
         json.dump(dg.RESULTS, f, indent=1, default=str)
     if "train" in want:
         dg.section("train", train, args.out, B, budget=B * 0.55)
+    if "variants" in want:
+        dg.section("variants", variants, budget=B * 0.7)
+    if "decode" in want:
+        dg.section("decode", decode, args.out, budget=B * 0.8)
     if "steps" in want:
         dg.section("step profile", step_profile, args.out, dg.T0 + B, budget=B * 0.8)
     with open(os.path.join(args.out, "fused_gpu.json"), "w") as f:
