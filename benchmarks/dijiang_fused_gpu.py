@@ -242,6 +242,10 @@ def main() -> int:
     for r in dg.RESULTS["timings"]:
         if r.get("train"):
             print(f"| {r['T']} | {r['train']} | {r['tok_s']} | {r['mem']} | {r['status']} |")
+    print("| T | kernel variant | ms | rel err o / grads @1K | status |\n|---|---|---|---|---|")
+    for r in dg.RESULTS.get("variants", []):
+        err = f"{r['rel_err_o']:.1e} / {r['rel_err_grads']:.1e}" if "rel_err_o" in r else ""
+        print(f"| {r['T']} | {r['variant']} | {r.get('ms', float('nan')):.3f} | {err} | {r['status']} |")
     return 1 if fails else 0
 
 
