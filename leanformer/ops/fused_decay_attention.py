@@ -41,9 +41,23 @@ import os
 
 import torch
 
-BLOCK = 64  # query and key block (fixed, no autotuning: the first call costs one compile per shape);
-# 32 for float32 with m or d = 128 (shared memory: 64 would need ~210 KiB for dK/dV)
+# Run-time switches, read at each launch (a benchmark may time variants side by side in one process;
+# each new combination compiles once per shape). The defaults are the kernel as first measured.
+BLOCK_M = 64  # query block (fwd and dQ: a program's queries; dK/dV: the query tiles it loops over)
+BLOCK_N = 64  # key block (fwd and dQ: the key tiles; dK/dV: a program's keys). Both: 32 at most for
+# float32 with m or d = 128 (shared memory: 64 would need ~210 KiB for dK/dV), and the smallest power of
+# two ≥ T (≥ 16) for shorter sequences; no autotuning (the first call costs one compile per shape)
 NUM_WARPS = 4
+NUM_STAGES: int | None = None  # software-pipelining stages; None: Triton's default
+FACTORED = False  # off-diagonal tiles through a pivot (see the module docstring); needs a non-decreasing
+# n − i·logγ: DiJiang's running maximum, or no n with logγ ≤ 0
+FACTORED_SCALE = "operand"  # factored: "operand" scales k (fwd), v (dQ), q (dK/dV) rows and casts them back
+# to the input dtype; "scores" scales the float32 score tile's columns (one multiply per element, no rounding)
+REVERSE_ROWS = False  # fwd and dQ: launch the longest query rows (last blocks) first
+CHECK_MONOTONE = False  # FACTORED: check the precondition on the host before each launch (a device sync;
+# tests and debugging)
+INTERPRETER_FULL_LOOPS = True  # interpreter: loop over every block, masked (False: the compiled kernels'
+# loop bounds, which Triton 3.6's interpreter runs only with numpy < 2.4, triton-lang/triton#9171)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_DIM, MAX_DIM = 16, 128
 
@@ -117,28 +131,62 @@ def _kernels():
     return kern.fwd_kernel, kern.bwd_dkdv_kernel, kern.bwd_dq_kernel
 
 
-def _block(T: int, dtype: torch.dtype, m: int, d: int) -> int:
-    """BLOCK (32 for float32 with m or d > 64), or the smallest power of two ≥ T (≥ 16, what tl.dot
-    needs) for short sequences."""
-    big = BLOCK // 2 if dtype == torch.float32 and max(m, d) > 64 else BLOCK
+def _block(T: int, dtype: torch.dtype, m: int, d: int, base: int | None = None) -> int:
+    """A block of ``base`` (default BLOCK_M) tokens: at most 32 for float32 with m or d > 64, and the
+    smallest power of two ≥ T (≥ 16, what tl.dot needs) for short sequences."""
+    base = BLOCK_M if base is None else base
+    if base < MIN_DIM or base & (base - 1):
+        raise ValueError(f"block size {base} must be a power of two ≥ {MIN_DIM}")
+    big = min(base, 32) if dtype == torch.float32 and max(m, d) > 64 else base
     return min(big, max(MIN_DIM, 1 << (T - 1).bit_length()))
 
 
-def _launch_args(q: torch.Tensor, v: torch.Tensor, log_norm: torch.Tensor | None):
-    """n (a broadcast 0 when None), its strides, the block size and the kernels' constexpr arguments.
+SCALES = ("operand", "scores")
 
-    Under the interpreter the loops run over every block (T_END = T rounded up to the block), masked:
+
+def _launch_args(q: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, log_norm: torch.Tensor | None):
+    """n (a broadcast 0 when None), its strides, the query and key blocks and the kernels' constexpr
+    arguments, from the module's switches as they are now.
+
+    Under the interpreter the loops run over every block (T_END = T rounded up to the blocks), masked:
     Triton 3.6's interpreter cannot take a loop bound computed from the program id with numpy ≥ 2.4
     (triton-lang/triton#9171); compiled kernels loop only up to (from) the diagonal.
     """
     B, H, T, _ = q.shape
     n = log_norm if log_norm is not None else q.new_zeros((), dtype=torch.float32).expand(B, H, T)
-    bs = _block(T, q.dtype, q.shape[-1], v.shape[-1])
+    bm = _block(T, q.dtype, q.shape[-1], v.shape[-1], BLOCK_M)
+    bn = _block(T, q.dtype, q.shape[-1], v.shape[-1], BLOCK_N)
+    if FACTORED_SCALE not in SCALES:
+        raise ValueError(f"FACTORED_SCALE={FACTORED_SCALE!r} must be one of {SCALES}")
+    if FACTORED and CHECK_MONOTONE:
+        _check_monotone(log_gamma, log_norm, T)
     interpret = _interpret()
-    meta = dict(BLOCK_M=bs, BLOCK_N=bs, HAS_NORM=log_norm is not None,
+    full_loops = interpret and INTERPRETER_FULL_LOOPS
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, HAS_NORM=log_norm is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit inputs
-                INTERPRET=interpret, T_END=_cdiv(T, bs) * bs if interpret else 0, num_warps=NUM_WARPS)
-    return n, n.stride(), bs, meta
+                INTERPRET=interpret, T_END=_cdiv(T, max(bm, bn)) * max(bm, bn) if full_loops else 0,
+                FACTORED=bool(FACTORED), SCALE_OPERAND=FACTORED_SCALE == "operand", FULL_LOOPS=full_loops,
+                REVERSE=bool(REVERSE_ROWS), num_warps=NUM_WARPS)
+    if NUM_STAGES is not None:
+        meta["num_stages"] = NUM_STAGES
+    return n, n.stride(), bm, bn, meta
+
+
+def _check_monotone(log_gamma: torch.Tensor, log_norm: torch.Tensor | None, T: int) -> None:
+    """FACTORED's precondition: a_i = n_i − i·logγ non-decreasing in i (up to float32 rounding of n), i.e.
+    n a running maximum as DiJiang's (``running_log_norm``), or no n and logγ ≤ 0. Raises ValueError."""
+    lg = log_gamma.double()
+    if log_norm is None:
+        if bool((lg > 0).any()):
+            raise ValueError(f"FACTORED needs log_gamma ≤ 0 without log_norm; got {lg.max().item():.3g}")
+        return
+    a = log_norm.double() - torch.arange(T, device=lg.device, dtype=torch.float64) * lg[:, None]
+    step = a.diff(dim=-1)
+    tol = 1e-5 * (1 + float(a.abs().max())) if T > 1 else 0.0
+    if T > 1 and float(step.min()) < -tol:
+        raise ValueError(f"FACTORED needs n_i − i·logγ non-decreasing in i (n a running maximum, as DiJiang's "
+                         f"running_log_norm); it falls by {-float(step.min()):.3g} (tolerance {tol:.3g}). "
+                         "Set fused_decay_attention.FACTORED = False for this n")
 
 
 # ----------------------------------------------------------------------------------------------- ops
@@ -182,9 +230,9 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: to
     B, H, T, m = q.shape
     d = v.shape[-1]
     o = _new_output(q, k, v, log_gamma, log_norm)
-    n, sn, bs, meta = _launch_args(q, v, log_norm)
+    n, sn, bm, _, meta = _launch_args(q, v, log_gamma, log_norm)
     with _on_device(q):
-        _wrap(_kernels()[0])[(B * H, _cdiv(T, bs))](
+        _wrap(_kernels()[0])[(B * H, _cdiv(T, bm))](
             q, k, v, log_gamma, n, o, *q.stride(), *k.stride(), *v.stride(), *sn, *o.stride(), H, T, M=m, D=d,
             **meta)
     return o
@@ -197,14 +245,13 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: t
     B, H, T, m = q.shape
     d = v.shape[-1]
     dq, dk, dv = _new_grads(q, k, v, log_gamma, log_norm, grad_o)
-    n, sn, bs, meta = _launch_args(q, v, log_norm)
-    grid = (B * H, _cdiv(T, bs))  # B·H on the first axis: CUDA caps the second at 65,535
+    n, sn, bm, bn, meta = _launch_args(q, v, log_gamma, log_norm)
     _, dkdv_kernel, dq_kernel = _kernels()
-    with _on_device(q):
-        _wrap(dkdv_kernel)[grid](
+    with _on_device(q):  # B·H on the grid's first axis: CUDA caps the second at 65,535
+        _wrap(dkdv_kernel)[(B * H, _cdiv(T, bn))](
             q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
             *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta)
-        _wrap(dq_kernel)[grid](
+        _wrap(dq_kernel)[(B * H, _cdiv(T, bm))](
             k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
             H, T, M=m, D=d, **meta)
     return dq, dk, dv
