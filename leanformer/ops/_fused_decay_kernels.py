@@ -164,10 +164,11 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
     lg = tl.load(LG + h)
     n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
     if FACTORED:
-        # off-diagonal query tiles [hi, T): every query > j1 (the pivot, the block's last key) ≥ every key
-        j1 = pid_n * BLOCK_N + BLOCK_N - 1
+        # off-diagonal query tiles [hi, T): every query > j1 (the pivot, the block's last key) ≥ every key;
+        # a last, partial block pivots on key T − 1 (it has no off-diagonal tile, but u below must be finite)
+        j1 = tl.minimum(pid_n * BLOCK_N + BLOCK_N, T) - 1
         hi = tl.cdiv(j1 + 1, BLOCK_M) * BLOCK_M
-        n_p = tl.load(N + b * snb + h * snh + j1 * snt, mask=j1 < T, other=0.0) if HAS_NORM else lg
+        n_p = tl.load(N + b * snb + h * snh + j1 * snt) if HAS_NORM else lg
         dk = tl.zeros((BLOCK_N, M), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
         for start_m in range(0 if FULL_LOOPS else hi, T_END if FULL_LOOPS else T, BLOCK_M):
