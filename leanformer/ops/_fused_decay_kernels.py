@@ -130,11 +130,12 @@ def fwd_kernel(Q, K, V, LG, N, O,
         v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
                     mask=mask_j[:, None], other=0.0)
         n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
+        s = mm(q, tl.trans(k), PRECISION, INTERPRET)
         g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, False)
         if FACTORED:
             if FULL_LOOPS:  # the compiled loop's bounds, as masks
                 g = tl.where((start_n >= lo) & (start_n < hi), g, 0.0)
-        p = mm(q, tl.trans(k), PRECISION, INTERPRET) * g
+        p = s * g
         acc += mm(p.to(v.dtype), v, PRECISION, INTERPRET)
     tl.store(O + b * sob + h * soh + offs_i[:, None] * sot + offs_d[None, :] * sod,
              acc.to(O.dtype.element_ty), mask=mask_i[:, None])
@@ -287,11 +288,12 @@ def bwd_dq_kernel(K, V, LG, N, DO, DQ,
         v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
                     mask=mask_j[:, None], other=0.0)
         n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
+        ds = mm(do, tl.trans(v), PRECISION, INTERPRET)
         g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, False)
         if FACTORED:
             if FULL_LOOPS:  # the compiled loop's bounds, as masks
                 g = tl.where((start_n >= lo) & (start_n < hi), g, 0.0)
-        ds = mm(do, tl.trans(v), PRECISION, INTERPRET) * g
+        ds = ds * g
         dq += mm(ds.to(k.dtype), k, PRECISION, INTERPRET)
     tl.store(DQ + b * sdqb + h * sdqh + offs_i[:, None] * sdqt + offs_m[None, :] * sdqm,
              dq.to(DQ.dtype.element_ty), mask=mask_i[:, None])

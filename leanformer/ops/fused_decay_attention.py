@@ -19,6 +19,34 @@ in two kernels: dK/dV (one program per key block, looping over query blocks from
 passes a learnable decay's gradient through q and k instead
 (:func:`leanformer.ops.constant_decay._decay_gradient_through_qk`) and refuses an n that requires grad.
 
+Factored variant (``FACTORED = True``; off by default, not yet timed on a GPU). With a_i = n_i − i·logγ,
+Γ_ij = exp(a_j − a_i). When a is non-decreasing, a tile whose keys all precede its queries factors through
+a pivot p between them, Γ_ij = exp(a_j − a_p)·exp(a_p − a_i), both factors ≤ 1 (nothing overflows; an
+underflowing factor means a smaller product still). Forward and dQ (pivot: the block's first query i0;
+key tiles wholly below i0): the key factor scales k (forward) or v (dQ) rows — BLOCK_N exps per tile, not
+BLOCK_M·BLOCK_N — the plain products accumulate in a float32 accumulator of their own, whose rows the query
+factor scales once at the end. dK/dV (pivot: the block's last key j1, or T − 1 for a partial last block;
+query tiles wholly after j1): the query factor scales q alone (it enters dV = (K qᵀ) dO and dK = (V dOᵀ) q
+once each; scaling dO too would square it), the key factor the dk, dv rows at the end. Tiles crossing the
+diagonal keep the per-element Γ. ``FACTORED_SCALE = "operand"`` casts the scaled rows back to the input
+dtype before ``tl.dot`` (one more rounding in bf16/fp16; within the bf16 tests' 3e-2); ``"scores"`` scales
+the float32 score tile's columns instead (one multiply per element, no extra rounding). Exponents are
+formed from position and n differences, as the per-element Γ is. Precondition, not checked by default:
+n − i·logγ non-decreasing, i.e. n a running maximum (DiJiang's
+:func:`leanformer.layers.dijiang.running_log_norm`, the only n this library passes: the key maxima's
+running maximum under the decay) or no n with logγ ≤ 0 (every decay here is ≤ 0); float32 rounding of n
+(~1e-7 relative) only lets a factor reach exp(1e-5). An arbitrary n could overflow a factor:
+``CHECK_MONOTONE = True`` checks on the host before each launch (a device sync; the tests set it).
+
+Run-time switches (module attributes, read at each launch, so a benchmark can time variants in one process;
+each new combination compiles once per shape; a ``torch.compile``d graph keeps the values it was traced
+with): ``BLOCK_M`` / ``BLOCK_N`` (query / key block, 64 / 64; float32 with m or d = 128 caps both at 32, T
+below the block shrinks them to the next power of two ≥ 16), ``NUM_WARPS`` (4), ``NUM_STAGES`` (None:
+Triton's default), ``FACTORED`` (False), ``FACTORED_SCALE`` ("operand"), ``REVERSE_ROWS`` (False; True
+launches the forward's and dQ's longest query rows first), ``CHECK_MONOTONE`` (False) and
+``INTERPRETER_FULL_LOOPS`` (True: under the interpreter, masked loops over every block; False runs the
+compiled loop bounds there, which needs numpy < 2.4).
+
 The op is a ``torch.library.triton_op`` (``leanformer::decayed_attention`` and its backward
 ``leanformer::decayed_attention_bwd``) with ``register_autograd``, so ``torch.compile`` traces the Triton
 kernels without a graph break. Triton is imported on the first call, not at import. ``TRITON_INTERPRET=1``
