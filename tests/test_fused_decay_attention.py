@@ -324,6 +324,19 @@ def test_switch_defaults_are_the_measured_kernel():
     assert fda._block(4096, torch.float32, 128, 64) == 32 and fda._block(4096, torch.float32, 64, 64, 32) == 32
     with pytest.raises(ValueError, match="power of two"):
         fda._block(100, torch.float32, 16, 16, 48)
+    assert fda._launch_options(1) == {"num_warps": 4}
+
+
+def test_per_kernel_warps_and_stages(factored, monkeypatch):
+    """NUM_WARPS / NUM_STAGES as one value per kernel (forward, dK/dV, dQ); a wrong length is refused."""
+    monkeypatch.setattr(fda, "NUM_WARPS", (4, 8, 2))
+    monkeypatch.setattr(fda, "NUM_STAGES", (None, 2, 3))
+    assert [fda._launch_options(i) for i in range(3)] == [
+        {"num_warps": 4}, {"num_warps": 8, "num_stages": 2}, {"num_warps": 2, "num_stages": 3}]
+    _compare(40)
+    monkeypatch.setattr(fda, "NUM_WARPS", (4, 8))
+    with pytest.raises(ValueError, match="one per kernel"):
+        fda._launch_options(0)
 
 
 @pytest.mark.parametrize("factored_on", [False, True], ids=["exact", "factored"])

@@ -41,11 +41,11 @@ running maximum under the decay) or no n with logγ ≤ 0 (every decay here is �
 Run-time switches (module attributes, read at each launch, so a benchmark can time variants in one process;
 each new combination compiles once per shape; a ``torch.compile``d graph keeps the values it was traced
 with): ``BLOCK_M`` / ``BLOCK_N`` (query / key block, 64 / 64; float32 with m or d = 128 caps both at 32, T
-below the block shrinks them to the next power of two ≥ 16), ``NUM_WARPS`` (4), ``NUM_STAGES`` (None:
-Triton's default), ``FACTORED`` (False), ``FACTORED_SCALE`` ("operand"), ``REVERSE_ROWS`` (False; True
-launches the forward's and dQ's longest query rows first), ``CHECK_MONOTONE`` (False) and
-``INTERPRETER_FULL_LOOPS`` (True: under the interpreter, masked loops over every block; False runs the
-compiled loop bounds there, which needs numpy < 2.4).
+below the block shrinks them to the next power of two ≥ 16), ``NUM_WARPS`` (4) and ``NUM_STAGES`` (None:
+Triton's default), each an int or a tuple (forward, dK/dV, dQ), ``FACTORED`` (False), ``FACTORED_SCALE``
+("operand"), ``REVERSE_ROWS`` (False; True launches the forward's and dQ's longest query rows first),
+``CHECK_MONOTONE`` (False) and ``INTERPRETER_FULL_LOOPS`` (True: under the interpreter, masked loops over
+every block; False runs the compiled loop bounds there, which needs numpy < 2.4).
 
 The op is a ``torch.library.triton_op`` (``leanformer::decayed_attention`` and its backward
 ``leanformer::decayed_attention_bwd``) with ``register_autograd``, so ``torch.compile`` traces the Triton
@@ -75,8 +75,9 @@ BLOCK_M = 64  # query block (fwd and dQ: a program's queries; dK/dV: the query t
 BLOCK_N = 64  # key block (fwd and dQ: the key tiles; dK/dV: a program's keys). Both: 32 at most for
 # float32 with m or d = 128 (shared memory: 64 would need ~210 KiB for dK/dV), and the smallest power of
 # two ≥ T (≥ 16) for shorter sequences; no autotuning (the first call costs one compile per shape)
-NUM_WARPS = 4
-NUM_STAGES: int | None = None  # software-pipelining stages; None: Triton's default
+NUM_WARPS: int | tuple[int, int, int] = 4  # an int, or one per kernel: (forward, dK/dV, dQ)
+NUM_STAGES: int | None | tuple[int | None, int | None, int | None] = None  # software-pipelining stages
+# (None: Triton's default), or one per kernel as NUM_WARPS
 FACTORED = False  # off-diagonal tiles through a pivot (see the module docstring); needs a non-decreasing
 # n − i·logγ: DiJiang's running maximum, or no n with logγ ≤ 0
 FACTORED_SCALE = "operand"  # factored: "operand" scales k (fwd), v (dQ), q (dK/dV) rows and casts them back
@@ -194,10 +195,25 @@ def _launch_args(q: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, log_
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit inputs
                 INTERPRET=interpret, T_END=_cdiv(T, max(bm, bn)) * max(bm, bn) if full_loops else 0,
                 FACTORED=bool(FACTORED), SCALE_OPERAND=FACTORED_SCALE == "operand", FULL_LOOPS=full_loops,
-                REVERSE=bool(REVERSE_ROWS), num_warps=NUM_WARPS)
-    if NUM_STAGES is not None:
-        meta["num_stages"] = NUM_STAGES
+                REVERSE=bool(REVERSE_ROWS))
     return n, n.stride(), bm, bn, meta
+
+
+KERNEL_NAMES = ("forward", "dK/dV", "dQ")
+
+
+def _launch_options(kernel: int) -> dict:
+    """num_warps (and num_stages unless None) for kernel 0 (forward), 1 (dK/dV) or 2 (dQ), from
+    NUM_WARPS and NUM_STAGES (an int or None for all, or a tuple of three)."""
+    opts = {}
+    for name, value in (("num_warps", NUM_WARPS), ("num_stages", NUM_STAGES)):
+        if isinstance(value, (tuple, list)):
+            if len(value) != len(KERNEL_NAMES):
+                raise ValueError(f"{name.upper()}={value!r}: one value, or one per kernel {KERNEL_NAMES}")
+            value = value[kernel]
+        if value is not None:
+            opts[name] = int(value)
+    return opts
 
 
 def _check_monotone(log_gamma: torch.Tensor, log_norm: torch.Tensor | None, T: int) -> None:
@@ -262,7 +278,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: to
     with _on_device(q):
         _wrap(_kernels()[0])[(B * H, _cdiv(T, bm))](
             q, k, v, log_gamma, n, o, *q.stride(), *k.stride(), *v.stride(), *sn, *o.stride(), H, T, M=m, D=d,
-            **meta)
+            **meta, **_launch_options(0))
     return o
 
 
@@ -278,10 +294,10 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: t
     with _on_device(q):  # B·H on the grid's first axis: CUDA caps the second at 65,535
         _wrap(dkdv_kernel)[(B * H, _cdiv(T, bn))](
             q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
-            *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta)
+            *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta, **_launch_options(1))
         _wrap(dq_kernel)[(B * H, _cdiv(T, bm))](
             k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
-            H, T, M=m, D=d, **meta)
+            H, T, M=m, D=d, **meta, **_launch_options(2))
     return dq, dk, dv
 
 
