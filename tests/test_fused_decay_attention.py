@@ -306,3 +306,143 @@ def test_prompt_continuing_a_state_through_the_fused_form():
         outs[mode] = (torch.cat(pieces, dim=1), state["S"], state["n"])
     for got, want in zip(outs["fused"], outs["chunk"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- factored variant, switches
+@pytest.fixture
+def factored(monkeypatch):
+    """FACTORED on, with the host check of its precondition (a non-decreasing n − i·logγ) before each launch."""
+    monkeypatch.setattr(fda, "FACTORED", True)
+    monkeypatch.setattr(fda, "CHECK_MONOTONE", True)
+
+
+def test_switch_defaults_are_the_measured_kernel():
+    assert (fda.FACTORED, fda.BLOCK_M, fda.BLOCK_N, fda.NUM_WARPS, fda.NUM_STAGES, fda.REVERSE_ROWS) == (
+        False, 64, 64, 4, None, False)
+    assert fda.FACTORED_SCALE == "operand" and fda.INTERPRETER_FULL_LOOPS
+    assert [fda._block(T, torch.bfloat16, 64, 64) for T in (1, 17, 64, 4096)] == [16, 32, 64, 64]
+    assert fda._block(4096, torch.float32, 128, 64) == 32 and fda._block(4096, torch.float32, 64, 64, 32) == 32
+    with pytest.raises(ValueError, match="power of two"):
+        fda._block(100, torch.float32, 16, 16, 48)
+    assert fda._launch_options(1) == {"num_warps": 4}
+
+
+def test_per_kernel_warps_and_stages(factored, monkeypatch):
+    """NUM_WARPS / NUM_STAGES as one value per kernel (forward, dK/dV, dQ); a wrong length is refused."""
+    monkeypatch.setattr(fda, "NUM_WARPS", (4, 8, 2))
+    monkeypatch.setattr(fda, "NUM_STAGES", (None, 2, 3))
+    assert [fda._launch_options(i) for i in range(3)] == [
+        {"num_warps": 4}, {"num_warps": 8, "num_stages": 2}, {"num_warps": 2, "num_stages": 3}]
+    _compare(40)
+    monkeypatch.setattr(fda, "NUM_WARPS", (4, 8))
+    with pytest.raises(ValueError, match="one per kernel"):
+        fda._launch_options(0)
+
+
+@pytest.mark.parametrize("factored_on", [False, True], ids=["exact", "factored"])
+@pytest.mark.parametrize("T", [1, 17, 64, 100, 130])
+@pytest.mark.parametrize("log_norm,blocks", [(False, (32, 64)), (True, (64, 32))], ids=["plain", "log_norm"])
+def test_query_and_key_blocks_differ(monkeypatch, factored_on, T, log_norm, blocks):
+    """BLOCK_M ≠ BLOCK_N (query blocks of 32 with key blocks of 64 and the converse), the per-element
+    kernel and the factored one: the off-diagonal tiles must lie wholly below (after) the pivot."""
+    monkeypatch.setattr(fda, "FACTORED", factored_on)
+    monkeypatch.setattr(fda, "CHECK_MONOTONE", True)
+    monkeypatch.setattr(fda, "BLOCK_M", blocks[0])
+    monkeypatch.setattr(fda, "BLOCK_N", blocks[1])
+    _compare(T, log_norm=log_norm)
+
+
+@pytest.mark.parametrize("scale", fda.SCALES)
+@pytest.mark.parametrize("blocks", [(64, 64), (16, 32)], ids=["64x64", "16x32"])
+def test_factored_scales_and_blocks(factored, monkeypatch, scale, blocks):
+    """Both ways of applying the key (query) factor; equal blocks and several off-diagonal tiles per row."""
+    monkeypatch.setattr(fda, "FACTORED_SCALE", scale)
+    monkeypatch.setattr(fda, "BLOCK_M", blocks[0])
+    monkeypatch.setattr(fda, "BLOCK_N", blocks[1])
+    _compare(130 if blocks == (64, 64) else 50)
+
+
+def test_factored_learnable_decay_initial_state_and_reversed_rows(factored, monkeypatch):
+    monkeypatch.setattr(fda, "REVERSE_ROWS", True)
+    monkeypatch.setattr(fda, "BLOCK_M", 32)
+    monkeypatch.setattr(fda, "BLOCK_N", 16)
+    _compare(50, initial=True, learnable=True)
+
+
+@pytest.mark.parametrize("scale", fda.SCALES)
+def test_factored_bf16_within_tolerance(factored, monkeypatch, scale):
+    """bf16: "operand" rounds the scaled k (v, q) rows to bf16 once more; still within BF16_TOL."""
+    monkeypatch.setattr(fda, "FACTORED_SCALE", scale)
+    monkeypatch.setattr(fda, "BLOCK_M", 32)
+    monkeypatch.setattr(fda, "BLOCK_N", 32)
+    test_half_precision_within_tolerance(torch.bfloat16, BF16_TOL)
+
+
+@pytest.mark.parametrize("jump", [40.0, 120.0])
+def test_factored_running_norm_with_big_jumps(factored, monkeypatch, jump):
+    """Keys' log-maxima jumping by +40 nats (and +120: exp(−120) underflows float32) twice mid-sequence:
+    DiJiang's running n jumps with them, the pivot factors span the jump; no inf/NaN, float64 match."""
+    monkeypatch.setattr(fda, "BLOCK_M", 32)
+    monkeypatch.setattr(fda, "BLOCK_N", 32)
+    B, H, T, m = 2, 2, 90, 16
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.rand(B, H, T, m, dtype=F64, generator=g) for _ in range(2))
+    v = torch.randn(B, H, T, m, dtype=F64, generator=g)
+    lg = torch.log1p(-torch.tensor([1 / 32, 1 / 512], dtype=F64))
+    mk = 3 * torch.randn(B, H, T, dtype=F64, generator=g)
+    mk[..., 37:] += jump
+    mk[..., 71:] += jump
+    n = running_log_norm(mk, lg)
+    q, k, v, lg, n = (t.to(DEV) for t in (q, k, v, lg, n))
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ref = dla.parallel(*ref_leaves, lg, log_norm=n)[0]
+    go = torch.randn_like(o_ref)
+    o_ref.backward(go)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    o = dla.fused(*leaves, lg.float(), log_norm=n.float(), output_final_state=False)[0]
+    o.backward(go.float())
+    for got, want in [(o, o_ref)] + [(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]:
+        assert torch.isfinite(got).all()
+        assert rel(got, want) <= FP32_TOL
+
+
+def test_factored_precondition_check():
+    """CHECK_MONOTONE's host check: DiJiang's running maximum in float32 over a long sequence passes (its
+    rounding is within the tolerance); an arbitrary n, or a positive logγ without n, is refused."""
+    lg = torch.log1p(-torch.tensor([1 / 32, 1 / 512]))
+    n = running_log_norm(5 * torch.randn(2, 2, 20000), lg)
+    fda._check_monotone(lg, n, 20000)
+    fda._check_monotone(lg, None, 20000)
+    with pytest.raises(ValueError, match="non-decreasing.*running maximum"):
+        fda._check_monotone(lg, torch.randn(2, 2, 50), 50)
+    with pytest.raises(ValueError, match="log_gamma ≤ 0"):
+        fda._check_monotone(-lg, None, 50)
+
+
+def test_factored_refuses_an_arbitrary_norm_when_checking(factored):
+    (q, k, v), lg, _ = _inputs(T=40)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        dla.fused(q.float(), k.float(), v.float(), lg.float(), log_norm=torch.randn(2, 2, 40, device=DEV))
+
+
+def test_factored_dijiang_layer(factored):
+    """The DiJiang layer's n (paper feature map: the running maximum) meets the precondition."""
+    test_dijiang_layer_fused_equals_parallel("paper")
+
+
+_NUMPY_MAJOR_MINOR = tuple(int(x) for x in __import__("numpy").__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(DEV.type == "cpu" and _NUMPY_MAJOR_MINOR >= (2, 4),
+                    reason="Triton 3.6's interpreter cannot run loop bounds computed from the program id with "
+                           "numpy ≥ 2.4 (triton-lang/triton#9171)")
+@pytest.mark.parametrize("factored_on", [False, True], ids=["exact", "factored"])
+def test_compiled_loop_bounds_in_the_interpreter(monkeypatch, factored_on):
+    """The compiled kernels' loop bounds (not the interpreter's masked full loops), both block orders."""
+    monkeypatch.setattr(fda, "INTERPRETER_FULL_LOOPS", False)
+    monkeypatch.setattr(fda, "FACTORED", factored_on)
+    for blocks in ((32, 16), (16, 32)):
+        monkeypatch.setattr(fda, "BLOCK_M", blocks[0])
+        monkeypatch.setattr(fda, "BLOCK_N", blocks[1])
+        _compare(100)
+        _compare(70, log_norm=False)

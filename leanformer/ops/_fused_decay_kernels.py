@@ -3,7 +3,22 @@
 Imported only by that module, on its first call, so that Triton is needed only when the kernels run and
 ``TRITON_INTERPRET`` is read then. They sit at module level because Triton's interpreter runs a kernel's
 source again with its module's globals (a kernel nested in a function cannot see its helpers there).
-Shapes, strides and the masking are described in :mod:`leanformer.ops.fused_decay_attention`.
+Shapes, strides, the masking and the factored variant (``FACTORED``) are described in
+:mod:`leanformer.ops.fused_decay_attention`.
+
+Constexpr switches shared by the three kernels: ``FACTORED`` (off-diagonal tiles through a pivot, see
+below), ``SCALE_OPERAND`` (factored: scale an operand's rows, cast back to the input dtype, vs. scale the
+score tile's columns in float32), ``FULL_LOOPS`` (loop over every block, masked, instead of loop bounds
+computed from the program id: the interpreter's, triton-lang/triton#9171), ``REVERSE`` (forward and dQ:
+the longest query rows first), ``INTERPRET`` (float32 operands for the interpreter's ``tl.dot``).
+
+Factored variant, with a_x = n_x − x·logγ (non-decreasing: the caller's precondition): for a query block
+starting at i0, every key tile wholly below i0 is *off-diagonal* and Γ_ij = exp(a_j − a_i0)·exp(a_i0 − a_i),
+both factors ≤ 1; the key factor scales the tile's keys (BLOCK_N exps per tile), the query factor the
+off-diagonal accumulator's rows once at the end. The dK/dV kernel pivots on its key block's last key j1
+and scales the queries of the tiles wholly after j1. Exponents are formed from integer position
+differences and n differences (as in :func:`decay_tile`), never from a_x itself, so long sequences lose
+no precision to a large |x·logγ|.
 """
 
 import triton
@@ -30,6 +45,22 @@ def decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM: tl.constexpr, KEYS_BY_
 
 
 @triton.jit
+def pivot_factor(offs, pivot, lg, n, n_p, mask, HAS_NORM: tl.constexpr, BEFORE_PIVOT: tl.constexpr):
+    """Factored variant: exp(a_x − a_p) for positions x = offs before the pivot p (BEFORE_PIVOT), else
+    exp(a_p − a_x) (x after p), with a_x = n_x − x·lg; 0 where ~mask. Both ≤ 1 when a is non-decreasing.
+    offs, n, mask: (len,); pivot, n_p: scalars → (len,) float32."""
+    if BEFORE_PIVOT:
+        e = (pivot - offs).to(tl.float32) * lg
+        if HAS_NORM:
+            e = e + (n - n_p)
+    else:
+        e = (offs - pivot).to(tl.float32) * lg
+        if HAS_NORM:
+            e = e + (n_p - n)
+    return tl.exp(tl.where(mask, e, float("-inf")))
+
+
+@triton.jit
 def mm(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """tl.dot(a, b) with float32 accumulation. Triton 3.6's interpreter multiplies bfloat16 wrongly (it
     reads the raw bits); there the operands are widened to float32 first (exact: bf16 ⊂ fp32)."""
@@ -43,8 +74,13 @@ def fwd_kernel(Q, K, V, LG, N, O,
                sqb, sqh, sqt, sqm, skb, skh, skt, skm, svb, svh, svt, svd, snb, snh, snt, sob, soh, sot, sod,
                H, T, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
-               INTERPRET: tl.constexpr, T_END: tl.constexpr):
-    pid_m = tl.program_id(1)
+               INTERPRET: tl.constexpr, T_END: tl.constexpr, FACTORED: tl.constexpr = False,
+               SCALE_OPERAND: tl.constexpr = True, FULL_LOOPS: tl.constexpr = False,
+               REVERSE: tl.constexpr = False):
+    if REVERSE:
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        pid_m = tl.program_id(1)
     bh = tl.program_id(0).to(tl.int64)  # int64: b·stride passes 2^31 for large B·T·H·m
     b = bh // H
     h = bh % H
@@ -56,9 +92,37 @@ def fwd_kernel(Q, K, V, LG, N, O,
                 mask=mask_i[:, None], other=0.0)
     lg = tl.load(LG + h)
     n_i = tl.load(N + b * snb + h * snh + offs_i * snt, mask=mask_i, other=0.0) if HAS_NORM else lg
-    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    hi = (pid_m + 1) * BLOCK_M
+    if BLOCK_N < BLOCK_M:
+        hi = tl.minimum(hi, T)  # no key tile wholly past the sequence
+    if FACTORED:
+        # off-diagonal key tiles [0, lo): every key < i0 (the pivot) ≤ every query of the block
+        i0 = pid_m * BLOCK_M
+        lo = (i0 // BLOCK_N) * BLOCK_N
+        n_p = tl.load(N + b * snb + h * snh + i0 * snt) if HAS_NORM else lg
+        acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+        for start_n in range(0, T_END if FULL_LOOPS else lo, BLOCK_N):
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            mask_j = offs_j < T
+            if FULL_LOOPS:
+                mask_j = mask_j & (start_n < lo)
+            k = tl.load(K + b * skb + h * skh + offs_j[:, None] * skt + offs_m[None, :] * skm,
+                        mask=mask_j[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
+                        mask=mask_j[:, None], other=0.0)
+            n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
+            w = pivot_factor(offs_j, i0, lg, n_j, n_p, mask_j, HAS_NORM, True)  # exp(a_j − a_i0) ≤ 1
+            if SCALE_OPERAND:
+                s = mm(q, tl.trans((k * w[:, None]).to(k.dtype)), PRECISION, INTERPRET)
+            else:
+                s = mm(q, tl.trans(k), PRECISION, INTERPRET) * w[None, :]
+            acc += mm(s.to(v.dtype), v, PRECISION, INTERPRET)
+        acc = acc * pivot_factor(offs_i, i0, lg, n_i, n_p, mask_i, HAS_NORM, False)[:, None]  # exp(a_i0 − a_i)
+    else:
+        lo = 0
+        acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
     # key blocks up to the diagonal (interpreter: every block, masked; see _launch_args)
-    for start_n in range(0, T_END if INTERPRET else (pid_m + 1) * BLOCK_M, BLOCK_N):
+    for start_n in range(0 if FULL_LOOPS else lo, T_END if FULL_LOOPS else hi, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         mask_j = offs_j < T
         k = tl.load(K + b * skb + h * skh + offs_j[:, None] * skt + offs_m[None, :] * skm,
@@ -67,7 +131,11 @@ def fwd_kernel(Q, K, V, LG, N, O,
                     mask=mask_j[:, None], other=0.0)
         n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
         s = mm(q, tl.trans(k), PRECISION, INTERPRET)
-        p = s * decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, False)
+        g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, False)
+        if FACTORED:
+            if FULL_LOOPS:  # the compiled loop's bounds, as masks
+                g = tl.where((start_n >= lo) & (start_n < hi), g, 0.0)
+        p = s * g
         acc += mm(p.to(v.dtype), v, PRECISION, INTERPRET)
     tl.store(O + b * sob + h * soh + offs_i[:, None] * sot + offs_d[None, :] * sod,
              acc.to(O.dtype.element_ty), mask=mask_i[:, None])
@@ -79,8 +147,10 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
                     sdob, sdoh, sdot, sdod, sdkb, sdkh, sdkt, sdkm, sdvb, sdvh, sdvt, sdvd,
                     H, T, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
-                    INTERPRET: tl.constexpr, T_END: tl.constexpr):
-    pid_n = tl.program_id(1)
+                    INTERPRET: tl.constexpr, T_END: tl.constexpr, FACTORED: tl.constexpr = False,
+                    SCALE_OPERAND: tl.constexpr = True, FULL_LOOPS: tl.constexpr = False,
+                    REVERSE: tl.constexpr = False):
+    pid_n = tl.program_id(1)  # REVERSE is not used: key block 0 already has the longest loop
     bh = tl.program_id(0).to(tl.int64)  # int64: b·stride passes 2^31 for large B·T·H·m
     b = bh // H
     h = bh % H
@@ -94,11 +164,47 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
                 mask=mask_j[:, None], other=0.0)
     lg = tl.load(LG + h)
     n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
-    dk = tl.zeros((BLOCK_N, M), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    if FACTORED:
+        # off-diagonal query tiles [hi, T): every query > j1 (the pivot, the block's last key) ≥ every key;
+        # a last, partial block pivots on key T − 1 (it has no off-diagonal tile, but u below must be finite)
+        j1 = tl.minimum(pid_n * BLOCK_N + BLOCK_N, T) - 1
+        hi = tl.cdiv(j1 + 1, BLOCK_M) * BLOCK_M
+        n_p = tl.load(N + b * snb + h * snh + j1 * snt) if HAS_NORM else lg
+        dk = tl.zeros((BLOCK_N, M), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+        for start_m in range(0 if FULL_LOOPS else hi, T_END if FULL_LOOPS else T, BLOCK_M):
+            offs_i = start_m + tl.arange(0, BLOCK_M)
+            mask_i = offs_i < T
+            if FULL_LOOPS:
+                mask_i = mask_i & (start_m >= hi)
+            q = tl.load(Q + b * sqb + h * sqh + offs_i[:, None] * sqt + offs_m[None, :] * sqm,
+                        mask=mask_i[:, None], other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + offs_i[:, None] * sdot + offs_d[None, :] * sdod,
+                         mask=mask_i[:, None], other=0.0)
+            n_i = tl.load(N + b * snb + h * snh + offs_i * snt, mask=mask_i, other=0.0) if HAS_NORM else lg
+            w = pivot_factor(offs_i, j1, lg, n_i, n_p, mask_i, HAS_NORM, False)  # exp(a_j1 − a_i) ≤ 1
+            if SCALE_OPERAND:  # q alone carries w: dV = (K (wQ)ᵀ) dO, dK = (V dOᵀ) (wQ)
+                qs = (q * w[:, None]).to(q.dtype)
+                pT = mm(k, tl.trans(qs), PRECISION, INTERPRET)
+                dv += mm(pT.to(do.dtype), do, PRECISION, INTERPRET)
+                dsT = mm(v, tl.trans(do), PRECISION, INTERPRET)
+                dk += mm(dsT.to(q.dtype), qs, PRECISION, INTERPRET)
+            else:
+                pT = mm(k, tl.trans(q), PRECISION, INTERPRET) * w[None, :]
+                dv += mm(pT.to(do.dtype), do, PRECISION, INTERPRET)
+                dsT = mm(v, tl.trans(do), PRECISION, INTERPRET) * w[None, :]
+                dk += mm(dsT.to(q.dtype), q, PRECISION, INTERPRET)
+        u = pivot_factor(offs_j, j1, lg, n_j, n_p, mask_j, HAS_NORM, True)[:, None]  # exp(a_j − a_j1) ≤ 1
+        dk = dk * u
+        dv = dv * u
+        hi = tl.minimum(hi, T)
+    else:
+        hi = T
+        dk = tl.zeros((BLOCK_N, M), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     # query blocks from the diagonal on (interpreter: every block, masked; see _launch_args)
-    for start_m in range(0 if INTERPRET else (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M,
-                         T_END if INTERPRET else T, BLOCK_M):
+    for start_m in range(0 if FULL_LOOPS else (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M,
+                         T_END if FULL_LOOPS else hi, BLOCK_M):
         offs_i = start_m + tl.arange(0, BLOCK_M)
         mask_i = offs_i < T
         q = tl.load(Q + b * sqb + h * sqh + offs_i[:, None] * sqt + offs_m[None, :] * sqm,
@@ -107,6 +213,9 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
                      mask=mask_i[:, None], other=0.0)
         n_i = tl.load(N + b * snb + h * snh + offs_i * snt, mask=mask_i, other=0.0) if HAS_NORM else lg
         g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, True)  # Γᵀ: (BLOCK_N, BLOCK_M)
+        if FACTORED:
+            if FULL_LOOPS:  # the compiled loop's bounds, as masks
+                g = tl.where((start_m >= (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M) & (start_m < hi), g, 0.0)
         pT = mm(k, tl.trans(q), PRECISION, INTERPRET) * g
         dv += mm(pT.to(do.dtype), do, PRECISION, INTERPRET)
         dsT = mm(v, tl.trans(do), PRECISION, INTERPRET) * g
@@ -123,8 +232,13 @@ def bwd_dq_kernel(K, V, LG, N, DO, DQ,
                   sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, sdqm,
                   H, T, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
-                  INTERPRET: tl.constexpr, T_END: tl.constexpr):
-    pid_m = tl.program_id(1)
+                  INTERPRET: tl.constexpr, T_END: tl.constexpr, FACTORED: tl.constexpr = False,
+                  SCALE_OPERAND: tl.constexpr = True, FULL_LOOPS: tl.constexpr = False,
+                  REVERSE: tl.constexpr = False):
+    if REVERSE:
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        pid_m = tl.program_id(1)
     bh = tl.program_id(0).to(tl.int64)  # int64: b·stride passes 2^31 for large B·T·H·m
     b = bh // H
     h = bh % H
@@ -136,9 +250,37 @@ def bwd_dq_kernel(K, V, LG, N, DO, DQ,
                  mask=mask_i[:, None], other=0.0)
     lg = tl.load(LG + h)
     n_i = tl.load(N + b * snb + h * snh + offs_i * snt, mask=mask_i, other=0.0) if HAS_NORM else lg
-    dq = tl.zeros((BLOCK_M, M), dtype=tl.float32)
+    hi = (pid_m + 1) * BLOCK_M
+    if BLOCK_N < BLOCK_M:
+        hi = tl.minimum(hi, T)  # no key tile wholly past the sequence
+    if FACTORED:
+        # off-diagonal key tiles [0, lo): every key < i0 (the pivot) ≤ every query of the block
+        i0 = pid_m * BLOCK_M
+        lo = (i0 // BLOCK_N) * BLOCK_N
+        n_p = tl.load(N + b * snb + h * snh + i0 * snt) if HAS_NORM else lg
+        dq = tl.zeros((BLOCK_M, M), dtype=tl.float32)
+        for start_n in range(0, T_END if FULL_LOOPS else lo, BLOCK_N):
+            offs_j = start_n + tl.arange(0, BLOCK_N)
+            mask_j = offs_j < T
+            if FULL_LOOPS:
+                mask_j = mask_j & (start_n < lo)
+            k = tl.load(K + b * skb + h * skh + offs_j[:, None] * skt + offs_m[None, :] * skm,
+                        mask=mask_j[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
+                        mask=mask_j[:, None], other=0.0)
+            n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
+            w = pivot_factor(offs_j, i0, lg, n_j, n_p, mask_j, HAS_NORM, True)  # exp(a_j − a_i0) ≤ 1
+            if SCALE_OPERAND:  # v carries w: dS = dO (wV)ᵀ
+                ds = mm(do, tl.trans((v * w[:, None]).to(v.dtype)), PRECISION, INTERPRET)
+            else:
+                ds = mm(do, tl.trans(v), PRECISION, INTERPRET) * w[None, :]
+            dq += mm(ds.to(k.dtype), k, PRECISION, INTERPRET)
+        dq = dq * pivot_factor(offs_i, i0, lg, n_i, n_p, mask_i, HAS_NORM, False)[:, None]  # exp(a_i0 − a_i)
+    else:
+        lo = 0
+        dq = tl.zeros((BLOCK_M, M), dtype=tl.float32)
     # key blocks up to the diagonal (interpreter: every block, masked; see _launch_args)
-    for start_n in range(0, T_END if INTERPRET else (pid_m + 1) * BLOCK_M, BLOCK_N):
+    for start_n in range(0 if FULL_LOOPS else lo, T_END if FULL_LOOPS else hi, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         mask_j = offs_j < T
         k = tl.load(K + b * skb + h * skh + offs_j[:, None] * skt + offs_m[None, :] * skm,
@@ -146,8 +288,12 @@ def bwd_dq_kernel(K, V, LG, N, DO, DQ,
         v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
                     mask=mask_j[:, None], other=0.0)
         n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
-        ds = mm(do, tl.trans(v), PRECISION, INTERPRET) * decay_tile(offs_i, offs_j, lg, n_i, n_j, T,
-                                                                           HAS_NORM, False)
+        ds = mm(do, tl.trans(v), PRECISION, INTERPRET)
+        g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, False)
+        if FACTORED:
+            if FULL_LOOPS:  # the compiled loop's bounds, as masks
+                g = tl.where((start_n >= lo) & (start_n < hi), g, 0.0)
+        ds = ds * g
         dq += mm(ds.to(k.dtype), k, PRECISION, INTERPRET)
     tl.store(DQ + b * sdqb + h * sdqh + offs_i[:, None] * sdqt + offs_m[None, :] * sdqm,
              dq.to(DQ.dtype.element_ty), mask=mask_i[:, None])

@@ -19,6 +19,34 @@ in two kernels: dK/dV (one program per key block, looping over query blocks from
 passes a learnable decay's gradient through q and k instead
 (:func:`leanformer.ops.constant_decay._decay_gradient_through_qk`) and refuses an n that requires grad.
 
+Factored variant (``FACTORED = True``; off by default, not yet timed on a GPU). With a_i = n_i − i·logγ,
+Γ_ij = exp(a_j − a_i). When a is non-decreasing, a tile whose keys all precede its queries factors through
+a pivot p between them, Γ_ij = exp(a_j − a_p)·exp(a_p − a_i), both factors ≤ 1 (nothing overflows; an
+underflowing factor means a smaller product still). Forward and dQ (pivot: the block's first query i0;
+key tiles wholly below i0): the key factor scales k (forward) or v (dQ) rows — BLOCK_N exps per tile, not
+BLOCK_M·BLOCK_N — the plain products accumulate in a float32 accumulator of their own, whose rows the query
+factor scales once at the end. dK/dV (pivot: the block's last key j1, or T − 1 for a partial last block;
+query tiles wholly after j1): the query factor scales q alone (it enters dV = (K qᵀ) dO and dK = (V dOᵀ) q
+once each; scaling dO too would square it), the key factor the dk, dv rows at the end. Tiles crossing the
+diagonal keep the per-element Γ. ``FACTORED_SCALE = "operand"`` casts the scaled rows back to the input
+dtype before ``tl.dot`` (one more rounding in bf16/fp16; within the bf16 tests' 3e-2); ``"scores"`` scales
+the float32 score tile's columns instead (one multiply per element, no extra rounding). Exponents are
+formed from position and n differences, as the per-element Γ is. Precondition, not checked by default:
+n − i·logγ non-decreasing, i.e. n a running maximum (DiJiang's
+:func:`leanformer.layers.dijiang.running_log_norm`, the only n this library passes: the key maxima's
+running maximum under the decay) or no n with logγ ≤ 0 (every decay here is ≤ 0); float32 rounding of n
+(~1e-7 relative) only lets a factor reach exp(1e-5). An arbitrary n could overflow a factor:
+``CHECK_MONOTONE = True`` checks on the host before each launch (a device sync; the tests set it).
+
+Run-time switches (module attributes, read at each launch, so a benchmark can time variants in one process;
+each new combination compiles once per shape; a ``torch.compile``d graph keeps the values it was traced
+with): ``BLOCK_M`` / ``BLOCK_N`` (query / key block, 64 / 64; float32 with m or d = 128 caps both at 32, T
+below the block shrinks them to the next power of two ≥ 16), ``NUM_WARPS`` (4) and ``NUM_STAGES`` (None:
+Triton's default), each an int or a tuple (forward, dK/dV, dQ), ``FACTORED`` (False), ``FACTORED_SCALE``
+("operand"), ``REVERSE_ROWS`` (False; True launches the forward's and dQ's longest query rows first),
+``CHECK_MONOTONE`` (False) and ``INTERPRETER_FULL_LOOPS`` (True: under the interpreter, masked loops over
+every block; False runs the compiled loop bounds there, which needs numpy < 2.4).
+
 The op is a ``torch.library.triton_op`` (``leanformer::decayed_attention`` and its backward
 ``leanformer::decayed_attention_bwd``) with ``register_autograd``, so ``torch.compile`` traces the Triton
 kernels without a graph break. Triton is imported on the first call, not at import. ``TRITON_INTERPRET=1``
@@ -41,9 +69,24 @@ import os
 
 import torch
 
-BLOCK = 64  # query and key block (fixed, no autotuning: the first call costs one compile per shape);
-# 32 for float32 with m or d = 128 (shared memory: 64 would need ~210 KiB for dK/dV)
-NUM_WARPS = 4
+# Run-time switches, read at each launch (a benchmark may time variants side by side in one process;
+# each new combination compiles once per shape). The defaults are the kernel as first measured.
+BLOCK_M = 64  # query block (fwd and dQ: a program's queries; dK/dV: the query tiles it loops over)
+BLOCK_N = 64  # key block (fwd and dQ: the key tiles; dK/dV: a program's keys). Both: 32 at most for
+# float32 with m or d = 128 (shared memory: 64 would need ~210 KiB for dK/dV), and the smallest power of
+# two ≥ T (≥ 16) for shorter sequences; no autotuning (the first call costs one compile per shape)
+NUM_WARPS: int | tuple[int, int, int] = 4  # an int, or one per kernel: (forward, dK/dV, dQ)
+NUM_STAGES: int | None | tuple[int | None, int | None, int | None] = None  # software-pipelining stages
+# (None: Triton's default), or one per kernel as NUM_WARPS
+FACTORED = False  # off-diagonal tiles through a pivot (see the module docstring); needs a non-decreasing
+# n − i·logγ: DiJiang's running maximum, or no n with logγ ≤ 0
+FACTORED_SCALE = "operand"  # factored: "operand" scales k (fwd), v (dQ), q (dK/dV) rows and casts them back
+# to the input dtype; "scores" scales the float32 score tile's columns (one multiply per element, no rounding)
+REVERSE_ROWS = False  # fwd and dQ: launch the longest query rows (last blocks) first
+CHECK_MONOTONE = False  # FACTORED: check the precondition on the host before each launch (a device sync;
+# tests and debugging)
+INTERPRETER_FULL_LOOPS = True  # interpreter: loop over every block, masked (False: the compiled kernels'
+# loop bounds, which Triton 3.6's interpreter runs only with numpy < 2.4, triton-lang/triton#9171)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_DIM, MAX_DIM = 16, 128
 
@@ -117,28 +160,77 @@ def _kernels():
     return kern.fwd_kernel, kern.bwd_dkdv_kernel, kern.bwd_dq_kernel
 
 
-def _block(T: int, dtype: torch.dtype, m: int, d: int) -> int:
-    """BLOCK (32 for float32 with m or d > 64), or the smallest power of two ≥ T (≥ 16, what tl.dot
-    needs) for short sequences."""
-    big = BLOCK // 2 if dtype == torch.float32 and max(m, d) > 64 else BLOCK
+def _block(T: int, dtype: torch.dtype, m: int, d: int, base: int | None = None) -> int:
+    """A block of ``base`` (default BLOCK_M) tokens: at most 32 for float32 with m or d > 64, and the
+    smallest power of two ≥ T (≥ 16, what tl.dot needs) for short sequences."""
+    base = BLOCK_M if base is None else base
+    if base < MIN_DIM or base & (base - 1):
+        raise ValueError(f"block size {base} must be a power of two ≥ {MIN_DIM}")
+    big = min(base, 32) if dtype == torch.float32 and max(m, d) > 64 else base
     return min(big, max(MIN_DIM, 1 << (T - 1).bit_length()))
 
 
-def _launch_args(q: torch.Tensor, v: torch.Tensor, log_norm: torch.Tensor | None):
-    """n (a broadcast 0 when None), its strides, the block size and the kernels' constexpr arguments.
+SCALES = ("operand", "scores")
 
-    Under the interpreter the loops run over every block (T_END = T rounded up to the block), masked:
+
+def _launch_args(q: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, log_norm: torch.Tensor | None):
+    """n (a broadcast 0 when None), its strides, the query and key blocks and the kernels' constexpr
+    arguments, from the module's switches as they are now.
+
+    Under the interpreter the loops run over every block (T_END = T rounded up to the blocks), masked:
     Triton 3.6's interpreter cannot take a loop bound computed from the program id with numpy ≥ 2.4
     (triton-lang/triton#9171); compiled kernels loop only up to (from) the diagonal.
     """
     B, H, T, _ = q.shape
     n = log_norm if log_norm is not None else q.new_zeros((), dtype=torch.float32).expand(B, H, T)
-    bs = _block(T, q.dtype, q.shape[-1], v.shape[-1])
+    bm = _block(T, q.dtype, q.shape[-1], v.shape[-1], BLOCK_M)
+    bn = _block(T, q.dtype, q.shape[-1], v.shape[-1], BLOCK_N)
+    if FACTORED_SCALE not in SCALES:
+        raise ValueError(f"FACTORED_SCALE={FACTORED_SCALE!r} must be one of {SCALES}")
+    if FACTORED and CHECK_MONOTONE:
+        _check_monotone(log_gamma, log_norm, T)
     interpret = _interpret()
-    meta = dict(BLOCK_M=bs, BLOCK_N=bs, HAS_NORM=log_norm is not None,
+    full_loops = interpret and INTERPRETER_FULL_LOOPS
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, HAS_NORM=log_norm is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit inputs
-                INTERPRET=interpret, T_END=_cdiv(T, bs) * bs if interpret else 0, num_warps=NUM_WARPS)
-    return n, n.stride(), bs, meta
+                INTERPRET=interpret, T_END=_cdiv(T, max(bm, bn)) * max(bm, bn) if full_loops else 0,
+                FACTORED=bool(FACTORED), SCALE_OPERAND=FACTORED_SCALE == "operand", FULL_LOOPS=full_loops,
+                REVERSE=bool(REVERSE_ROWS))
+    return n, n.stride(), bm, bn, meta
+
+
+KERNEL_NAMES = ("forward", "dK/dV", "dQ")
+
+
+def _launch_options(kernel: int) -> dict:
+    """num_warps (and num_stages unless None) for kernel 0 (forward), 1 (dK/dV) or 2 (dQ), from
+    NUM_WARPS and NUM_STAGES (an int or None for all, or a tuple of three)."""
+    opts = {}
+    for name, value in (("num_warps", NUM_WARPS), ("num_stages", NUM_STAGES)):
+        if isinstance(value, (tuple, list)):
+            if len(value) != len(KERNEL_NAMES):
+                raise ValueError(f"{name.upper()}={value!r}: one value, or one per kernel {KERNEL_NAMES}")
+            value = value[kernel]
+        if value is not None:
+            opts[name] = int(value)
+    return opts
+
+
+def _check_monotone(log_gamma: torch.Tensor, log_norm: torch.Tensor | None, T: int) -> None:
+    """FACTORED's precondition: a_i = n_i − i·logγ non-decreasing in i (up to float32 rounding of n), i.e.
+    n a running maximum as DiJiang's (``running_log_norm``), or no n and logγ ≤ 0. Raises ValueError."""
+    lg = log_gamma.double()
+    if log_norm is None:
+        if bool((lg > 0).any()):
+            raise ValueError(f"FACTORED needs log_gamma ≤ 0 without log_norm; got {lg.max().item():.3g}")
+        return
+    a = log_norm.double() - torch.arange(T, device=lg.device, dtype=torch.float64) * lg[:, None]
+    step = a.diff(dim=-1)
+    tol = 1e-5 * (1 + float(a.abs().max())) if T > 1 else 0.0
+    if T > 1 and float(step.min()) < -tol:
+        raise ValueError(f"FACTORED needs n_i − i·logγ non-decreasing in i (n a running maximum, as DiJiang's "
+                         f"running_log_norm); it falls by {-float(step.min()):.3g} (tolerance {tol:.3g}). "
+                         "Set fused_decay_attention.FACTORED = False for this n")
 
 
 # ----------------------------------------------------------------------------------------------- ops
@@ -182,11 +274,11 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: to
     B, H, T, m = q.shape
     d = v.shape[-1]
     o = _new_output(q, k, v, log_gamma, log_norm)
-    n, sn, bs, meta = _launch_args(q, v, log_norm)
+    n, sn, bm, _, meta = _launch_args(q, v, log_gamma, log_norm)
     with _on_device(q):
-        _wrap(_kernels()[0])[(B * H, _cdiv(T, bs))](
+        _wrap(_kernels()[0])[(B * H, _cdiv(T, bm))](
             q, k, v, log_gamma, n, o, *q.stride(), *k.stride(), *v.stride(), *sn, *o.stride(), H, T, M=m, D=d,
-            **meta)
+            **meta, **_launch_options(0))
     return o
 
 
@@ -197,16 +289,15 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: t
     B, H, T, m = q.shape
     d = v.shape[-1]
     dq, dk, dv = _new_grads(q, k, v, log_gamma, log_norm, grad_o)
-    n, sn, bs, meta = _launch_args(q, v, log_norm)
-    grid = (B * H, _cdiv(T, bs))  # B·H on the first axis: CUDA caps the second at 65,535
+    n, sn, bm, bn, meta = _launch_args(q, v, log_gamma, log_norm)
     _, dkdv_kernel, dq_kernel = _kernels()
-    with _on_device(q):
-        _wrap(dkdv_kernel)[grid](
+    with _on_device(q):  # B·H on the grid's first axis: CUDA caps the second at 65,535
+        _wrap(dkdv_kernel)[(B * H, _cdiv(T, bn))](
             q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
-            *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta)
-        _wrap(dq_kernel)[grid](
+            *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta, **_launch_options(1))
+        _wrap(dq_kernel)[(B * H, _cdiv(T, bm))](
             k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
-            H, T, M=m, D=d, **meta)
+            H, T, M=m, D=d, **meta, **_launch_options(2))
     return dq, dk, dv
 
 
