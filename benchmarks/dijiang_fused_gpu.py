@@ -106,8 +106,10 @@ def step_profile(out: str, deadline: float) -> None:
 VARIANTS = [
     ("default", {}),
     ("factored", {"FACTORED": True}),
+    ("factored scores", {"FACTORED": True, "FACTORED_SCALE": "scores"}),
+    ("factored w(4,8,4)", {"FACTORED": True, "NUM_WARPS": (4, 8, 4)}),
     ("factored 128x64 w8", {"FACTORED": True, "BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8}),
-    ("factored 64x64 s3", {"FACTORED": True, "NUM_STAGES": 3}),
+    ("factored s3 reversed", {"FACTORED": True, "NUM_STAGES": 3, "REVERSE_ROWS": True}),
     ("128x64 w8", {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8}),
 ]
 
