@@ -64,12 +64,7 @@ def via_constant_decay(kernel: PlainKernel, q: torch.Tensor, k: torch.Tensor, v:
     """
     if limit <= 0:
         raise ValueError(f"limit={limit} must be > 0 (nats of float range the shift may use)")
-    T = q.shape[2]
-    state_factor = None
-    if log_gamma.requires_grad and T:
-        q, k, initial_factor, state_factor = _decay_gradient_through_qk(q, k, log_gamma)
-        if initial_state is not None:
-            initial_state = initial_state * initial_factor
+    q, k, initial_state, state_factor = route_decay_gradient(q, k, log_gamma, initial_state)
     lg = log_gamma.detach()
     if log_norm is None:
         o, S = kernel(q, k, v, lg, initial_state)
@@ -81,6 +76,20 @@ def via_constant_decay(kernel: PlainKernel, q: torch.Tensor, k: torch.Tensor, v:
     if state_factor is not None:
         S = S * state_factor
     return o, S
+
+
+def route_decay_gradient(q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor,
+                         initial_state: torch.Tensor | None):
+    """(q, k, initial_state, state_factor) for a kernel that takes the decay detached: when ``log_gamma``
+    requires grad (and T > 0), q, k and the initial state carry its gradient (:func:`_decay_gradient_through_qk`)
+    and the caller multiplies the final state by ``state_factor`` (H, 1, 1); otherwise they come back
+    unchanged with ``state_factor`` None."""
+    if not (log_gamma.requires_grad and q.shape[2]):
+        return q, k, initial_state, None
+    q, k, initial_factor, state_factor = _decay_gradient_through_qk(q, k, log_gamma)
+    if initial_state is not None:
+        initial_state = initial_state * initial_factor
+    return q, k, initial_state, state_factor
 
 
 def _decay_gradient_through_qk(q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor):

@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 
 from leanformer.ops import fused_decay_attention as fused_kernel
-from leanformer.ops.constant_decay import PlainKernel, _decay_gradient_through_qk, via_constant_decay
+from leanformer.ops.constant_decay import PlainKernel, route_decay_gradient, via_constant_decay
 
 Form = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -164,7 +164,7 @@ def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Te
     :func:`parallel`'s own torch code. ``output_final_state=False`` skips the final state (returned as
     None), which a full pass without a decoding cache never reads. A learnable decay (``log_gamma``
     requiring grad) gets its gradient through q and k
-    (:func:`leanformer.ops.constant_decay._decay_gradient_through_qk`; the kernel and the state terms get
+    (:func:`leanformer.ops.constant_decay.route_decay_gradient`; the kernel and the state terms get
     the detached decay). ``log_norm`` gets no gradient here: one that requires grad is an error (the
     ``parallel`` form differentiates it). Unsupported inputs (:func:`fused_supported`: device, dtype,
     m or d not a power of two in [16, 128]) raise a ValueError naming the reason.
@@ -175,11 +175,7 @@ def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Te
                          "(DiJiang's running log-normaliser is computed from detached values) or use the "
                          "'parallel' form, which differentiates it")
     T = q.shape[2]
-    state_factor = None
-    if log_gamma.requires_grad and T:
-        q, k, initial_factor, state_factor = _decay_gradient_through_qk(q, k, log_gamma)
-        if initial_state is not None:
-            initial_state = initial_state * initial_factor
+    q, k, initial_state, state_factor = route_decay_gradient(q, k, log_gamma, initial_state)
     sd = _state_dtype(q.dtype)
     lg = log_gamma.detach().to(sd)
     ln = log_norm.to(sd) if log_norm is not None else None
