@@ -1,4 +1,5 @@
-"""The Triton kernels of :mod:`leanformer.ops.fused_decay_attention` (forward, dK/dV, dQ).
+"""The Triton kernels of :mod:`leanformer.ops.fused_decay_attention`: forward and dK/dV. dQ is the forward
+kernel with its operands swapped: dQ_i = Σ_{j≤i} Γ_ij (dO_i·v_j) k_j is o_i with (q, k, v) → (dO, v, k).
 
 Imported only by that module, on its first call, so that Triton is needed only when the kernels run and
 ``TRITON_INTERPRET`` is read then. They sit at module level because Triton's interpreter runs a kernel's
@@ -6,7 +7,7 @@ source again with its module's globals (a kernel nested in a function cannot see
 Shapes, strides, the masking and the factored variant (``FACTORED``) are described in
 :mod:`leanformer.ops.fused_decay_attention`.
 
-Constexpr switches shared by the three kernels: ``FACTORED`` (off-diagonal tiles through a pivot, see
+Constexpr switches shared by the kernels: ``FACTORED`` (off-diagonal tiles through a pivot, see
 below), ``SCALE_OPERAND`` (factored: scale an operand's rows, cast back to the input dtype, vs. scale the
 score tile's columns in float32), ``FULL_LOOPS`` (loop over every block, masked, instead of loop bounds
 computed from the program id: the interpreter's, triton-lang/triton#9171), ``REVERSE`` (forward and dQ:
@@ -224,76 +225,3 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
              dk.to(DK.dtype.element_ty), mask=mask_j[:, None])
     tl.store(DV + b * sdvb + h * sdvh + offs_j[:, None] * sdvt + offs_d[None, :] * sdvd,
              dv.to(DV.dtype.element_ty), mask=mask_j[:, None])
-
-
-@triton.jit
-def bwd_dq_kernel(K, V, LG, N, DO, DQ,
-                  skb, skh, skt, skm, svb, svh, svt, svd, snb, snh, snt,
-                  sdob, sdoh, sdot, sdod, sdqb, sdqh, sdqt, sdqm,
-                  H, T, M: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
-                  INTERPRET: tl.constexpr, T_END: tl.constexpr, FACTORED: tl.constexpr = False,
-                  SCALE_OPERAND: tl.constexpr = True, FULL_LOOPS: tl.constexpr = False,
-                  REVERSE: tl.constexpr = False):
-    if REVERSE:
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    else:
-        pid_m = tl.program_id(1)
-    bh = tl.program_id(0).to(tl.int64)  # int64: b·stride passes 2^31 for large B·T·H·m
-    b = bh // H
-    h = bh % H
-    offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_m = tl.arange(0, M)
-    offs_d = tl.arange(0, D)
-    mask_i = offs_i < T
-    do = tl.load(DO + b * sdob + h * sdoh + offs_i[:, None] * sdot + offs_d[None, :] * sdod,
-                 mask=mask_i[:, None], other=0.0)
-    lg = tl.load(LG + h)
-    n_i = tl.load(N + b * snb + h * snh + offs_i * snt, mask=mask_i, other=0.0) if HAS_NORM else lg
-    hi = (pid_m + 1) * BLOCK_M
-    if BLOCK_N < BLOCK_M:
-        hi = tl.minimum(hi, T)  # no key tile wholly past the sequence
-    if FACTORED:
-        # off-diagonal key tiles [0, lo): every key < i0 (the pivot) ≤ every query of the block
-        i0 = pid_m * BLOCK_M
-        lo = (i0 // BLOCK_N) * BLOCK_N
-        n_p = tl.load(N + b * snb + h * snh + i0 * snt) if HAS_NORM else lg
-        dq = tl.zeros((BLOCK_M, M), dtype=tl.float32)
-        for start_n in range(0, T_END if FULL_LOOPS else lo, BLOCK_N):
-            offs_j = start_n + tl.arange(0, BLOCK_N)
-            mask_j = offs_j < T
-            if FULL_LOOPS:
-                mask_j = mask_j & (start_n < lo)
-            k = tl.load(K + b * skb + h * skh + offs_j[:, None] * skt + offs_m[None, :] * skm,
-                        mask=mask_j[:, None], other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
-                        mask=mask_j[:, None], other=0.0)
-            n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
-            w = pivot_factor(offs_j, i0, lg, n_j, n_p, mask_j, HAS_NORM, True)  # exp(a_j − a_i0) ≤ 1
-            if SCALE_OPERAND:  # v carries w: dS = dO (wV)ᵀ
-                ds = mm(do, tl.trans((v * w[:, None]).to(v.dtype)), PRECISION, INTERPRET)
-            else:
-                ds = mm(do, tl.trans(v), PRECISION, INTERPRET) * w[None, :]
-            dq += mm(ds.to(k.dtype), k, PRECISION, INTERPRET)
-        dq = dq * pivot_factor(offs_i, i0, lg, n_i, n_p, mask_i, HAS_NORM, False)[:, None]  # exp(a_i0 − a_i)
-    else:
-        lo = 0
-        dq = tl.zeros((BLOCK_M, M), dtype=tl.float32)
-    # key blocks up to the diagonal (interpreter: every block, masked; see _launch_args)
-    for start_n in range(0 if FULL_LOOPS else lo, T_END if FULL_LOOPS else hi, BLOCK_N):
-        offs_j = start_n + tl.arange(0, BLOCK_N)
-        mask_j = offs_j < T
-        k = tl.load(K + b * skb + h * skh + offs_j[:, None] * skt + offs_m[None, :] * skm,
-                    mask=mask_j[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
-                    mask=mask_j[:, None], other=0.0)
-        n_j = tl.load(N + b * snb + h * snh + offs_j * snt, mask=mask_j, other=0.0) if HAS_NORM else lg
-        ds = mm(do, tl.trans(v), PRECISION, INTERPRET)
-        g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, False)
-        if FACTORED:
-            if FULL_LOOPS:  # the compiled loop's bounds, as masks
-                g = tl.where((start_n >= lo) & (start_n < hi), g, 0.0)
-        ds = ds * g
-        dq += mm(ds.to(k.dtype), k, PRECISION, INTERPRET)
-    tl.store(DQ + b * sdqb + h * sdqh + offs_i[:, None] * sdqt + offs_m[None, :] * sdqm,
-             dq.to(DQ.dtype.element_ty), mask=mask_i[:, None])

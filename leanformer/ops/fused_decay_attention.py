@@ -14,10 +14,10 @@ softmax, hence no row statistics; the backward is
 
     dV = Pᵀ dO,   dS = (dO Vᵀ) ⊙ Γ,   dQ = dS K,   dK = dSᵀ Q,
 
-in two kernels: dK/dV (one program per key block, looping over query blocks from the diagonal on) and dQ
-(one program per query block). log γ and n get no gradient here: :func:`leanformer.ops.decayed_linear_attention.fused`
-passes a learnable decay's gradient through q and k instead
-(:func:`leanformer.ops.constant_decay._decay_gradient_through_qk`) and refuses an n that requires grad.
+in two launches: dK/dV (one program per key block, looping over query blocks from the diagonal on) and dQ
+(the forward kernel with (q, k, v) → (dO, v, k)). log γ and n get no gradient here:
+:func:`leanformer.ops.decayed_linear_attention.fused` passes a learnable decay's gradient through q and k instead
+(:func:`leanformer.ops.constant_decay.route_decay_gradient`) and refuses an n that requires grad.
 
 Factored variant (``FACTORED = True``; off by default, not yet timed on a GPU). With a_i = n_i − i·logγ,
 Γ_ij = exp(a_j − a_i). When a is non-decreasing, a tile whose keys all precede its queries factors through
@@ -154,10 +154,11 @@ def fused_supported(q: torch.Tensor, v: torch.Tensor) -> str | None:
 
 # ------------------------------------------------------------------------------------------- kernels
 def _kernels():
-    """The three Triton kernels (their module is imported on first use, which reads TRITON_INTERPRET)."""
+    """The two Triton kernels, forward (also dQ, with its operands swapped) and dK/dV (their module is
+    imported on first use, which reads TRITON_INTERPRET)."""
     from leanformer.ops import _fused_decay_kernels as kern
 
-    return kern.fwd_kernel, kern.bwd_dkdv_kernel, kern.bwd_dq_kernel
+    return kern.fwd_kernel, kern.bwd_dkdv_kernel
 
 
 def _block(T: int, dtype: torch.dtype, m: int, d: int, base: int | None = None) -> int:
@@ -290,14 +291,15 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: t
     d = v.shape[-1]
     dq, dk, dv = _new_grads(q, k, v, log_gamma, log_norm, grad_o)
     n, sn, bm, bn, meta = _launch_args(q, v, log_gamma, log_norm)
-    _, dkdv_kernel, dq_kernel = _kernels()
+    forward_kernel, dkdv_kernel = _kernels()
     with _on_device(q):  # B·H on the grid's first axis: CUDA caps the second at 65,535
         _wrap(dkdv_kernel)[(B * H, _cdiv(T, bn))](
             q, k, v, log_gamma, n, grad_o, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sn,
             *grad_o.stride(), *dk.stride(), *dv.stride(), H, T, M=m, D=d, **meta, **_launch_options(1))
-        _wrap(dq_kernel)[(B * H, _cdiv(T, bm))](
-            k, v, log_gamma, n, grad_o, dq, *k.stride(), *v.stride(), *sn, *grad_o.stride(), *dq.stride(),
-            H, T, M=m, D=d, **meta, **_launch_options(2))
+        # dQ_i = Σ_{j≤i} Γ_ij (dO_i·v_j) k_j is the forward with (q, k, v) → (dO, v, k): the same kernel
+        _wrap(forward_kernel)[(B * H, _cdiv(T, bm))](
+            grad_o, v, k, log_gamma, n, dq, *grad_o.stride(), *v.stride(), *k.stride(), *sn, *dq.stride(),
+            H, T, M=d, D=m, **meta, **_launch_options(2))
     return dq, dk, dv
 
 
