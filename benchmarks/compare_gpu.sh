@@ -8,7 +8,7 @@
 #   leanformer compare --report-only --from part_preln part_noble ... --out docs/compare_gpu
 # Usage: [LIMIT=580] [TOKENIZER=path/tokenizer.json] bash benchmarks/compare_gpu.sh ARMS OUT [--set k=v ...]
 #   ARMS: preln,dijiang_convert (the baseline and its conversion together) | noble | noble_silu | sas_p |
-#         sas_p_nonorm | dijiang_scratch  (one per 10-minute run)
+#         sas_p_nonorm | sas_p_nonorm_untied | dijiang_scratch  (one per 10-minute run)
 #   TOKENIZER: the first part's tokenizer.json, so every part tokenises the same corpus the same way
 set -uo pipefail
 arms=${1:?usage: bash benchmarks/compare_gpu.sh ARMS OUT [--set k=v ...]}

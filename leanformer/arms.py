@@ -50,6 +50,11 @@ def _sas_p_nonorm(c: TransformerConfig) -> None:
     c.norm = "none"  # block norms become identity except layer 0's; the final norm stays
 
 
+def _sas_p_nonorm_untied(c: TransformerConfig) -> None:
+    _sas_p_nonorm(c)
+    c.tie_embeddings = False  # tied, SAS-P predicts its input token at init (benchmarks/sas_p_init_loss.py)
+
+
 def _dijiang(mode: str | None = None) -> Callable[[TransformerConfig], None]:
     """Pre-LN with DiJiang attention; ``mode`` pins the decayed-linear-attention form (None: the config's)."""
     def transform(c: TransformerConfig) -> None:
@@ -82,6 +87,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("sas", "SAS block (shaped attention, no V/P, no attention skip)", _block("sas", "shaped")),
     Arm("sas_p", "SAS-P block (parallel, no skip at all)", _block("sas_p", "shaped")),
     Arm("sas_p_nonorm", "SAS-P without block norms (layer 0's and the final norm kept)", _sas_p_nonorm),
+    Arm("sas_p_nonorm_untied", "SAS-P without block norms, untied embeddings (not the paper's: a test of why "
+        "the tied one diverges at GPT-2 scale)", _sas_p_nonorm_untied),
     Arm("sas_p+noble", "SAS-P + NOBLE branches", _noble("sas_p", "shaped")),
     Arm("dijiang_convert", "DiJiang converted from the finished preln model, fine-tuned", _dijiang(),
         parent=BASELINE, recipe={"betas": (0.9, 0.95), "weight_decay": 0.1, "schedule": "cosine"}),
