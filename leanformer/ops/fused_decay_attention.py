@@ -65,6 +65,7 @@ precision (no TF32). This module does not import the rest of leanformer (the for
 """
 
 import contextlib
+import importlib.util
 import os
 
 import torch
@@ -237,9 +238,12 @@ def _check_monotone(log_gamma: torch.Tensor, log_norm: torch.Tensor | None, T: i
 # ----------------------------------------------------------------------------------------------- ops
 # Registered at import (no Triton needed for that), so that torch.compile finds them already defined.
 # With torch ≥ 2.6 they are ``triton_op``s, which compile traces into (the kernels appear in its graph).
-# Under TRITON_INTERPRET=1 (read here, at import) or with torch 2.5 they are opaque ``custom_op``s with
-# fake implementations: compile cannot trace an interpreted kernel, but can call the op.
-OP_ROUTE = "triton_op" if hasattr(torch.library, "triton_op") and not _interpret() else "custom_op"
+# Under TRITON_INTERPRET=1 (read here, at import), with torch 2.5, or without Triton (a CPU-only install,
+# where the kernels never run; torch's triton_op would log "Triton not available" at every import) they
+# are opaque ``custom_op``s with fake implementations: compile cannot trace an interpreted kernel, but can
+# call the op.
+OP_ROUTE = ("triton_op" if hasattr(torch.library, "triton_op") and not _interpret()
+            and importlib.util.find_spec("triton") is not None else "custom_op")
 
 
 def _register(name: str, fake):
