@@ -106,7 +106,8 @@ def fwd_kernel(Q, K, V, LG, N, O,
             offs_j = start_n + tl.arange(0, BLOCK_N)
             mask_j = offs_j < T
             if FULL_LOOPS:
-                mask_j = mask_j & (start_n < lo)
+                mask_j = mask_j & (offs_j < lo)  # = start_n < lo (lo is a multiple of BLOCK_N); a tensor
+                # comparison: Triton ≥ 3.7's interpreter gives a scalar one an int32 mask
             k = tl.load(K + b * skb + h * skh + offs_j[:, None] * skt + offs_m[None, :] * skm,
                         mask=mask_j[:, None], other=0.0)
             v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
@@ -135,7 +136,8 @@ def fwd_kernel(Q, K, V, LG, N, O,
         g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, False)
         if FACTORED:
             if FULL_LOOPS:  # the compiled loop's bounds, as masks
-                g = tl.where((start_n >= lo) & (start_n < hi), g, 0.0)
+                tile = offs_j - tl.arange(0, BLOCK_N)  # start_n, as a tensor (see above)
+                g = tl.where(((tile >= lo) & (tile < hi))[None, :], g, 0.0)
         p = s * g
         acc += mm(p.to(v.dtype), v, PRECISION, INTERPRET)
     tl.store(O + b * sob + h * soh + offs_i[:, None] * sot + offs_d[None, :] * sod,
@@ -177,7 +179,7 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
             offs_i = start_m + tl.arange(0, BLOCK_M)
             mask_i = offs_i < T
             if FULL_LOOPS:
-                mask_i = mask_i & (start_m >= hi)
+                mask_i = mask_i & (offs_i - tl.arange(0, BLOCK_M) >= hi)  # start_m ≥ hi, as a tensor
             q = tl.load(Q + b * sqb + h * sqh + offs_i[:, None] * sqt + offs_m[None, :] * sqm,
                         mask=mask_i[:, None], other=0.0)
             do = tl.load(DO + b * sdob + h * sdoh + offs_i[:, None] * sdot + offs_d[None, :] * sdod,
@@ -216,7 +218,8 @@ def bwd_dkdv_kernel(Q, K, V, LG, N, DO, DK, DV,
         g = decay_tile(offs_i, offs_j, lg, n_i, n_j, T, HAS_NORM, True)  # Γᵀ: (BLOCK_N, BLOCK_M)
         if FACTORED:
             if FULL_LOOPS:  # the compiled loop's bounds, as masks
-                g = tl.where((start_m >= (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M) & (start_m < hi), g, 0.0)
+                tile = offs_i - tl.arange(0, BLOCK_M)  # start_m, as a tensor
+                g = tl.where(((tile >= (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M) & (tile < hi))[None, :], g, 0.0)
         pT = mm(k, tl.trans(q), PRECISION, INTERPRET) * g
         dv += mm(pT.to(do.dtype), do, PRECISION, INTERPRET)
         dsT = mm(v, tl.trans(do), PRECISION, INTERPRET) * g
