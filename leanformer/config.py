@@ -81,9 +81,10 @@ class DiJiangConfig:
     learnable_decay: bool = False
     mode: str = "auto"  # auto | parallel | chunk | recurrent | fla | fused (Triton kernel, CUDA)
     chunk_size: int = 64
-    # auto: parallel (CUDA with Triton: the fused kernel) up to this length, chunk (CUDA with fla: fla)
-    # beyond; None: 256 on CPU, 1024 on CUDA for parallel (where the two forms cross: CPU 128-256 tokens,
-    # H100 1-2K tokens; docs/benchmarks.md), 4096 on CUDA for fused (provisional)
+    # auto: parallel (CUDA with Triton and bf16/fp16 features: the fused kernel) up to this length, chunk
+    # (CUDA: fla's kernel, or the fused one without fla) beyond; None: 256 on CPU, 1024 on CUDA for parallel
+    # (where the two forms cross: CPU 128-256 tokens, H100 1-2K tokens), 4096 on CUDA for fused (it beats
+    # fla's kernel at 4K and loses from 8K on an H200; docs/benchmarks.md)
     parallel_max_len: int | None = None
 
     def validate(self) -> None:
