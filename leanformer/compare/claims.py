@@ -55,13 +55,13 @@ def _loss_within(nats: float) -> Callable[[Rows, Rows], tuple[bool | None, str]]
     return judge
 
 
-_NOBLE_ARMS = {"noble": "", "noble_silu": " (judged also with the ablation's SiLU recipe)"}
+_NOBLE_ARMS = {"noble": "", "noble_silu": "; judged also with the ablation's SiLU recipe"}
 
 CLAIMS: tuple[Claim, ...] = (
     *(claim for arm, recipe in _NOBLE_ARMS.items() for claim in (
         Claim(arm, "reaches the baseline's loss in ≤ 0.68× the steps (NOBLE document: up to 1.47× fewer "
-              f"steps, 125M on C4){recipe}", _ratio_at_most("reach_step_ratio", 0.68, "steps")),
-        Claim(arm, f"reaches it in ≤ 0.82× the wall-clock (NOBLE document: up to 1.22× less){recipe}",
+              f"steps, 125M on C4{recipe})", _ratio_at_most("reach_step_ratio", 0.68, "steps")),
+        Claim(arm, f"reaches it in ≤ 0.82× the wall-clock (NOBLE document: up to 1.22× less{recipe})",
               _ratio_at_most("reach_seconds_ratio", 0.82, "seconds")))),
     Claim("sas_p", f"matches Pre-LN's loss per step (simplified-blocks paper; ours: final loss within "
           f"+{MATCH_NATS} nats)", _loss_within(MATCH_NATS)),

@@ -309,13 +309,13 @@ class DiJiangAttention(nn.Module):
         considered when they are not given), the fused kernel up to ``parallel_max_len`` (None: 4096), for a
         full pass and for a prompt continuing a state alike. Otherwise a prompt with a state runs ``chunk``;
         a full pass runs ``parallel`` up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA) and
-        beyond it fla's kernel on CUDA when fla imports, else the fused kernel when it takes the inputs (still
-        3.7× faster than ``chunk`` at 16K), else ``chunk``. Measured on an H200 (docs/benchmarks.md,
-        2026-12-04; fwd+bwd, B 4, H 12, paper map): fused 3.32 ms against fla's 4.17 at 4K, 7.90 against 4.17
-        at 8K. Mode ``fla``: its recurrent kernel for a step, its chunk kernel otherwise; modes ``parallel``
-        and ``fused`` with a state: ``recurrent`` for a step, else chunk (parallel) or the fused kernel
-        (fused); mode ``fused`` on inputs the kernel refuses runs ``parallel`` (``chunk`` with a state),
-        with a warning."""
+        beyond it fla's kernel on CUDA when fla imports, else the fused kernel when it takes the inputs (never
+        the unfused PyTorch chunk form on a GPU that can run it), else ``chunk``. Measured on an H200
+        (docs/benchmarks.md, 2026-12-04; fwd+bwd, B 4, H 12, paper map): fused 3.32 ms against fla's 4.17 at
+        4K, 7.90 against 4.17 at 8K. Mode ``fla``: its recurrent kernel for a step, its chunk kernel otherwise;
+        modes ``parallel`` and ``fused`` with a state: ``recurrent`` for a step, else chunk (parallel) or the
+        fused kernel (fused); mode ``fused`` on inputs the kernel refuses runs ``parallel`` (``chunk`` with a
+        state), with a warning."""
         mode = self.cfg.mode
         if stateful and T == 1 and mode in ("auto", "parallel", "fused"):
             return "recurrent"
