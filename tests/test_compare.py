@@ -298,8 +298,8 @@ def test_parts_trained_separately_assemble_into_one_report(tmp_path, cache_dir):
     assert not (b / "arms" / BASELINE).exists() and not (b / "report.md").exists()
     assert sorted(p.name for p in (b / "arms" / "sas_p").iterdir() if p.is_file() and p.name[0] != ".") == [
         "config.yaml", "done.json", "metrics.jsonl"]
-    plan_b = json.loads((b / "compare.json").read_text())  # a part written before model.causal existed
-    del plan_b["base"]["model"]["causal"]
+    plan_b = json.loads((b / "compare.json").read_text())  # a part written before the encoder fields existed
+    del plan_b["base"]["model"]["causal"], plan_b["base"]["train"]["objective"], plan_b["base"]["train"]["mask_rate"]
     (b / "compare.json").write_text(json.dumps(plan_b))
     assert main(["compare", "--report-only", "--from", str(a), str(b), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
