@@ -183,11 +183,34 @@ def decode(out: str) -> None:
 SECTIONS = "tests,layers,nan,attention,profile,train,steps,variants,decode"
 
 
+def _tree_commit() -> str:
+    """The checked-out commit: ``git rev-parse``, else .git/HEAD followed to its ref (the device machine's
+    copy of the tree may have no git), else "unknown"."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        head = open(".git/HEAD").read().strip()
+        if not head.startswith("ref: "):
+            return head[:12]
+        ref = head[5:]
+        if os.path.exists(os.path.join(".git", ref)):
+            return open(os.path.join(".git", ref)).read().strip()[:12]
+        for line in open(".git/packed-refs"):
+            if line.strip().endswith(" " + ref):
+                return line.split()[0][:12]
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--budget", type=float, default=480.0, help="seconds: later sections are skipped after")
-    p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    p.add_argument("--commit", default=os.environ.get("GIT_COMMIT") or _tree_commit())
     p.add_argument("--sections", default=SECTIONS, help=f"comma-separated subset of {SECTIONS}")
     args = p.parse_args()
     want = set(args.sections.split(","))
