@@ -81,19 +81,23 @@ class DiJiangConfig:
     learnable_decay: bool = False
     mode: str = "auto"  # auto | parallel | chunk | recurrent | fla | fused (Triton kernel, CUDA)
     chunk_size: int = 64
-    # auto: parallel (CUDA with Triton and bf16/fp16 features: the fused kernel) up to this length, chunk
-    # (CUDA: fla's kernel, or the fused one without fla) beyond; None: 256 on CPU, 1024 on CUDA for parallel
-    # (where the two forms cross: CPU 128-256 tokens, H100 1-2K tokens), 4096 on CUDA for fused (it beats
-    # fla's kernel at 4K and loses from 8K on an H200; docs/benchmarks.md)
+    # auto, a full pass: parallel up to this length, chunk (CUDA: fla's kernel, or the fused one without fla)
+    # beyond; None: 256 on CPU, 1024 on CUDA (where the two forms cross: CPU 128-256 tokens, H100 1-2K tokens)
     parallel_max_len: int | None = None
+    # auto on CUDA with Triton and bf16/fp16 features: the fused kernel up to this length (full passes and
+    # prompts continuing a state), then as above; None: 4096 (it beats fla's kernel at 4K and loses from 8K on
+    # an H200; docs/benchmarks.md)
+    fused_max_len: int | None = None
 
     def validate(self) -> None:
         _choice("dijiang.feature_map", self.feature_map, ("paper", "official"))
         _choice("dijiang.mode", self.mode, ("auto", "parallel", "chunk", "recurrent", "fla", "fused"))
         if self.chunk_size < 1:
             raise ConfigError(f"dijiang.chunk_size={self.chunk_size} must be >= 1")
-        if self.parallel_max_len is not None and self.parallel_max_len < 1:
-            raise ConfigError(f"dijiang.parallel_max_len={self.parallel_max_len} must be >= 1 (or null: by device)")
+        for name in ("parallel_max_len", "fused_max_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"dijiang.{name}={value} must be >= 1 (or null: the default)")
 
 
 @dataclass

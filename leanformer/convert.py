@@ -34,7 +34,7 @@ def convert_to_dijiang(model: TransformerLM, feature_map: str = "paper", **dijia
     """A new ``attention="dijiang"`` model that inherits every weight of ``model`` bit-for-bit.
 
     ``feature_map``: ``paper`` or ``official``; ``dijiang_overrides``: any other :class:`DiJiangConfig`
-    field (``feature_dim``, ``learnable_decay``, ``mode``, ``chunk_size``, ``parallel_max_len``).
+    field (``feature_dim``, ``learnable_decay``, ``mode``, ``chunk_size``, ``parallel_max_len``, ``fused_max_len``).
     New parameters keep their initialisation. The parent is not modified.
     """
     cfg = copy.deepcopy(model.cfg)

@@ -252,8 +252,8 @@ def test_dijiang_layer_fused_equals_parallel(feature_map):
 
 
 def test_auto_picks_fused_on_cuda_only(monkeypatch):
-    """auto: fused on CUDA up to parallel_max_len (None: 4096) when the kernel takes the inputs; the CPU
-    choice does not change."""
+    """auto: fused on CUDA up to fused_max_len (None: 4096) when the kernel takes the inputs, whatever
+    parallel_max_len says; the CPU choice does not change."""
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1, attention="dijiang").validate()
     att = DiJiangAttention(cfg, 0)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -272,9 +272,12 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     assert att.form(4096, cuda, True, q, q) == "fused"  # a prompt continuing a decoding state
     assert att.form(4097, cuda, True, q, q) == "chunk"
     assert att.form(100, cpu, True, q, q) == "chunk"
-    att.cfg.parallel_max_len = 512
+    att.cfg.parallel_max_len = 512  # the masked form's limit: not the kernel's
+    assert att.form(4096, cuda, False, q, q) == "fused"
+    att.cfg.fused_max_len = 512
     assert att.form(512, cuda, False, q, q) == "fused"
     assert att.form(513, cuda, False, q, q) == "fla_chunk"
+    assert att.form(513, cuda, True, q, q) == "chunk"
     monkeypatch.setattr(dla, "fused_supported", lambda q, v: "no")
     assert att.form(512, cuda, False, q, q) == "parallel"
     att.cfg.mode = "fused"

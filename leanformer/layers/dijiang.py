@@ -306,7 +306,7 @@ class DiJiangAttention(nn.Module):
         ``auto``: a decoding step (``stateful``, T = 1) is ``recurrent``. On CUDA, for bf16/fp16 features (the
         kernel's float32 runs without tensor cores and was not timed), when Triton imports and the
         fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (:func:`dla.fused_supported`; not
-        considered when they are not given), the fused kernel up to ``parallel_max_len`` (None: 4096), for a
+        considered when they are not given), the fused kernel up to ``fused_max_len`` (None: 4096), for a
         full pass and for a prompt continuing a state alike. Otherwise a prompt with a state runs ``chunk``;
         a full pass runs ``parallel`` up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA) and
         beyond it fla's kernel on CUDA when fla imports, else the fused kernel when it takes the inputs (never
@@ -322,11 +322,11 @@ class DiJiangAttention(nn.Module):
         if mode == "auto":
             fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES
                      and dla.fused_supported(q, v) is None)
-            limit = self.cfg.parallel_max_len or (4096 if fused else 1024 if device.type == "cuda" else 256)
-            if fused and T <= limit:
+            if fused and T <= (self.cfg.fused_max_len or 4096):
                 return "fused"
             if stateful:
                 return "chunk"
+            limit = self.cfg.parallel_max_len or (1024 if device.type == "cuda" else 256)
             if T <= limit:
                 return "parallel"
             if device.type == "cuda" and _fla_usable():
