@@ -14,9 +14,10 @@
    float64 error at 1K. 8. ``decode``: ``bench decode`` for Pre-LN, SAS-P and DiJiang.
 
     python benchmarks/dijiang_fused_gpu.py --out OUT [--budget SECONDS] [--sections a,b,...]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/dijiang_fused_gpu.py --out /tmp/o --cpu-smoke   # tests the script
 
-Writes OUT/fused_gpu.json (every check, timing and note), OUT/attention.{json,md},
-OUT/train1024.{json,md}, OUT/train4096.{json,md} and OUT/decode.{json,md}; prints a short table last.
+Writes OUT/fused_gpu.json (every check, timing and note) and the reports OUT/attention/, OUT/train1024/,
+OUT/train4096/ and OUT/decode/ (each a .json and a .md); prints a short table last.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ from datetime import datetime, timezone
 
 import torch
 
+SMOKE = "--cpu-smoke" in sys.argv  # the sections' code on the CPU, tiny, Triton's interpreter: a test of this script
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when leanformer's fused op is imported, below
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dijiang_gpu as dg  # noqa: E402  (its checks, sections and timers, reused)
+
+DEV = torch.device("cpu" if SMOKE else "cuda")
 
 FUSED = ("dijiang_fused", "dijiang_official_fused")
 FLA = ("dijiang_fla", "dijiang_official_fla")
@@ -53,9 +60,10 @@ def run_tests() -> None:
 def attention_report(out: str, methods: list[str]) -> None:
     from leanformer.bench.attention import run_attention_bench
 
-    lengths = [1024, 4096, 8192, 16384, 32768]
-    rep = run_attention_bench(lengths=lengths, methods=methods, batch=4, heads=12, head_dim=64, dtype="bfloat16",
-                              device=torch.device("cuda"), warmup=3, repeats=10, max_seconds=5.0,
+    lengths = [64] if SMOKE else [1024, 4096, 8192, 16384, 32768]
+    rep = run_attention_bench(lengths=lengths, methods=methods, batch=1 if SMOKE else 4, heads=2 if SMOKE else 12,
+                              head_dim=16 if SMOKE else 64, dtype="float32" if SMOKE else "bfloat16",
+                              device=DEV, warmup=1 if SMOKE else 3, repeats=2 if SMOKE else 10, max_seconds=5.0,
                               command=f"leanformer bench attention --lengths {','.join(map(str, lengths))} "
                                       f"--methods {','.join(methods)} --repeats 10")
     rep.write(os.path.join(out, "attention"), formats=("json", "md"))
@@ -68,14 +76,15 @@ def attention_report(out: str, methods: list[str]) -> None:
 def train(out: str, budget_end: float) -> None:
     from leanformer.bench.train import run_train_bench
 
-    for seq, batch in ((1024, 16), (4096, 4)):
+    for seq, batch in ((32, 2),) if SMOKE else ((1024, 16), (4096, 4)):
         left = budget_end - (time.monotonic() - dg.T0)
         if left < 60:
             dg.RESULTS["notes"].append(f"train seq {seq}: skipped (time budget)")
             continue
         arms = "preln,dijiang_scratch"
-        rep = run_train_bench(size="gpt2", arms=arms, seq_len=seq, batch=batch, compile=True, eager=False,
-                              device=torch.device("cuda"), warmup=3, repeats=10, time_budget=left,
+        rep = run_train_bench(size="tiny" if SMOKE else "gpt2", arms=arms, seq_len=seq, batch=batch,
+                              compile=not SMOKE, eager=SMOKE, device=DEV, warmup=1 if SMOKE else 3,
+                              repeats=2 if SMOKE else 10, time_budget=left,
                               compile_reserve_s=50.0,
                               command=f"leanformer bench train --size gpt2 --arms {arms} --seq-len {seq} "
                                       f"--batch {batch} --repeats 10")
@@ -94,7 +103,7 @@ def step_profile(out: str, deadline: float) -> None:
 
     tp.STEP_PLAN = [("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True)]
     result: dict = {}
-    tp.section_steps(torch.device("cuda"), False, result, deadline)
+    tp.section_steps(DEV, SMOKE, result, deadline)
     dg.RESULTS["steps"] = result.get("steps")
     for row in result.get("steps") or []:
         for k in row.get("kernels") or []:
@@ -117,21 +126,21 @@ VARIANTS = [
 def variants(lengths=(4096, 16384)) -> None:
     """The bare op (no feature map: feature-like q, k ≥ 0 and DiJiang's running n) fwd+bwd under each kernel
     setting, its error against the float64 parallel form at 1K (skipped beyond 4K), and ms per call."""
-    from triton.testing import do_bench
-
     from leanformer.layers.dijiang import default_log_gamma, running_log_norm
     from leanformer.ops import decayed_linear_attention as dla
     from leanformer.ops import fused_decay_attention as fda
 
-    dev = torch.device("cuda")
+    dev = DEV
+    B, H, D = (1, 2, 16) if SMOKE else (4, 12, 64)
+    dt = torch.float32 if SMOKE else torch.bfloat16
     saved = {k: getattr(fda, k) for _, kv in VARIANTS for k in kv if hasattr(fda, k)}
-    lg = default_log_gamma(12).to(dev).float()
-    for T in (1024, *lengths):
+    lg = default_log_gamma(H).to(dev).float()
+    for T in (70,) if SMOKE else (1024, *lengths):
         g = torch.Generator(device="cpu").manual_seed(T)
-        q, k = (torch.rand(4, T, 12, 64, generator=g).to(dev, torch.bfloat16).transpose(1, 2) for _ in range(2))
-        v = torch.randn(4, T, 12, 64, generator=g).to(dev, torch.bfloat16).transpose(1, 2)
-        n = running_log_norm(3 * torch.randn(4, 12, T, generator=g).to(dev), lg)
-        go = torch.randn(4, T, 12, 64, generator=g).to(dev, torch.bfloat16).transpose(1, 2)
+        q, k = (torch.rand(B, T, H, D, generator=g).to(dev, dt).transpose(1, 2) for _ in range(2))
+        v = torch.randn(B, T, H, D, generator=g).to(dev, dt).transpose(1, 2)
+        n = running_log_norm(3 * torch.randn(B, H, T, generator=g).to(dev), lg)
+        go = torch.randn(B, T, H, D, generator=g).to(dev, dt).transpose(1, 2)
         ref = None
         if T <= 1024:
             leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
@@ -158,7 +167,7 @@ def variants(lengths=(4096, 16384)) -> None:
                 if ref is not None:
                     row["rel_err_o"] = dg.rel(o, ref[0])
                     row["rel_err_grads"] = max(dg.rel(a.grad, b) for a, b in zip(leaves, ref[1]))
-                row["ms"] = do_bench(step, warmup=10, rep=200, return_mode="median")
+                row["ms"] = _smoke_ms(step) if SMOKE else do_bench(step, warmup=10, rep=200, return_mode="median")
             except Exception as e:  # noqa: BLE001
                 row = {"variant": name, "T": T, "status": f"{type(e).__name__}: {str(e)[:200]}"}
             dg.RESULTS.setdefault("variants", []).append(row)
@@ -167,13 +176,27 @@ def variants(lengths=(4096, 16384)) -> None:
         setattr(fda, key, val)
 
 
+def do_bench(fn, **kwargs) -> float:
+    from triton.testing import do_bench as triton_do_bench
+
+    return triton_do_bench(fn, **kwargs)
+
+
+def _smoke_ms(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
 def decode(out: str) -> None:
     """``bench decode`` (graph path, bf16 weights): Pre-LN, SAS-P (values now cached in bf16) and DiJiang
     (prompts continuing a state now run the fused kernel) at 2K/8K/32K × batch 1/32."""
     from leanformer.bench.decode import run_decode_bench
 
-    arms, contexts, batches = "preln,sas_p,dijiang_scratch", [2048, 8192, 32768], [1, 32]
-    rep = run_decode_bench(size="gpt2", arms=arms, contexts=contexts, batches=batches, device=torch.device("cuda"),
+    arms = "preln,sas_p,dijiang_scratch"
+    contexts, batches = ([16], [1]) if SMOKE else ([2048, 8192, 32768], [1, 32])
+    rep = run_decode_bench(size="tiny" if SMOKE else "gpt2", arms=arms, contexts=contexts, batches=batches,
+                           device=DEV, steps=2 if SMOKE else None,
                            command=f"leanformer bench decode --size gpt2 --arms {arms} --contexts 2048,8192,32768 "
                                    "--batches 1,32")
     rep.write(os.path.join(out, "decode"), formats=("json", "md"))
@@ -212,11 +235,15 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=480.0, help="seconds: later sections are skipped after")
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT") or _tree_commit())
     p.add_argument("--sections", default=SECTIONS, help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--cpu-smoke", action="store_true", help="run the sections' code tiny on the CPU under Triton's "
+                   "interpreter (a test of this script, not of a GPU); nan and attention's fla rows are skipped")
     args = p.parse_args()
     want = set(args.sections.split(","))
     os.makedirs(args.out, exist_ok=True)
+    if SMOKE:
+        dg.DEV = DEV
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": args.commit,
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
             "python": platform.python_version()}
     try:
         import triton
@@ -237,13 +264,13 @@ def main() -> int:
         dg.section("layer fused paper bf16 learnable", dg.layer_check, "paper", bf16, 1.0, True, mode="fused")
         dg.section("layer fused official bf16", dg.layer_check, "official", bf16, 1.0, False, mode="fused")
         dg.section("layer fused paper float32", dg.layer_check, "paper", torch.float32, 1.0, False, mode="fused")
-    if "nan" in want:
+    if "nan" in want and not SMOKE:
         dg.section("nan 32k", dg.nan_check_32k, FUSED, budget=B * 0.4)
     if "attention" in want:
-        methods = ["softmax", *FUSED, *(FLA if have_fla else ())]
+        methods = ["softmax", *FUSED, *(FLA if have_fla and not SMOKE else ())]
         dg.section("attention", attention_report, args.out, methods, budget=B * 0.5)
     if "profile" in want:
-        dg.section("profile", dg.profile, 4096, "dijiang_fused", budget=B * 0.6)
+        dg.section("profile", dg.profile, 64 if SMOKE else 4096, "dijiang_fused", budget=B * 0.6)
     with open(os.path.join(args.out, "fused_gpu.json"), "w") as f:
         json.dump(dg.RESULTS, f, indent=1, default=str)
     if "train" in want:

@@ -212,3 +212,27 @@ def test_extra_flop_fraction_of_noble_at_gpt2_small():
     vectors = 6 * L * 6 * (r + r + r + r + r + r)  # per linear: b_down, c, ω1, φ1, ω2, φ2 (6 linears)
     assert got == extra + vectors
     assert 0.037 < got / pre.flops_per_token(sz.seq_len) < 0.039  # +3.8% of the training FLOPs
+
+
+def test_fused_gpu_script_runs_its_sections_on_the_cpu(tmp_path):
+    """benchmarks/dijiang_fused_gpu.py --cpu-smoke: the GPU call's sections (layer checks against float64,
+    kernel variants, decode) run tiny under Triton's interpreter, so an API drift cannot waste a device call."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "benchmarks/dijiang_fused_gpu.py", "--out", str(tmp_path), "--cpu-smoke",
+                           "--sections", "layers,variants,decode"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "fused_gpu.json").read_text())
+    assert result["checks"] and all(c["pass"] for c in result["checks"])
+    variants = result["variants"]
+    assert {r["variant"] for r in variants} >= {"default", "factored"} and all(r["status"] == "ok" for r in variants)
+    assert max(r["rel_err_o"] for r in variants) < 1e-5
+    assert (tmp_path / "decode" / "decode.json").is_file()
