@@ -134,7 +134,8 @@ def arm_config(base: Config, name: str) -> Config:
 
 def unavailable_reason(cfg: TransformerConfig, device: torch.device | None = None) -> str | None:
     """Why a model of ``cfg`` cannot be built (its attention's or block's module, or NOBLE's, does not
-    import) or run on ``device`` (fla's kernels without CUDA or fla); None when it can."""
+    import) or run on ``device`` (fla's kernels without CUDA or fla; the fused Triton kernel where it cannot
+    run); None when it can."""
     modules = [layer_path(attention_spec(cfg.attention)), layer_path(block_spec(cfg.block))]
     if cfg.noble.enabled:
         modules.append(("leanformer.layers.noble", "NobleLinear"))
@@ -149,4 +150,11 @@ def unavailable_reason(cfg: TransformerConfig, device: torch.device | None = Non
         from leanformer.ops.decayed_linear_attention import fla_unavailable_reason
 
         return fla_unavailable_reason(device)
+    if cfg.attention == "dijiang" and cfg.dijiang.mode == "fused" and device is not None:
+        import torch
+
+        from leanformer.ops.fused_decay_attention import fused_reason
+
+        # bf16 stands for the kernel's dtypes (float32, bf16, fp16): none of its other conditions depends on it
+        return fused_reason(device, torch.bfloat16, cfg.dijiang.feature_dim or cfg.head_dim, cfg.head_dim)
     return None

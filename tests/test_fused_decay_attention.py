@@ -450,3 +450,17 @@ def test_compiled_loop_bounds_in_the_interpreter(monkeypatch, factored_on):
         monkeypatch.setattr(fda, "BLOCK_N", blocks[1])
         _compare(100)
         _compare(70, log_norm=False)
+
+
+def test_arms_report_where_the_fused_mode_cannot_run(monkeypatch):
+    """``leanformer.arms.unavailable_reason`` (compare, bench train/decode/attention) names why a
+    ``dijiang.mode: fused`` model cannot run on a device, as it does for fla."""
+    from leanformer.arms import unavailable_reason
+    from leanformer.config import DiJiangConfig
+
+    cfg = TransformerConfig(d_model=32, n_heads=2, attention="dijiang", dijiang=DiJiangConfig(mode="fused")).validate()
+    assert unavailable_reason(cfg, DEV) is None  # CUDA, or the interpreter on the CPU
+    monkeypatch.setattr(fda, "_interpret", lambda: False)
+    assert "CUDA" in unavailable_reason(cfg, torch.device("cpu"))
+    odd = TransformerConfig(d_model=48, n_heads=2, attention="dijiang", dijiang=DiJiangConfig(mode="fused")).validate()
+    assert "power of two" in unavailable_reason(odd, DEV if DEV.type == "cuda" else torch.device("cuda"))

@@ -127,16 +127,6 @@ def dijiang_fn(cfg: TransformerConfig, device: torch.device) -> tuple[Callable, 
     return fn, [p for p in attn.feature_map.parameters()]
 
 
-def _fused_reason(method: str, device: torch.device, dtype: torch.dtype, D: int) -> str | None:
-    """Why the fused kernel cannot time ``method`` (a ``*_fused`` one) here; None when it can (or not fused).
-    The layer would fall back to the parallel form: a row must not report that form under this name."""
-    if not method.endswith("_fused"):
-        return None
-    from leanformer.ops.fused_decay_attention import fused_reason
-
-    return fused_reason(device, dtype, D, D)  # m = d = head dim (feature_dim None)
-
-
 def parallel_bytes(B: int, H: int, T: int, dtype: torch.dtype) -> int:
     """Rough peak of the masked form: the (H, T, T) float32 decay plus ~3 (B, H, T, T) tensors in ``dtype``
     (scores, decayed scores, and one saved for backward), plus their gradients in backward."""
@@ -217,8 +207,7 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
     for T in lens:
         for method in names:
             row = {"method": method, "seq_len": T}
-            reason = unavailable_reason(method_config(method, H, head_dim), device) or _fused_reason(
-                method, device, dt, head_dim)
+            reason = unavailable_reason(method_config(method, H, head_dim), device)
             free = free_device_memory(device)
             budget = max_memory_gb * 2**30 if max_memory_gb else (0.7 * free if free else None)
             if reason is not None:

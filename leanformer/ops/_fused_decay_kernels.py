@@ -107,7 +107,7 @@ def fwd_kernel(Q, K, V, LG, N, O,
             mask_j = offs_j < T
             if FULL_LOOPS:
                 mask_j = mask_j & (offs_j < lo)  # = start_n < lo (lo is a multiple of BLOCK_N); a tensor
-                # comparison: Triton ≥ 3.7's interpreter gives a scalar one an int32 mask
+                # comparison: Triton 3.9's interpreter gives a scalar one an int32 mask
             k = tl.load(K + b * skb + h * skh + offs_j[:, None] * skt + offs_m[None, :] * skm,
                         mask=mask_j[:, None], other=0.0)
             v = tl.load(V + b * svb + h * svh + offs_j[:, None] * svt + offs_d[None, :] * svd,
