@@ -15,8 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from leanformer.compare.claims import claims_section
 from leanformer.arms import ARMS, BASELINE
+from leanformer.compare.claims import claims_section
 from leanformer.compare.presets import RECIPE
 from leanformer.compare.runs import Plan
 from leanformer.train.metrics import read_steps
