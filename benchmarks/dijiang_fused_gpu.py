@@ -43,6 +43,7 @@ import dijiang_gpu as dg  # noqa: E402  (its checks, sections and timers, reused
 DEV = torch.device("cpu" if SMOKE else "cuda")
 
 FUSED = ("dijiang_fused", "dijiang_official_fused")
+LENGTHS = [1024, 4096, 8192, 16384, 32768]  # the attention section's (--lengths)
 FLA = ("dijiang_fla", "dijiang_official_fla")
 
 
@@ -60,7 +61,7 @@ def run_tests() -> None:
 def attention_report(out: str, methods: list[str]) -> None:
     from leanformer.bench.attention import run_attention_bench
 
-    lengths = [64] if SMOKE else [1024, 4096, 8192, 16384, 32768]
+    lengths = [64] if SMOKE else LENGTHS
     rep = run_attention_bench(lengths=lengths, methods=methods, batch=1 if SMOKE else 4, heads=2 if SMOKE else 12,
                               head_dim=16 if SMOKE else 64, dtype="float32" if SMOKE else "bfloat16",
                               device=DEV, warmup=1 if SMOKE else 3, repeats=2 if SMOKE else 10, max_seconds=5.0,
@@ -102,6 +103,8 @@ def step_profile(out: str, deadline: float) -> None:
     import train_profile as tp
 
     tp.STEP_PLAN = [("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True)]
+    torch.backends.cuda.matmul.allow_tf32 = True  # as in training (leanformer.train.loop.enable_fast_matmul)
+    torch.backends.cudnn.allow_tf32 = True
     result: dict = {}
     tp.section_steps(DEV, SMOKE, result, deadline)
     dg.RESULTS["steps"] = result.get("steps")
@@ -114,12 +117,13 @@ def step_profile(out: str, deadline: float) -> None:
 # read at each launch); the first is today's default.
 VARIANTS = [
     ("default", {}),
-    ("factored", {"FACTORED": True}),
-    ("factored scores", {"FACTORED": True, "FACTORED_SCALE": "scores"}),
-    ("factored w(4,8,4)", {"FACTORED": True, "NUM_WARPS": (4, 8, 4)}),
-    ("factored 128x64 w8", {"FACTORED": True, "BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8}),
-    ("factored s3 reversed", {"FACTORED": True, "NUM_STAGES": 3, "REVERSE_ROWS": True}),
+    ("first kernel: per-element, Triton's stages", {"FACTORED": False, "NUM_STAGES": None, "REVERSE_ROWS": False}),
+    ("factored, Triton's stages", {"NUM_STAGES": None}),
+    ("stages 4", {"NUM_STAGES": 4}),
+    ("stages 2", {"NUM_STAGES": 2}),
+    ("w(4,8,4)", {"NUM_WARPS": (4, 8, 4)}),
     ("128x64 w8", {"BLOCK_M": 128, "BLOCK_N": 64, "NUM_WARPS": 8}),
+    ("scores", {"FACTORED_SCALE": "scores"}),
 ]
 
 
@@ -237,7 +241,9 @@ def main() -> int:
     p.add_argument("--sections", default=SECTIONS, help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--cpu-smoke", action="store_true", help="run the sections' code tiny on the CPU under Triton's "
                    "interpreter (a test of this script, not of a GPU); nan and attention's fla rows are skipped")
+    p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="the attention section's lengths")
     args = p.parse_args()
+    LENGTHS[:] = [int(x) for x in args.lengths.split(",")]
     want = set(args.sections.split(","))
     os.makedirs(args.out, exist_ok=True)
     if SMOKE:

@@ -322,13 +322,13 @@ def factored(monkeypatch):
 
 def test_switch_defaults_are_the_measured_kernel():
     assert (fda.FACTORED, fda.BLOCK_M, fda.BLOCK_N, fda.NUM_WARPS, fda.NUM_STAGES, fda.REVERSE_ROWS) == (
-        False, 64, 64, 4, None, False)
+        True, 64, 64, 4, 3, True)
     assert fda.FACTORED_SCALE == "operand" and fda.INTERPRETER_FULL_LOOPS
     assert [fda._block(T, torch.bfloat16, 64, 64) for T in (1, 17, 64, 4096)] == [16, 32, 64, 64]
     assert fda._block(4096, torch.float32, 128, 64) == 32 and fda._block(4096, torch.float32, 64, 64, 32) == 32
     with pytest.raises(ValueError, match="power of two"):
         fda._block(100, torch.float32, 16, 16, 48)
-    assert fda._launch_options(1) == {"num_warps": 4}
+    assert fda._launch_options(1) == {"num_warps": 4, "num_stages": 3}
 
 
 def test_per_kernel_warps_and_stages(factored, monkeypatch):

@@ -167,7 +167,10 @@ def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Te
     (:func:`leanformer.ops.constant_decay.route_decay_gradient`; the kernel and the state terms get
     the detached decay). ``log_norm`` gets no gradient here: one that requires grad is an error (the
     ``parallel`` form differentiates it). Unsupported inputs (:func:`fused_supported`: device, dtype,
-    m or d not a power of two in [16, 128]) raise a ValueError naming the reason.
+    m or d not a power of two in [16, 128]) raise a ValueError naming the reason. The kernel's default
+    (factored) tiles need ``log_norm`` to be a running maximum under the decay, n_i − i·logγ non-decreasing,
+    as :func:`leanformer.layers.dijiang.running_log_norm` makes it (and logγ ≤ 0); for any other n set
+    ``fused_decay_attention.FACTORED = False`` (``CHECK_MONOTONE = True`` checks it, with a device sync).
     """
     _check(q, k, v, log_gamma, log_norm)
     if log_norm is not None and log_norm.requires_grad:

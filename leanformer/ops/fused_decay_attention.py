@@ -19,7 +19,9 @@ in two launches: dK/dV (one program per key block, looping over query blocks fro
 :func:`leanformer.ops.decayed_linear_attention.fused` passes a learnable decay's gradient through q and k instead
 (:func:`leanformer.ops.constant_decay.route_decay_gradient`) and refuses an n that requires grad.
 
-Factored variant (``FACTORED = True``; off by default, not yet timed on a GPU). With a_i = n_i − i·logγ,
+Factored variant (``FACTORED = True``, the default since its H200 timing of 2026-12-04: fwd+bwd at B 4, H 12,
+m = d = 64, bf16, with 3 stages and the longest rows first, 1.13 ms against 1.79 for the per-element kernel at
+4K and 17.7 against 25.5 ms at 16K; docs/gpu/fused_2026-12-04b). With a_i = n_i − i·logγ,
 Γ_ij = exp(a_j − a_i). When a is non-decreasing, a tile whose keys all precede its queries factors through
 a pivot p between them, Γ_ij = exp(a_j − a_p)·exp(a_p − a_i), both factors ≤ 1 (nothing overflows; an
 underflowing factor means a smaller product still). Forward and dQ (pivot: the block's first query i0;
@@ -41,9 +43,9 @@ running maximum under the decay) or no n with logγ ≤ 0 (every decay here is �
 Run-time switches (module attributes, read at each launch, so a benchmark can time variants in one process;
 each new combination compiles once per shape; a ``torch.compile``d graph keeps the values it was traced
 with): ``BLOCK_M`` / ``BLOCK_N`` (query / key block, 64 / 64; float32 with m or d = 128 caps both at 32, T
-below the block shrinks them to the next power of two ≥ 16), ``NUM_WARPS`` (4) and ``NUM_STAGES`` (None:
-Triton's default), each an int or a tuple (forward, dK/dV, dQ), ``FACTORED`` (False), ``FACTORED_SCALE``
-("operand"), ``REVERSE_ROWS`` (False; True launches the forward's and dQ's longest query rows first),
+below the block shrinks them to the next power of two ≥ 16), ``NUM_WARPS`` (4) and ``NUM_STAGES`` (3;
+None: Triton's default), each an int or a tuple (forward, dK/dV, dQ), ``FACTORED`` (True), ``FACTORED_SCALE``
+("operand"), ``REVERSE_ROWS`` (True: launches the forward's and dQ's longest query rows first),
 ``CHECK_MONOTONE`` (False) and ``INTERPRETER_FULL_LOOPS`` (True: under the interpreter, masked loops over
 every block; False runs the compiled loop bounds there, which needs numpy < 2.4).
 
@@ -71,19 +73,21 @@ import os
 import torch
 
 # Run-time switches, read at each launch (a benchmark may time variants side by side in one process;
-# each new combination compiles once per shape). The defaults are the kernel as first measured.
+# each new combination compiles once per shape). The defaults are the fastest variant measured on an H200
+# (docs/gpu/fused_2026-12-04b: factored, 3 stages, longest rows first; the first kernel was FACTORED = False,
+# NUM_STAGES = None, REVERSE_ROWS = False).
 BLOCK_M = 64  # query block (fwd and dQ: a program's queries; dK/dV: the query tiles it loops over)
 BLOCK_N = 64  # key block (fwd and dQ: the key tiles; dK/dV: a program's keys). Both: 32 at most for
 # float32 with m or d = 128 (shared memory: 64 would need ~210 KiB for dK/dV), and the smallest power of
 # two ≥ T (≥ 16) for shorter sequences; no autotuning (the first call costs one compile per shape)
 NUM_WARPS: int | tuple[int, int, int] = 4  # an int, or one per kernel: (forward, dK/dV, dQ)
-NUM_STAGES: int | None | tuple[int | None, int | None, int | None] = None  # software-pipelining stages
+NUM_STAGES: int | None | tuple[int | None, int | None, int | None] = 3  # software-pipelining stages
 # (None: Triton's default), or one per kernel as NUM_WARPS
-FACTORED = False  # off-diagonal tiles through a pivot (see the module docstring); needs a non-decreasing
+FACTORED = True  # off-diagonal tiles through a pivot (see the module docstring); needs a non-decreasing
 # n − i·logγ: DiJiang's running maximum, or no n with logγ ≤ 0
 FACTORED_SCALE = "operand"  # factored: "operand" scales k (fwd), v (dQ), q (dK/dV) rows and casts them back
 # to the input dtype; "scores" scales the float32 score tile's columns (one multiply per element, no rounding)
-REVERSE_ROWS = False  # fwd and dQ: launch the longest query rows (last blocks) first
+REVERSE_ROWS = True  # fwd and dQ: launch the longest query rows (last blocks) first
 CHECK_MONOTONE = False  # FACTORED: check the precondition on the host before each launch (a device sync;
 # tests and debugging)
 INTERPRETER_FULL_LOOPS = True  # interpreter: loop over every block, masked (False: the compiled kernels'
