@@ -267,7 +267,13 @@ STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode]), most 
     ("gpt2 preln b16 cudagraphs", "gpt2", "preln", 16, False, "reduce-overhead"),
     ("gpt2 preln b32", "gpt2", "preln", 32, False),
     ("gpt2 noble_fused b16 cudagraphs", "gpt2", "noble_fused", 16, False, "reduce-overhead"),
+    ("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True),
+    ("gpt2-4k preln b4", "gpt2-4k", "preln", 4, True),
+    ("gpt2-4k dijiang_scratch b4", "gpt2-4k", "dijiang_scratch", 4, True),
 ]
+
+
+PLAN: list[str] = []  # --plan: the STEP_PLAN labels to run, in this order (empty: all)
 
 
 def section_steps(device: torch.device, smoke: bool, result: dict, deadline: float) -> None:
@@ -277,11 +283,13 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     from leanformer.train.optim import build_optimizer
     from leanformer.config import TrainConfig
 
-    sizes = {"gpt2": (bt.SIZES["gpt2"], 1024), "bert": (bt.SIZES["bert"], 128)}
+    sizes = {"gpt2": (bt.SIZES["gpt2"], 1024), "gpt2-4k": (bt.SIZES["gpt2"], 4096), "bert": (bt.SIZES["bert"], 128)}
     if smoke:
         sizes = {k: (bt.SIZES["tiny"], 32) for k in sizes}
     rows = []
-    for label, size, arm, batch, prof, *mode in STEP_PLAN:
+    plan = [p for p in STEP_PLAN if p[0] in PLAN] if PLAN else STEP_PLAN
+    plan.sort(key=lambda p: PLAN.index(p[0]) if PLAN else 0)
+    for label, size, arm, batch, prof, *mode in plan:
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
@@ -414,7 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="check,shaped,steps")
     p.add_argument("--budget", type=float, default=320.0)
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--plan", default="", help="comma-separated STEP_PLAN labels to run, in order (default: all)")
     args = p.parse_args(argv)
+    PLAN[:] = [x.strip() for x in args.plan.split(",") if x.strip()]
+    unknown = set(PLAN) - {row[0] for row in STEP_PLAN}
+    if unknown:
+        p.error(f"--plan: unknown labels {sorted(unknown)}; known: {[row[0] for row in STEP_PLAN]}")
     from leanformer.bench.machine import machine_string
 
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
