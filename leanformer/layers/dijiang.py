@@ -29,6 +29,9 @@ Numerical safety of the ``paper`` map, exact and causal. Write z = log φ (so φ
 On CUDA the feature map (:func:`feature_pair`) and the GroupNorm run under ``torch.compile``; fla's kernel
 takes the paper map through the exact shift of :mod:`leanformer.ops.constant_decay`.
 The decoding state is S (B, H, m, d), n (B, H) and "pos": its size does not depend on the context.
+A decoding step (T = 1 with a state; modes auto, parallel and fused) runs on CUDA as one Triton kernel per
+layer from q, k, v to the GroupNorm's output (:mod:`leanformer.ops.fused_decay_step`; route ``fused_step``
+of :meth:`DiJiangAttention.form`, switch :data:`FUSED_STEP`), the state updated in place.
 """
 
 from __future__ import annotations

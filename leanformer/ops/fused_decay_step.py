@@ -118,8 +118,10 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tens
     m = proj.shape[-1]
     out = _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, in_scale, eps, decay_logit, out_dtype)
     paper = log_d is not None
-    ld = log_d if paper else proj  # unread placeholders (the kernel's PAPER branch is compiled out)
-    nn_ = n if paper else S
+    # official map: placeholders the kernel never touches (its PAPER branch is compiled out); n's is a tensor of
+    # its own, not an alias of S, so that no analysis of the kernel's writes can see S written twice
+    ld = log_d if paper else proj
+    nn_ = n if paper else S.new_empty(1, 1)
     with _on_device(q):
         _wrap(kern.step_kernel)[(B * H,)](
             q, k, v, proj, ld, log_gamma, S, nn_, weight, bias, out,
@@ -127,7 +129,7 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tens
             v.stride(0), v.stride(1), v.stride(3), proj.stride(0), proj.stride(1),
             ld.stride(0) if paper else 0, ld.stride(1) if paper else 0, log_gamma.stride(0),
             S.stride(0), S.stride(1), S.stride(2), S.stride(3),
-            nn_.stride(0) if paper else 0, nn_.stride(1) if paper else 0,
+            nn_.stride(0), nn_.stride(1),
             weight.stride(0), bias.stride(0), out.stride(0), out.stride(2),
             H, H // k.shape[1], float(in_scale), float(eps), math.log(eps) if eps > 0 else 0.0,
             M=m, D=d, BLOCK_F=_block_f(m, d), PAPER=paper, DECAY_LOGIT=bool(decay_logit), HAS_EPS=eps > 0,
