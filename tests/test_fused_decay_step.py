@@ -209,10 +209,12 @@ def test_generate_through_the_fused_step_equals_eager_and_full_forward(feature_m
     full = ref_model(fused)[0]
     dec = StaticDecoder(model, 2, capacity=12, graph="none", prefill_chunk=3)
     errs = [rel(dec.prefill(prompt), full[:, 4])]
+    held = dict(dec.cache.layers[0])
     for i in range(N - 1):
         dec.step()
         errs.append(rel(dec.logits, full[:, 5 + i]))
     assert count_steps[0] == N - 1
+    assert all(dec.cache.layers[0][key] is held[key] for key in ("S", "n") if key in held)  # static: in place
     assert torch.equal(dec.tokens[:, :5 + N], fused)
     assert max(errs) <= 1e-4, errs  # logits: the float32 model against the float64 one
 
@@ -239,6 +241,11 @@ def test_layer_step_after_a_prefill_equals_recurrent_float64(count_steps):
     assert rel(torch.cat(outs, 1), torch.cat(want, 1)) <= 1e-4
     assert rel(state["S"], ref_state["S"]) <= 1e-4 and rel(state["n"], ref_state["n"]) <= 1e-5
     assert state["pos"] == ref_state["pos"] == 12
+    S_held, n_held = state["S"], state["n"]  # an eager state gets new tensors, as the unfused path gives it
+    S_before = S_held.clone()
+    with torch.no_grad():
+        att(x[:, 11:].float(), state)
+    assert torch.equal(S_held, S_before) and state["S"] is not S_held and state["n"] is not n_held
 
 
 def test_compiled_static_step_through_the_fused_op(count_steps):

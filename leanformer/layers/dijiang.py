@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
-from leanformer.decoding import store_state
+from leanformer.decoding import is_static, store_state
 from leanformer.layers.attention import add_projections, merge_heads, project_qkv
 from leanformer.layers.linear import make_linear
 from leanformer.ops import decayed_linear_attention as dla
@@ -250,8 +250,8 @@ def _fla_usable() -> bool:
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the feature dtypes ``auto`` sends to the fused kernel
 FUSED_STEP = True  # a decoding step through the one-kernel fused step when it can run (False: the unfused
-# feature map + recurrent form + GroupNorm); read at each call (a torch.compile'd or captured step keeps the
-# value it was traced with), so a benchmark can time both in one process
+# feature map + recurrent form + GroupNorm); read at each call (a captured CUDA graph keeps the route it was
+# captured with), so a benchmark can time both in one process
 
 
 class DiJiangAttention(nn.Module):
@@ -388,8 +388,10 @@ class DiJiangAttention(nn.Module):
                    out_dtype: torch.dtype) -> torch.Tensor:
         """One decoding step in one kernel (:func:`leanformer.ops.fused_decay_step.decay_step`): q (B, H, 1, d),
         k, v (B, H_kv, 1, d) after RoPE (not repeated for grouped-query heads) → the GroupNorm-ed heads
-        (B, 1, H·d) in ``out_dtype``; the state's S and n are updated in place (allocated, S = 0 and
-        n = −inf, before a first token)."""
+        (B, 1, H·d) in ``out_dtype``. A static state's S and n (:func:`leanformer.decoding.is_static`: what a
+        CUDA graph reads and writes) are updated in place; an eager state gets new tensors, as the unfused path
+        gives it (the kernel writes copies), so that tensors taken from it earlier keep their values. Before a
+        first token S = 0 and n = −inf."""
         fm, gn = self.feature_map, self.group_norm
         paper = fm.log_d is not None
         S, n = state.get("S"), state.get("n") if paper else None
@@ -398,11 +400,13 @@ class DiJiangAttention(nn.Module):
             B, H, _, d = q.shape
             S = q.new_zeros(B, H, self.feature_dim, d, dtype=torch.float32)
             n = q.new_full((B, H), float("-inf"), dtype=torch.float32) if paper else None
+        elif not is_static(state):
+            S, n = S.clone(), n.clone() if n is not None else None
         learnable = self.cfg.learnable_decay
         o = fds.decay_step(q, k, v, fm.proj, fm.log_d, self.decay_logit if learnable else self.log_gamma_fixed,
                            S, n, gn.weight, gn.bias, in_scale=fm.in_scale, eps=gn.eps, decay_logit=learnable,
                            out_dtype=out_dtype)
-        if first:
+        if first or not is_static(state):
             store_state(state, "S", S)
             if n is not None:
                 store_state(state, "n", n)
