@@ -339,3 +339,10 @@ def test_refused_inputs_have_clear_errors():
     with torch.no_grad():  # no grad mode: a parameter that requires grad is fine
         call(w=t["w"].clone().requires_grad_())
     assert "needs CUDA tensors" in fds.step_reason(torch.device("meta"), torch.float32, 16, 16)
+
+
+def test_gpus_that_cannot_run_the_step_are_named(monkeypatch):
+    monkeypatch.setattr(fds, "_device_limits", lambda index: (7, 5, 64 * 1024))
+    assert "compute capability ≥ 8.0; this one is 7.5" in fds.step_reason(torch.device("cuda"), torch.bfloat16, 64, 64)
+    monkeypatch.setattr(fds, "_device_limits", lambda index: (9, 0, 227 * 1024))
+    assert fds.step_reason(torch.device("cuda"), torch.bfloat16, 64, 64) is None

@@ -32,9 +32,10 @@ decay's logit θ with log γ = log σ(θ) taken in the kernel; S (B, H, m, d) fl
 (None: official), both updated in place (their addresses are what a captured CUDA graph reads and
 writes); weight, bias (H·d,) the GroupNorm's → (B, 1, H·d) in ``out_dtype``. Any strides.
 
-Supported (else :func:`step_supported` says why): CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``);
-q, k, v float32, bfloat16 or float16, of one dtype; m and d powers of two in [16, 128]; float32 S and n; no
-gradient (inputs that require one, with grad mode on, are refused: the step is for inference).
+Supported (else :func:`step_supported` says why): CUDA tensors on an Ampere or newer GPU (or CPU tensors
+under ``TRITON_INTERPRET=1``); q, k, v float32, bfloat16 or float16, of one dtype; m and d powers of two in
+[16, 128]; float32 S and n; no gradient (inputs that require one, with grad mode on, are refused: the step is
+for inference).
 
 The op is a ``torch.library.triton_op`` (``leanformer::dijiang_decay_step``, mutating S and n), so
 ``torch.compile`` traces the kernel without a graph break; under ``TRITON_INTERPRET=1`` (read at import,
@@ -51,8 +52,8 @@ import math
 
 import torch
 
-from leanformer.ops.fused_decay_attention import (MAX_DIM, MIN_DIM, OP_ROUTE, _interpret, _on_device,
-                                                  _triton_import_error, _wrap)
+from leanformer.ops.fused_decay_attention import (MAX_DIM, MIN_DIM, OP_ROUTE, _device_limits, _interpret,
+                                                  _on_device, _triton_import_error, _wrap)
 
 BLOCK_F: int | None = None  # features per chunk (a power of two ≥ 16 dividing m); None: min(m, max(16, 4096 // d))
 NUM_WARPS = 4
@@ -69,6 +70,10 @@ def step_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> str
     for name, x in (("feature dim m", m), ("head dim d", d)):
         if x < MIN_DIM or x > MAX_DIM or x & (x - 1):
             return f"{name}={x} must be a power of two in [{MIN_DIM}, {MAX_DIM}]"
+    if device.type == "cuda":
+        major, minor, _ = _device_limits(device.index if device.index is not None else -1)
+        if major < 8:  # as the fused attention kernel: Triton's bf16 conversions need sm_80
+            return f"needs an Ampere or newer GPU (compute capability ≥ 8.0; this one is {major}.{minor})"
     return _triton_import_error()
 
 
