@@ -29,6 +29,9 @@ Numerical safety of the ``paper`` map, exact and causal. Write z = log φ (so φ
 On CUDA the feature map (:func:`feature_pair`) and the GroupNorm run under ``torch.compile``; fla's kernel
 takes the paper map through the exact shift of :mod:`leanformer.ops.constant_decay`.
 The decoding state is S (B, H, m, d), n (B, H) and "pos": its size does not depend on the context.
+A decoding step (T = 1 with a state; modes auto, parallel and fused) runs on CUDA as one Triton kernel per
+layer from q, k, v to the GroupNorm's output (:mod:`leanformer.ops.fused_decay_step`; route ``fused_step``
+of :meth:`DiJiangAttention.form`, switch :data:`FUSED_STEP`), the state updated in place.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
-from leanformer.decoding import store_state
+from leanformer.decoding import is_static, store_state
 from leanformer.layers.attention import add_projections, merge_heads, project_qkv
 from leanformer.layers.linear import make_linear
 from leanformer.ops import decayed_linear_attention as dla
+from leanformer.ops import fused_decay_step as fds
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -245,6 +249,9 @@ def _fla_usable() -> bool:
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the feature dtypes ``auto`` sends to the fused kernel
+FUSED_STEP = True  # a decoding step through the one-kernel fused step when it can run (False: the unfused
+# feature map + recurrent form + GroupNorm); read at each call (a captured CUDA graph keeps the route it was
+# captured with), so a benchmark can time both in one process
 
 
 class DiJiangAttention(nn.Module):
@@ -300,10 +307,15 @@ class DiJiangAttention(nn.Module):
         return _feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, log_gamma, n_init, out_dtype or q.dtype)
 
     def form(self, T: int, device: torch.device, stateful: bool, q: torch.Tensor | None = None,
-             v: torch.Tensor | None = None) -> str:
-        """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode).
+             v: torch.Tensor | None = None, state: dict | None = None) -> str:
+        """The name in :data:`dla.FORMS` that runs ``T`` tokens on ``device`` (cfg.dijiang.mode), or
+        ``"fused_step"``: the layer's one-kernel decoding step (:meth:`fused_step`, not a form of ``dla``).
 
-        ``auto``: a decoding step (``stateful``, T = 1) is ``recurrent``. On CUDA, for bf16/fp16 features (the
+        ``auto``, ``parallel`` and ``fused``: a decoding step (``stateful``, T = 1) is ``fused_step`` when
+        :data:`FUSED_STEP` is on, the caller passes q, v (B, H(_kv), 1, d) *and* the layer's ``state`` (its
+        dict, empty before the first token), :meth:`fused_step_reason` finds nothing against them, and the
+        device is CUDA (mode ``fused``: also the CPU under ``TRITON_INTERPRET=1``); else ``recurrent``, with
+        no warning (it is the reference). On CUDA, for bf16/fp16 features (the
         kernel's float32 runs without tensor cores and was not timed), when Triton imports and the
         fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (:func:`dla.fused_supported`; not
         considered when they are not given), the fused kernel up to ``fused_max_len`` (None: 4096), for a
@@ -318,6 +330,9 @@ class DiJiangAttention(nn.Module):
         state), with a warning."""
         mode = self.cfg.mode
         if stateful and T == 1 and mode in ("auto", "parallel", "fused"):
+            if (state is not None and q is not None and v is not None and (device.type == "cuda" or mode == "fused")
+                    and self.fused_step_reason(q, v, state) is None):
+                return "fused_step"
             return "recurrent"
         if mode == "auto":
             fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES
@@ -346,6 +361,56 @@ class DiJiangAttention(nn.Module):
                               stacklevel=3)
                 return fallback
         return mode
+
+    def fused_step_reason(self, q: torch.Tensor, v: torch.Tensor, state: dict) -> str | None:
+        """Why :meth:`fused_step` cannot run a step with q (B, H, 1, d), v (B, H_kv, 1, d) and this layer's
+        decoding ``state`` (:func:`leanformer.ops.fused_decay_step.step_supported`, plus: the switch
+        :data:`FUSED_STEP`, a gradient that would be needed, a state of another layout), or None."""
+        if not FUSED_STEP:
+            return "switched off (leanformer.layers.dijiang.FUSED_STEP = False)"
+        fm, gn = self.feature_map, self.group_norm
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+                q, v, fm.log_d, getattr(self, "decay_logit", None), gn.weight, gn.bias)):
+            return "a gradient is needed (the fused step is for inference: run under torch.no_grad())"
+        if gn.weight is None or gn.bias is None:
+            return "the GroupNorm has no affine weight and bias"
+        S, n = state.get("S"), state.get("n")
+        B, H, m, d = q.shape[0], q.shape[1], self.feature_dim, v.shape[-1]
+        if S is not None and tuple(S.shape) != (B, H, m, d):
+            return f"state S has shape {tuple(S.shape)}, expected {(B, H, m, d)}"
+        if fm.log_d is not None and (S is None) != (n is None):
+            return "the state holds only one of S and n"
+        if n is not None and tuple(n.shape) != (B, H):
+            return f"state n has shape {tuple(n.shape)}, expected {(B, H)}"
+        return fds.step_supported(q, q, v, fm.proj, S, n if fm.log_d is not None else None)
+
+    def fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+        """One decoding step in one kernel (:func:`leanformer.ops.fused_decay_step.decay_step`): q (B, H, 1, d),
+        k, v (B, H_kv, 1, d) after RoPE (not repeated for grouped-query heads) → the GroupNorm-ed heads
+        (B, 1, H·d) in ``out_dtype``. A static state's S and n (:func:`leanformer.decoding.is_static`: what a
+        CUDA graph reads and writes) are updated in place; an eager state gets new tensors, as the unfused path
+        gives it (the kernel writes copies), so that tensors taken from it earlier keep their values. Before a
+        first token S = 0 and n = −inf."""
+        fm, gn = self.feature_map, self.group_norm
+        paper = fm.log_d is not None
+        S, n = state.get("S"), state.get("n") if paper else None
+        first = S is None
+        if first:
+            B, H, _, d = q.shape
+            S = q.new_zeros(B, H, self.feature_dim, d, dtype=torch.float32)
+            n = q.new_full((B, H), float("-inf"), dtype=torch.float32) if paper else None
+        elif not is_static(state):
+            S, n = S.clone(), n.clone() if n is not None else None
+        learnable = self.cfg.learnable_decay
+        o = fds.decay_step(q, k, v, fm.proj, fm.log_d, self.decay_logit if learnable else self.log_gamma_fixed,
+                           S, n, gn.weight, gn.bias, in_scale=fm.in_scale, eps=gn.eps, decay_logit=learnable,
+                           out_dtype=out_dtype)
+        if first or not is_static(state):
+            store_state(state, "S", S)
+            if n is not None:
+                store_state(state, "n", n)
+        return o
 
     def mix(self, fq, fk, v, log_gamma, n, state: dict | None) -> torch.Tensor:
         """Run the form :meth:`form` names (one lookup in :data:`dla.FORMS`); updates ``state`` in place."""
@@ -388,6 +453,10 @@ class DiJiangAttention(nn.Module):
         B, T, C = x.shape
         start = state.get("pos", 0) if state is not None else 0
         q, k, v = project_qkv(self, x, start)
+        if state is not None and T == 1 and self.form(1, v.device, True, q, v, state) == "fused_step":
+            o = self.fused_step(q, k, v, state, x.dtype)
+            state["pos"] = start + T
+            return self.o(F.silu(self.gate(x)) * o)
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -1,0 +1,128 @@
+"""The Triton kernel of :mod:`leanformer.ops.fused_decay_step`: DiJiang's one-token decoding step, one program
+per (batch row, head), from q, k, v (after RoPE) to the head's GroupNorm-ed output.
+
+Imported only by that module, on its first call, so that Triton is needed only when the kernel runs and
+``TRITON_INTERPRET`` is read then. It sits at module level because Triton's interpreter runs a kernel's
+source again with its module's globals. Equations, shapes and strides: :mod:`leanformer.ops.fused_decay_step`.
+
+Every product is an element-wise multiply and a ``tl.sum`` in float32 (no ``tl.dot``: one token is a
+matrix-vector product, and float32 sums keep the interpreter exact for bf16 inputs). The feature axis is
+walked in chunks of ``BLOCK_F`` features, twice: the first pass takes the statistics that need every
+feature (the maxima of z_q and z_k; the softmax sums of the official map), the second recomputes each
+chunk's features, updates that chunk of the state S in place and accumulates o = fq·S. A (D, BLOCK_F)
+projection tile and a (BLOCK_F, D) state tile are all a program holds at once.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _project(q, k, P, LD, h, offs_d, offs, spd, spm, sldh, sldm, PAPER: tl.constexpr):
+    """z_q, z_k for the features ``offs``: (x · in_scale) @ P[:, offs] (+ log D[h, offs], paper), float32."""
+    p = tl.load(P + offs_d[:, None] * spd + offs[None, :] * spm).to(tl.float32)  # (D, BLOCK_F)
+    zq = tl.sum(q[:, None] * p, axis=0)
+    zk = tl.sum(k[:, None] * p, axis=0)
+    if PAPER:
+        ld = tl.load(LD + h * sldh + offs * sldm).to(tl.float32)
+        zq = zq + ld
+        zk = zk + ld
+    return zq, zk
+
+
+@triton.jit
+def _log_sigmoid(x):
+    """log σ(x) = min(x, 0) − log1p(e^−|x|), the log1p accurate for a small argument (Goldberg's
+    log(u)·y/(u − 1), u = 1 + y rounded): γ = σ(x) near 1 has a tiny log γ."""
+    y = tl.exp(-tl.abs(x))
+    u = 1.0 + y
+    log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+    return tl.minimum(x, 0.0) - log1p
+
+
+@triton.jit
+def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O,
+                sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, spd, spm, sldh, sldm, slg,
+                ssb, ssh, ssm, ssd, snb, snh, sw, sgb, sob, soc,
+                H, REP, in_scale, eps, log_eps,
+                M: tl.constexpr, D: tl.constexpr, BLOCK_F: tl.constexpr, PAPER: tl.constexpr,
+                DECAY_LOGIT: tl.constexpr, HAS_EPS: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)  # int64: b·stride may pass 2^31 for a large state
+    b = bh // H
+    h = bh % H
+    hk = h // REP  # grouped-query: query head h reads key/value head h // REP (repeat_interleave's order)
+    offs_d = tl.arange(0, D)
+    offs_f = tl.arange(0, BLOCK_F)
+    q = tl.load(Q + b * sqb + h * sqh + offs_d * sqd).to(tl.float32) * in_scale
+    k = tl.load(K + b * skb + hk * skh + offs_d * skd).to(tl.float32) * in_scale
+    v = tl.load(V + b * svb + hk * svh + offs_d * svd).to(tl.float32)
+    lg = tl.load(LG + h * slg).to(tl.float32)
+    if DECAY_LOGIT:
+        lg = _log_sigmoid(lg)
+
+    # pass 1: per-lane running statistics over the feature chunks, reduced after the loop
+    mq_l = tl.full((BLOCK_F,), float("-inf"), tl.float32)
+    mk_l = tl.full((BLOCK_F,), float("-inf"), tl.float32)
+    sq_l = tl.zeros((BLOCK_F,), tl.float32)
+    sk_l = tl.zeros((BLOCK_F,), tl.float32)
+    for f0 in range(0, M, BLOCK_F):
+        zq, zk = _project(q, k, P, LD, h, offs_d, f0 + offs_f, spd, spm, sldh, sldm, PAPER)
+        if PAPER:
+            mq_l = tl.maximum(mq_l, zq)
+            mk_l = tl.maximum(mk_l, zk)
+        else:  # online softmax sums (the lane's max is finite after the first chunk: no −inf − −inf)
+            mq_new = tl.maximum(mq_l, zq)
+            mk_new = tl.maximum(mk_l, zk)
+            sq_l = sq_l * tl.exp(mq_l - mq_new) + tl.exp(zq - mq_new)
+            sk_l = sk_l * tl.exp(mk_l - mk_new) + tl.exp(zk - mk_new)
+            mq_l = mq_new
+            mk_l = mk_new
+    mq = tl.max(mq_l, axis=0)
+    mk = tl.max(mk_l, axis=0)
+    if PAPER:
+        n_old = tl.load(N + b * snb + h * snh)  # −inf: no state yet
+        n_new = tl.maximum(n_old + lg, mk)      # the keys' running log-normaliser
+        carry = tl.exp(n_old + lg - n_new)      # ≤ 1; 0 for a first token
+        q_den = 1.0
+        k_den = 1.0
+        k_shift = n_new
+    else:
+        carry = tl.exp(lg)
+        q_den = tl.sum(sq_l * tl.exp(mq_l - mq), axis=0)
+        k_den = tl.sum(sk_l * tl.exp(mk_l - mk), axis=0)
+        k_shift = mk
+
+    # pass 2: features, the state chunk by chunk (in place), o = fq · S
+    o = tl.zeros((D,), tl.float32)
+    s_base = S + b * ssb + h * ssh
+    for f0 in range(0, M, BLOCK_F):
+        offs = f0 + offs_f
+        zq, zk = _project(q, k, P, LD, h, offs_d, offs, spd, spm, sldh, sldm, PAPER)
+        fq = tl.exp(zq - mq) / q_den
+        fk = tl.exp(zk - k_shift) / k_den
+        s_ptr = s_base + offs[:, None] * ssm + offs_d[None, :] * ssd
+        s = tl.load(s_ptr) * carry + fk[:, None] * v[None, :]
+        tl.store(s_ptr, s)
+        o += tl.sum(fq[:, None] * s, axis=0)
+
+    # GroupNorm of the head (one group), exact whatever the stabiliser's rescale (paper)
+    if PAPER:
+        tl.store(N + b * snb + h * snh, n_new)
+        a = tl.maximum(tl.max(tl.abs(o), axis=0), 1.1754943508222875e-38)  # float32's smallest normal
+        x = o / a
+    else:
+        x = o
+    mean = tl.sum(x, axis=0) / D
+    xc = x - mean
+    var = tl.sum(xc * xc, axis=0) / D
+    if PAPER:
+        if HAS_EPS:  # ε·(r/a)², r = exp(log_scale) = exp(−n − max_f z_q), in log space, capped at e^80
+            log_scale = -(n_new + mq)
+            var = var + tl.exp(tl.minimum(log_eps + 2.0 * (log_scale - tl.log(a)), 80.0))
+    else:
+        var = var + eps
+    y = xc / tl.sqrt(var)
+    chan = h * D + offs_d
+    w = tl.load(W + chan * sw).to(tl.float32)
+    gb = tl.load(GB + chan * sgb).to(tl.float32)
+    tl.store(O + b * sob + chan * soc, (y * w + gb).to(O.dtype.element_ty))
