@@ -193,18 +193,29 @@ def _smoke_ms(fn) -> float:
 
 
 def decode(out: str) -> None:
-    """``bench decode`` (graph path, bf16 weights): Pre-LN, SAS-P (values now cached in bf16) and DiJiang
-    (prompts continuing a state now run the fused kernel) at 2K/8K/32K × batch 1/32."""
+    """``bench decode`` (graph path, bf16 weights) at issue #15's points: Pre-LN, SAS-P and DiJiang (its step
+    through the one-kernel fused step) at 512/8K/32K × batch 1/8/32; DiJiang again with the fused step off
+    (``leanformer.layers.dijiang.FUSED_STEP = False``: feature map + recurrent form + GroupNorm); then Pre-LN
+    and DiJiang with the step compiled before capture at 8K/32K × 8/32."""
     from leanformer.bench.decode import run_decode_bench
+    from leanformer.layers import dijiang
 
-    arms = "preln,sas_p,dijiang_scratch"
-    contexts, batches = ([16], [1]) if SMOKE else ([2048, 8192, 32768], [1, 32])
-    rep = run_decode_bench(size="tiny" if SMOKE else "gpt2", arms=arms, contexts=contexts, batches=batches,
-                           device=DEV, steps=2 if SMOKE else None,
-                           command=f"leanformer bench decode --size gpt2 --arms {arms} --contexts 2048,8192,32768 "
-                                   "--batches 1,32")
-    rep.write(os.path.join(out, "decode"), formats=("json", "md"))
-    print(rep.markdown(), flush=True)
+    contexts, batches = ([16], [1]) if SMOKE else ([512, 8192, 32768], [1, 8, 32])
+    runs = [("graph", "preln,sas_p,dijiang_scratch", True, False, contexts, batches),
+            ("graph_unfused_step", "dijiang_scratch", False, False, contexts, batches),
+            ("compiled_graph", "preln,dijiang_scratch", True, True,
+             contexts if SMOKE else [8192, 32768], batches if SMOKE else [8, 32])]
+    for name, arms, fused_step, compiled, ctx, bat in runs:
+        compiled = compiled and not SMOKE  # the CPU's eager path has no step to compile
+        dijiang.FUSED_STEP = fused_step
+        flags = (" --compile" if compiled else "") + ("" if fused_step else "  (FUSED_STEP = False)")
+        rep = run_decode_bench(size="tiny" if SMOKE else "gpt2", arms=arms, contexts=ctx, batches=bat,
+                               device=DEV, steps=2 if SMOKE else None, compile=compiled,
+                               command=f"leanformer bench decode --size gpt2 --arms {arms} --contexts "
+                                       f"{','.join(map(str, ctx))} --batches {','.join(map(str, bat))}{flags}")
+        rep.write(os.path.join(out, f"decode_{name}"), formats=("json", "md"))
+        print(rep.markdown(), flush=True)
+    dijiang.FUSED_STEP = True
 
 
 SECTIONS = "tests,layers,nan,attention,profile,train,steps,variants,decode"
