@@ -36,7 +36,7 @@ if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.detach().double()
+    ref = ref.detach().double().to(out.device)  # references may be computed on the CPU in float64
     return float((out.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
@@ -310,8 +310,10 @@ def test_layer_reasons_name_the_state():
 
 def test_refused_inputs_have_clear_errors():
     c = _case(B=1, H=2, H_kv=2, d=16, m=16)
-    t = {x: (c[x].float() if c[x] is not None else None) for x in ("q", "k", "v", "proj", "log_d", "decay", "w", "b")}
-    S, n = torch.zeros(1, 2, 16, 16), torch.zeros(1, 2)
+    names = ("q", "k", "v", "proj", "log_d", "decay", "w", "b")
+    c = {x: (c[x].to(DEV) if c[x] is not None else None) for x in names}
+    t = {x: (c[x].float() if c[x] is not None else None) for x in names}
+    S, n = torch.zeros(1, 2, 16, 16, device=DEV), torch.zeros(1, 2, device=DEV)
     kw = dict(in_scale=0.5, eps=1e-5)
 
     def call(**over):
@@ -323,15 +325,15 @@ def test_refused_inputs_have_clear_errors():
     with pytest.raises(ValueError, match="one dtype"):
         call(q=t["q"].half())
     with pytest.raises(ValueError, match=r"feature dim m=24 must be a power of two in \[16, 128\]"):
-        call(proj=torch.zeros(16, 24))
+        call(proj=torch.zeros(16, 24, device=DEV))
     with pytest.raises(ValueError, match=r"head dim d=8"):
-        call(q=t["q"][..., :8], k=t["k"][..., :8], v=t["v"][..., :8], proj=torch.zeros(8, 16))
+        call(q=t["q"][..., :8], k=t["k"][..., :8], v=t["v"][..., :8], proj=torch.zeros(8, 16, device=DEV))
     with pytest.raises(ValueError, match="state S must be float32"):
         call(S=S.double())
     with pytest.raises(ValueError, match=r"expected q \(B, H, 1, d\)"):
         call(q=t["q"].expand(1, 2, 2, 16))
     with pytest.raises(ValueError, match=r"S must have shape \(1, 2, 16, 16\)"):
-        call(S=torch.zeros(1, 2, 16, 8))
+        call(S=torch.zeros(1, 2, 16, 8, device=DEV))
     with pytest.raises(ValueError, match="no log-normaliser"):
         call(log_d=None)
     with pytest.raises(ValueError, match="is for inference"):

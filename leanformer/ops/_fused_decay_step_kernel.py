@@ -53,8 +53,11 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O,
     hk = h // REP  # grouped-query: query head h reads key/value head h // REP (repeat_interleave's order)
     offs_d = tl.arange(0, D)
     offs_f = tl.arange(0, BLOCK_F)
-    q = tl.load(Q + b * sqb + h * sqh + offs_d * sqd).to(tl.float32) * in_scale
-    k = tl.load(K + b * skb + hk * skh + offs_d * skd).to(tl.float32) * in_scale
+    # float scalars are cast: Inductor declares a Python float argument float64 (Triton: float32), and a
+    # float64 product would make the loop-carried maxima change type (a compile error under torch.compile)
+    # (the casts come after the product: the interpreter passes a Python float, which has no ``.to``)
+    q = (tl.load(Q + b * sqb + h * sqh + offs_d * sqd).to(tl.float32) * in_scale).to(tl.float32)
+    k = (tl.load(K + b * skb + hk * skh + offs_d * skd).to(tl.float32) * in_scale).to(tl.float32)
     v = tl.load(V + b * svb + hk * svh + offs_d * svd).to(tl.float32)
     lg = tl.load(LG + h * slg).to(tl.float32)
     if DECAY_LOGIT:
@@ -118,9 +121,9 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O,
     if PAPER:
         if HAS_EPS:  # ε·(r/a)², r = exp(log_scale) = exp(−n − max_f z_q), in log space, capped at e^80
             log_scale = -(n_new + mq)
-            var = var + tl.exp(tl.minimum(log_eps + 2.0 * (log_scale - tl.log(a)), 80.0))
+            var = var + tl.exp(tl.minimum((log_eps + 2.0 * (log_scale - tl.log(a))).to(tl.float32), 80.0))
     else:
-        var = var + eps
+        var = (var + eps).to(tl.float32)
     y = xc / tl.sqrt(var)
     chan = h * D + offs_d
     w = tl.load(W + chan * sw).to(tl.float32)

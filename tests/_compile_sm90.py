@@ -1,0 +1,66 @@
+"""Compile leanformer's Triton kernels for an H100/H200 (sm_90) on a machine without a GPU, as Inductor
+compiles them inside a ``torch.compile``d graph: Python float arguments declared fp64, integers i64.
+
+Run by tests/test_triton_sm90_compile.py in a subprocess without ``TRITON_INTERPRET`` (under the interpreter
+``triton.jit`` makes interpreted functions, which cannot be compiled). Prints one line per kernel,
+``OK name`` or ``FAIL name: error``, and exits 1 on any failure. Triton's code generation down to a cubin
+needs no GPU (its bundled ptxas runs on the CPU): type errors such as a loop-carried variable that changes
+type (found on an H200, 2026-12-04) show up here.
+"""
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from leanformer.ops import _fused_decay_kernels as attn
+from leanformer.ops import _fused_decay_step_kernel as step
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(fn, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, float_type: str):
+    """Every argument of ``fn``: a pointer type from ``pointers``, ``float_type`` for ``floats``, a constexpr
+    value from ``constexprs``, else i64 (how Inductor declares a Python int it cannot specialise)."""
+    names = fn.arg_names
+    sig = {}
+    for n in names:
+        sig[n] = (pointers.get(n) or (float_type if n in floats else None)
+                  or ("constexpr" if n in constexprs else "i64"))
+    src = ASTSource(fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(src, target=TARGET)
+
+
+def cases():
+    bf, f32 = "*bf16", "*fp32"
+    attn_ptr = {"Q": bf, "K": bf, "V": bf, "LG": f32, "N": f32, "O": bf, "DO": bf, "DK": bf, "DV": bf}
+    for factored in (True, False):
+        meta = dict(M=64, D=64, BLOCK_M=64, BLOCK_N=64, HAS_NORM=True, PRECISION="tf32", INTERPRET=False,
+                    T_END=0, FACTORED=factored, SCALE_OPERAND=True, FULL_LOOPS=False, REVERSE=True)
+        yield f"fused attention forward (factored={factored})", attn.fwd_kernel, attn_ptr, (), meta
+        yield f"fused attention dK/dV (factored={factored})", attn.bwd_dkdv_kernel, attn_ptr, (), meta
+    step_ptr = {"Q": bf, "K": bf, "V": bf, "P": f32, "LD": f32, "LG": f32, "S": f32, "N": f32, "W": f32,
+                "GB": f32, "O": bf}
+    for paper in (True, False):
+        for logit in (False, True):
+            meta = dict(M=64, D=64, BLOCK_F=64, PAPER=paper, DECAY_LOGIT=logit, HAS_EPS=True)
+            yield (f"decoding step (paper={paper}, decay logit={logit})", step.step_kernel, step_ptr,
+                   ("in_scale", "eps", "log_eps"), meta)
+
+
+def main() -> int:
+    failed = 0
+    for name, fn, ptrs, floats, meta in cases():
+        for float_type in ("fp32", "fp64") if floats else ("",):
+            label = f"{name}, floats {float_type}" if floats else name
+            try:
+                compile_kernel(fn, ptrs, floats, meta, float_type)
+                print(f"OK {label}", flush=True)
+            except Exception as e:  # noqa: BLE001 - report every kernel's failure, then exit 1
+                failed += 1
+                print(f"FAIL {label}: {type(e).__name__}: {str(e)[-300:]}", flush=True)
+    return 1 if failed else 0
+
+if __name__ == "__main__":
+    sys.exit(main())
