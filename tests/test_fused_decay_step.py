@@ -24,6 +24,7 @@ from leanformer.decoding import StaticDecoder  # noqa: E402
 from leanformer.layers import dijiang as dj  # noqa: E402
 from leanformer.layers.attention import merge_heads  # noqa: E402
 from leanformer.ops import decayed_linear_attention as dla  # noqa: E402
+from leanformer.ops import fused_decay_attention as fda  # noqa: E402
 from leanformer.ops import fused_decay_step as fds  # noqa: E402
 
 F64 = torch.float64
@@ -344,7 +345,7 @@ def test_refused_inputs_have_clear_errors():
 
 
 def test_gpus_that_cannot_run_the_step_are_named(monkeypatch):
-    monkeypatch.setattr(fds, "_device_limits", lambda index: (7, 5, 64 * 1024))
+    monkeypatch.setattr(fda, "_device_limits", lambda index: (7, 5, 64 * 1024))
     assert "compute capability ≥ 8.0; this one is 7.5" in fds.step_reason(torch.device("cuda"), torch.bfloat16, 64, 64)
-    monkeypatch.setattr(fds, "_device_limits", lambda index: (9, 0, 227 * 1024))
+    monkeypatch.setattr(fda, "_device_limits", lambda index: (9, 0, 227 * 1024))
     assert fds.step_reason(torch.device("cuda"), torch.bfloat16, 64, 64) is None

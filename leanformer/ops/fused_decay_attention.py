@@ -117,19 +117,31 @@ def _triton_import_error() -> str | None:
     return _TRITON_IMPORT["error"]
 
 
-def fused_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> str | None:
-    """Why the fused kernel cannot run q, k: (…, m) and v: (…, d) of ``dtype`` on ``device``; None if it can."""
+def kernel_reason(device: torch.device, dtype: torch.dtype, dims: tuple[tuple[str, int], ...]) -> str | None:
+    """What every Triton kernel of ours needs, shared with :mod:`leanformer.ops.fused_decay_step`: CUDA on
+    an Ampere or newer GPU (or the CPU under the interpreter), a dtype of :data:`DTYPES`, and each named
+    dimension of ``dims`` a power of two in [MIN_DIM, MAX_DIM]. The reason it fails, or None."""
     if device.type != "cuda" and not (device.type == "cpu" and _interpret()):
         return f"needs CUDA tensors (got {device.type}; CPU tensors run only under TRITON_INTERPRET=1)"
     if dtype not in DTYPES:
         return f"dtype {dtype} is not supported (float32, bfloat16, float16)"
-    for name, x in (("feature dim m", m), ("value dim d", d)):
+    for name, x in dims:
         if x < MIN_DIM or x > MAX_DIM or x & (x - 1):
             return f"{name}={x} must be a power of two in [{MIN_DIM}, {MAX_DIM}]"
     if device.type == "cuda":
-        major, minor, smem = _device_limits(device.index if device.index is not None else -1)
-        if major < 8:
+        major, minor, _ = _device_limits(device.index if device.index is not None else -1)
+        if major < 8:  # Triton's bf16 conversions need sm_80
             return f"needs an Ampere or newer GPU (compute capability ≥ 8.0; this one is {major}.{minor})"
+    return None
+
+
+def fused_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> str | None:
+    """Why the fused kernel cannot run q, k: (…, m) and v: (…, d) of ``dtype`` on ``device``; None if it can."""
+    reason = kernel_reason(device, dtype, (("feature dim m", m), ("value dim d", d)))
+    if reason is not None:
+        return reason
+    if device.type == "cuda":
+        smem = _device_limits(device.index if device.index is not None else -1)[2]
         if max(m, d) > 64 and smem < BIG_DIM_SMEM:
             return (f"m or d = {max(m, d)} needs {BIG_DIM_SMEM // 1024} KiB of shared memory per block; this GPU "
                     f"offers {smem // 1024} KiB (m, d ≤ 64 fit)")
