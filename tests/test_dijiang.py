@@ -356,3 +356,20 @@ def test_feature_gain_is_never_weight_decayed_after_copies_and_loading():
         assert len(gains) == model.cfg.n_layers
         assert all(tags[n] == (1.0, False) for n in gains)
         assert tags["blocks.0.attn.q.weight"] == (1.0, True)
+
+
+def test_recurrent_first_token_with_a_very_negative_norm_gives_no_nan():
+    """No initial state and n_0 < −88 (float32): the first carry exp(logγ − n_0) would be inf and inf·0 NaN;
+    recurrent takes n_0 itself as the previous norm there, and matches the parallel form (review finding)."""
+    from leanformer.ops import decayed_linear_attention as dla
+    from leanformer.layers.dijiang import running_log_norm
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.rand(1, 2, 6, 16, generator=g) for _ in range(2))
+    v = torch.randn(1, 2, 6, 16, generator=g)
+    lg = torch.log1p(-torch.tensor([1 / 32, 1 / 512]))
+    n = running_log_norm(torch.randn(1, 2, 6, generator=g) - 200.0, lg)
+    o, S = dla.recurrent(q, k, v, lg, log_norm=n)
+    o_ref = dla.parallel(q.double(), k.double(), v.double(), lg.double(), log_norm=n.double())[0]
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-6)

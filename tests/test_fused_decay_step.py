@@ -108,6 +108,23 @@ def test_step_equals_recurrent_and_normalise_float64(paper, first, B):
 
 
 @pytest.mark.parametrize("paper", [True, False], ids=["paper", "official"])
+@pytest.mark.parametrize("scale", [1e-3, 1e-6])
+def test_groupnorm_epsilon_where_it_matters(paper, scale):
+    """v and S scaled down until the GroupNorm's ε is a large part of the variance (review: at scale 1 the
+    ε term moves the output by ~4e-6 only, below the tolerance): the fused step still matches the float64
+    reference, and differs from its ε = 0 result, so the ε term (HAS_EPS) is really exercised; ε = 0 too."""
+    outs = {}
+    for eps in (1e-5, 0.0):
+        c = _case(B=2, paper=paper)
+        c["v"], c["S"], c["eps"] = c["v"] * scale, c["S"] * scale, eps
+        ref, S_ref, _ = _reference(c)
+        out, S, _ = _fused(c)
+        assert max(rel(out, ref), rel(S, S_ref)) <= FP32_TOL, eps
+        outs[eps] = out
+    assert rel(outs[1e-5], outs[0.0]) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("paper", [True, False], ids=["paper", "official"])
 def test_learnable_decay_and_grouped_query_heads(paper):
     """The decay's logit turned into log σ(θ) in the kernel; H = 4 query heads over 2 key/value heads, read
     in repeat_interleave's order without a repeated copy."""
@@ -329,6 +346,8 @@ def test_refused_inputs_have_clear_errors():
         call(proj=torch.zeros(16, 24, device=DEV))
     with pytest.raises(ValueError, match=r"head dim d=8"):
         call(q=t["q"][..., :8], k=t["k"][..., :8], v=t["v"][..., :8], proj=torch.zeros(8, 16, device=DEV))
+    with pytest.raises(ValueError, match="weight must be on"):
+        call(w=t["w"].to("meta"))
     with pytest.raises(ValueError, match="state S must be float32"):
         call(S=S.double())
     with pytest.raises(ValueError, match=r"expected q \(B, H, 1, d\)"):

@@ -382,7 +382,9 @@ class DiJiangAttention(nn.Module):
             return "the state holds only one of S and n"
         if n is not None and tuple(n.shape) != (B, H):
             return f"state n has shape {tuple(n.shape)}, expected {(B, H)}"
-        return fds.step_supported(q, q, v, fm.proj, S, n if fm.log_d is not None else None)
+        decay = self.decay_logit if self.cfg.learnable_decay else self.log_gamma_fixed
+        return fds.step_supported(q, q, v, fm.proj, S, n if fm.log_d is not None else None,  # k: q's projection
+                                  dict(log_d=fm.log_d, log_gamma=decay, weight=gn.weight, bias=gn.bias))
 
     def fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict,
                    out_dtype: torch.dtype) -> torch.Tensor:

@@ -209,7 +209,10 @@ def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torc
     sd = _state_dtype(q.dtype)
     S = _initial(q, v, initial_state)
     lg = log_gamma.to(sd)[None, :, None, None]
-    prev = _zeros_norm(q, initial_log_norm) if log_norm is not None else None
+    prev = None
+    if log_norm is not None:  # with no initial state S is 0 and its carry is moot: take n_0 itself, so that the
+        # carry exp(logγ + n_prev − n_0) stays finite (n_0 < −88 would make it inf, and inf·0 = NaN in float32)
+        prev = log_norm[:, :, 0].to(sd) if initial_state is None and T else _zeros_norm(q, initial_log_norm)
     outs = []
     for t in range(T):
         step = lg

@@ -67,13 +67,18 @@ def step_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> str
 
 
 def step_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor,
-                   S: torch.Tensor | None = None, n: torch.Tensor | None = None) -> str | None:
+                   S: torch.Tensor | None = None, n: torch.Tensor | None = None,
+                   tables: dict[str, torch.Tensor | None] | None = None) -> str | None:
     """Why :func:`decay_step` refuses these inputs (see the module docstring), or None when it runs them.
-    Shapes are not checked here (:func:`decay_step` raises on a mismatch); gradients neither."""
+    ``tables``: further named inputs (log_d, log_gamma, the GroupNorm's weight and bias) that must be on q's
+    device. Shapes are not checked here (:func:`decay_step` raises on a mismatch); gradients neither."""
     if not (q.dtype == k.dtype == v.dtype):
         return f"q, k and v must have one dtype (got {q.dtype}, {k.dtype}, {v.dtype})"
     if not (q.device == k.device == v.device == proj.device):
         return f"q, k, v and proj must be on one device (got {q.device}, {k.device}, {v.device}, {proj.device})"
+    for name, t in (tables or {}).items():
+        if t is not None and t.device != q.device:
+            return f"{name} must be on {q.device} with q (got {t.device})"
     for name, t in (("state S", S), ("log-normaliser n", n)):
         if t is not None and (t.dtype != torch.float32 or t.device != q.device):
             return f"{name} must be float32 on {q.device} (got {t.dtype} on {t.device})"
@@ -144,7 +149,7 @@ def decay_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Te
     unsupported inputs (:func:`step_supported`), a shape mismatch, or an input that requires grad while
     grad mode is on.
     """
-    reason = step_supported(q, k, v, proj, S, n)
+    reason = step_supported(q, k, v, proj, S, n, dict(log_d=log_d, log_gamma=log_gamma, weight=weight, bias=bias))
     if reason is not None:
         raise ValueError(f"the fused DiJiang decoding step cannot run these inputs: {reason}; use the "
                          "'recurrent' form")
