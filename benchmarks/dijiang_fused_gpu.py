@@ -17,7 +17,12 @@
     PYTHONPATH=$PWD .venv/bin/python benchmarks/dijiang_fused_gpu.py --out /tmp/o --cpu-smoke   # tests the script
 
 Writes OUT/fused_gpu.json (every check, timing and note) and the reports OUT/attention/, OUT/train1024/,
-OUT/train4096/ and OUT/decode/ (each a .json and a .md); prints a short table last.
+OUT/train4096/ and OUT/decode_graph/, OUT/decode_graph_unfused_step/, OUT/decode_compiled_graph/ (each a .json
+and a .md); prints a short table last.
+
+The commit recorded is ``--commit`` (or $GIT_COMMIT), else ``git rev-parse`` of the tree. On the lent device
+machine the copy's ``.git`` was not the tree that ran (2026-12-04: every call recorded the session's first
+commit), so pass the hash there: ``--commit $(git rev-parse --short HEAD)`` written out by the caller.
 """
 
 from __future__ import annotations
