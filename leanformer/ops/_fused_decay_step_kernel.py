@@ -41,6 +41,18 @@ def _log_sigmoid(x):
 
 
 @triton.jit
+def _round(x, dt: tl.constexpr):
+    """float32 x rounded to ``dt`` (to nearest, ties to even) and back to float32. bfloat16 is rounded on
+    the bits: Triton's interpreter truncates a float32 → bfloat16 cast (checked with Triton 3.6), the GPU
+    rounds it to nearest; done by hand both agree with PyTorch's rounding."""
+    if dt == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536: 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN kept
+    return x.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rotate(X, sxd, offs_d, c, s, R: tl.constexpr):
     """Rotary's rotate-half (:meth:`leanformer.layers.rope.Rotary.rotate`) of one head vector at ``X``: the
     first R channels as ``x·cos + (−x₂, x₁)·sin`` (c, s: (D,) float32, the cos/sin row padded with 1, 0), the
@@ -52,7 +64,7 @@ def _rotate(X, sxd, offs_d, c, s, R: tl.constexpr):
     xp = tl.load(X + partner * sxd, mask=offs_d < R, other=0.0).to(tl.float32)
     rot = tl.where(offs_d < half, -xp, xp)
     dt = X.dtype.element_ty
-    y = ((x * c).to(dt).to(tl.float32) + (rot * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    y = _round(_round(x * c, dt) + _round(rot * s, dt), dt)
     return tl.where(offs_d < R, y, x)
 
 
