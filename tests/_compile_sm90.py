@@ -41,12 +41,18 @@ def cases():
         yield f"fused attention forward (factored={factored})", attn.fwd_kernel, attn_ptr, (), meta
         yield f"fused attention dK/dV (factored={factored})", attn.bwd_dkdv_kernel, attn_ptr, (), meta
     step_ptr = {"Q": bf, "K": bf, "V": bf, "P": f32, "LD": f32, "LG": f32, "S": f32, "N": f32, "W": f32,
-                "GB": f32, "O": bf}
+                "GB": f32, "O": bf, "COS": bf, "SIN": bf, "POS": "*i64"}
+    floats = ("in_scale", "eps", "log_eps")
     for paper in (True, False):
         for logit in (False, True):
-            meta = dict(M=64, D=64, BLOCK_F=64, PAPER=paper, DECAY_LOGIT=logit, HAS_EPS=True)
-            yield (f"decoding step (paper={paper}, decay logit={logit})", step.step_kernel, step_ptr,
-                   ("in_scale", "eps", "log_eps"), meta)
+            meta = dict(M=64, D=64, BLOCK_F=64, PAPER=paper, DECAY_LOGIT=logit, HAS_EPS=True, ROPE=False, R=0,
+                        POS_PTR=False)
+            yield f"decoding step (paper={paper}, decay logit={logit})", step.step_kernel, step_ptr, floats, meta
+    for rotary, pos_ptr in ((64, True), (32, False)):  # RoPE in the kernel: full at a device position, partial
+        meta = dict(M=64, D=64, BLOCK_F=64, PAPER=True, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=rotary,
+                    POS_PTR=pos_ptr)
+        yield (f"decoding step with RoPE (R={rotary}, position pointer={pos_ptr})", step.step_kernel, step_ptr,
+               floats, meta)
 
 
 def main() -> int:

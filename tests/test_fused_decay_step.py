@@ -368,3 +368,107 @@ def test_gpus_that_cannot_run_the_step_are_named(monkeypatch):
     assert "compute capability ≥ 8.0; this one is 7.5" in fds.step_reason(torch.device("cuda"), torch.bfloat16, 64, 64)
     monkeypatch.setattr(fda, "_device_limits", lambda index: (9, 0, 227 * 1024))
     assert fds.step_reason(torch.device("cuda"), torch.bfloat16, 64, 64) is None
+
+
+# ------------------------------------------------------------------------------------------- RoPE in the kernel
+def _rope_args(rot, pos, as_tensor, dtype):
+    """cos, sin, position for decay_step at ``pos``: the row itself (an int position) or the kept tables and a
+    (1,) device tensor (the static decoder's counter)."""
+    start = torch.tensor([pos], device=DEV) if as_tensor else pos
+    cos, sin, position = rot.step_tables(start, DEV, dtype)
+    assert (position is start) if as_tensor else (position is None and cos.shape == (1, rot.rotary_dim))
+    return dict(cos=cos, sin=sin, position=position)
+
+
+@pytest.mark.parametrize("paper", [True, False], ids=["paper", "official"])
+@pytest.mark.parametrize("pct", [1.0, 0.5])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
+def test_rope_in_the_kernel_equals_rotary_before_it_and_float64(paper, pct, as_tensor):
+    """q, k un-rotated and the kernel rotating them (full and partial rotary, grouped-query heads, positions
+    0, 7 and 300, the last past the tables' first 256 rows) gives the fused step after Rotary's rotation, and
+    the float64 unfused path on the float64-rotated inputs; bf16 too (same rounding as Rotary's eager ops)."""
+    from leanformer.layers.rope import Rotary
+
+    d = 16
+    rot, rot64 = Rotary(d, pct), Rotary(d, pct)
+    for pos in (0, 7, 300):
+        c = _case(B=2, H=4, H_kv=2, d=d, paper=paper, seed=pos)
+        c64 = dict(c, q=rot64.rotate(c["q"], pos), k=rot64.rotate(c["k"], pos))
+        ref, S_ref, _ = _reference(c64)
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-3)):
+            q, k = c["q"].to(DEV, dtype), c["k"].to(DEV, dtype)
+            before, _, _ = _fused(dict(c, q=rot.rotate(q, pos).double(), k=rot.rotate(k, pos).double()), dtype)
+            B, H, _, _ = q.shape
+            S = c["S"].float().to(DEV)
+            n = c["n"].float().to(DEV) if paper else None
+            f32 = {x: c[x].float().to(DEV) if c[x] is not None else None for x in ("proj", "log_d", "decay", "w",
+                                                                                   "b")}
+            inside = fds.decay_step(q, k, c["v"].to(DEV, dtype), f32["proj"], f32["log_d"], f32["decay"], S, n,
+                                    f32["w"], f32["b"], in_scale=c["in_scale"], eps=c["eps"],
+                                    out_dtype=torch.float32, **_rope_args(rot, pos, as_tensor, dtype))
+            assert rel(inside, before) <= tol, (pos, dtype)
+            if dtype == torch.float32:
+                assert max(rel(inside, ref), rel(S, S_ref)) <= FP32_TOL, pos
+            else:
+                assert rel(inside, ref) <= BF16_TOL, pos
+
+
+@pytest.mark.parametrize("feature_map,pct,n_kv", [("paper", 0.5, 1), ("official", 1.0, None)])
+def test_generate_with_rope_in_the_kernel_equals_rope_before_it(feature_map, pct, n_kv, monkeypatch):
+    """Whole generations, eager (int positions) and through the static decoder (positions in a device tensor
+    read by the kernel), with ROPE_IN_KERNEL on and off, give the unfused path's tokens; the static steps'
+    logits agree, and with the switch on Rotary runs in no step (its gathers are gone)."""
+    from leanformer.layers.rope import Rotary
+
+    model = _model(feature_map, n_kv_heads=n_kv)
+    model.cfg.rotary_pct = pct
+    for block in model.blocks:
+        block.attn.rotary = Rotary(model.cfg.head_dim, pct).to(DEV)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4)).to(DEV)
+    N = 4
+    monkeypatch.setattr(dj, "FUSED_STEP", False)
+    unfused = model.generate(prompt, N, temperature=0, static=False)
+    monkeypatch.setattr(dj, "FUSED_STEP", True)
+    rotations = [0]
+    real = Rotary.rotate
+
+    def counted(self, x, start=0):
+        rotations[0] += 1
+        return real(self, x, start)
+    monkeypatch.setattr(Rotary, "rotate", counted)
+    logits = {}
+    for inside in (True, False):
+        monkeypatch.setattr(fds, "ROPE_IN_KERNEL", inside)
+        assert torch.equal(model.generate(prompt, N, temperature=0, static=False), unfused)
+        dec = StaticDecoder(model, 2, capacity=12, graph="none", prefill_chunk=3)
+        dec.prefill(prompt)
+        rotations[0], logits[inside] = 0, []
+        for _ in range(N - 1):
+            dec.step()
+            logits[inside].append(dec.logits.clone())
+        assert rotations[0] == (0 if inside else 2 * (N - 1)), inside  # q and k, one layer, every step
+        assert torch.equal(dec.tokens[:, :5 + N], unfused)
+    assert rel(torch.stack(logits[True]), torch.stack(logits[False])) <= 1e-5
+
+
+def test_rope_inputs_are_checked():
+    c = _case(B=1, H=2, H_kv=2, d=16, m=16)
+    t = {x: c[x].float().to(DEV) for x in ("q", "k", "v", "proj", "log_d", "decay", "w", "b", "S", "n")}
+    table = torch.zeros(8, 16, device=DEV)
+
+    def call(**rope):
+        return fds.decay_step(t["q"], t["k"], t["v"], t["proj"], t["log_d"], t["decay"], t["S"], t["n"], t["w"],
+                              t["b"], in_scale=0.5, eps=1e-5, **rope)
+    with pytest.raises(ValueError, match="needs both cos and sin"):
+        call(cos=table)
+    with pytest.raises(ValueError, match="one shape"):
+        call(cos=table, sin=table[:, :8])
+    with pytest.raises(ValueError, match=r"R=3 \(the tables' width\) must be even and in \[2, head dim d=16\]"):
+        call(cos=table[:, :3], sin=table[:, :3])
+    wide = torch.zeros(8, 32, device=DEV)
+    with pytest.raises(ValueError, match="R=32"):
+        call(cos=wide, sin=wide)
+    with pytest.raises(ValueError, match=r"position must be a \(1,\) int64"):
+        call(cos=table, sin=table, position=torch.zeros(1, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="position must be on"):
+        call(cos=table, sin=table, position=torch.zeros(1, dtype=torch.long, device="meta"))

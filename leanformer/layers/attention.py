@@ -99,14 +99,14 @@ def add_projections(module: nn.Module, cfg: TransformerConfig) -> None:
                      if cfg.pos == "rope" else None)
 
 
-def project_qkv(module: nn.Module, x: torch.Tensor, start) -> tuple[torch.Tensor, ...]:
+def project_qkv(module: nn.Module, x: torch.Tensor, start, rotate: bool = True) -> tuple[torch.Tensor, ...]:
     """``x`` (B, T, C) → q (B, H, T, D), k and v (B, H_kv, T, D), q and k rotated at positions ``start + t``
-    (or as :meth:`Rotary.rotate` reads a tensor or static positions); ``module`` holds what
-    :func:`add_projections` gave it."""
+    (or as :meth:`Rotary.rotate` reads a tensor or static positions; ``rotate=False``: not rotated, the
+    caller rotates them); ``module`` holds what :func:`add_projections` gave it."""
     q = split_heads(module.q(x), module.n_heads)
     k = split_heads(module.k(x), module.n_kv)
     v = split_heads(module.v(x), module.n_kv)
-    if module.rotary is not None:
+    if rotate and module.rotary is not None:
         q, k = module.rotary(q, k, start)
     return q, k, v
 

@@ -387,13 +387,16 @@ class DiJiangAttention(nn.Module):
                                   dict(log_d=fm.log_d, log_gamma=decay, weight=gn.weight, bias=gn.bias))
 
     def fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out_dtype: torch.dtype, start=0) -> torch.Tensor:
         """One decoding step in one kernel (:func:`leanformer.ops.fused_decay_step.decay_step`): q (B, H, 1, d),
-        k, v (B, H_kv, 1, d) after RoPE (not repeated for grouped-query heads) → the GroupNorm-ed heads
-        (B, 1, H·d) in ``out_dtype``. A static state's S and n (:func:`leanformer.decoding.is_static`: what a
-        CUDA graph reads and writes) are updated in place; an eager state gets new tensors, as the unfused path
-        gives it (the kernel writes copies), so that tensors taken from it earlier keep their values. Before a
-        first token S = 0 and n = −inf."""
+        k, v (B, H_kv, 1, d) *before* RoPE (not repeated for grouped-query heads), at position ``start`` (as
+        :meth:`leanformer.layers.rope.Rotary.rotate` reads it: an int, a (1,) tensor, static positions) →
+        the GroupNorm-ed heads (B, 1, H·d) in ``out_dtype``. With rotary embeddings the kernel rotates q and k
+        (:data:`leanformer.ops.fused_decay_step.ROPE_IN_KERNEL`; False: :class:`Rotary` rotates them first).
+        A static state's S and n (:func:`leanformer.decoding.is_static`: what a CUDA graph reads and writes)
+        are updated in place; an eager state gets new tensors, as the unfused path gives it (the kernel writes
+        copies), so that tensors taken from it earlier keep their values. Before a first token S = 0 and
+        n = −inf."""
         fm, gn = self.feature_map, self.group_norm
         paper = fm.log_d is not None
         S, n = state.get("S"), state.get("n") if paper else None
@@ -405,9 +408,15 @@ class DiJiangAttention(nn.Module):
         elif not is_static(state):
             S, n = S.clone(), n.clone() if n is not None else None
         learnable = self.cfg.learnable_decay
+        rope = {}
+        if self.rotary is not None and self.rotary.rotary_dim > 0:
+            if fds.ROPE_IN_KERNEL and self.rotary.rotary_dim % 2 == 0:
+                rope = dict(zip(("cos", "sin", "position"), self.rotary.step_tables(start, q.device, q.dtype)))
+            else:
+                q, k = self.rotary(q, k, start)
         o = fds.decay_step(q, k, v, fm.proj, fm.log_d, self.decay_logit if learnable else self.log_gamma_fixed,
                            S, n, gn.weight, gn.bias, in_scale=fm.in_scale, eps=gn.eps, decay_logit=learnable,
-                           out_dtype=out_dtype)
+                           out_dtype=out_dtype, **rope)
         if first or not is_static(state):
             store_state(state, "S", S)
             if n is not None:
@@ -454,11 +463,15 @@ class DiJiangAttention(nn.Module):
                                  "padding: attention_mask rows of 1s then 0s)")
         B, T, C = x.shape
         start = state.get("pos", 0) if state is not None else 0
-        q, k, v = project_qkv(self, x, start)
-        if state is not None and T == 1 and self.form(1, v.device, True, q, v, state) == "fused_step":
-            o = self.fused_step(q, k, v, state, x.dtype)
-            state["pos"] = start + T
+        step = state is not None and T == 1
+        q, k, v = project_qkv(self, x, start, rotate=not step)  # a step rotates below, or in the fused kernel
+        if step and self.form(1, v.device, True, q, v, state) == "fused_step":
+            o = self.fused_step(q, k, v, state, x.dtype, start)
+            if not is_static(state):  # a static cache publishes every call's positions itself (decoding.py)
+                state["pos"] = start + T
             return self.o(F.silu(self.gate(x)) * o)
+        if step and self.rotary is not None:
+            q, k = self.rotary(q, k, start)
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

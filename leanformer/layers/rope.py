@@ -87,6 +87,20 @@ class Rotary(nn.Module):
         size = self._tables[0]
         return self._tables[1][:size].index_select(0, positions), self._tables[2][:size].index_select(0, positions)
 
+    def step_tables(self, start, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What a kernel needs to rotate one decoding step at ``start`` (read as :meth:`rotate` reads it) as
+        :meth:`rotate` does: cos and sin tables (L, rotary_dim) in ``dtype`` and the (1,) int64 position to
+        read in them, or None for row 0. An int ``start`` gives its row (a view, L = 1); a tensor (or static
+        positions) gives the whole kept tables (covering :meth:`reserve`'s length) and the tensor itself, so
+        that no indexing op runs and a captured graph reads the position on the device."""
+        if hasattr(start, "memo"):
+            start = start.index
+        if not isinstance(start, torch.Tensor):
+            cos, sin = self.cos_sin(start, 1, device, dtype)
+            return cos, sin, None
+        self.cos_sin(0, 1, start.device, dtype)  # builds (or keeps) the tables
+        return self._tables[1], self._tables[2], start
+
     def rotate(self, x: torch.Tensor, start=0) -> torch.Tensor:
         """``x``: (B, H, T, D) -> same shape, rotated at positions ``start + t`` (``start`` an int), at
         ``start[t]`` (a (T,) int64 tensor of positions), or at ``start.index`` (a static cache's

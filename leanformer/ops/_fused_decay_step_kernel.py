@@ -1,5 +1,5 @@
 """The Triton kernel of :mod:`leanformer.ops.fused_decay_step`: DiJiang's one-token decoding step, one program
-per (batch row, head), from q, k, v (after RoPE) to the head's GroupNorm-ed output.
+per (batch row, head), from q, k, v (after RoPE, or rotated here: ``ROPE``) to the head's GroupNorm-ed output.
 
 Imported only by that module, on its first call, so that Triton is needed only when the kernel runs and
 ``TRITON_INTERPRET`` is read then. It sits at module level because Triton's interpreter runs a kernel's
@@ -41,23 +41,64 @@ def _log_sigmoid(x):
 
 
 @triton.jit
-def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O,
+def _round(x, dt: tl.constexpr):
+    """float32 x rounded to ``dt`` (to nearest, ties to even) and back to float32. bfloat16 is rounded on
+    the bits: Triton's interpreter truncates a float32 → bfloat16 cast (checked with Triton 3.6), the GPU
+    rounds it to nearest; done by hand both agree with PyTorch's rounding."""
+    if dt == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536: 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN kept
+    return x.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _rotate(X, sxd, offs_d, c, s, R: tl.constexpr):
+    """Rotary's rotate-half (:meth:`leanformer.layers.rope.Rotary.rotate`) of one head vector at ``X``: the
+    first R channels as ``x·cos + (−x₂, x₁)·sin`` (c, s: (D,) float32, the cos/sin row padded with 1, 0), the
+    rest unchanged; each product and the sum rounded to X's dtype as Rotary's eager ops round them (so the
+    kernel's result is that of RoPE applied before it) → (D,) float32."""
+    half: tl.constexpr = R // 2
+    x = tl.load(X + offs_d * sxd).to(tl.float32)
+    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    xp = tl.load(X + partner * sxd, mask=offs_d < R, other=0.0).to(tl.float32)
+    rot = tl.where(offs_d < half, -xp, xp)
+    dt = X.dtype.element_ty
+    y = _round(_round(x * c, dt) + _round(rot * s, dt), dt)
+    return tl.where(offs_d < R, y, x)
+
+
+@triton.jit
+def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS,
                 sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, spd, spm, sldh, sldm, slg,
-                ssb, ssh, ssm, ssd, snb, snh, sw, sgb, sob, soc,
-                H, REP, in_scale, eps, log_eps,
+                ssb, ssh, ssm, ssd, snb, snh, sw, sgb, sob, soc, scr, scc, ssr, ssc,
+                H, REP, n_rows, in_scale, eps, log_eps,
                 M: tl.constexpr, D: tl.constexpr, BLOCK_F: tl.constexpr, PAPER: tl.constexpr,
-                DECAY_LOGIT: tl.constexpr, HAS_EPS: tl.constexpr):
+                DECAY_LOGIT: tl.constexpr, HAS_EPS: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr,
+                POS_PTR: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)  # int64: b·stride may pass 2^31 for a large state
     b = bh // H
     h = bh % H
     hk = h // REP  # grouped-query: query head h reads key/value head h // REP (repeat_interleave's order)
     offs_d = tl.arange(0, D)
     offs_f = tl.arange(0, BLOCK_F)
+    if ROPE:  # the step's row of the cos/sin tables: row position[0] (clamped into the table), or row 0
+        if POS_PTR:
+            row = tl.minimum(tl.maximum(tl.load(POS).to(tl.int64), 0), n_rows - 1)
+        else:
+            row = 0
+        cos = tl.load(COS + row * scr + offs_d * scc, mask=offs_d < R, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + row * ssr + offs_d * ssc, mask=offs_d < R, other=0.0).to(tl.float32)
+        q = _rotate(Q + b * sqb + h * sqh, sqd, offs_d, cos, sin, R)
+        k = _rotate(K + b * skb + hk * skh, skd, offs_d, cos, sin, R)
+    else:
+        q = tl.load(Q + b * sqb + h * sqh + offs_d * sqd).to(tl.float32)
+        k = tl.load(K + b * skb + hk * skh + offs_d * skd).to(tl.float32)
     # float scalars are cast: Inductor declares a Python float argument float64 (Triton: float32), and a
     # float64 product would make the loop-carried maxima change type (a compile error under torch.compile)
     # (the casts come after the product: the interpreter passes a Python float, which has no ``.to``)
-    q = (tl.load(Q + b * sqb + h * sqh + offs_d * sqd).to(tl.float32) * in_scale).to(tl.float32)
-    k = (tl.load(K + b * skb + hk * skh + offs_d * skd).to(tl.float32) * in_scale).to(tl.float32)
+    q = (q * in_scale).to(tl.float32)
+    k = (k * in_scale).to(tl.float32)
     v = tl.load(V + b * svb + hk * svh + offs_d * svd).to(tl.float32)
     lg = tl.load(LG + h * slg).to(tl.float32)
     if DECAY_LOGIT:

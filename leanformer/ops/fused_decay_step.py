@@ -1,9 +1,10 @@
 """DiJiang's one-token decoding step as ONE Triton kernel per layer (inference only).
 
-A decoding step of :class:`leanformer.layers.dijiang.DiJiangAttention` between "q, k, v after RoPE" and "the
-per-head GroupNorm's output" is, unfused, some 70 small kernels per layer (the float32 feature map, the
-log-normaliser's running max, casts, the outer-product update of the state, the rescaled GroupNorm), so a
-step is bound by kernel launches whatever the context. Here it is one launch, one program per (batch row b,
+A decoding step of :class:`leanformer.layers.dijiang.DiJiangAttention` between "q, k, v" (after RoPE, or
+before it: the kernel can rotate q and k itself) and "the per-head GroupNorm's output" is, unfused, some 70
+small kernels per layer (the float32 feature map, the log-normaliser's running max, casts, the
+outer-product update of the state, the rescaled GroupNorm), so a step is bound by kernel launches whatever
+the context. Here it is one launch, one program per (batch row b,
 head h); each program, with q, k, v: (d,) of its row and head, P = ``feature_map.proj`` (d, m) float32:
 
 * paper map (DiJiang eq. 10-12 with the stabilisers of :mod:`leanformer.layers.dijiang`)::
@@ -32,6 +33,15 @@ decay's logit θ with log γ = log σ(θ) taken in the kernel; S (B, H, m, d) fl
 (None: official), both updated in place (their addresses are what a captured CUDA graph reads and
 writes); weight, bias (H·d,) the GroupNorm's → (B, 1, H·d) in ``out_dtype``. Any strides.
 
+RoPE in the kernel (``cos``, ``sin`` given; the layer's switch :data:`ROPE_IN_KERNEL`): q and k come
+un-rotated and the kernel rotates them as :meth:`leanformer.layers.rope.Rotary.rotate` does (rotate-half
+over the first R channels, R even, the rest passed through; each product and the sum rounded to q's dtype
+as Rotary's eager ops round them), at row ``position[0]`` of the tables cos, sin (L, R), or at row 0 when
+``position`` is None (the caller passes the step's row itself). With a position tensor (the static decoder's
+device counter) the kernel reads the position on the GPU, so a captured CUDA graph replays at every step
+with no indexing kernel; a position outside [0, L) is clamped into the table (the caller keeps it inside:
+:meth:`Rotary.reserve`).
+
 Supported (else :func:`step_supported` says why): CUDA tensors on an Ampere or newer GPU (or CPU tensors
 under ``TRITON_INTERPRET=1``); q, k, v float32, bfloat16 or float16, of one dtype; m and d powers of two in
 [16, 128]; float32 S and n; no gradient (inputs that require one, with grad mode on, are refused: the step is
@@ -42,7 +52,9 @@ The op is a ``torch.library.triton_op`` (``leanformer::dijiang_decay_step``, mut
 as :mod:`leanformer.ops.fused_decay_attention` does) or without Triton it is an opaque ``custom_op``.
 Triton is imported on the first call, not at import. Run-time switches (module attributes, read at each
 launch): ``BLOCK_F`` (features per chunk; None: min(m, max(16, 4096 // d)), so a program holds at most
-4096 elements of P and of S at once) and ``NUM_WARPS`` (4).
+4096 elements of P and of S at once), ``NUM_WARPS`` (4) and ``ROPE_IN_KERNEL`` (True: the layer's step
+passes RoPE to the kernel; False: it rotates q and k first with :class:`Rotary`, as before; read by
+:meth:`leanformer.layers.dijiang.DiJiangAttention.fused_step`).
 
 The layer's switch for this route is ``leanformer.layers.dijiang.FUSED_STEP`` (a benchmark may time the
 fused and the unfused step in one process). Timed on an H200 (docs/benchmarks.md, 2026-12-04): GPT-2
@@ -58,6 +70,7 @@ from leanformer.ops.fused_decay_attention import (MIN_DIM, OP_ROUTE, _on_device,
 
 BLOCK_F: int | None = None  # features per chunk (a power of two ≥ 16 dividing m); None: min(m, max(16, 4096 // d))
 NUM_WARPS = 4
+ROPE_IN_KERNEL = True  # the layer's fused step rotates q and k in the kernel (False: Rotary before it)
 
 
 def step_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> str | None:
@@ -92,7 +105,8 @@ def _block_f(m: int, d: int) -> int:
     return bf
 
 
-def _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, in_scale, eps, decay_logit, out_dtype):
+def _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, in_scale, eps,
+                decay_logit, out_dtype):
     B, H, _, d = q.shape
     return q.new_empty(B, 1, H * d, dtype=out_dtype)
 
@@ -109,47 +123,60 @@ def _register(fn):
 @_register
 def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, log_d: torch.Tensor | None,
              log_gamma: torch.Tensor, S: torch.Tensor, n: torch.Tensor | None, weight: torch.Tensor,
-             bias: torch.Tensor, in_scale: float, eps: float, decay_logit: bool,
+             bias: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+             position: torch.Tensor | None, in_scale: float, eps: float, decay_logit: bool,
              out_dtype: torch.dtype) -> torch.Tensor:
     from leanformer.ops import _fused_decay_step_kernel as kern
 
     B, H, _, d = q.shape
     m = proj.shape[-1]
-    out = _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, in_scale, eps, decay_logit, out_dtype)
+    out = _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, in_scale, eps,
+                      decay_logit, out_dtype)
     paper = log_d is not None
+    rope = cos is not None
+    # no RoPE: placeholders the kernel never reads (its ROPE branch is compiled out), as for the official map
+    cs, sn = (cos, sin) if rope else (q, q)
+    pos = position if position is not None else q
     # official map: placeholders the kernel never touches (its PAPER branch is compiled out); n's is a tensor of
     # its own, not an alias of S, so that no analysis of the kernel's writes can see S written twice
     ld = log_d if paper else proj
     nn_ = n if paper else S.new_empty(1, 1)
     with _on_device(q):
         _wrap(kern.step_kernel)[(B * H,)](
-            q, k, v, proj, ld, log_gamma, S, nn_, weight, bias, out,
+            q, k, v, proj, ld, log_gamma, S, nn_, weight, bias, out, cs, sn, pos,
             q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3),
             v.stride(0), v.stride(1), v.stride(3), proj.stride(0), proj.stride(1),
             ld.stride(0) if paper else 0, ld.stride(1) if paper else 0, log_gamma.stride(0),
             S.stride(0), S.stride(1), S.stride(2), S.stride(3),
             nn_.stride(0), nn_.stride(1),
             weight.stride(0), bias.stride(0), out.stride(0), out.stride(2),
-            H, H // k.shape[1], float(in_scale), float(eps), math.log(eps) if eps > 0 else 0.0,
+            cs.stride(0) if rope else 0, cs.stride(1) if rope else 0,
+            sn.stride(0) if rope else 0, sn.stride(1) if rope else 0,
+            H, H // k.shape[1], cs.shape[0] if rope else 1, float(in_scale), float(eps),
+            math.log(eps) if eps > 0 else 0.0,
             M=m, D=d, BLOCK_F=_block_f(m, d), PAPER=paper, DECAY_LOGIT=bool(decay_logit), HAS_EPS=eps > 0,
-            num_warps=int(NUM_WARPS))
+            ROPE=rope, R=cs.shape[1] if rope else 0, POS_PTR=position is not None, num_warps=int(NUM_WARPS))
     return out
 
 
 def decay_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, log_d: torch.Tensor | None,
                log_gamma: torch.Tensor, S: torch.Tensor, n: torch.Tensor | None, weight: torch.Tensor,
                bias: torch.Tensor, *, in_scale: float, eps: float, decay_logit: bool = False,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, cos: torch.Tensor | None = None,
+               sin: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step of a DiJiang layer, fused (module docstring): updates ``S`` (and ``n``, paper map)
     in place and returns the heads' GroupNorm-ed outputs (B, 1, H·d) in ``out_dtype`` (default q's).
 
     ``log_d`` None selects the official map (then ``n`` must be None); ``in_scale``: the feature map's input
     scale (paper: d^(−1/4); official: 1); ``eps``: the GroupNorm's; ``decay_logit``: ``log_gamma`` holds the
-    logit θ of γ = σ(θ) (a learnable decay) instead of log γ. Raises ValueError naming the reason for
-    unsupported inputs (:func:`step_supported`), a shape mismatch, or an input that requires grad while
-    grad mode is on.
+    logit θ of γ = σ(θ) (a learnable decay) instead of log γ. ``cos``, ``sin`` (L, R): RoPE in the kernel
+    (module docstring), q and k given un-rotated, at row ``position[0]`` ((1,) int64 on q's device) of the
+    tables, or row 0 when ``position`` is None; None: q and k are used as given. Raises ValueError naming
+    the reason for unsupported inputs (:func:`step_supported`), a shape mismatch, or an input that requires
+    grad while grad mode is on.
     """
-    reason = step_supported(q, k, v, proj, S, n, dict(log_d=log_d, log_gamma=log_gamma, weight=weight, bias=bias))
+    reason = step_supported(q, k, v, proj, S, n, dict(log_d=log_d, log_gamma=log_gamma, weight=weight, bias=bias,
+                                                      cos=cos, sin=sin, position=position))
     if reason is not None:
         raise ValueError(f"the fused DiJiang decoding step cannot run these inputs: {reason}; use the "
                          "'recurrent' form")
@@ -170,10 +197,31 @@ def decay_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Te
     for name, (t, shape) in shapes.items():
         if t is None or tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {None if t is None else tuple(t.shape)}")
+    _check_rope(cos, sin, position, d)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (q, k, v, proj, log_d, log_gamma, weight, bias)):
         raise ValueError("the fused DiJiang decoding step is for inference and gives no gradient, but an input "
                          "requires grad: run it under torch.no_grad() / torch.inference_mode(), or use the "
                          "'recurrent' form")
-    return _step_op(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, float(in_scale), float(eps),
-                    bool(decay_logit), out_dtype or q.dtype)
+    return _step_op(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, float(in_scale),
+                    float(eps), bool(decay_logit), out_dtype or q.dtype)
+
+
+def _check_rope(cos: torch.Tensor | None, sin: torch.Tensor | None, position: torch.Tensor | None, d: int) -> None:
+    """RoPE's inputs of :func:`decay_step`: both tables or neither, (L, R) floating with R even in [2, d], a
+    position (1,) int64 only with them."""
+    if cos is None or sin is None:
+        if cos is not None or sin is not None or position is not None:
+            raise ValueError("RoPE in the fused step needs both cos and sin (a position only with them); got "
+                             f"cos {cos is not None}, sin {sin is not None}, position {position is not None}")
+        return
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[0] < 1:
+        raise ValueError(f"cos and sin must be (L, R) tables of one shape, got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    R = cos.shape[1]
+    if R % 2 or not 2 <= R <= d:
+        raise ValueError(f"the rotary dim R={R} (the tables' width) must be even and in [2, head dim d={d}]")
+    if not (cos.is_floating_point() and sin.is_floating_point()):
+        raise ValueError(f"cos and sin must be floating point, got {cos.dtype} and {sin.dtype}")
+    if position is not None and (position.dtype != torch.int64 or tuple(position.shape) != (1,)):
+        raise ValueError(f"position must be a (1,) int64 tensor, got {tuple(position.shape)} {position.dtype}")
