@@ -200,27 +200,32 @@ def _smoke_ms(fn) -> float:
 def decode(out: str) -> None:
     """``bench decode`` (graph path, bf16 weights) at issue #15's points: Pre-LN, SAS-P and DiJiang (its step
     through the one-kernel fused step) at 512/8K/32K × batch 1/8/32; DiJiang again with the fused step off
-    (``leanformer.layers.dijiang.FUSED_STEP = False``: feature map + recurrent form + GroupNorm); then Pre-LN
+    (``leanformer.layers.dijiang.FUSED_STEP = False``: feature map + recurrent form + GroupNorm) and with RoPE
+    outside the kernel (``fused_decay_step.ROPE_IN_KERNEL = False``); then Pre-LN
     and DiJiang with the step compiled before capture at 8K/32K × 8/32."""
     from leanformer.bench.decode import run_decode_bench
     from leanformer.layers import dijiang
+    from leanformer.ops import fused_decay_step as fds
 
     contexts, batches = ([16], [1]) if SMOKE else ([512, 8192, 32768], [1, 8, 32])
     runs = [("graph", "preln,sas_p,dijiang_scratch", True, False, contexts, batches),
+            ("graph_rope_outside", "dijiang_scratch", "rope outside", False, contexts, batches),
             ("graph_unfused_step", "dijiang_scratch", False, False, contexts, batches),
             ("compiled_graph", "preln,dijiang_scratch", True, True,
              contexts if SMOKE else [8192, 32768], batches if SMOKE else [8, 32])]
     for name, arms, fused_step, compiled, ctx, bat in runs:
         compiled = compiled and not SMOKE  # the CPU's eager path has no step to compile
-        dijiang.FUSED_STEP = fused_step
-        flags = (" --compile" if compiled else "") + ("" if fused_step else "  (FUSED_STEP = False)")
+        dijiang.FUSED_STEP = bool(fused_step)
+        fds.ROPE_IN_KERNEL = fused_step != "rope outside"
+        flags = (" --compile" if compiled else "") + ("" if fused_step else "  (FUSED_STEP = False)") + (
+            "  (ROPE_IN_KERNEL = False)" if fused_step == "rope outside" else "")
         rep = run_decode_bench(size="tiny" if SMOKE else "gpt2", arms=arms, contexts=ctx, batches=bat,
                                device=DEV, steps=2 if SMOKE else None, compile=compiled,
                                command=f"leanformer bench decode --size gpt2 --arms {arms} --contexts "
                                        f"{','.join(map(str, ctx))} --batches {','.join(map(str, bat))}{flags}")
         rep.write(os.path.join(out, f"decode_{name}"), formats=("json", "md"))
         print(rep.markdown(), flush=True)
-    dijiang.FUSED_STEP = True
+    dijiang.FUSED_STEP, fds.ROPE_IN_KERNEL = True, True
 
 
 SECTIONS = "tests,layers,nan,attention,profile,train,steps,variants,decode"
