@@ -11,6 +11,7 @@ a learnable decay's gradient (1e-3, see DECAY_GRAD_TOL).
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -222,6 +223,20 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def _layers_in_modes(cfg: TransformerConfig, modes: tuple[str, ...]) -> dict[str, DiJiangAttention]:
+    """One DiJiang layer of ``cfg`` (built under the current seed) per ``dijiang.mode``, all with its weights;
+    each on a copy of ``cfg`` (a layer keeps ``cfg.dijiang`` itself, so one shared config would give every
+    layer the last mode)."""
+    base = DiJiangAttention(cfg, 0).to(DEV)
+    layers = {}
+    for mode in modes:
+        att = DiJiangAttention(copy.deepcopy(cfg), 0).to(DEV)
+        att.load_state_dict(base.state_dict())
+        att.cfg.mode = mode
+        layers[mode] = att
+    return layers
+
+
 @pytest.mark.parametrize("feature_map", ["paper", "official"])
 def test_dijiang_layer_fused_equals_parallel(feature_map):
     """One DiJiang layer (head dim 16, learnable decay) in mode fused and mode parallel: outputs and every
@@ -230,13 +245,10 @@ def test_dijiang_layer_fused_equals_parallel(feature_map):
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1, attention="dijiang").validate()
     cfg.dijiang.learnable_decay = True
     cfg.dijiang.feature_map = feature_map
-    base = DiJiangAttention(cfg, 0).to(DEV)
+    layers = _layers_in_modes(cfg, ("parallel", "fused"))
     x = torch.randn(2, 23, 32, device=DEV)
     results = {}
-    for mode in ("parallel", "fused"):
-        att = DiJiangAttention(cfg, 0).to(DEV)
-        att.load_state_dict(base.state_dict())
-        att.cfg.mode = mode
+    for mode, att in layers.items():
         xi = x.clone().requires_grad_()
         with warnings.catch_warnings():  # mode fused must not fall back to parallel here (other warnings,
             warnings.filterwarnings("error", message=".*cannot run these inputs")  # e.g. Inductor's, may come)
@@ -296,13 +308,10 @@ def test_prompt_continuing_a_state_through_the_fused_form():
     torch.manual_seed(1)
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_heads=2, n_layers=1, attention="dijiang").validate()
     cfg.dijiang.learnable_decay = True
-    base = DiJiangAttention(cfg, 0).to(DEV)
+    layers = _layers_in_modes(cfg, ("chunk", "fused"))
     x = torch.randn(2, 30, 32, device=DEV)
     outs = {}
-    for mode in ("chunk", "fused"):
-        att = DiJiangAttention(cfg, 0).to(DEV)
-        att.load_state_dict(base.state_dict())
-        att.cfg.mode = mode
+    for mode, att in layers.items():
         state: dict = {}
         with torch.no_grad(), warnings.catch_warnings():  # mode fused must not fall back to chunk here
             warnings.filterwarnings("error", message=".*cannot run these inputs")

@@ -323,8 +323,9 @@ class DiJiangAttention(nn.Module):
         a full pass runs ``parallel`` up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA) and
         beyond it fla's kernel on CUDA when fla imports, else the fused kernel when it takes the inputs (never
         the unfused PyTorch chunk form on a GPU that can run it), else ``chunk``. Measured on an H200
-        (docs/benchmarks.md, 2026-12-04; fwd+bwd, B 4, H 12, paper map): fused 3.32 ms against fla's 4.17 at
-        4K, 7.90 against 4.17 at 8K. Mode ``fla``: its recurrent kernel for a step, its chunk kernel otherwise;
+        (docs/benchmarks.md, 2026-12-04; fwd+bwd, B 4, H 12, paper map): the first kernel 3.32 ms against
+        fla's 4.17 at 4K and 7.90 against 4.17 at 8K; today's default (factored) 2.90 against 3.82 at 4K and
+        19.71 against 6.54 at 16K. Mode ``fla``: its recurrent kernel for a step, its chunk kernel otherwise;
         modes ``parallel`` and ``fused`` with a state: ``recurrent`` for a step, else chunk (parallel) or the
         fused kernel (fused); mode ``fused`` on inputs the kernel refuses runs ``parallel`` (``chunk`` with a
         state), with a warning."""
