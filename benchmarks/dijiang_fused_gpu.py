@@ -7,7 +7,8 @@
 4. ``bench attention`` (B 4, H 12, d 64, bf16, fwd+bwd, feature map and stabilisers included): SDPA,
    the fused form and fla's chunk kernel (when its wheels were carried), both maps, 1K to 32K: where the
    fused form stops paying (it is O(T²) like FlashAttention) is where ``auto`` should hand over to fla.
-5. torch.profiler: the top kernels of one fused fwd+bwd at 4K.
+5. torch.profiler: the top kernels of one fused fwd+bwd at 4K; ``breakdown``: wall vs GPU-kernel time per
+   call and the top kernels, for SDPA and every DiJiang route at 4K and 16K (is the call host- or GPU-bound?).
 6. ``bench train --size gpt2`` compiled: Pre-LN against ``dijiang_scratch`` (``auto``) at seq 1024 × 16 and
    4096 × 4 (issue #14's targets: ≥ 0.9× and ≥ 1.3× Pre-LN's tokens/s).
 7. ``variants``: the bare op under several kernel settings (``fused_decay_attention``'s switches), with its
@@ -50,15 +51,59 @@ DEV = torch.device("cpu" if SMOKE else "cuda")
 FUSED = ("dijiang_fused", "dijiang_official_fused")
 LENGTHS = [1024, 4096, 8192, 16384, 32768]  # the attention section's (--lengths)
 FLA = ("dijiang_fla", "dijiang_official_fla")
+TEST_FILES = ("tests/test_fused_decay_attention.py", "tests/test_fused_decay_step.py")  # the real kernels
+
+
+def breakdown(methods: list[str], lengths: list[int], calls: int = 5) -> None:
+    """Where one fwd+bwd goes (``bench attention``'s call, B 4, H 12, d 64, bf16): wall ms per call (CUDA
+    events around ``calls`` calls), the sum of its GPU kernels' time per call (torch.profiler, kernels only),
+    and the top kernels. Wall ≫ GPU means the call is bound by the host (launches, Python, guards)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from leanformer.bench.attention import build_method
+
+    B, H, D = (1, 2, 16) if SMOKE else (4, 12, 64)
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    sync = torch.cuda.synchronize if DEV.type == "cuda" else (lambda: None)
+    for T in lengths:
+        for method in methods:
+            fn, _ = build_method(method, DEV, dtype, H, D)
+            q, k, v = (torch.randn(B, T, H, D, device=DEV, dtype=dtype).transpose(1, 2).requires_grad_()
+                       for _ in range(3))
+            go = torch.randn(B, H, T, D, device=DEV, dtype=dtype)
+            for _ in range(3):
+                fn(q, k, v).backward(go)
+            sync()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn(q, k, v).backward(go)
+            sync()
+            wall = (time.perf_counter() - t) * 1e3 / calls
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                for _ in range(calls):
+                    fn(q, k, v).backward(go)
+                sync()
+            kernels = [e for e in p.key_averages() if e.self_cpu_time_total == 0
+                       and getattr(e, "self_device_time_total", 0) > 0]
+            gpu = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
+            top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+            row = {"breakdown": method, "T": T, "wall_ms": round(wall, 3), "gpu_ms": round(gpu, 3),
+                   "top": [(e.key[:90], round(e.self_device_time_total / 1e3 / calls, 3), e.count // calls)
+                           for e in top]}
+            dg.RESULTS.setdefault("breakdown", []).append(row)
+            print(f"[breakdown] T={T} {method}: wall {wall:.3f} ms, GPU kernels {gpu:.3f} ms", flush=True)
+            for name, ms, n in row["top"]:
+                print(f"    {ms:8.3f} ms  x{n:<3d} {name}", flush=True)
+            del q, k, v, go
 
 
 def run_tests() -> None:
     t = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_fused_decay_attention.py"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES],
+                          capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-3 if proc.returncode == 0 else -60:]
     ok = proc.returncode == 0
-    dg.RESULTS["checks"].append({"name": "pytest tests/test_fused_decay_attention.py on CUDA", "pass": ok,
+    dg.RESULTS["checks"].append({"name": f"pytest {' '.join(TEST_FILES)} on CUDA", "pass": ok,
                                  "tail": tail, "seconds": round(time.monotonic() - t, 1)})
     print(f"[check] {'PASS' if ok else 'FAIL'} pytest on CUDA: {' | '.join(tail)}", flush=True)
 
@@ -228,7 +273,7 @@ def decode(out: str) -> None:
     dijiang.FUSED_STEP, fds.ROPE_IN_KERNEL = True, True
 
 
-SECTIONS = "tests,layers,nan,attention,profile,train,steps,variants,decode"
+SECTIONS = "tests,layers,nan,attention,profile,breakdown,train,steps,variants,decode"
 
 
 def _tree_commit() -> str:
@@ -298,6 +343,9 @@ def main() -> int:
         dg.section("attention", attention_report, args.out, methods, budget=B * 0.5)
     if "profile" in want:
         dg.section("profile", dg.profile, 64 if SMOKE else 4096, "dijiang_fused", budget=B * 0.6)
+    if "breakdown" in want:
+        dg.section("breakdown", breakdown, ["softmax", *FUSED, *(FLA if have_fla and not SMOKE else ())],
+                   [64] if SMOKE else [L for L in LENGTHS if L in (4096, 16384)] or LENGTHS[:1], budget=B * 0.6)
     with open(os.path.join(args.out, "fused_gpu.json"), "w") as f:
         json.dump(dg.RESULTS, f, indent=1, default=str)
     if "train" in want:
@@ -321,6 +369,9 @@ def main() -> int:
     for r in dg.RESULTS["timings"]:
         if r.get("train"):
             print(f"| {r['T']} | {r['train']} | {r['tok_s']} | {r['mem']} | {r['status']} |")
+    print("| T | method | wall ms | GPU kernels ms |\n|---|---|---|---|")
+    for r in dg.RESULTS.get("breakdown", []):
+        print(f"| {r['T']} | {r['breakdown']} | {r['wall_ms']:.3f} | {r['gpu_ms']:.3f} |")
     print("| T | kernel variant | ms | rel err o / grads @1K | status |\n|---|---|---|---|---|")
     for r in dg.RESULTS.get("variants", []):
         err = f"{r['rel_err_o']:.1e} / {r['rel_err_grads']:.1e}" if "rel_err_o" in r else ""
