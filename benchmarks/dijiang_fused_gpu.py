@@ -1,6 +1,7 @@
 """DiJiang's fused Triton form on one GPU (issue #14): correctness against float64, then timings.
 
-1. ``tests/test_fused_decay_attention.py`` run on the GPU (the real kernels, not the interpreter).
+1. ``tests/test_fused_decay_attention.py`` and ``test_fused_decay_step.py`` run on the GPU (the real kernels,
+   not the interpreter; ``featuretests``: ``tests/test_feature_map_kernel.py`` alone).
 2. The layer with ``dijiang.mode: fused`` (bf16 autocast, both feature maps, large q/k, learnable decay)
    against the same layer in float64 through the parallel form: output and every gradient.
 3. No NaN/inf at 32K tokens in bf16 for both maps.
@@ -8,7 +9,8 @@
    the fused form and fla's chunk kernel (when its wheels were carried), both maps, 1K to 32K: where the
    fused form stops paying (it is O(T²) like FlashAttention) is where ``auto`` should hand over to fla.
 5. torch.profiler: the top kernels of one fused fwd+bwd at 4K; ``breakdown``: wall vs GPU-kernel time per
-   call and the top kernels, for SDPA and every DiJiang route at 4K and 16K (is the call host- or GPU-bound?).
+   call and the top kernels, for SDPA and every DiJiang route at 4K and 16K (is the call host- or GPU-bound?),
+   each DiJiang route also with the compiled PyTorch feature map in place of the feature-map kernels.
 6. ``bench train --size gpt2`` compiled: Pre-LN against ``dijiang_scratch`` (``auto``) at seq 1024 × 16 and
    4096 × 4 (issue #14's targets: ≥ 0.9× and ≥ 1.3× Pre-LN's tokens/s).
 7. ``variants``: the bare op under several kernel settings (``fused_decay_attention``'s switches), with its
@@ -52,21 +54,27 @@ FUSED = ("dijiang_fused", "dijiang_official_fused")
 LENGTHS = [1024, 4096, 8192, 16384, 32768]  # the attention section's (--lengths)
 FLA = ("dijiang_fla", "dijiang_official_fla")
 TEST_FILES = ("tests/test_fused_decay_attention.py", "tests/test_fused_decay_step.py")  # the real kernels
+FEATURE_TESTS = ("tests/test_feature_map_kernel.py",)  # section featuretests: the feature-map kernels alone
 
 
 def breakdown(methods: list[str], lengths: list[int], calls: int = 5) -> None:
     """Where one fwd+bwd goes (``bench attention``'s call, B 4, H 12, d 64, bf16): wall ms per call (CUDA
     events around ``calls`` calls), the sum of its GPU kernels' time per call (torch.profiler, kernels only),
-    and the top kernels. Wall ≫ GPU means the call is bound by the host (launches, Python, guards)."""
+    and the top kernels. Wall ≫ GPU means the call is bound by the host (launches, Python, guards).
+    A method named ``name@compiled_features`` is ``name`` with the feature map as the compiled PyTorch
+    ``feature_pair`` (``dijiang.FEATURE_KERNEL = "never"``) instead of the Triton kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     from leanformer.bench.attention import build_method
+    from leanformer.layers import dijiang
 
     B, H, D = (1, 2, 16) if SMOKE else (4, 12, 64)
     dtype = torch.float32 if SMOKE else torch.bfloat16
     sync = torch.cuda.synchronize if DEV.type == "cuda" else (lambda: None)
     for T in lengths:
-        for method in methods:
+        for label in methods:
+            method, _, variant = label.partition("@")
+            dijiang.FEATURE_KERNEL = "never" if variant == "compiled_features" else "cuda"
             fn, _ = build_method(method, DEV, dtype, H, D)
             q, k, v = (torch.randn(B, T, H, D, device=DEV, dtype=dtype).transpose(1, 2).requires_grad_()
                        for _ in range(3))
@@ -87,23 +95,24 @@ def breakdown(methods: list[str], lengths: list[int], calls: int = 5) -> None:
                        and getattr(e, "self_device_time_total", 0) > 0]
             gpu = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
             top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
-            row = {"breakdown": method, "T": T, "wall_ms": round(wall, 3), "gpu_ms": round(gpu, 3),
+            row = {"breakdown": label, "T": T, "wall_ms": round(wall, 3), "gpu_ms": round(gpu, 3),
                    "top": [(e.key[:90], round(e.self_device_time_total / 1e3 / calls, 3), e.count // calls)
                            for e in top]}
             dg.RESULTS.setdefault("breakdown", []).append(row)
-            print(f"[breakdown] T={T} {method}: wall {wall:.3f} ms, GPU kernels {gpu:.3f} ms", flush=True)
+            print(f"[breakdown] T={T} {label}: wall {wall:.3f} ms, GPU kernels {gpu:.3f} ms", flush=True)
             for name, ms, n in row["top"]:
                 print(f"    {ms:8.3f} ms  x{n:<3d} {name}", flush=True)
             del q, k, v, go
+    dijiang.FEATURE_KERNEL = "cuda"
 
 
-def run_tests() -> None:
+def run_tests(files=TEST_FILES) -> None:
     t = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                           capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-3 if proc.returncode == 0 else -60:]
     ok = proc.returncode == 0
-    dg.RESULTS["checks"].append({"name": f"pytest {' '.join(TEST_FILES)} on CUDA", "pass": ok,
+    dg.RESULTS["checks"].append({"name": f"pytest {' '.join(files)} on CUDA", "pass": ok,
                                  "tail": tail, "seconds": round(time.monotonic() - t, 1)})
     print(f"[check] {'PASS' if ok else 'FAIL'} pytest on CUDA: {' | '.join(tail)}", flush=True)
 
@@ -273,7 +282,7 @@ def decode(out: str) -> None:
     dijiang.FUSED_STEP, fds.ROPE_IN_KERNEL = True, True
 
 
-SECTIONS = "tests,layers,nan,attention,profile,breakdown,train,steps,variants,decode"
+SECTIONS = "tests,featuretests,layers,nan,attention,profile,breakdown,train,steps,variants,decode"
 
 
 def _tree_commit() -> str:
@@ -331,6 +340,8 @@ def main() -> int:
     bf16, B = torch.bfloat16, args.budget
     if "tests" in want:
         dg.section("pytest on CUDA", run_tests)
+    if "featuretests" in want:
+        dg.section("pytest feature map on CUDA", run_tests, FEATURE_TESTS)
     if "layers" in want:
         dg.section("layer fused paper bf16 q/k×4", dg.layer_check, "paper", bf16, 4.0, False, mode="fused")
         dg.section("layer fused paper bf16 learnable", dg.layer_check, "paper", bf16, 1.0, True, mode="fused")
@@ -344,7 +355,8 @@ def main() -> int:
     if "profile" in want:
         dg.section("profile", dg.profile, 64 if SMOKE else 4096, "dijiang_fused", budget=B * 0.6)
     if "breakdown" in want:
-        dg.section("breakdown", breakdown, ["softmax", *FUSED, *(FLA if have_fla and not SMOKE else ())],
+        fla = [*FLA, *(f"{m}@compiled_features" for m in FLA)] if have_fla and not SMOKE else []
+        dg.section("breakdown", breakdown, ["softmax", FUSED[0], f"{FUSED[0]}@compiled_features", *fla],
                    [64] if SMOKE else [L for L in LENGTHS if L in (4096, 16384)] or LENGTHS[:1], budget=B * 0.6)
     with open(os.path.join(args.out, "fused_gpu.json"), "w") as f:
         json.dump(dg.RESULTS, f, indent=1, default=str)

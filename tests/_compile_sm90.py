@@ -14,6 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from leanformer.ops import _feature_map_kernels as features
 from leanformer.ops import _fused_decay_kernels as attn
 from leanformer.ops import _fused_decay_step_kernel as step
 
@@ -53,6 +54,17 @@ def cases():
                     POS_PTR=pos_ptr)
         yield (f"decoding step with RoPE (R={rotary}, position pointer={pos_ptr})", step.step_kernel, step_ptr,
                floats, meta)
+
+    for x_type, split in (("*bf16", False), ("*fp32", True)):
+        feat_ptr = {"x_ptr": x_type, "p_ptr": f32, "logd_ptr": f32, "shift_ptr": f32, "f_ptr": bf,
+                    "rowmax_ptr": f32, "df_ptr": bf, "dx_ptr": x_type, "dlogd_ptr": f32}
+        base = dict(D=64, M=64, BLOCK_T=64, IN_SCALE=64 ** -0.25, HAS_LOG_D=True, SPLIT_X=split, INTERPRET=False)
+        for mode in (0, 1, 2, 3) if not split else (0,):
+            yield f"feature map forward (mode {mode}, x {x_type})", features.features_fwd_kernel, feat_ptr, (), \
+                dict(base, MODE=mode)
+        for softmax in (False, True) if not split else (False,):
+            yield f"feature map backward (softmax={softmax}, x {x_type})", features.features_bwd_kernel, \
+                feat_ptr, (), dict(base, SOFTMAX=softmax)
 
 
 def main() -> int:

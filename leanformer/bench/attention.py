@@ -121,9 +121,7 @@ def dijiang_fn(cfg: TransformerConfig, device: torch.device) -> tuple[Callable, 
     attn = DiJiangAttention(cfg, 0).to(device)
 
     def fn(q, k, v):
-        lg = attn.log_gamma()
-        fq, fk, n, _ = attn.features(q, k, lg, None, v.dtype)
-        return attn.mix(fq, fk, v, lg, n, None)
+        return attn.attend(q, k, v, attn.log_gamma(), None)[0]  # the layer's features and mix, as in training
     return fn, [p for p in attn.feature_map.parameters()]
 
 

@@ -48,7 +48,9 @@ from leanformer.config import TransformerConfig
 from leanformer.decoding import is_static, store_state
 from leanformer.layers.attention import add_projections, merge_heads, project_qkv
 from leanformer.layers.linear import make_linear
+from leanformer.ops import constant_decay
 from leanformer.ops import decayed_linear_attention as dla
+from leanformer.ops import feature_map as fmk
 from leanformer.ops import fused_decay_step as fds
 
 
@@ -190,6 +192,49 @@ def feature_pair(q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor, log_d: to
     return fq.to(out_dtype).transpose(1, 2), fk.to(out_dtype).transpose(1, 2), n, -(n + mq.transpose(1, 2))
 
 
+def kernel_feature_pair(q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor, log_d: torch.Tensor | None,
+                        in_scale: float, log_gamma: torch.Tensor, n_init: torch.Tensor | None, out_dtype: torch.dtype,
+                        constant_key_shift: bool = False):
+    """:func:`feature_pair` through the Triton kernels of :mod:`leanformer.ops.feature_map` (same arguments and
+    results): the paper map in three launches (queries with their row maxima; the keys' row maxima; the keys
+    at the running log-normaliser n), the official map in two.
+
+    ``constant_key_shift`` (paper map, no ``n_init``): the keys are taken at one shift per (batch row, head),
+    c = max_t n_t, instead of n_t, and n comes back None: the features are then those that
+    :func:`leanformer.ops.constant_decay.via_constant_decay` would give a plain kernel (keys ·exp(n − c)),
+    and log_scale −(c + max_f z_q) gives the GroupNorm the output's scale, so fla's kernel runs with no
+    element-wise pass before or after it. Exact as that shift is, under the same range guard: when n spreads
+    over more than ``constant_decay.SHIFT_LIMIT`` nats in a row, the keys are taken at n (and the mix splits).
+    """
+    if log_d is None:
+        return (fmk.softmax_features(q, proj, in_scale, out_dtype), fmk.softmax_features(k, proj, in_scale, out_dtype),
+                None, None)
+    fq, mq = fmk.exp_features(q, proj, log_d, in_scale, None, out_dtype)
+    n = running_log_norm(fmk.row_max(k, proj, log_d, in_scale), log_gamma.detach(), n_init)   # (B, H, T)
+    if constant_key_shift and n_init is None and n.shape[-1]:
+        c = n.amax(dim=-1, keepdim=True)
+        if not (constant_decay.RANGE_CHECK and bool(((c - n.amin(dim=-1, keepdim=True))
+                                                     > constant_decay.SHIFT_LIMIT).any())):
+            fk, _ = fmk.exp_features(k, proj, log_d, in_scale, c.expand_as(n), out_dtype)
+            return fq, fk, None, -(c + mq)
+    fk, _ = fmk.exp_features(k, proj, log_d, in_scale, n, out_dtype)
+    return fq, fk, n, -(n + mq)
+
+
+FEATURE_KERNEL = "cuda"  # the feature map through leanformer.ops.feature_map's kernels: "cuda" on CUDA tensors,
+# "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (feature_pair, compiled on CUDA)
+FEATURE_KERNEL_CHOICES = ("cuda", "always", "never")
+
+
+def use_feature_kernel(q: torch.Tensor, proj: torch.Tensor) -> bool:
+    """Whether :meth:`DiJiangAttention.features` runs :func:`kernel_feature_pair` for q (B, H, T, d)."""
+    if FEATURE_KERNEL not in FEATURE_KERNEL_CHOICES:
+        raise ValueError(f"FEATURE_KERNEL={FEATURE_KERNEL!r} must be one of {FEATURE_KERNEL_CHOICES}")
+    if FEATURE_KERNEL == "never" or (FEATURE_KERNEL == "cuda" and not q.is_cuda):
+        return False
+    return fmk.features_supported(q, proj) is None
+
+
 COMPILE_ON_CUDA = True  # fuse the feature map and the GroupNorm with torch.compile on CUDA (False: eager)
 _compiled: dict = {}
 
@@ -298,13 +343,32 @@ class DiJiangAttention(nn.Module):
         return self.log_gamma_fixed
 
     def features(self, q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor, n_init: torch.Tensor | None,
-                 out_dtype: torch.dtype | None = None):
+                 out_dtype: torch.dtype | None = None, constant_key_shift: bool = False):
         """(B, H, T, d) q, k → φ(q), φ(k) (B, H, T, m) in ``out_dtype`` (default q's), the keys'
         log-normaliser n (B, H, T) or None, and the output's log-scale (B, H, T) or None: the mix then
         returns exp(log_scale_i) × the true o_i (paper: −n_i − max_f z_{q,i,f}; official: None).
-        See :func:`feature_pair` (compiled on CUDA)."""
+        Through the Triton kernels where :func:`use_feature_kernel` says so (:func:`kernel_feature_pair`,
+        which alone takes ``constant_key_shift``), else :func:`feature_pair` (compiled on CUDA)."""
         fm = self.feature_map
-        return _feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, log_gamma, n_init, out_dtype or q.dtype)
+        out_dtype = out_dtype or q.dtype
+        if use_feature_kernel(q, fm.proj):
+            return kernel_feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, log_gamma, n_init, out_dtype,
+                                       constant_key_shift=constant_key_shift)
+        return _feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, log_gamma, n_init, out_dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+               state: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and mix for q, k, v (B, H, T, ·) after RoPE (heads repeated): (o, log_scale), o = exp(log_scale)
+        × the true output (B, H, T, d) (log_scale None: o is the output). ``state`` is updated in place.
+        A full pass through fla's kernel takes the paper map's keys at a constant shift
+        (:func:`kernel_feature_pair`), which needs the route known before the features."""
+        B, H, T, _ = v.shape
+        features_like = v.new_empty(()).expand(B, H, T, self.feature_dim)  # the features' shape and dtype
+        name = self.form(T, v.device, state is not None, features_like, v)
+        n_init = state.get("n") if state is not None else None
+        fq, fk, n, log_scale = self.features(q, k, log_gamma, n_init, v.dtype,
+                                             constant_key_shift=name == "fla_chunk" and state is None)
+        return self.mix(fq, fk, v, log_gamma, n, state, name), log_scale
 
     def form(self, T: int, device: torch.device, stateful: bool, q: torch.Tensor | None = None,
              v: torch.Tensor | None = None, state: dict | None = None) -> str:
@@ -424,9 +488,10 @@ class DiJiangAttention(nn.Module):
                 store_state(state, "n", n)
         return o
 
-    def mix(self, fq, fk, v, log_gamma, n, state: dict | None) -> torch.Tensor:
-        """Run the form :meth:`form` names (one lookup in :data:`dla.FORMS`); updates ``state`` in place."""
-        name = self.form(v.shape[2], v.device, state is not None, fq, v)
+    def mix(self, fq, fk, v, log_gamma, n, state: dict | None, name: str | None = None) -> torch.Tensor:
+        """Run the form ``name`` (default: the one :meth:`form` names; one lookup in :data:`dla.FORMS`);
+        updates ``state`` in place."""
+        name = name or self.form(v.shape[2], v.device, state is not None, fq, v)
         fn = dla.FORMS[name]
         kw = {"chunk_size": self.cfg.chunk_size} if name == "chunk" else {}
         if state is None:
@@ -476,10 +541,7 @@ class DiJiangAttention(nn.Module):
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        log_gamma = self.log_gamma()
-        n_init = state.get("n") if state is not None else None
-        fq, fk, n, log_scale = self.features(q, k, log_gamma, n_init, v.dtype)
-        o = self.mix(fq, fk, v, log_gamma, n, state)
+        o, log_scale = self.attend(q, k, v, self.log_gamma(), state)
         if state is not None:
             state["pos"] = start + T
         o = self.normalise(o, log_scale)
