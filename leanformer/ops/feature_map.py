@@ -106,8 +106,9 @@ def _features_bwd_op(x: torch.Tensor, proj: torch.Tensor, log_d: torch.Tensor | 
     partial = x.new_empty((n_t, B, H, M), dtype=torch.float32) if log_d is not None else None
     with _on_device(x):
         _wrap(_kernels()[1])[(n_t, B * H)](
-            x, proj, _or(log_d, proj), _or(shift, proj), grad_f, dx, _or(partial, proj), *x.stride(), *_shift_strides(shift), *grad_f.stride(),
-            *dx.stride(), B, H, T, SOFTMAX=softmax, **_meta(x, proj, log_d, in_scale))
+            x, proj, _or(log_d, proj), _or(shift, proj), grad_f, dx, _or(partial, proj), *x.stride(),
+            *_shift_strides(shift), *grad_f.stride(), *dx.stride(), B, H, T, SOFTMAX=softmax,
+            **_meta(x, proj, log_d, in_scale))
     if log_d is not None:
         dlog_d = partial.sum(dim=(0, 1))
     return dx, dlog_d
