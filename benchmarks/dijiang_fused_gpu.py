@@ -134,26 +134,33 @@ def attention_report(out: str, methods: list[str]) -> None:
 
 
 def train(out: str, budget_end: float) -> None:
+    """Pre-LN against ``dijiang_scratch`` (auto) at seq 1024 × 16 and 4096 × 4, then at 4096 × 4 DiJiang again
+    with fla's kernel in place of the fused one (``dijiang.FUSED_MAX_LEN = 2048``; report dir train4096_fla)."""
     from leanformer.bench.train import run_train_bench
+    from leanformer.layers import dijiang
 
-    for seq, batch in ((32, 2),) if SMOKE else ((1024, 16), (4096, 4)):
+    runs = ((32, 2, "", 4096),) if SMOKE else ((1024, 16, "", 4096), (4096, 4, "", 4096), (4096, 4, "_fla", 2048))
+    for seq, batch, tag, fused_max in runs:
+        dijiang.FUSED_MAX_LEN = fused_max
         left = budget_end - (time.monotonic() - dg.T0)
         if left < 60:
-            dg.RESULTS["notes"].append(f"train seq {seq}: skipped (time budget)")
+            dg.RESULTS["notes"].append(f"train seq {seq}{tag}: skipped (time budget)")
             continue
-        arms = "preln,dijiang_scratch"
+        arms = "preln,dijiang_scratch" if not tag else "dijiang_scratch"
         rep = run_train_bench(size="tiny" if SMOKE else "gpt2", arms=arms, seq_len=seq, batch=batch,
                               compile=not SMOKE, eager=SMOKE, device=DEV, warmup=1 if SMOKE else 3,
                               repeats=2 if SMOKE else 10, time_budget=left,
                               compile_reserve_s=50.0,
                               command=f"leanformer bench train --size gpt2 --arms {arms} --seq-len {seq} "
-                                      f"--batch {batch} --repeats 10")
-        rep.write(os.path.join(out, f"train{seq}"), formats=("json", "md"))
+                                      f"--batch {batch} --repeats 10"
+                                      + (f"  (dijiang.FUSED_MAX_LEN = {fused_max})" if tag else ""))
+        rep.write(os.path.join(out, f"train{seq}{tag}"), formats=("json", "md"))
         print(rep.markdown(), flush=True)
         for r in rep.rows:
-            dg.RESULTS["timings"].append({"train": r.get("arm"), "T": seq, "tok_s": r.get("tokens_per_s"),
+            dg.RESULTS["timings"].append({"train": f"{r.get('arm')}{tag}", "T": seq, "tok_s": r.get("tokens_per_s"),
                                           "mem": round((r.get("peak_mem_bytes") or 0) / 2**20),
                                           "status": r.get("status")})
+    dijiang.FUSED_MAX_LEN = 4096
 
 
 def step_profile(out: str, deadline: float) -> None:

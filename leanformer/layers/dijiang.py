@@ -293,6 +293,7 @@ def _fla_usable() -> bool:
         return False
 
 
+FUSED_MAX_LEN = 4096  # auto's default for dijiang.fused_max_len (read at each call: a benchmark may change it)
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the feature dtypes ``auto`` sends to the fused kernel
 FUSED_STEP = True  # a decoding step through the one-kernel fused step when it can run (False: the unfused
 # feature map + recurrent form + GroupNorm); read at each call (a captured CUDA graph keeps the route it was
@@ -382,7 +383,7 @@ class DiJiangAttention(nn.Module):
         no warning (it is the reference). On CUDA, for bf16/fp16 features (the
         kernel's float32 runs without tensor cores and was not timed), when Triton imports and the
         fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (:func:`dla.fused_supported`; not
-        considered when they are not given), the fused kernel up to ``fused_max_len`` (None: 4096), for a
+        considered when they are not given), the fused kernel up to ``fused_max_len`` (None: FUSED_MAX_LEN), for a
         full pass and for a prompt continuing a state alike. Otherwise a prompt with a state runs ``chunk``;
         a full pass runs ``parallel`` up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA) and
         beyond it fla's kernel on CUDA when fla imports, else the fused kernel when it takes the inputs (never
@@ -402,7 +403,7 @@ class DiJiangAttention(nn.Module):
         if mode == "auto":
             fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES
                      and dla.fused_supported(q, v) is None)
-            if fused and T <= (self.cfg.fused_max_len or 4096):
+            if fused and T <= (self.cfg.fused_max_len or FUSED_MAX_LEN):
                 return "fused"
             if stateful:
                 return "chunk"
