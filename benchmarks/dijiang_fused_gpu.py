@@ -263,7 +263,8 @@ def decode(out: str) -> None:
     through the one-kernel fused step) at 512/8K/32K × batch 1/8/32; DiJiang again with the fused step off
     (``leanformer.layers.dijiang.FUSED_STEP = False``: feature map + recurrent form + GroupNorm) and with RoPE
     outside the kernel (``fused_decay_step.ROPE_IN_KERNEL = False``); then Pre-LN
-    and DiJiang with the step compiled before capture at 8K/32K × 8/32."""
+    and DiJiang with the step compiled before capture at 8K/32K × 8/32. $DECODE_RUNS (e.g. "graph,compiled_graph")
+    picks a subset of these runs by name."""
     from leanformer.bench.decode import run_decode_bench
     from leanformer.layers import dijiang
     from leanformer.ops import fused_decay_step as fds
@@ -274,6 +275,8 @@ def decode(out: str) -> None:
             ("graph_unfused_step", "dijiang_scratch", False, False, contexts, batches),
             ("compiled_graph", "preln,dijiang_scratch", True, True,
              contexts if SMOKE else [8192, 32768], batches if SMOKE else [8, 32])]
+    wanted = os.environ.get("DECODE_RUNS")  # a comma-separated subset of the runs' names (default: all)
+    runs = [r for r in runs if not wanted or r[0] in wanted.split(",")]
     for name, arms, fused_step, compiled, ctx, bat in runs:
         compiled = compiled and not SMOKE  # the CPU's eager path has no step to compile
         dijiang.FUSED_STEP = bool(fused_step)
