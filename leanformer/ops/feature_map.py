@@ -119,6 +119,7 @@ def _setup_context(ctx, inputs, output):
     ctx.in_scale, ctx.softmax, ctx.has_log_d = in_scale, mode == MODES["softmax"], log_d is not None
     # the shift the features were taken at: given (mode shift) or the row maxima the forward wrote (mode max)
     used = output[1] if mode == MODES["max"] else shift
+    ctx.mark_non_differentiable(output[1])  # the row maxima are constants to the gradient (a shift)
     ctx.save_for_backward(x, proj, log_d, used)
 
 
