@@ -193,12 +193,12 @@ def test_constant_key_shift_keeps_n_when_the_spread_is_too_wide(monkeypatch):
     assert out[2] is not None and rel(out[1], ref[1]) < FP32_TOL and rel(out[2], ref[2]) < FP32_TOL
 
 
-@pytest.mark.parametrize("feature_map", ["paper", "official"])
+@pytest.mark.parametrize("feature_map,learnable_decay", [("paper", False), ("official", False), ("paper", True)])
 @pytest.mark.parametrize("mode", ["parallel", "fla"])
-def test_layer_through_the_kernels_equals_the_float64_layer(monkeypatch, feature_map, mode):
+def test_layer_through_the_kernels_equals_the_float64_layer(monkeypatch, feature_map, learnable_decay, mode):
     """A DiJiang layer in float32 with its features from the kernels (FEATURE_KERNEL = "always"; mode fla:
     the plain-kernel stand-in, so the paper map's constant key shift runs) against the float64 layer in
-    the parallel form: output and every parameter's gradient."""
+    the parallel form: output and every parameter's gradient (a learnable decay's too)."""
     monkeypatch.setattr(dj, "FEATURE_KERNEL", "always")
     stand_in = StandIn()
     monkeypatch.setattr(dla, "_fla_kernel", lambda recurrent: stand_in)
@@ -206,7 +206,8 @@ def test_layer_through_the_kernels_equals_the_float64_layer(monkeypatch, feature
 
     def config(mode):
         return TransformerConfig(vocab_size=300, d_model=64, n_heads=4, n_layers=1, attention="dijiang",
-                                 dijiang=DiJiangConfig(feature_map=feature_map, mode=mode)).validate()
+                                 dijiang=DiJiangConfig(feature_map=feature_map, mode=mode,
+                                                       learnable_decay=learnable_decay)).validate()
     ref_layer = dj.DiJiangAttention(config("parallel"), 0).double()
     layer = dj.DiJiangAttention(config(mode), 0).to(DEV)
     layer.load_state_dict(ref_layer.state_dict())
