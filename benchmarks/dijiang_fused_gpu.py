@@ -134,12 +134,12 @@ def attention_report(out: str, methods: list[str]) -> None:
 
 
 def train(out: str, budget_end: float) -> None:
-    """Pre-LN against ``dijiang_scratch`` (auto) at seq 1024 × 16 and 4096 × 4, then at 4096 × 4 DiJiang again
-    with fla's kernel in place of the fused one (``dijiang.FUSED_MAX_LEN = 2048``; report dir train4096_fla)."""
+    """Pre-LN against ``dijiang_scratch`` (auto) at seq 4096 × 4, DiJiang again there with fla's kernel in place
+    of the fused one (``dijiang.FUSED_MAX_LEN = 2048``; report dir train4096_fla), then both at 1024 × 16."""
     from leanformer.bench.train import run_train_bench
     from leanformer.layers import dijiang
 
-    runs = ((32, 2, "", 4096),) if SMOKE else ((1024, 16, "", 4096), (4096, 4, "", 4096), (4096, 4, "_fla", 2048))
+    runs = ((32, 2, "", 4096),) if SMOKE else ((4096, 4, "", 4096), (4096, 4, "_fla", 2048), (1024, 16, "", 4096))
     for seq, batch, tag, fused_max in runs:
         dijiang.FUSED_MAX_LEN = fused_max
         left = budget_end - (time.monotonic() - dg.T0)
