@@ -62,11 +62,17 @@ def split_dot(a, b, SPLIT_A: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def log_features(x_ptr, p_ptr, logd_ptr, b, h, offs_t, mask_t, sxb, sxh, sxt, sxd,
-                 D: tl.constexpr, M: tl.constexpr, IN_SCALE: tl.constexpr, HAS_LOG_D: tl.constexpr,
-                 SPLIT_X: tl.constexpr, INTERPRET: tl.constexpr):
-    """z = IN_SCALE · (x @ P) + log_d[h] for the tokens ``offs_t`` of (b, h): (BLOCK_T, M) float32
-    (rows past T hold log_d; the callers mask them)."""
+def log_features(x_ptr, p_ptr, logd_ptr, H, T, sxb, sxh, sxt, sxd, D: tl.constexpr, M: tl.constexpr,
+                 BLOCK_T: tl.constexpr, IN_SCALE: tl.constexpr, HAS_LOG_D: tl.constexpr, SPLIT_X: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """This program's block (grid (cdiv(T, BLOCK_T), B·H)): z = IN_SCALE · (x @ P) + log_d[h] for its tokens,
+    (BLOCK_T, M) float32 (rows past T hold log_d; the callers mask them), and b, h, the token offsets and
+    their mask (int64: a (B, H, T, D) view may span ≥ 2^31 elements)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
     offs_d = tl.arange(0, D)
     offs_m = tl.arange(0, M)
     x = tl.load(x_ptr + b * sxb + h * sxh + offs_t[:, None] * sxt + offs_d[None, :] * sxd,
@@ -75,7 +81,7 @@ def log_features(x_ptr, p_ptr, logd_ptr, b, h, offs_t, mask_t, sxb, sxh, sxt, sx
     z = split_dot(x, p, SPLIT_X, INTERPRET) * IN_SCALE
     if HAS_LOG_D:
         z += tl.load(logd_ptr + h * M + offs_m)[None, :]
-    return z
+    return z, b, h, offs_t, mask_t
 
 
 @triton.jit
@@ -86,21 +92,15 @@ def features_fwd_kernel(x_ptr, p_ptr, logd_ptr, shift_ptr, f_ptr, rowmax_ptr,
                         INTERPRET: tl.constexpr):
     """Grid (cdiv(T, BLOCK_T), B·H). Writes f (B, H, T, M) at its strides (modes 0-2) and, for modes 0
     and 3, the row maxima to ``rowmax_ptr`` ((B, H, T) contiguous float32)."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)  # int64 offsets: a (B, H, T, D) view may span ≥ 2^31 elements
-    h = (pid_bh % H).to(tl.int64)
-    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
-    z = log_features(x_ptr, p_ptr, logd_ptr, b, h, offs_t, mask_t, sxb, sxh, sxt, sxd,
-                     D, M, IN_SCALE, HAS_LOG_D, SPLIT_X, INTERPRET)
+    z, b, h, offs_t, mask_t = log_features(x_ptr, p_ptr, logd_ptr, H, T, sxb, sxh, sxt, sxd, D, M, BLOCK_T,
+                                           IN_SCALE, HAS_LOG_D, SPLIT_X, INTERPRET)
     if MODE == 1:
         shift = tl.load(shift_ptr + b * ssb + h * ssh + offs_t * sst, mask=mask_t, other=0.0)
         f = tl.exp(z - shift[:, None])
     else:
         mx = tl.max(z, axis=1)
         if MODE != 2:
-            tl.store(rowmax_ptr + pid_bh.to(tl.int64) * T + offs_t, mx, mask=mask_t)
+            tl.store(rowmax_ptr + (b * H + h) * T + offs_t, mx, mask=mask_t)
         f = tl.exp(z - mx[:, None])
         if MODE == 2:
             f = f / tl.sum(f, axis=1)[:, None]
@@ -118,16 +118,10 @@ def features_bwd_kernel(x_ptr, p_ptr, logd_ptr, shift_ptr, df_ptr, dx_ptr, dlogd
                         INTERPRET: tl.constexpr):
     """Grid (cdiv(T, BLOCK_T), B·H). dx (B, H, T, D) at its strides; with HAS_LOG_D the column sums of dz
     to ``dlogd_ptr`` ((cdiv(T, BLOCK_T), B, H, M) contiguous float32: one row per program)."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)  # int64 offsets: a (B, H, T, D) view may span ≥ 2^31 elements
-    h = (pid_bh % H).to(tl.int64)
-    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
     offs_m = tl.arange(0, M)
     offs_d = tl.arange(0, D)
-    z = log_features(x_ptr, p_ptr, logd_ptr, b, h, offs_t, mask_t, sxb, sxh, sxt, sxd,
-                     D, M, IN_SCALE, HAS_LOG_D, SPLIT_X, INTERPRET)
+    z, b, h, offs_t, mask_t = log_features(x_ptr, p_ptr, logd_ptr, H, T, sxb, sxh, sxt, sxd, D, M, BLOCK_T,
+                                           IN_SCALE, HAS_LOG_D, SPLIT_X, INTERPRET)
     df = tl.load(df_ptr + b * sgb + h * sgh + offs_t[:, None] * sgt + offs_m[None, :] * sgm,
                  mask=mask_t[:, None], other=0.0).to(tl.float32)  # 0 past T: those rows give dz = 0
     if SOFTMAX:
@@ -143,4 +137,5 @@ def features_bwd_kernel(x_ptr, p_ptr, logd_ptr, shift_ptr, df_ptr, dx_ptr, dlogd
     tl.store(dx_ptr + b * sdb + h * sdh + offs_t[:, None] * sdt + offs_d[None, :] * sdd,
              dx.to(dx_ptr.dtype.element_ty), mask=mask_t[:, None])
     if HAS_LOG_D:
-        tl.store(dlogd_ptr + (pid_t.to(tl.int64) * B * H + pid_bh) * M + offs_m, tl.sum(dz, axis=0))
+        block = tl.program_id(0).to(tl.int64) * B * H + b * H + h
+        tl.store(dlogd_ptr + block * M + offs_m, tl.sum(dz, axis=0))
