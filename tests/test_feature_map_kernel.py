@@ -225,3 +225,32 @@ def test_layer_through_the_kernels_equals_the_float64_layer(monkeypatch, feature
     (ref * g).sum().backward()
     for (name, p), p_ref in zip(layer.named_parameters(), ref_layer.parameters()):
         assert rel(p.grad, p_ref.grad) < 2e-3, name
+
+
+@pytest.mark.parametrize("kind", ["paper", "official"])
+def test_torch_compile_fullgraph(kind):
+    """No graph break: compile traces (CUDA: triton_op) or calls (interpreter: custom_op) the ops, whose fake
+    outputs have the real ones' shapes and (B, T, H, M) strides; values and gradients as eager."""
+    x, proj, log_d, s = _case(kind, T=20)
+    proj = proj.to(DEV)
+    n = dj.running_log_norm(torch.randn(2, 3, 20), dj.default_log_gamma(3).float()).to(DEV)
+
+    def f(x, log_d):
+        if log_d is None:
+            return fmk.softmax_features(x, proj) * 1.0
+        fq, mq = fmk.exp_features(x, proj, log_d, s)
+        fk, _ = fmk.exp_features(x, proj, log_d, s, n)
+        return fq * fk + mq[..., None] + fmk.row_max(x, proj, log_d, s)[..., None]
+
+    leaves = [_leaf(x, torch.float32), _leaf(log_d, torch.float32)]
+    refs = [_leaf(x, torch.float32), _leaf(log_d, torch.float32)]
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager" if DEV.type == "cpu" else "inductor")(*leaves)
+    expect = f(*refs)
+    g = torch.randn_like(expect)
+    (out * g).sum().backward()
+    (expect * g).sum().backward()
+    torch.testing.assert_close(out, expect)
+    for a, b in zip(leaves, refs):
+        if a is not None:
+            torch.testing.assert_close(a.grad, b.grad)
