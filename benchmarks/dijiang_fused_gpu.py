@@ -358,7 +358,7 @@ def main() -> int:
         dg.section("layer fused official bf16", dg.layer_check, "official", bf16, 1.0, False, mode="fused")
         dg.section("layer fused paper float32", dg.layer_check, "paper", torch.float32, 1.0, False, mode="fused")
     if "nan" in want and not SMOKE:
-        dg.section("nan 32k", dg.nan_check_32k, FUSED, budget=B * 0.4)
+        dg.section("nan 32k", dg.nan_check_32k, (*FUSED, *(FLA if have_fla else ())), budget=B * 0.4)
     if "attention" in want:
         methods = ["softmax", *FUSED, *(FLA if have_fla and not SMOKE else ())]
         dg.section("attention", attention_report, args.out, methods, budget=B * 0.5)
