@@ -254,3 +254,18 @@ def test_torch_compile_fullgraph(kind):
     for a, b in zip(leaves, refs):
         if a is not None:
             torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("kind", ["paper", "official"])
+def test_model_with_the_kernels_compiles_to_one_graph(monkeypatch, kind):
+    """A DiJiang model whose layers run the feature-map kernels and the fused form (the training route up to
+    FUSED_MAX_LEN on CUDA): torch.compile sees one graph, no break."""
+    from leanformer.model import TransformerLM
+
+    monkeypatch.setattr(dj, "FEATURE_KERNEL", "always")
+    cfg = TransformerConfig(vocab_size=64, d_model=64, n_heads=4, n_layers=2, attention="dijiang",
+                            dijiang=DiJiangConfig(feature_map=kind, mode="fused")).validate()
+    model = TransformerLM(cfg).to(DEV)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 32), device=DEV))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
