@@ -390,7 +390,10 @@ class DiJiangAttention(nn.Module):
         the unfused PyTorch chunk form on a GPU that can run it), else ``chunk``. Measured on an H200
         (docs/benchmarks.md, 2026-12-04; fwd+bwd, B 4, H 12, paper map): the first kernel 3.32 ms against
         fla's 4.17 at 4K and 7.90 against 4.17 at 8K; today's default (factored) 2.90 against 3.82 at 4K and
-        19.71 against 6.54 at 16K. Mode ``fla``: its recurrent kernel for a step, its chunk kernel otherwise;
+        19.71 against 6.54 at 16K. With the feature-map kernels (H100, 2026-12-05, paper map at 4K): a lone
+        call's wall time 3.54 (fused) against 4.03 ms (fla), but its GPU time 1.39 against 0.75 ms; which of
+        the two a training step at 4K prefers is not measured yet, so the default stays. Mode ``fla``: its
+        recurrent kernel for a step, its chunk kernel otherwise;
         modes ``parallel`` and ``fused`` with a state: ``recurrent`` for a step, else chunk (parallel) or the
         fused kernel (fused); mode ``fused`` on inputs the kernel refuses runs ``parallel`` (``chunk`` with a
         state), with a warning."""
