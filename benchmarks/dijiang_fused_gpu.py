@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -246,6 +247,54 @@ def variants(lengths=(4096, 16384)) -> None:
         setattr(fda, key, val)
 
 
+FEATURE_VARIANTS = [(bt, w) for bt in (32, 64, 128) for w in (4, 8)]  # (BLOCK_T, NUM_WARPS) of feature_map
+
+
+def feature_variants(T: int = 16384) -> None:
+    """The paper map's features of q and k (what the layer runs: q at its row max; k's row maxima, the running
+    n, k at n) fwd+bwd, bf16, B 4, H 12, d = m = 64, under each (BLOCK_T, NUM_WARPS) of
+    :mod:`leanformer.ops.feature_map`; error against float64 at each setting. The bytes' floor (q, k read
+    three times in all, features written once, the backward's reads and writes) is printed beside."""
+    from leanformer.layers import dijiang
+    from leanformer.ops import feature_map as fmk
+
+    B, H, D = (1, 2, 16) if SMOKE else (4, 12, 64)
+    T = 70 if SMOKE else T
+    dt = torch.float32 if SMOKE else torch.bfloat16
+    proj = dijiang.feature_projection(D, D, "paper").float().to(DEV)
+    lg = dijiang.default_log_gamma(H).float().to(DEV)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k = (torch.randn(B, T, H, D, generator=g).to(DEV, dt).transpose(1, 2) for _ in range(2))
+    go = [torch.randn(B, T, H, D, generator=g).to(DEV, dt).transpose(1, 2) for _ in range(2)]
+    log_d = torch.full((H, D), -0.5 * math.log(D), device=DEV)
+    ref = dijiang.feature_pair(q.double(), k.double(), proj.double(), log_d.double(), D ** -0.25, lg.double(),
+                               None, torch.float64)
+    elem = torch.empty((), dtype=dt).element_size()
+    floor_gb = B * H * T * D * elem * (3 + 2 + 4 + 2) / 1e9  # fwd: q, k, k read, fq, fk written; bwd: 4 read, 2 written
+    saved = (fmk.BLOCK_T, fmk.NUM_WARPS)
+    for block_t, warps in FEATURE_VARIANTS[:2] if SMOKE else FEATURE_VARIANTS:
+        fmk.BLOCK_T, fmk.NUM_WARPS = block_t, warps
+        leaves = [q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_(),
+                  log_d.clone().requires_grad_()]
+
+        def step(leaves=leaves):
+            fq, fk, _, _ = dijiang.kernel_feature_pair(leaves[0], leaves[1], proj, leaves[2], D ** -0.25, lg, None, dt)
+            torch.autograd.backward([fq, fk], go)
+            return fq, fk
+        try:
+            fq, fk = step()
+            row = {"feature_variant": f"BLOCK_T {block_t}, warps {warps}", "T": T, "status": "ok",
+                   "rel_err": max(dg.rel(fq, ref[0]), dg.rel(fk, ref[1])),
+                   "ms": _smoke_ms(step) if SMOKE else do_bench(step, warmup=10, rep=200, return_mode="median"),
+                   "floor_ms_at_3TBps": round(floor_gb / 3e3 * 1e3, 3)}
+        except Exception as e:  # noqa: BLE001
+            row = {"feature_variant": f"BLOCK_T {block_t}, warps {warps}", "T": T,
+                   "status": f"{type(e).__name__}: {str(e)[:200]}"}
+        dg.RESULTS.setdefault("feature_variants", []).append(row)
+        print(f"[feature variant] {row}", flush=True)
+    fmk.BLOCK_T, fmk.NUM_WARPS = saved
+
+
 def do_bench(fn, **kwargs) -> float:
     from triton.testing import do_bench as triton_do_bench
 
@@ -292,7 +341,7 @@ def decode(out: str) -> None:
     dijiang.FUSED_STEP, fds.ROPE_IN_KERNEL = True, True
 
 
-SECTIONS = "tests,featuretests,layers,nan,attention,profile,breakdown,train,steps,variants,decode"
+SECTIONS = "tests,featuretests,featurevariants,layers,nan,attention,profile,breakdown,train,steps,variants,decode"
 
 
 def _tree_commit() -> str:
@@ -352,6 +401,8 @@ def main() -> int:
         dg.section("pytest on CUDA", run_tests)
     if "featuretests" in want:
         dg.section("pytest feature map on CUDA", run_tests, FEATURE_TESTS)
+    if "featurevariants" in want:
+        dg.section("feature variants", feature_variants, budget=B * 0.5)
     if "layers" in want:
         dg.section("layer fused paper bf16 q/k×4", dg.layer_check, "paper", bf16, 4.0, False, mode="fused")
         dg.section("layer fused paper bf16 learnable", dg.layer_check, "paper", bf16, 1.0, True, mode="fused")
@@ -394,6 +445,10 @@ def main() -> int:
     print("| T | method | wall ms | GPU kernels ms |\n|---|---|---|---|")
     for r in dg.RESULTS.get("breakdown", []):
         print(f"| {r['T']} | {r['breakdown']} | {r['wall_ms']:.3f} | {r['gpu_ms']:.3f} |")
+    print("| T | feature-map variant | ms | floor ms | rel err | status |\n|---|---|---|---|---|---|")
+    for r in dg.RESULTS.get("feature_variants", []):
+        print(f"| {r['T']} | {r['feature_variant']} | {r.get('ms', float('nan')):.3f} | "
+              f"{r.get('floor_ms_at_3TBps', float('nan'))} | {r.get('rel_err', float('nan')):.1e} | {r['status']} |")
     print("| T | kernel variant | ms | rel err o / grads @1K | status |\n|---|---|---|---|---|")
     for r in dg.RESULTS.get("variants", []):
         err = f"{r['rel_err_o']:.1e} / {r['rel_err_grads']:.1e}" if "rel_err_o" in r else ""
