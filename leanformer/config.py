@@ -85,9 +85,9 @@ class DiJiangConfig:
     # beyond; None: 256 on CPU, 1024 on CUDA (where the two forms cross: CPU 128-256 tokens, H100 1-2K tokens)
     parallel_max_len: int | None = None
     # auto on CUDA with Triton and bf16/fp16 features: the fused kernel up to this length (full passes and
-    # prompts continuing a state), then as above; None: leanformer.layers.dijiang.FUSED_MAX_LEN, 4096 (it beat
-    # fla's kernel at 4K and lost from 8K on an H200; with the feature-map kernels fla's GPU time is lower at 4K
-    # but a lone call's wall time higher: docs/benchmarks.md)
+    # prompts continuing a state), then as above; None: leanformer.layers.dijiang.FUSED_MAX_LEN, 4096 (a lone
+    # 4K call's wall time was lower than fla's and lost from 8K, on an H200 and an H100, though fla's GPU time
+    # was already lower at 4K; the feature-map kernels widen that GPU gap: docs/benchmarks.md)
     fused_max_len: int | None = None
 
     def validate(self) -> None:
