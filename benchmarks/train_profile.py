@@ -194,23 +194,31 @@ def section_check(device: torch.device, smoke: bool, result: dict) -> None:
 
 
 def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
+    from leanformer.layers import noble
     from leanformer.layers.noble import NobleLinear
 
     n = 256 if smoke else 16384
     shapes = ((64, 64),) if smoke else ((768, 768), (768, 3072), (3072, 768))
     rows = []
     for d_in, d_out in shapes:
-        layers = {"linear": nn.Linear(d_in, d_out, bias=False),
-                  "noble_fused": NobleLinear(d_in, d_out, bias=False, rank=32, fused=True),
-                  "noble_plain": NobleLinear(d_in, d_out, bias=False, rank=32, fused=False)}
+        torch.manual_seed(0)
+        layers = {"linear": (nn.Linear(d_in, d_out, bias=True), "stacked"),  # (layer, noble.COMPILED_FORM)
+                  "noble_fused": (NobleLinear(d_in, d_out, bias=True, rank=32, fused=True), "stacked"),
+                  "noble_kcat": (NobleLinear(d_in, d_out, bias=True, rank=32, fused=True), "kcat"),
+                  "noble_plain": (NobleLinear(d_in, d_out, bias=True, rank=32, fused=False), "stacked")}
         x = torch.randn(n, d_in, device=device, requires_grad=True)
         g = torch.randn(n, d_out, device=device)
         row = {"d_in": d_in, "d_out": d_out, "tokens": n,
-               "branch_flop_share": layers["noble_fused"].flops_per_token() / (2 * d_in * d_out)}
-        for name, layer in layers.items():
+               "branch_flop_share": layers["noble_fused"][0].flops_per_token() / (2 * d_in * d_out)}
+        for name, (layer, form) in layers.items():
             layer.to(device)
+            noble.COMPILED_FORM = form
             for comp in (False, True):
+                if not comp and name == "noble_kcat":
+                    continue  # eager ignores COMPILED_FORM
+                torch._dynamo.reset()
                 fn = torch.compile(layer) if comp else layer
+                key = f"{name}{'_compiled' if comp else ''}"
 
                 def step(fn=fn, x=x, g=g):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -218,17 +226,12 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
                     y.backward(g.to(y.dtype))
                 try:
                     step()
-                    row[f"{name}{'_compiled' if comp else ''}_ms"] = bench(step, device)
+                    row[f"{key}_ms"] = bench(step, device)
+                    if comp and name != "noble_plain":
+                        row[f"kernels_{key}"] = top_kernels(step, device, limit=12)
                 except Exception as e:  # noqa: BLE001
-                    row[f"{name}{'_compiled' if comp else ''}_error"] = f"{type(e).__name__}: {e}"[:200]
-        if d_in == d_out:
-            lay = torch.compile(layers["noble_fused"])
-
-            def nstep(lay=lay, x=x, g=g):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    y = lay(x)
-                y.backward(g.to(y.dtype))
-            row["kernels_noble_compiled"] = top_kernels(nstep, device, limit=15)
+                    row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:200]
+        noble.COMPILED_FORM = "stacked"
         rows.append(row)
         log(f"noble {d_in}->{d_out}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                    if k.endswith("_ms")))
@@ -256,7 +259,7 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
 # ------------------------------------------------------------------------------------------ 3. whole steps
 
 
-STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode]), most wanted first
+STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.COMPILED_FORM]]), most wanted first
     ("gpt2 preln b16", "gpt2", "preln", 16, True),
     ("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
     ("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
@@ -267,6 +270,8 @@ STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode]), most 
     ("gpt2 preln b16 cudagraphs", "gpt2", "preln", 16, False, "reduce-overhead"),
     ("gpt2 preln b32", "gpt2", "preln", 32, False),
     ("gpt2 noble_fused b16 cudagraphs", "gpt2", "noble_fused", 16, False, "reduce-overhead"),
+    ("gpt2 noble_kcat b16", "gpt2", "noble_fused", 16, True, None, "kcat"),
+    ("gpt2 noble_kcat b16 cudagraphs", "gpt2", "noble_fused", 16, False, "reduce-overhead", "kcat"),
     ("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True),
     ("gpt2-4k preln b4", "gpt2-4k", "preln", 4, True),
     ("gpt2-4k dijiang_scratch b4", "gpt2-4k", "dijiang_scratch", 4, True),
@@ -289,7 +294,11 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     rows = []
     plan = [p for p in STEP_PLAN if p[0] in PLAN] if PLAN else STEP_PLAN
     plan.sort(key=lambda p: PLAN.index(p[0]) if PLAN else 0)
-    for label, size, arm, batch, prof, *mode in plan:
+    from leanformer.layers import noble
+
+    for label, size, arm, batch, prof, *extra in plan:
+        mode = [extra[0]] if extra and extra[0] else []
+        noble.COMPILED_FORM = extra[1] if len(extra) > 1 else "stacked"
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
@@ -336,6 +345,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
+    noble.COMPILED_FORM = "stacked"
     result["steps"] = rows
 
 
@@ -402,9 +412,9 @@ def markdown(result: dict) -> str:
         for r in result["noble_layer"]:
             out.append(f"- {r['d_in']}→{r['d_out']} (branch FLOPs {r['branch_flop_share']:.1%}): "
                        + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r.items() if k.endswith("_ms")))
-            if "kernels_noble_compiled" in r:
-                out += [f"  - `{k['kernel'][:100]}` {k['ms_per_step']:.3f} ms × {k['calls_per_step']:.0f}"
-                        for k in r["kernels_noble_compiled"]]
+            for key in (k for k in r if k.startswith("kernels_")):
+                out += [f"  - {key[8:]}:"] + [f"    - `{k['kernel'][:100]}` {k['ms_per_step']:.3f} ms × "
+                                              f"{k['calls_per_step']:.0f}" for k in r[key]]
         if "branch_mm_ms" in result:
             out += [""] + [f"- {k}: {v:.3f}" for k, v in result["branch_mm_ms"].items()]
     return "\n".join(out) + "\n"

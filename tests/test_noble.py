@@ -529,3 +529,60 @@ def test_fused_falls_back_to_concatenation_when_weights_do_not_share_a_buffer():
     layer.down.weight = nn.Parameter(layer.down.weight.detach().clone())  # a separate tensor
     x = torch.randn(3, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), layer.forward_reference(x))
+
+
+@pytest.mark.parametrize("activation", ["cosnet", "silu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kcat_form_matches_float64_reference_with_gradients(activation, bias):
+    """[x, σ(z)] [W, W_up]ᵀ + b is the same function and gradients as the two-product reference."""
+    torch.manual_seed(2)
+    layer = NobleLinear(24, 40, bias=bias, rank=6, activation=activation, dtype=torch.float64)
+    with torch.no_grad():
+        layer.up.weight.normal_()
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    y_k, g_k = _grads(layer, x, layer.forward_kcat)
+    y_ref, g_ref = _grads(layer, x, layer.forward_reference)
+    torch.testing.assert_close(y_k, y_ref, rtol=1e-12, atol=1e-12)
+    assert g_k.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_k[name], g_ref[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_kcat_form_refuses_gate_and_dropout():
+    for kw in ({"fusion": "gate"}, {"dropout": 0.1}):
+        layer = NobleLinear(8, 8, rank=2, **kw)
+        with pytest.raises(ValueError, match="plain sum"):
+            layer.forward_kcat(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("form", ["stacked", "kcat"])
+def test_compiled_forms_match_float64_reference(form, monkeypatch):
+    """Under torch.compile the layer takes noble.COMPILED_FORM (traced with aot_eager on the CPU)."""
+    from leanformer.layers import noble
+
+    monkeypatch.setattr(noble, "COMPILED_FORM", form)
+    taken = []
+    kcat = NobleLinear.forward_kcat
+
+    def counted(self, x):
+        taken.append("kcat")
+        return kcat(self, x)
+    monkeypatch.setattr(NobleLinear, "forward_kcat", counted)
+    torch.manual_seed(3)
+    layer = NobleLinear(16, 24, rank=4, dtype=torch.float64)
+    with torch.no_grad():
+        layer.up.weight.normal_(0, 0.3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y_c, g_c = _grads(layer, x, compiled)
+    y_ref, g_ref = _grads(layer, x, layer.forward_reference)
+    torch.testing.assert_close(y_c, y_ref, rtol=1e-12, atol=1e-12)
+    for name in g_ref:
+        torch.testing.assert_close(g_c[name], g_ref[name], rtol=1e-12, atol=1e-12, msg=name)
+    assert bool(taken) == (form == "kcat")
+    monkeypatch.setattr(noble, "COMPILED_FORM", "rows")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="COMPILED_FORM"):
+        torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()

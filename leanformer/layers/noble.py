@@ -24,6 +24,13 @@ from torch import nn
 
 ACTIVATIONS = ("cosnet", "silu", "gelu", "tanh")
 FUSIONS = ("add", "gate")
+# How a fused layer (fusion "add", no dropout) computes under torch.compile, read at trace time:
+#   "stacked": one product with [W; W_down] (rows), then main + σ(z) W_upᵀ (a rank-r product and a sum);
+#   "kcat": z = x W_downᵀ first, then one product [x, σ(z)] [W, W_up]ᵀ (W_up joins along the inner axis), so
+#   the branch's up-projection, its two backward products against dy and the [dy, dz] concatenation are
+#   gone, for a copy of x into [x, σ(z)] and two rank-r products against x.
+COMPILED_FORMS = ("stacked", "kcat")
+COMPILED_FORM = "stacked"
 
 
 class BranchLinear(nn.Module):
@@ -320,9 +327,14 @@ class NobleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., d_in) -> (..., d_out)``; the fused path when ``self.fused``."""
+        plain_sum = self.fused and self.gate is None and isinstance(self.drop, nn.Identity)
+        if plain_sum and torch.compiler.is_compiling():
+            if COMPILED_FORM not in COMPILED_FORMS:
+                raise ValueError(f"noble.COMPILED_FORM={COMPILED_FORM!r} must be one of {COMPILED_FORMS}")
+            if COMPILED_FORM == "kcat":
+                return self.forward_kcat(x)
         main, z = self._main_and_down(x)
-        if (torch.compiler.is_compiling() or not self.fused or self.gate is not None
-                or not isinstance(self.drop, nn.Identity)):
+        if torch.compiler.is_compiling() or not plain_sum:
             # Under torch.compile the plain sum is better: inductor fuses ``main + branch`` into the next
             # element-wise kernel, while an addmm on the strided ``main`` (a column block of the stacked
             # product) costs a copy of it (measured on an H100: docs/gpu/train_profile_after.md)
@@ -332,6 +344,16 @@ class NobleLinear(nn.Module):
         lead = main.shape[:-1]
         s2, main2 = s.reshape(-1, self.rank), main.reshape(-1, self.out_features)
         return torch.addmm(main2, s2, self.up.weight.t()).view(*lead, self.out_features)  # autocast: bf16
+
+    def forward_kcat(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain-sum layer as ``[x, σ(x W_downᵀ + b_down)] [W, W_up]ᵀ + b``: the branch's up-projection
+        joins the main product along its inner axis (d_in + r), so one product and its two backward products
+        do the work of three and six (see :data:`COMPILED_FORM`). Fusion ``add`` without dropout only."""
+        if self.gate is not None or not isinstance(self.drop, nn.Identity):
+            raise ValueError("forward_kcat computes the plain sum: fusion='add' without dropout")
+        s = self.act(self.down(x))                                             # (..., r)
+        xs = torch.cat([x, s.to(x.dtype)], dim=-1)                             # (..., d_in + r)
+        return F.linear(xs, torch.cat([self.weight, self.up.weight], dim=1), self.bias)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain version: two separate matrix products, then the branch."""
