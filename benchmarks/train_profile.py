@@ -43,8 +43,34 @@ def bench(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> float
     return time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=5.0).median_ms
 
 
-def top_kernels(fn, device: torch.device, steps: int = 2, limit: int = 18) -> list[dict]:
-    """The ``limit`` kernels with the largest total device time over ``steps`` calls of ``fn``."""
+KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins; annotations are not kernels
+    ("annotation", ("Optimizer.", "## Call", "Torch-Compiled", "CompiledFunction", "ProfilerStep")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "splitKreduce")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("optimizer", ("multi_tensor_apply", "FusedOpti")),
+    ("inductor (triton)", ("triton_",)),
+    ("copy/fill", ("copy", "Fill", "Memset", "Memcpy", "cat")),
+)
+
+
+def kernel_class(name: str) -> str:
+    return next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
+
+
+def kernel_totals(rows: list[dict]) -> dict[str, float]:
+    """ms per step by :data:`KERNEL_CLASSES` class over ``rows`` (all kernels, annotations apart), and "total"."""
+    out: dict[str, float] = {}
+    for r in rows:
+        c = kernel_class(r["kernel"])
+        out[c] = out.get(c, 0.0) + r["ms_per_step"]
+    out["total"] = sum(v for c, v in out.items() if c != "annotation")
+    return out
+
+
+def top_kernels(fn, device: torch.device, steps: int = 2, limit: int = 18,
+                totals: dict | None = None) -> list[dict]:
+    """The ``limit`` kernels with the largest total device time over ``steps`` calls of ``fn``; ``totals``
+    (a dict) receives :func:`kernel_totals` over all of them."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -63,7 +89,9 @@ def top_kernels(fn, device: torch.device, steps: int = 2, limit: int = 18) -> li
         if t > 0 and (device.type != "cuda" or e.device_type.name == "CUDA"):
             rows.append({"kernel": e.key[:140], "ms_per_step": t / 1e3 / steps, "calls_per_step": e.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
-    total = sum(r["ms_per_step"] for r in rows)
+    if totals is not None:
+        totals.update(kernel_totals(rows))
+    total = sum(r["ms_per_step"] for r in rows if kernel_class(r["kernel"]) != "annotation")
     for r in rows:
         r["share"] = r["ms_per_step"] / total if total else 0.0
     return rows[:limit]
@@ -267,11 +295,11 @@ STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.
     ("bert preln b128", "bert", "preln", 128, False),
     ("bert sas_p b128", "bert", "sas_p", 128, False),
     ("bert sas_p_nonorm b128", "bert", "sas_p_nonorm", 128, False),
-    ("gpt2 preln b16 cudagraphs", "gpt2", "preln", 16, False, "reduce-overhead"),
+    ("gpt2 preln b16 cudagraphs", "gpt2", "preln", 16, True, "reduce-overhead"),
     ("gpt2 preln b32", "gpt2", "preln", 32, False),
-    ("gpt2 noble_fused b16 cudagraphs", "gpt2", "noble_fused", 16, False, "reduce-overhead"),
+    ("gpt2 noble_fused b16 cudagraphs", "gpt2", "noble_fused", 16, True, "reduce-overhead"),
     ("gpt2 noble_kcat b16", "gpt2", "noble_fused", 16, True, None, "kcat"),
-    ("gpt2 noble_kcat b16 cudagraphs", "gpt2", "noble_fused", 16, False, "reduce-overhead", "kcat"),
+    ("gpt2 noble_kcat b16 cudagraphs", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat"),
     ("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True),
     ("gpt2-4k preln b4", "gpt2-4k", "preln", 4, True),
     ("gpt2-4k dijiang_scratch b4", "gpt2-4k", "dijiang_scratch", 4, True),
@@ -333,7 +361,8 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
             row["tokens_per_s"] = batch * seq / ms * 1e3
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             if prof:
-                row["kernels"] = top_kernels(step, device, limit=20)
+                row["kernel_totals"] = {}
+                row["kernels"] = top_kernels(step, device, limit=40, totals=row["kernel_totals"])
             row["status"] = "ok"
             log(f"{label}: {ms:.2f} ms/step, {row['tokens_per_s']:,.0f} tok/s, compile {row['compile_s']:.0f} s, "
                 f"peak {row['peak_mem_gib']} GiB")
@@ -381,6 +410,13 @@ def markdown(result: dict) -> str:
                 ratios = "— | — | — | — | —"
             out.append(f"| {r['label']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                        f"{r['peak_mem_gib'] or 0:.2f} | {ratios} | {r['compile_s']:.0f} |")
+        totals = [r for r in result["steps"] if r.get("kernel_totals")]
+        if totals:
+            classes = sorted({c for r in totals for c in r["kernel_totals"]} - {"annotation", "total"}) + ["total"]
+            out += ["", "### GPU kernel time by class (ms per step; the sum of the profiled kernels)", "",
+                    "| run | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+            out += [f"| {r['label']} | " + " | ".join(f"{r['kernel_totals'].get(c, 0.0):.2f}" for c in classes)
+                    + " |" for r in totals]
         for r in result["steps"]:
             if "kernels" in r:
                 out += ["", f"### Top kernels: {r['label']} (ms per step)", "", "| kernel | ms | calls | share |",
