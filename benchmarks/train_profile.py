@@ -248,10 +248,12 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
                 fn = torch.compile(layer) if comp else layer
                 key = f"{name}{'_compiled' if comp else ''}"
 
-                def step(fn=fn, x=x, g=g):
+                leaves = (x, *layer.parameters())
+
+                def step(fn=fn, x=x, g=g, leaves=leaves):  # gradients returned, not accumulated into .grad
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         y = fn(x)
-                    y.backward(g.to(y.dtype))
+                    return torch.autograd.grad(y, leaves, g.to(y.dtype))
                 try:
                     step()
                     row[f"{key}_ms"] = bench(step, device)
