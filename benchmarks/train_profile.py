@@ -222,7 +222,6 @@ def section_check(device: torch.device, smoke: bool, result: dict) -> None:
 
 
 def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
-    from leanformer.layers import noble
     from leanformer.layers.noble import NobleLinear
 
     n = 256 if smoke else 16384
@@ -230,20 +229,19 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
     rows = []
     for d_in, d_out in shapes:
         torch.manual_seed(0)
-        layers = {"linear": (nn.Linear(d_in, d_out, bias=True), "stacked"),  # (layer, noble.COMPILED_FORM)
-                  "noble_fused": (NobleLinear(d_in, d_out, bias=True, rank=32, fused=True), "stacked"),
-                  "noble_kcat": (NobleLinear(d_in, d_out, bias=True, rank=32, fused=True), "kcat"),
-                  "noble_plain": (NobleLinear(d_in, d_out, bias=True, rank=32, fused=False), "stacked")}
+        layers = {"linear": nn.Linear(d_in, d_out, bias=True),
+                  "noble_fused": NobleLinear(d_in, d_out, bias=True, rank=32, fused=True),
+                  "noble_kcat": NobleLinear(d_in, d_out, bias=True, rank=32, fused=True, compiled_form="kcat"),
+                  "noble_plain": NobleLinear(d_in, d_out, bias=True, rank=32, fused=False)}
         x = torch.randn(n, d_in, device=device, requires_grad=True)
         g = torch.randn(n, d_out, device=device)
         row = {"d_in": d_in, "d_out": d_out, "tokens": n,
-               "branch_flop_share": layers["noble_fused"][0].flops_per_token() / (2 * d_in * d_out)}
-        for name, (layer, form) in layers.items():
+               "branch_flop_share": layers["noble_fused"].flops_per_token() / (2 * d_in * d_out)}
+        for name, layer in layers.items():
             layer.to(device)
-            noble.COMPILED_FORM = form
             for comp in (False, True):
                 if not comp and name == "noble_kcat":
-                    continue  # eager ignores COMPILED_FORM
+                    continue  # eager ignores compiled_form
                 torch._dynamo.reset()
                 fn = torch.compile(layer) if comp else layer
                 key = f"{name}{'_compiled' if comp else ''}"
@@ -261,7 +259,6 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
                         row[f"kernels_{key}"] = top_kernels(step, device, limit=12)
                 except Exception as e:  # noqa: BLE001
                     row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:200]
-        noble.COMPILED_FORM = "stacked"
         rows.append(row)
         log(f"noble {d_in}->{d_out}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                    if k.endswith("_ms")))
@@ -289,7 +286,7 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
 # ------------------------------------------------------------------------------------------ 3. whole steps
 
 
-STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.COMPILED_FORM]]), most wanted first
+STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.compiled_form]]), most wanted first
     ("gpt2 preln b16", "gpt2", "preln", 16, True),
     ("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
     ("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
@@ -324,11 +321,8 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     rows = []
     plan = [p for p in STEP_PLAN if p[0] in PLAN] if PLAN else STEP_PLAN
     plan.sort(key=lambda p: PLAN.index(p[0]) if PLAN else 0)
-    from leanformer.layers import noble
-
     for label, size, arm, batch, prof, *extra in plan:
         mode = [extra[0]] if extra and extra[0] else []
-        noble.COMPILED_FORM = extra[1] if len(extra) > 1 else "stacked"
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
@@ -338,6 +332,8 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode[0] if mode else None}
         try:
             cfg = arm_config(bt.base_config(sz, seq), arm)
+            if len(extra) > 1:
+                cfg.noble.compiled_form = extra[1]
             torch.manual_seed(0)
             with torch.device(device):
                 model = TransformerLM(cfg)
@@ -376,7 +372,6 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
-    noble.COMPILED_FORM = "stacked"
     result["steps"] = rows
 
 

@@ -43,6 +43,9 @@ class NobleConfig:
     fused: bool = True  # one stacked matmul for [W; W_down]
     main_init: str = "paper"  # paper: W ~ N(0, 0.5/sqrt(d_in)) | model: W keeps the LM's GPT-2 init
     lr_mults: bool = True  # the official per-parameter learning-rate multipliers (False: all 1)
+    # under torch.compile: stacked | kcat ([x, σ(z)] [W, W_up]ᵀ; faster under CUDA graphs, slower without:
+    # leanformer/layers/noble.py, docs/benchmarks.md 2026-12-05)
+    compiled_form: str = "stacked"
 
     def validate(self) -> None:
         for t in self.targets:
@@ -50,6 +53,7 @@ class NobleConfig:
         _choice("noble.activation", self.activation, ("cosnet", "silu", "gelu", "tanh"))
         _choice("noble.fusion", self.fusion, ("add", "gate"))
         _choice("noble.main_init", self.main_init, ("paper", "model"))
+        _choice("noble.compiled_form", self.compiled_form, ("stacked", "kcat"))
         if self.rank < 1:
             raise ConfigError(f"noble.rank={self.rank} must be >= 1")
         if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:

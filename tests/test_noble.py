@@ -557,10 +557,7 @@ def test_kcat_form_refuses_gate_and_dropout():
 
 @pytest.mark.parametrize("form", ["stacked", "kcat"])
 def test_compiled_forms_match_float64_reference(form, monkeypatch):
-    """Under torch.compile the layer takes noble.COMPILED_FORM (traced with aot_eager on the CPU)."""
-    from leanformer.layers import noble
-
-    monkeypatch.setattr(noble, "COMPILED_FORM", form)
+    """Under torch.compile the layer takes its compiled_form (traced with aot_eager on the CPU)."""
     taken = []
     kcat = NobleLinear.forward_kcat
 
@@ -569,7 +566,7 @@ def test_compiled_forms_match_float64_reference(form, monkeypatch):
         return kcat(self, x)
     monkeypatch.setattr(NobleLinear, "forward_kcat", counted)
     torch.manual_seed(3)
-    layer = NobleLinear(16, 24, rank=4, dtype=torch.float64)
+    layer = NobleLinear(16, 24, rank=4, compiled_form=form, dtype=torch.float64)
     with torch.no_grad():
         layer.up.weight.normal_(0, 0.3)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
@@ -581,8 +578,23 @@ def test_compiled_forms_match_float64_reference(form, monkeypatch):
     for name in g_ref:
         torch.testing.assert_close(g_c[name], g_ref[name], rtol=1e-12, atol=1e-12, msg=name)
     assert bool(taken) == (form == "kcat")
-    monkeypatch.setattr(noble, "COMPILED_FORM", "rows")
+    taken.clear()
+    layer(x)  # eager ignores the compiled form
+    assert not taken
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="COMPILED_FORM"):
-        torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
-    torch._dynamo.reset()
+
+
+def test_compiled_form_is_validated_and_reaches_the_model():
+    from leanformer.config import ConfigError, TransformerConfig
+    from leanformer.model import TransformerLM
+
+    with pytest.raises(ValueError, match="compiled_form='rows'"):
+        NobleLinear(8, 8, compiled_form="rows")
+    cfg = TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    cfg.noble.enabled, cfg.noble.compiled_form = True, "kcat"
+    model = TransformerLM(cfg.validate())
+    forms = {m.compiled_form for m in model.modules() if isinstance(m, NobleLinear)}
+    assert forms == {"kcat"}
+    cfg.noble.compiled_form = "rows"
+    with pytest.raises(ConfigError, match="noble.compiled_form"):
+        cfg.validate()

@@ -22,5 +22,6 @@ def make_linear(cfg: TransformerConfig, role: str, in_features: int, out_feature
         return NobleLinear(in_features, out_features, bias=bias, rank=noble.rank,
                            rank_ratio=noble.rank_ratio, activation=noble.activation,
                            fusion=noble.fusion, dropout=noble.dropout, alpha=noble.alpha,
-                           fused=noble.fused, main_init=noble.main_init, lr_mults=noble.lr_mults)
+                           fused=noble.fused, main_init=noble.main_init, lr_mults=noble.lr_mults,
+                           compiled_form=noble.compiled_form)
     return nn.Linear(in_features, out_features, bias=bias)

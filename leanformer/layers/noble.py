@@ -24,13 +24,13 @@ from torch import nn
 
 ACTIVATIONS = ("cosnet", "silu", "gelu", "tanh")
 FUSIONS = ("add", "gate")
-# How a fused layer (fusion "add", no dropout) computes under torch.compile, read at trace time:
+# How a fused layer (fusion "add", no dropout) computes under torch.compile (NobleLinear's compiled_form):
 #   "stacked": one product with [W; W_down] (rows), then main + σ(z) W_upᵀ (a rank-r product and a sum);
 #   "kcat": z = x W_downᵀ first, then one product [x, σ(z)] [W, W_up]ᵀ (W_up joins along the inner axis), so
 #   the branch's up-projection, its two backward products against dy and the [dy, dz] concatenation are
-#   gone, for a copy of x into [x, σ(z)] and two rank-r products against x.
+#   gone, for a copy of x into [x, σ(z)] and two rank-r products against x. Measured (docs/benchmarks.md,
+#   2026-12-05): kcat 5.7% faster per GPT-2 step under CUDA graphs, 20.5% slower in the default mode.
 COMPILED_FORMS = ("stacked", "kcat")
-COMPILED_FORM = "stacked"
 
 
 class BranchLinear(nn.Module):
@@ -170,6 +170,8 @@ class NobleLinear(nn.Module):
             (the parameters ``weight`` and ``down.weight`` are its row blocks), so the stacked matrix is a
             view, not a copy; state-dict keys, optimizer groups and ``from_linear``/``to_linear`` see two
             ordinary parameters.
+        compiled_form: how a fused plain-sum layer computes under ``torch.compile``: ``stacked`` (as above) or
+            ``kcat`` (:meth:`forward_kcat`); eager runs ignore it (see :data:`COMPILED_FORMS`).
 
     Input ``(..., in_features)``, output ``(..., out_features)``.
     """
@@ -177,7 +179,7 @@ class NobleLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 32,
                  rank_ratio: float | None = None, activation: str = "cosnet", fusion: str = "add",
                  dropout: float = 0.0, alpha: float = 1.0, fused: bool = True,
-                 main_init: str = "paper", lr_mults: bool = True,
+                 main_init: str = "paper", lr_mults: bool = True, compiled_form: str = "stacked",
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
@@ -197,12 +199,15 @@ class NobleLinear(nn.Module):
                              "(the paper's plain sum) leave alpha=1.0")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"NobleLinear dropout={dropout} must be in [0, 1)")
+        if compiled_form not in COMPILED_FORMS:
+            raise ValueError(f"NobleLinear compiled_form={compiled_form!r} is not valid; "
+                             f"choose one of {', '.join(COMPILED_FORMS)}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.activation, self.fusion, self.alpha, self.fused = activation, fusion, alpha, fused
         if main_init not in ("paper", "model"):
             raise ValueError(f"NobleLinear main_init={main_init!r} is not valid; choose paper or model")
-        self.main_init, self.use_lr_mults = main_init, lr_mults
+        self.main_init, self.use_lr_mults, self.compiled_form = main_init, lr_mults, compiled_form
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.down = BranchLinear(in_features, rank, bias=True, **kw)
@@ -328,11 +333,8 @@ class NobleLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., d_in) -> (..., d_out)``; the fused path when ``self.fused``."""
         plain_sum = self.fused and self.gate is None and isinstance(self.drop, nn.Identity)
-        if plain_sum and torch.compiler.is_compiling():
-            if COMPILED_FORM not in COMPILED_FORMS:
-                raise ValueError(f"noble.COMPILED_FORM={COMPILED_FORM!r} must be one of {COMPILED_FORMS}")
-            if COMPILED_FORM == "kcat":
-                return self.forward_kcat(x)
+        if plain_sum and self.compiled_form == "kcat" and torch.compiler.is_compiling():
+            return self.forward_kcat(x)
         main, z = self._main_and_down(x)
         if torch.compiler.is_compiling() or not plain_sum:
             # Under torch.compile the plain sum is better: inductor fuses ``main + branch`` into the next
@@ -348,7 +350,7 @@ class NobleLinear(nn.Module):
     def forward_kcat(self, x: torch.Tensor) -> torch.Tensor:
         """The plain-sum layer as ``[x, σ(x W_downᵀ + b_down)] [W, W_up]ᵀ + b``: the branch's up-projection
         joins the main product along its inner axis (d_in + r), so one product and its two backward products
-        do the work of three and six (see :data:`COMPILED_FORM`). Fusion ``add`` without dropout only."""
+        do the work of three and six (see :data:`COMPILED_FORMS`). Fusion ``add`` without dropout only."""
         if self.gate is not None or not isinstance(self.drop, nn.Identity):
             raise ValueError("forward_kcat computes the plain sum: fusion='add' without dropout")
         s = self.act(self.down(x))                                             # (..., r)
@@ -434,6 +436,8 @@ class NobleLinear(nn.Module):
              f"rank={self.rank}, activation={self.activation}, fusion={self.fusion}, fused={self.fused}")
         if self.fusion == "gate":
             s += f", alpha={self.alpha}"
+        if self.compiled_form != "stacked":
+            s += f", compiled_form={self.compiled_form}"
         return s
 
 
