@@ -286,8 +286,9 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
 # ------------------------------------------------------------------------------------------ 3. whole steps
 
 
-STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.compiled_form[, optimizer]]]),
-    # most wanted first; optimizer "compiled": compiled_adamw_step, else the library's fused AdamW
+STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.compiled_form[, optimizer[,
+    # noble.COSNET_KERNEL]]]]), most wanted first; optimizer "compiled": compiled_adamw_step, else the library's
+    # fused AdamW; COSNET_KERNEL "cuda": CosNet through leanformer.ops.cosnet's kernels (default "never")
     ("gpt2 preln b16", "gpt2", "preln", 16, True),
     ("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
     ("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
@@ -303,6 +304,10 @@ STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.
     ("gpt2 preln b16 cudagraphs copt", "gpt2", "preln", 16, True, "reduce-overhead", "stacked", "compiled"),
     ("gpt2 noble_kcat b16 cudagraphs copt", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat",
      "compiled"),
+    ("gpt2 noble_kcat b16 cudagraphs cosk", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat", "fused",
+     "cuda"),
+    ("gpt2 noble_kcat b16 cudagraphs copt cosk", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat",
+     "compiled", "cuda"),
     ("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True),
     ("gpt2-4k preln b4", "gpt2-4k", "preln", 4, True),
     ("gpt2-4k dijiang_scratch b4", "gpt2-4k", "dijiang_scratch", 4, True),
@@ -350,8 +355,11 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     rows = []
     plan = [p for p in STEP_PLAN if p[0] in PLAN] if PLAN else STEP_PLAN
     plan.sort(key=lambda p: PLAN.index(p[0]) if PLAN else 0)
+    from leanformer.layers import noble
+
     for label, size, arm, batch, prof, *extra in plan:
         mode = [extra[0]] if extra and extra[0] else []
+        noble.COSNET_KERNEL = extra[3] if len(extra) > 3 else "never"
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
@@ -404,6 +412,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
+    noble.COSNET_KERNEL = "never"
     result["steps"] = rows
 
 

@@ -54,6 +54,9 @@ class NobleConfig:
         _choice("noble.fusion", self.fusion, ("add", "gate"))
         _choice("noble.main_init", self.main_init, ("paper", "model"))
         _choice("noble.compiled_form", self.compiled_form, ("stacked", "kcat"))
+        if self.compiled_form == "kcat" and (not self.fused or self.fusion != "add" or self.dropout > 0):
+            raise ConfigError("noble.compiled_form=kcat computes the fused plain sum: it needs noble.fused=true, "
+                              "noble.fusion=add and noble.dropout=0")
         if self.rank < 1:
             raise ConfigError(f"noble.rank={self.rank} must be >= 1")
         if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:

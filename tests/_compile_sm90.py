@@ -14,6 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from leanformer.ops import _cosnet_kernels as cosnet
 from leanformer.ops import _feature_map_kernels as features
 from leanformer.ops import _fused_decay_kernels as attn
 from leanformer.ops import _fused_decay_step_kernel as step
@@ -65,6 +66,11 @@ def cases():
         for softmax in (False, True) if not split else (False,):
             yield f"feature map backward (softmax={softmax}, x {x_type})", features.features_bwd_kernel, \
                 feat_ptr, (), dict(base, SOFTMAX=softmax)
+
+    params = {name: f32 for name in ("W1", "P1", "M", "C", "W2", "P2", "PART")}
+    cos_ptr = dict(params, Z=bf, S=bf, DS=bf, DZ=bf)
+    yield "CosNet forward (bf16 z, r 32)", cosnet.cosnet_fwd_kernel, cos_ptr, (), dict(R=32, BLOCK_N=128)
+    yield "CosNet backward (bf16 z, r 32)", cosnet.cosnet_bwd_kernel, cos_ptr, (), dict(R=32, BLOCK_N=128)
 
 
 def main() -> int:

@@ -161,6 +161,18 @@ def test_changed_config_in_same_out_fails_before_training(smoke, capsys):
     assert "different config" in capsys.readouterr().err
 
 
+def test_run_folder_written_before_a_config_field_existed_is_accepted(smoke):
+    """A folder whose config.yaml lacks a field added later (noble.compiled_form) holds the same config."""
+    import yaml
+
+    out, argv = smoke
+    for file in (out / "arms").glob("*/config.yaml"):
+        cfg = yaml.safe_load(file.read_text())
+        del cfg["model"]["noble"]["compiled_form"]
+        file.write_text(yaml.safe_dump(cfg))
+    assert main(argv) == 0
+
+
 # ---------------------------------------------------------------------------- bad input, before training
 @pytest.fixture
 def no_work(monkeypatch):

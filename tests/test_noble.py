@@ -531,7 +531,7 @@ def test_fused_falls_back_to_concatenation_when_weights_do_not_share_a_buffer():
     torch.testing.assert_close(layer(x), layer.forward_reference(x))
 
 
-@pytest.mark.parametrize("activation", ["cosnet", "silu"])
+@pytest.mark.parametrize("activation", ["cosnet", "silu", "gelu", "tanh"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_kcat_form_matches_float64_reference_with_gradients(activation, bias):
     """[x, σ(z)] [W, W_up]ᵀ + b is the same function and gradients as the two-product reference."""
@@ -597,4 +597,7 @@ def test_compiled_form_is_validated_and_reaches_the_model():
     assert forms == {"kcat"}
     cfg.noble.compiled_form = "rows"
     with pytest.raises(ConfigError, match="noble.compiled_form"):
+        cfg.validate()
+    cfg.noble.compiled_form, cfg.noble.fusion = "kcat", "gate"
+    with pytest.raises(ConfigError, match="kcat computes the fused plain sum"):
         cfg.validate()

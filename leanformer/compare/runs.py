@@ -102,9 +102,11 @@ def finetune_config(parent: RunConfig, fraction: float, lr_ratio: float, warmup_
 
 
 def comparable(cfg_dict: dict) -> dict:
-    """A config dict without the keys that may differ between compatible runs (vocabulary, progress)."""
+    """A config dict without the keys that may differ between compatible runs (vocabulary, progress, NOBLE's
+    compiled form: the same function computed another way)."""
     d = json.loads(json.dumps(cfg_dict))
     d.get("model", {}).pop("vocab_size", None)
+    d.get("model", {}).get("noble", {}).pop("compiled_form", None)
     d.get("train", {}).pop("progress", None)
     return d
 
@@ -179,6 +181,10 @@ def _check_existing(run: Run) -> None:
         old = yaml.safe_load(file.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{file} is not valid YAML ({e}); delete {run.dir} to retrain the arm") from None
+    try:  # read back through RunConfig, so a folder written before a field existed has its default
+        old = to_dict(from_dict(RunConfig, old or {}))
+    except (ConfigError, TypeError, ValueError):
+        pass  # not a config this version can read: compared as written, so it differs
     if comparable(old or {}) != comparable(to_dict(run.cfg)):
         raise ConfigError(f"{run.dir} holds arm {run.arm} trained with a different config; use another --out "
                           f"or delete that folder")

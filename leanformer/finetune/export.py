@@ -89,11 +89,12 @@ def _noble_config(encoder: nn.Module, record: dict[str, Any]):
                 for i in range(cfg.n_layers) for r in roles}
     settings = record["settings"]
     if (not roles <= set(NOBLE_TARGETS) or names != expected or any(layer_index(n) is None for n in names)
-            or set(settings) - {"rank", "activation", "lr_mults", "fused"}):
+            or set(settings) - {"rank", "activation", "lr_mults", "fused", "compiled_form"}):
         return None
     noble = NobleConfig(enabled=True, targets=sorted(roles, key=NOBLE_TARGETS.index), rank=settings["rank"],
                         activation=settings["activation"], main_init="model",
-                        lr_mults=settings.get("lr_mults", True), fused=settings.get("fused", True))
+                        lr_mults=settings.get("lr_mults", True), fused=settings.get("fused", True),
+                        compiled_form=settings.get("compiled_form", "stacked"))
     return dataclasses.replace(cfg, noble=noble).validate()
 
 

@@ -31,6 +31,22 @@ FUSIONS = ("add", "gate")
 #   gone, for a copy of x into [x, σ(z)] and two rank-r products against x. Measured (docs/benchmarks.md,
 #   2026-12-05): kcat 5.7% faster per GPT-2 step under CUDA graphs, 20.5% slower in the default mode.
 COMPILED_FORMS = ("stacked", "kcat")
+# CosNet through leanformer.ops.cosnet's Triton kernels (one pass over z forward, one backward): "cuda" on
+# CUDA tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the
+# PyTorch form; the default until the kernels are timed on a GPU)
+COSNET_KERNEL = "never"
+COSNET_KERNEL_CHOICES = ("cuda", "always", "never")
+
+
+def use_cosnet_kernel(z: torch.Tensor) -> bool:
+    """Whether :class:`CosNet` runs z (..., r) through :func:`leanformer.ops.cosnet.cosnet`."""
+    if COSNET_KERNEL not in COSNET_KERNEL_CHOICES:
+        raise ValueError(f"COSNET_KERNEL={COSNET_KERNEL!r} must be one of {COSNET_KERNEL_CHOICES}")
+    if COSNET_KERNEL == "never" or (COSNET_KERNEL == "cuda" and not z.is_cuda):
+        return False
+    from leanformer.ops.cosnet import cosnet_supported
+
+    return cosnet_supported(z) is None
 
 
 class BranchLinear(nn.Module):
@@ -87,6 +103,10 @@ class CosNet(nn.Module):
         self.M.bias.uniform_(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if use_cosnet_kernel(z):  # same function, one Triton pass each way (see COSNET_KERNEL)
+            from leanformer.ops.cosnet import cosnet
+
+            return cosnet(z, self.omega1, self.phi1, self.M.weight, self.M.bias, self.omega2, self.phi2)
         h = torch.cos(self.omega1 * z + self.phi1)
         return torch.cos(self.omega2 * self.M(h) + self.phi2)
 
