@@ -102,6 +102,46 @@ def test_bf16_input():
         assert rel(a, b) < BF16_TOL, name
 
 
+def test_transposed_input_and_bf16_parameters():
+    """z whose last axis is not unit-stride (copied once), parameters stored in bf16 (read as float32)."""
+    net = _net(32)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(p.to(torch.bfloat16))  # the reference sees the same rounded parameters
+    zt = torch.randn(32, 150, dtype=F64, generator=torch.Generator().manual_seed(5))
+    gs = torch.randn(150, 32, dtype=F64)
+    s_ref, g_ref = _run(net, zt.t(), gs, kernel=False)
+    net_bf16 = _net(32)
+    net_bf16.load_state_dict(net.state_dict())
+    net_bf16 = net_bf16.to(device=DEV, dtype=torch.bfloat16)
+    z = zt.float().to(DEV).t()
+    assert z.stride(-1) != 1
+    s, grads = _run(net_bf16, z, gs.to(DEV), kernel=True)
+    assert s.dtype == torch.float32 and grads[1].dtype == torch.bfloat16
+    assert rel(s, s_ref) < FP32_TOL
+    for name, a, b in zip(("z",) + PARAMS, grads, g_ref):
+        assert rel(a, b) < BF16_TOL, name
+
+
+def test_noble_layer_under_autocast_bf16(monkeypatch):
+    """Autocast's bf16 z with float32 parameters: the layer's output within bf16 rounding of float64."""
+    monkeypatch.setattr(noble, "COSNET_KERNEL", "always")
+    torch.manual_seed(6)
+    layer = NobleLinear(64, 48, rank=32, dtype=F64)
+    with torch.no_grad():
+        layer.up.weight.normal_(0, 0.2)
+    x = torch.randn(3, 40, 64, dtype=F64)
+    ref = layer.forward_reference(x)
+    lay32 = layer.float().to(DEV)
+    xd = x.float().to(DEV).requires_grad_()
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        out = lay32(xd)
+    assert out.dtype == torch.bfloat16
+    assert rel(out, ref) < BF16_TOL
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lay32.parameters())
+
+
 def test_empty_input():
     net = _net(16).float().to(DEV)
     s, grads = _run(net, torch.zeros(0, 16, device=DEV), torch.zeros(0, 16, dtype=F64, device=DEV), kernel=True)
@@ -118,6 +158,9 @@ def test_refusals_name_the_problem():
         ck.cosnet(torch.randn(4, 16, dtype=F64, device=DEV), *p)
     with pytest.raises(ValueError, match=r"omega2 must be \(16,\)"):
         ck.cosnet(torch.randn(4, 16, device=DEV), *p[:4], torch.ones(8), p[5])
+    with pytest.raises(ValueError, match="rank r=128 is above 64"):
+        ck.cosnet(torch.randn(4, 128, device=DEV), *[torch.ones(128)] * 2, torch.ones(128, 128),
+                  *[torch.ones(128)] * 3)
     with pytest.raises(ValueError, match=r"M must be \(16, 16\)"):
         ck.cosnet(torch.randn(4, 16, device=DEV), p[0], p[1], torch.ones(16, 8), *p[3:])
 

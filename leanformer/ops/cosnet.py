@@ -11,7 +11,8 @@ backward one kernel plus a sum of per-program partials, float32 inside, s and dz
 Ops are ``torch.library.triton_op``s (opaque custom ops under ``TRITON_INTERPRET=1``), registered as
 :mod:`leanformer.ops.fused_decay_attention`'s are, so ``torch.compile`` traces them. Supported (else
 :func:`cosnet_supported` says why): CUDA on sm_80+ or the CPU under the interpreter; float32, bfloat16 or
-float16 z; r a power of two in [16, 128].
+float16 z; r a power of two in [16, 64] (r = 128 would hold a 128 × 128 float32 M and its gradient per program:
+register spills on sm_90 and more shared memory than sm_86 offers; review of 2026-12-05).
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ import torch
 from leanformer.ops.fused_decay_attention import (_cdiv, _on_device, _register, _triton_import_error, _wrap,
                                                   kernel_reason)
 
-BLOCK_N = 128  # rows of z per program
 NUM_WARPS = 4
+MAX_RANK = 64
+
+
+def block_rows(r: int) -> int:
+    """Rows of z per program: BLOCK_N · r = 1024 elements (r 16 → 64 rows, 32 → 32, 64 → 16), which keeps
+    the backward's float32 tiles in registers without spilling (Triton 3.6, sm_90, review of 2026-12-05) and
+    gives N / BLOCK_N ≥ 512 programs at GPT-2's 16,384 rows; tl.dot needs at least 16 rows."""
+    return max(16, 1024 // r)
 
 
 def cosnet_supported(z: torch.Tensor) -> str | None:
@@ -30,6 +38,8 @@ def cosnet_supported(z: torch.Tensor) -> str | None:
     if z.dim() < 1:
         return "z must have a last axis (r)"
     reason = kernel_reason(z.device, z.dtype, (("CosNet rank r", z.shape[-1]),))
+    if reason is None and z.shape[-1] > MAX_RANK:
+        reason = f"CosNet rank r={z.shape[-1]} is above {MAX_RANK}, the largest the kernels hold in registers"
     return reason if reason is not None else _triton_import_error()
 
 
@@ -51,9 +61,9 @@ def _cosnet_op(z: torch.Tensor, omega1: torch.Tensor, phi1: torch.Tensor, m: tor
     s = _new_s(z, omega1, phi1, m, c, omega2, phi2)
     if N:
         with _on_device(z):
-            _wrap(_kernels()[0])[(_cdiv(N, BLOCK_N),)](
+            _wrap(_kernels()[0])[(_cdiv(N, block_rows(r)),)](
                 z, omega1, phi1, m, c, omega2, phi2, s, z.stride(0), s.stride(0), N,
-                R=r, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+                R=r, BLOCK_N=block_rows(r), num_warps=NUM_WARPS)
     return s
 
 
@@ -71,12 +81,12 @@ def _cosnet_bwd_op(z: torch.Tensor, omega1: torch.Tensor, phi1: torch.Tensor, m:
     dz, flat = _new_grads(z, omega1, phi1, m, c, omega2, phi2, grad_s)
     if not N:
         return dz, flat.zero_()
-    n_prog = _cdiv(N, BLOCK_N)
+    n_prog = _cdiv(N, block_rows(r))
     partial = z.new_empty((n_prog, 5 * r + r * r), dtype=torch.float32)
     with _on_device(z):
         _wrap(_kernels()[1])[(n_prog,)](
             z, grad_s, omega1, phi1, m, c, omega2, phi2, dz, partial, z.stride(0), grad_s.stride(0),
-            dz.stride(0), N, R=r, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+            dz.stride(0), N, R=r, BLOCK_N=block_rows(r), num_warps=NUM_WARPS)
     return dz, partial.sum(dim=0)
 
 
