@@ -423,10 +423,13 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     """A copy of ``model`` with its weights in ``dtype`` for fast decoding (no per-step autocast casts),
     except buffers and DiJiang's feature-map and decay tensors, which stay float32 (they feed ``exp``).
     NOBLE layers compute their main and branch products separately (``fused=False``: same result, no
-    per-call concatenation of the weights, which a one-token step would pay for in full)."""
+    per-call concatenation of the weights, which a one-token step would pay for in full). The linears
+    of an attention layer that read the same input (q, k, v; DiJiang's gate) run as one product
+    (:func:`leanformer.layers.fused_inputs.fuse_linears`: their weights become views of one matrix)."""
     import copy
 
     from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap
+    from leanformer.layers.fused_inputs import fuse_linears
     from leanformer.layers.noble import NobleLinear
 
     out = copy.deepcopy(model).to(dtype)
@@ -438,6 +441,9 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
         elif isinstance(m, DiJiangAttention) and getattr(m, "decay_logit", None) is not None:
             m.decay_logit.data = m.decay_logit.data.float()
         for name, b in m.named_buffers(recurse=False):
-            if b.is_floating_point():
+            if b.is_floating_point() and not name.startswith("fused_input"):  # those follow the weights
                 setattr(m, name, b.float())
+    for m in out.modules():
+        if hasattr(m, "input_linears"):
+            fuse_linears(m, m.input_linears())
     return out

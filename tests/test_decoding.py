@@ -213,3 +213,55 @@ def test_compiled_step_equals_eager_step():
     eager = model.generate(prompt, 5, temperature=0, static=False)
     assert torch.equal(model.generate(prompt, 5, temperature=0, static=True, graph="none", compile="aot_eager"),
                        eager)
+
+
+@pytest.mark.parametrize("arm", ["softmax-preln", "softmax-gqa-swiglu", "softmax-learned-pos", "shaped-sas",
+                                 "shaped-sas_p", "vskipinit", "dijiang-preln", "dijiang-official-parallel",
+                                 "noble-dijiang"])
+def test_decoding_copy_fuses_input_linears_and_keeps_the_function(arm):
+    """decoding_copy runs q, k, v (DiJiang: and the gate) as one product whose matrix the linears' weights
+    view; logits of the full pass and of static steps equal those of each linear on its own (float64)."""
+    from leanformer.layers.fused_inputs import project_inputs
+
+    model = decoding_copy(_model(**ARMS[arm]), DT)  # the reference: the same copy, each linear on its own
+    for m in model.modules():                        # (DiJiang's tables are float32 in both)
+        m.__dict__.pop("_fused_inputs", None)
+    fast = decoding_copy(model, DT)
+    attn = fast.blocks[1].attn
+    spec = getattr(attn, "_fused_inputs", None)
+    plain = all(type(getattr(attn, n, None)) is torch.nn.Linear for n in attn.input_linears())
+    assert (spec is not None) == plain, arm  # NOBLE's linears stay apart
+    if spec is not None:
+        assert spec[0] == attn.input_linears()
+        assert attn.q.weight.data_ptr() == attn.fused_input_weight.data_ptr()  # a view, no second copy
+        assert set(fast.state_dict()) == set(model.state_dict())
+        x = torch.randn(2, 3, 32, dtype=DT)
+        for a, b in zip(project_inputs(attn, x, attn.input_linears()),
+                        [getattr(attn, n)(x) for n in attn.input_linears()]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    prompt = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(fast(prompt)[0], model(prompt)[0], rtol=1e-10, atol=1e-10)
+    tokens = model.generate(prompt, 5, temperature=0, static=False)
+    full, _ = model(tokens)
+    dec = StaticDecoder(fast, 2, capacity=16, graph="none")
+    dec.prefill(prompt)
+    for i in range(4):
+        dec.step()
+        torch.testing.assert_close(dec.logits, full[:, 7 + i], rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # an in-place update of a linear's weight reaches the fused product
+        attn.k.weight.add_(1.0)
+    if spec is not None:
+        torch.testing.assert_close(attn.fused_input_weight[attn.q.out_features:][:attn.k.out_features],
+                                   attn.k.weight)
+
+
+def test_fuse_linears_refuses_mismatched_layers():
+    from leanformer.layers.fused_inputs import fuse_linears
+
+    m = torch.nn.Module()
+    m.a, m.b = torch.nn.Linear(4, 3), torch.nn.Linear(5, 3)
+    assert not fuse_linears(m, ("a", "b")) and not hasattr(m, "_fused_inputs")
+    m.b = torch.nn.Linear(4, 2, bias=False)
+    assert fuse_linears(m, ("a", "b"))
+    assert m.fused_input_bias.shape == (5,) and float(m.fused_input_bias[3:].abs().sum()) == 0
+    assert not fuse_linears(m, ("a", "missing"))

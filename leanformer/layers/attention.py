@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from leanformer.config import TransformerConfig
 from leanformer.decoding import cached_attention, is_static, write_kv
+from leanformer.layers.fused_inputs import project_inputs
 from leanformer.layers.linear import make_linear
 from leanformer.layers.rope import Rotary
 
@@ -99,16 +100,18 @@ def add_projections(module: nn.Module, cfg: TransformerConfig) -> None:
                      if cfg.pos == "rope" else None)
 
 
-def project_qkv(module: nn.Module, x: torch.Tensor, start, rotate: bool = True) -> tuple[torch.Tensor, ...]:
+def project_qkv(module: nn.Module, x: torch.Tensor, start, rotate: bool = True,
+                extra: tuple[str, ...] = ()) -> tuple[torch.Tensor, ...]:
     """``x`` (B, T, C) → q (B, H, T, D), k and v (B, H_kv, T, D), q and k rotated at positions ``start + t``
     (or as :meth:`Rotary.rotate` reads a tensor or static positions; ``rotate=False``: not rotated, the
-    caller rotates them); ``module`` holds what :func:`add_projections` gave it."""
-    q = split_heads(module.q(x), module.n_heads)
-    k = split_heads(module.k(x), module.n_kv)
-    v = split_heads(module.v(x), module.n_kv)
+    caller rotates them); ``module`` holds what :func:`add_projections` gave it. ``extra``: names of more
+    linears of ``module`` on the same x, whose (B, T, out) outputs follow v (one product for all of them
+    in a decoding copy, :mod:`leanformer.layers.fused_inputs`)."""
+    q, k, v, *rest = project_inputs(module, x, ("q", "k", "v") + tuple(extra))
+    q, k, v = split_heads(q, module.n_heads), split_heads(k, module.n_kv), split_heads(v, module.n_kv)
     if rotate and module.rotary is not None:
         q, k = module.rotary(q, k, start)
-    return q, k, v
+    return (q, k, v, *rest)
 
 
 def check_full_pass(state: dict | None, attention_mask: torch.Tensor | None, causal: bool, what: str) -> None:
@@ -128,6 +131,10 @@ class SoftmaxAttention(nn.Module):
         add_projections(self, cfg)
         self.dropout = cfg.dropout
         self.causal = cfg.causal
+
+    def input_linears(self) -> tuple[str, ...]:
+        """The linears that read the block input x (fused into one product in a decoding copy)."""
+        return ("q", "k", "v")
 
     def forward(self, x: torch.Tensor, state: dict | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -337,6 +337,10 @@ class DiJiangAttention(nn.Module):
                 g = default_log_gamma(self.n_heads)
                 self.decay_logit.copy_(g - torch.log(-torch.expm1(g)))
 
+    def input_linears(self) -> tuple[str, ...]:
+        """The linears that read the block input x (fused into one product in a decoding copy)."""
+        return ("q", "k", "v", "gate")
+
     def log_gamma(self) -> torch.Tensor:
         """(H,) log γ_h ≤ 0."""
         if self.cfg.learnable_decay:
@@ -534,12 +538,12 @@ class DiJiangAttention(nn.Module):
         B, T, C = x.shape
         start = state.get("pos", 0) if state is not None else 0
         step = state is not None and T == 1
-        q, k, v = project_qkv(self, x, start, rotate=not step)  # a step rotates below, or in the fused kernel
-        if step and self.form(1, v.device, True, q, v, state) == "fused_step":
+        q, k, v, g = project_qkv(self, x, start, rotate=not step, extra=("gate",))  # a step rotates below,
+        if step and self.form(1, v.device, True, q, v, state) == "fused_step":  # or in the fused kernel
             o = self.fused_step(q, k, v, state, x.dtype, start)
             if not is_static(state):  # a static cache publishes every call's positions itself (decoding.py)
                 state["pos"] = start + T
-            return self.o(F.silu(self.gate(x)) * o)
+            return self.o(F.silu(g) * o)
         if step and self.rotary is not None:
             q, k = self.rotary(q, k, start)
         if self.n_kv != self.n_heads:
@@ -549,4 +553,4 @@ class DiJiangAttention(nn.Module):
         if state is not None:
             state["pos"] = start + T
         o = self.normalise(o, log_scale)
-        return self.o(F.silu(self.gate(x)) * o.to(x.dtype))
+        return self.o(F.silu(g) * o.to(x.dtype))

@@ -41,6 +41,7 @@ from leanformer.layers.attention import (
     padding_mask,
     split_heads,
 )
+from leanformer.layers.fused_inputs import project_inputs
 from leanformer.layers.linear import make_linear
 from leanformer.layers.rope import Rotary
 
@@ -305,15 +306,23 @@ class ShapedAttention(nn.Module):
             for layer in (self.v, self.o):
                 nn.init.orthogonal_(layer.weight)
 
+    def input_linears(self) -> tuple[str, ...]:
+        """The linears that read the block input x (fused into one product in a decoding copy)."""
+        return ("q", "k", "v") if isinstance(self.v, nn.Linear) else ("q", "k")
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) → q (B, H, T, D), k (B, H_kv, T, D), v (B, H, T, D): x itself when there is no v."""
+        q, k, *v = project_inputs(self, x, self.input_linears())
+        v = v[0] if v else (self.v(x) if self.v is not None else x)
+        return split_heads(q, self.n_heads), split_heads(k, self.n_kv), split_heads(v, self.n_heads)
+
     def forward(self, x: torch.Tensor, state: dict | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         check_full_pass(state, attention_mask, self.causal, "shaped attention")
         if is_static(state):
             return self._static_forward(x, state)
         start = state.get("pos", 0) if state is not None else 0
-        q = split_heads(self.q(x), self.n_heads)
-        k = split_heads(self.k(x), self.n_kv)
-        v = split_heads(self.v(x) if self.v is not None else x, self.n_heads)
+        q, k, v = self._project(x)
         if self.rotary is not None:
             q, k = self.rotary(q, k, start)
         prefix_sum = None
@@ -342,9 +351,7 @@ class ShapedAttention(nn.Module):
         ``+ α v_own``, ``− γ`` · the running mean ``(v_sum + cumsum(v_new)) / (position + 1)``, with
         ``v_sum`` (B, H, Dv) kept in float32 and updated in place."""
         p = state["positions"]
-        q = split_heads(self.q(x), self.n_heads)
-        k = split_heads(self.k(x), self.n_kv)
-        v = split_heads(self.v(x) if self.v is not None else x, self.n_heads)
+        q, k, v = self._project(x)
         if self.rotary is not None:
             q, k = self.rotary(q, k, p)
         kv = write_kv(state, k=k, v=v.to(k.dtype))  # SAS(-P)'s v is the block input (float32 under autocast):

@@ -1,0 +1,155 @@
+"""Where one decoding step's time goes (issue #15): the kernels inside the captured CUDA graph.
+
+For each variant (arm, context, batch, compiled or not, DiJiang step-kernel warps), the GPU-resident static
+decoder of ``leanformer bench decode`` (graph path, bf16 weights) is prefilled, captured, and timed (median
+of CUDA-event-timed replays); then ``torch.profiler`` records a few replays: kernels per step, the sum of
+their device time, and the gap between that sum and the step (what the graph's launches cost beyond the
+kernels). The top kernels and the time by class (benchmarks/train_profile.py's classes) are printed.
+
+    PYTHONPATH=$PWD:$PWD/benchmarks python3 benchmarks/decode_profile.py --out $OUT
+    PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/decode_profile.py --cpu-smoke   # tiny, eager, CPU
+
+Writes ``decode_profile.json`` and ``decode_profile.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from train_profile import kernel_class, kernel_totals
+
+VARIANTS = [  # (label, arm, context, batch, compile, DiJiang step-kernel warps or None)
+    ("preln 8K x8 compiled", "preln", 8192, 8, True, None),
+    ("dijiang 8K x8 graph", "dijiang_scratch", 8192, 8, False, None),
+    ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, None),
+    ("dijiang 8K x8 compiled, step warps 2", "dijiang_scratch", 8192, 8, True, 2),
+    ("dijiang 8K x8 compiled, step warps 8", "dijiang_scratch", 8192, 8, True, 8),
+    ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, None),
+]
+
+
+def profile_replays(step, device: torch.device, replays: int) -> list[dict]:
+    """Every kernel of ``replays`` calls of ``step``: name, ms per step, calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(replays):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        if device.type != "cuda":
+            t = e.self_cpu_time_total
+        if t > 0 and (device.type != "cuda" or e.device_type.name == "CUDA"):
+            rows.append({"kernel": e.key[:140], "ms_per_step": t / 1e3 / replays, "calls_per_step": e.count / replays})
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
+def run_variant(label, arm, context, batch, compiled, warps, device, smoke) -> dict:
+    from leanformer.bench.decode import _model, static_prefill, time_static_steps
+    from leanformer.bench.train import base_config, get_size
+    from leanformer.ops import fused_decay_step as fds
+
+    size = get_size("tiny" if smoke else "gpt2")
+    if smoke:
+        context, batch, compiled = 16, 2, False
+    steps, warmup = (4, 1) if smoke else (64, 5)
+    extra = warmup + steps + 40
+    old_warps = fds.NUM_WARPS
+    if warps is not None:
+        fds.NUM_WARPS = warps
+    try:
+        model, reason = _model(arm, base_config(size, max_seq_len=context + extra), device, bf16=not smoke)
+        if model is None:
+            return {"label": label, "status": reason}
+        graph = "none" if device.type != "cuda" else "cuda"
+        dec1, prefill_s = static_prefill(model, context, context + extra, 4096, device, size.vocab_size, graph,
+                                         nullcontext, compile=compiled)
+        row = {"label": label, "arm": arm, "context": context, "batch": batch, "compiled": compiled,
+               "step_warps": warps or old_warps, "prefill_s": prefill_s}
+        row.update(time_static_steps(dec1, batch, steps, warmup, device, nullcontext))
+        dec = dec1.expanded(batch)
+        dec.capture()
+        for _ in range(2):
+            dec.step()
+        replays = 2 if smoke else 10
+        kernels = profile_replays(dec.step, device, replays)
+        kernels = [k for k in kernels if kernel_class(k["kernel"]) != "annotation"]
+        totals = kernel_totals(kernels)
+        row.update(kernels_per_step=sum(k["calls_per_step"] for k in kernels), kernel_ms=totals["total"],
+                   by_class=totals, top=kernels[:25], status="ok")
+        row["gap_ms"] = row["ms_per_step"] - row["kernel_ms"]
+        return row
+    finally:
+        fds.NUM_WARPS = old_warps
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# Decoding step profile ({m['device']}, torch {m['torch']}, {m['date']})", "",
+             f"`{m['command']}`", "",
+             "| variant | step ms | kernels/step | kernel ms | gap ms | µs per kernel (step / kernels) | status |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['label']} | | | | | | {r.get('status')} |")
+            continue
+        lines.append(f"| {r['label']} | {r['ms_per_step']:.3f} | {r['kernels_per_step']:.0f} | {r['kernel_ms']:.3f} | "
+                     f"{r['gap_ms']:.3f} | {1e3 * r['ms_per_step'] / max(r['kernels_per_step'], 1):.2f} | ok |")
+    for r in result["rows"]:
+        if r.get("status") != "ok":
+            continue
+        cls = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["by_class"].items(), key=lambda kv: -kv[1]))
+        lines += ["", f"## {r['label']}", "", f"ms by class: {cls}", "", "| kernel | ms | calls | µs each |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.4f} | {k['calls_per_step']:.0f} | "
+                  f"{1e3 * k['ms_per_step'] / max(k['calls_per_step'], 1):.2f} |" for k in r["top"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="decode_profile_out")
+    p.add_argument("--variants", default="", help="comma-separated labels (default: all)")
+    p.add_argument("--budget", type=float, default=500.0, help="seconds; variants not started by then are skipped")
+    p.add_argument("--cpu-smoke", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
+    t0 = time.monotonic()
+    wanted = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
+    result = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                       "command": "python3 " + " ".join(sys.argv)}, "rows": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for v in wanted[:2] if args.cpu_smoke else wanted:
+        if time.monotonic() - t0 > args.budget:
+            result["rows"].append({"label": v[0], "status": "skipped (time budget)"})
+            continue
+        try:
+            row = run_variant(*v, device=device, smoke=args.cpu_smoke)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
+            row = {"label": v[0], "status": f"failed: {type(e).__name__}: {e}"[:300]}
+        result["rows"].append(row)
+        done = row.get("status") == "ok"
+        print(f"[{time.monotonic() - t0:6.1f}s] {v[0]}: {row.get('status')}"
+              + (f", {row['ms_per_step']:.3f} ms/step, {row['kernels_per_step']:.0f} kernels" if done else ""),
+              flush=True)
+        (out / "decode_profile.json").write_text(json.dumps(result, indent=1))
+        (out / "decode_profile.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""One matrix product for the linears of a layer that read the same input (q, k, v and DiJiang's gate).
+
+A decoding step multiplies a handful of rows by each projection, and on a GPU each of those small products
+costs a fixed ~3.8 µs (H100, 2026-12-05, ``benchmarks/decode_profile.py``: 72 such products per GPT-2
+DiJiang step, 0.27 of its 0.52 ms of kernels) whatever its size. :func:`fuse_linears` stacks their weights
+into one ``(Σ out, in)`` matrix whose row blocks the linears' own weights then view (no second copy); and
+:func:`project_inputs` runs one ``F.linear`` and splits the result, or each linear when the layer was not
+fused. The function computed is unchanged.
+
+For frozen decoding copies (:func:`leanformer.decoding.decoding_copy`): the stacked matrix is a
+non-persistent buffer (state_dict keys do not change) that shares storage with the linears' weights, so an
+in-place update of those weights reaches it; a ``.to()`` that copies them gives both the same new values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_SPEC = "_fused_inputs"  # (names, output widths) of the fused linears
+
+
+def fuse_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Fuse ``module``'s linears ``names`` (each a plain ``nn.Linear``, same input width, dtype and device);
+    returns whether it did (False, module unchanged, when one is missing, of another type or mismatched)."""
+    layers = [getattr(module, n, None) for n in names]
+    if len(layers) < 2 or any(type(lin) is not nn.Linear for lin in layers):
+        return False
+    if len({(lin.in_features, lin.weight.dtype, lin.weight.device) for lin in layers}) != 1:
+        return False
+    widths = tuple(lin.out_features for lin in layers)
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in layers])
+        bias = None
+        if any(lin.bias is not None for lin in layers):
+            bias = torch.cat([lin.bias if lin.bias is not None else weight.new_zeros(lin.out_features)
+                              for lin in layers])
+    module.register_buffer("fused_input_weight", weight, persistent=False)
+    module.register_buffer("fused_input_bias", bias, persistent=False)
+    biases = bias.split(widths) if bias is not None else [None] * len(widths)
+    for lin, w, b in zip(layers, weight.split(widths), biases):
+        lin.weight.data = w  # the linear's weight becomes a view of its row block
+        if lin.bias is not None:
+            lin.bias.data = b
+    setattr(module, _SPEC, (tuple(names), widths))
+    return True
+
+
+def project_inputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """``[module.<name>(x) for name in names]``, x (..., in) → each (..., out_name): one product when
+    :func:`fuse_linears` fused exactly these names, else one call per linear."""
+    spec = getattr(module, _SPEC, None)
+    if spec is not None and spec[0] == tuple(names):
+        return list(F.linear(x, module.fused_input_weight, module.fused_input_bias).split(spec[1], dim=-1))
+    return [getattr(module, n)(x) for n in names]
