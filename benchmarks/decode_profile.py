@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from train_profile import kernel_class, kernel_totals
+from train_profile import kernel_class, kernel_totals, top_kernels
 
 VARIANTS = [  # (label, arm, context, batch, compile, DiJiang step-kernel warps or None)
     ("preln 8K x8 compiled", "preln", 8192, 8, True, None),
@@ -31,26 +31,6 @@ VARIANTS = [  # (label, arm, context, batch, compile, DiJiang step-kernel warps 
     ("dijiang 8K x8 compiled, step warps 8", "dijiang_scratch", 8192, 8, True, 8),
     ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, None),
 ]
-
-
-def profile_replays(step, device: torch.device, replays: int) -> list[dict]:
-    """Every kernel of ``replays`` calls of ``step``: name, ms per step, calls per step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(replays):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        if device.type != "cuda":
-            t = e.self_cpu_time_total
-        if t > 0 and (device.type != "cuda" or e.device_type.name == "CUDA"):
-            rows.append({"kernel": e.key[:140], "ms_per_step": t / 1e3 / replays, "calls_per_step": e.count / replays})
-    return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
 def run_variant(label, arm, context, batch, compiled, warps, device, smoke) -> dict:
@@ -81,7 +61,7 @@ def run_variant(label, arm, context, batch, compiled, warps, device, smoke) -> d
         for _ in range(2):
             dec.step()
         replays = 2 if smoke else 10
-        kernels = profile_replays(dec.step, device, replays)
+        kernels = top_kernels(dec.step, device, steps=replays, limit=10**6)
         kernels = [k for k in kernels if kernel_class(k["kernel"]) != "annotation"]
         totals = kernel_totals(kernels)
         row.update(kernels_per_step=sum(k["calls_per_step"] for k in kernels), kernel_ms=totals["total"],

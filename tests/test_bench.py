@@ -237,3 +237,23 @@ def test_fused_gpu_script_runs_its_sections_on_the_cpu(tmp_path):
     assert all(r["status"] == "ok" for r in variants)
     assert max(r["rel_err_o"] for r in variants) < 1e-5
     assert all((tmp_path / run / "decode.json").is_file() for run in ("decode_graph", "decode_graph_unfused_step"))
+
+
+def test_decode_profile_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/decode_profile.py --cpu-smoke: the decode-step profile's variants run tiny and eager on the
+    CPU and write their kernel tables, so an API drift cannot waste a device call."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
+    proc = subprocess.run([sys.executable, "benchmarks/decode_profile.py", "--out", str(tmp_path), "--cpu-smoke"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "decode_profile.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["kernels_per_step"] > 0 and r["top"] for r in rows)
+    assert "| variant | step ms |" in (tmp_path / "decode_profile.md").read_text()
