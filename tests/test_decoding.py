@@ -236,11 +236,16 @@ def test_decoding_copy_fuses_input_linears_and_keeps_the_function(arm):
         assert attn.q.weight.data_ptr() == attn.fused_input_weight.data_ptr()  # a view, no second copy
         assert set(fast.state_dict()) == set(model.state_dict())
         x = torch.randn(2, 3, 32, dtype=DT)
-        for a, b in zip(project_inputs(attn, x, attn.input_linears()),
+        with torch.no_grad():
+            fused = project_inputs(attn, x, attn.input_linears())
+        for a, b in zip(fused,
                         [getattr(attn, n)(x) for n in attn.input_linears()]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     prompt = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(fast(prompt)[0], model(prompt)[0], rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(prompt)[0], model(prompt)[0], rtol=1e-10, atol=1e-10)
+    fast(prompt)[0].sum().backward()  # with gradients on, each linear runs itself: its weight gets one
+    assert attn.q.weight.grad is not None and attn.k.weight.grad.abs().sum() > 0
     tokens = model.generate(prompt, 5, temperature=0, static=False)
     full, _ = model(tokens)
     dec = StaticDecoder(fast, 2, capacity=16, graph="none")

@@ -49,8 +49,9 @@ def fuse_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
 
 def project_inputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
     """``[module.<name>(x) for name in names]``, x (..., in) → each (..., out_name): one product when
-    :func:`fuse_linears` fused exactly these names, else one call per linear."""
+    :func:`fuse_linears` fused exactly these names and no gradient is being recorded (the stacked matrix is
+    a buffer: gradients must reach the linears' own weights), else one call per linear."""
     spec = getattr(module, _SPEC, None)
-    if spec is not None and spec[0] == tuple(names):
+    if spec is not None and spec[0] == tuple(names) and not torch.is_grad_enabled():
         return list(F.linear(x, module.fused_input_weight, module.fused_input_bias).split(spec[1], dim=-1))
     return [getattr(module, n)(x) for n in names]
