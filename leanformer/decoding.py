@@ -352,6 +352,10 @@ class StaticDecoder:
             return
         if self.logits is None:
             raise RuntimeError("prefill a prompt before capturing the decoding step")
+        from leanformer.layers.fused_inputs import refresh_fusion
+
+        for m in self.model.modules():  # compiled or captured code does not re-check the fused products
+            refresh_fusion(m)
         snap = self.cache.snapshot()
         ids, logits = self.ids.clone(), self.logits.clone()
         side = torch.cuda.Stream(self.device)

@@ -270,3 +270,41 @@ def test_fuse_linears_refuses_mismatched_layers():
     assert fuse_linears(m, ("a", "b"))
     assert m.fused_input_bias.shape == (5,) and float(m.fused_input_bias[3:].abs().sum()) == 0
     assert not fuse_linears(m, ("a", "missing"))
+
+
+@pytest.mark.parametrize("how", ["deepcopy then load", "assign", "new parameter", "to_empty from meta",
+                                 "noble injected"])
+def test_fused_inputs_follow_the_weights_after_sharing_breaks(how):
+    """Whatever breaks the stacked matrix's sharing with the linears' weights, the fused copy still computes
+    with the current weights (review of 2026-12-05: each of these gave stale logits before the check)."""
+    import copy
+
+    model = _model(attention="dijiang")
+    other = _model(seed=1, attention="dijiang")
+    sd = other.state_dict()
+    prompt = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
+    fast = decoding_copy(model, DT)
+    if how == "deepcopy then load":
+        fast = copy.deepcopy(fast)
+        fast.load_state_dict(sd)
+    elif how == "assign":
+        fast.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
+    elif how == "new parameter":
+        fast.blocks[0].attn.q.weight = torch.nn.Parameter(other.blocks[0].attn.q.weight.detach().clone())
+    elif how == "to_empty from meta":
+        fast = decoding_copy(model.to("meta"), DT).to_empty(device="cpu")
+        fast.load_state_dict(sd)
+    else:
+        from leanformer.inject import apply_noble
+
+        apply_noble(fast, ["attn.q", "attn.gate"], rank=4, preserve_output=False)
+    ref = copy.deepcopy(fast)
+    for m in ref.modules():  # the reference: each linear on its own
+        m.__dict__.pop("_fused_inputs", None)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(prompt)[0], ref(prompt)[0], rtol=1e-10, atol=1e-10)
+    dec = StaticDecoder(fast, 2, capacity=12, graph="none")
+    dec.prefill(prompt)
+    full, _ = ref(torch.cat([prompt, dec.ids], 1))
+    dec.step()
+    torch.testing.assert_close(dec.logits, full[:, 7], rtol=1e-9, atol=1e-9)
