@@ -445,7 +445,7 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
         elif isinstance(m, DiJiangAttention) and getattr(m, "decay_logit", None) is not None:
             m.decay_logit.data = m.decay_logit.data.float()
         for name, b in m.named_buffers(recurse=False):
-            if b.is_floating_point() and not name.startswith("fused_input"):  # those follow the weights
+            if b.is_floating_point():
                 setattr(m, name, b.float())
     for m in out.modules():
         if hasattr(m, "input_linears"):

@@ -97,8 +97,7 @@ def project_inputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -
     spec = getattr(module, _SPEC, None)
     if spec is not None and spec[0] == tuple(names) and not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
-            refresh_fusion(module)
-            spec = getattr(module, _SPEC, None)
-    if spec is not None and spec[0] == tuple(names) and not torch.is_grad_enabled():
-        return list(F.linear(x, module.fused_input_weight, module.fused_input_bias).split(spec[1], dim=-1))
+            refresh_fusion(module)  # may unfuse
+        if hasattr(module, _SPEC):
+            return list(F.linear(x, module.fused_input_weight, module.fused_input_bias).split(spec[1], dim=-1))
     return [getattr(module, n)(x) for n in names]
