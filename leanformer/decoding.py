@@ -252,12 +252,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 # ---------------------------------------------------------------------------------------------- decoder
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")  # torch.compile modes for the captured step
+
+
 class StaticDecoder:
     """Generation over a :class:`StaticCache`: eager chunked prefill, then fixed-shape steps.
 
     ``graph``: ``"cuda"`` captures the step with ``torch.cuda.CUDAGraph`` (CUDA only), ``"none"`` runs it
     eagerly (the CPU; tests), ``"auto"`` = ``"cuda"`` on a GPU, else ``"none"``. ``compile``: the step goes
-    through ``torch.compile`` (default mode; a string names the backend) before capture. ``attention``:
+    through ``torch.compile`` (a string names the backend) before capture, in ``compile_mode`` (None: the
+    default; ``"max-autotune-no-cudagraphs"`` lets Inductor time Triton matrix products against cuBLAS's and
+    fuse element-wise epilogues into them; a mode with CUDA graphs of its own is refused: the step is captured
+    here). ``attention``:
     the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state
     at construction (e.g. bf16) is the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the
     token to feed, ``tokens`` (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.
@@ -266,8 +272,15 @@ class StaticDecoder:
     def __init__(self, model: nn.Module, batch: int, capacity: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, graph: str = "auto", attention: str = "sdpa",
-                 prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool | str = False):
+                 prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool | str = False,
+                 compile_mode: str | None = None):
         check_sampling(temperature, top_k, top_p)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={compile_mode!r} is not valid; choose one of "
+                             f"{', '.join(map(str, COMPILE_MODES))} (the step is captured as a CUDA graph here, "
+                             "so a mode with CUDA graphs of its own is not one)")
+        if compile_mode is not None and not compile:
+            raise ValueError(f"compile_mode={compile_mode!r} needs compile=True")
         if graph not in ("auto", "cuda", "none"):
             raise ValueError(f"graph={graph!r} is not valid; choose auto, cuda or none")
         if prefill_chunk < 1:
@@ -291,9 +304,10 @@ class StaticDecoder:
         self.tokens = torch.zeros(self.batch, self.capacity, dtype=torch.long, device=self.device)
         self.logits: torch.Tensor | None = None
         self._graph = None
-        self.compiled = compile
+        self.compiled, self.compile_mode = compile, compile_mode
         backend = compile if isinstance(compile, str) else "inductor"
-        self._body = torch.compile(self._step_body, dynamic=False, backend=backend) if compile else self._step_body
+        self._body = (torch.compile(self._step_body, dynamic=False, backend=backend, mode=compile_mode) if compile
+                      else self._step_body)
 
     # ---------------------------------------------------------------- prefill
     @torch.no_grad()
@@ -396,7 +410,7 @@ class StaticDecoder:
             raise RuntimeError("prefill a prompt before expanding the decoder")
         new = StaticDecoder(self.model, batch, self.capacity, graph=self.graph_kind,
                             prefill_chunk=self.prefill_chunk, cache=self.cache.expand(batch),
-                            compile=self.compiled, **self.sampling)
+                            compile=self.compiled, compile_mode=self.compile_mode, **self.sampling)
         new.ids.copy_(self.ids[:1].expand(batch, 1))
         new.tokens.copy_(self.tokens[:1].expand(batch, -1))
         new.logits = self.logits[:1].expand(batch, -1).clone()

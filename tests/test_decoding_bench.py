@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from leanformer.cli import main
@@ -57,3 +58,24 @@ def test_expanded_decoder_steps_equal_a_batch_of_copies():
 def test_bench_decode_compile_needs_the_static_path(capsys):
     assert main(["bench", "decode", "--size", "tiny", "--path", "eager", "--compile", "--device", "cpu"]) == 2
     assert "--compile applies to the static step" in capsys.readouterr().err
+
+
+def test_bench_decode_compile_mode_is_checked(capsys):
+    """--compile-mode needs --compile, and a mode with CUDA graphs of its own is refused by name."""
+    assert main(["bench", "decode", "--size", "tiny", "--path", "static", "--compile-mode",
+                 "max-autotune-no-cudagraphs", "--device", "cpu"]) == 2
+    assert "--compile-mode max-autotune-no-cudagraphs needs --compile" in capsys.readouterr().err
+    assert main(["bench", "decode", "--size", "tiny", "--path", "static", "--compile", "--compile-mode",
+                 "reduce-overhead", "--device", "cpu"]) == 2
+    assert "--compile-mode 'reduce-overhead' is not valid; choose default, max-autotune-no-cudagraphs" in \
+        capsys.readouterr().err
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
+    from leanformer.decoding import StaticDecoder
+    from leanformer.model import TransformerLM
+
+    model = TransformerLM(arm_config(base_config(SIZES["tiny"], 64), "preln")).eval()
+    with pytest.raises(ValueError, match="compile_mode='max-autotune' is not valid"):
+        StaticDecoder(model, 1, 8, graph="none", compile=True, compile_mode="max-autotune")
+    with pytest.raises(ValueError, match="compile_mode='default' needs compile=True"):
+        StaticDecoder(model, 1, 8, graph="none", compile_mode="default")

@@ -472,3 +472,72 @@ def test_rope_inputs_are_checked():
         call(cos=table, sin=table, position=torch.zeros(1, dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match="position must be on"):
         call(cos=table, sin=table, position=torch.zeros(1, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("paper", [True, False], ids=["paper", "official"])
+def test_the_gate_in_the_kernel_equals_silu_gate_times_the_step(dtype, paper):
+    """``gate`` (a strided view, as the fused input product gives it) makes the kernel return silu(g) ⊙ y: the
+    same as the two eager ops on the gate-less step's output, to float32 rounding (float32), or to one
+    bf16 rounding of y and one of the product (bf16, 2^-6: the interpreter truncates a cast where the GPU
+    rounds); the state is updated as without the gate."""
+    c = _case(B=3, paper=paper, seed=5)
+    B, H, _, d = c["q"].shape
+    wide = torch.randn(B, 1, 3 * H * d, generator=torch.Generator().manual_seed(6)).to(DEV, dtype)
+    gate = wide[..., H * d: 2 * H * d]  # strided: every row skips 2·H·d channels
+    t = {x: c[x].float().to(DEV) if c[x] is not None else None for x in ("proj", "log_d", "decay", "w", "b")}
+    outs, states = {}, {}
+    for g in (None, gate):
+        S, n = c["S"].float().to(DEV), c["n"].float().to(DEV) if paper else None
+        outs[g is None] = fds.decay_step(*(c[x].to(DEV, dtype) for x in "qkv"), t["proj"], t["log_d"], t["decay"],
+                                         S, n, t["w"], t["b"], in_scale=c["in_scale"], eps=c["eps"],
+                                         out_dtype=dtype, gate=g)
+        states[g is None] = S
+    assert outs[False].dtype == dtype and outs[False].shape == (B, 1, H * d)
+    expected = F.silu(gate) * outs[True]
+    tol = 2e-6 if dtype == torch.float32 else 2 ** -6
+    err = ((outs[False].double() - expected.double()).abs() / expected.double().abs().clamp_min(1e-3)).max()
+    assert float(err) <= tol
+    assert torch.equal(states[False], states[True])
+
+
+def test_the_gate_is_checked():
+    c = _case(B=2, H=2, H_kv=2, d=16, m=16)
+    t = {x: c[x].float().to(DEV) for x in ("q", "k", "v", "proj", "log_d", "decay", "w", "b", "S", "n")}
+
+    def call(gate):
+        return fds.decay_step(t["q"], t["k"], t["v"], t["proj"], t["log_d"], t["decay"], t["S"], t["n"], t["w"],
+                              t["b"], in_scale=0.5, eps=1e-5, gate=gate)
+    with pytest.raises(ValueError, match=r"gate must be .* of shape \(2, 1, 32\).*got \(2, 32\)"):
+        call(torch.zeros(2, 32, device=DEV))
+    with pytest.raises(ValueError, match="gate must be a float32, bfloat16 or float16 tensor"):
+        call(torch.zeros(2, 1, 32, device=DEV, dtype=torch.float64))
+
+
+def test_generate_with_the_gate_in_the_kernel_equals_the_gate_after_it(monkeypatch):
+    """Eager and static generations give the same tokens with GATE_IN_KERNEL on and off, and the static steps'
+    logits agree to float32 rounding; with the switch on, no silu runs in a step."""
+    model = _model("paper", True, None)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(7)).to(DEV)
+    N = 4
+    silus = [0]
+    real = F.silu
+
+    def counted(x, *args, **kwargs):
+        silus[0] += 1
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(F, "silu", counted)
+    tokens, logits = {}, {}
+    for inside in (True, False):
+        monkeypatch.setattr(fds, "GATE_IN_KERNEL", inside)
+        tokens[inside] = model.generate(prompt, N, temperature=0, static=False)
+        dec = StaticDecoder(model, 2, capacity=12, graph="none", prefill_chunk=3)
+        dec.prefill(prompt)
+        silus[0], logits[inside] = 0, []
+        for _ in range(N - 1):
+            dec.step()
+            logits[inside].append(dec.logits.clone())
+        assert silus[0] == (0 if inside else N - 1), inside  # one layer
+        assert torch.equal(dec.tokens[:, :5 + N], tokens[inside])
+    assert torch.equal(tokens[True], tokens[False])
+    assert rel(torch.stack(logits[True]), torch.stack(logits[False])) <= 1e-5

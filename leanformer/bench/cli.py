@@ -99,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "weights under bf16 autocast)")
     d.add_argument("--compile", action="store_true",
                    help="pass the static step through torch.compile before its CUDA graph is captured")
+    d.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the step with --compile: default or max-autotune-no-cudagraphs "
+                        "(Inductor times Triton matrix products against cuBLAS and fuses epilogues into them)")
     d.set_defaults(func=run_decode)
 
 
@@ -150,5 +153,5 @@ def run_decode(args: argparse.Namespace) -> int:
         size=args.size, arms=args.arms, contexts=args.contexts, batches=args.batches, steps=args.steps,
         warmup=2 if args.warmup is None else args.warmup, prefill_chunk=args.prefill_chunk, device=device,
         time_budget=args.time_budget, max_memory_gb=args.max_memory_gb, path=args.path, weights=args.weights,
-        compile=args.compile,
+        compile=args.compile, compile_mode=args.compile_mode,
         command=command_line("leanformer bench decode", args)))

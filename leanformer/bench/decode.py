@@ -122,7 +122,7 @@ def time_steps(model, cache, batch: int, steps: int, warmup: int, device: torch.
 
 @torch.no_grad()
 def static_prefill(model, context: int, capacity: int, chunk: int, device: torch.device, vocab: int,
-                   graph: str, ctx, seed: int = 0, compile: bool = False):
+                   graph: str, ctx, seed: int = 0, compile: bool = False, compile_mode: str | None = None):
     """A batch-1 :class:`StaticDecoder` with ``context`` random tokens prefilled; returns (decoder, seconds).
 
     The timed prefill is the second one of a prompt of this length: the first (on a decoder then dropped)
@@ -134,7 +134,8 @@ def static_prefill(model, context: int, capacity: int, chunk: int, device: torch
     prompt = torch.randint(0, vocab, (1, context), generator=g).to(device)
     for timed in (False, True):
         with ctx():
-            dec = StaticDecoder(model, 1, capacity, graph=graph, prefill_chunk=chunk, compile=compile)
+            dec = StaticDecoder(model, 1, capacity, graph=graph, prefill_chunk=chunk, compile=compile,
+                                compile_mode=compile_mode)
         synchronize(device)
         t0 = time.perf_counter()
         dec.prefill(prompt)
@@ -210,7 +211,8 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
                      steps: int | None = None, warmup: int = 2, prefill_chunk: int | None = None,
                      device: torch.device | None = None, time_budget: float | None = None,
                      max_memory_gb: float | None = None, path: str | None = None, weights: str = "bf16",
-                     compile: bool = False, command: str = "leanformer bench decode") -> Report:
+                     compile: bool = False, compile_mode: str | None = None,
+                     command: str = "leanformer bench decode") -> Report:
     """Every arm × context × batch; returns the :class:`Report`."""
     device = device or resolve_device()
     gpu = device.type == "cuda"
@@ -223,6 +225,13 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
         raise ConfigError(f"--weights {weights!r} is not valid; choose bf16 or autocast")
     if compile and path == "eager":
         raise ConfigError("--compile applies to the static step (--path graph or static), not --path eager")
+    if compile_mode is not None and not compile:
+        raise ConfigError(f"--compile-mode {compile_mode} needs --compile")
+    from leanformer.decoding import COMPILE_MODES
+
+    if compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile-mode {compile_mode!r} is not valid; choose "
+                          f"{', '.join(m for m in COMPILE_MODES if m)} (the step's CUDA graph is captured here)")
     if compile:
         import torch._dynamo.config as dynamo_config
 
@@ -240,11 +249,11 @@ def run_decode_bench(*, size: str = "cpu", arms: str | list[str] | None = None,
     run.update(meta=run_metadata(device, command), deadline=time.monotonic() + time_budget if time_budget else None)
     if path == "eager":
         return _run_eager(**run)
-    return _run_static(**run, path=path, weights=weights, compile=compile)
+    return _run_static(**run, path=path, weights=weights, compile=compile, compile_mode=compile_mode)
 
 
 def _run_static(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_memory_gb, meta, deadline, path,
-                weights, compile) -> Report:
+                weights, compile, compile_mode) -> Report:
     gpu = device.type == "cuda"
     extra = warmup + steps + 2
     base = base_config(sz, max_seq_len=max(ctxs) + extra)
@@ -262,7 +271,7 @@ def _run_static(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_
             if status is None:
                 try:
                     dec1, prefill_s = static_prefill(model, L, L + extra, chunk, device, sz.vocab_size, graph, ctx,
-                                                     compile=compile)
+                                                     compile=compile, compile_mode=compile_mode)
                 except Exception as e:  # noqa: BLE001
                     status = failure_status(e)
                     release(device)
@@ -301,11 +310,12 @@ def _run_static(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_
     add_ratios(rows)
     dtype = ("bf16 weights" if weights == "bf16" else "bf16 autocast") if gpu else "float32"
     report = Report(
-        name="decode", title=f"Decoding ({path} path{', compiled step' if compile else ''}): size {size}, {dtype}",
+        name="decode", title=(f"Decoding ({path} path{', compiled step' if compile else ''}"
+               f"{f' ({compile_mode})' if compile_mode else ''}): size {size}, {dtype}"),
         meta=meta, rows=rows, columns=DECODE_COLUMNS, plot=plot_decode,
         settings={"size": size, "model": vars(sz), "contexts": ctxs, "batches": bs, "steps": steps,
                   "warmup": warmup, "prefill_chunk": chunk, "path": path, "weights": weights if gpu else "float32",
-                  "compile": compile},
+                  "compile": compile, "compile_mode": compile_mode},
         notes=[
             "static cache of capacity context + warm-up + steps + 2; prompt prefilled at batch 1 by chunks "
             "(time to first token = that prefill + the first sample; the second prefill of that length, the "

@@ -460,7 +460,7 @@ class DiJiangAttention(nn.Module):
                                   dict(log_d=fm.log_d, log_gamma=decay, weight=gn.weight, bias=gn.bias))
 
     def fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: dict,
-                   out_dtype: torch.dtype, start=0) -> torch.Tensor:
+                   out_dtype: torch.dtype, start=0, gate: torch.Tensor | None = None) -> torch.Tensor:
         """One decoding step in one kernel (:func:`leanformer.ops.fused_decay_step.decay_step`): q (B, H, 1, d),
         k, v (B, H_kv, 1, d) *before* RoPE (not repeated for grouped-query heads), at position ``start`` (as
         :meth:`leanformer.layers.rope.Rotary.rotate` reads it: an int, a (1,) tensor, static positions) →
@@ -469,7 +469,8 @@ class DiJiangAttention(nn.Module):
         A static state's S and n (:func:`leanformer.decoding.is_static`: what a CUDA graph reads and writes)
         are updated in place; an eager state gets new tensors, as the unfused path gives it (the kernel writes
         copies), so that tensors taken from it earlier keep their values. Before a first token S = 0 and
-        n = −inf."""
+        n = −inf. ``gate`` (B, 1, H·d): the kernel returns silu(gate) ⊙ the heads instead (the layer's output
+        gate, :data:`leanformer.ops.fused_decay_step.GATE_IN_KERNEL`)."""
         fm, gn = self.feature_map, self.group_norm
         paper = fm.log_d is not None
         S, n = state.get("S"), state.get("n") if paper else None
@@ -489,7 +490,7 @@ class DiJiangAttention(nn.Module):
                 q, k = self.rotary(q, k, start)
         o = fds.decay_step(q, k, v, fm.proj, fm.log_d, self.decay_logit if learnable else self.log_gamma_fixed,
                            S, n, gn.weight, gn.bias, in_scale=fm.in_scale, eps=gn.eps, decay_logit=learnable,
-                           out_dtype=out_dtype, **rope)
+                           out_dtype=out_dtype, gate=gate, **rope)
         if first or not is_static(state):
             store_state(state, "S", S)
             if n is not None:
@@ -540,10 +541,11 @@ class DiJiangAttention(nn.Module):
         step = state is not None and T == 1
         q, k, v, g = project_qkv(self, x, start, rotate=not step, extra=("gate",))  # a step rotates below,
         if step and self.form(1, v.device, True, q, v, state) == "fused_step":  # or in the fused kernel
-            o = self.fused_step(q, k, v, state, x.dtype, start)
+            gate_inside = fds.GATE_IN_KERNEL
+            o = self.fused_step(q, k, v, state, x.dtype, start, gate=g if gate_inside else None)
             if not is_static(state):  # a static cache publishes every call's positions itself (decoding.py)
                 state["pos"] = start + T
-            return self.o(F.silu(g) * o)
+            return self.o(o if gate_inside else F.silu(g) * o)
         if step and self.rotary is not None:
             q, k = self.rotary(q, k, start)
         if self.n_kv != self.n_heads:

@@ -1,5 +1,6 @@
 """The Triton kernel of :mod:`leanformer.ops.fused_decay_step`: DiJiang's one-token decoding step, one program
-per (batch row, head), from q, k, v (after RoPE, or rotated here: ``ROPE``) to the head's GroupNorm-ed output.
+per (batch row, head), from q, k, v (after RoPE, or rotated here: ``ROPE``) to the head's GroupNorm-ed output
+(times silu of the output gate: ``GATE``).
 
 Imported only by that module, on its first call, so that Triton is needed only when the kernel runs and
 ``TRITON_INTERPRET`` is read then. It sits at module level because Triton's interpreter runs a kernel's
@@ -69,13 +70,13 @@ def _rotate(X, sxd, offs_d, c, s, R: tl.constexpr):
 
 
 @triton.jit
-def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS,
+def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS, G,
                 sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, spd, spm, sldh, sldm, slg,
-                ssb, ssh, ssm, ssd, snb, snh, sw, sgb, sob, soc, scr, scc, ssr, ssc,
+                ssb, ssh, ssm, ssd, snb, snh, sw, sgb, sob, soc, scr, scc, ssr, ssc, sgtb, sgtc,
                 H, REP, n_rows, in_scale, eps, log_eps,
                 M: tl.constexpr, D: tl.constexpr, BLOCK_F: tl.constexpr, PAPER: tl.constexpr,
                 DECAY_LOGIT: tl.constexpr, HAS_EPS: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr,
-                POS_PTR: tl.constexpr):
+                POS_PTR: tl.constexpr, GATE: tl.constexpr, Y_ROUND: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)  # int64: b·stride may pass 2^31 for a large state
     b = bh // H
     h = bh % H
@@ -169,4 +170,12 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS,
     chan = h * D + offs_d
     w = tl.load(W + chan * sw).to(tl.float32)
     gb = tl.load(GB + chan * sgb).to(tl.float32)
-    tl.store(O + b * sob + chan * soc, (y * w + gb).to(O.dtype.element_ty))
+    y = y * w + gb
+    if GATE:  # silu(g) ⊙ y rounded as the layer's eager ops round them: silu(g) to g's dtype, y to the
+        g = tl.load(G + b * sgtb + chan * sgtc).to(tl.float32)  # GroupNorm's output dtype (Y_ROUND: 0 float32,
+        if Y_ROUND == 1:                                        # 1 bfloat16, 2 float16)
+            y = _round(y, tl.bfloat16)
+        elif Y_ROUND == 2:
+            y = _round(y, tl.float16)
+        y = _round(g / (1.0 + tl.exp(-g)), G.dtype.element_ty) * y
+    tl.store(O + b * sob + chan * soc, y.to(O.dtype.element_ty))

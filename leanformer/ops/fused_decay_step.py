@@ -52,9 +52,11 @@ The op is a ``torch.library.triton_op`` (``leanformer::dijiang_decay_step``, mut
 as :mod:`leanformer.ops.fused_decay_attention` does) or without Triton it is an opaque ``custom_op``.
 Triton is imported on the first call, not at import. Run-time switches (module attributes, read at each
 launch): ``BLOCK_F`` (features per chunk; None: min(m, max(16, 4096 // d)), so a program holds at most
-4096 elements of P and of S at once), ``NUM_WARPS`` (4) and ``ROPE_IN_KERNEL`` (True: the layer's step
-passes RoPE to the kernel; False: it rotates q and k first with :class:`Rotary`, as before; read by
-:meth:`leanformer.layers.dijiang.DiJiangAttention.fused_step`).
+4096 elements of P and of S at once), ``NUM_WARPS`` (4), ``ROPE_IN_KERNEL`` (True: the layer's step
+passes RoPE to the kernel; False: it rotates q and k first with :class:`Rotary`, as before) and
+``GATE_IN_KERNEL`` (True: the layer's step passes its output gate g and the kernel writes silu(g) ⊙ y, so
+the two element-wise launches after it are gone; False: the layer applies the gate itself), both read by
+:meth:`leanformer.layers.dijiang.DiJiangAttention.fused_step`.
 
 The layer's switch for this route is ``leanformer.layers.dijiang.FUSED_STEP`` (a benchmark may time the
 fused and the unfused step in one process). Timed on an H200 (docs/benchmarks.md, 2026-12-04): GPT-2
@@ -71,6 +73,8 @@ from leanformer.ops.fused_decay_attention import (MIN_DIM, OP_ROUTE, _on_device,
 BLOCK_F: int | None = None  # features per chunk (a power of two ≥ 16 dividing m); None: min(m, max(16, 4096 // d))
 NUM_WARPS = 4
 ROPE_IN_KERNEL = True  # the layer's fused step rotates q and k in the kernel (False: Rotary before it)
+GATE_IN_KERNEL = True  # the layer's fused step multiplies by silu(gate) in the kernel (False: two eager ops after it)
+_ROUNDING = {torch.bfloat16: 1, torch.float16: 2}  # the kernel's Y_ROUND code of an output dtype (else 0: none)
 
 
 def step_reason(device: torch.device, dtype: torch.dtype, m: int, d: int) -> str | None:
@@ -105,10 +109,11 @@ def _block_f(m: int, d: int) -> int:
     return bf
 
 
-def _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, in_scale, eps,
+def _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, gate, in_scale, eps,
                 decay_logit, out_dtype):
     B, H, _, d = q.shape
-    return q.new_empty(B, 1, H * d, dtype=out_dtype)
+    dtype = torch.promote_types(out_dtype, gate.dtype) if gate is not None else out_dtype  # as silu(g) * y
+    return q.new_empty(B, 1, H * d, dtype=dtype)
 
 
 def _register(fn):
@@ -124,26 +129,27 @@ def _register(fn):
 def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tensor, log_d: torch.Tensor | None,
              log_gamma: torch.Tensor, S: torch.Tensor, n: torch.Tensor | None, weight: torch.Tensor,
              bias: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-             position: torch.Tensor | None, in_scale: float, eps: float, decay_logit: bool,
-             out_dtype: torch.dtype) -> torch.Tensor:
+             position: torch.Tensor | None, gate: torch.Tensor | None, in_scale: float, eps: float,
+             decay_logit: bool, out_dtype: torch.dtype) -> torch.Tensor:
     from leanformer.ops import _fused_decay_step_kernel as kern
 
     B, H, _, d = q.shape
     m = proj.shape[-1]
-    out = _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, in_scale, eps,
-                      decay_logit, out_dtype)
+    out = _new_output(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, gate, in_scale,
+                      eps, decay_logit, out_dtype)
     paper = log_d is not None
     rope = cos is not None
     # no RoPE: placeholders the kernel never reads (its ROPE branch is compiled out), as for the official map
     cs, sn = (cos, sin) if rope else (q, q)
     pos = position if position is not None else q
+    gt = gate if gate is not None else q  # no gate: a placeholder the kernel never reads
     # official map: placeholders the kernel never touches (its PAPER branch is compiled out); n's is a tensor of
     # its own, not an alias of S, so that no analysis of the kernel's writes can see S written twice
     ld = log_d if paper else proj
     nn_ = n if paper else S.new_empty(1, 1)
     with _on_device(q):
         _wrap(kern.step_kernel)[(B * H,)](
-            q, k, v, proj, ld, log_gamma, S, nn_, weight, bias, out, cs, sn, pos,
+            q, k, v, proj, ld, log_gamma, S, nn_, weight, bias, out, cs, sn, pos, gt,
             q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3),
             v.stride(0), v.stride(1), v.stride(3), proj.stride(0), proj.stride(1),
             ld.stride(0) if paper else 0, ld.stride(1) if paper else 0, log_gamma.stride(0),
@@ -152,10 +158,12 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tens
             weight.stride(0), bias.stride(0), out.stride(0), out.stride(2),
             cs.stride(0) if rope else 0, cs.stride(1) if rope else 0,
             sn.stride(0) if rope else 0, sn.stride(1) if rope else 0,
+            gt.stride(0) if gate is not None else 0, gt.stride(2) if gate is not None else 0,
             H, H // k.shape[1], cs.shape[0] if rope else 1, float(in_scale), float(eps),
             math.log(eps) if eps > 0 else 0.0,
             M=m, D=d, BLOCK_F=_block_f(m, d), PAPER=paper, DECAY_LOGIT=bool(decay_logit), HAS_EPS=eps > 0,
-            ROPE=rope, R=cs.shape[1] if rope else 0, POS_PTR=position is not None, num_warps=int(NUM_WARPS))
+            ROPE=rope, R=cs.shape[1] if rope else 0, POS_PTR=position is not None, GATE=gate is not None,
+            Y_ROUND=_ROUNDING.get(out_dtype, 0), num_warps=int(NUM_WARPS))
     return out
 
 
@@ -163,9 +171,13 @@ def decay_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Te
                log_gamma: torch.Tensor, S: torch.Tensor, n: torch.Tensor | None, weight: torch.Tensor,
                bias: torch.Tensor, *, in_scale: float, eps: float, decay_logit: bool = False,
                out_dtype: torch.dtype | None = None, cos: torch.Tensor | None = None,
-               sin: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
+               sin: torch.Tensor | None = None, position: torch.Tensor | None = None,
+               gate: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step of a DiJiang layer, fused (module docstring): updates ``S`` (and ``n``, paper map)
     in place and returns the heads' GroupNorm-ed outputs (B, 1, H·d) in ``out_dtype`` (default q's).
+    ``gate`` (B, 1, H·d), any strides: the output is ``silu(gate) * y`` instead, y the GroupNorm-ed output in
+    ``out_dtype`` and silu(gate) in gate's dtype, rounded as those two eager ops round them, in the dtype
+    their product promotes to (the layer's output gate, :data:`GATE_IN_KERNEL`).
 
     ``log_d`` None selects the official map (then ``n`` must be None); ``in_scale``: the feature map's input
     scale (paper: d^(−1/4); official: 1); ``eps``: the GroupNorm's; ``decay_logit``: ``log_gamma`` holds the
@@ -198,12 +210,16 @@ def decay_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Te
         if t is None or tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {None if t is None else tuple(t.shape)}")
     _check_rope(cos, sin, position, d)
+    if gate is not None and (tuple(gate.shape) != (B, 1, H * d) or gate.device != q.device
+                             or not gate.is_floating_point() or gate.dtype == torch.float64):
+        raise ValueError(f"gate must be a float32, bfloat16 or float16 tensor of shape {(B, 1, H * d)} on "
+                         f"{q.device}, got {tuple(gate.shape)} {gate.dtype} on {gate.device}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, proj, log_d, log_gamma, weight, bias)):
+                                       for t in (q, k, v, proj, log_d, log_gamma, weight, bias, gate)):
         raise ValueError("the fused DiJiang decoding step is for inference and gives no gradient, but an input "
                          "requires grad: run it under torch.no_grad() / torch.inference_mode(), or use the "
                          "'recurrent' form")
-    return _step_op(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, float(in_scale),
+    return _step_op(q, k, v, proj, log_d, log_gamma, S, n, weight, bias, cos, sin, position, gate, float(in_scale),
                     float(eps), bool(decay_logit), out_dtype or q.dtype)
 
 
