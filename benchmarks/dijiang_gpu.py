@@ -32,6 +32,7 @@ from leanformer.layers import dijiang as dj
 from leanformer.layers.dijiang import DiJiangAttention
 from leanformer.ops import constant_decay as cdm
 from leanformer.ops import decayed_linear_attention as dla
+from leanformer.ops.on_cuda import COMPILED
 
 RESULTS: dict = {"checks": [], "timings": [], "notes": []}
 DEV = torch.device("cuda")
@@ -128,7 +129,7 @@ def compile_check() -> None:
     comp = dj._feature_pair(q, k, fm.proj, fm.log_d, fm.in_scale, lg, None, torch.bfloat16)
     for name, a, b in zip(("fq", "fk", "n", "log_scale"), comp, eager):
         add_check(f"compiled feature map vs eager: {name}", rel(a, b), 1e-2)
-    RESULTS["notes"].append(f"feature_pair compiled: {dj._compiled.get(dj.feature_pair) is not False}")
+    RESULTS["notes"].append(f"feature_pair compiled: {COMPILED.get(dj.feature_pair) is not False}")
 
 
 # ------------------------------------------------------------------------------------------ 2. timing

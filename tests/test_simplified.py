@@ -306,3 +306,59 @@ def test_shaped_attention_keeps_bf16_activations_bf16():
     assert out.dtype == torch.bfloat16
     ref = shaped_attention_reference(*(t.double() for t in (q, k, v, *gains)))
     assert (out.double() - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_static_mix_compiled_equals_eager_and_advances_the_running_sum(T):
+    """The static step's mix (Eq. 5 with the running mean from a cached sum) through torch.compile (aot_eager:
+    the functionalised in-place update of v_sum that Inductor compiles on CUDA) equals the eager function and
+    the float64 formula; v_sum ends at the sum over all tokens; without centring v_sum is not read."""
+    from leanformer.layers.shaped import static_mix
+
+    g = torch.Generator().manual_seed(0)
+    B, H, D, past = 2, 3, 8, 5
+    v, soft = (torch.randn(B, H, T, D, dtype=torch.float64, generator=g) for _ in range(2))
+    alpha, beta, gamma = (torch.rand(H, dtype=torch.float64, generator=g) + 0.5 for _ in range(3))
+    earlier = torch.randn(B, H, past, D, dtype=torch.float64, generator=g)
+    inv_count = 1.0 / torch.arange(past + 1, past + T + 1, dtype=torch.float64)
+    ref_mean = torch.cat((earlier, v), 2).cumsum(2)[:, :, past:] * inv_count[:, None]
+    ref = alpha.view(1, -1, 1, 1) * v + beta.view(1, -1, 1, 1) * soft - gamma.view(1, -1, 1, 1) * ref_mean
+    for fn in (static_mix, torch.compile(static_mix, backend="aot_eager", fullgraph=True)):
+        v_sum = earlier.sum(2)
+        out = fn(v, soft, alpha, beta, gamma, v_sum, inv_count)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v_sum, torch.cat((earlier, v), 2).sum(2), rtol=1e-12, atol=1e-12)
+        plain = fn(v, soft, alpha, beta, None, None, None)
+        torch.testing.assert_close(plain, ref + gamma.view(1, -1, 1, 1) * ref_mean, rtol=1e-12, atol=1e-12)
+
+
+def test_on_cuda_compiled_runs_eager_off_cuda_and_falls_back_with_a_warning(monkeypatch):
+    """CPU tensors run the function as written (no compile); on CUDA a compiler failure warns once, names the
+    function and the error, and runs eager from then on."""
+    from leanformer.ops import on_cuda
+
+    calls = []
+
+    def double(x):
+        calls.append(x)
+        return 2 * x
+    wrapped = on_cuda.on_cuda_compiled(double)
+    assert wrapped(torch.ones(2)).tolist() == [2.0, 2.0] and double not in on_cuda.COMPILED
+
+    class FakeCuda:
+        is_cuda = True
+
+        def __rmul__(self, other):
+            return "eager"
+
+    def broken(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no compiler here")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(on_cuda, "COMPILED", {})
+    with pytest.warns(UserWarning, match=r"torch.compile of double failed \(RuntimeError: no compiler here\)"):
+        assert wrapped(FakeCuda()) == "eager"
+    assert on_cuda.COMPILED[double] is False
+    assert wrapped(FakeCuda()) == "eager"  # no second attempt, no second warning
+    assert on_cuda.on_cuda_compiled(double, enabled=lambda: False)(FakeCuda()) == "eager"

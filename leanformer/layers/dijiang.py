@@ -52,6 +52,7 @@ from leanformer.ops import constant_decay
 from leanformer.ops import decayed_linear_attention as dla
 from leanformer.ops import feature_map as fmk
 from leanformer.ops import fused_decay_step as fds
+from leanformer.ops.on_cuda import on_cuda_compiled
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -236,28 +237,6 @@ def use_feature_kernel(q: torch.Tensor, proj: torch.Tensor) -> bool:
 
 
 COMPILE_ON_CUDA = True  # fuse the feature map and the GroupNorm with torch.compile on CUDA (False: eager)
-_compiled: dict = {}
-
-
-def on_cuda_compiled(fn):
-    """``fn`` itself on CPU/meta; on CUDA its ``torch.compile`` form, falling back to ``fn``
-    for good, with a warning, if compiling fails."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if not (COMPILE_ON_CUDA and args[0].is_cuda) or _compiled.get(fn) is False:
-            return fn(*args, **kwargs)
-        if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn)  # static first, dynamic in T after a second length
-        try:
-            return _compiled[fn](*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training
-            import warnings
-
-            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eager",
-                          stacklevel=2)
-            _compiled[fn] = False
-            return fn(*args, **kwargs)
-    return run
 
 
 def rescaled_group_norm(o: torch.Tensor, log_scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -280,8 +259,8 @@ def rescaled_group_norm(o: torch.Tensor, log_scale: torch.Tensor, weight: torch.
     return merge_heads(y) * weight.to(x.dtype) + bias.to(x.dtype)
 
 
-_feature_pair = on_cuda_compiled(feature_pair)
-_rescaled_group_norm = on_cuda_compiled(rescaled_group_norm)
+_feature_pair = on_cuda_compiled(feature_pair, lambda: COMPILE_ON_CUDA)
+_rescaled_group_norm = on_cuda_compiled(rescaled_group_norm, lambda: COMPILE_ON_CUDA)
 
 
 @functools.lru_cache(maxsize=1)

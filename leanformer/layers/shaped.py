@@ -44,6 +44,7 @@ from leanformer.layers.attention import (
 from leanformer.layers.fused_inputs import project_inputs
 from leanformer.layers.linear import make_linear
 from leanformer.layers.rope import Rotary
+from leanformer.ops.on_cuda import on_cuda_compiled
 
 
 def _per_head(g: torch.Tensor) -> torch.Tensor:
@@ -347,9 +348,9 @@ class ShapedAttention(nn.Module):
     def _static_forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         """The static-cache branch (:mod:`leanformer.decoding`), Eq. 5 at the positions ``state["pos"]``:
         K/V written in place into pre-allocated buffers (V in K's dtype: under autocast the attention
-        product reads it in that dtype anyway), ``β`` · masked softmax attention over them,
-        ``+ α v_own``, ``− γ`` · the running mean ``(v_sum + cumsum(v_new)) / (position + 1)``, with
-        ``v_sum`` (B, H, Dv) kept in float32 and updated in place."""
+        product reads it in that dtype anyway), ``β`` · masked softmax attention over them, then
+        :func:`static_mix` (on CUDA a one-token step runs its compiled form: one fused kernel instead of
+        some ten element-wise launches in the step's CUDA graph)."""
         p = state["positions"]
         q, k, v = self._project(x)
         if self.rotary is not None:
@@ -358,18 +359,38 @@ class ShapedAttention(nn.Module):
         keys = kv["k"]                               # cached in the keys' dtype, as the attention matmul reads it
         if self.n_kv != self.n_heads:
             keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        out = torch.addcmul(_per_head(self.alpha) * v, _per_head(self.beta), cached_attention(q, keys, kv["v"], p))
+        soft = cached_attention(q, keys, kv["v"], p)
+        v_sum = inv_count = None
         if self.centring:
             acc = torch.promote_types(v.dtype, torch.float32)
-            new = v.to(acc)
-            sums = new.cumsum(2) if new.shape[2] > 1 else new
-            if "v_sum" in state:
-                sums = sums + state["v_sum"].unsqueeze(2)
-                state["v_sum"].copy_(sums[:, :, -1])
-            else:
-                state["v_sum"] = sums[:, :, -1].clone()
+            if "v_sum" not in state:  # the first call (a prefill): the running sum starts at 0
+                state["v_sum"] = v.new_zeros(v.shape[0], v.shape[1], v.shape[3], dtype=acc)
+            v_sum = state["v_sum"]
             inv_count = p.memo(("inv_count", acc), lambda: 1.0 / (p.index + 1).to(acc))  # (T,)
-            mean = (sums * inv_count[:, None]).to(v.dtype)
-            out = torch.addcmul(out, _per_head(self.gamma), mean, value=-1)
+        mix = _static_mix_on_cuda if x.shape[1] == 1 else static_mix
+        out = mix(v, soft, self.alpha, self.beta, self.gamma if self.centring else None, v_sum, inv_count)
         y = merge_heads(out)
         return self.o(y) if self.o is not None else y
+
+
+def static_mix(v: torch.Tensor, soft: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+               gamma: torch.Tensor | None, v_sum: torch.Tensor | None, inv_count: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 5 for new tokens over a static cache: ``α v_own + β soft − γ · running mean``.
+
+    v, soft: (B, H, T, D) (the new tokens' values and their softmax attention); alpha, beta, gamma: (H,)
+    (gamma None: no centring, and v_sum, inv_count are not read); v_sum: (B, H, D), at least float32, the sum
+    of v over every earlier position, advanced in place by these T tokens; inv_count: (T,) 1 / (position + 1)
+    of the new tokens. The running mean is ``(v_sum + cumsum(v)) · inv_count`` in v_sum's dtype, then v's.
+    Returns (B, H, T, D).
+    """
+    out = torch.addcmul(_per_head(alpha) * v, _per_head(beta), soft)
+    if gamma is None:
+        return out
+    new = v.to(v_sum.dtype)
+    sums = (new.cumsum(2) if new.shape[2] > 1 else new) + v_sum.unsqueeze(2)
+    v_sum.copy_(sums[:, :, -1])
+    mean = (sums * inv_count[:, None]).to(v.dtype)
+    return torch.addcmul(out, _per_head(gamma), mean, value=-1)
+
+
+_static_mix_on_cuda = on_cuda_compiled(static_mix)

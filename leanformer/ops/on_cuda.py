@@ -1,0 +1,39 @@
+"""``torch.compile`` for small element-wise functions on CUDA tensors, eager elsewhere.
+
+A layer's chain of element-wise ops (DiJiang's feature map and rescaled GroupNorm, shaped attention's
+decoding-step mix) is one kernel launch per op when run eagerly, and a CUDA graph replays every launch;
+Inductor fuses such a chain into one or two kernels. :func:`on_cuda_compiled` wraps a function so that
+its CUDA calls go through one ``torch.compile`` form of it, while CPU and meta tensors (the tests, CI)
+run it as written. A compiler failure falls back to the eager function for good, with a warning: it
+must never stop a training run or a generation.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+
+COMPILED: dict = {}  # fn → its torch.compile form, or False after a failure (benchmarks read it)
+
+
+def on_cuda_compiled(fn: Callable, enabled: Callable[[], bool] = lambda: True) -> Callable:
+    """``fn`` itself unless its first argument is a CUDA tensor and ``enabled()`` (read at each call, so a
+    module's switch may turn it off); then its ``torch.compile`` form (static shapes first, dynamic after a
+    second shape), falling back to ``fn`` with a warning if compiling fails."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not (args[0].is_cuda and enabled()) or COMPILED.get(fn) is False:
+            return fn(*args, **kwargs)
+        if fn not in COMPILED:
+            COMPILED[fn] = torch.compile(fn)
+        try:
+            return COMPILED[fn](*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training or decoding
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eager",
+                          stacklevel=2)
+            COMPILED[fn] = False
+            return fn(*args, **kwargs)
+    return run
