@@ -1,6 +1,7 @@
 """Where one decoding step's time goes (issue #15): the kernels inside the captured CUDA graph.
 
-For each variant (arm, context, batch, compiled or not, DiJiang step-kernel warps), the GPU-resident static
+For each variant (arm, context, batch, compiled or not and in which mode, module switches such as
+``leanformer.ops.fused_decay_step.GATE_IN_KERNEL``), the GPU-resident static
 decoder of ``leanformer bench decode`` (graph path, bf16 weights) is prefilled, captured, and timed (median
 of CUDA-event-timed replays); then ``torch.profiler`` records a few replays: kernels per step, the sum of
 their device time, and the gap between that sum and the step (what the graph's launches cost beyond the
@@ -23,38 +24,57 @@ from pathlib import Path
 import torch
 from train_profile import kernel_class, kernel_totals, top_kernels
 
-VARIANTS = [  # (label, arm, context, batch, compile, DiJiang step-kernel warps or None)
-    ("preln 8K x8 compiled", "preln", 8192, 8, True, None),
-    ("dijiang 8K x8 graph", "dijiang_scratch", 8192, 8, False, None),
-    ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, None),
-    ("dijiang 8K x8 compiled, step warps 2", "dijiang_scratch", 8192, 8, True, 2),
-    ("dijiang 8K x8 compiled, step warps 8", "dijiang_scratch", 8192, 8, True, 8),
-    ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, None),
+AUTOTUNE = "max-autotune-no-cudagraphs"
+GATE_OUT = {"leanformer.ops.fused_decay_step.GATE_IN_KERNEL": False}
+COSNET_ON = {"leanformer.layers.noble.COSNET_KERNEL": "cuda"}
+VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.compile mode, module switches)
+    ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
+    ("dijiang 8K x8 graph", "dijiang_scratch", 8192, 8, False, {}),
+    ("dijiang 8K x8 graph, gate outside", "dijiang_scratch", 8192, 8, False, GATE_OUT),
+    ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
+    ("dijiang 8K x8 compiled, gate outside", "dijiang_scratch", 8192, 8, True, GATE_OUT),
+    ("dijiang 8K x8 autotuned", "dijiang_scratch", 8192, 8, AUTOTUNE, {}),
+    ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, {}),
+    ("preln 512 x1 graph", "preln", 512, 1, False, {}),
+    ("sas_p 512 x1 graph", "sas_p", 512, 1, False, {}),
+    ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
+    ("sas_p 512 x1 compiled", "sas_p", 512, 1, True, {}),
+    ("noble 512 x1 graph", "noble_fused", 512, 1, False, {}),
+    ("noble 512 x1 graph, CosNet kernel", "noble_fused", 512, 1, False, COSNET_ON),
+    ("noble 512 x1 compiled", "noble_fused", 512, 1, True, {}),
 ]
 
 
-def run_variant(label, arm, context, batch, compiled, warps, device, smoke) -> dict:
+def _switch(name: str):
+    """(module, attribute) of a dotted switch name such as ``leanformer.ops.fused_decay_step.GATE_IN_KERNEL``."""
+    import importlib
+
+    module, attr = name.rsplit(".", 1)
+    return importlib.import_module(module), attr
+
+
+def run_variant(label, arm, context, batch, compiled, switches, device, smoke) -> dict:
     from leanformer.bench.decode import _model, static_prefill, time_static_steps
     from leanformer.bench.train import base_config, get_size
-    from leanformer.ops import fused_decay_step as fds
 
     size = get_size("tiny" if smoke else "gpt2")
     if smoke:
         context, batch, compiled = 16, 2, False
     steps, warmup = (4, 1) if smoke else (64, 5)
     extra = warmup + steps + 40
-    old_warps = fds.NUM_WARPS
-    if warps is not None:
-        fds.NUM_WARPS = warps
+    mode = compiled if isinstance(compiled, str) else None
+    old = {name: getattr(*_switch(name)) for name in switches}
+    for name, value in switches.items():
+        setattr(*_switch(name), value)
     try:
         model, reason = _model(arm, base_config(size, max_seq_len=context + extra), device, bf16=not smoke)
         if model is None:
             return {"label": label, "status": reason}
         graph = "none" if device.type != "cuda" else "cuda"
         dec1, prefill_s = static_prefill(model, context, context + extra, 4096, device, size.vocab_size, graph,
-                                         nullcontext, compile=compiled)
+                                         nullcontext, compile=bool(compiled), compile_mode=mode)
         row = {"label": label, "arm": arm, "context": context, "batch": batch, "compiled": compiled,
-               "step_warps": warps or old_warps, "prefill_s": prefill_s}
+               "switches": switches, "prefill_s": prefill_s}
         row.update(time_static_steps(dec1, batch, steps, warmup, device, nullcontext))
         dec = dec1.expanded(batch)
         dec.capture()
@@ -69,7 +89,8 @@ def run_variant(label, arm, context, batch, compiled, warps, device, smoke) -> d
         row["gap_ms"] = row["ms_per_step"] - row["kernel_ms"]
         return row
     finally:
-        fds.NUM_WARPS = old_warps
+        for name, value in old.items():
+            setattr(*_switch(name), value)
 
 
 def markdown(result: dict) -> str:
@@ -112,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                        "command": "python3 " + " ".join(sys.argv)}, "rows": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for v in wanted[:2] if args.cpu_smoke else wanted:
+    if args.cpu_smoke:  # the first variant and the first with module switches
+        wanted = wanted[:1] + [v for v in wanted if v[5]][:1]
+    for v in wanted:
         if time.monotonic() - t0 > args.budget:
             result["rows"].append({"label": v[0], "status": "skipped (time budget)"})
             continue

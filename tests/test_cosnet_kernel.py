@@ -205,3 +205,29 @@ def test_noble_layer_on_the_kernel_route(monkeypatch):
     monkeypatch.setattr(noble, "COSNET_KERNEL", "sometimes")
     with pytest.raises(ValueError, match="COSNET_KERNEL"):
         lay32(x.float().to(DEV))
+
+
+def test_half_precision_parameters_are_read_without_cast_launches():
+    """A bf16 decoding copy's CosNet (z and parameters bf16, no gradient): the op gets the parameters as stored,
+    so no cast runs before the kernel; the result is the float64 form's within bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.clone, torch.ops.aten.copy_):
+                Casts.count += 1
+            return func(*args, **(kwargs or {}))
+    net = _net(32)
+    z = torch.randn(8, 32, dtype=F64, generator=torch.Generator().manual_seed(9))
+    ref = net(z)
+    half = CosNet(32).to(DEV, torch.bfloat16)
+    half.load_state_dict(net.state_dict())
+    params = dict(half.named_parameters())
+    zh = z.to(DEV, torch.bfloat16)
+    with torch.no_grad(), Casts():
+        s = ck.cosnet(zh, params["omega1"], params["phi1"], params["M.weight"],
+                      params["M.bias"], params["omega2"], params["phi2"])
+    assert Casts.count == 0
+    assert s.dtype == torch.bfloat16 and rel(s, ref) < BF16_TOL

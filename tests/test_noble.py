@@ -470,9 +470,11 @@ def test_main_init_model_keeps_the_lm_init_and_lr_mults_can_be_switched_off():
 
 
 def _shares_buffer(layer: NobleLinear) -> bool:
+    """The main and down weights share one buffer, and so do the two biases when the layer has a main bias."""
     from leanformer.layers.noble import _adjacent
 
-    return _adjacent(layer.weight, layer.down.weight)
+    biases = layer.bias is None or _adjacent(layer.bias, layer.down.bias)
+    return _adjacent(layer.weight, layer.down.weight) and biases
 
 
 def test_main_and_down_weights_are_one_buffer_through_moves_loads_and_from_linear():
@@ -493,6 +495,8 @@ def test_main_and_down_weights_are_one_buffer_through_moves_loads_and_from_linea
     assert {"weight", "down.weight"} <= set(sd)
     assert sd["weight"].untyped_storage().data_ptr() != sd["down.weight"].untyped_storage().data_ptr()
     assert sd["weight"].shape == (10, 12) and sd["down.weight"].shape == (3, 12)
+    assert sd["bias"].untyped_storage().data_ptr() != sd["down.bias"].untyped_storage().data_ptr()
+    assert noble.bias is lin.bias and sd["bias"].shape == (10,) and sd["down.bias"].shape == (3,)
 
 
 def test_stacked_view_and_addmm_match_float64_reference_with_gradients():

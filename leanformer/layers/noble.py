@@ -125,7 +125,8 @@ def make_activation(name: str, rank: int, device: Any = None, dtype: torch.dtype
 
 
 class _StackedRows(torch.autograd.Function):
-    """``[W; W_down]`` (d_out + r, d_in) as a view of the one buffer both parameters live in (no copy).
+    """``[W; W_down]`` (d_out + r, d_in), or ``[b; b_down]`` (d_out + r,), as a view of the one buffer both
+    parameters live in (no copy).
 
     Forward returns the buffer's rows; backward hands each parameter its rows of the gradient (views).
     Only valid when :func:`_adjacent` holds; :meth:`NobleLinear.stacked_weight` falls back to ``torch.cat``.
@@ -134,7 +135,7 @@ class _StackedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, down: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         ctx.rows = weight.shape[0]
-        return weight.as_strided((weight.shape[0] + down.shape[0], weight.shape[1]), weight.stride())
+        return weight.as_strided((weight.shape[0] + down.shape[0], *weight.shape[1:]), weight.stride())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
@@ -157,7 +158,7 @@ def _restack_after_load(module: NobleLinear, _keys) -> None:  # noqa: ANN001
 def _unshare_in_state_dict(module: NobleLinear, state_dict: dict, prefix: str, _meta) -> None:  # noqa: ANN001
     """``weight`` and ``down.weight`` leave as tensors of their own (safetensors refuses views of one
     buffer); with ``keep_vars=True`` the parameters themselves stay."""
-    for key in (prefix + "weight", prefix + "down.weight"):
+    for key in (prefix + "weight", prefix + "down.weight", prefix + "bias", prefix + "down.bias"):
         t = state_dict.get(key)
         if t is not None and not isinstance(t, nn.Parameter) and t.device.type != "meta":
             state_dict[key] = t.clone()
@@ -305,16 +306,21 @@ class NobleLinear(nn.Module):
     # ------------------------------------------------------------------ storage
     @torch.no_grad()
     def restack(self) -> None:
-        """Put ``weight`` and ``down.weight`` back into one ``(d_out + r, d_in)`` buffer (values kept, the
-        Parameter objects kept). Called after construction, ``.to()``/``.half()`` (which move each parameter
-        on its own), ``load_state_dict`` and ``from_linear``; a no-op when they already share it, on the meta
-        device and for tensor subclasses (FSDP2's DTensors), where :meth:`stacked_weight` concatenates."""
-        w, d = self.weight, self.down.weight
-        if (_adjacent(w, d) or w.device.type == "meta" or type(w) is not nn.Parameter
-                or type(d) is not nn.Parameter or w.dtype != d.dtype or w.device != d.device):
-            return
-        buf = torch.cat([w.detach(), d.detach()], dim=0)
-        w.data, d.data = buf[: self.out_features], buf[self.out_features:]
+        """Put ``weight`` and ``down.weight`` back into one ``(d_out + r, d_in)`` buffer, and ``bias`` and
+        ``down.bias`` (when the layer has both) into one ``(d_out + r,)`` buffer (values kept, the Parameter
+        objects kept). Called after construction, ``.to()``/``.half()`` (which move each parameter on its
+        own), ``load_state_dict`` and ``from_linear``; a no-op for a pair that already shares one, on the meta
+        device and for tensor subclasses (FSDP2's DTensors), where :meth:`stacked_weight` and
+        :meth:`stacked_bias` concatenate."""
+        pairs = [(self.weight, self.down.weight)]
+        if self.bias is not None and self.down.bias is not None:
+            pairs.append((self.bias, self.down.bias))
+        for w, d in pairs:
+            if (_adjacent(w, d) or w.device.type == "meta" or type(w) is not nn.Parameter
+                    or type(d) is not nn.Parameter or w.dtype != d.dtype or w.device != d.device):
+                continue
+            buf = torch.cat([w.detach(), d.detach()], dim=0)
+            w.data, d.data = buf[: self.out_features], buf[self.out_features:]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         out = super()._apply(fn, recurse)
@@ -330,6 +336,14 @@ class NobleLinear(nn.Module):
             return _StackedRows.apply(w, d)
         return torch.cat([w, d], dim=0)
 
+    def stacked_bias(self) -> torch.Tensor:
+        """``[b; b_down]`` (d_out + r,) of a layer with a main bias: a view of the shared buffer, or a
+        concatenation (as :meth:`stacked_weight`)."""
+        b, d = self.bias, self.down.bias
+        if not torch.compiler.is_compiling() and _adjacent(b, d):
+            return _StackedRows.apply(b, d)
+        return torch.cat([b, d], dim=0)
+
     # ------------------------------------------------------------------ forward
     def _main_and_down(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x Wᵀ + b, x W_downᵀ + b_down)``, fused or not."""
@@ -337,7 +351,7 @@ class NobleLinear(nn.Module):
             return F.linear(x, self.weight, self.bias), self.down(x)
         w = self.stacked_weight()  # (d_out + r, d_in)
         if self.bias is not None:
-            b = torch.cat([self.bias, self.down.bias], dim=0)
+            b = self.stacked_bias()
         else:
             b = F.pad(self.down.bias, (self.out_features, 0))  # zeros for the main rows
         h = F.linear(x, w, b)  # (..., d_out + r)

@@ -21,10 +21,11 @@ import triton.language as tl
 
 @triton.jit
 def _load_params(W1, P1, M, C, W2, P2, R: tl.constexpr):
+    """The parameters in float32, whatever their stored dtype (a bf16 decoding copy passes its own)."""
     cols = tl.arange(0, R)
-    w1, p1 = tl.load(W1 + cols), tl.load(P1 + cols)
-    c, w2, p2 = tl.load(C + cols), tl.load(W2 + cols), tl.load(P2 + cols)
-    m = tl.load(M + cols[:, None] * R + cols[None, :])  # M[i, k], row-major (out i, in k)
+    w1, p1 = tl.load(W1 + cols).to(tl.float32), tl.load(P1 + cols).to(tl.float32)
+    c, w2, p2 = tl.load(C + cols).to(tl.float32), tl.load(W2 + cols).to(tl.float32), tl.load(P2 + cols).to(tl.float32)
+    m = tl.load(M + cols[:, None] * R + cols[None, :]).to(tl.float32)  # M[i, k], row-major (out i, in k)
     return w1, p1, m, c, w2, p2
 
 

@@ -56,7 +56,8 @@ def _new_s(z, omega1, phi1, m, c, omega2, phi2):
 @_register("leanformer::cosnet", _new_s)
 def _cosnet_op(z: torch.Tensor, omega1: torch.Tensor, phi1: torch.Tensor, m: torch.Tensor, c: torch.Tensor,
                omega2: torch.Tensor, phi2: torch.Tensor) -> torch.Tensor:
-    """s (N, r) in z's dtype from z (N, r) with unit stride along r; parameters float32, contiguous."""
+    """s (N, r) in z's dtype from z (N, r) with unit stride along r; parameters contiguous, float32, bfloat16
+    or float16."""
     N, r = z.shape
     s = _new_s(z, omega1, phi1, m, c, omega2, phi2)
     if N:
@@ -124,5 +125,9 @@ def cosnet(z: torch.Tensor, omega1: torch.Tensor, phi1: torch.Tensor, m: torch.T
     z2 = z.reshape(-1, r)
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
-    params = [t.to(device=z.device, dtype=torch.float32).contiguous() for t in (omega1, phi1, m, c, omega2, phi2)]
+    # float32, bfloat16 or float16 parameters as stored (the kernels take them to float32 on load: no cast
+    # launches for a half-precision decoding copy); their gradients come back float32 and autograd casts them
+    params = [t.to(device=z.device).contiguous() for t in (omega1, phi1, m, c, omega2, phi2)]
+    if any(not t.is_floating_point() or t.dtype == torch.float64 for t in params):
+        params = [t.float() for t in params]
     return _cosnet_op(z2, *params).view(*lead, r)
