@@ -43,18 +43,23 @@ def cases():
         yield f"fused attention forward (factored={factored})", attn.fwd_kernel, attn_ptr, (), meta
         yield f"fused attention dK/dV (factored={factored})", attn.bwd_dkdv_kernel, attn_ptr, (), meta
     step_ptr = {"Q": bf, "K": bf, "V": bf, "P": f32, "LD": f32, "LG": f32, "S": f32, "N": f32, "W": f32,
-                "GB": f32, "O": bf, "COS": bf, "SIN": bf, "POS": "*i64"}
+                "GB": f32, "O": bf, "COS": bf, "SIN": bf, "POS": "*i64", "G": bf}
     floats = ("in_scale", "eps", "log_eps")
     for paper in (True, False):
         for logit in (False, True):
             meta = dict(M=64, D=64, BLOCK_F=64, PAPER=paper, DECAY_LOGIT=logit, HAS_EPS=True, ROPE=False, R=0,
-                        POS_PTR=False)
+                        POS_PTR=False, GATE=False, Y_ROUND=0)
             yield f"decoding step (paper={paper}, decay logit={logit})", step.step_kernel, step_ptr, floats, meta
     for rotary, pos_ptr in ((64, True), (32, False)):  # RoPE in the kernel: full at a device position, partial
         meta = dict(M=64, D=64, BLOCK_F=64, PAPER=True, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=rotary,
-                    POS_PTR=pos_ptr)
+                    POS_PTR=pos_ptr, GATE=False, Y_ROUND=0)
         yield (f"decoding step with RoPE (R={rotary}, position pointer={pos_ptr})", step.step_kernel, step_ptr,
                floats, meta)
+    for y_round, out in ((1, bf), (0, f32)):  # the output gate in the epilogue: a bf16 copy; float32 residuals
+        meta = dict(M=64, D=64, BLOCK_F=64, PAPER=True, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=64,
+                    POS_PTR=True, GATE=True, Y_ROUND=y_round)
+        yield (f"decoding step with the gate (Y_ROUND={y_round})", step.step_kernel, dict(step_ptr, O=out), floats,
+               meta)
 
     for x_type, split in (("*bf16", False), ("*fp32", True)):
         feat_ptr = {"x_ptr": x_type, "p_ptr": f32, "logd_ptr": f32, "shift_ptr": f32, "f_ptr": bf,
@@ -71,6 +76,9 @@ def cases():
     cos_ptr = dict(params, Z=bf, S=bf, DS=bf, DZ=bf)
     yield "CosNet forward (bf16 z, r 32)", cosnet.cosnet_fwd_kernel, cos_ptr, (), dict(R=32, BLOCK_N=128)
     yield "CosNet backward (bf16 z, r 32)", cosnet.cosnet_bwd_kernel, cos_ptr, (), dict(R=32, BLOCK_N=128)
+    half_params = dict(cos_ptr, **{name: bf for name in ("W1", "P1", "M", "C", "W2", "P2")})
+    yield "CosNet forward (bf16 z and parameters, r 32)", cosnet.cosnet_fwd_kernel, half_params, (), \
+        dict(R=32, BLOCK_N=128)
 
 
 def main() -> int:
