@@ -27,6 +27,7 @@ from train_profile import kernel_class, kernel_totals, top_kernels
 AUTOTUNE = "max-autotune-no-cudagraphs"
 GATE_OUT = {"leanformer.ops.fused_decay_step.GATE_IN_KERNEL": False}
 COSNET_ON = {"leanformer.layers.noble.COSNET_KERNEL": "cuda"}
+MIX_ON = {"leanformer.layers.shaped.COMPILE_STEP_MIX": True}
 VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.compile mode, module switches)
     ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
     ("dijiang 8K x8 graph", "dijiang_scratch", 8192, 8, False, {}),
@@ -37,6 +38,7 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, {}),
     ("preln 512 x1 graph", "preln", 512, 1, False, {}),
     ("sas_p 512 x1 graph", "sas_p", 512, 1, False, {}),
+    ("sas_p 512 x1 graph, compiled mix", "sas_p", 512, 1, False, MIX_ON),
     ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
     ("sas_p 512 x1 compiled", "sas_p", 512, 1, True, {}),
     ("noble 512 x1 graph", "noble_fused", 512, 1, False, {}),

@@ -215,7 +215,8 @@ class StaticCache:
         for src, dst in zip(self.layers, new.layers):
             for key, t in src.items():
                 if isinstance(t, torch.Tensor) and key != "pos":
-                    dst[key] = t[:1].expand(batch, *t.shape[1:]).contiguous()
+                    # a copy even at batch 1 (``.contiguous()`` of a 1-row expand would be the row itself)
+                    dst[key] = t[:1].expand(batch, *t.shape[1:]).clone(memory_format=torch.contiguous_format)
         return new
 
 

@@ -79,3 +79,23 @@ def test_bench_decode_compile_mode_is_checked(capsys):
         StaticDecoder(model, 1, 8, graph="none", compile=True, compile_mode="max-autotune")
     with pytest.raises(ValueError, match="compile_mode='default' needs compile=True"):
         StaticDecoder(model, 1, 8, graph="none", compile_mode="default")
+
+
+def test_expanded_cache_at_batch_one_is_a_copy():
+    """expanded(1) owns its state: its steps leave the source decoder's caches as they were (review: a 1-row
+    expand made contiguous is the row itself)."""
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
+    from leanformer.decoding import StaticDecoder
+    from leanformer.model import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(arm_config(base_config(SIZES["tiny"], 64), "sas_p")).eval()
+    dec = StaticDecoder(model, 1, 16, graph="none")
+    dec.prefill(torch.randint(0, SIZES["tiny"].vocab_size, (1, 5)))
+    before = {(i, k): t.clone() for i, layer in enumerate(dec.cache.layers) for k, t in layer.items()
+              if isinstance(t, torch.Tensor)}
+    one = dec.expanded(1)
+    one.step()
+    for (i, k), t in before.items():
+        assert torch.equal(dec.cache.layers[i][k], t), (i, k)

@@ -362,3 +362,20 @@ def test_on_cuda_compiled_runs_eager_off_cuda_and_falls_back_with_a_warning(monk
     assert on_cuda.COMPILED[double] is False
     assert wrapped(FakeCuda()) == "eager"  # no second attempt, no second warning
     assert on_cuda.on_cuda_compiled(double, enabled=lambda: False)(FakeCuda()) == "eager"
+
+
+def test_one_token_static_calls_take_the_compiled_mix_route(monkeypatch):
+    """A static step (one token) calls the on-CUDA-compiled mix, a longer prefill chunk the plain one."""
+    from leanformer.decoding import StaticDecoder
+    from leanformer.layers import shaped
+    from leanformer.model import TransformerLM
+
+    calls = []
+    monkeypatch.setattr(shaped, "_static_mix_on_cuda", lambda *a: calls.append(a[0].shape[2]) or shaped.static_mix(*a))
+    model = TransformerLM(TransformerConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=1, max_seq_len=32,
+                                            block="sas_p", attention="shaped")).eval()
+    dec = StaticDecoder(model, 2, 16, graph="none", prefill_chunk=4)
+    dec.prefill(torch.randint(0, 50, (2, 6)))
+    assert calls == []
+    dec.step()
+    assert calls == [1]

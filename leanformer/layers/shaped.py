@@ -349,8 +349,8 @@ class ShapedAttention(nn.Module):
         """The static-cache branch (:mod:`leanformer.decoding`), Eq. 5 at the positions ``state["pos"]``:
         K/V written in place into pre-allocated buffers (V in K's dtype: under autocast the attention
         product reads it in that dtype anyway), ``β`` · masked softmax attention over them, then
-        :func:`static_mix` (on CUDA a one-token step runs its compiled form: one fused kernel instead of
-        some ten element-wise launches in the step's CUDA graph)."""
+        :func:`static_mix` (with :data:`COMPILE_STEP_MIX` a one-token call on CUDA runs its compiled form: one
+        fused kernel instead of some ten element-wise launches in the step's CUDA graph)."""
         p = state["positions"]
         q, k, v = self._project(x)
         if self.rotary is not None:
@@ -393,4 +393,8 @@ def static_mix(v: torch.Tensor, soft: torch.Tensor, alpha: torch.Tensor, beta: t
     return torch.addcmul(out, _per_head(gamma), mean, value=-1)
 
 
-_static_mix_on_cuda = on_cuda_compiled(static_mix)
+COMPILE_STEP_MIX = False  # one-token static steps run static_mix compiled on CUDA (one fused kernel instead of
+# ~10 launches). Off until timed: Inductor fuses away the bf16 rounding of the mean (≈ 1e-3 relative against
+# the eager mix under autocast, ≈ 3e-3 in a bf16 copy, review of 2026-12-05), so graph-path tokens may differ
+# from the eager path's; benchmarks/decode_profile.py measures it on and off
+_static_mix_on_cuda = on_cuda_compiled(static_mix, lambda: COMPILE_STEP_MIX)

@@ -211,7 +211,7 @@ def decay_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Te
             raise ValueError(f"{name} must have shape {shape}, got {None if t is None else tuple(t.shape)}")
     _check_rope(cos, sin, position, d)
     if gate is not None and (tuple(gate.shape) != (B, 1, H * d) or gate.device != q.device
-                             or not gate.is_floating_point() or gate.dtype == torch.float64):
+                             or gate.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
         raise ValueError(f"gate must be a float32, bfloat16 or float16 tensor of shape {(B, 1, H * d)} on "
                          f"{q.device}, got {tuple(gate.shape)} {gate.dtype} on {gate.device}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad

@@ -5,7 +5,9 @@ decoding-step mix) is one kernel launch per op when run eagerly, and a CUDA grap
 Inductor fuses such a chain into one or two kernels. :func:`on_cuda_compiled` wraps a function so that
 its CUDA calls go through one ``torch.compile`` form of it, while CPU and meta tensors (the tests, CI)
 run it as written. A compiler failure falls back to the eager function for good, with a warning: it
-must never stop a training run or a generation.
+must never stop a training run or a generation (except inside a CUDA graph capture, which the failure has
+already broken: there it is raised). A function that mutates an input is retried eagerly only if the
+compiled call failed before writing it (a compile error, not a kernel's launch failure).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def on_cuda_compiled(fn: Callable, enabled: Callable[[], bool] = lambda: True) -
         try:
             return COMPILED[fn](*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training or decoding
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # a broken capture
+                raise
             warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: {e}); running eager",
                           stacklevel=2)
             COMPILED[fn] = False
