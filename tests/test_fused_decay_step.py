@@ -413,6 +413,18 @@ def test_rope_in_the_kernel_equals_rotary_before_it_and_float64(paper, pct, as_t
                 assert rel(inside, ref) <= BF16_TOL, pos
 
 
+def _static_steps(model, prompt: torch.Tensor, steps: int, counter: list[int]):
+    """A static decoder (no graph) prefilled with ``prompt``, ``counter[0]`` reset to 0 after the prefill,
+    then ``steps`` steps → (decoder, each step's logits)."""
+    dec = StaticDecoder(model, prompt.shape[0], capacity=12, graph="none", prefill_chunk=3)
+    dec.prefill(prompt)
+    counter[0], logits = 0, []
+    for _ in range(steps):
+        dec.step()
+        logits.append(dec.logits.clone())
+    return dec, logits
+
+
 @pytest.mark.parametrize("feature_map,pct,n_kv", [("paper", 0.5, 1), ("official", 1.0, None)])
 def test_generate_with_rope_in_the_kernel_equals_rope_before_it(feature_map, pct, n_kv, monkeypatch):
     """Whole generations, eager (int positions) and through the static decoder (positions in a device tensor
@@ -440,12 +452,7 @@ def test_generate_with_rope_in_the_kernel_equals_rope_before_it(feature_map, pct
     for inside in (True, False):
         monkeypatch.setattr(fds, "ROPE_IN_KERNEL", inside)
         assert torch.equal(model.generate(prompt, N, temperature=0, static=False), unfused)
-        dec = StaticDecoder(model, 2, capacity=12, graph="none", prefill_chunk=3)
-        dec.prefill(prompt)
-        rotations[0], logits[inside] = 0, []
-        for _ in range(N - 1):
-            dec.step()
-            logits[inside].append(dec.logits.clone())
+        dec, logits[inside] = _static_steps(model, prompt, N - 1, rotations)
         assert rotations[0] == (0 if inside else 2 * (N - 1)), inside  # q and k, one layer, every step
         assert torch.equal(dec.tokens[:, :5 + N], unfused)
     assert rel(torch.stack(logits[True]), torch.stack(logits[False])) <= 1e-5
@@ -531,12 +538,7 @@ def test_generate_with_the_gate_in_the_kernel_equals_the_gate_after_it(monkeypat
     for inside in (True, False):
         monkeypatch.setattr(fds, "GATE_IN_KERNEL", inside)
         tokens[inside] = model.generate(prompt, N, temperature=0, static=False)
-        dec = StaticDecoder(model, 2, capacity=12, graph="none", prefill_chunk=3)
-        dec.prefill(prompt)
-        silus[0], logits[inside] = 0, []
-        for _ in range(N - 1):
-            dec.step()
-            logits[inside].append(dec.logits.clone())
+        dec, logits[inside] = _static_steps(model, prompt, N - 1, silus)
         assert silus[0] == (0 if inside else N - 1), inside  # one layer
         assert torch.equal(dec.tokens[:, :5 + N], tokens[inside])
     assert torch.equal(tokens[True], tokens[False])
