@@ -486,8 +486,8 @@ def test_rope_inputs_are_checked():
 def test_the_gate_in_the_kernel_equals_silu_gate_times_the_step(dtype, paper):
     """``gate`` (a strided view, as the fused input product gives it) makes the kernel return silu(g) ⊙ y: the
     same as the two eager ops on the gate-less step's output, to float32 rounding (float32), or to one
-    bf16 rounding of y and one of the product (bf16, 2^-6: the interpreter truncates a cast where the GPU
-    rounds); the state is updated as without the gate."""
+    bf16 result, 98% of elements equal and the rest within an ulp (bf16: the kernel rounds y, silu(g) and the
+    product as the eager ops do); the state is updated as without the gate."""
     c = _case(B=3, paper=paper, seed=5)
     B, H, _, d = c["q"].shape
     wide = torch.randn(B, 1, 3 * H * d, generator=torch.Generator().manual_seed(6)).to(DEV, dtype)
@@ -502,9 +502,13 @@ def test_the_gate_in_the_kernel_equals_silu_gate_times_the_step(dtype, paper):
         states[g is None] = S
     assert outs[False].dtype == dtype and outs[False].shape == (B, 1, H * d)
     expected = F.silu(gate) * outs[True]
-    tol = 2e-6 if dtype == torch.float32 else 2 ** -6
-    err = ((outs[False].double() - expected.double()).abs() / expected.double().abs().clamp_min(1e-3)).max()
-    assert float(err) <= tol
+    if dtype == torch.float32:
+        err = ((outs[False].double() - expected.double()).abs() / expected.double().abs().clamp_min(1e-3)).max()
+        assert float(err) <= 2e-6
+    else:  # both roundings emulated: equal but where the kernel's float32 silu and PyTorch's differ by an ulp
+        assert float((outs[False] == expected).float().mean()) >= 0.98
+        err = ((outs[False].double() - expected.double()).abs() / expected.double().abs().clamp_min(1e-3)).max()
+        assert float(err) <= 2 ** -7
     assert torch.equal(states[False], states[True])
 
 
