@@ -394,7 +394,8 @@ def static_mix(v: torch.Tensor, soft: torch.Tensor, alpha: torch.Tensor, beta: t
 
 
 COMPILE_STEP_MIX = False  # one-token static steps run static_mix compiled on CUDA (one fused kernel instead of
-# ~10 launches). Off until timed: Inductor fuses away the bf16 rounding of the mean (≈ 1e-3 relative against
-# the eager mix under autocast, ≈ 3e-3 in a bf16 copy, review of 2026-12-05), so graph-path tokens may differ
+# ~10 launches). Off until timed: Inductor fuses away the bf16 rounding of the mean (the review of 2026-12-05
+# compiled it with Inductor on the CPU: ≈ 1e-3 relative from the eager mix under autocast, ≈ 3e-3 in a bf16
+# copy; its script was not kept), so graph-path tokens may differ
 # from the eager path's; benchmarks/decode_profile.py measures it on and off
 _static_mix_on_cuda = on_cuda_compiled(static_mix, lambda: COMPILE_STEP_MIX)

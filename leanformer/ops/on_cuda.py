@@ -6,8 +6,9 @@ Inductor fuses such a chain into one or two kernels. :func:`on_cuda_compiled` wr
 its CUDA calls go through one ``torch.compile`` form of it, while CPU and meta tensors (the tests, CI)
 run it as written. A compiler failure falls back to the eager function for good, with a warning: it
 must never stop a training run or a generation (except inside a CUDA graph capture, which the failure has
-already broken: there it is raised). A function that mutates an input is retried eagerly only if the
-compiled call failed before writing it (a compile error, not a kernel's launch failure).
+already broken: there it is raised). The eager retry runs the whole function again: a function that
+mutates an input applies its mutation twice if the compiled call failed after writing it (a kernel's
+launch failure; a compile error fails before anything runs).
 """
 
 from __future__ import annotations
