@@ -547,3 +547,38 @@ def test_generate_with_the_gate_in_the_kernel_equals_the_gate_after_it(monkeypat
         assert torch.equal(dec.tokens[:, :5 + N], tokens[inside])
     assert torch.equal(tokens[True], tokens[False])
     assert rel(torch.stack(logits[True]), torch.stack(logits[False])) <= 1e-5
+
+
+def test_a_float32_output_with_a_bf16_gate_promotes_like_the_eager_product():
+    """out_dtype float32 and a bf16 gate: the kernel returns float32, silu(g) rounded to bf16 (as
+    ``F.silu`` of a bf16 tensor is) times the float32 y, as ``F.silu(gate) * y`` promotes them."""
+    c = _case(B=2, seed=7)
+    B, H, _, d = c["q"].shape
+    gate = torch.randn(B, 1, H * d, generator=torch.Generator().manual_seed(8)).to(DEV, torch.bfloat16)
+    t = {x: c[x].float().to(DEV) for x in ("q", "k", "v", "proj", "log_d", "decay", "w", "b")}
+    outs = []
+    for g in (None, gate):
+        S, n = c["S"].float().to(DEV), c["n"].float().to(DEV)
+        outs.append(fds.decay_step(t["q"], t["k"], t["v"], t["proj"], t["log_d"], t["decay"], S, n, t["w"], t["b"],
+                                   in_scale=c["in_scale"], eps=c["eps"], out_dtype=torch.float32, gate=g))
+    expected = F.silu(gate) * outs[0]
+    assert outs[1].dtype == expected.dtype == torch.float32
+    err = ((outs[1].double() - expected.double()).abs() / expected.double().abs().clamp_min(1e-3)).max()
+    assert float(err) <= 2 ** -7  # at most silu's one-ulp bf16 difference; float32's rounding elsewhere
+
+
+@pytest.mark.parametrize("paper", [True, False], ids=["paper", "official"])
+def test_the_step_op_passes_torch_library_opcheck(paper):
+    """The registered op's schema (S and n mutated, nothing aliased), fake tensor and AOT-dispatch behaviour
+    agree with what it does (``torch.library.opcheck``), with and without the gate and RoPE."""
+    c = _case(B=2, H=2, H_kv=2, d=16, m=16, paper=paper, seed=9)
+    t = {x: c[x].float().to(DEV) if c[x] is not None else None
+         for x in ("q", "k", "v", "proj", "log_d", "decay", "w", "b", "S", "n")}
+    gate = torch.randn(2, 1, 32, device=DEV)
+    cos, sin = torch.randn(4, 16, device=DEV), torch.randn(4, 16, device=DEV)
+    position = torch.tensor([2], device=DEV)
+    for extra in ((None, None, None, None), (cos, sin, position, gate)):
+        args = (t["q"], t["k"], t["v"], t["proj"], t["log_d"], t["decay"], t["S"].clone(),
+                t["n"].clone() if paper else None, t["w"], t["b"], *extra, c["in_scale"], c["eps"], False,
+                torch.float32)
+        torch.library.opcheck(fds._step_op, args)
