@@ -28,17 +28,24 @@ AUTOTUNE = "max-autotune-no-cudagraphs"
 GATE_OUT = {"leanformer.ops.fused_decay_step.GATE_IN_KERNEL": False}
 COSNET_ON = {"leanformer.layers.noble.COSNET_KERNEL": "cuda"}
 MIX_ON = {"leanformer.layers.shaped.COMPILE_STEP_MIX": True}
+SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}
 VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.compile mode, module switches)
-    ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
-    ("dijiang 8K x8 graph", "dijiang_scratch", 8192, 8, False, {}),
-    ("dijiang 8K x8 graph, gate outside", "dijiang_scratch", 8192, 8, False, GATE_OUT),
     ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
+    ("dijiang 8K x8 compiled, skinny linears", "dijiang_scratch", 8192, 8, True, SKINNY_ON),
     ("dijiang 8K x8 compiled, gate outside", "dijiang_scratch", 8192, 8, True, GATE_OUT),
+    ("dijiang 8K x8 graph", "dijiang_scratch", 8192, 8, False, {}),
+    ("dijiang 8K x8 graph, skinny linears", "dijiang_scratch", 8192, 8, False, SKINNY_ON),
+    ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
+    ("preln 8K x8 compiled, skinny linears", "preln", 8192, 8, True, SKINNY_ON),
     ("dijiang 8K x8 autotuned", "dijiang_scratch", 8192, 8, AUTOTUNE, {}),
     ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, {}),
+    ("dijiang 8K x32 compiled, skinny linears", "dijiang_scratch", 8192, 32, True, SKINNY_ON),
     ("preln 512 x1 graph", "preln", 512, 1, False, {}),
     ("sas_p 512 x1 graph", "sas_p", 512, 1, False, {}),
+    ("preln 512 x1 graph, skinny linears", "preln", 512, 1, False, SKINNY_ON),
+    ("sas_p 512 x1 graph, skinny linears", "sas_p", 512, 1, False, SKINNY_ON),
     ("sas_p 512 x1 graph, compiled mix", "sas_p", 512, 1, False, MIX_ON),
+    ("dijiang 8K x8 graph, gate outside", "dijiang_scratch", 8192, 8, False, GATE_OUT),
     ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
     ("sas_p 512 x1 compiled", "sas_p", 512, 1, True, {}),
     ("noble 512 x1 graph", "noble_fused", 512, 1, False, {}),

@@ -444,11 +444,14 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     NOBLE layers compute their main and branch products separately (``fused=False``: same result, no
     per-call concatenation of the weights, which a one-token step would pay for in full). The linears
     of an attention layer that read the same input (q, k, v; DiJiang's gate) run as one product
-    (:func:`leanformer.layers.fused_inputs.fuse_linears`: their weights become views of one matrix)."""
+    (:func:`leanformer.layers.fused_inputs.fuse_linears`: their weights become views of one matrix). Plain
+    linears become :class:`leanformer.layers.linear.DecodeLinear` (the same map, through the few-row kernel
+    of :mod:`leanformer.ops.skinny_linear` where its ``ROUTE`` allows)."""
     import copy
 
     from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap
     from leanformer.layers.fused_inputs import fuse_linears
+    from leanformer.layers.linear import DecodeLinear
     from leanformer.layers.noble import NobleLinear
 
     out = copy.deepcopy(model).to(dtype)
@@ -462,6 +465,9 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
         for name, b in m.named_buffers(recurse=False):
             if b.is_floating_point():
                 setattr(m, name, b.float())
+    for m in out.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = DecodeLinear
     for m in out.modules():
         if hasattr(m, "input_linears"):
             fuse_linears(m, m.input_linears())

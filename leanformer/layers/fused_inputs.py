@@ -4,8 +4,8 @@ A decoding step multiplies a handful of rows by each projection, and on a GPU ea
 costs a fixed ~3.8 µs (H100, 2026-12-05, ``benchmarks/decode_profile.py``: 72 such products per GPT-2
 DiJiang step, 0.27 of its 0.52 ms of kernels) whatever its size. :func:`fuse_linears` stacks their weights
 into one ``(Σ out, in)`` matrix whose row blocks the linears' own weights then view (no second copy); and
-:func:`project_inputs` runs one ``F.linear`` and splits the result, or each linear when the layer was not
-fused. The function computed is unchanged.
+:func:`project_inputs` runs one product (``skinny_linear.linear``: ``F.linear`` or the few-row kernel) and
+splits the result, or each linear when the layer was not fused. The function computed is unchanged.
 
 For decoding copies (:func:`leanformer.decoding.decoding_copy`): the stacked matrix is a non-persistent
 buffer (state_dict keys do not change) that shares storage with the linears' weights, so an in-place update
@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from leanformer.layers.linear import PLAIN_LINEARS
+from leanformer.ops import skinny_linear
 
 _SPEC = "_fused_inputs"  # (names, output widths) of the fused linears
 
 
 def fuse_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
-    """Fuse ``module``'s linears ``names`` (each a plain ``nn.Linear``, same input width, dtype and device);
-    returns whether it did (False, module unchanged, when one is missing, of another type or mismatched)."""
+    """Fuse ``module``'s linears ``names`` (each a plain ``nn.Linear`` or DecodeLinear, same input width,
+    dtype and device); returns whether it did (False, module unchanged, when one is missing, of another type
+    or mismatched)."""
     unfuse(module)
     layers = [getattr(module, n, None) for n in names]
-    if len(layers) < 2 or any(type(lin) is not nn.Linear for lin in layers):
+    if len(layers) < 2 or any(type(lin) not in PLAIN_LINEARS for lin in layers):
         return False
     if len({(lin.in_features, lin.weight.dtype, lin.weight.device) for lin in layers}) != 1:
         return False
@@ -71,7 +74,7 @@ def fusion_is_current(module: nn.Module) -> bool:
     row = 0
     for name, width in zip(names, widths):
         lin = getattr(module, name, None)
-        if type(lin) is not nn.Linear or lin.weight.dtype != weight.dtype or lin.weight.device != weight.device:
+        if type(lin) not in PLAIN_LINEARS or lin.weight.dtype != weight.dtype or lin.weight.device != weight.device:
             return False
         if lin.weight.data_ptr() != weight.data_ptr() + row * weight.stride(0) * weight.element_size():
             return False
@@ -99,5 +102,6 @@ def project_inputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -
         if not torch.compiler.is_compiling():
             refresh_fusion(module)  # may unfuse
         if hasattr(module, _SPEC):
-            return list(F.linear(x, module.fused_input_weight, module.fused_input_bias).split(spec[1], dim=-1))
+            return list(skinny_linear.linear(x, module.fused_input_weight, module.fused_input_bias)
+                        .split(spec[1], dim=-1))
     return [getattr(module, n)(x) for n in names]

@@ -1,0 +1,47 @@
+"""The Triton kernel of :mod:`leanformer.ops.skinny_linear`: ``y = x Wᵀ (+ b)`` for a few rows of x.
+
+Imported only by that module, on its first call (Triton needed only when the kernel runs). It sits at module
+level because Triton's interpreter runs a kernel's source again with its module's globals.
+
+One program per ``BLOCK_N`` output columns: it streams its (BLOCK_N, K) slice of W once, in (BLOCK_N,
+BLOCK_K) tiles, against the (BLOCK_M, BLOCK_K) tiles of x (rows ≥ M masked to zero), and accumulates
+``tl.dot`` products in float32 (``mm``: float32 operands under the interpreter, whose bf16 product is
+wrong); the bias is added in float32 and y rounded once to its dtype. A narrow BLOCK_N gives many programs,
+so a product whose weight is a few MB is read by most of the GPU's SMs at once (the op module's docstring).
+"""
+
+import triton
+import triton.language as tl
+
+from leanformer.ops._fused_decay_kernels import mm
+from leanformer.ops._fused_decay_step_kernel import _round
+
+
+@triton.jit
+def skinny_linear_kernel(X, W, Bias, Y, M, N, K, sxm, sxk, swn, swk, sym, syn,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None], other=0.0)
+            w = tl.load(W + offs_n[:, None] * swn + kk[None, :] * swk, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = kk < K
+            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(W + offs_n[:, None] * swn + kk[None, :] * swk, mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+        acc += mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dt = Y.dtype.element_ty  # rounded by hand to nearest (the interpreter's cast truncates), then cast exactly
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, _round(acc, dt).to(dt),
+             mask=m_ok[:, None] & n_ok[None, :])

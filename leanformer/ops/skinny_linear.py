@@ -1,0 +1,114 @@
+"""``F.linear`` for a few rows (a decoding step) as one Triton kernel that spreads the weight over the GPU.
+
+A decoding step multiplies B ≤ 32 rows by each weight matrix, so each product is a read of the weight
+(GPT-2 small: 1.2 MB for 768→768, 4.7 MB for 768→3072 in bf16) with almost no arithmetic. cuBLAS picks
+64-column tiles for these shapes (``nvjet_sm90_tst_64x8_64x16``, H100, 2026-12-05,
+``benchmarks/decode_profile.py``): 12 thread blocks for a 768-wide output, 48 for 3072, on a GPU of 132 SMs,
+and every such product took ≈ 4.2 µs whatever its size (0.28 TB/s for 768→768; the H100's HBM3 gives 3.35
+TB/s), plus a split-K pair (5.1 + 1.6 µs) for 3072→768. Here one program covers ``BLOCK_N`` (16–64)
+output columns, so a 768-wide output is read by 48 programs and a 3072-wide one by 96–192, each streaming
+its (BLOCK_N, K) slice of W once (:mod:`leanformer.ops._skinny_linear_kernel`).
+
+``linear(x, weight, bias)`` is the entry point: the kernel when :data:`ROUTE` is ``"cuda"`` and
+:func:`skinny_supported` accepts the inputs, else ``F.linear`` (the result is the same product, float32
+accumulation, rounded once to x's dtype). ``skinny_linear`` runs the kernel or raises ValueError naming the
+reason. The op is a ``torch.library.triton_op`` (``leanformer::skinny_linear``), so ``torch.compile`` and
+CUDA graphs capture it; under ``TRITON_INTERPRET=1`` it is an opaque ``custom_op`` whose kernel runs in
+Triton's interpreter (the CPU tests).
+
+Shapes: x (..., K) with unit stride along K (its rows are read through x.reshape(M, K));
+weight (N, K) with unit stride along K; bias (N,) or None → (..., N) in x's dtype. x and weight of one
+dtype (float32, bfloat16, float16); M = x.numel() / K ≤ :data:`MAX_ROWS`.
+
+Switches (module attributes, read at each launch): ``ROUTE`` ("never": always ``F.linear``; "cuda": the
+kernel where supported), ``BLOCK_N`` / ``BLOCK_K`` / ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of
+:func:`launch_config`; a benchmark may set them to time variants).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from leanformer.ops.fused_decay_attention import (_cdiv, _interpret, _on_device, _register, _triton_import_error,
+                                                  _wrap, kernel_reason)
+
+ROUTE = "never"  # "cuda": linear() runs the kernel where skinny_supported() allows; "never": always F.linear
+MAX_ROWS = 32  # rows of x the kernel takes (its BLOCK_M is 16 or 32: tl.dot needs at least 16)
+MIN_PROGRAMS = 96  # the heuristic narrows BLOCK_N (64 → 32 → 16) until the output has this many programs
+BLOCK_N: int | None = None
+BLOCK_K: int | None = None
+NUM_WARPS: int | None = None
+NUM_STAGES: int | None = None
+
+
+def launch_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """BLOCK_M (16 or 32, ≥ M), BLOCK_N (the widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs, else
+    16), BLOCK_K (256 for 2-byte dtypes, 128 for float32; at most K rounded up to a power of two), warps and
+    pipeline stages, each overridable by the module switch of its name."""
+    block_n = BLOCK_N or next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16)
+    block_k = BLOCK_K or min(256 if dtype != torch.float32 else 128, max(16, 1 << (K - 1).bit_length()))
+    return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS or 4,
+                num_stages=NUM_STAGES or 4)
+
+
+def skinny_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot run ``F.linear(x, weight, bias)``, or None when it can."""
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        return f"x (..., K) and weight (N, K) do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+    reason = kernel_reason(x.device, x.dtype, ())
+    if reason is not None:
+        return reason
+    if weight.dtype != x.dtype or weight.device != x.device:
+        return f"weight must be {x.dtype} on {x.device} like x (got {weight.dtype} on {weight.device})"
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != x.device):
+        return f"bias must be ({weight.shape[0]},) on {x.device}, got {tuple(bias.shape)} on {bias.device}"
+    rows = x.numel() // max(1, x.shape[-1])
+    if not 1 <= rows <= MAX_ROWS:
+        return f"{rows} rows: the kernel takes 1 to {MAX_ROWS} (a decoding step's batch)"
+    if weight.stride(1) != 1 or x.stride(-1) != 1:
+        return "weight and x need unit stride along K"
+    if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
+        if torch.is_grad_enabled():
+            return "the kernel has no backward (an input requires grad)"
+    return _triton_import_error()
+
+
+def _new_output(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@_register("leanformer::skinny_linear", _new_output)
+def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from leanformer.ops import _skinny_linear_kernel as kern
+
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = x.new_empty(M, N)
+    cfg = launch_config(M, N, K, x.dtype)
+    meta = {k: v for k, v in cfg.items() if k.isupper()}
+    opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    with _on_device(x):
+        _wrap(kern.skinny_linear_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](
+            x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), x2.stride(1),
+            weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+            EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), **meta, **opts)
+    return out.view(*x.shape[:-1], N)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by the kernel (module docstring); ValueError naming why it cannot run."""
+    reason = skinny_supported(x, weight, bias)
+    if reason is not None:
+        raise ValueError(f"skinny_linear cannot run these inputs: {reason}; use F.linear")
+    return _skinny_op(x, weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: by the kernel when :data:`ROUTE` is "cuda" and it can run them (on CUDA
+    tensors; the CPU keeps ``F.linear`` even under the interpreter unless ROUTE is "always"), else F.linear."""
+    if ROUTE == "never" or (ROUTE == "cuda" and not x.is_cuda) or skinny_supported(x, weight, bias) is not None:
+        return F.linear(x, weight, bias)
+    return _skinny_op(x, weight, bias)

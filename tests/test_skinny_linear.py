@@ -1,0 +1,154 @@
+"""The few-row product kernel (:mod:`leanformer.ops.skinny_linear`) against float64, its refusals and its
+route, and the decoding copies whose plain linears go through it (:class:`leanformer.layers.linear.DecodeLinear`).
+
+Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from leanformer import TransformerConfig, TransformerLM  # noqa: E402
+from leanformer.decoding import StaticDecoder, decoding_copy  # noqa: E402
+from leanformer.layers.linear import DecodeLinear  # noqa: E402
+from leanformer.ops import skinny_linear as sl  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1 (see tests/conftest.py)", allow_module_level=True)
+
+
+def _inputs(lead, K, N, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    b = 0.5 * torch.randn(N, generator=g) if bias else None
+    return (t.to(DEV, dtype) if t is not None else None for t in (x, w, b))
+
+
+@pytest.mark.parametrize("lead,K,N", [((8,), 256, 96), ((2, 1), 200, 40), ((32,), 64, 130), ((1, 1, 1), 512, 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_product_is_the_float64_product_rounded_once(lead, K, N, dtype):
+    """bf16/fp16 x, W, b: float32 accumulation and one rounding, so (but for a sum-order tie) every element is
+    the float64 product rounded to the dtype; leading axes kept; K not a multiple of the block (200), N not
+    a multiple of BLOCK_N (40, 130)."""
+    x, w, b = _inputs(lead, K, N, dtype)
+    y = sl.skinny_linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert float((y == ref.to(dtype)).float().mean()) >= 0.995
+    assert float(((y.double() - ref).abs() / ref.abs().clamp_min(1e-2)).max()) <= 2 ** -7
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_product_equals_float64(bias):
+    x, w, b = _inputs((5,), 300, 70, torch.float32, bias=bias, seed=1)
+    y = sl.skinny_linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), b.double() if bias else None)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("block_n,block_k", [(16, 128), (64, 512), (32, 64)])
+def test_block_switches_give_the_same_product(block_n, block_k, monkeypatch):
+    x, w, b = _inputs((3,), 512, 100, torch.float32, seed=2)
+    ref = sl.skinny_linear(x, w, b)
+    monkeypatch.setattr(sl, "BLOCK_N", block_n)
+    monkeypatch.setattr(sl, "BLOCK_K", block_k)
+    assert sl.launch_config(3, 100, 512, torch.float32)["BLOCK_N"] == block_n
+    assert torch.allclose(sl.skinny_linear(x, w, b), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_heuristic_narrows_blocks_until_the_output_has_enough_programs():
+    assert sl.launch_config(8, 768, 768, torch.bfloat16)["BLOCK_N"] == 16  # 48 programs at most
+    assert sl.launch_config(8, 3072, 768, torch.bfloat16)["BLOCK_N"] == 32  # 96 programs
+    assert sl.launch_config(8, 50304, 768, torch.bfloat16)["BLOCK_N"] == 64
+    assert sl.launch_config(1, 8, 40, torch.bfloat16)["BLOCK_K"] == 64  # K rounded up to a power of two
+    assert sl.launch_config(20, 8, 4096, torch.float32)["BLOCK_M"] == 32
+
+
+def test_refusals_name_the_problem():
+    x, w, b = _inputs((4,), 64, 32, torch.float32)
+    cases = [
+        ((x, w[:, :32], b), "do not match"),
+        ((x, w.double(), b), "weight must be torch.float32"),
+        ((x, w, b[:5]), r"bias must be \(32,\)"),
+        ((torch.zeros(33, 64, device=DEV), w, b), "33 rows: the kernel takes 1 to 32"),
+        ((x, w.t().contiguous().t(), b), "unit stride along K"),
+        ((x.double(), w.double(), b.double()), "dtype torch.float64 is not supported"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sl.skinny_linear(*args)
+    with torch.enable_grad(), pytest.raises(ValueError, match="no backward"):
+        sl.skinny_linear(x, w.clone().requires_grad_(), b)
+
+
+def test_route_switch(monkeypatch):
+    """``linear``: F.linear with ROUTE "never" and for CPU tensors with "cuda"; the kernel with "always" (and on
+    CUDA with "cuda"); F.linear for inputs the kernel refuses, whatever the route."""
+    calls = [0]
+    real = sl._skinny_op
+
+    def counted(*a):
+        calls[0] += 1
+        return real(*a)
+    monkeypatch.setattr(sl, "_skinny_op", counted)
+    x, w, b = _inputs((2,), 64, 32, torch.float32)
+    ref = F.linear(x, w, b)
+    for route, expected in (("never", 0), ("cuda", int(DEV.type == "cuda")), ("always", 1)):
+        monkeypatch.setattr(sl, "ROUTE", route)
+        calls[0] = 0
+        assert torch.allclose(sl.linear(x, w, b), ref, rtol=1e-5, atol=1e-6)
+        assert calls[0] == expected, route
+    calls[0] = 0
+    sl.linear(torch.zeros(40, 64, device=DEV), w, b)  # 40 rows: refused, so F.linear
+    assert calls[0] == 0
+
+
+def _tiny(**kw):
+    cfg = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, dropout=0.0)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return TransformerLM(TransformerConfig(**cfg)).to(DEV).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"attention": "dijiang"}], ids=["softmax", "dijiang"])
+def test_decoding_copy_routes_its_plain_linears_and_decodes_the_same(kw, monkeypatch):
+    """The copy's plain linears are DecodeLinears (state_dict keys unchanged, the fused input product still
+    fused); a static decoding through the kernel (ROUTE "always") gives the tokens of F.linear's and logits
+    within float32 rounding."""
+    model = _tiny(**kw)
+    copy = decoding_copy(model, torch.float32)
+    assert list(copy.state_dict()) == list(model.state_dict())
+    linears = [m for m in copy.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is DecodeLinear for m in linears)
+    assert any(hasattr(m, "fused_input_weight") for m in copy.modules())
+    prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1)).to(DEV)
+    calls = [0]
+    real = sl._skinny_op
+
+    def counted(*a):
+        calls[0] += 1
+        return real(*a)
+    monkeypatch.setattr(sl, "_skinny_op", counted)
+    out = {}
+    for route in ("never", "always"):
+        monkeypatch.setattr(sl, "ROUTE", route)
+        calls[0] = 0
+        dec = StaticDecoder(copy, 2, capacity=10, graph="none", prefill_chunk=4)
+        dec.prefill(prompt)
+        logits = []
+        for _ in range(3):
+            dec.step()
+            logits.append(dec.logits.clone())
+        out[route] = (dec.tokens.clone(), torch.stack(logits))
+        # never: none; always: every product of the prefill and the 3 steps (input, o, MLP in/out per layer, head)
+        assert calls[0] == (0 if route == "never" else 4 * (4 * 2 + 1)), route
+    assert torch.equal(out["never"][0], out["always"][0])
+    ref = out["never"][1]
+    assert float((out["always"][1] - ref).abs().max() / ref.abs().max()) <= 1e-5
