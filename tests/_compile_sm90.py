@@ -80,10 +80,12 @@ def cases():
     half_params = dict(cos_ptr, **{name: bf for name in ("W1", "P1", "M", "C", "W2", "P2")})
     yield "CosNet forward (bf16 z and parameters, r 32)", cosnet.cosnet_fwd_kernel, half_params, (), \
         dict(R=32, BLOCK_N=128)
-    for bias, even, block_m, block_n, out in ((True, True, 16, 16, bf), (False, False, 32, 64, f32)):
+    for bias, even, block_m, block_n, out, act in ((True, True, 16, 16, bf, 1), (False, False, 32, 64, f32, 0),
+                                                   (True, True, 16, 32, bf, 2)):
         ptrs = dict(X=bf if out == bf else f32, W=bf if out == bf else f32, Bias=bf if out == bf else f32, Y=out)
-        meta = dict(HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256, EVEN_K=even, INTERPRET=False)
-        yield (f"few-row linear ({out[1:]}, bias={bias}, even K={even}, BLOCK_M={block_m})",
+        meta = dict(HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256, EVEN_K=even, INTERPRET=False,
+                    ACT=act)
+        yield (f"few-row linear ({out[1:]}, bias={bias}, even K={even}, BLOCK_M={block_m}, ACT={act})",
                skinny.skinny_linear_kernel, ptrs, (), meta)
 
 

@@ -45,6 +45,28 @@ def test_half_precision_product_is_the_float64_product_rounded_once(lead, K, N, 
     assert float(((y.double() - ref).abs() / ref.abs().clamp_min(1e-2)).max()) <= 2 ** -7
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+def test_activation_epilogue_equals_linear_then_the_eager_activation(activation, dtype, monkeypatch):
+    """The activation on the rounded product, rounded again: bf16 results equal F.linear's then the eager
+    activation's wherever F.linear's product is the correctly rounded one (so ≥ 99%), within an ulp elsewhere;
+    ``linear`` with ROUTE "never" is F.linear then the activation."""
+    x, w, b = _inputs((6,), 256, 80, dtype, seed=3)
+    eager = {"gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "relu": F.relu}[activation]
+    y = sl.skinny_linear(x, w, b, activation=activation)
+    exact = F.linear(x.double(), w.double(), b.double()).to(dtype)  # the product rounded once, as the kernel's
+    ref = eager(exact)
+    if dtype == torch.bfloat16:
+        assert float((y == ref).float().mean()) >= 0.99
+        assert float(((y.double() - ref.double()).abs() / ref.double().abs().clamp_min(1e-2)).max()) <= 2 ** -7
+    else:
+        assert float((y.double() - ref.double()).abs().max() / ref.double().abs().max()) <= 1e-6
+    monkeypatch.setattr(sl, "ROUTE", "never")
+    assert torch.equal(sl.linear(x, w, b, activation=activation), eager(F.linear(x, w, b)))
+    with pytest.raises(ValueError, match="activation 'silu' is not one of the kernel's"):
+        sl.linear(x, w, b, activation="silu")
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_float32_product_equals_float64(bias):
     x, w, b = _inputs((5,), 300, 70, torch.float32, bias=bias, seed=1)
@@ -132,14 +154,17 @@ def test_decoding_copy_routes_its_plain_linears_and_decodes_the_same(kw, monkeyp
     calls = [0]
     real = sl._skinny_op
 
+    act_calls = [0]
+
     def counted(*a):
         calls[0] += 1
+        act_calls[0] += len(a) > 3 and a[3] != 0
         return real(*a)
     monkeypatch.setattr(sl, "_skinny_op", counted)
     out = {}
     for route in ("never", "always"):
         monkeypatch.setattr(sl, "ROUTE", route)
-        calls[0] = 0
+        calls[0] = act_calls[0] = 0
         dec = StaticDecoder(copy, 2, capacity=10, graph="none", prefill_chunk=4)
         dec.prefill(prompt)
         logits = []
@@ -149,6 +174,7 @@ def test_decoding_copy_routes_its_plain_linears_and_decodes_the_same(kw, monkeyp
         out[route] = (dec.tokens.clone(), torch.stack(logits))
         # never: none; always: every product of the prefill and the 3 steps (input, o, MLP in/out per layer, head)
         assert calls[0] == (0 if route == "never" else 4 * (4 * 2 + 1)), route
+        assert act_calls[0] == (0 if route == "never" else 4 * 2), route  # the MLP's GELU in the epilogue
     assert torch.equal(out["never"][0], out["always"][0])
     ref = out["never"][1]
     assert float((out["always"][1] - ref).abs().max() / ref.abs().max()) <= 1e-5

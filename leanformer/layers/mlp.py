@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
-from leanformer.layers.linear import make_linear
+from leanformer.layers.linear import DecodeLinear, make_linear
+from leanformer.ops import skinny_linear
 
 _ACTIVATIONS = {
     "relu": F.relu,
@@ -26,9 +27,14 @@ class MLP(nn.Module):
         self.ffn_in = make_linear(cfg, "ffn_in", cfg.d_model, 2 * hidden if self.swiglu else hidden)
         self.ffn_out = make_linear(cfg, "ffn_out", hidden, cfg.d_model)
         self.act = None if self.swiglu else _ACTIVATIONS[cfg.ffn_act]
+        self.act_name = cfg.ffn_act
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.ffn_in) is DecodeLinear and self.act_name in skinny_linear.ACTIVATIONS:
+            # a decoding copy: the activation in the few-row kernel's epilogue where it runs (same function)
+            h = skinny_linear.linear(x, self.ffn_in.weight, self.ffn_in.bias, activation=self.act_name)
+            return self.drop(self.ffn_out(h))
         h = self.ffn_in(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)

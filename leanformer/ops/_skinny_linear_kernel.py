@@ -6,7 +6,9 @@ level because Triton's interpreter runs a kernel's source again with its module'
 One program per ``BLOCK_N`` output columns: it streams its (BLOCK_N, K) slice of W once, in (BLOCK_N,
 BLOCK_K) tiles, against the (BLOCK_M, BLOCK_K) tiles of x (rows ≥ M masked to zero), and accumulates
 ``tl.dot`` products in float32 (``mm``: float32 operands under the interpreter, whose bf16 product is
-wrong); the bias is added in float32 and y rounded once to its dtype. A narrow BLOCK_N gives many programs,
+wrong); the bias is added in float32 and y rounded once to its dtype (then, with ``ACT``, the activation
+of the rounded y, rounded again: what ``F.linear`` followed by the eager activation gives). A narrow BLOCK_N
+gives many programs,
 so a product whose weight is a few MB is read by most of the GPU's SMs at once (the op module's docstring).
 """
 
@@ -18,9 +20,21 @@ from leanformer.ops._fused_decay_step_kernel import _round
 
 
 @triton.jit
+def _activation(x, ACT: tl.constexpr):
+    """float32 x → ACT 1: GELU (erf), 2: GELU (tanh approximation), 3: ReLU, as PyTorch computes them."""
+    if ACT == 1:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    if ACT == 2:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))  # tanh(u) = 2σ(2u) − 1
+    return tl.maximum(x, 0.0)
+
+
+@triton.jit
 def skinny_linear_kernel(X, W, Bias, Y, M, N, K, sxm, sxk, swn, swk, sym, syn,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+                         ACT: tl.constexpr = 0):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,5 +57,8 @@ def skinny_linear_kernel(X, W, Bias, Y, M, N, K, sxm, sxk, swn, swk, sym, syn,
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     dt = Y.dtype.element_ty  # rounded by hand to nearest (the interpreter's cast truncates), then cast exactly
-    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, _round(acc, dt).to(dt),
+    acc = _round(acc, dt)
+    if ACT != 0:  # on the rounded product, then rounded again: as F.linear then the eager activation
+        acc = _round(_activation(acc, ACT), dt)
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(dt),
              mask=m_ok[:, None] & n_ok[None, :])

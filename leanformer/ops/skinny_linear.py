@@ -20,8 +20,12 @@ Shapes: x (..., K) with unit stride along K (its rows are read through x.reshape
 weight (N, K) with unit stride along K; bias (N,) or None → (..., N) in x's dtype. x and weight of one
 dtype (float32, bfloat16, float16); M = x.numel() / K ≤ :data:`MAX_ROWS`.
 
+With ``activation`` ("gelu", "gelu_tanh", "relu") the kernel applies it to the rounded product and rounds
+again, as ``F.linear`` followed by the eager activation does (the MLP's first product: one launch fewer).
+
 Switches (module attributes, read at each launch): ``ROUTE`` ("never": always ``F.linear``; "cuda": the
-kernel where supported), ``BLOCK_N`` / ``BLOCK_K`` / ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of
+kernel where supported, for CUDA tensors; "always": also for CPU tensors under the interpreter, for tests),
+``BLOCK_N`` / ``BLOCK_K`` / ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of
 :func:`launch_config`; a benchmark may set them to time variants).
 """
 
@@ -74,12 +78,16 @@ def skinny_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _triton_import_error()
 
 
-def _new_output(x, weight, bias):
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3}  # the kernel's ACT code of an activation after the product
+_EAGER = {"gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "relu": F.relu}
+
+
+def _new_output(x, weight, bias, act=0):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @_register("leanformer::skinny_linear", _new_output)
-def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: int = 0) -> torch.Tensor:
     from leanformer.ops import _skinny_linear_kernel as kern
 
     K = x.shape[-1]
@@ -94,21 +102,34 @@ def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         _wrap(kern.skinny_linear_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](
             x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), x2.stride(1),
             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
-            EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), **meta, **opts)
+            EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), ACT=act, **meta, **opts)
     return out.view(*x.shape[:-1], N)
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` by the kernel (module docstring); ValueError naming why it cannot run."""
+def _act_code(activation: str | None) -> int:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of the kernel's: {', '.join(ACTIVATIONS)} or None")
+    return ACTIVATIONS.get(activation, 0)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, then ``activation`` (None, "gelu", "gelu_tanh" or "relu") if given, by
+    the kernel (module docstring); ValueError naming why it cannot run."""
+    act = _act_code(activation)
     reason = skinny_supported(x, weight, bias)
     if reason is not None:
         raise ValueError(f"skinny_linear cannot run these inputs: {reason}; use F.linear")
-    return _skinny_op(x, weight, bias)
+    return _skinny_op(x, weight, bias, act)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: by the kernel when :data:`ROUTE` is "cuda" and it can run them (on CUDA
-    tensors; the CPU keeps ``F.linear`` even under the interpreter unless ROUTE is "always"), else F.linear."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` then ``activation`` (as :func:`skinny_linear`): by the kernel when
+    :data:`ROUTE` allows it ("cuda": CUDA tensors; "always": also CPU tensors under the interpreter) and it can
+    run the inputs, else by ``F.linear`` and the eager activation."""
+    act = _act_code(activation)
     if ROUTE == "never" or (ROUTE == "cuda" and not x.is_cuda) or skinny_supported(x, weight, bias) is not None:
-        return F.linear(x, weight, bias)
-    return _skinny_op(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return _EAGER[activation](y) if activation is not None else y
+    return _skinny_op(x, weight, bias, act)
