@@ -10,11 +10,7 @@ from leanformer.config import TransformerConfig
 from leanformer.layers.linear import DecodeLinear, make_linear
 from leanformer.ops import skinny_linear
 
-_ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+_ACTIVATIONS = skinny_linear.EAGER_ACTIVATIONS  # relu, gelu, gelu_tanh (swiglu is handled in forward)
 
 
 class MLP(nn.Module):

@@ -8,8 +8,8 @@ BLOCK_K) tiles, against the (BLOCK_M, BLOCK_K) tiles of x (rows ≥ M masked to 
 ``tl.dot`` products in float32 (``mm``: float32 operands under the interpreter, whose bf16 product is
 wrong); the bias is added in float32 and y rounded once to its dtype (then, with ``ACT``, the activation
 of the rounded y, rounded again: what ``F.linear`` followed by the eager activation gives). A narrow BLOCK_N
-gives many programs,
-so a product whose weight is a few MB is read by most of the GPU's SMs at once (the op module's docstring).
+gives many programs, so a product whose weight is a few MB is read by most of the GPU's SMs at once (the op
+module's docstring).
 """
 
 import triton

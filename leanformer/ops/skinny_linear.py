@@ -72,14 +72,14 @@ def skinny_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return f"{rows} rows: the kernel takes 1 to {MAX_ROWS} (a decoding step's batch)"
     if weight.stride(1) != 1 or x.stride(-1) != 1:
         return "weight and x need unit stride along K"
-    if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
-        if torch.is_grad_enabled():
-            return "the kernel has no backward (an input requires grad)"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return "the kernel has no backward (an input requires grad)"
     return _triton_import_error()
 
 
 ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2, "relu": 3}  # the kernel's ACT code of an activation after the product
-_EAGER = {"gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "relu": F.relu}
+EAGER_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"), "relu": F.relu}  # the
+# same functions eagerly (also the MLP's table, leanformer.layers.mlp)
 
 
 def _new_output(x, weight, bias, act=0):
@@ -131,5 +131,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     act = _act_code(activation)
     if ROUTE == "never" or (ROUTE == "cuda" and not x.is_cuda) or skinny_supported(x, weight, bias) is not None:
         y = F.linear(x, weight, bias)
-        return _EAGER[activation](y) if activation is not None else y
+        return EAGER_ACTIVATIONS[activation](y) if activation is not None else y
     return _skinny_op(x, weight, bias, act)
