@@ -311,6 +311,11 @@ STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.
     ("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True),
     ("gpt2-4k preln b4", "gpt2-4k", "preln", 4, True),
     ("gpt2-4k dijiang_scratch b4", "gpt2-4k", "dijiang_scratch", 4, True),
+    ("gpt2 sas_p b16 cudagraphs", "gpt2", "sas_p", 16, True, "reduce-overhead"),
+    ("gpt2 sas_p_nonorm b16 cudagraphs", "gpt2", "sas_p_nonorm", 16, False, "reduce-overhead"),
+    ("bert preln b128 cudagraphs", "bert", "preln", 128, True, "reduce-overhead"),
+    ("bert sas_p b128 cudagraphs", "bert", "sas_p", 128, True, "reduce-overhead"),
+    ("bert sas_p_nonorm b128 cudagraphs", "bert", "sas_p_nonorm", 128, False, "reduce-overhead"),
 ]
 
 
