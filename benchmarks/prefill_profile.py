@@ -1,0 +1,142 @@
+"""Where a decoder's prefill goes (issue #15's target: an 8K prompt, DiJiang's time ≤ softmax's).
+
+For each variant (arm, prompt length, prefill chunk, DiJiang's ``FUSED_MAX_LEN``): a fresh
+:class:`~leanformer.decoding.StaticDecoder` (GPT-2 small, bf16 decoding copy) prefills a random prompt three
+times (the first pays one-off costs and is dropped), then once under ``torch.profiler``: wall seconds
+(median), GPU kernel time and launches, host-side aten ops, and the top kernels. Wall ≫ kernel time means
+the prefill is bound by the host (Python and launches), not by the GPU.
+
+    PYTHONPATH=$PWD:$PWD/benchmarks python3 benchmarks/prefill_profile.py --out $OUT
+    PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/prefill_profile.py --cpu-smoke   # tests the script
+
+Writes ``prefill_profile.json`` and ``prefill_profile.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from train_profile import kernel_class, kernel_totals, top_kernels
+
+VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None)
+    ("preln 8K chunk 4096", "preln", 8192, 4096, None),
+    ("dijiang 8K chunk 4096", "dijiang_scratch", 8192, 4096, None),
+    ("dijiang 8K chunk 8192, fused ≤ 8192", "dijiang_scratch", 8192, 8192, 8192),
+    ("preln 8K chunk 8192", "preln", 8192, 8192, None),
+    ("dijiang 8K chunk 2048", "dijiang_scratch", 8192, 2048, None),
+]
+
+
+def run_variant(label, arm, tokens, chunk, fused_max_len, device, smoke) -> dict:
+    import leanformer.layers.dijiang as dijiang
+    from leanformer.bench.decode import _model
+    from leanformer.bench.timing import synchronize
+    from leanformer.bench.train import base_config, get_size
+    from leanformer.decoding import StaticDecoder
+
+    size = get_size("tiny" if smoke else "gpt2")
+    if smoke:
+        tokens, chunk = 64, min(chunk, 32)
+    old = dijiang.FUSED_MAX_LEN
+    if fused_max_len:
+        dijiang.FUSED_MAX_LEN = fused_max_len
+    try:
+        model, reason = _model(arm, base_config(size, max_seq_len=tokens + 8), device, bf16=not smoke)
+        if model is None:
+            return {"label": label, "status": reason}
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, size.vocab_size, (1, tokens), generator=g).to(device)
+
+        def prefill():
+            dec = StaticDecoder(model, 1, tokens + 8, graph="none", prefill_chunk=chunk)
+            dec.prefill(prompt)
+            return dec
+
+        walls = []
+        for _ in range(3):
+            synchronize(device)
+            t0 = time.perf_counter()
+            prefill()
+            synchronize(device)
+            walls.append(time.perf_counter() - t0)
+        totals: dict = {}
+        kernels = top_kernels(prefill, device, steps=1, limit=10**6, totals=totals)
+        kernels = [k for k in kernels if kernel_class(k["kernel"]) != "annotation"]
+        host_ops = _host_ops(prefill)
+        return {"label": label, "arm": arm, "tokens": tokens, "chunk": chunk, "fused_max_len": fused_max_len,
+                "wall_s": walls, "wall_median_s": statistics.median(walls[1:]),
+                "kernel_ms": kernel_totals(kernels)["total"], "launches": sum(k["calls_per_step"] for k in kernels),
+                "host_aten_ops": host_ops, "by_class": kernel_totals(kernels), "top": kernels[:20], "status": "ok"}
+    finally:
+        dijiang.FUSED_MAX_LEN = old
+
+
+def _host_ops(fn) -> int:
+    """aten operators the host dispatches in one ``fn()`` (CPU-side profile only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"# Prefill profile ({m['device']}, torch {m['torch']}, {m['date']})", "", f"`{m['command']}`", "",
+             "| variant | wall ms (median of 2 after a warm one) | GPU kernel ms | launches | host aten ops | status |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['label']} | | | | | {r.get('status')} |")
+            continue
+        lines.append(f"| {r['label']} | {1e3 * r['wall_median_s']:.1f} | {r['kernel_ms']:.1f} | {r['launches']:.0f} | "
+                     f"{r['host_aten_ops']} | ok |")
+    for r in result["rows"]:
+        if r.get("status") != "ok":
+            continue
+        cls = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["by_class"].items(), key=lambda kv: -kv[1]))
+        lines += ["", f"## {r['label']}", "", f"ms by class: {cls}", "", "| kernel | ms | calls |", "|---|---:|---:|"]
+        lines += [f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} |" for k in r["top"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="prefill_profile_out")
+    p.add_argument("--budget", type=float, default=200.0, help="seconds; variants not started by then are skipped")
+    p.add_argument("--cpu-smoke", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
+    result = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                       "command": "python3 " + " ".join(sys.argv)}, "rows": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    for v in VARIANTS[:2] if args.cpu_smoke else VARIANTS:
+        if time.monotonic() - t0 > args.budget:
+            result["rows"].append({"label": v[0], "status": "skipped (time budget)"})
+            continue
+        try:
+            with torch.no_grad():
+                row = run_variant(*v, device=device, smoke=args.cpu_smoke)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
+            row = {"label": v[0], "status": f"failed: {type(e).__name__}: {e}"[:300]}
+        result["rows"].append(row)
+        print(f"[{time.monotonic() - t0:6.1f}s] {v[0]}: {row.get('status')}"
+              + (f", {1e3 * row['wall_median_s']:.1f} ms wall, {row['kernel_ms']:.1f} ms kernels"
+                 if row.get("status") == "ok" else ""), flush=True)
+        (out / "prefill_profile.json").write_text(json.dumps(result, indent=1))
+        (out / "prefill_profile.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
