@@ -29,28 +29,45 @@ GATE_OUT = {"leanformer.ops.fused_decay_step.GATE_IN_KERNEL": False}
 COSNET_ON = {"leanformer.layers.noble.COSNET_KERNEL": "cuda"}
 MIX_ON = {"leanformer.layers.shaped.COMPILE_STEP_MIX": True}
 SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}
+SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
+ARGMAX_OFF = {"leanformer.decoding.TWO_PASS_ARGMAX": False}
+
+
+def skinny_config(n: int, k: int, stages: int, warps: int) -> dict:
+    """SKINNY_ON with every product's blocks fixed (instead of the heuristic's)."""
+    pre = "leanformer.ops.skinny_linear."
+    return dict(SKINNY_ON, **{pre + "BLOCK_N": n, pre + "BLOCK_K": k, pre + "NUM_STAGES": stages,
+                              pre + "NUM_WARPS": warps})
+
+
 VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.compile mode, module switches)
     ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
     ("dijiang 8K x8 compiled, skinny linears", "dijiang_scratch", 8192, 8, True, SKINNY_ON),
+    ("dijiang 8K x8 compiled, skinny, single pass", "dijiang_scratch", 8192, 8, True, dict(SKINNY_ON, **SINGLE_ON)),
+    ("dijiang 8K x8 compiled, one-pass argmax", "dijiang_scratch", 8192, 8, True, ARGMAX_OFF),
+    ("dijiang 8K x8 compiled, skinny n16 k256 s4 w2", "dijiang_scratch", 8192, 8, True, skinny_config(16, 256, 4, 2)),
+    ("dijiang 8K x8 compiled, skinny n16 k512 s3 w4", "dijiang_scratch", 8192, 8, True, skinny_config(16, 512, 3, 4)),
+    ("dijiang 8K x8 compiled, skinny n32 k256 s4 w4", "dijiang_scratch", 8192, 8, True, skinny_config(32, 256, 4, 4)),
+    ("noble 512 x1 compiled", "noble_fused", 512, 1, True, {}),
+    ("noble 512 x1 compiled, skinny linears", "noble_fused", 512, 1, True, SKINNY_ON),
+    ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
+    ("preln 8K x8 compiled, skinny linears", "preln", 8192, 8, True, SKINNY_ON),
+    ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
+    ("sas_p 512 x1 compiled", "sas_p", 512, 1, True, {}),
+    ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, {}),
+    ("dijiang 8K x32 compiled, skinny linears", "dijiang_scratch", 8192, 32, True, SKINNY_ON),
     ("dijiang 8K x8 compiled, gate outside", "dijiang_scratch", 8192, 8, True, GATE_OUT),
     ("dijiang 8K x8 graph", "dijiang_scratch", 8192, 8, False, {}),
     ("dijiang 8K x8 graph, skinny linears", "dijiang_scratch", 8192, 8, False, SKINNY_ON),
-    ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
-    ("preln 8K x8 compiled, skinny linears", "preln", 8192, 8, True, SKINNY_ON),
     ("dijiang 8K x8 autotuned", "dijiang_scratch", 8192, 8, AUTOTUNE, {}),
-    ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, {}),
-    ("dijiang 8K x32 compiled, skinny linears", "dijiang_scratch", 8192, 32, True, SKINNY_ON),
     ("preln 512 x1 graph", "preln", 512, 1, False, {}),
     ("sas_p 512 x1 graph", "sas_p", 512, 1, False, {}),
     ("preln 512 x1 graph, skinny linears", "preln", 512, 1, False, SKINNY_ON),
     ("sas_p 512 x1 graph, skinny linears", "sas_p", 512, 1, False, SKINNY_ON),
     ("sas_p 512 x1 graph, compiled mix", "sas_p", 512, 1, False, MIX_ON),
     ("dijiang 8K x8 graph, gate outside", "dijiang_scratch", 8192, 8, False, GATE_OUT),
-    ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
-    ("sas_p 512 x1 compiled", "sas_p", 512, 1, True, {}),
     ("noble 512 x1 graph", "noble_fused", 512, 1, False, {}),
     ("noble 512 x1 graph, CosNet kernel", "noble_fused", 512, 1, False, COSNET_ON),
-    ("noble 512 x1 compiled", "noble_fused", 512, 1, True, {}),
 ]
 
 
@@ -75,6 +92,7 @@ def run_variant(label, arm, context, batch, compiled, switches, device, smoke) -
     old = {name: getattr(*_switch(name)) for name in switches}
     for name, value in switches.items():
         setattr(*_switch(name), value)
+    torch._dynamo.reset()  # each variant compiles afresh: past the recompile limit Dynamo silently runs eager
     try:
         model, reason = _model(arm, base_config(size, max_seq_len=context + extra), device, bf16=not smoke)
         if model is None:

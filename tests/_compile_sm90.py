@@ -49,18 +49,22 @@ def cases():
     for paper in (True, False):
         for logit in (False, True):
             meta = dict(M=64, D=64, BLOCK_F=64, PAPER=paper, DECAY_LOGIT=logit, HAS_EPS=True, ROPE=False, R=0,
-                        POS_PTR=False, GATE=False, Y_ROUND=0)
+                        POS_PTR=False, GATE=False, Y_ROUND=0, SINGLE=False)
             yield f"decoding step (paper={paper}, decay logit={logit})", step.step_kernel, step_ptr, floats, meta
     for rotary, pos_ptr in ((64, True), (32, False)):  # RoPE in the kernel: full at a device position, partial
         meta = dict(M=64, D=64, BLOCK_F=64, PAPER=True, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=rotary,
-                    POS_PTR=pos_ptr, GATE=False, Y_ROUND=0)
+                    POS_PTR=pos_ptr, GATE=False, Y_ROUND=0, SINGLE=False)
         yield (f"decoding step with RoPE (R={rotary}, position pointer={pos_ptr})", step.step_kernel, step_ptr,
                floats, meta)
     for y_round, out in ((1, bf), (0, f32)):  # the output gate in the epilogue: a bf16 copy; float32 residuals
         meta = dict(M=64, D=64, BLOCK_F=64, PAPER=True, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=64,
-                    POS_PTR=True, GATE=True, Y_ROUND=y_round)
+                    POS_PTR=True, GATE=True, Y_ROUND=y_round, SINGLE=False)
         yield (f"decoding step with the gate (Y_ROUND={y_round})", step.step_kernel, dict(step_ptr, O=out), floats,
                meta)
+    for paper in (True, False):  # the single-pass form (fused_decay_step.SINGLE_PASS), as the GPT-2 copy runs it
+        meta = dict(M=64, D=64, BLOCK_F=64, PAPER=paper, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=64,
+                    POS_PTR=True, GATE=True, Y_ROUND=1, SINGLE=True)
+        yield f"decoding step, single pass (paper={paper})", step.step_kernel, step_ptr, floats, meta
 
     for x_type, split in (("*bf16", False), ("*fp32", True)):
         feat_ptr = {"x_ptr": x_type, "p_ptr": f32, "logd_ptr": f32, "shift_ptr": f32, "f_ptr": bf,

@@ -7,7 +7,7 @@ import torch
 
 from leanformer import NobleConfig, TransformerConfig, TransformerLM
 from leanformer.config import DiJiangConfig
-from leanformer.decoding import StaticCache, StaticDecoder, decoding_copy, sample_next
+from leanformer.decoding import StaticCache, StaticDecoder, decoding_copy, last_dim_argmax, sample_next
 
 DT = torch.float64
 V = 97
@@ -151,6 +151,19 @@ def test_sample_next_rules():
     torch.testing.assert_close(counts, logits[0].softmax(-1).double(), atol=0.03, rtol=0)  # the race draws p
     nucleus = sample_next(logits, 1.0, top_p=0.7, generator=g)  # p = .61, .22, .14, .03: the first two
     assert set(nucleus.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("vocab", [50304, 32768, 1000, 50257])
+def test_two_pass_argmax_is_argmax(vocab):
+    """Ties (few distinct values: the first maximum, across slices too), NaN (counted as the maximum), and
+    vocabularies with and without a slicing; compiled by Inductor as well."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(-3, 4, (8, vocab), generator=g).to(torch.bfloat16)
+    x[2] = -1.0
+    x[2, vocab - 1] = x[2, vocab // 2] = 5.0  # the later slice's maximum must not win
+    x[5, [vocab // 3, 17]] = float("nan")
+    assert torch.equal(last_dim_argmax(x), x.argmax(-1))
+    assert torch.equal(torch.compile(last_dim_argmax, dynamic=False)(x), x.argmax(-1))
 
 
 def test_decoding_copy_keeps_dijiang_tables_float32():

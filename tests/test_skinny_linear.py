@@ -91,6 +91,16 @@ def test_heuristic_narrows_blocks_until_the_output_has_enough_programs():
     assert sl.launch_config(8, 50304, 768, torch.bfloat16)["BLOCK_N"] == 64
     assert sl.launch_config(1, 8, 40, torch.bfloat16)["BLOCK_K"] == 64  # K rounded up to a power of two
     assert sl.launch_config(20, 8, 4096, torch.float32)["BLOCK_M"] == 32
+    assert sl.launch_config(8, 768, 3072, torch.bfloat16)["num_stages"] == 4
+
+
+def test_pipeline_stages_fit_shared_memory(monkeypatch):
+    """Wide float32 tiles get fewer stages (an H100 refused 320 KB of shared memory for 64 × 512 × 4 stages)."""
+    monkeypatch.setattr(sl, "BLOCK_N", 64)
+    monkeypatch.setattr(sl, "BLOCK_K", 512)
+    cfg = sl.launch_config(3, 100, 512, torch.float32)
+    per_stage = (cfg["BLOCK_M"] + 64) * 512 * 4
+    assert cfg["num_stages"] == 1 and cfg["num_stages"] * per_stage <= sl.SMEM_BYTES
 
 
 def test_refusals_name_the_problem():

@@ -76,13 +76,17 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS, G,
                 H, REP, n_rows, in_scale, eps, log_eps,
                 M: tl.constexpr, D: tl.constexpr, BLOCK_F: tl.constexpr, PAPER: tl.constexpr,
                 DECAY_LOGIT: tl.constexpr, HAS_EPS: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr,
-                POS_PTR: tl.constexpr, GATE: tl.constexpr, Y_ROUND: tl.constexpr):
+                POS_PTR: tl.constexpr, GATE: tl.constexpr, Y_ROUND: tl.constexpr, SINGLE: tl.constexpr = False):
     bh = tl.program_id(0).to(tl.int64)  # int64: b·stride may pass 2^31 for a large state
     b = bh // H
     h = bh % H
     hk = h // REP  # grouped-query: query head h reads key/value head h // REP (repeat_interleave's order)
     offs_d = tl.arange(0, D)
     offs_f = tl.arange(0, BLOCK_F)
+    s_base = S + b * ssb + h * ssh
+    if SINGLE:  # one chunk (BLOCK_F = M): the state's read is issued first, beside q, k and v's
+        s_ptr = s_base + offs_f[:, None] * ssm + offs_d[None, :] * ssd
+        s_old = tl.load(s_ptr)
     if ROPE:  # the step's row of the cos/sin tables: row position[0] (clamped into the table), or row 0
         if POS_PTR:
             row = tl.minimum(tl.maximum(tl.load(POS).to(tl.int64), 0), n_rows - 1)
@@ -105,13 +109,23 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS, G,
     if DECAY_LOGIT:
         lg = _log_sigmoid(lg)
 
-    # pass 1: per-lane running statistics over the feature chunks, reduced after the loop
+    # pass 1: per-lane running statistics over the feature chunks, reduced after the loop (SINGLE: the one
+    # chunk's z_q, z_k are kept for pass 2; its statistics are the loop's, value for value)
     mq_l = tl.full((BLOCK_F,), float("-inf"), tl.float32)
     mk_l = tl.full((BLOCK_F,), float("-inf"), tl.float32)
     sq_l = tl.zeros((BLOCK_F,), tl.float32)
     sk_l = tl.zeros((BLOCK_F,), tl.float32)
+    if SINGLE:
+        zq1, zk1 = _project(q, k, P, LD, h, offs_d, offs_f, spd, spm, sldh, sldm, PAPER)
+    else:  # unused: the loop body below must see the names whichever branch is compiled
+        zq1 = tl.zeros((BLOCK_F,), tl.float32)
+        zk1 = zq1
     for f0 in range(0, M, BLOCK_F):
-        zq, zk = _project(q, k, P, LD, h, offs_d, f0 + offs_f, spd, spm, sldh, sldm, PAPER)
+        if SINGLE:
+            zq = zq1
+            zk = zk1
+        else:
+            zq, zk = _project(q, k, P, LD, h, offs_d, f0 + offs_f, spd, spm, sldh, sldm, PAPER)
         if PAPER:
             mq_l = tl.maximum(mq_l, zq)
             mk_l = tl.maximum(mk_l, zk)
@@ -138,17 +152,23 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS, G,
         k_shift = mk
 
     # pass 2: features, the state chunk by chunk (in place), o = fq · S
-    o = tl.zeros((D,), tl.float32)
-    s_base = S + b * ssb + h * ssh
-    for f0 in range(0, M, BLOCK_F):
-        offs = f0 + offs_f
-        zq, zk = _project(q, k, P, LD, h, offs_d, offs, spd, spm, sldh, sldm, PAPER)
-        fq = tl.exp(zq - mq) / q_den
-        fk = tl.exp(zk - k_shift) / k_den
-        s_ptr = s_base + offs[:, None] * ssm + offs_d[None, :] * ssd
-        s = tl.load(s_ptr) * carry + fk[:, None] * v[None, :]
+    if SINGLE:
+        fq = tl.exp(zq1 - mq) / q_den
+        fk = tl.exp(zk1 - k_shift) / k_den
+        s = s_old * carry + fk[:, None] * v[None, :]
         tl.store(s_ptr, s)
-        o += tl.sum(fq[:, None] * s, axis=0)
+        o = tl.sum(fq[:, None] * s, axis=0)
+    else:
+        o = tl.zeros((D,), tl.float32)
+        for f0 in range(0, M, BLOCK_F):
+            offs = f0 + offs_f
+            zq, zk = _project(q, k, P, LD, h, offs_d, offs, spd, spm, sldh, sldm, PAPER)
+            fq = tl.exp(zq - mq) / q_den
+            fk = tl.exp(zk - k_shift) / k_den
+            s_ptr = s_base + offs[:, None] * ssm + offs_d[None, :] * ssd
+            s = tl.load(s_ptr) * carry + fk[:, None] * v[None, :]
+            tl.store(s_ptr, s)
+            o += tl.sum(fq[:, None] * s, axis=0)
 
     # GroupNorm of the head (one group), exact whatever the stabiliser's rescale (paper)
     if PAPER:

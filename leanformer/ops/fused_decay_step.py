@@ -56,7 +56,9 @@ launch): ``BLOCK_F`` (features per chunk; None: min(m, max(16, 4096 // d)), so a
 passes RoPE to the kernel; False: it rotates q and k first with :class:`Rotary`, as before) and
 ``GATE_IN_KERNEL`` (True: the layer's step passes its output gate g and the kernel writes silu(g) ⊙ y, so
 the two element-wise launches after it are gone; False: the layer applies the gate itself), both read by
-:meth:`leanformer.layers.dijiang.DiJiangAttention.fused_step`.
+:meth:`leanformer.layers.dijiang.DiJiangAttention.fused_step`, and ``SINGLE_PASS`` (False; True: where one
+chunk holds all m features, the kernel issues its read of S first and computes the features once instead
+of twice: the same values, a shorter chain of dependent memory reads; off until timed).
 
 The layer's switch for this route is ``leanformer.layers.dijiang.FUSED_STEP`` (a benchmark may time the
 fused and the unfused step in one process). Timed on an H200 (docs/benchmarks.md, 2026-12-04): GPT-2
@@ -74,6 +76,7 @@ BLOCK_F: int | None = None  # features per chunk (a power of two ≥ 16 dividing
 NUM_WARPS = 4
 ROPE_IN_KERNEL = True  # the layer's fused step rotates q and k in the kernel (False: Rotary before it)
 GATE_IN_KERNEL = True  # the layer's fused step multiplies by silu(gate) in the kernel (False: two eager ops after it)
+SINGLE_PASS = False  # where one chunk holds every feature (BLOCK_F = m): S read first, z_q and z_k computed once
 _ROUNDING = {torch.bfloat16: 1, torch.float16: 2}  # the kernel's Y_ROUND code of an output dtype (else 0: none)
 
 
@@ -163,7 +166,8 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tens
             math.log(eps) if eps > 0 else 0.0,
             M=m, D=d, BLOCK_F=_block_f(m, d), PAPER=paper, DECAY_LOGIT=bool(decay_logit), HAS_EPS=eps > 0,
             ROPE=rope, R=cs.shape[1] if rope else 0, POS_PTR=position is not None, GATE=gate is not None,
-            Y_ROUND=_ROUNDING.get(out_dtype, 0), num_warps=int(NUM_WARPS))
+            Y_ROUND=_ROUNDING.get(out_dtype, 0), SINGLE=bool(SINGLE_PASS) and _block_f(m, d) == m,
+            num_warps=int(NUM_WARPS))
     return out
 
 

@@ -40,6 +40,8 @@ from leanformer.ops.fused_decay_attention import (_cdiv, _interpret, _on_device,
 ROUTE = "never"  # "cuda": linear() runs the kernel where skinny_supported() allows; "never": always F.linear
 MAX_ROWS = 32  # rows of x the kernel takes (its BLOCK_M is 16 or 32: tl.dot needs at least 16)
 MIN_PROGRAMS = 96  # the heuristic narrows BLOCK_N (64 → 32 → 16) until the output has this many programs
+SMEM_BYTES = 160 * 1024  # pipeline stages are cut so that their x and W tiles fit (H100: 227 KB per block); a
+# float32 64 × 512 W tile with four stages asked for 320 KB and failed to launch on an H100 (2026-12-06)
 BLOCK_N: int | None = None
 BLOCK_K: int | None = None
 NUM_WARPS: int | None = None
@@ -49,11 +51,13 @@ NUM_STAGES: int | None = None
 def launch_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
     """BLOCK_M (16 or 32, ≥ M), BLOCK_N (the widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs, else
     16), BLOCK_K (256 for 2-byte dtypes, 128 for float32; at most K rounded up to a power of two), warps and
-    pipeline stages, each overridable by the module switch of its name."""
+    pipeline stages (4, cut to what SMEM_BYTES holds), each overridable by the module switch of its name."""
     block_n = BLOCK_N or next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16)
     block_k = BLOCK_K or min(256 if dtype != torch.float32 else 128, max(16, 1 << (K - 1).bit_length()))
-    return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS or 4,
-                num_stages=NUM_STAGES or 4)
+    block_m = 16 if M <= 16 else 32
+    stage_bytes = (block_m + block_n) * block_k * torch.empty((), dtype=dtype).element_size()
+    stages = max(1, min(NUM_STAGES or 4, SMEM_BYTES // stage_bytes))  # x and W tiles of every stage fit
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS or 4, num_stages=stages)
 
 
 def skinny_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
