@@ -31,6 +31,8 @@ MIX_ON = {"leanformer.layers.shaped.COMPILE_STEP_MIX": True}
 SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}
 SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
 ARGMAX_OFF = {"leanformer.decoding.TWO_PASS_ARGMAX": False}
+PDL_ON = {"leanformer.ops.skinny_linear.PDL": True, "leanformer.ops.fused_decay_step.PDL": True}
+ALL_ON = dict(SKINNY_ON, **SINGLE_ON, **PDL_ON)
 
 
 def skinny_config(n: int, k: int, stages: int, warps: int) -> dict:
@@ -44,6 +46,9 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
     ("dijiang 8K x8 compiled, skinny linears", "dijiang_scratch", 8192, 8, True, SKINNY_ON),
     ("dijiang 8K x8 compiled, skinny, single pass", "dijiang_scratch", 8192, 8, True, dict(SKINNY_ON, **SINGLE_ON)),
+    ("dijiang 8K x8 compiled, skinny, single pass, PDL", "dijiang_scratch", 8192, 8, True, ALL_ON),
+    ("dijiang 8K x8 graph, skinny, single pass, PDL", "dijiang_scratch", 8192, 8, False, ALL_ON),
+    ("dijiang 8K x8 graph, skinny, single pass", "dijiang_scratch", 8192, 8, False, dict(SKINNY_ON, **SINGLE_ON)),
     ("dijiang 8K x8 compiled, one-pass argmax", "dijiang_scratch", 8192, 8, True, ARGMAX_OFF),
     ("dijiang 8K x8 compiled, skinny n16 k256 s4 w2", "dijiang_scratch", 8192, 8, True, skinny_config(16, 256, 4, 2)),
     ("dijiang 8K x8 compiled, skinny n16 k512 s3 w4", "dijiang_scratch", 8192, 8, True, skinny_config(16, 512, 3, 4)),

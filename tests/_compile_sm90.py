@@ -49,22 +49,23 @@ def cases():
     for paper in (True, False):
         for logit in (False, True):
             meta = dict(M=64, D=64, BLOCK_F=64, PAPER=paper, DECAY_LOGIT=logit, HAS_EPS=True, ROPE=False, R=0,
-                        POS_PTR=False, GATE=False, Y_ROUND=0, SINGLE=False)
+                        POS_PTR=False, GATE=False, Y_ROUND=0, SINGLE=False, PDL=False)
             yield f"decoding step (paper={paper}, decay logit={logit})", step.step_kernel, step_ptr, floats, meta
     for rotary, pos_ptr in ((64, True), (32, False)):  # RoPE in the kernel: full at a device position, partial
         meta = dict(M=64, D=64, BLOCK_F=64, PAPER=True, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=rotary,
-                    POS_PTR=pos_ptr, GATE=False, Y_ROUND=0, SINGLE=False)
+                    POS_PTR=pos_ptr, GATE=False, Y_ROUND=0, SINGLE=False, PDL=False)
         yield (f"decoding step with RoPE (R={rotary}, position pointer={pos_ptr})", step.step_kernel, step_ptr,
                floats, meta)
     for y_round, out in ((1, bf), (0, f32)):  # the output gate in the epilogue: a bf16 copy; float32 residuals
         meta = dict(M=64, D=64, BLOCK_F=64, PAPER=True, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=64,
-                    POS_PTR=True, GATE=True, Y_ROUND=y_round, SINGLE=False)
+                    POS_PTR=True, GATE=True, Y_ROUND=y_round, SINGLE=False, PDL=False)
         yield (f"decoding step with the gate (Y_ROUND={y_round})", step.step_kernel, dict(step_ptr, O=out), floats,
                meta)
     for paper in (True, False):  # the single-pass form (fused_decay_step.SINGLE_PASS), as the GPT-2 copy runs it
         meta = dict(M=64, D=64, BLOCK_F=64, PAPER=paper, DECAY_LOGIT=False, HAS_EPS=True, ROPE=True, R=64,
-                    POS_PTR=True, GATE=True, Y_ROUND=1, SINGLE=True)
-        yield f"decoding step, single pass (paper={paper})", step.step_kernel, step_ptr, floats, meta
+                    POS_PTR=True, GATE=True, Y_ROUND=1, SINGLE=True, PDL=not paper)
+        yield (f"decoding step, single pass (paper={paper}, PDL={not paper})", step.step_kernel, step_ptr, floats,
+               meta)
 
     for x_type, split in (("*bf16", False), ("*fp32", True)):
         feat_ptr = {"x_ptr": x_type, "p_ptr": f32, "logd_ptr": f32, "shift_ptr": f32, "f_ptr": bf,
@@ -84,12 +85,14 @@ def cases():
     half_params = dict(cos_ptr, **{name: bf for name in ("W1", "P1", "M", "C", "W2", "P2")})
     yield "CosNet forward (bf16 z and parameters, r 32)", cosnet.cosnet_fwd_kernel, half_params, (), \
         dict(R=32, BLOCK_N=128)
-    for bias, even, block_m, block_n, out, act in ((True, True, 16, 16, bf, 1), (False, False, 32, 64, f32, 0),
-                                                   (True, True, 16, 32, bf, 2)):
+    for bias, even, block_m, block_n, out, act, pdl in ((True, True, 16, 16, bf, 1, False),
+                                                        (False, False, 32, 64, f32, 0, False),
+                                                        (True, True, 16, 32, bf, 2, False),
+                                                        (True, True, 16, 16, bf, 1, True)):
         ptrs = dict(X=bf if out == bf else f32, W=bf if out == bf else f32, Bias=bf if out == bf else f32, Y=out)
         meta = dict(HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256, EVEN_K=even, INTERPRET=False,
-                    ACT=act)
-        yield (f"few-row linear ({out[1:]}, bias={bias}, even K={even}, BLOCK_M={block_m}, ACT={act})",
+                    ACT=act, PDL=pdl)
+        yield (f"few-row linear ({out[1:]}, bias={bias}, even K={even}, BLOCK_M={block_m}, ACT={act}, PDL={pdl})",
                skinny.skinny_linear_kernel, ptrs, (), meta)
 
 

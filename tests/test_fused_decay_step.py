@@ -117,8 +117,9 @@ def test_single_pass_equals_two_passes_and_float64(paper, first, m, monkeypatch)
     c = _case(B=3, m=m, paper=paper, first=first, seed=11)
     ref, S_ref, n_ref = _reference(c)
     runs = {}
-    for single in (False, True):
+    for single in (False, True):  # the single pass also as a programmatic dependent launch (on a Hopper GPU)
         monkeypatch.setattr(fds, "SINGLE_PASS", single)
+        monkeypatch.setattr(fds, "PDL", single)
         monkeypatch.setattr(fds, "BLOCK_F", 16)
         runs[single] = _fused(c)
     for a, b, r in zip(runs[True], runs[False], (ref, S_ref, n_ref)):

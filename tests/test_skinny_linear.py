@@ -188,3 +188,15 @@ def test_decoding_copy_routes_its_plain_linears_and_decodes_the_same(kw, monkeyp
     assert torch.equal(out["never"][0], out["always"][0])
     ref = out["never"][1]
     assert float((out["always"][1] - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_programmatic_dependent_launch_gives_the_same_product(monkeypatch):
+    """With PDL on, the product is unchanged (on a Hopper GPU it is then launched as a programmatic dependent
+    launch; elsewhere pdl_launch says no and the launch is the usual one)."""
+    x, w, b = _inputs((6,), 256, 80, torch.float32, seed=4)
+    ref = sl.skinny_linear(x, w, b)
+    monkeypatch.setattr(sl, "PDL", True)
+    expected = DEV.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert sl.pdl_launch(x.device) is expected
+    assert sl.pdl_launch(torch.device("cpu")) is False and sl.pdl_launch(x.device, switch=False) is False
+    assert torch.equal(sl.skinny_linear(x, w, b), ref)

@@ -76,7 +76,8 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS, G,
                 H, REP, n_rows, in_scale, eps, log_eps,
                 M: tl.constexpr, D: tl.constexpr, BLOCK_F: tl.constexpr, PAPER: tl.constexpr,
                 DECAY_LOGIT: tl.constexpr, HAS_EPS: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr,
-                POS_PTR: tl.constexpr, GATE: tl.constexpr, Y_ROUND: tl.constexpr, SINGLE: tl.constexpr = False):
+                POS_PTR: tl.constexpr, GATE: tl.constexpr, Y_ROUND: tl.constexpr, SINGLE: tl.constexpr = False,
+                PDL: tl.constexpr = False):
     bh = tl.program_id(0).to(tl.int64)  # int64: b·stride may pass 2^31 for a large state
     b = bh // H
     h = bh % H
@@ -84,9 +85,13 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS, G,
     offs_d = tl.arange(0, D)
     offs_f = tl.arange(0, BLOCK_F)
     s_base = S + b * ssb + h * ssh
+    if PDL:  # a programmatic dependent launch: the next such kernel may start its prologue now
+        tl.extra.cuda.gdc_launch_dependents()
     if SINGLE:  # one chunk (BLOCK_F = M): the state's read is issued first, beside q, k and v's
         s_ptr = s_base + offs_f[:, None] * ssm + offs_d[None, :] * ssd
-        s_old = tl.load(s_ptr)
+        s_old = tl.load(s_ptr)  # written by this layer's previous step, never by the kernel just before
+    if PDL:  # q, k, v (and the gate) come from the product before this kernel: wait for it to complete
+        tl.extra.cuda.gdc_wait()
     if ROPE:  # the step's row of the cos/sin tables: row position[0] (clamped into the table), or row 0
         if POS_PTR:
             row = tl.minimum(tl.maximum(tl.load(POS).to(tl.int64), 0), n_rows - 1)

@@ -9,7 +9,9 @@ BLOCK_K) tiles, against the (BLOCK_M, BLOCK_K) tiles of x (rows ≥ M masked to 
 wrong); the bias is added in float32 and y rounded once to its dtype (then, with ``ACT``, the activation
 of the rounded y, rounded again: what ``F.linear`` followed by the eager activation gives). A narrow BLOCK_N
 gives many programs, so a product whose weight is a few MB is read by most of the GPU's SMs at once (the op
-module's docstring).
+module's docstring). ``PDL`` (a programmatic dependent launch, Hopper): the program lets the next kernel
+launch at once and reads its first W tile before ``gdc_wait``, the wait for the kernel before it, so the
+launch and the first weight read overlap that kernel's tail.
 """
 
 import triton
@@ -31,29 +33,46 @@ def _activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) tile of W at columns ``kk`` (zero past N and K)."""
+    if EVEN_K:
+        return tl.load(W + offs_n[:, None] * swn + kk[None, :] * swk, mask=n_ok[:, None], other=0.0)
+    return tl.load(W + offs_n[:, None] * swn + kk[None, :] * swk, mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K: tl.constexpr):
+    """The (BLOCK_M, BLOCK_K) tile of x at columns ``kk`` (zero past M and K)."""
+    if EVEN_K:
+        return tl.load(X + offs_m[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None], other=0.0)
+    return tl.load(X + offs_m[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+
+
+@triton.jit
 def skinny_linear_kernel(X, W, Bias, Y, M, N, K, sxm, sxk, swn, swk, sym, syn,
                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-                         ACT: tl.constexpr = 0):
+                         ACT: tl.constexpr = 0, PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PDL:  # launched as a programmatic dependent launch: the next such kernel may start its own prologue now
+        tl.extra.cuda.gdc_launch_dependents()
+    # the first tile of W (a parameter: no earlier kernel writes it) is read before the wait for the kernel
+    # before this one, whose output x may be; the rest of the loop as usual
+    w = _load_w(W, offs_n, n_ok, offs_k, K, swn, swk, EVEN_K)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    x = _load_x(X, offs_m, m_ok, offs_k, K, sxm, sxk, EVEN_K)
+    acc = mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
-        if EVEN_K:
-            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None], other=0.0)
-            w = tl.load(W + offs_n[:, None] * swn + kk[None, :] * swk, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = kk < K
-            x = tl.load(X + offs_m[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w = tl.load(W + offs_n[:, None] * swn + kk[None, :] * swk, mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-        acc += mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
+        x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
+        w = _load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)
+        acc += mm(x, tl.trans(w), "ieee", INTERPRET)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     dt = Y.dtype.element_ty  # rounded by hand to nearest (the interpreter's cast truncates), then cast exactly

@@ -58,7 +58,9 @@ passes RoPE to the kernel; False: it rotates q and k first with :class:`Rotary`,
 the two element-wise launches after it are gone; False: the layer applies the gate itself), both read by
 :meth:`leanformer.layers.dijiang.DiJiangAttention.fused_step`, and ``SINGLE_PASS`` (False; True: where one
 chunk holds all m features, the kernel issues its read of S first and computes the features once instead
-of twice: the same values, a shorter chain of dependent memory reads; off until timed).
+of twice: the same values, a shorter chain of dependent memory reads; off until timed) and ``PDL`` (False;
+True: on Hopper, a programmatic dependent launch that lets the next kernel launch at once and waits for the
+kernel before it only after issuing its read of S (single pass); off until timed).
 
 The layer's switch for this route is ``leanformer.layers.dijiang.FUSED_STEP`` (a benchmark may time the
 fused and the unfused step in one process). Timed on an H200 (docs/benchmarks.md, 2026-12-04): GPT-2
@@ -71,12 +73,14 @@ import torch
 
 from leanformer.ops.fused_decay_attention import (MIN_DIM, OP_ROUTE, _on_device,
                                                   _triton_import_error, _wrap, kernel_reason)
+from leanformer.ops.skinny_linear import pdl_launch
 
 BLOCK_F: int | None = None  # features per chunk (a power of two ≥ 16 dividing m); None: min(m, max(16, 4096 // d))
 NUM_WARPS = 4
 ROPE_IN_KERNEL = True  # the layer's fused step rotates q and k in the kernel (False: Rotary before it)
 GATE_IN_KERNEL = True  # the layer's fused step multiplies by silu(gate) in the kernel (False: two eager ops after it)
 SINGLE_PASS = False  # where one chunk holds every feature (BLOCK_F = m): S read first, z_q and z_k computed once
+PDL = False  # on Hopper, a programmatic dependent launch (skinny_linear.pdl_launch); off until timed
 _ROUNDING = {torch.bfloat16: 1, torch.float16: 2}  # the kernel's Y_ROUND code of an output dtype (else 0: none)
 
 
@@ -150,6 +154,7 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tens
     # its own, not an alias of S, so that no analysis of the kernel's writes can see S written twice
     ld = log_d if paper else proj
     nn_ = n if paper else S.new_empty(1, 1)
+    pdl = pdl_launch(q.device, PDL)
     with _on_device(q):
         _wrap(kern.step_kernel)[(B * H,)](
             q, k, v, proj, ld, log_gamma, S, nn_, weight, bias, out, cs, sn, pos, gt,
@@ -167,7 +172,7 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj: torch.Tens
             M=m, D=d, BLOCK_F=_block_f(m, d), PAPER=paper, DECAY_LOGIT=bool(decay_logit), HAS_EPS=eps > 0,
             ROPE=rope, R=cs.shape[1] if rope else 0, POS_PTR=position is not None, GATE=gate is not None,
             Y_ROUND=_ROUNDING.get(out_dtype, 0), SINGLE=bool(SINGLE_PASS) and _block_f(m, d) == m,
-            num_warps=int(NUM_WARPS))
+            PDL=pdl, num_warps=int(NUM_WARPS), **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -26,7 +26,9 @@ again, as ``F.linear`` followed by the eager activation does (the MLP's first pr
 Switches (module attributes, read at each launch): ``ROUTE`` ("never": always ``F.linear``; "cuda": the
 kernel where supported, for CUDA tensors; "always": also for CPU tensors under the interpreter, for tests),
 ``BLOCK_N`` / ``BLOCK_K`` / ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of
-:func:`launch_config`; a benchmark may set them to time variants).
+:func:`launch_config`; a benchmark may set them to time variants), ``PDL`` (False; True: on Hopper, a
+programmatic dependent launch that reads its first weight tile before waiting for the kernel before it;
+that assumes the weight is not written by that kernel, true of a decoding step's parameters; off until timed).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ BLOCK_N: int | None = None
 BLOCK_K: int | None = None
 NUM_WARPS: int | None = None
 NUM_STAGES: int | None = None
+PDL = False  # launch as a programmatic dependent launch on Hopper or newer (module docstring); off until timed
 
 
 def launch_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
@@ -86,6 +89,14 @@ EAGER_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximat
 # same functions eagerly (also the MLP's table, leanformer.layers.mlp)
 
 
+def pdl_launch(device: torch.device, switch: bool | None = None) -> bool:
+    """Whether a kernel on ``device`` is launched as a programmatic dependent launch: the switch (default
+    :data:`PDL`) is on, the device is a CUDA GPU of compute capability 9 or newer, and Triton's interpreter
+    is off."""
+    on = PDL if switch is None else switch
+    return bool(on) and device.type == "cuda" and not _interpret() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _new_output(x, weight, bias, act=0):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
@@ -102,11 +113,14 @@ def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     cfg = launch_config(M, N, K, x.dtype)
     meta = {k: v for k, v in cfg.items() if k.isupper()}
     opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    pdl = pdl_launch(x.device)
+    if pdl:
+        opts["launch_pdl"] = True
     with _on_device(x):
         _wrap(kern.skinny_linear_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](
             x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), x2.stride(1),
             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
-            EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), ACT=act, **meta, **opts)
+            EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), ACT=act, PDL=pdl, **meta, **opts)
     return out.view(*x.shape[:-1], N)
 
 
