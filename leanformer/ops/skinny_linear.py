@@ -91,10 +91,14 @@ EAGER_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximat
 
 def pdl_launch(device: torch.device, switch: bool | None = None) -> bool:
     """Whether a kernel on ``device`` is launched as a programmatic dependent launch: the switch (default
-    :data:`PDL`) is on, the device is a CUDA GPU of compute capability 9 or newer, and Triton's interpreter
-    is off."""
+    :data:`PDL`) is on, the device is a CUDA GPU of compute capability 9 or newer, Triton's interpreter is
+    off, and the call is not being traced by torch.compile."""
     on = PDL if switch is None else switch
-    return bool(on) and device.type == "cuda" and not _interpret() and torch.cuda.get_device_capability(device)[0] >= 9
+    if not on or device.type != "cuda" or _interpret():
+        return False
+    # under torch.compile a user kernel's launch options are num_warps and the like: Inductor's launcher has
+    # no way to pass launch_pdl (torch 2.13's triton_kernel_wrap), so a compiled step launches as usual
+    return not torch.compiler.is_compiling() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _new_output(x, weight, bias, act=0):
