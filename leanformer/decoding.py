@@ -468,7 +468,8 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     of an attention layer that read the same input (q, k, v; DiJiang's gate) run as one product
     (:func:`leanformer.layers.fused_inputs.fuse_linears`: their weights become views of one matrix). Plain
     linears become :class:`leanformer.layers.linear.DecodeLinear` (the same map, through the few-row kernel
-    of :mod:`leanformer.ops.skinny_linear` where its ``ROUTE`` allows)."""
+    of :mod:`leanformer.ops.skinny_linear` where its ``ROUTE`` allows), and NOBLE layers run a step's rows
+    through :mod:`leanformer.ops.noble_decode` where the same ``ROUTE`` allows."""
     import copy
 
     from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap
@@ -480,6 +481,7 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     for m in out.modules():
         if isinstance(m, NobleLinear):
             m.fused = False
+            m.decode_kernel = True  # one launch per layer where skinny_linear.ROUTE allows (ops/noble_decode.py)
         if isinstance(m, DiJiangFeatureMap):
             m.float()
         elif isinstance(m, DiJiangAttention) and getattr(m, "decay_logit", None) is not None:

@@ -18,6 +18,7 @@ from leanformer.ops import _cosnet_kernels as cosnet
 from leanformer.ops import _feature_map_kernels as features
 from leanformer.ops import _fused_decay_kernels as attn
 from leanformer.ops import _fused_decay_step_kernel as step
+from leanformer.ops import _noble_decode_kernel as noble_decode
 from leanformer.ops import _skinny_linear_kernel as skinny
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -94,6 +95,9 @@ def cases():
                     ACT=act, PDL=pdl)
         yield (f"few-row linear ({out[1:]}, bias={bias}, even K={even}, BLOCK_M={block_m}, ACT={act}, PDL={pdl})",
                skinny.skinny_linear_kernel, ptrs, (), meta)
+    noble_ptrs = {name: bf for name in ("X", "W", "Bias", "WD", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}
+    yield "NOBLE decoding layer (bf16, r 32)", noble_decode.noble_decode_kernel, noble_ptrs, (), \
+        dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, INTERPRET=False)
 
 
 def main() -> int:

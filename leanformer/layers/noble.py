@@ -364,8 +364,18 @@ class NobleLinear(nn.Module):
         g = torch.sigmoid(self.gate)
         return self.alpha * (g * main + (1.0 - g) * branch)
 
+    decode_kernel = False  # a decoding copy's layers (leanformer.decoding.decoding_copy) set it: see forward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., d_in) -> (..., d_out)``; the fused path when ``self.fused``."""
+        """``x (..., d_in) -> (..., d_out)``; the fused path when ``self.fused``. With ``decode_kernel`` set,
+        a few rows of x go through :func:`leanformer.ops.noble_decode.noble_linear` (one launch) where it
+        runs them."""
+        if self.decode_kernel:
+            from leanformer.ops.noble_decode import noble_linear
+
+            y = noble_linear(self, x)
+            if y is not None:
+                return y
         plain_sum = self.fused and self.gate is None and isinstance(self.drop, nn.Identity)
         if plain_sum and self.compiled_form == "kcat" and torch.compiler.is_compiling():
             return self.forward_kcat(x)

@@ -1,0 +1,56 @@
+"""The Triton kernel of :mod:`leanformer.ops.noble_decode`: a NOBLE layer for a few rows of x in one launch.
+
+One program per ``BLOCK_N`` output columns (as :mod:`leanformer.ops._skinny_linear_kernel`). It streams its
+(BLOCK_N, K) slice of W and the whole (R, K) W_down beside it against the tiles of x, accumulating
+
+    main = x Wᵀ (BLOCK_M, BLOCK_N)   and   z = x W_downᵀ (BLOCK_M, R)                     (float32)
+
+then rounds ``main + b`` and ``z + b_down`` to the output dtype (as the layer's two ``F.linear``s do), runs
+CosNet on z in float32 (:mod:`leanformer.ops._cosnet_kernels`' function: cos(ω₂ (cos(ω₁ z + φ₁) Mᵀ + c) + φ₂)),
+rounds s, and adds the branch ``s W_upᵀ`` for its columns (rounded, as ``up(s)``) to the rounded main
+output, rounding the sum once more (``main + branch`` of :meth:`NobleLinear._combine`). Every program
+recomputes z: W_down is r·K elements (GPT-2 small, r 32: 48 KB in bf16), read from L2 after the first.
+"""
+
+import triton
+import triton.language as tl
+
+from leanformer.ops._cosnet_kernels import _load_params
+from leanformer.ops._fused_decay_kernels import mm
+from leanformer.ops._fused_decay_step_kernel import _round
+from leanformer.ops._skinny_linear_kernel import _load_w, _load_x
+
+
+@triton.jit
+def noble_decode_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, K,
+                        sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
+                        HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
+        acc += mm(x, tl.trans(_load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)), "ieee", INTERPRET)
+        acc_z += mm(x, tl.trans(_load_w(WD, offs_r, r_ok, kk, K, sdr, sdk, EVEN_K)), "ieee", INTERPRET)
+    dt = Y.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    main = _round(acc, dt)
+    z = _round(acc_z + tl.load(BD + offs_r).to(tl.float32)[None, :], dt)
+    w1, p1, m, c, w2, p2 = _load_params(W1, P1, MM, C, W2, P2, R)
+    h = tl.cos(z * w1[None, :] + p1[None, :])
+    u = tl.dot(h, tl.trans(m), input_precision="ieee") + c[None, :]
+    s = _round(tl.cos(u * w2[None, :] + p2[None, :]), dt)  # CosNet's output in the layer's dtype
+    wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
+    branch = _round(mm(s.to(dt), tl.trans(wu), "ieee", INTERPRET), dt)  # up(s)
+    y = _round(main + branch, dt)
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
