@@ -77,6 +77,15 @@ def test_refusals_and_the_route(monkeypatch):
     assert "plain sum" in nd.noble_supported(_layer(64, 48, activation="silu").to(DEV), x)
     assert "rows" in nd.noble_supported(layer, torch.randn(40, 64, device=DEV))
     assert "must be torch.float64 like x" in nd.noble_supported(layer, x.double())
+    strided = _layer(64, 48).to(DEV)
+    strided.act.omega1 = torch.nn.Parameter(torch.ones(64, device=DEV)[::2], requires_grad=False)
+    assert "contiguous" in nd.noble_supported(strided, x)
+    mixed = _layer(64, 48).to(DEV)
+    mixed.act.phi2.data = mixed.act.phi2.data.double()
+    assert "parameters must be torch.float32" in nd.noble_supported(mixed, x)
+    # W_down's tiles count in the pipeline's shared memory: float32, r 128 gets fewer stages
+    assert sl.launch_config(32, 768, 768, torch.float32, extra_rows=128)["num_stages"] < \
+        sl.launch_config(32, 768, 768, torch.float32)["num_stages"]
     with torch.enable_grad():
         assert "requires grad" in nd.noble_supported(_layer(64, 48).to(DEV).requires_grad_(True), x)
     monkeypatch.setattr(sl, "ROUTE", "never")

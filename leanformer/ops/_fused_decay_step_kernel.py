@@ -85,13 +85,12 @@ def step_kernel(Q, K, V, P, LD, LG, S, N, W, GB, O, COS, SIN, POS, G,
     offs_d = tl.arange(0, D)
     offs_f = tl.arange(0, BLOCK_F)
     s_base = S + b * ssb + h * ssh
-    if PDL:  # a programmatic dependent launch: the next such kernel may start its prologue now
-        tl.extra.cuda.gdc_launch_dependents()
+    if PDL:  # a programmatic dependent launch: the next such kernel may launch now; every input (q, k, v, the
+        tl.extra.cuda.gdc_launch_dependents()  # gate, and S itself: a first token's zeros or a copied state
+        tl.extra.cuda.gdc_wait()  # are written by the kernel just before) is read after the previous one ends
     if SINGLE:  # one chunk (BLOCK_F = M): the state's read is issued first, beside q, k and v's
         s_ptr = s_base + offs_f[:, None] * ssm + offs_d[None, :] * ssd
-        s_old = tl.load(s_ptr)  # written by this layer's previous step, never by the kernel just before
-    if PDL:  # q, k, v (and the gate) come from the product before this kernel: wait for it to complete
-        tl.extra.cuda.gdc_wait()
+        s_old = tl.load(s_ptr)
     if ROPE:  # the step's row of the cos/sin tables: row position[0] (clamped into the table), or row 0
         if POS_PTR:
             row = tl.minimum(tl.maximum(tl.load(POS).to(tl.int64), 0), n_rows - 1)

@@ -10,8 +10,8 @@ wrong); the bias is added in float32 and y rounded once to its dtype (then, with
 of the rounded y, rounded again: what ``F.linear`` followed by the eager activation gives). A narrow BLOCK_N
 gives many programs, so a product whose weight is a few MB is read by most of the GPU's SMs at once (the op
 module's docstring). ``PDL`` (a programmatic dependent launch, Hopper): the program lets the next kernel
-launch at once and reads its first W tile before ``gdc_wait``, the wait for the kernel before it, so the
-launch and the first weight read overlap that kernel's tail.
+launch at once and waits (``gdc_wait``) for the kernel before it before reading anything, so its launch
+overlaps that kernel's tail.
 """
 
 import triton
@@ -59,20 +59,15 @@ def skinny_linear_kernel(X, W, Bias, Y, M, N, K, sxm, sxk, swn, swk, sym, syn,
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    if PDL:  # launched as a programmatic dependent launch: the next such kernel may start its own prologue now
-        tl.extra.cuda.gdc_launch_dependents()
-    # the first tile of W (a parameter: no earlier kernel writes it) is read before the wait for the kernel
-    # before this one, whose output x may be; the rest of the loop as usual
-    w = _load_w(W, offs_n, n_ok, offs_k, K, swn, swk, EVEN_K)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    x = _load_x(X, offs_m, m_ok, offs_k, K, sxm, sxk, EVEN_K)
-    acc = mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    if PDL:  # a programmatic dependent launch: the next such kernel may launch now, and every read waits for
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel before this one (it may have written x, or W itself:
+        tl.extra.cuda.gdc_wait()  # a re-fused input weight), so only the launch overlaps that kernel's tail
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
         w = _load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)
-        acc += mm(x, tl.trans(w), "ieee", INTERPRET)
+        acc += mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     dt = Y.dtype.element_ty  # rounded by hand to nearest (the interpreter's cast truncates), then cast exactly

@@ -41,10 +41,10 @@ def noble_supported(layer, x: torch.Tensor) -> str | None:
               layer.act.M.weight, layer.act.M.bias, layer.act.omega2, layer.act.phi2]
     if any(p.device != x.device for p in params):
         return f"the branch's parameters must be on {x.device} with x"
-    if layer.down.weight.dtype != x.dtype or layer.up.weight.dtype != x.dtype:
-        return f"W_down and W_up must be {x.dtype} like x"
-    if layer.down.weight.stride(1) != 1 or not layer.act.M.weight.is_contiguous():
-        return "W_down needs unit stride along K and CosNet's M must be contiguous"
+    if any(p.dtype != x.dtype for p in params) or (layer.bias is not None and layer.bias.dtype != x.dtype):
+        return f"the layer's parameters must be {x.dtype} like x"
+    if layer.down.weight.stride(1) != 1 or not all(p.is_contiguous() for p in params[1:] if p is not layer.up.weight):
+        return "W_down needs unit stride along K, and b_down and CosNet's parameters must be contiguous"
     return skinny_linear.skinny_supported(x, layer.weight, layer.bias) or (
         "a parameter requires grad (the kernel has no backward)"
         if torch.is_grad_enabled() and any(p.requires_grad for p in params) else None)
@@ -64,7 +64,7 @@ def _noble_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     out = x.new_empty(M, N)
-    cfg = skinny_linear.launch_config(M, N, K, x.dtype)
+    cfg = skinny_linear.launch_config(M, N, K, x.dtype, extra_rows=R)  # W_down's tiles share each stage
     meta = {k: v for k, v in cfg.items() if k.isupper()}
     opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     with _on_device(x):

@@ -27,8 +27,8 @@ Switches (module attributes, read at each launch): ``ROUTE`` ("never": always ``
 kernel where supported, for CUDA tensors; "always": also for CPU tensors under the interpreter, for tests),
 ``BLOCK_N`` / ``BLOCK_K`` / ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of
 :func:`launch_config`; a benchmark may set them to time variants), ``PDL`` (False; True: on Hopper, a
-programmatic dependent launch that reads its first weight tile before waiting for the kernel before it;
-that assumes the weight is not written by that kernel, true of a decoding step's parameters; off until timed).
+programmatic dependent launch: it launches while the kernel before it ends and waits for it before reading;
+off until timed).
 """
 
 from __future__ import annotations
@@ -51,14 +51,15 @@ NUM_STAGES: int | None = None
 PDL = False  # launch as a programmatic dependent launch on Hopper or newer (module docstring); off until timed
 
 
-def launch_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 0) -> dict:
     """BLOCK_M (16 or 32, ≥ M), BLOCK_N (the widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs, else
     16), BLOCK_K (256 for 2-byte dtypes, 128 for float32; at most K rounded up to a power of two), warps and
-    pipeline stages (4, cut to what SMEM_BYTES holds), each overridable by the module switch of its name."""
+    pipeline stages (4, cut to what SMEM_BYTES holds, with ``extra_rows`` more rows of K tiles per stage: the
+    NOBLE kernel's W_down), each overridable by the module switch of its name."""
     block_n = BLOCK_N or next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16)
     block_k = BLOCK_K or min(256 if dtype != torch.float32 else 128, max(16, 1 << (K - 1).bit_length()))
     block_m = 16 if M <= 16 else 32
-    stage_bytes = (block_m + block_n) * block_k * torch.empty((), dtype=dtype).element_size()
+    stage_bytes = (block_m + block_n + extra_rows) * block_k * torch.empty((), dtype=dtype).element_size()
     stages = max(1, min(NUM_STAGES or 4, SMEM_BYTES // stage_bytes))  # x and W tiles of every stage fit
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS or 4, num_stages=stages)
 
