@@ -28,9 +28,11 @@ AUTOTUNE = "max-autotune-no-cudagraphs"
 GATE_OUT = {"leanformer.ops.fused_decay_step.GATE_IN_KERNEL": False}
 COSNET_ON = {"leanformer.layers.noble.COSNET_KERNEL": "cuda"}
 MIX_ON = {"leanformer.layers.shaped.COMPILE_STEP_MIX": True}
-SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}
+SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}  # the default since 2026-12-06
+SKINNY_OFF = {"leanformer.ops.skinny_linear.ROUTE": "never"}
+NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda"}
 SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
-ARGMAX_OFF = {"leanformer.decoding.TWO_PASS_ARGMAX": False}
+ARGMAX_TWO = {"leanformer.decoding.TWO_PASS_ARGMAX": True}
 PDL_ON = {"leanformer.ops.skinny_linear.PDL": True, "leanformer.ops.fused_decay_step.PDL": True}
 ALL_ON = dict(SKINNY_ON, **SINGLE_ON, **PDL_ON)
 
@@ -44,33 +46,33 @@ def skinny_config(n: int, k: int, stages: int, warps: int) -> dict:
 
 VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.compile mode, module switches)
     ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
-    ("dijiang 8K x8 compiled, skinny linears", "dijiang_scratch", 8192, 8, True, SKINNY_ON),
+    ("dijiang 8K x8 compiled, cuBLAS products", "dijiang_scratch", 8192, 8, True, SKINNY_OFF),
     ("dijiang 8K x8 compiled, skinny, single pass", "dijiang_scratch", 8192, 8, True, dict(SKINNY_ON, **SINGLE_ON)),
-    ("noble 512 x1 graph, NOBLE kernel", "noble_fused", 512, 1, False, SKINNY_ON),
+    ("noble 512 x1 graph, NOBLE kernel", "noble_fused", 512, 1, False, NOBLE_ON),
     ("noble 512 x1 graph", "noble_fused", 512, 1, False, {}),
     ("preln 512 x1 graph", "preln", 512, 1, False, {}),
-    ("preln 512 x1 graph, skinny linears", "preln", 512, 1, False, SKINNY_ON),
+    ("preln 512 x1 graph, cuBLAS products", "preln", 512, 1, False, SKINNY_OFF),
     ("dijiang 8K x8 compiled, skinny, single pass, PDL", "dijiang_scratch", 8192, 8, True, ALL_ON),
     ("dijiang 8K x8 graph, skinny, single pass, PDL", "dijiang_scratch", 8192, 8, False, ALL_ON),
     ("dijiang 8K x8 graph, skinny, single pass", "dijiang_scratch", 8192, 8, False, dict(SKINNY_ON, **SINGLE_ON)),
-    ("dijiang 8K x8 compiled, one-pass argmax", "dijiang_scratch", 8192, 8, True, ARGMAX_OFF),
+    ("dijiang 8K x8 compiled, two-pass argmax", "dijiang_scratch", 8192, 8, True, ARGMAX_TWO),
     ("dijiang 8K x8 compiled, skinny n16 k256 s4 w2", "dijiang_scratch", 8192, 8, True, skinny_config(16, 256, 4, 2)),
     ("dijiang 8K x8 compiled, skinny n16 k512 s3 w4", "dijiang_scratch", 8192, 8, True, skinny_config(16, 512, 3, 4)),
     ("dijiang 8K x8 compiled, skinny n32 k256 s4 w4", "dijiang_scratch", 8192, 8, True, skinny_config(32, 256, 4, 4)),
     ("noble 512 x1 compiled", "noble_fused", 512, 1, True, {}),
-    ("noble 512 x1 compiled, NOBLE kernel", "noble_fused", 512, 1, True, SKINNY_ON),
+    ("noble 512 x1 compiled, NOBLE kernel", "noble_fused", 512, 1, True, NOBLE_ON),
     ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
-    ("preln 8K x8 compiled, skinny linears", "preln", 8192, 8, True, SKINNY_ON),
+    ("preln 8K x8 compiled, cuBLAS products", "preln", 8192, 8, True, SKINNY_OFF),
     ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
     ("sas_p 512 x1 compiled", "sas_p", 512, 1, True, {}),
     ("dijiang 8K x32 compiled", "dijiang_scratch", 8192, 32, True, {}),
-    ("dijiang 8K x32 compiled, skinny linears", "dijiang_scratch", 8192, 32, True, SKINNY_ON),
+    ("dijiang 8K x32 compiled, cuBLAS products", "dijiang_scratch", 8192, 32, True, SKINNY_OFF),
     ("dijiang 8K x8 compiled, gate outside", "dijiang_scratch", 8192, 8, True, GATE_OUT),
     ("dijiang 8K x8 graph", "dijiang_scratch", 8192, 8, False, {}),
-    ("dijiang 8K x8 graph, skinny linears", "dijiang_scratch", 8192, 8, False, SKINNY_ON),
+    ("dijiang 8K x8 graph, cuBLAS products", "dijiang_scratch", 8192, 8, False, SKINNY_OFF),
     ("dijiang 8K x8 autotuned", "dijiang_scratch", 8192, 8, AUTOTUNE, {}),
     ("sas_p 512 x1 graph", "sas_p", 512, 1, False, {}),
-    ("sas_p 512 x1 graph, skinny linears", "sas_p", 512, 1, False, SKINNY_ON),
+    ("sas_p 512 x1 graph, cuBLAS products", "sas_p", 512, 1, False, SKINNY_OFF),
     ("sas_p 512 x1 graph, compiled mix", "sas_p", 512, 1, False, MIX_ON),
     ("dijiang 8K x8 graph, gate outside", "dijiang_scratch", 8192, 8, False, GATE_OUT),
     ("noble 512 x1 graph, CosNet kernel", "noble_fused", 512, 1, False, COSNET_ON),

@@ -230,7 +230,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None)")
 
 
-TWO_PASS_ARGMAX = True  # sample_next's argmax through last_dim_argmax (False: torch.argmax; a benchmark switch)
+TWO_PASS_ARGMAX = False  # sample_next's argmax in two reductions (last_dim_argmax); off until timed on a GPU
 
 
 def last_dim_argmax(x: torch.Tensor) -> torch.Tensor:
@@ -241,8 +241,6 @@ def last_dim_argmax(x: torch.Tensor) -> torch.Tensor:
     2026-12-06, ``benchmarks/decode_profile.py``), one program per row. S: the largest of 64, 48, 32, 16
     dividing V with slices of ≥ 512; none: plain ``argmax``."""
     V = x.shape[-1]
-    if not TWO_PASS_ARGMAX:
-        return x.argmax(-1)
     slices = next((s for s in (64, 48, 32, 16) if V % s == 0 and V // s >= 512), 0)
     if x.dim() != 2 or not slices:
         return x.argmax(-1)
@@ -258,8 +256,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     ``softmax(logits / temperature)`` cut to the ``top_k`` largest and the smallest set of mass
     ``>= top_p`` (nucleus, Holtzman et al. 2020). The draw is ``argmax(p / E)``, E ~ Exp(1) i.i.d.: token
     i wins with probability p_i (the exponential race), with no host synchronisation (graph-safe)."""
+    argmax = last_dim_argmax if TWO_PASS_ARGMAX else (lambda t: t.argmax(-1))
     if temperature == 0:
-        return last_dim_argmax(logits)
+        return argmax(logits)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[:, -1:]
@@ -271,7 +270,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return last_dim_argmax(probs / noise)
+    return argmax(probs / noise)
 
 
 # ---------------------------------------------------------------------------------------------- decoder
@@ -469,7 +468,7 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     (:func:`leanformer.layers.fused_inputs.fuse_linears`: their weights become views of one matrix). Plain
     linears become :class:`leanformer.layers.linear.DecodeLinear` (the same map, through the few-row kernel
     of :mod:`leanformer.ops.skinny_linear` where its ``ROUTE`` allows), and NOBLE layers run a step's rows
-    through :mod:`leanformer.ops.noble_decode` where the same ``ROUTE`` allows."""
+    through :mod:`leanformer.ops.noble_decode` where its ``ROUTE`` allows."""
     import copy
 
     from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap
@@ -481,7 +480,7 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     for m in out.modules():
         if isinstance(m, NobleLinear):
             m.fused = False
-            m.decode_kernel = True  # one launch per layer where skinny_linear.ROUTE allows (ops/noble_decode.py)
+            m.decode_kernel = True  # one launch per layer where noble_decode.ROUTE allows (ops/noble_decode.py)
         if isinstance(m, DiJiangFeatureMap):
             m.float()
         elif isinstance(m, DiJiangAttention) and getattr(m, "decay_logit", None) is not None:

@@ -44,7 +44,7 @@ def test_kernel_equals_the_layer_and_float64(lead, K, N, bias, dtype, monkeypatc
     ref = layer.double().forward_reference(x.double())
     layer = layer.to(DEV, dtype)
     xx = x.to(DEV, dtype)
-    monkeypatch.setattr(sl, "ROUTE", "always")
+    monkeypatch.setattr(nd, "ROUTE", "always")
     y = nd.noble_linear(layer, xx)
     assert y is not None and y.shape == (*lead, N) and y.dtype == dtype
     err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
@@ -88,9 +88,9 @@ def test_refusals_and_the_route(monkeypatch):
         sl.launch_config(32, 768, 768, torch.float32)["num_stages"]
     with torch.enable_grad():
         assert "requires grad" in nd.noble_supported(_layer(64, 48).to(DEV).requires_grad_(True), x)
-    monkeypatch.setattr(sl, "ROUTE", "never")
+    monkeypatch.setattr(nd, "ROUTE", "never")
     assert nd.noble_linear(layer, x) is None
-    monkeypatch.setattr(sl, "ROUTE", "cuda")
+    monkeypatch.setattr(nd, "ROUTE", "cuda")
     assert (nd.noble_linear(layer, x) is None) is (DEV.type != "cuda")
 
 
@@ -118,7 +118,7 @@ def test_decoding_copy_of_a_noble_model_decodes_the_same_through_the_kernel(monk
     prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1)).to(DEV)
     out = {}
     for route in ("never", "always"):
-        monkeypatch.setattr(sl, "ROUTE", route)
+        monkeypatch.setattr(nd, "ROUTE", route)
         calls[0] = 0
         dec = StaticDecoder(copy, 2, capacity=10, graph="none", prefill_chunk=4)
         dec.prefill(prompt)

@@ -11,9 +11,9 @@ linear's. The roundings are the layer's (main, z, CosNet's output, the branch, t
 dtype); CosNet itself runs in float32 as :mod:`leanformer.ops.cosnet`'s kernel does.
 
 ``noble_linear(layer, x)``: the kernel's result, or None when it cannot run these inputs
-(:func:`noble_supported` says why), so the caller runs the layer as usual. It runs where
-:data:`leanformer.ops.skinny_linear.ROUTE` routes few-row products ("cuda"; "always": also CPU tensors
-under ``TRITON_INTERPRET=1``, for tests). Shapes: x (..., K), ≤ ``skinny_linear.MAX_ROWS`` rows, unit
+(:func:`noble_supported` says why), so the caller runs the layer as usual. It runs where :data:`ROUTE`
+says ("never", the default until timed on a GPU; "cuda": CUDA tensors; "always": also CPU tensors under
+``TRITON_INTERPRET=1``, for tests). Shapes: x (..., K), ≤ ``skinny_linear.MAX_ROWS`` rows, unit
 stride along K; W (N, K), W_down (r, K), W_up (N, r) with r a power of two in [16, 128].
 The op is ``leanformer::noble_decode`` (a ``triton_op``: ``torch.compile`` and CUDA graphs capture it).
 """
@@ -24,6 +24,8 @@ import torch
 
 from leanformer.ops import skinny_linear
 from leanformer.ops.fused_decay_attention import _cdiv, _interpret, _on_device, _register, _wrap
+
+ROUTE = "never"  # "cuda": noble_linear() runs the kernel on CUDA tensors it takes; "always": also on the CPU
 
 
 def noble_supported(layer, x: torch.Tensor) -> str | None:
@@ -77,9 +79,9 @@ def _noble_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def noble_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` by the kernel where ``skinny_linear.ROUTE`` routes it and :func:`noble_supported` allows,
-    else None (the caller computes the layer as usual)."""
-    route = skinny_linear.ROUTE
+    """``layer(x)`` by the kernel where :data:`ROUTE` routes it and :func:`noble_supported` allows, else None
+    (the caller computes the layer as usual)."""
+    route = ROUTE
     if route == "never" or (route == "cuda" and not x.is_cuda) or noble_supported(layer, x) is not None:
         return None
     act = layer.act

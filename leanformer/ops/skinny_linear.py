@@ -23,8 +23,8 @@ dtype (float32, bfloat16, float16); M = x.numel() / K ≤ :data:`MAX_ROWS`.
 With ``activation`` ("gelu", "gelu_tanh", "relu") the kernel applies it to the rounded product and rounds
 again, as ``F.linear`` followed by the eager activation does (the MLP's first product: one launch fewer).
 
-Switches (module attributes, read at each launch): ``ROUTE`` ("never": always ``F.linear``; "cuda": the
-kernel where supported, for CUDA tensors; "always": also for CPU tensors under the interpreter, for tests),
+Switches (module attributes, read at each launch): ``ROUTE`` ("never": always ``F.linear``; "cuda", the
+default: the kernel where supported, for CUDA tensors; "always": also for CPU tensors under the interpreter, for tests),
 ``BLOCK_N`` / ``BLOCK_K`` / ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of
 :func:`launch_config`; a benchmark may set them to time variants), ``PDL`` (False; True: on Hopper, a
 programmatic dependent launch: it launches while the kernel before it ends and waits for it before reading;
@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from leanformer.ops.fused_decay_attention import (_cdiv, _interpret, _on_device, _register, _triton_import_error,
                                                   _wrap, kernel_reason)
 
-ROUTE = "never"  # "cuda": linear() runs the kernel where skinny_supported() allows; "never": always F.linear
+ROUTE = "cuda"  # "cuda": linear() runs the kernel where skinny_supported() allows; "never": always F.linear
+# (default "cuda" since the H100 call of 2026-12-06: DiJiang's compiled 8K x 8 step 0.431 -> 0.417 ms, its graph
+# path 0.528 -> 0.509, Pre-LN's and SAS-P's graph path at 512 x 1 1% and 2% faster; docs/benchmarks.md)
 MAX_ROWS = 32  # rows of x the kernel takes (its BLOCK_M is 16 or 32: tl.dot needs at least 16)
 MIN_PROGRAMS = 96  # the heuristic narrows BLOCK_N (64 → 32 → 16) until the output has this many programs
 SMEM_BYTES = 160 * 1024  # pipeline stages are cut so that their x and W tiles fit (H100: 227 KB per block); a
