@@ -13,6 +13,7 @@ import torch
 
 from leanformer.bench import machine, memory, report, timing
 from leanformer.cli import main
+from leanformer.config import ConfigError
 
 CPU = ["--device", "cpu", "--threads", "1"]
 
@@ -113,6 +114,33 @@ def test_bench_decode_tiny(tmp_path):
     assert cache["preln", 48, 1] > cache["preln", 16, 1]
     assert cache["preln", 16, 3] == 3 * cache["preln", 16, 1]
     assert cache["dijiang", 48, 1] == cache["dijiang", 16, 1]
+
+
+def test_bench_decode_kernels_option_sets_and_restores_switches(tmp_path, monkeypatch):
+    """--kernels sets the named switches for the run only (seen by the model while it decodes), is written
+    in the report's command, and a bad name or choice is refused naming the choices."""
+    import leanformer.decoding as decoding
+    from leanformer.bench import kernel_switches as ks
+    from leanformer.ops import fused_decay_step, skinny_linear
+
+    seen = []
+    real = decoding.sample_next
+
+    def spy(*a, **k):
+        seen.append((decoding.TWO_PASS_ARGMAX, skinny_linear.ROUTE, fused_decay_step.SINGLE_PASS))
+        return real(*a, **k)
+    monkeypatch.setattr(decoding, "sample_next", spy)
+    before = (decoding.TWO_PASS_ARGMAX, skinny_linear.ROUTE, fused_decay_step.SINGLE_PASS)
+    out = tmp_path / "dec"
+    rc = main(["bench", "decode", "--size", "tiny", "--arms", "preln", "--contexts", "16", "--batches", "1",
+               "--steps", "2", "--warmup", "1", "--path", "static", "--out", str(out),
+               "--kernels", "argmax=two-pass, products=cublas,step=single", *CPU])
+    assert rc == 0 and seen and set(seen) == {(True, "never", True)}
+    assert (decoding.TWO_PASS_ARGMAX, skinny_linear.ROUTE, fused_decay_step.SINGLE_PASS) == before
+    assert "--kernels" in _load(out, "decode")["meta"]["command"]
+    for bad, message in (("argmax", "name=choice"), ("warp=on", "name=choice"), ("pdl=maybe", "choose off, on")):
+        with pytest.raises(ConfigError, match=message):
+            ks.parse_kernels(bad)
 
 
 def test_expand_cache_replicates_rows():

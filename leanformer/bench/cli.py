@@ -102,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--compile-mode", default=None,
                    help="torch.compile mode of the step with --compile: default or max-autotune-no-cudagraphs "
                         "(Inductor times Triton matrix products against cuBLAS and fuses epilogues into them)")
+    d.add_argument("--kernels", default=None,
+                   help="the step's kernels for this run, name=choice comma-separated: products=triton|cublas, "
+                        "noble=eager|triton, step=two-pass|single, argmax=one-pass|two-pass, pdl=off|on "
+                        "(leanformer/bench/kernel_switches.py)")
     d.set_defaults(func=run_decode)
 
 
@@ -148,10 +152,12 @@ def run_attention(args: argparse.Namespace) -> int:
 
 def run_decode(args: argparse.Namespace) -> int:
     from leanformer.bench.decode import run_decode_bench
+    from leanformer.bench.kernel_switches import kernel_switches
 
-    return _run(args, lambda device: run_decode_bench(
-        size=args.size, arms=args.arms, contexts=args.contexts, batches=args.batches, steps=args.steps,
-        warmup=2 if args.warmup is None else args.warmup, prefill_chunk=args.prefill_chunk, device=device,
-        time_budget=args.time_budget, max_memory_gb=args.max_memory_gb, path=args.path, weights=args.weights,
-        compile=args.compile, compile_mode=args.compile_mode,
-        command=command_line("leanformer bench decode", args)))
+    with kernel_switches(args.kernels):
+        return _run(args, lambda device: run_decode_bench(
+            size=args.size, arms=args.arms, contexts=args.contexts, batches=args.batches, steps=args.steps,
+            warmup=2 if args.warmup is None else args.warmup, prefill_chunk=args.prefill_chunk, device=device,
+            time_budget=args.time_budget, max_memory_gb=args.max_memory_gb, path=args.path, weights=args.weights,
+            compile=args.compile, compile_mode=args.compile_mode,
+            command=command_line("leanformer bench decode", args)))

@@ -1,0 +1,73 @@
+"""``--kernels`` of ``leanformer bench decode``: choose the decoding step's kernels by name for one run.
+
+Each name sets module switches for the run and restores them after, so one command times a variant against
+the defaults (docs/benchmarks.md records which were measured faster):
+
+    --kernels products=cublas,step=single,argmax=two-pass
+
+=========  ============================================================  ==============================
+name       what it chooses                                              choices (default first)
+=========  ============================================================  ==============================
+products   few-row products: ``leanformer.ops.skinny_linear.ROUTE``     triton, cublas
+noble      NOBLE's one-kernel layer: ``leanformer.ops.noble_decode``    eager, triton
+step       DiJiang's step kernel: ``fused_decay_step.SINGLE_PASS``      two-pass, single
+argmax     greedy sampling: ``leanformer.decoding.TWO_PASS_ARGMAX``     one-pass, two-pass
+pdl        programmatic dependent launch (Hopper, graph path only)      off, on
+=========  ============================================================  ==============================
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import contextmanager
+
+from leanformer.config import ConfigError
+
+_PDL = ("leanformer.ops.skinny_linear.PDL", "leanformer.ops.fused_decay_step.PDL")
+KERNEL_CHOICES: dict[str, dict[str, dict[str, object]]] = {  # name -> choice -> {dotted switch: value}
+    "products": {"triton": {"leanformer.ops.skinny_linear.ROUTE": "cuda"},
+                 "cublas": {"leanformer.ops.skinny_linear.ROUTE": "never"}},
+    "noble": {"eager": {"leanformer.ops.noble_decode.ROUTE": "never"},
+              "triton": {"leanformer.ops.noble_decode.ROUTE": "cuda"}},
+    "step": {"two-pass": {"leanformer.ops.fused_decay_step.SINGLE_PASS": False},
+             "single": {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}},
+    "argmax": {"one-pass": {"leanformer.decoding.TWO_PASS_ARGMAX": False},
+               "two-pass": {"leanformer.decoding.TWO_PASS_ARGMAX": True}},
+    "pdl": {"off": dict.fromkeys(_PDL, False), "on": dict.fromkeys(_PDL, True)},
+}
+
+
+def parse_kernels(spec: str | None) -> dict[str, object]:
+    """``"name=choice,..."`` → {dotted switch: value}; ConfigError naming the bad part and the choices."""
+    switches: dict[str, object] = {}
+    for part in (p.strip() for p in (spec or "").split(",")):
+        if not part:
+            continue
+        name, sep, choice = (s.strip() for s in part.partition("="))
+        if not sep or name not in KERNEL_CHOICES:
+            raise ConfigError(f"--kernels: {part!r} is not name=choice with a name among "
+                              f"{', '.join(KERNEL_CHOICES)}")
+        choices = KERNEL_CHOICES[name]
+        if choice not in choices:
+            raise ConfigError(f"--kernels: {name}={choice!r} is not valid; choose {', '.join(choices)}")
+        switches.update(choices[choice])
+    return switches
+
+
+def _target(dotted: str):
+    module, attr = dotted.rsplit(".", 1)
+    return importlib.import_module(module), attr
+
+
+@contextmanager
+def kernel_switches(spec: str | None):
+    """Set the switches of ``spec`` (:func:`parse_kernels`) for the body, restore them after."""
+    switches = parse_kernels(spec)
+    old = {name: getattr(*_target(name)) for name in switches}
+    try:
+        for name, value in switches.items():
+            setattr(*_target(name), value)
+        yield switches
+    finally:
+        for name, value in old.items():
+            setattr(*_target(name), value)
