@@ -246,18 +246,10 @@ def test_fused_gpu_script_runs_its_sections_on_the_cpu(tmp_path):
     """benchmarks/dijiang_fused_gpu.py --cpu-smoke: the GPU call's sections (layer checks against float64,
     kernel variants, decode) run tiny under Triton's interpreter, so an API drift cannot waste a device call."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}", "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "benchmarks/dijiang_fused_gpu.py", "--out", str(tmp_path), "--cpu-smoke",
-                           "--sections", "layers,variants,decode"], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_benchmark_script(tmp_path, "dijiang_fused_gpu.py", "--cpu-smoke", "--sections", "layers,variants,decode",
+                          interpret=True)
     result = json.loads((tmp_path / "fused_gpu.json").read_text())
     assert result["checks"] and all(c["pass"] for c in result["checks"])
     variants = result["variants"]
@@ -267,10 +259,9 @@ def test_fused_gpu_script_runs_its_sections_on_the_cpu(tmp_path):
     assert all((tmp_path / run / "decode.json").is_file() for run in ("decode_graph", "decode_graph_unfused_step"))
 
 
-def test_decode_profile_script_runs_on_the_cpu(tmp_path):
-    """benchmarks/decode_profile.py --cpu-smoke: the decode-step profile's variants run tiny and eager on the
-    CPU and write their kernel tables, so an API drift cannot waste a device call."""
-    import json
+def _run_benchmark_script(tmp_path, script: str, *args: str, interpret: bool = False) -> None:
+    """Run ``benchmarks/<script> --out tmp_path *args`` in a subprocess (benchmarks/ importable; Triton's
+    interpreter with ``interpret``) and fail with its output's tail if it fails."""
     import os
     import subprocess
     import sys
@@ -278,11 +269,43 @@ def test_decode_profile_script_runs_on_the_cpu(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
-    proc = subprocess.run([sys.executable, "benchmarks/decode_profile.py", "--out", str(tmp_path), "--cpu-smoke"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--out", str(tmp_path), *args], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_decode_profile_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/decode_profile.py --cpu-smoke: the decode-step profile's variants run tiny and eager on the
+    CPU and write their kernel tables, so an API drift cannot waste a device call."""
+    import json
+
+    _run_benchmark_script(tmp_path, "decode_profile.py", "--cpu-smoke")
     rows = json.loads((tmp_path / "decode_profile.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["kernels_per_step"] > 0 and r["top"] for r in rows)
     assert rows[1]["switches"] == {"leanformer.ops.skinny_linear.ROUTE": "never"}  # the first variant with switches
     assert "| variant | step ms |" in (tmp_path / "decode_profile.md").read_text()
+
+
+def test_prefill_profile_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/prefill_profile.py --cpu-smoke: a tiny softmax and DiJiang prefill are timed and profiled."""
+    import json
+
+    _run_benchmark_script(tmp_path, "prefill_profile.py", "--cpu-smoke")
+    rows = json.loads((tmp_path / "prefill_profile.json").read_text())["rows"]
+    assert [(r["arm"], r["status"]) for r in rows] == [("preln", "ok"), ("dijiang_scratch", "ok")]
+    assert all(r["wall_median_s"] > 0 and r["host_aten_ops"] > 0 and r["top"] for r in rows)
+    assert "| variant | wall ms" in (tmp_path / "prefill_profile.md").read_text()
+
+
+def test_skinny_linear_script_checks_its_kernel_on_the_cpu(tmp_path):
+    """benchmarks/skinny_linear_gpu.py --cpu-smoke: the few-row kernel's float64 checks run under Triton's
+    interpreter (no timing without CUDA) and the report is written."""
+    import json
+
+    pytest.importorskip("triton")
+    _run_benchmark_script(tmp_path, "skinny_linear_gpu.py", "--cpu-smoke", interpret=True)
+    rows = json.loads((tmp_path / "skinny_linear.json").read_text())["rows"]
+    assert rows and all(r["kernel_equal_rounded"] >= 0.99 and r["kernel_rel_err"] < 1e-2 for r in rows)
