@@ -95,6 +95,10 @@ def cases():
                     ACT=act, PDL=pdl)
         yield (f"few-row linear ({out[1:]}, bias={bias}, even K={even}, BLOCK_M={block_m}, ACT={act}, PDL={pdl})",
                skinny.skinny_linear_kernel, ptrs, (), meta)
+    nl_ptrs = {name: bf for name in ("X", "LNW", "LNB", "W", "Bias", "RES", "Y")}
+    yield "few-row linear with LayerNorm prologue and residual epilogue (bf16)", skinny.norm_linear_kernel, \
+        nl_ptrs, ("eps",), dict(LN=True, LN_BIAS=True, HAS_BIAS=True, HAS_RES=True, BLOCK_M=16, BLOCK_N=16,
+                                BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1)
     noble_ptrs = {name: bf for name in ("X", "W", "Bias", "WD", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}
     yield "NOBLE decoding layer (bf16, r 32)", noble_decode.noble_decode_kernel, noble_ptrs, (), \
         dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, INTERPRET=False)

@@ -76,3 +76,58 @@ def skinny_linear_kernel(X, W, Bias, Y, M, N, K, sxm, sxk, swn, swk, sym, syn,
         acc = _round(_activation(acc, ACT), dt)
     tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(dt),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def norm_linear_kernel(X, LNW, LNB, W, Bias, RES, Y, M, N, K, eps, sxm, sxk, swn, swk, srm, srn, sym, syn,
+                       LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       INTERPRET: tl.constexpr, ACT: tl.constexpr = 0):
+    """``skinny_linear_kernel`` with LayerNorm of x's rows in its prologue (``LN``: mean and variance over K
+    in float32, two passes over x, then each tile normalised, scaled, shifted and rounded to x's dtype as
+    ``F.layer_norm`` rounds its output) and a residual added in its epilogue (``HAS_RES``: the rounded
+    product plus RES, rounded again, as ``residual + F.linear(...)``). Every program recomputes the rows'
+    statistics: x is a few rows (8 × 768 bf16: 12 KB, from L2)."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    dt = Y.dtype.element_ty
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if LN:
+        for k0 in range(0, K, BLOCK_K):
+            mean += tl.sum(_load_x(X, offs_m, m_ok, k0 + offs_k, K, sxm, sxk, False).to(tl.float32), axis=1)
+        mean = mean / K
+        var = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            xc = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, False).to(tl.float32) - mean[:, None]
+            xc = tl.where((kk < K)[None, :], xc, 0.0)
+            var += tl.sum(xc * xc, axis=1)
+        rstd = 1.0 / tl.sqrt((var / K + eps).to(tl.float32))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
+        if LN:
+            k_ok = kk < K
+            g = tl.load(LNW + kk, mask=k_ok, other=0.0).to(tl.float32)
+            xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :]
+            if LN_BIAS:
+                xn += tl.load(LNB + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            x = _round(xn, dt).to(dt)  # past K: g = 0 (and the shift 0), so 0
+        w = _load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)
+        acc += mm(x, tl.trans(w), "ieee", INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _round(acc, dt)
+    if ACT != 0:
+        acc = _round(_activation(acc, ACT), dt)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        res = tl.load(RES + offs_m[:, None] * srm + offs_n[None, :] * srn, mask=mask, other=0.0).to(tl.float32)
+        acc = _round(acc + res, dt)
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(dt), mask=mask)
