@@ -31,6 +31,7 @@ MIX_ON = {"leanformer.layers.shaped.COMPILE_STEP_MIX": True}
 SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}  # the default since 2026-12-06
 SKINNY_OFF = {"leanformer.ops.skinny_linear.ROUTE": "never"}
 NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda"}
+NORMS_IN = {"leanformer.ops.norm_linear.ROUTE": "cuda"}
 SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
 ARGMAX_TWO = {"leanformer.decoding.TWO_PASS_ARGMAX": True}
 PDL_ON = {"leanformer.ops.skinny_linear.PDL": True, "leanformer.ops.fused_decay_step.PDL": True}
@@ -48,6 +49,11 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
     ("dijiang 8K x8 compiled, cuBLAS products", "dijiang_scratch", 8192, 8, True, SKINNY_OFF),
     ("dijiang 8K x8 compiled, skinny, single pass", "dijiang_scratch", 8192, 8, True, dict(SKINNY_ON, **SINGLE_ON)),
+    ("dijiang 8K x8 compiled, norms in products", "dijiang_scratch", 8192, 8, True, NORMS_IN),
+    ("dijiang 8K x8 compiled, norms in products, single pass", "dijiang_scratch", 8192, 8, True,
+     dict(NORMS_IN, **SINGLE_ON)),
+    ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
+    ("preln 8K x8 compiled, norms in products", "preln", 8192, 8, True, NORMS_IN),
     ("noble 512 x1 graph, NOBLE kernel", "noble_fused", 512, 1, False, NOBLE_ON),
     ("noble 512 x1 graph", "noble_fused", 512, 1, False, {}),
     ("preln 512 x1 graph", "preln", 512, 1, False, {}),
@@ -61,7 +67,6 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled, skinny n32 k256 s4 w4", "dijiang_scratch", 8192, 8, True, skinny_config(32, 256, 4, 4)),
     ("noble 512 x1 compiled", "noble_fused", 512, 1, True, {}),
     ("noble 512 x1 compiled, NOBLE kernel", "noble_fused", 512, 1, True, NOBLE_ON),
-    ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
     ("preln 8K x8 compiled, cuBLAS products", "preln", 8192, 8, True, SKINNY_OFF),
     ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
     ("sas_p 512 x1 compiled", "sas_p", 512, 1, True, {}),

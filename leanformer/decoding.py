@@ -467,10 +467,14 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     of an attention layer that read the same input (q, k, v; DiJiang's gate) run as one product
     (:func:`leanformer.layers.fused_inputs.fuse_linears`: their weights become views of one matrix). Plain
     linears become :class:`leanformer.layers.linear.DecodeLinear` (the same map, through the few-row kernel
-    of :mod:`leanformer.ops.skinny_linear` where its ``ROUTE`` allows), and NOBLE layers run a step's rows
-    through :mod:`leanformer.ops.noble_decode` where its ``ROUTE`` allows."""
+    of :mod:`leanformer.ops.skinny_linear` where its ``ROUTE`` allows), NOBLE layers run a step's rows
+    through :mod:`leanformer.ops.noble_decode` where its ``ROUTE`` allows, and Pre-LN blocks of softmax or
+    DiJiang attention with LayerNorms become :class:`leanformer.blocks.standard.DecodePreLNBlock` (their norms
+    and residual sums inside the products, :mod:`leanformer.ops.norm_linear`, where its ``ROUTE`` allows)."""
     import copy
 
+    from leanformer.blocks.standard import DecodePreLNBlock, PreLNBlock
+    from leanformer.layers.attention import SoftmaxAttention
     from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap
     from leanformer.layers.fused_inputs import fuse_linears
     from leanformer.layers.linear import DecodeLinear
@@ -491,6 +495,9 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     for m in out.modules():
         if type(m) is nn.Linear:
             m.__class__ = DecodeLinear
+        elif (type(m) is PreLNBlock and type(m.attn) in (SoftmaxAttention, DiJiangAttention)
+              and all(type(n) is nn.LayerNorm and n.weight is not None for n in (m.norm1, m.norm2))):
+            m.__class__ = DecodePreLNBlock  # norms and residuals handed to the products (ops/norm_linear.py)
     for m in out.modules():
         if hasattr(m, "input_linears"):
             fuse_linears(m, m.input_linears())

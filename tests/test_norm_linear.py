@@ -76,5 +76,51 @@ def test_refusals_name_the_problem():
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
             nl.norm_linear(t["x"], t["w"], t["b"], **kw)
+    with torch.enable_grad(), pytest.raises(ValueError, match="no backward"):
+        nl.norm_linear(t["x"], t["w"], t["b"], norm=(t["g"].clone().requires_grad_(True), None, 1e-5))
     with pytest.raises(ValueError, match="40 rows"):
         nl.norm_linear(torch.zeros(40, 64, device=DEV), t["w"], t["b"])
+
+
+@pytest.mark.parametrize("attention", ["softmax", "dijiang"])
+def test_decoding_copy_hands_norms_and_residuals_to_the_products(attention, monkeypatch):
+    """A decoding copy's Pre-LN blocks become DecodePreLNBlocks (state_dict unchanged); with the kernel routed
+    ("always": prefill and steps), every layer's four products run it (input product with the norm, output
+    product with the residual, MLP in with the norm and GELU, MLP out with the residual), and the copy decodes
+    the tokens of the eager route, logits within float32 rounding."""
+    from leanformer import TransformerConfig, TransformerLM
+    from leanformer.blocks.standard import DecodePreLNBlock
+    from leanformer.decoding import StaticDecoder, decoding_copy
+    from leanformer.ops import skinny_linear
+
+    cfg = TransformerConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, dropout=0.0,
+                            attention=attention)
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).to(DEV).eval()
+    copy = decoding_copy(model, torch.float32)
+    assert list(copy.state_dict()) == list(model.state_dict())
+    assert all(type(b) is DecodePreLNBlock for b in copy.blocks)
+    calls = [0]
+    real = nl._norm_linear_op
+
+    def counted(*a):
+        calls[0] += 1
+        return real(*a)
+    monkeypatch.setattr(nl, "_norm_linear_op", counted)
+    monkeypatch.setattr(skinny_linear, "ROUTE", "always")
+    prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1)).to(DEV)
+    out = {}
+    for route in ("never", "always"):
+        monkeypatch.setattr(nl, "ROUTE", route)
+        calls[0] = 0
+        dec = StaticDecoder(copy, 2, capacity=10, graph="none", prefill_chunk=4)
+        dec.prefill(prompt)
+        logits = []
+        for _ in range(3):
+            dec.step()
+            logits.append(dec.logits.clone())
+        out[route] = (dec.tokens.clone(), torch.stack(logits))
+        assert calls[0] == (0 if route == "never" else 4 * 4 * cfg.n_layers), route  # prefill + 3 steps
+    assert torch.equal(out["never"][0], out["always"][0])
+    ref = out["never"][1]
+    assert float((out["always"][1] - ref).abs().max() / ref.abs().max()) <= 1e-5

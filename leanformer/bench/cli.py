@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(Inductor times Triton matrix products against cuBLAS and fuses epilogues into them)")
     d.add_argument("--kernels", default=None,
                    help="the step's kernels for this run, name=choice comma-separated: products=triton|cublas, "
-                        "noble=eager|triton, step=two-pass|single, argmax=one-pass|two-pass, pdl=off|on "
+                        "noble=eager|triton, norms=apart|in-products, step=two-pass|single, argmax=one-pass|two-pass, "
+                        "pdl=off|on "
                         "(leanformer/bench/kernel_switches.py)")
     d.set_defaults(func=run_decode)
 

@@ -10,6 +10,7 @@ name       what it chooses                                              choices 
 =========  ============================================================  ==============================
 products   few-row products: ``leanformer.ops.skinny_linear.ROUTE``     triton, cublas
 noble      NOBLE's one-kernel layer: ``leanformer.ops.noble_decode``    eager, triton
+norms      Pre-LN's norms and residuals in the products (norm_linear)  apart, in-products
 step       DiJiang's step kernel: ``fused_decay_step.SINGLE_PASS``      two-pass, single
 argmax     greedy sampling: ``leanformer.decoding.TWO_PASS_ARGMAX``     one-pass, two-pass
 pdl        programmatic dependent launch (Hopper, graph path only)      off, on
@@ -29,6 +30,8 @@ KERNEL_CHOICES: dict[str, dict[str, dict[str, object]]] = {  # name -> choice ->
                  "cublas": {"leanformer.ops.skinny_linear.ROUTE": "never"}},
     "noble": {"eager": {"leanformer.ops.noble_decode.ROUTE": "never"},
               "triton": {"leanformer.ops.noble_decode.ROUTE": "cuda"}},
+    "norms": {"apart": {"leanformer.ops.norm_linear.ROUTE": "never"},
+              "in-products": {"leanformer.ops.norm_linear.ROUTE": "cuda"}},
     "step": {"two-pass": {"leanformer.ops.fused_decay_step.SINGLE_PASS": False},
              "single": {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}},
     "argmax": {"one-pass": {"leanformer.decoding.TWO_PASS_ARGMAX": False},

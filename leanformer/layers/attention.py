@@ -18,7 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from leanformer.config import TransformerConfig
 from leanformer.decoding import cached_attention, is_static, write_kv
 from leanformer.layers.fused_inputs import project_inputs
-from leanformer.layers.linear import make_linear
+from leanformer.layers.linear import DecodeLinear, make_linear
+from leanformer.ops import norm_linear
 from leanformer.layers.rope import Rotary
 
 
@@ -101,17 +102,27 @@ def add_projections(module: nn.Module, cfg: TransformerConfig) -> None:
 
 
 def project_qkv(module: nn.Module, x: torch.Tensor, start, rotate: bool = True,
-                extra: tuple[str, ...] = ()) -> tuple[torch.Tensor, ...]:
+                extra: tuple[str, ...] = (), norm: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
     """``x`` (B, T, C) → q (B, H, T, D), k and v (B, H_kv, T, D), q and k rotated at positions ``start + t``
     (or as :meth:`Rotary.rotate` reads a tensor or static positions; ``rotate=False``: not rotated, the
     caller rotates them); ``module`` holds what :func:`add_projections` gave it. ``extra``: names of more
     linears of ``module`` on the same x, whose (B, T, out) outputs follow v (one product for all of them
-    in a decoding copy, :mod:`leanformer.layers.fused_inputs`)."""
-    q, k, v, *rest = project_inputs(module, x, ("q", "k", "v") + tuple(extra))
+    in a decoding copy, :mod:`leanformer.layers.fused_inputs`); ``norm``: applied to x first (see there)."""
+    q, k, v, *rest = project_inputs(module, x, ("q", "k", "v") + tuple(extra), norm)
     q, k, v = split_heads(q, module.n_heads), split_heads(k, module.n_kv), split_heads(v, module.n_kv)
     if rotate and module.rotary is not None:
         q, k = module.rotary(q, k, start)
     return (q, k, v, *rest)
+
+
+def out_projection(o: nn.Module, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``o(y)``, plus ``residual`` when given: in the product's kernel for a decoding copy's plain linear
+    (:func:`leanformer.ops.norm_linear.linear`, where its ROUTE allows), else ``residual + o(y)``."""
+    if residual is None:
+        return o(y)
+    if type(o) is DecodeLinear:
+        return norm_linear.linear(y, o.weight, o.bias, residual=residual)
+    return residual + o(y)
 
 
 def check_full_pass(state: dict | None, attention_mask: torch.Tensor | None, causal: bool, what: str) -> None:
@@ -136,13 +147,15 @@ class SoftmaxAttention(nn.Module):
         """The linears that read the block input x (fused into one product in a decoding copy)."""
         return ("q", "k", "v")
 
-    def forward(self, x: torch.Tensor, state: dict | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None, attention_mask: torch.Tensor | None = None,
+                input_norm: nn.Module | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_norm`` and ``residual`` (a decoding copy's Pre-LN block): ``residual + o(attn(norm(x)))``,
+        the norm and the sum inside the products' kernels where they run (:func:`out_projection`)."""
         check_full_pass(state, attention_mask, self.causal, "softmax attention")
         if is_static(state):
-            return self._static_forward(x, state)
+            return self._static_forward(x, state, input_norm, residual)
         start = state.get("pos", 0) if state is not None else 0
-        q, k, v = project_qkv(self, x, start)
+        q, k, v = project_qkv(self, x, start, norm=input_norm)
         if state is not None:
             kv = append_to_cache(state, k=k, v=v)
             k, v = kv["k"], kv["v"]
@@ -160,12 +173,13 @@ class SoftmaxAttention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv != self.n_heads,
             )
-        return self.o(merge_heads(y))
+        return out_projection(self.o, merge_heads(y), residual)
 
-    def _static_forward(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+    def _static_forward(self, x: torch.Tensor, state: dict, input_norm: nn.Module | None = None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
         """The static-cache branch (:mod:`leanformer.decoding`): K/V written in place at the positions
         ``state["pos"]`` of a pre-allocated buffer, attention over it with the shared mask."""
         p = state["positions"]
-        q, k, v = project_qkv(self, x, p)
+        q, k, v = project_qkv(self, x, p, norm=input_norm)
         kv = write_kv(state, k=k, v=v)
-        return self.o(merge_heads(cached_attention(q, kv["k"], kv["v"], p)))
+        return out_projection(self.o, merge_heads(cached_attention(q, kv["k"], kv["v"], p)), residual)

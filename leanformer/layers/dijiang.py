@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
 from leanformer.decoding import is_static, store_state
-from leanformer.layers.attention import add_projections, merge_heads, project_qkv
+from leanformer.layers.attention import add_projections, merge_heads, out_projection, project_qkv
 from leanformer.layers.linear import make_linear
 from leanformer.ops import constant_decay
 from leanformer.ops import decayed_linear_attention as dla
@@ -500,9 +500,10 @@ class DiJiangAttention(nn.Module):
         gn = self.group_norm
         return _rescaled_group_norm(o, log_scale, gn.weight, gn.bias, gn.eps)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C).
+    def forward(self, x: torch.Tensor, state: dict | None = None, attention_mask: torch.Tensor | None = None,
+                input_norm: nn.Module | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C); state: this layer's decoding cache or None → (B, T, C). ``input_norm``, ``residual``:
+        as :meth:`leanformer.layers.attention.SoftmaxAttention.forward` (a decoding copy's Pre-LN block).
 
         ``attention_mask`` (B, T), 1 = token, 0 = padding, may only pad at the end of each row: causal
         attention never lets a token see a later position, so the tokens' outputs are those of the
@@ -518,13 +519,14 @@ class DiJiangAttention(nn.Module):
         B, T, C = x.shape
         start = state.get("pos", 0) if state is not None else 0
         step = state is not None and T == 1
-        q, k, v, g = project_qkv(self, x, start, rotate=not step, extra=("gate",))  # a step rotates below,
-        if step and self.form(1, v.device, True, q, v, state) == "fused_step":  # or in the fused kernel
+        # a step rotates q and k below, or in the fused kernel
+        q, k, v, g = project_qkv(self, x, start, rotate=not step, extra=("gate",), norm=input_norm)
+        if step and self.form(1, v.device, True, q, v, state) == "fused_step":
             gate_inside = fds.GATE_IN_KERNEL
             o = self.fused_step(q, k, v, state, x.dtype, start, gate=g if gate_inside else None)
             if not is_static(state):  # a static cache publishes every call's positions itself (decoding.py)
                 state["pos"] = start + T
-            return self.o(o if gate_inside else F.silu(g) * o)
+            return out_projection(self.o, o if gate_inside else F.silu(g) * o, residual)
         if step and self.rotary is not None:
             q, k = self.rotary(q, k, start)
         if self.n_kv != self.n_heads:
@@ -534,4 +536,4 @@ class DiJiangAttention(nn.Module):
         if state is not None:
             state["pos"] = start + T
         o = self.normalise(o, log_scale)
-        return self.o(F.silu(g) * o.to(x.dtype))
+        return out_projection(self.o, F.silu(g) * o.to(x.dtype), residual)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from leanformer.layers.linear import PLAIN_LINEARS
-from leanformer.ops import skinny_linear
+from leanformer.ops import norm_linear, skinny_linear
 
 _SPEC = "_fused_inputs"  # (names, output widths) of the fused linears
 
@@ -93,15 +93,24 @@ def refresh_fusion(module: nn.Module) -> None:
         fuse_linears(module, spec[0])
 
 
-def project_inputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
-    """``[module.<name>(x) for name in names]``, x (..., in) → each (..., out_name): one product when
+def project_inputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...],
+                   norm: nn.LayerNorm | None = None) -> list[torch.Tensor]:
+    """``[module.<name>(norm(x)) for name in names]``, x (..., in) → each (..., out_name): one product when
     :func:`fuse_linears` fused exactly these names and no gradient is being recorded (the stacked matrix is
-    a buffer: gradients must reach the linears' own weights), else one call per linear."""
+    a buffer: gradients must reach the linears' own weights), else one call per linear. ``norm`` (a
+    decoding copy's Pre-LN block passes its LayerNorm): applied first, inside the fused product's kernel
+    where :data:`leanformer.ops.norm_linear.ROUTE` allows."""
     spec = getattr(module, _SPEC, None)
     if spec is not None and spec[0] == tuple(names) and not torch.is_grad_enabled():
         if not torch.compiler.is_compiling():
             refresh_fusion(module)  # may unfuse
         if hasattr(module, _SPEC):
-            return list(skinny_linear.linear(x, module.fused_input_weight, module.fused_input_bias)
-                        .split(spec[1], dim=-1))
+            if norm is not None:
+                y = norm_linear.linear(x, module.fused_input_weight, module.fused_input_bias,
+                                       norm=(norm.weight, norm.bias, norm.eps))
+            else:
+                y = skinny_linear.linear(x, module.fused_input_weight, module.fused_input_bias)
+            return list(y.split(spec[1], dim=-1))
+    if norm is not None:
+        x = norm(x)
     return [getattr(module, n)(x) for n in names]

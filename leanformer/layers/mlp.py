@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
 from leanformer.layers.linear import DecodeLinear, make_linear
-from leanformer.ops import skinny_linear
+from leanformer.ops import norm_linear, skinny_linear
 
 _ACTIVATIONS = skinny_linear.EAGER_ACTIVATIONS  # relu, gelu, gelu_tanh (swiglu is handled in forward)
 
@@ -26,7 +26,12 @@ class MLP(nn.Module):
         self.act_name = cfg.ffn_act
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``norm``, ``residual`` (a decoding copy's Pre-LN block): ``residual + MLP(norm(x))``, the norm in the
+        first product's kernel and the sum in the second's where :mod:`leanformer.ops.norm_linear` runs them."""
+        if norm is not None or residual is not None:
+            return self._decode_forward(x, norm, residual)
         if type(self.ffn_in) is DecodeLinear and self.act_name in skinny_linear.ACTIVATIONS:
             # a decoding copy: the activation in the few-row kernel's epilogue where it runs (same function)
             h = skinny_linear.linear(x, self.ffn_in.weight, self.ffn_in.bias, activation=self.act_name)
@@ -38,3 +43,13 @@ class MLP(nn.Module):
         else:
             h = self.act(h)
         return self.drop(self.ffn_out(h))
+
+    def _decode_forward(self, x: torch.Tensor, norm: nn.LayerNorm | None,
+                        residual: torch.Tensor | None) -> torch.Tensor:
+        plain = type(self.ffn_in) is DecodeLinear and type(self.ffn_out) is DecodeLinear and not self.swiglu
+        if not plain or self.act_name not in skinny_linear.ACTIVATIONS:
+            y = self.forward(norm(x) if norm is not None else x)
+            return residual + y if residual is not None else y
+        ln = (norm.weight, norm.bias, norm.eps) if norm is not None else None
+        h = norm_linear.linear(x, self.ffn_in.weight, self.ffn_in.bias, norm=ln, activation=self.act_name)
+        return norm_linear.linear(h, self.ffn_out.weight, self.ffn_out.bias, residual=residual)

@@ -6,9 +6,9 @@ A Pre-LN decoding step runs, per layer, LayerNorm (fused by Inductor with the re
 input product, the attention step, the output product, LayerNorm again, the MLP's two products: 7 launches
 with the few-row kernel (DiJiang, compiled, H100, 2026-12-06). With the norm in the prologue of the product
 that reads it and the residual in the epilogue of the product that writes it, 5 remain. This module is
-the kernel's op (:func:`leanformer.ops._skinny_linear_kernel.norm_linear_kernel`); the blocks do not use it
-yet: wiring it into the decoding copy (the attention takes its input norm and its residual) is the next
-step, and whether it is faster is for a GPU to say.
+the kernel's op (:func:`leanformer.ops._skinny_linear_kernel.norm_linear_kernel`); a decoding copy's Pre-LN
+blocks (:class:`leanformer.blocks.standard.DecodePreLNBlock`) call :func:`linear`, which runs it where
+:data:`ROUTE` allows (off by default until timed on a GPU) and the eager ops otherwise.
 
 ``norm_linear(x, weight, bias, norm=(γ, β, eps), residual=r, activation=...)``: the kernel where
 :func:`norm_linear_supported` allows, ValueError naming the reason otherwise; ``reference`` computes the
@@ -54,6 +54,9 @@ def norm_linear_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                                  or residual.device != x.device):
         return f"residual must be {(*x.shape[:-1], N)} {x.dtype} on {x.device}, got {tuple(residual.shape)} " \
                f"{residual.dtype} on {residual.device}"
+    extra = (*(norm[:2] if norm is not None else ()), residual)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in extra):
+        return "the kernel has no backward (the norm's parameters or the residual require grad)"
     return None
 
 
@@ -85,6 +88,25 @@ def _norm_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
             INTERPRET=_interpret(), ACT=act, **meta, **opts)
     return out.view(*x.shape[:-1], N)
+
+
+ROUTE = "never"  # "cuda": linear() runs the kernel on CUDA tensors it takes; "always": also on the CPU (tests)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
+           residual: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """:func:`reference`'s function: by the kernel where :data:`ROUTE` routes it ("never", the default until
+    timed; "cuda"; "always") and it runs the inputs, else as a decoding step ran it before: ``F.layer_norm``,
+    the product (and activation) through :func:`leanformer.ops.skinny_linear.linear`, the sum."""
+    if (ROUTE == "never" or (ROUTE == "cuda" and not x.is_cuda) or (norm is not None and norm[0] is None)
+            or (activation is not None and activation not in skinny_linear.ACTIVATIONS)
+            or norm_linear_supported(x, weight, bias, norm, residual) is not None):
+        if norm is not None:
+            x = F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], norm[2])
+        y = skinny_linear.linear(x, weight, bias, activation=activation)
+        return residual + y if residual is not None else y
+    return norm_linear(x, weight, bias, norm, residual, activation)
 
 
 def norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
