@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("triton")
 
 from leanformer import NobleConfig, TransformerConfig, TransformerLM  # noqa: E402
-from leanformer.decoding import StaticDecoder, decoding_copy  # noqa: E402
+from decoding_routes import assert_same_decoding, decode_each_route  # noqa: E402
+from leanformer.decoding import decoding_copy  # noqa: E402
 from leanformer.layers.noble import NobleLinear  # noqa: E402
 from leanformer.ops import noble_decode as nd  # noqa: E402
 from leanformer.ops import skinny_linear as sl  # noqa: E402
@@ -108,26 +109,6 @@ def test_decoding_copy_of_a_noble_model_decodes_the_same_through_the_kernel(monk
     copy = decoding_copy(model, torch.float32)
     layers = [m for m in copy.modules() if isinstance(m, NobleLinear)]
     assert layers and all(m.decode_kernel for m in layers)
-    calls = [0]
-    real = nd._noble_op
-
-    def counted(*a):
-        calls[0] += 1
-        return real(*a)
-    monkeypatch.setattr(nd, "_noble_op", counted)
-    prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1)).to(DEV)
-    out = {}
-    for route in ("never", "always"):
-        monkeypatch.setattr(nd, "ROUTE", route)
-        calls[0] = 0
-        dec = StaticDecoder(copy, 2, capacity=10, graph="none", prefill_chunk=4)
-        dec.prefill(prompt)
-        logits = []
-        for _ in range(3):
-            dec.step()
-            logits.append(dec.logits.clone())
-        out[route] = (dec.tokens.clone(), torch.stack(logits))
-        assert calls[0] == (0 if route == "never" else 4 * len(layers)), route  # prefill + 3 steps
-    assert torch.equal(out["never"][0], out["always"][0])
-    ref = out["never"][1]
-    assert float((out["always"][1] - ref).abs().max() / ref.abs().max()) <= 1e-5
+    out = decode_each_route(copy, nd, "_noble_op", monkeypatch, DEV)
+    assert [len(out[r][2]) for r in ("never", "always")] == [0, 4 * len(layers)]  # prefill + 3 steps
+    assert_same_decoding(out)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from decoding_routes import assert_same_decoding, decode_each_route  # noqa: E402
 from leanformer.ops import norm_linear as nl  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +91,7 @@ def test_decoding_copy_hands_norms_and_residuals_to_the_products(attention, monk
     the tokens of the eager route, logits within float32 rounding."""
     from leanformer import TransformerConfig, TransformerLM
     from leanformer.blocks.standard import DecodePreLNBlock
-    from leanformer.decoding import StaticDecoder, decoding_copy
+    from leanformer.decoding import decoding_copy
     from leanformer.ops import skinny_linear
 
     cfg = TransformerConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, dropout=0.0,
@@ -100,27 +101,7 @@ def test_decoding_copy_hands_norms_and_residuals_to_the_products(attention, monk
     copy = decoding_copy(model, torch.float32)
     assert list(copy.state_dict()) == list(model.state_dict())
     assert all(type(b) is DecodePreLNBlock for b in copy.blocks)
-    calls = [0]
-    real = nl._norm_linear_op
-
-    def counted(*a):
-        calls[0] += 1
-        return real(*a)
-    monkeypatch.setattr(nl, "_norm_linear_op", counted)
     monkeypatch.setattr(skinny_linear, "ROUTE", "always")
-    prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1)).to(DEV)
-    out = {}
-    for route in ("never", "always"):
-        monkeypatch.setattr(nl, "ROUTE", route)
-        calls[0] = 0
-        dec = StaticDecoder(copy, 2, capacity=10, graph="none", prefill_chunk=4)
-        dec.prefill(prompt)
-        logits = []
-        for _ in range(3):
-            dec.step()
-            logits.append(dec.logits.clone())
-        out[route] = (dec.tokens.clone(), torch.stack(logits))
-        assert calls[0] == (0 if route == "never" else 4 * 4 * cfg.n_layers), route  # prefill + 3 steps
-    assert torch.equal(out["never"][0], out["always"][0])
-    ref = out["never"][1]
-    assert float((out["always"][1] - ref).abs().max() / ref.abs().max()) <= 1e-5
+    out = decode_each_route(copy, nl, "_norm_linear_op", monkeypatch, DEV)
+    assert [len(out[r][2]) for r in ("never", "always")] == [0, 4 * 4 * cfg.n_layers]  # prefill + 3 steps
+    assert_same_decoding(out)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from leanformer import TransformerConfig, TransformerLM  # noqa: E402
-from leanformer.decoding import StaticDecoder, decoding_copy  # noqa: E402
+from decoding_routes import assert_same_decoding, decode_each_route  # noqa: E402
+from leanformer.decoding import decoding_copy  # noqa: E402
 from leanformer.layers.linear import DecodeLinear  # noqa: E402
 from leanformer.ops import skinny_linear as sl  # noqa: E402
 
@@ -160,34 +161,12 @@ def test_decoding_copy_routes_its_plain_linears_and_decodes_the_same(kw, monkeyp
     linears = [m for m in copy.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is DecodeLinear for m in linears)
     assert any(hasattr(m, "fused_input_weight") for m in copy.modules())
-    prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1)).to(DEV)
-    calls = [0]
-    real = sl._skinny_op
-
-    act_calls = [0]
-
-    def counted(*a):
-        calls[0] += 1
-        act_calls[0] += len(a) > 3 and a[3] != 0
-        return real(*a)
-    monkeypatch.setattr(sl, "_skinny_op", counted)
-    out = {}
-    for route in ("never", "always"):
-        monkeypatch.setattr(sl, "ROUTE", route)
-        calls[0] = act_calls[0] = 0
-        dec = StaticDecoder(copy, 2, capacity=10, graph="none", prefill_chunk=4)
-        dec.prefill(prompt)
-        logits = []
-        for _ in range(3):
-            dec.step()
-            logits.append(dec.logits.clone())
-        out[route] = (dec.tokens.clone(), torch.stack(logits))
-        # never: none; always: every product of the prefill and the 3 steps (input, o, MLP in/out per layer, head)
-        assert calls[0] == (0 if route == "never" else 4 * (4 * 2 + 1)), route
-        assert act_calls[0] == (0 if route == "never" else 4 * 2), route  # the MLP's GELU in the epilogue
-    assert torch.equal(out["never"][0], out["always"][0])
-    ref = out["never"][1]
-    assert float((out["always"][1] - ref).abs().max() / ref.abs().max()) <= 1e-5
+    out = decode_each_route(copy, sl, "_skinny_op", monkeypatch, DEV)
+    never, always = out["never"][2], out["always"][2]
+    # never: none; always: every product of the prefill and the 3 steps (input, o, MLP in/out per layer, head)
+    assert len(never) == 0 and len(always) == 4 * (4 * 2 + 1)
+    assert sum(len(a) > 3 and a[3] != 0 for a in always) == 4 * 2  # the MLP's GELU in the epilogue
+    assert_same_decoding(out)
 
 
 def test_programmatic_dependent_launch_gives_the_same_product(monkeypatch):
