@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from train_profile import kernel_class, kernel_totals, top_kernels
 
+from leanformer.bench.kernel_switches import switches_set
+
 AUTOTUNE = "max-autotune-no-cudagraphs"
 GATE_OUT = {"leanformer.ops.fused_decay_step.GATE_IN_KERNEL": False}
 COSNET_ON = {"leanformer.layers.noble.COSNET_KERNEL": "cuda"}
@@ -84,14 +86,6 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
 ]
 
 
-def _switch(name: str):
-    """(module, attribute) of a dotted switch name such as ``leanformer.ops.fused_decay_step.GATE_IN_KERNEL``."""
-    import importlib
-
-    module, attr = name.rsplit(".", 1)
-    return importlib.import_module(module), attr
-
-
 def run_variant(label, arm, context, batch, compiled, switches, device, smoke) -> dict:
     from leanformer.bench.decode import _model, static_prefill, time_static_steps
     from leanformer.bench.train import base_config, get_size
@@ -102,11 +96,8 @@ def run_variant(label, arm, context, batch, compiled, switches, device, smoke) -
     steps, warmup = (4, 1) if smoke else (64, 5)
     extra = warmup + steps + 40
     mode = compiled if isinstance(compiled, str) else None
-    old = {name: getattr(*_switch(name)) for name in switches}
-    for name, value in switches.items():
-        setattr(*_switch(name), value)
     torch._dynamo.reset()  # each variant compiles afresh: past the recompile limit Dynamo silently runs eager
-    try:
+    with switches_set(switches):
         model, reason = _model(arm, base_config(size, max_seq_len=context + extra), device, bf16=not smoke)
         if model is None:
             return {"label": label, "status": reason}
@@ -128,9 +119,6 @@ def run_variant(label, arm, context, batch, compiled, switches, device, smoke) -
                    by_class=totals, top=kernels[:25], status="ok")
         row["gap_ms"] = row["ms_per_step"] - row["kernel_ms"]
         return row
-    finally:
-        for name, value in old.items():
-            setattr(*_switch(name), value)
 
 
 def markdown(result: dict) -> str:

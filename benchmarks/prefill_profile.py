@@ -34,8 +34,8 @@ VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN
 
 
 def run_variant(label, arm, tokens, chunk, fused_max_len, device, smoke) -> dict:
-    import leanformer.layers.dijiang as dijiang
     from leanformer.bench.decode import _model
+    from leanformer.bench.kernel_switches import switches_set
     from leanformer.bench.timing import synchronize
     from leanformer.bench.train import base_config, get_size
     from leanformer.decoding import StaticDecoder
@@ -43,10 +43,8 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, device, smoke) -> dict
     size = get_size("tiny" if smoke else "gpt2")
     if smoke:
         tokens, chunk = 64, min(chunk, 32)
-    old = dijiang.FUSED_MAX_LEN
-    if fused_max_len:
-        dijiang.FUSED_MAX_LEN = fused_max_len
-    try:
+    switches = {"leanformer.layers.dijiang.FUSED_MAX_LEN": fused_max_len} if fused_max_len else {}
+    with switches_set(switches):
         model, reason = _model(arm, base_config(size, max_seq_len=tokens + 8), device, bf16=not smoke)
         if model is None:
             return {"label": label, "status": reason}
@@ -65,16 +63,13 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, device, smoke) -> dict
             prefill()
             synchronize(device)
             walls.append(time.perf_counter() - t0)
-        totals: dict = {}
-        kernels = top_kernels(prefill, device, steps=1, limit=10**6, totals=totals)
+        kernels = top_kernels(prefill, device, steps=1, limit=10**6)
         kernels = [k for k in kernels if kernel_class(k["kernel"]) != "annotation"]
-        host_ops = _host_ops(prefill)
+        totals = kernel_totals(kernels)
         return {"label": label, "arm": arm, "tokens": tokens, "chunk": chunk, "fused_max_len": fused_max_len,
-                "wall_s": walls, "wall_median_s": statistics.median(walls[1:]),
-                "kernel_ms": kernel_totals(kernels)["total"], "launches": sum(k["calls_per_step"] for k in kernels),
-                "host_aten_ops": host_ops, "by_class": kernel_totals(kernels), "top": kernels[:20], "status": "ok"}
-    finally:
-        dijiang.FUSED_MAX_LEN = old
+                "wall_s": walls, "wall_median_s": statistics.median(walls[1:]), "kernel_ms": totals["total"],
+                "launches": sum(k["calls_per_step"] for k in kernels), "host_aten_ops": _host_ops(prefill),
+                "by_class": totals, "top": kernels[:20], "status": "ok"}
 
 
 def _host_ops(fn) -> int:

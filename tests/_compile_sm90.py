@@ -90,15 +90,16 @@ def cases():
                                                         (False, False, 32, 64, f32, 0, False),
                                                         (True, True, 16, 32, bf, 2, False),
                                                         (True, True, 16, 16, bf, 1, True)):
-        ptrs = dict(X=bf if out == bf else f32, W=bf if out == bf else f32, Bias=bf if out == bf else f32, Y=out)
-        meta = dict(HAS_BIAS=bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256, EVEN_K=even, INTERPRET=False,
-                    ACT=act, PDL=pdl)
+        io = bf if out == bf else f32
+        ptrs = dict(X=io, LNW=io, LNB=io, W=io, Bias=io, RES=out, Y=out)
+        meta = dict(LN=False, LN_BIAS=False, HAS_BIAS=bias, HAS_RES=False, BLOCK_M=block_m, BLOCK_N=block_n,
+                    BLOCK_K=256, EVEN_K=even, INTERPRET=False, ACT=act, PDL=pdl)
         yield (f"few-row linear ({out[1:]}, bias={bias}, even K={even}, BLOCK_M={block_m}, ACT={act}, PDL={pdl})",
-               skinny.skinny_linear_kernel, ptrs, (), meta)
+               skinny.skinny_linear_kernel, ptrs, ("eps",), meta)
     nl_ptrs = {name: bf for name in ("X", "LNW", "LNB", "W", "Bias", "RES", "Y")}
-    yield "few-row linear with LayerNorm prologue and residual epilogue (bf16)", skinny.norm_linear_kernel, \
+    yield "few-row linear with LayerNorm prologue and residual epilogue (bf16)", skinny.skinny_linear_kernel, \
         nl_ptrs, ("eps",), dict(LN=True, LN_BIAS=True, HAS_BIAS=True, HAS_RES=True, BLOCK_M=16, BLOCK_N=16,
-                                BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1)
+                                BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1, PDL=False)
     noble_ptrs = {name: bf for name in ("X", "W", "Bias", "WD", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}
     yield "NOBLE decoding layer (bf16, r 32)", noble_decode.noble_decode_kernel, noble_ptrs, (), \
         dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, INTERPRET=False)

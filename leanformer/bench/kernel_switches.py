@@ -63,9 +63,9 @@ def _target(dotted: str):
 
 
 @contextmanager
-def kernel_switches(spec: str | None):
-    """Set the switches of ``spec`` (:func:`parse_kernels`) for the body, restore them after."""
-    switches = parse_kernels(spec)
+def switches_set(switches: dict[str, object]):
+    """Set module switches named by dotted path (``{"leanformer.ops.skinny_linear.ROUTE": "never"}``) for the
+    body, restore them after."""
     old = {name: getattr(*_target(name)) for name in switches}
     try:
         for name, value in switches.items():
@@ -74,3 +74,8 @@ def kernel_switches(spec: str | None):
     finally:
         for name, value in old.items():
             setattr(*_target(name), value)
+
+
+def kernel_switches(spec: str | None):
+    """:func:`switches_set` for the switches of ``spec`` (:func:`parse_kernels`)."""
+    return switches_set(parse_kernels(spec))

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from leanformer.layers.linear import PLAIN_LINEARS
-from leanformer.ops import norm_linear, skinny_linear
+from leanformer.ops import norm_linear
 
 _SPEC = "_fused_inputs"  # (names, output widths) of the fused linears
 
@@ -105,12 +105,9 @@ def project_inputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...],
         if not torch.compiler.is_compiling():
             refresh_fusion(module)  # may unfuse
         if hasattr(module, _SPEC):
-            if norm is not None:
-                y = norm_linear.linear(x, module.fused_input_weight, module.fused_input_bias,
-                                       norm=(norm.weight, norm.bias, norm.eps))
-            else:
-                y = skinny_linear.linear(x, module.fused_input_weight, module.fused_input_bias)
-            return list(y.split(spec[1], dim=-1))
+            ln = (norm.weight, norm.bias, norm.eps) if norm is not None else None
+            return list(norm_linear.linear(x, module.fused_input_weight, module.fused_input_bias, norm=ln)
+                        .split(spec[1], dim=-1))
     if norm is not None:
         x = norm(x)
     return [getattr(module, n)(x) for n in names]

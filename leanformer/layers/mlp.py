@@ -30,26 +30,19 @@ class MLP(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """``norm``, ``residual`` (a decoding copy's Pre-LN block): ``residual + MLP(norm(x))``, the norm in the
         first product's kernel and the sum in the second's where :mod:`leanformer.ops.norm_linear` runs them."""
-        if norm is not None or residual is not None:
-            return self._decode_forward(x, norm, residual)
-        if type(self.ffn_in) is DecodeLinear and self.act_name in skinny_linear.ACTIVATIONS:
+        if (type(self.ffn_in) is DecodeLinear and type(self.ffn_out) is DecodeLinear
+                and self.act_name in skinny_linear.ACTIVATIONS and not (self.training and self.drop.p > 0)):
             # a decoding copy: the activation in the few-row kernel's epilogue where it runs (same function)
-            h = skinny_linear.linear(x, self.ffn_in.weight, self.ffn_in.bias, activation=self.act_name)
-            return self.drop(self.ffn_out(h))
+            ln = (norm.weight, norm.bias, norm.eps) if norm is not None else None
+            h = norm_linear.linear(x, self.ffn_in.weight, self.ffn_in.bias, norm=ln, activation=self.act_name)
+            return norm_linear.linear(h, self.ffn_out.weight, self.ffn_out.bias, residual=residual)
+        if norm is not None:
+            x = norm(x)
         h = self.ffn_in(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = self.act(h)
-        return self.drop(self.ffn_out(h))
-
-    def _decode_forward(self, x: torch.Tensor, norm: nn.LayerNorm | None,
-                        residual: torch.Tensor | None) -> torch.Tensor:
-        plain = type(self.ffn_in) is DecodeLinear and type(self.ffn_out) is DecodeLinear and not self.swiglu
-        if not plain or self.act_name not in skinny_linear.ACTIVATIONS:
-            y = self.forward(norm(x) if norm is not None else x)
-            return residual + y if residual is not None else y
-        ln = (norm.weight, norm.bias, norm.eps) if norm is not None else None
-        h = norm_linear.linear(x, self.ffn_in.weight, self.ffn_in.bias, norm=ln, activation=self.act_name)
-        return norm_linear.linear(h, self.ffn_out.weight, self.ffn_out.bias, residual=residual)
+        y = self.drop(self.ffn_out(h))
+        return residual + y if residual is not None else y

@@ -49,10 +49,16 @@ def _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def skinny_linear_kernel(X, W, Bias, Y, M, N, K, sxm, sxk, swn, swk, sym, syn,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-                         ACT: tl.constexpr = 0, PDL: tl.constexpr = False):
+def skinny_linear_kernel(X, LNW, LNB, W, Bias, RES, Y, M, N, K, eps, sxm, sxk, swn, swk, srm, srn, sym, syn,
+                         LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, ACT: tl.constexpr = 0,
+                         PDL: tl.constexpr = False):
+    """y = residual + act(LayerNorm(x) Wᵀ + b), each part optional. ``LN``: LayerNorm of x's rows in the
+    prologue (mean and variance over K in float32, two passes over x, then each tile normalised, scaled,
+    shifted and rounded to x's dtype as ``F.layer_norm`` rounds its output; every program recomputes the
+    statistics: x is a few rows, 8 × 768 bf16 = 12 KB, from L2). ``HAS_RES``: the rounded product (and
+    activation) plus RES, rounded again, as ``residual + F.linear(...)``."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,38 +68,6 @@ def skinny_linear_kernel(X, W, Bias, Y, M, N, K, sxm, sxk, swn, swk, sym, syn,
     if PDL:  # a programmatic dependent launch: the next such kernel may launch now, and every read waits for
         tl.extra.cuda.gdc_launch_dependents()  # the kernel before this one (it may have written x, or W itself:
         tl.extra.cuda.gdc_wait()  # a re-fused input weight), so only the launch overlaps that kernel's tail
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
-        w = _load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)
-        acc += mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    dt = Y.dtype.element_ty  # rounded by hand to nearest (the interpreter's cast truncates), then cast exactly
-    acc = _round(acc, dt)
-    if ACT != 0:  # on the rounded product, then rounded again: as F.linear then the eager activation
-        acc = _round(_activation(acc, ACT), dt)
-    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(dt),
-             mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def norm_linear_kernel(X, LNW, LNB, W, Bias, RES, Y, M, N, K, eps, sxm, sxk, swn, swk, srm, srn, sym, syn,
-                       LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       INTERPRET: tl.constexpr, ACT: tl.constexpr = 0):
-    """``skinny_linear_kernel`` with LayerNorm of x's rows in its prologue (``LN``: mean and variance over K
-    in float32, two passes over x, then each tile normalised, scaled, shifted and rounded to x's dtype as
-    ``F.layer_norm`` rounds its output) and a residual added in its epilogue (``HAS_RES``: the rounded
-    product plus RES, rounded again, as ``residual + F.linear(...)``). Every program recomputes the rows'
-    statistics: x is a few rows (8 × 768 bf16: 12 KB, from L2)."""
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
     dt = Y.dtype.element_ty
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -120,11 +94,11 @@ def norm_linear_kernel(X, LNW, LNB, W, Bias, RES, Y, M, N, K, eps, sxm, sxk, swn
                 xn += tl.load(LNB + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             x = _round(xn, dt).to(dt)  # past K: g = 0 (and the shift 0), so 0
         w = _load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)
-        acc += mm(x, tl.trans(w), "ieee", INTERPRET)
+        acc += mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    acc = _round(acc, dt)
-    if ACT != 0:
+    acc = _round(acc, dt)  # rounded by hand to nearest (the interpreter's cast truncates), then cast exactly
+    if ACT != 0:  # on the rounded product, then rounded again: as F.linear then the eager activation
         acc = _round(_activation(acc, ACT), dt)
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RES:

@@ -6,7 +6,8 @@ A Pre-LN decoding step runs, per layer, LayerNorm (fused by Inductor with the re
 input product, the attention step, the output product, LayerNorm again, the MLP's two products: 7 launches
 with the few-row kernel (DiJiang, compiled, H100, 2026-12-06). With the norm in the prologue of the product
 that reads it and the residual in the epilogue of the product that writes it, 5 remain. This module is
-the kernel's op (:func:`leanformer.ops._skinny_linear_kernel.norm_linear_kernel`); a decoding copy's Pre-LN
+the few-row kernel's op with its LayerNorm and residual on
+(:func:`leanformer.ops._skinny_linear_kernel.skinny_linear_kernel`); a decoding copy's Pre-LN
 blocks (:class:`leanformer.blocks.standard.DecodePreLNBlock`) call :func:`linear`, which runs it where
 :data:`ROUTE` allows (off by default until timed on a GPU) and the eager ops otherwise.
 
@@ -80,7 +81,7 @@ def _norm_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     placeholder = weight  # pointers the kernel never reads (their branch is compiled out)
     with _on_device(x):
-        _wrap(kern.norm_linear_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](
+        _wrap(kern.skinny_linear_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](
             x2, ln_weight if ln_weight is not None else placeholder, ln_bias if ln_bias is not None else placeholder,
             weight, bias if bias is not None else placeholder, r2, out, M, N, K, float(eps),
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), r2.stride(1),
@@ -100,7 +101,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     timed; "cuda"; "always") and it runs the inputs, else as a decoding step ran it before: ``F.layer_norm``,
     the product (and activation) through :func:`leanformer.ops.skinny_linear.linear`, the sum."""
     if (ROUTE == "never" or (ROUTE == "cuda" and not x.is_cuda) or (norm is not None and norm[0] is None)
-            or (activation is not None and activation not in skinny_linear.ACTIVATIONS)
             or norm_linear_supported(x, weight, bias, norm, residual) is not None):
         if norm is not None:
             x = F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], norm[2])
@@ -114,10 +114,7 @@ def norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 residual: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
     """:func:`reference`'s function by the kernel; ValueError naming why it cannot run these inputs.
     ``norm``: (γ, β or None, eps) of a LayerNorm over K, a weight being required."""
-    act = skinny_linear.ACTIVATIONS.get(activation, 0) if activation is not None else 0
-    if activation is not None and activation not in skinny_linear.ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not one of the kernel's: "
-                         f"{', '.join(skinny_linear.ACTIVATIONS)} or None")
+    act = skinny_linear.activation_code(activation)
     if norm is not None and norm[0] is None:
         raise ValueError("norm needs its weight γ (a LayerNorm without elementwise affine: pass ones)")
     reason = norm_linear_supported(x, weight, bias, norm, residual)

@@ -61,7 +61,7 @@ def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 
     block_n = BLOCK_N or next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16)
     block_k = BLOCK_K or min(256 if dtype != torch.float32 else 128, max(16, 1 << (K - 1).bit_length()))
     block_m = 16 if M <= 16 else 32
-    stage_bytes = (block_m + block_n + extra_rows) * block_k * torch.empty((), dtype=dtype).element_size()
+    stage_bytes = (block_m + block_n + extra_rows) * block_k * dtype.itemsize
     stages = max(1, min(NUM_STAGES or 4, SMEM_BYTES // stage_bytes))  # x and W tiles of every stage fit
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS or 4, num_stages=stages)
 
@@ -123,15 +123,17 @@ def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     pdl = pdl_launch(x.device)
     if pdl:
         opts["launch_pdl"] = True
-    with _on_device(x):
+    with _on_device(x):  # the kernel's LayerNorm and residual are off: their pointers are never read
         _wrap(kern.skinny_linear_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](
-            x2, weight, bias if bias is not None else weight, out, M, N, K, x2.stride(0), x2.stride(1),
-            weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+            x2, weight, weight, weight, bias if bias is not None else weight, out, out, M, N, K, 0.0,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            out.stride(0), out.stride(1), LN=False, LN_BIAS=False, HAS_BIAS=bias is not None, HAS_RES=False,
             EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), ACT=act, PDL=pdl, **meta, **opts)
     return out.view(*x.shape[:-1], N)
 
 
-def _act_code(activation: str | None) -> int:
+def activation_code(activation: str | None) -> int:
+    """The kernel's ACT code of ``activation`` (None: 0); ValueError naming the choices for another."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of the kernel's: {', '.join(ACTIVATIONS)} or None")
     return ACTIVATIONS.get(activation, 0)
@@ -141,7 +143,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   activation: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, then ``activation`` (None, "gelu", "gelu_tanh" or "relu") if given, by
     the kernel (module docstring); ValueError naming why it cannot run."""
-    act = _act_code(activation)
+    act = activation_code(activation)
     reason = skinny_supported(x, weight, bias)
     if reason is not None:
         raise ValueError(f"skinny_linear cannot run these inputs: {reason}; use F.linear")
@@ -153,7 +155,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` then ``activation`` (as :func:`skinny_linear`): by the kernel when
     :data:`ROUTE` allows it ("cuda": CUDA tensors; "always": also CPU tensors under the interpreter) and it can
     run the inputs, else by ``F.linear`` and the eager activation."""
-    act = _act_code(activation)
+    act = activation_code(activation)
     if ROUTE == "never" or (ROUTE == "cuda" and not x.is_cuda) or skinny_supported(x, weight, bias) is not None:
         y = F.linear(x, weight, bias)
         return EAGER_ACTIVATIONS[activation](y) if activation is not None else y
