@@ -13,6 +13,24 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_launches_name_every_constexpr():
+    """Each ops module's Triton launches go through :func:`kernel_launch_check.checked_wrap`."""
+    import importlib
+    import pkgutil
+
+    import leanformer.ops
+    from kernel_launch_check import checked_wrap
+
+    patch = pytest.MonkeyPatch()
+    for info in pkgutil.iter_modules(leanformer.ops.__path__):
+        module = importlib.import_module(f"leanformer.ops.{info.name}")
+        if callable(getattr(module, "_wrap", None)):
+            patch.setattr(module, "_wrap", checked_wrap(module._wrap))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def _session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("leanformer_cache")

@@ -87,7 +87,7 @@ def _norm_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), r2.stride(0), r2.stride(1),
             out.stride(0), out.stride(1), LN=ln_weight is not None, LN_BIAS=ln_bias is not None,
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
-            INTERPRET=_interpret(), ACT=act, **meta, **opts)
+            INTERPRET=_interpret(), ACT=act, PDL=False, **meta, **opts)
     return out.view(*x.shape[:-1], N)
 
 
