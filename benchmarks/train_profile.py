@@ -306,6 +306,8 @@ STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.
      "compiled"),
     ("gpt2 noble_kcat b16 cudagraphs cosk", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat", "fused",
      "cuda"),
+    ("gpt2 noble_fused b16 cudagraphs cosk", "gpt2", "noble_fused", 16, True, "reduce-overhead", "stacked",
+     "fused", "cuda"),
     ("gpt2 noble_kcat b16 cudagraphs copt cosk", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat",
      "compiled", "cuda"),
     ("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True),

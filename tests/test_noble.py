@@ -605,3 +605,37 @@ def test_compiled_form_is_validated_and_reaches_the_model():
     cfg.noble.compiled_form, cfg.noble.fusion = "kcat", "gate"
     with pytest.raises(ConfigError, match="kcat computes the fused plain sum"):
         cfg.validate()
+
+
+def _saved_activation_bytes(layer: NobleLinear, x: torch.Tensor, forward) -> list[int]:
+    """Bytes of each storage autograd keeps for the backward pass of ``forward(x)``, parameters and x excluded."""
+    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip and s.nbytes() > 0:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(x).sum().backward()
+    return list(saved.values())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_keeps_only_rank_wide_branch_activations(compiled):
+    """The fused layer splits one product into (main, z); what its backward keeps must be rank-wide (z and
+    CosNet's intermediates), never the main output, which a saved view of z would keep alive."""
+    torch.manual_seed(0)
+    n, d_in, d_out, r = 512, 16, 64, 4
+    layer = NobleLinear(d_in, d_out, rank=r)
+    x = torch.randn(n, d_in)
+    forward = layer
+    if compiled:
+        torch._dynamo.reset()
+        forward = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    sizes = _saved_activation_bytes(layer, x, forward)
+    main_bytes = n * d_out * 4
+    assert max(sizes) < main_bytes, sizes
+    assert sum(sizes) <= 8 * n * r * 4, sizes  # a few (n, r) tensors: z and CosNet's chain
+    torch._dynamo.reset()

@@ -355,7 +355,11 @@ class NobleLinear(nn.Module):
         else:
             b = F.pad(self.down.bias, (self.out_features, 0))  # zeros for the main rows
         h = F.linear(x, w, b)  # (..., d_out + r)
-        return h.split([self.out_features, self.rank], dim=-1)
+        main, z = h.split([self.out_features, self.rank], dim=-1)
+        # In training z gets a buffer of its own: the branch's backward keeps z (or σ(z)) until the backward
+        # pass, and a view would keep all of h, the main output included, alive that long (docs/benchmarks.md,
+        # "NOBLE's memory"). Without autograd (decoding) the copy would only add a launch.
+        return main, z.contiguous() if z.requires_grad else z
 
     def _combine(self, main: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         branch = self.drop(self.up(self.act(z)))
