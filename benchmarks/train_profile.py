@@ -111,7 +111,17 @@ def section_shaped(device: torch.device, smoke: bool, result: dict) -> None:
     def sdpa(q, k, v, a, b, c, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    variants = {"sdpa": sdpa, "shaped_eager": shaped_attention, "shaped_compiled": compiled}
+    from leanformer.layers import shaped
+
+    def with_mix_kernel(*args):  # the mix in leanformer.ops.shaped_mix's kernels, SDPA as before
+        old, shaped.MIX_KERNEL = shaped.MIX_KERNEL, "cuda"
+        try:
+            return shaped_attention(*args)
+        finally:
+            shaped.MIX_KERNEL = old
+
+    variants = {"sdpa": sdpa, "shaped_eager": shaped_attention, "shaped_compiled": compiled,
+                "shaped_kernel": with_mix_kernel}
     rows = []
     for causal in (True, False):
         for T in (lengths if causal else lengths[::3]):
@@ -134,12 +144,16 @@ def section_shaped(device: torch.device, smoke: bool, result: dict) -> None:
                 except Exception as e:  # noqa: BLE001
                     row[name + "_ms"] = None
                     row[name + "_error"] = f"{type(e).__name__}: {e}"[:200]
-            if T == lengths[1] and causal:
-                row["kernels_compiled"] = top_kernels(lambda: step(compiled), device, limit=12)
+            if T == lengths[1] and causal:  # GPU time apart from the host's: the kernels of one call each
+                for name, fn in variants.items():
+                    totals: dict = {}
+                    row["kernels_" + name.removeprefix("shaped_")] = top_kernels(lambda fn=fn: step(fn), device,
+                                                                                 limit=12, totals=totals)
+                    row["kernel_ms_" + name] = totals.get("total")
             rows.append(row)
             s = row.get("sdpa_ms")
             log(f"shaped causal={causal} T={T}: sdpa {s}, eager {row.get('shaped_eager_ms')}, "
-                f"compiled {row.get('shaped_compiled_ms')} ms")
+                f"compiled {row.get('shaped_compiled_ms')}, kernel {row.get('shaped_kernel_ms')} ms")
     result["shaped"] = rows
 
 
@@ -288,7 +302,8 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
 
 STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.compiled_form[, optimizer[,
     # noble.COSNET_KERNEL]]]]), most wanted first; optimizer "compiled": compiled_adamw_step, else the library's
-    # fused AdamW; COSNET_KERNEL "cuda": CosNet through leanformer.ops.cosnet's kernels (default "never")
+    # fused AdamW; COSNET_KERNEL "cuda": CosNet through leanformer.ops.cosnet's kernels (default "never")[,
+    # shaped.MIX_KERNEL: "cuda" mixes shaped attention in leanformer.ops.shaped_mix's kernels (default "never")]
     ("gpt2 preln b16", "gpt2", "preln", 16, True),
     ("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
     ("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
@@ -318,6 +333,14 @@ STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.
     ("bert preln b128 cudagraphs", "bert", "preln", 128, True, "reduce-overhead"),
     ("bert sas_p b128 cudagraphs", "bert", "sas_p", 128, True, "reduce-overhead"),
     ("bert sas_p_nonorm b128 cudagraphs", "bert", "sas_p_nonorm", 128, False, "reduce-overhead"),
+    ("gpt2 sas_p b16 cudagraphs mixk", "gpt2", "sas_p", 16, True, "reduce-overhead", "stacked", "fused", "never",
+     "cuda"),
+    ("gpt2 sas_p_nonorm b16 cudagraphs mixk", "gpt2", "sas_p_nonorm", 16, False, "reduce-overhead", "stacked",
+     "fused", "never", "cuda"),
+    ("bert sas_p b128 cudagraphs mixk", "bert", "sas_p", 128, False, "reduce-overhead", "stacked", "fused",
+     "never", "cuda"),
+    ("bert sas_p_nonorm b128 cudagraphs mixk", "bert", "sas_p_nonorm", 128, False, "reduce-overhead", "stacked",
+     "fused", "never", "cuda"),
 ]
 
 
@@ -362,11 +385,12 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     rows = []
     plan = [p for p in STEP_PLAN if p[0] in PLAN] if PLAN else STEP_PLAN
     plan.sort(key=lambda p: PLAN.index(p[0]) if PLAN else 0)
-    from leanformer.layers import noble
+    from leanformer.layers import noble, shaped
 
     for label, size, arm, batch, prof, *extra in plan:
         mode = [extra[0]] if extra and extra[0] else []
         noble.COSNET_KERNEL = extra[3] if len(extra) > 3 else "never"
+        shaped.MIX_KERNEL = extra[4] if len(extra) > 4 else "never"
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
@@ -473,17 +497,25 @@ def markdown(result: dict) -> str:
         out += [f"| {c['check']} | {c['status']} | {c['err']:.2e} | {c['tol']} |" for c in result["checks"]]
     if "shaped" in result:
         out += ["", "## Shaped attention fwd+bwd vs SDPA (ms)", "",
-                "| causal | T | sdpa | shaped eager | × | shaped compiled | × |", "|---|---:|---:|---:|---:|---:|---:|"]
+                "| causal | T | sdpa | shaped eager | × | shaped compiled | × | mix kernel | × |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in result["shaped"]:
             s, e, c = r.get("sdpa_ms"), r.get("shaped_eager_ms"), r.get("shaped_compiled_ms")
+            k = r.get("shaped_kernel_ms")
             def f(v: float | None) -> str:
                 return f"{v:.3f}" if v else "—"
 
             def ratio(v: float | None, s: float | None = s) -> str:
                 return f"{v / s:.2f}" if v and s else "—"
-            out.append(f"| {r['causal']} | {r['T']} | {f(s)} | {f(e)} | {ratio(e)} | {f(c)} | {ratio(c)} |")
+            out.append(f"| {r['causal']} | {r['T']} | {f(s)} | {f(e)} | {ratio(e)} | {f(c)} | {ratio(c)} | {f(k)} | "
+                       f"{ratio(k)} |")
         for r in result["shaped"]:
-            for key in ("kernels_eager", "kernels_compiled"):
+            gpu = {n: r[f"kernel_ms_{n}"] for n in ("sdpa", "shaped_eager", "shaped_compiled", "shaped_kernel")
+                   if r.get(f"kernel_ms_{n}")}
+            if gpu:
+                out += ["", f"GPU kernel ms per call (T={r['T']}, profiled): "
+                        + ", ".join(f"{n} {v:.3f} ({v / gpu.get('sdpa', v):.2f}× SDPA's)" for n, v in gpu.items())]
+            for key in ("kernels_sdpa", "kernels_eager", "kernels_compiled", "kernels_kernel"):
                 if key in r:
                     out += ["", f"### {key} (causal={r['causal']}, T={r['T']})", ""]
                     out += [f"- `{k['kernel'][:100]}` {k['ms_per_step']:.3f} ms × {k['calls_per_step']:.0f}"

@@ -19,6 +19,7 @@ from leanformer.ops import _feature_map_kernels as features
 from leanformer.ops import _fused_decay_kernels as attn
 from leanformer.ops import _fused_decay_step_kernel as step
 from leanformer.ops import _noble_decode_kernel as noble_decode
+from leanformer.ops import _shaped_mix_kernels as shaped_mix
 from leanformer.ops import _skinny_linear_kernel as skinny
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -103,6 +104,11 @@ def cases():
     noble_ptrs = {name: bf for name in ("X", "W", "Bias", "WD", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}
     yield "NOBLE decoding layer (bf16, r 32)", noble_decode.noble_decode_kernel, noble_ptrs, (), \
         dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, INTERPRET=False)
+    mix_ptrs = dict(V=bf, S=bf, DOUT=bf, ALPHA=f32, BETA=f32, GAMMA=f32, OUT=bf, DV=bf, DS=bf, PART=f32)
+    yield "shaped-attention mix forward (bf16, D 64)", shaped_mix.shaped_mix_fwd_kernel, mix_ptrs, (), \
+        dict(BLOCK_T=64, BLOCK_D=32)
+    yield "shaped-attention mix backward (bf16, D 64)", shaped_mix.shaped_mix_bwd_kernel, mix_ptrs, (), \
+        dict(BLOCK_T=64, BLOCK_D=32)
 
 
 def main() -> int:

@@ -189,3 +189,33 @@ def test_shaped_attention_fast_form_matches_float64_reference(device, check, dty
     a, b, c = (torch.rand(H, device=device) + 0.5 for _ in range(3))
     ref = shaped_attention_reference(*(t.double() for t in (q, k, v, a, b, c)))
     check(rel_err(shaped_attention(q.to(dtype), k.to(dtype), v.to(dtype), a, b, c), ref), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_shaped_mix_kernel_output_and_gradients_match_float64(device, check, dtype):
+    """The full causal pass with its mix in leanformer.ops.shaped_mix's kernels (shaped.MIX_KERNEL): output
+    and the gradients to q, k, v and the three gains against the materialised Eq. 5 in float64."""
+    pytest.importorskip("triton")
+    from leanformer.layers import shaped
+    from leanformer.ops.shaped_mix import shaped_mix_supported
+
+    x = torch.empty(1, 1, 1, 64, device=device, dtype=dtype)
+    reason = shaped_mix_supported(x, x)
+    if reason is not None:
+        pytest.skip(f"shaped mix kernel: {reason}")
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 300, 64
+    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
+    gains = [torch.rand(H, device=device) + 0.5 for _ in range(3)]
+    w = torch.randn(B, H, T, D, device=device, dtype=torch.float64)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v, *gains)]
+    ref = shaped.shaped_attention_reference(*ref_in)
+    ref_grads = torch.autograd.grad((ref * w).sum(), ref_in)
+    ins = [t.to(dtype).requires_grad_() for t in (q, k, v)] + [g.requires_grad_() for g in gains]
+    old, shaped.MIX_KERNEL = shaped.MIX_KERNEL, "always"
+    try:
+        out = shaped.shaped_attention(*ins)
+    finally:
+        shaped.MIX_KERNEL = old
+    grads = torch.autograd.grad((out.double() * w).sum(), ins)
+    check(max([rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]), TOL[dtype])

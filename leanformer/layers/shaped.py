@@ -121,6 +121,23 @@ def shaped_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 RUNNING_MEAN_CHUNK = 64  # positions per chunk of the chunked running mean
 
+# A full causal pass mixes α v + β SDPA − γ C v through leanformer.ops.shaped_mix's Triton kernels: "cuda" on
+# CUDA tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the
+# PyTorch form; the default until the kernels are timed on a GPU)
+MIX_KERNEL = "never"
+MIX_KERNEL_CHOICES = ("cuda", "always", "never")
+
+
+def use_mix_kernel(v: torch.Tensor, soft: torch.Tensor) -> bool:
+    """Whether :func:`shaped_attention` mixes v and SDPA's output ``soft`` (B, H, T, D) in the kernels."""
+    if MIX_KERNEL not in MIX_KERNEL_CHOICES:
+        raise ValueError(f"MIX_KERNEL={MIX_KERNEL!r} must be one of {MIX_KERNEL_CHOICES}")
+    if MIX_KERNEL == "never" or (MIX_KERNEL == "cuda" and not v.is_cuda):
+        return False
+    from leanformer.ops.shaped_mix import shaped_mix_supported
+
+    return shaped_mix_supported(v, soft) is None
+
 
 def running_mean(v: torch.Tensor, past: int, prefix_sum: torch.Tensor | None = None) -> torch.Tensor:
     """``C v`` for causal rows: mean of v over positions ``0..p`` for the last Tq positions ``p``.
@@ -211,6 +228,11 @@ def shaped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: t
         mask = causal_mask(t_new, t_total, q.device) if causal and past else None
     soft = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=causal and mask is None and not past and t_new > 1)
+    if (gamma is not None and causal and not past and v_prefix_sum is None and key_mask is None
+            and use_mix_kernel(v, soft)):
+        from leanformer.ops.shaped_mix import shaped_mix
+
+        return shaped_mix(v, soft, alpha, beta, gamma)  # same function, one Triton pass each way
     dt = torch.promote_types(v.dtype, soft.dtype)  # gains follow the activations: no float32 promotion
     out = _per_head(alpha.to(dt)) * v[:, :, past:, :] + _per_head(beta.to(dt)) * soft
     if gamma is not None:

@@ -2,15 +2,18 @@
 # GPU training call of 2026-12-06 (issue #13): the crammed-BERT shape (16 × 768, seq 128, vocab 32,768),
 # never measured before, and SAS-P's FLOP-limit share at GPT-2 small (last measured 2026-11-24), all
 # compiled with CUDA graphs, one process, medians; first NOBLE (stacked, CosNet kernels) with z in a buffer of
-# its own (its peak memory against Pre-LN's: target <= 1.05x). Everything lands in one tarball under $OUT.
+# its own (its peak memory against Pre-LN's: target <= 1.05x); SAS-P with its mix in the new Triton kernels
+# (shaped.MIX_KERNEL, 'mixk') beside the PyTorch form. Everything lands in one tarball under $OUT.
 R=/tmp/r; mkdir -p $R; export PYTHONUNBUFFERED=1
 nvidia-smi > $R/gpu.txt 2>&1; git rev-parse --short HEAD >> $R/gpu.txt 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
 save() { tar czf $OUT/results.tgz -C $R . ; }
 trap save EXIT
-P="gpt2 preln b16 cudagraphs,gpt2 noble_fused b16 cudagraphs cosk"
-P="$P,bert preln b128 cudagraphs,bert sas_p b128 cudagraphs,bert sas_p_nonorm b128 cudagraphs"
-P="$P,gpt2 sas_p b16 cudagraphs,gpt2 sas_p_nonorm b16 cudagraphs"
-timeout 560 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 520 --out $R/steps \
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_shaped_mix_kernel.py > $R/pytest.txt 2>&1
+tail -2 $R/pytest.txt
+P="gpt2 preln b16 cudagraphs,gpt2 noble_fused b16 cudagraphs cosk,gpt2 sas_p b16 cudagraphs mixk"
+P="$P,gpt2 sas_p b16 cudagraphs,bert preln b128 cudagraphs,bert sas_p b128 cudagraphs mixk"
+P="$P,bert sas_p_nonorm b128 cudagraphs mixk,bert sas_p b128 cudagraphs,gpt2 sas_p_nonorm b16 cudagraphs mixk"
+timeout 520 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 480 --out $R/steps \
   > $R/steps_log.txt 2>&1
 grep -v "^ " $R/steps_log.txt | tail -30

@@ -1,0 +1,183 @@
+"""Shaped attention's mix kernels (:mod:`leanformer.ops.shaped_mix`) against float64: the output and the
+gradients to v, s and the three gains; ragged lengths, strided heads, bf16, empty input, refusals; the
+layer's route (``shaped.MIX_KERNEL``) against the PyTorch form and the materialised Eq. 5, eager and under
+torch.compile; what the op keeps for backward.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1). They compute
+in float32: float32 inputs are asserted within 1e-5 of float64 (relative to the largest reference value).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from leanformer.layers import shaped  # noqa: E402
+from leanformer.ops import shaped_mix as sm  # noqa: E402
+
+F64 = torch.float64
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FP32_TOL = 1e-5
+BF16_TOL = 3e-2
+
+if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1 (see tests/conftest.py)", allow_module_level=True)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.detach().double().cpu()
+    return float((out.detach().double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _inputs(B: int, H: int, T: int, D: int, dtype=torch.float32, seed: int = 0):
+    """v as the projections give it ((B, T, H, D) memory, seen as (B, H, T, D)), s contiguous, gains (H,)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, T, H, D, generator=g).to(DEV, dtype).transpose(1, 2)
+    s = torch.randn(B, H, T, D, generator=g).to(DEV, dtype)
+    gains = [(torch.rand(H, generator=g) + 0.5).to(DEV) for _ in range(3)]
+    return v, s, gains
+
+
+def _reference(v, s, alpha, beta, gamma):
+    """Eq. 5's mix in float64 through the library's plain running mean."""
+    ph = shaped._per_head
+    return ph(alpha) * v + ph(beta) * s - ph(gamma) * shaped.running_mean_cumsum(v, 0)
+
+
+def _value_and_grads(fn, tensors, weight):
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad((out.double() * weight).sum(), leaves)
+    return out, grads
+
+
+@pytest.mark.parametrize("B,H,T,D", [(2, 3, 150, 32), (1, 2, 64, 16), (2, 2, 1, 64), (1, 1, 200, 128)])
+def test_float32_matches_float64_reference(B, H, T, D):
+    v, s, gains = _inputs(B, H, T, D)
+    weight = torch.randn(B, H, T, D, dtype=F64, device=DEV)
+    out, grads = _value_and_grads(sm.shaped_mix, [v, s, *gains], weight)
+    ref, ref_grads = _value_and_grads(_reference, [t.double() for t in (v, s, *gains)], weight)
+    assert out.shape == (B, H, T, D) and out.dtype == v.dtype
+    assert rel(out, ref) < FP32_TOL
+    for name, g, r in zip(("v", "s", "alpha", "beta", "gamma"), grads, ref_grads):
+        assert g.shape == r.shape, name
+        assert rel(g, r) < FP32_TOL, name
+
+
+def test_bf16_within_its_rounding():
+    v, s, gains = _inputs(2, 4, 130, 64, dtype=torch.bfloat16, seed=1)
+    weight = torch.randn(2, 4, 130, 64, dtype=F64, device=DEV)
+    out, grads = _value_and_grads(sm.shaped_mix, [v, s, *gains], weight)
+    ref, ref_grads = _value_and_grads(_reference, [t.double() for t in (v, s, *gains)], weight)
+    assert out.dtype == torch.bfloat16 and rel(out, ref) < BF16_TOL
+    for name, g, r in zip(("v", "s", "alpha", "beta", "gamma"), grads, ref_grads):
+        assert rel(g, r) < BF16_TOL, name
+
+
+def test_output_merges_heads_as_a_view_and_empty_input():
+    v, s, gains = _inputs(2, 3, 40, 16)
+    out = sm.shaped_mix(v, s, *gains)
+    assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) memory
+    v0, s0, _ = _inputs(0, 3, 40, 16)
+    assert sm.shaped_mix(v0, s0, *gains).shape == (0, 3, 40, 16)
+
+
+def test_refusals_name_the_problem():
+    v, s, gains = _inputs(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="head dim D=24"):
+        sm.shaped_mix(torch.zeros(1, 2, 8, 24, device=DEV), torch.zeros(1, 2, 8, 24, device=DEV), *gains)
+    with pytest.raises(ValueError, match="share dtype"):
+        sm.shaped_mix(v, s.double(), *gains)
+    with pytest.raises(ValueError, match="one shape"):
+        sm.shaped_mix(v, s[:, :, :4], *gains)
+    with pytest.raises(ValueError, match=r"gamma must be \(2,\)"):
+        sm.shaped_mix(v, s, gains[0], gains[1], gains[2][:1].expand(3))
+    assert sm.shaped_mix_supported(v, s) is None
+
+
+def test_op_keeps_only_its_inputs_for_backward():
+    """v and s (which SDPA's backward keeps anyway) and the gains: no running mean, no output."""
+    v, s, gains = _inputs(1, 2, 70, 16)
+    leaves = [t.detach().requires_grad_() for t in (v, s, *gains)]
+    inputs = {t.untyped_storage().data_ptr() for t in leaves}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        sm.shaped_mix(*leaves)
+    assert saved and set(saved) <= inputs
+
+
+def _layer_run(causal: bool, kernel: str, compiled: bool = False):
+    """A shaped-attention layer's output and gradients (input and every parameter) with MIX_KERNEL set."""
+    from leanformer.config import TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, max_seq_len=80, block="sas_p",
+                            attention="shaped", causal=causal)
+    torch.manual_seed(0)
+    layer = shaped.ShapedAttention(cfg, layer_idx=1).to(DEV)
+    with torch.no_grad():
+        layer.q.weight.normal_(0, 0.05)  # a softmax away from uniform, so every term matters
+        for g in (layer.alpha, layer.beta, layer.gamma):
+            g.uniform_(0.5, 1.5)
+    x = torch.randn(2, 77, 64, device=DEV, requires_grad=True)
+    old, shaped.MIX_KERNEL = shaped.MIX_KERNEL, kernel
+    try:
+        fn = layer
+        if compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        y = fn(x)
+        params = [p for _, p in layer.named_parameters()]
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, 64, device=DEV)).sum(), [x, *params])
+    finally:
+        shaped.MIX_KERNEL = old
+        torch._dynamo.reset()
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_layer_route_matches_pytorch_form(compiled):
+    y_ref, g_ref = _layer_run(True, "never")
+    y, g = _layer_run(True, "always", compiled=compiled)
+    assert rel(y, y_ref) < FP32_TOL
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert rel(a, b) < 1e-4, i
+
+
+def test_layer_route_leaves_bidirectional_and_decoding_to_pytorch(monkeypatch):
+    calls = []
+    real = sm.shaped_mix
+    monkeypatch.setattr(sm, "shaped_mix", lambda *a: calls.append(1) or real(*a))
+    y_ref, _ = _layer_run(False, "never")
+    y, _ = _layer_run(False, "always")
+    assert not calls and torch.equal(y, y_ref)
+    _layer_run(True, "always")
+    assert calls
+
+
+def test_shaped_attention_with_kernel_equals_materialised_eq5():
+    torch.manual_seed(2)
+    B, H, T, D = 2, 3, 90, 16
+    q, k = (torch.randn(B, H, T, D, dtype=F64) * 0.5 for _ in range(2))
+    v = torch.randn(B, H, T, D, dtype=F64)
+    gains = [torch.rand(H, dtype=F64) + 0.5 for _ in range(3)]
+    ref = shaped.shaped_attention_reference(q, k, v, *gains, causal=True)
+    old, shaped.MIX_KERNEL = shaped.MIX_KERNEL, "always"
+    try:
+        out = shaped.shaped_attention(*(t.float().to(DEV) for t in (q, k, v)), *(g.float().to(DEV) for g in gains))
+    finally:
+        shaped.MIX_KERNEL = old
+    assert rel(out, ref) < FP32_TOL
+
+
+def test_switch_is_validated():
+    old, shaped.MIX_KERNEL = shaped.MIX_KERNEL, "sometimes"
+    try:
+        with pytest.raises(ValueError, match="MIX_KERNEL='sometimes'"):
+            shaped.use_mix_kernel(torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16))
+    finally:
+        shaped.MIX_KERNEL = old
