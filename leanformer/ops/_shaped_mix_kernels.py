@@ -20,7 +20,8 @@ import triton.language as tl
 
 @triton.jit
 def _tile(P, base, t, cols, stride_t, mask):
-    return tl.load(P + base + t[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(P + base + t[:, None].to(tl.int64) * stride_t + cols[None, :], mask=mask,
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -130,6 +130,6 @@ def shaped_mix(v: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, beta: torc
     for name, g in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if tuple(g.shape) != (H,):
             raise ValueError(f"{name} must be ({H},) for v with {H} heads; got {tuple(g.shape)}")
-        g = g.to(device=v.device)
-        gains.append(g if g.dtype in (torch.float32, torch.bfloat16, torch.float16) else g.float())
+        g = g.to(device=v.device)  # the kernels read gains[h] at offset h: contiguous, one element per head
+        gains.append((g if g.dtype in (torch.float32, torch.bfloat16, torch.float16) else g.float()).contiguous())
     return _mix_op(v, s, *gains)
