@@ -59,7 +59,7 @@ def _value_and_grads(fn, tensors, weight):
                                      (2, 2, 128, 64), (1, 2, 4100, 16)])
 def test_float32_matches_float64_reference(B, H, T, D):
     v, s, gains = _inputs(B, H, T, D)
-    weight = torch.randn(B, H, T, D, dtype=F64, device=DEV)
+    weight = torch.randn(B, H, T, D, dtype=F64, generator=torch.Generator().manual_seed(1)).to(DEV)
     out, grads = _value_and_grads(sm.shaped_mix, [v, s, *gains], weight)
     ref, ref_grads = _value_and_grads(_reference, [t.double() for t in (v, s, *gains)], weight)
     assert out.shape == (B, H, T, D) and out.dtype == v.dtype
@@ -87,7 +87,7 @@ def test_float16():
 
 def test_bf16_within_its_rounding():
     v, s, gains = _inputs(2, 4, 130, 64, dtype=torch.bfloat16, seed=1)
-    weight = torch.randn(2, 4, 130, 64, dtype=F64, device=DEV)
+    weight = torch.randn(2, 4, 130, 64, dtype=F64, generator=torch.Generator().manual_seed(1)).to(DEV)
     out, grads = _value_and_grads(sm.shaped_mix, [v, s, *gains], weight)
     ref, ref_grads = _value_and_grads(_reference, [t.double() for t in (v, s, *gains)], weight)
     assert out.dtype == torch.bfloat16 and rel(out, ref) < BF16_TOL
