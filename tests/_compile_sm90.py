@@ -104,11 +104,17 @@ def cases():
     noble_ptrs = {name: bf for name in ("X", "W", "Bias", "WD", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}
     yield "NOBLE decoding layer (bf16, r 32)", noble_decode.noble_decode_kernel, noble_ptrs, (), \
         dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, INTERPRET=False)
-    mix_ptrs = dict(V=bf, S=bf, DOUT=bf, ALPHA=f32, BETA=f32, GAMMA=f32, OUT=bf, DV=bf, DS=bf, PART=f32)
-    yield "shaped-attention mix forward (bf16, D 64)", shaped_mix.shaped_mix_fwd_kernel, mix_ptrs, (), \
-        dict(BLOCK_T=64, BLOCK_D=32)
-    yield "shaped-attention mix backward (bf16, D 64)", shaped_mix.shaped_mix_bwd_kernel, mix_ptrs, (), \
-        dict(BLOCK_T=64, BLOCK_D=32)
+    mix_ptrs = dict(V=bf, S=bf, DOUT=bf, ALPHA=f32, BETA=f32, GAMMA=f32, OUT=bf, DV=bf, DS=bf, PART=f32,
+                    CARRY=f32, X=bf, SUMS=f32)
+    for carry in (False, True):
+        meta = dict(BLOCK_T=64, BLOCK_D=32, HAS_CARRY=carry)
+        yield (f"shaped-attention mix forward (bf16, D 64, carry={carry})", shaped_mix.shaped_mix_fwd_kernel,
+               mix_ptrs, (), meta)
+        yield (f"shaped-attention mix backward (bf16, D 64, carry={carry})", shaped_mix.shaped_mix_bwd_kernel,
+               mix_ptrs, (), meta)
+    for per_position in (False, True):
+        yield (f"shaped-attention mix chunk sums (per position={per_position})", shaped_mix.chunk_sums_kernel,
+               mix_ptrs, (), dict(BLOCK_T=64, BLOCK_D=32, PER_POSITION=per_position))
 
 
 def main() -> int:

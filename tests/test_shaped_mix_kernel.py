@@ -69,6 +69,22 @@ def test_float32_matches_float64_reference(B, H, T, D):
         assert rel(g, r) < FP32_TOL, name
 
 
+@pytest.mark.parametrize("chunk", [64, 128, 192])
+def test_time_chunks_scanned_in_parallel(monkeypatch, chunk):
+    """Several chunks (each from the prefix of those before it, and backward from those after it) × several
+    column blocks × batch rows and heads, a ragged last chunk: the same values and gradients."""
+    monkeypatch.setattr(sm, "CHUNK_T", chunk)
+    B, H, T, D = 2, 3, 300, 64
+    v, s, gains = _inputs(B, H, T, D, seed=5)
+    weight = torch.randn(B, H, T, D, dtype=F64, generator=torch.Generator().manual_seed(2)).to(DEV)
+    out, grads = _value_and_grads(sm.shaped_mix, [v, s, *gains], weight)
+    ref, ref_grads = _value_and_grads(_reference, [t.double() for t in (v, s, *gains)], weight)
+    assert sm._grid(v)[2] == -(-T // chunk)
+    assert rel(out, ref) < FP32_TOL
+    for name, g, r in zip(("v", "s", "alpha", "beta", "gamma"), grads, ref_grads):
+        assert rel(g, r) < FP32_TOL, name
+
+
 def test_strided_and_expanded_gains():
     """Gains as views (every other element of a buffer, one value expanded to every head) read as values."""
     v, s, _ = _inputs(1, 3, 70, 16)

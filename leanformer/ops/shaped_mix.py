@@ -24,6 +24,9 @@ from leanformer.ops.fused_decay_attention import (_cdiv, _on_device, _register, 
                                                   kernel_reason)
 
 BLOCK_T = 64  # positions per tile of the time scan
+CHUNK_T = 1024  # positions per program: longer sequences are cut into chunks scanned in parallel, each from the
+# sum of the chunks before it (a pre-pass over v, or over dout backward, and a prefix sum over chunks); one
+# serial scan over 32K positions kept too few loads in flight to use the GPU's bandwidth (review, H100)
 NUM_WARPS = 4
 
 
@@ -47,7 +50,7 @@ def shaped_mix_supported(v: torch.Tensor, s: torch.Tensor) -> str | None:
 def _kernels():
     from leanformer.ops import _shaped_mix_kernels as kern
 
-    return kern.shaped_mix_fwd_kernel, kern.shaped_mix_bwd_kernel
+    return kern.shaped_mix_fwd_kernel, kern.shaped_mix_bwd_kernel, kern.chunk_sums_kernel
 
 
 def _like_heads(v: torch.Tensor) -> torch.Tensor:
@@ -60,9 +63,24 @@ def _new_out(v, s, alpha, beta, gamma):
     return _like_heads(v)
 
 
-def _grid(v: torch.Tensor) -> tuple[int, int]:
-    B, H, _, D = v.shape
-    return B * H, _cdiv(D, block_cols(D))
+def _grid(v: torch.Tensor) -> tuple[int, int, int]:
+    """(batch rows × heads, column blocks, time chunks)."""
+    B, H, T, D = v.shape
+    return B * H, _cdiv(D, block_cols(D)), max(1, _cdiv(T, CHUNK_T))
+
+
+def _carries(x: torch.Tensor, grid: tuple[int, int, int], per_position: bool) -> torch.Tensor | None:
+    """The float32 sum each chunk starts its scan from, (B, H, n_chunks, D): of x before the chunk (forward),
+    or of x_t / (t+1) after it (``per_position``, the backward's reverse scan); None for one chunk."""
+    if grid[2] == 1:
+        return None
+    B, H, T, D = x.shape
+    sums = x.new_empty((B, H, grid[2], D), dtype=torch.float32)
+    _wrap(_kernels()[2])[grid](x, sums, T, H, D, *x.stride()[:3], CHUNK_T, BLOCK_T=BLOCK_T,
+                               BLOCK_D=block_cols(D), PER_POSITION=per_position, num_warps=NUM_WARPS)
+    if per_position:  # Σ over the chunks after each one
+        return sums.flip(2).cumsum(2).flip(2) - sums
+    return sums.cumsum(2) - sums  # Σ over the chunks before each one
 
 
 @_register("leanformer::shaped_mix", _new_out)
@@ -72,10 +90,13 @@ def _mix_op(v: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, beta: torch.T
     B, H, T, D = v.shape
     out = _new_out(v, s, alpha, beta, gamma)
     if out.numel():
+        grid = _grid(v)
         with _on_device(v):
-            _wrap(_kernels()[0])[_grid(v)](
-                v, s, alpha, beta, gamma, out, T, H, D, *v.stride()[:3], *s.stride()[:3], *out.stride()[:3],
-                BLOCK_T=BLOCK_T, BLOCK_D=block_cols(D), num_warps=NUM_WARPS)
+            carry = _carries(v, grid, per_position=False)
+            _wrap(_kernels()[0])[grid](
+                v, s, alpha, beta, gamma, out, carry if carry is not None else alpha, T, H, D, CHUNK_T,
+                *v.stride()[:3], *s.stride()[:3], *out.stride()[:3],
+                BLOCK_T=BLOCK_T, BLOCK_D=block_cols(D), HAS_CARRY=carry is not None, num_warps=NUM_WARPS)
     return out
 
 
@@ -93,13 +114,14 @@ def _mix_bwd_op(v: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, beta: tor
     if not dv.numel():
         return dv, ds, v.new_zeros((H, 3), dtype=torch.float32)
     grid = _grid(v)
-    partial = v.new_empty((B, H, grid[1], 3), dtype=torch.float32)
+    partial = v.new_empty((B, H, grid[1], grid[2], 3), dtype=torch.float32)
     with _on_device(v):
+        carry = _carries(grad_out, grid, per_position=True)
         _wrap(_kernels()[1])[grid](
-            v, s, grad_out, alpha, beta, gamma, dv, ds, partial, T, H, D, *v.stride()[:3], *s.stride()[:3],
-            *grad_out.stride()[:3], *dv.stride()[:3], *ds.stride()[:3],
-            BLOCK_T=BLOCK_T, BLOCK_D=block_cols(D), num_warps=NUM_WARPS)
-    return dv, ds, partial.sum(dim=(0, 2))
+            v, s, grad_out, alpha, beta, gamma, dv, ds, partial, carry if carry is not None else alpha, T, H, D,
+            CHUNK_T, *v.stride()[:3], *s.stride()[:3], *grad_out.stride()[:3], *dv.stride()[:3], *ds.stride()[:3],
+            BLOCK_T=BLOCK_T, BLOCK_D=block_cols(D), HAS_CARRY=carry is not None, num_warps=NUM_WARPS)
+    return dv, ds, partial.sum(dim=(0, 2, 3))
 
 
 def _setup_context(ctx, inputs, output):
