@@ -52,7 +52,7 @@ from leanformer.ops import constant_decay
 from leanformer.ops import decayed_linear_attention as dla
 from leanformer.ops import feature_map as fmk
 from leanformer.ops import fused_decay_step as fds
-from leanformer.ops.on_cuda import on_cuda_compiled
+from leanformer.ops.on_cuda import KERNEL_SWITCH_CHOICES, kernel_switch_allows, on_cuda_compiled
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -224,14 +224,12 @@ def kernel_feature_pair(q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor, lo
 
 FEATURE_KERNEL = "cuda"  # the feature map through leanformer.ops.feature_map's kernels: "cuda" on CUDA tensors,
 # "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (feature_pair, compiled on CUDA)
-FEATURE_KERNEL_CHOICES = ("cuda", "always", "never")
+FEATURE_KERNEL_CHOICES = KERNEL_SWITCH_CHOICES
 
 
 def use_feature_kernel(q: torch.Tensor, proj: torch.Tensor) -> bool:
     """Whether :meth:`DiJiangAttention.features` runs :func:`kernel_feature_pair` for q (B, H, T, d)."""
-    if FEATURE_KERNEL not in FEATURE_KERNEL_CHOICES:
-        raise ValueError(f"FEATURE_KERNEL={FEATURE_KERNEL!r} must be one of {FEATURE_KERNEL_CHOICES}")
-    if FEATURE_KERNEL == "never" or (FEATURE_KERNEL == "cuda" and not q.is_cuda):
+    if not kernel_switch_allows("FEATURE_KERNEL", FEATURE_KERNEL, q):
         return False
     return fmk.features_supported(q, proj) is None
 

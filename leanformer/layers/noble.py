@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanformer.ops.on_cuda import KERNEL_SWITCH_CHOICES, kernel_switch_allows
+
 ACTIVATIONS = ("cosnet", "silu", "gelu", "tanh")
 FUSIONS = ("add", "gate")
 # How a fused layer (fusion "add", no dropout) computes under torch.compile (NobleLinear's compiled_form):
@@ -35,14 +37,12 @@ COMPILED_FORMS = ("stacked", "kcat")
 # CUDA tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the
 # PyTorch form; the default until the kernels are timed on a GPU)
 COSNET_KERNEL = "never"
-COSNET_KERNEL_CHOICES = ("cuda", "always", "never")
+COSNET_KERNEL_CHOICES = KERNEL_SWITCH_CHOICES
 
 
 def use_cosnet_kernel(z: torch.Tensor) -> bool:
     """Whether :class:`CosNet` runs z (..., r) through :func:`leanformer.ops.cosnet.cosnet`."""
-    if COSNET_KERNEL not in COSNET_KERNEL_CHOICES:
-        raise ValueError(f"COSNET_KERNEL={COSNET_KERNEL!r} must be one of {COSNET_KERNEL_CHOICES}")
-    if COSNET_KERNEL == "never" or (COSNET_KERNEL == "cuda" and not z.is_cuda):
+    if not kernel_switch_allows("COSNET_KERNEL", COSNET_KERNEL, z):
         return False
     from leanformer.ops.cosnet import cosnet_supported
 

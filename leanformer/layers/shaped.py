@@ -44,7 +44,7 @@ from leanformer.layers.attention import (
 from leanformer.layers.fused_inputs import project_inputs
 from leanformer.layers.linear import make_linear
 from leanformer.layers.rope import Rotary
-from leanformer.ops.on_cuda import on_cuda_compiled
+from leanformer.ops.on_cuda import KERNEL_SWITCH_CHOICES, kernel_switch_allows, on_cuda_compiled
 
 
 def _per_head(g: torch.Tensor) -> torch.Tensor:
@@ -125,14 +125,12 @@ RUNNING_MEAN_CHUNK = 64  # positions per chunk of the chunked running mean
 # CUDA tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the
 # PyTorch form; the default until the kernels are timed on a GPU)
 MIX_KERNEL = "never"
-MIX_KERNEL_CHOICES = ("cuda", "always", "never")
+MIX_KERNEL_CHOICES = KERNEL_SWITCH_CHOICES
 
 
 def use_mix_kernel(v: torch.Tensor, soft: torch.Tensor) -> bool:
     """Whether :func:`shaped_attention` mixes v and SDPA's output ``soft`` (B, H, T, D) in the kernels."""
-    if MIX_KERNEL not in MIX_KERNEL_CHOICES:
-        raise ValueError(f"MIX_KERNEL={MIX_KERNEL!r} must be one of {MIX_KERNEL_CHOICES}")
-    if MIX_KERNEL == "never" or (MIX_KERNEL == "cuda" and not v.is_cuda):
+    if not kernel_switch_allows("MIX_KERNEL", MIX_KERNEL, v):
         return False
     from leanformer.ops.shaped_mix import shaped_mix_supported
 

@@ -42,3 +42,16 @@ def on_cuda_compiled(fn: Callable, enabled: Callable[[], bool] = lambda: True) -
             COMPILED[fn] = False
             return fn(*args, **kwargs)
     return run
+
+
+KERNEL_SWITCH_CHOICES = ("cuda", "always", "never")  # a layer's switch for one of our Triton kernels
+
+
+def kernel_switch_allows(name: str, value: str, t: torch.Tensor) -> bool:
+    """Whether a kernel switch (module attribute ``name`` = ``value``) lets tensor ``t`` take the kernel:
+    "cuda" on CUDA tensors, "always" also on the CPU (under TRITON_INTERPRET=1: tests), "never" not at all.
+    A value outside :data:`KERNEL_SWITCH_CHOICES` is a ValueError naming it. Whether the kernel can run the
+    inputs is the caller's second question."""
+    if value not in KERNEL_SWITCH_CHOICES:
+        raise ValueError(f"{name}={value!r} must be one of {KERNEL_SWITCH_CHOICES}")
+    return value == "always" or (value == "cuda" and t.is_cuda)
