@@ -31,7 +31,9 @@ FUSIONS = ("add", "gate")
 #   "kcat": z = x W_downᵀ first, then one product [x, σ(z)] [W, W_up]ᵀ (W_up joins along the inner axis), so
 #   the branch's up-projection, its two backward products against dy and the [dy, dz] concatenation are
 #   gone, for a copy of x into [x, σ(z)] and two rank-r products against x. Measured (docs/benchmarks.md,
-#   2026-12-05): kcat 5.7% faster per GPT-2 step under CUDA graphs, 20.5% slower in the default mode.
+#   2026-12-05): kcat 5.7% faster per GPT-2 step under CUDA graphs, 20.5% slower in the default mode; its
+#   backward keeps each [x, σ(z)] (a copy of the input per linear): 1.36× Pre-LN's saved activations against
+#   stacked's 1.05× (benchmarks/saved_memory.py, CPU, 2026-12-06).
 COMPILED_FORMS = ("stacked", "kcat")
 # CosNet through leanformer.ops.cosnet's Triton kernels (one pass over z forward, one backward): "cuda" on
 # CUDA tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the
