@@ -28,3 +28,21 @@ def test_norm_linear_names_every_constexpr():
     ln = (torch.ones(32), torch.zeros(32), 1e-5)
     y = norm_linear.norm_linear(x, w, None, norm=ln, residual=torch.zeros(2, 16))
     torch.testing.assert_close(y, norm_linear.reference(x, w, None, norm=ln, residual=torch.zeros(2, 16)))
+
+
+def test_triton_check_inside_a_compiled_graph_does_not_recompile(monkeypatch):
+    """The first check of Triton's import, traced inside a compiled model, must not leave a guard that fails at
+    the next call (it cost one recompile of the whole GPT-2 model on the H100, 2026-12-06)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fda, "_TRITON_IMPORT", {})
+
+    def f(x):
+        return x * 2 if fda._triton_import_error() is None else x + 1
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.compile(f, backend="eager")
+    for _ in range(3):
+        g(torch.ones(3))
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -104,8 +104,11 @@ def _interpret() -> bool:
 _TRITON_IMPORT: dict[str, str | None] = {}  # "error": why triton does not import, None when it does
 
 
+@torch.compiler.assume_constant_result
 def _triton_import_error() -> str | None:
-    """Checked once (a plain dict, not lru_cache: torch.compile traces this call)."""
+    """Checked once (a plain dict, not lru_cache). Under torch.compile the result is a constant of the graph:
+    tracing the first check used to leave a guard on the dict that failed at the next call, one recompile of a
+    whole compiled model (seen on an H100, docs/gpu/train_2026-12-06/short/steps_log.txt)."""
     if "error" not in _TRITON_IMPORT:
         try:
             import triton  # noqa: F401
