@@ -52,7 +52,7 @@ from leanformer.ops import constant_decay
 from leanformer.ops import decayed_linear_attention as dla
 from leanformer.ops import feature_map as fmk
 from leanformer.ops import fused_decay_step as fds
-from leanformer.ops.on_cuda import KERNEL_SWITCH_CHOICES, kernel_switch_allows, on_cuda_compiled
+from leanformer.ops.on_cuda import kernel_switch_allows, on_cuda_compiled
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -224,7 +224,6 @@ def kernel_feature_pair(q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor, lo
 
 FEATURE_KERNEL = "cuda"  # the feature map through leanformer.ops.feature_map's kernels: "cuda" on CUDA tensors,
 # "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (feature_pair, compiled on CUDA)
-FEATURE_KERNEL_CHOICES = KERNEL_SWITCH_CHOICES
 
 
 def use_feature_kernel(q: torch.Tensor, proj: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanformer.ops.on_cuda import KERNEL_SWITCH_CHOICES, kernel_switch_allows
+from leanformer.ops.on_cuda import kernel_switch_allows
 
 ACTIVATIONS = ("cosnet", "silu", "gelu", "tanh")
 FUSIONS = ("add", "gate")
@@ -39,7 +39,6 @@ COMPILED_FORMS = ("stacked", "kcat")
 # CUDA tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the
 # PyTorch form; the default until the kernels are timed on a GPU)
 COSNET_KERNEL = "never"
-COSNET_KERNEL_CHOICES = KERNEL_SWITCH_CHOICES
 
 
 def use_cosnet_kernel(z: torch.Tensor) -> bool:

@@ -44,7 +44,7 @@ from leanformer.layers.attention import (
 from leanformer.layers.fused_inputs import project_inputs
 from leanformer.layers.linear import make_linear
 from leanformer.layers.rope import Rotary
-from leanformer.ops.on_cuda import KERNEL_SWITCH_CHOICES, kernel_switch_allows, on_cuda_compiled
+from leanformer.ops.on_cuda import kernel_switch_allows, on_cuda_compiled
 
 
 def _per_head(g: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,6 @@ RUNNING_MEAN_CHUNK = 64  # positions per chunk of the chunked running mean
 # CUDA tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the
 # PyTorch form; the default until the kernels are timed on a GPU)
 MIX_KERNEL = "never"
-MIX_KERNEL_CHOICES = KERNEL_SWITCH_CHOICES
 
 
 def use_mix_kernel(v: torch.Tensor, soft: torch.Tensor) -> bool:

@@ -8,7 +8,9 @@ In PyTorch (compiled or not) it is a chain of kernels each way: the running mean
 scan), the combination, and in the backward the reverse running sum, the two gradients and three
 reductions for the gains. Here the forward is one kernel that writes ``out`` and the backward one kernel
 that writes v's share of dv and SDPA's ds = β dout and the gains' partial sums (see
-:mod:`leanformer.ops._shaped_mix_kernels`); nothing is saved but v and s, which SDPA's backward keeps anyway.
+:mod:`leanformer.ops._shaped_mix_kernels`); a sequence longer than :data:`CHUNK_T` adds one pre-pass each way
+(chunk sums, then a prefix over chunks) so that its chunks scan in parallel. Nothing is saved but v and s,
+which SDPA's backward keeps anyway.
 
 Ops are ``torch.library.triton_op``s (opaque custom ops under ``TRITON_INTERPRET=1``), registered as
 :mod:`leanformer.ops.fused_decay_attention`'s are, so ``torch.compile`` traces them. Supported (else
