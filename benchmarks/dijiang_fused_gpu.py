@@ -169,7 +169,7 @@ def step_profile(out: str, deadline: float) -> None:
     16), with benchmarks/train_profile.py's step section."""
     import train_profile as tp
 
-    tp.STEP_PLAN = [("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True)]
+    tp.STEP_PLAN = [tp.StepRun("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True)]
     torch.backends.cuda.matmul.allow_tf32 = True  # as in training (leanformer.train.loop.enable_fast_matmul)
     torch.backends.cudnn.allow_tf32 = True
     result: dict = {}

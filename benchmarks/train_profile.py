@@ -23,6 +23,7 @@ import argparse
 import json
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -300,47 +301,54 @@ def section_noble(device: torch.device, smoke: bool, result: dict) -> None:
 # ------------------------------------------------------------------------------------------ 3. whole steps
 
 
-STEP_PLAN = [  # (label, size, arm, batch, profile[, torch.compile mode[, noble.compiled_form[, optimizer[,
-    # noble.COSNET_KERNEL]]]]), most wanted first; optimizer "compiled": compiled_adamw_step, else the library's
-    # fused AdamW; COSNET_KERNEL "cuda": CosNet through leanformer.ops.cosnet's kernels (default "never")[,
-    # shaped.MIX_KERNEL: "cuda" mixes shaped attention in leanformer.ops.shaped_mix's kernels (default "never")]
-    ("gpt2 preln b16", "gpt2", "preln", 16, True),
-    ("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
-    ("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
-    ("gpt2 sas_p_nonorm b16", "gpt2", "sas_p_nonorm", 16, False),
-    ("bert preln b128", "bert", "preln", 128, False),
-    ("bert sas_p b128", "bert", "sas_p", 128, False),
-    ("bert sas_p_nonorm b128", "bert", "sas_p_nonorm", 128, False),
-    ("gpt2 preln b16 cudagraphs", "gpt2", "preln", 16, True, "reduce-overhead"),
-    ("gpt2 preln b32", "gpt2", "preln", 32, False),
-    ("gpt2 noble_fused b16 cudagraphs", "gpt2", "noble_fused", 16, True, "reduce-overhead"),
-    ("gpt2 noble_kcat b16", "gpt2", "noble_fused", 16, True, None, "kcat"),
-    ("gpt2 noble_kcat b16 cudagraphs", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat"),
-    ("gpt2 preln b16 cudagraphs copt", "gpt2", "preln", 16, True, "reduce-overhead", "stacked", "compiled"),
-    ("gpt2 noble_kcat b16 cudagraphs copt", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat",
-     "compiled"),
-    ("gpt2 noble_kcat b16 cudagraphs cosk", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat", "fused",
-     "cuda"),
-    ("gpt2 noble_fused b16 cudagraphs cosk", "gpt2", "noble_fused", 16, True, "reduce-overhead", "stacked",
-     "fused", "cuda"),
-    ("gpt2 noble_kcat b16 cudagraphs copt cosk", "gpt2", "noble_fused", 16, True, "reduce-overhead", "kcat",
-     "compiled", "cuda"),
-    ("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True),
-    ("gpt2-4k preln b4", "gpt2-4k", "preln", 4, True),
-    ("gpt2-4k dijiang_scratch b4", "gpt2-4k", "dijiang_scratch", 4, True),
-    ("gpt2 sas_p b16 cudagraphs", "gpt2", "sas_p", 16, True, "reduce-overhead"),
-    ("gpt2 sas_p_nonorm b16 cudagraphs", "gpt2", "sas_p_nonorm", 16, False, "reduce-overhead"),
-    ("bert preln b128 cudagraphs", "bert", "preln", 128, True, "reduce-overhead"),
-    ("bert sas_p b128 cudagraphs", "bert", "sas_p", 128, True, "reduce-overhead"),
-    ("bert sas_p_nonorm b128 cudagraphs", "bert", "sas_p_nonorm", 128, False, "reduce-overhead"),
-    ("gpt2 sas_p b16 cudagraphs mixk", "gpt2", "sas_p", 16, True, "reduce-overhead", "stacked", "fused", "never",
-     "cuda"),
-    ("gpt2 sas_p_nonorm b16 cudagraphs mixk", "gpt2", "sas_p_nonorm", 16, False, "reduce-overhead", "stacked",
-     "fused", "never", "cuda"),
-    ("bert sas_p b128 cudagraphs mixk", "bert", "sas_p", 128, False, "reduce-overhead", "stacked", "fused",
-     "never", "cuda"),
-    ("bert sas_p_nonorm b128 cudagraphs mixk", "bert", "sas_p_nonorm", 128, False, "reduce-overhead", "stacked",
-     "fused", "never", "cuda"),
+@dataclass(frozen=True)
+class StepRun:
+    """One compiled training step to time: the model (size, arm), its batch, and the switches it runs with."""
+
+    label: str
+    size: str                      # a key of section_steps' sizes: "gpt2", "gpt2-4k", "bert"
+    arm: str
+    batch: int
+    profile: bool                  # also list its top kernels (torch.profiler)
+    mode: str | None = None        # torch.compile mode ("reduce-overhead": CUDA graphs)
+    noble_form: str = "stacked"    # noble.compiled_form
+    optimizer: str = "fused"       # "compiled": compiled_adamw_step, else the library's fused AdamW
+    cosnet_kernel: str = "never"   # noble.COSNET_KERNEL ("cuda": CosNet through leanformer.ops.cosnet)
+    mix_kernel: str = "never"      # shaped.MIX_KERNEL ("cuda": the mix in leanformer.ops.shaped_mix)
+
+
+CG = "reduce-overhead"
+STEP_PLAN = [  # most wanted first
+    StepRun("gpt2 preln b16", "gpt2", "preln", 16, True),
+    StepRun("gpt2 noble_fused b16", "gpt2", "noble_fused", 16, True),
+    StepRun("gpt2 sas_p b16", "gpt2", "sas_p", 16, True),
+    StepRun("gpt2 sas_p_nonorm b16", "gpt2", "sas_p_nonorm", 16, False),
+    StepRun("bert preln b128", "bert", "preln", 128, False),
+    StepRun("bert sas_p b128", "bert", "sas_p", 128, False),
+    StepRun("bert sas_p_nonorm b128", "bert", "sas_p_nonorm", 128, False),
+    StepRun("gpt2 preln b16 cudagraphs", "gpt2", "preln", 16, True, CG),
+    StepRun("gpt2 preln b32", "gpt2", "preln", 32, False),
+    StepRun("gpt2 noble_fused b16 cudagraphs", "gpt2", "noble_fused", 16, True, CG),
+    StepRun("gpt2 noble_kcat b16", "gpt2", "noble_fused", 16, True, noble_form="kcat"),
+    StepRun("gpt2 noble_kcat b16 cudagraphs", "gpt2", "noble_fused", 16, True, CG, "kcat"),
+    StepRun("gpt2 preln b16 cudagraphs copt", "gpt2", "preln", 16, True, CG, optimizer="compiled"),
+    StepRun("gpt2 noble_kcat b16 cudagraphs copt", "gpt2", "noble_fused", 16, True, CG, "kcat", "compiled"),
+    StepRun("gpt2 noble_kcat b16 cudagraphs cosk", "gpt2", "noble_fused", 16, True, CG, "kcat", cosnet_kernel="cuda"),
+    StepRun("gpt2 noble_fused b16 cudagraphs cosk", "gpt2", "noble_fused", 16, True, CG, cosnet_kernel="cuda"),
+    StepRun("gpt2 noble_kcat b16 cudagraphs copt cosk", "gpt2", "noble_fused", 16, True, CG, "kcat", "compiled",
+            "cuda"),
+    StepRun("gpt2 dijiang_scratch b16", "gpt2", "dijiang_scratch", 16, True),
+    StepRun("gpt2-4k preln b4", "gpt2-4k", "preln", 4, True),
+    StepRun("gpt2-4k dijiang_scratch b4", "gpt2-4k", "dijiang_scratch", 4, True),
+    StepRun("gpt2 sas_p b16 cudagraphs", "gpt2", "sas_p", 16, True, CG),
+    StepRun("gpt2 sas_p_nonorm b16 cudagraphs", "gpt2", "sas_p_nonorm", 16, False, CG),
+    StepRun("bert preln b128 cudagraphs", "bert", "preln", 128, True, CG),
+    StepRun("bert sas_p b128 cudagraphs", "bert", "sas_p", 128, True, CG),
+    StepRun("bert sas_p_nonorm b128 cudagraphs", "bert", "sas_p_nonorm", 128, False, CG),
+    StepRun("gpt2 sas_p b16 cudagraphs mixk", "gpt2", "sas_p", 16, True, CG, mix_kernel="cuda"),
+    StepRun("gpt2 sas_p_nonorm b16 cudagraphs mixk", "gpt2", "sas_p_nonorm", 16, False, CG, mix_kernel="cuda"),
+    StepRun("bert sas_p b128 cudagraphs mixk", "bert", "sas_p", 128, False, CG, mix_kernel="cuda"),
+    StepRun("bert sas_p_nonorm b128 cudagraphs mixk", "bert", "sas_p_nonorm", 128, False, CG, mix_kernel="cuda"),
 ]
 
 
@@ -383,34 +391,31 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     if smoke:
         sizes = {k: (bt.SIZES["tiny"], 32) for k in sizes}
     rows = []
-    plan = [p for p in STEP_PLAN if p[0] in PLAN] if PLAN else STEP_PLAN
-    plan.sort(key=lambda p: PLAN.index(p[0]) if PLAN else 0)
+    plan = sorted((p for p in STEP_PLAN if p.label in PLAN), key=lambda p: PLAN.index(p.label)) if PLAN else STEP_PLAN
     from leanformer.layers import noble, shaped
 
-    for label, size, arm, batch, prof, *extra in plan:
-        mode = [extra[0]] if extra and extra[0] else []
-        noble.COSNET_KERNEL = extra[3] if len(extra) > 3 else "never"
-        shaped.MIX_KERNEL = extra[4] if len(extra) > 4 else "never"
+    for run_spec in plan:
+        label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
+        noble.COSNET_KERNEL, shaped.MIX_KERNEL = run_spec.cosnet_kernel, run_spec.mix_kernel
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
             continue
         sz, seq = sizes[size]
         batch = 2 if smoke else batch
-        row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode[0] if mode else None}
+        row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode}
         try:
             cfg = arm_config(bt.base_config(sz, seq), arm)
-            if len(extra) > 1:
-                cfg.noble.compiled_form = extra[1]
+            cfg.noble.compiled_form = run_spec.noble_form
             torch.manual_seed(0)
             with torch.device(device):
                 model = TransformerLM(cfg)
             row["flops_per_token"] = model.flops_per_token(seq)
-            if len(extra) > 2 and extra[2] == "compiled":
+            if run_spec.optimizer == "compiled":
                 opt = compiled_adamw_step(model, TrainConfig(lr=1e-4))
             else:
                 opt = build_optimizer(model, TrainConfig(lr=1e-4))
-            run = torch.compile(model, mode=mode[0] if mode else None)
+            run = torch.compile(model, mode=mode)
             x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
             y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
 
@@ -429,7 +434,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
             row["step_ms"] = ms
             row["tokens_per_s"] = batch * seq / ms * 1e3
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            if prof:
+            if run_spec.profile:
                 row["kernel_totals"] = {}
                 row["kernels"] = top_kernels(step, device, limit=40, totals=row["kernel_totals"])
             row["status"] = "ok"
@@ -443,7 +448,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
-    noble.COSNET_KERNEL = "never"
+    noble.COSNET_KERNEL, shaped.MIX_KERNEL = "never", "never"
     result["steps"] = rows
 
 
@@ -548,9 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", default="", help="comma-separated STEP_PLAN labels to run, in order (default: all)")
     args = p.parse_args(argv)
     PLAN[:] = [x.strip() for x in args.plan.split(",") if x.strip()]
-    unknown = set(PLAN) - {row[0] for row in STEP_PLAN}
+    unknown = set(PLAN) - {run.label for run in STEP_PLAN}
     if unknown:
-        p.error(f"--plan: unknown labels {sorted(unknown)}; known: {[row[0] for row in STEP_PLAN]}")
+        p.error(f"--plan: unknown labels {sorted(unknown)}; known: {[run.label for run in STEP_PLAN]}")
     from leanformer.bench.machine import machine_string
 
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
