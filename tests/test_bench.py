@@ -169,6 +169,8 @@ def test_expand_cache_replicates_rows():
     (["bench", "train", "--size", "tiny", "--arms", "dijiang_convert"], "only leanformer compare trains"),
     (["bench", "attention", "--methods", "flash3"], "unknown method(s) 'flash3'"),
     (["bench", "attention", "--lengths", "512,abc"], "must be comma-separated integers"),
+    (["bench", "attention", "--graphs", "--device", "cpu"], "--graphs captures each call as a CUDA graph: it "
+                                                            "needs a CUDA device, not cpu"),
     (["bench", "decode", "--size", "tiny", "--contexts", "0"], "must be positive integers"),
     (["bench", "train", "--size", "tiny", "--device", "tpu"], "--device 'tpu' is not valid"),
 ])

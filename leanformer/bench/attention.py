@@ -140,9 +140,28 @@ def build_method(method: str, device: torch.device, dtype: torch.dtype, H: int, 
     return dijiang_fn(method_config(method, H, D), device)
 
 
+def captured(call: Callable[[], object]) -> Callable[[], None]:
+    """``call`` (forward + backward, gradients set anew inside) captured as one CUDA graph; returns its replay.
+
+    Warmed up on a side stream first, as CUDA graph capture requires. What a compiled training step with
+    CUDA graphs (``torch.compile(mode="reduce-overhead")``) pays for the op: the GPU's time without the host's
+    launches. An op that reads a value to the host (a sync) cannot be captured: that raises here."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
 def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: int, T: int, D: int, *,
-            warmup: int, repeats: int, max_seconds: float | None, seed: int = 0) -> dict:
-    """Forward+backward of one method at length T: timing and memory (one row, no ratios)."""
+            warmup: int, repeats: int, max_seconds: float | None, seed: int = 0, graphs: bool = False) -> dict:
+    """Forward+backward of one method at length T: timing and memory (one row, no ratios). ``graphs``
+    (CUDA): time the call replayed from a CUDA graph (:func:`captured`); memory is the eager call's."""
     fn, params = build_method(method, device, dtype, H, D)
     g = torch.Generator(device="cpu").manual_seed(seed)
     # (B, T, H, D) memory viewed as (B, H, T, D), as the model's projections make them
@@ -174,7 +193,8 @@ def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: in
         # saved for backward (beyond the inputs) + the output + the three input gradients (same shape)
         mem_bytes = mem.extra_bytes + 4 * out.numel() * out.element_size()
         del out
-    timing = time_fn(call, device, warmup=max(0, warmup - 1), repeats=repeats, max_seconds=max_seconds)
+    timed = captured(call) if graphs else call
+    timing = time_fn(timed, device, warmup=max(0, warmup - 1), repeats=repeats, max_seconds=max_seconds)
     return {"ms": timing.median_ms, "q1_ms": timing.q1_ms, "q3_ms": timing.q3_ms, "iqr_ms": timing.iqr_ms,
             "repeats": timing.repeats, "mem_bytes": mem_bytes}
 
@@ -184,10 +204,13 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
                         dtype: str | None = None, device: torch.device | None = None, warmup: int = 2,
                         repeats: int = 5, max_seconds: float | None = 20.0,
                         max_memory_gb: float | None = None, time_budget: float | None = None,
-                        command: str = "leanformer bench attention") -> Report:
-    """Every method at every length; returns the :class:`Report` (rows: method × length)."""
+                        graphs: bool = False, command: str = "leanformer bench attention") -> Report:
+    """Every method at every length; returns the :class:`Report` (rows: method × length). ``graphs``: each
+    call timed as a CUDA graph replay (:func:`captured`; CUDA only)."""
     device = device or resolve_device()
     gpu = device.type == "cuda"
+    if graphs and not gpu:
+        raise ConfigError(f"--graphs captures each call as a CUDA graph: it needs a CUDA device, not {device.type}")
     lens = parse_lengths(lengths, device)
     names = parse_methods(methods, device)
     B = batch or (4 if gpu else 1)
@@ -217,7 +240,7 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
             else:
                 try:
                     row.update(measure(method, device, dt, B, H, T, head_dim, warmup=warmup, repeats=repeats,
-                                       max_seconds=max_seconds))
+                                       max_seconds=max_seconds, graphs=graphs))
                     row["status"] = "ok"
                 except Exception as e:  # noqa: BLE001 - one failing cell must not stop the others
                     row["status"] = failure_status(e)
@@ -230,10 +253,11 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
         name="attention", title=f"Attention forward+backward: B={B}, H={H}, D={head_dim}, {dtype_name}",
         meta=meta, rows=rows, columns=ATTENTION_COLUMNS, plot=plot_attention,
         settings={"batch": B, "heads": H, "head_dim": head_dim, "dtype": dtype_name, "lengths": lens,
-                  "warmup": warmup, "repeats": repeats, "max_seconds": max_seconds},
+                  "warmup": warmup, "repeats": repeats, "max_seconds": max_seconds, "graphs": graphs},
         notes=[
             "one call = forward + backward to q, k, v (and the mixer's parameters); median over repeats, "
-            "warm-up excluded",
+            "warm-up excluded" + ("; each call replayed from a CUDA graph (GPU time without the host's "
+                                  "launches, as a step compiled with CUDA graphs runs it)" if graphs else ""),
             "speed-up = softmax ms / method ms at the same length (>1: faster than softmax)",
             "DiJiang includes its feature map (paper, or official for dijiang_official_*) and stabilisers, "
             "as in the model; not the GroupNorm and gate after it",

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="stop repeating a cell once its timed calls took this long (at least 2 calls)")
     a.add_argument("--max-memory-gb", type=float, default=None,
                    help="skip DiJiang's parallel form above this estimate (default: 70%% of free memory)")
+    a.add_argument("--graphs", action="store_true",
+                   help="CUDA: time each call replayed from a CUDA graph (the GPU's time without the host's "
+                        "launches, as a training step compiled with CUDA graphs pays it)")
     a.set_defaults(func=run_attention)
 
     d = sub.add_parser("decode", help="ms/token and memory against context length at several batch sizes")
@@ -147,7 +150,7 @@ def run_attention(args: argparse.Namespace) -> int:
         lengths=args.lengths, methods=args.methods, batch=args.batch, heads=args.heads,
         head_dim=args.head_dim, dtype=args.dtype, device=device,
         warmup=2 if args.warmup is None else args.warmup, repeats=args.repeats, max_seconds=args.max_seconds,
-        max_memory_gb=args.max_memory_gb,
+        max_memory_gb=args.max_memory_gb, graphs=args.graphs,
         time_budget=args.time_budget, command=command_line("leanformer bench attention", args)))
 
 
