@@ -151,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="decode_profile_out")
-    p.add_argument("--variants", default="", help="comma-separated labels (default: all)")
+    p.add_argument("--variants", default="", help="semicolon-separated labels (default: all; labels hold commas)")
     p.add_argument("--budget", type=float, default=500.0, help="seconds; variants not started by then are skipped")
     p.add_argument("--cpu-smoke", action="store_true")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     t0 = time.monotonic()
-    wanted = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
+    asked = [x.strip() for x in args.variants.split(";") if x.strip()]
+    unknown = sorted(set(asked) - {v[0] for v in VARIANTS})
+    if unknown:
+        p.error(f"--variants: unknown labels {unknown} (separate labels with ';'); known: {[v[0] for v in VARIANTS]}")
+    wanted = [v for v in VARIANTS if not asked or v[0] in asked]
     result = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                        "command": "python3 " + " ".join(sys.argv)}, "rows": []}

@@ -112,6 +112,13 @@ def cases():
                mix_ptrs, (), meta)
         yield (f"shaped-attention mix backward (bf16, D 64, carry={carry})", shaped_mix.shaped_mix_bwd_kernel,
                mix_ptrs, (), meta)
+    mixed = dict(mix_ptrs, V=f32, OUT=f32, DV=f32, DOUT=f32)  # SAS under autocast: float32 values, bf16 SDPA
+    yield ("shaped-attention mix forward (float32 v, bf16 s)", shaped_mix.shaped_mix_fwd_kernel, mixed, (),
+           dict(BLOCK_T=64, BLOCK_D=32, HAS_CARRY=True))
+    yield ("shaped-attention mix backward (float32 v, bf16 s)", shaped_mix.shaped_mix_bwd_kernel, mixed, (),
+           dict(BLOCK_T=64, BLOCK_D=32, HAS_CARRY=True))
+    yield ("shaped-attention mix chunk sums (float32)", shaped_mix.chunk_sums_kernel, dict(mixed, X=f32), (),
+           dict(BLOCK_T=64, BLOCK_D=32, PER_POSITION=False))
     for per_position in (False, True):
         yield (f"shaped-attention mix chunk sums (per position={per_position})", shaped_mix.chunk_sums_kernel,
                mix_ptrs, (), dict(BLOCK_T=64, BLOCK_D=32, PER_POSITION=per_position))

@@ -223,33 +223,28 @@ def test_shaped_mix_kernel_output_and_gradients_match_float64(device, check, dty
 
 @pytest.mark.parametrize("method", ["softmax", "shaped", "dijiang_fused", "dijiang_official_fla"])
 def test_attention_bench_graph_replay_gives_the_eager_gradients(device, check, method):
-    """``bench attention --graphs`` times a CUDA graph replay of the call: the replay must compute what the
-    eager call computes (output and the gradients to q, k, v), else its time is of something else."""
+    """``bench attention --graphs`` times a CUDA graph replay of its call: the replay must compute what the
+    eager call computes (output and the gradients to q, k, v), else its time is of something else. The call
+    is the bench's own (:func:`leanformer.bench.attention.build_call`)."""
     if device.type != "cuda":
         pytest.skip("CUDA graphs need CUDA")
     from leanformer.arms import unavailable_reason
-    from leanformer.bench.attention import build_method, captured, method_config
+    from leanformer.bench.attention import build_call, captured, method_config
 
     B, H, T, D = 2, 4, 512, 64
     reason = unavailable_reason(method_config(method, H, D), device)
     if reason is not None:
         pytest.skip(reason)
-    fn, params = build_method(method, device, torch.bfloat16, H, D)
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    grad_out = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
-    outs: list[torch.Tensor] = []
+    _, call, leaves = build_call(method, device, torch.bfloat16, B, H, T, D)
+    out = call()
+    eager = [t.detach().clone() for t in (out, *(x.grad for x in leaves[:3]))]
+    results: list[torch.Tensor] = []
 
-    def call():
-        for t in (q, k, v, *params):
-            t.grad = None
-        out = fn(q, k, v)
-        out.backward(grad_out)
-        outs[:] = [out, q.grad, k.grad, v.grad]
+    def call_keeping_output():
+        results[:] = [call()]
 
-    call()
-    eager = [t.clone() for t in outs]
-    replay = captured(call)
+    replay = captured(call_keeping_output)
     replay()
     torch.cuda.synchronize()
-    check(max(rel_err(a, b) for a, b in zip(outs, eager)), 3e-3)  # atomics in some backward passes: not bitwise
+    replayed = [results[0], *(x.grad for x in leaves[:3])]
+    check(max(rel_err(a, b) for a, b in zip(replayed, eager)), 3e-3)  # atomics in some backward passes

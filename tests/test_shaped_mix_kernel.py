@@ -74,15 +74,27 @@ def test_time_chunks_scanned_in_parallel(monkeypatch, chunk):
     """Several chunks (each from the prefix of those before it, and backward from those after it) × several
     column blocks × batch rows and heads, a ragged last chunk: the same values and gradients."""
     monkeypatch.setattr(sm, "CHUNK_T", chunk)
+    monkeypatch.setattr(sm, "MIN_PROGRAMS", 1)  # chunks of CHUNK_T exactly
     B, H, T, D = 2, 3, 300, 64
     v, s, gains = _inputs(B, H, T, D, seed=5)
     weight = torch.randn(B, H, T, D, dtype=F64, generator=torch.Generator().manual_seed(2)).to(DEV)
     out, grads = _value_and_grads(sm.shaped_mix, [v, s, *gains], weight)
     ref, ref_grads = _value_and_grads(_reference, [t.double() for t in (v, s, *gains)], weight)
-    assert sm._grid(v)[2] == -(-T // chunk)
+    assert sm.chunk_len(v) == chunk and sm._grid(v, chunk)[2] == -(-T // chunk)
     assert rel(out, ref) < FP32_TOL
     for name, g, r in zip(("v", "s", "alpha", "beta", "gamma"), grads, ref_grads):
         assert rel(g, r) < FP32_TOL, name
+
+
+@pytest.mark.parametrize("shape", [(4, 12, 512, 64), (4, 12, 1024, 64), (16, 12, 1024, 64), (4, 12, 32768, 64),
+                                   (1, 1, 1, 16), (128, 12, 128, 64)])
+def test_chunk_length_fills_the_gpu_within_its_bounds(shape):
+    """Whole tiles, between two tiles and CHUNK_T, and MIN_PROGRAMS programs wherever the length allows."""
+    v = torch.empty(shape, device="meta")
+    chunk = sm.chunk_len(v)
+    grid = sm._grid(v, chunk)
+    assert chunk % sm.BLOCK_T == 0 and 2 * sm.BLOCK_T <= chunk <= sm.CHUNK_T
+    assert grid[0] * grid[1] * grid[2] >= sm.MIN_PROGRAMS or chunk in (2 * sm.BLOCK_T, sm.CHUNK_T)
 
 
 def test_strided_and_expanded_gains():
@@ -119,11 +131,65 @@ def test_output_merges_heads_as_a_view_and_empty_input():
     assert sm.shaped_mix(v0, s0, *gains).shape == (0, 3, 40, 16)
 
 
+def test_float32_values_beside_a_bf16_sdpa_output():
+    """SAS's values are the block input, which autocast leaves in float32, while SDPA's output is bf16 (the
+    GPT-2 step on the H100 refused the kernel for this, 2026-12-06): float32 out, dv float32, ds bf16, the
+    float32 inputs' share exact to 1e-5 of float64 given the bf16 s."""
+    B, H, T, D = 2, 3, 150, 32
+    v, s, gains = _inputs(B, H, T, D, seed=7)
+    s = s.to(torch.bfloat16)
+    assert shaped.use_mix_kernel(v, s) is (shaped.MIX_KERNEL != "never" and (DEV.type == "cuda"
+                                                                            or shaped.MIX_KERNEL == "always"))
+    weight = torch.randn(B, H, T, D, dtype=F64, generator=torch.Generator().manual_seed(3)).to(DEV)
+    out, grads = _value_and_grads(sm.shaped_mix, [v, s, *gains], weight)
+    ref, ref_grads = _value_and_grads(_reference, [t.double() for t in (v, s, *gains)], weight)
+    assert out.dtype == torch.float32 and grads[0].dtype == torch.float32 and grads[1].dtype == torch.bfloat16
+    assert rel(out, ref) < FP32_TOL
+    for name, g, r in zip(("v", "s", "alpha", "beta", "gamma"), grads, ref_grads):
+        assert rel(g, r) < (BF16_TOL if name == "s" else FP32_TOL), name
+
+
+def test_sas_p_model_under_autocast_takes_the_kernel(monkeypatch):
+    """The whole SAS-P model under bf16 autocast (how training runs) mixes through the kernel, compiled too,
+    and gives the PyTorch form's loss and gradients."""
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
+    from leanformer.model import TransformerLM
+
+    calls = []
+    real = sm._mix_op
+    monkeypatch.setattr(sm, "_mix_op", lambda *a: calls.append(1) or real(*a))
+    cfg = arm_config(base_config(SIZES["tiny"], 32), "sas_p")
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).to(DEV)
+    x = torch.randint(0, cfg.vocab_size, (2, 32), device=DEV)
+
+    def loss_and_grads(kernel: str, compiled: bool = False):
+        monkeypatch.setattr(shaped, "MIX_KERNEL", kernel)
+        torch._dynamo.reset()
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            loss = run(x, x)[1]
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        torch._dynamo.reset()
+        return loss, grads
+
+    ref_loss, ref_grads = loss_and_grads("never")
+    assert not calls
+    for compiled in (False, True):
+        loss, grads = loss_and_grads("always", compiled)
+        assert calls, compiled
+        calls.clear()
+        assert abs(float(loss.detach()) - float(ref_loss.detach())) < 1e-2 * abs(float(ref_loss.detach()))
+        # all gradients as one vector (bf16 products: a tiny gain's gradient alone is mostly rounding)
+        assert rel(torch.cat([g.flatten() for g in grads]), torch.cat([r.flatten() for r in ref_grads])) < 2e-2
+
+
 def test_refusals_name_the_problem():
     v, s, gains = _inputs(1, 2, 8, 16)
     with pytest.raises(ValueError, match="head dim D=24"):
         sm.shaped_mix(torch.zeros(1, 2, 8, 24, device=DEV), torch.zeros(1, 2, 8, 24, device=DEV), *gains)
-    with pytest.raises(ValueError, match="share dtype"):
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
         sm.shaped_mix(v, s.double(), *gains)
     with pytest.raises(ValueError, match="one shape"):
         sm.shaped_mix(v, s[:, :, :4], *gains)

@@ -158,16 +158,17 @@ def captured(call: Callable[[], object]) -> Callable[[], None]:
     return graph.replay
 
 
-def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: int, T: int, D: int, *,
-            warmup: int, repeats: int, max_seconds: float | None, seed: int = 0, graphs: bool = False) -> dict:
-    """Forward+backward of one method at length T: timing and memory (one row, no ratios). ``graphs``
-    (CUDA): time the call replayed from a CUDA graph (:func:`captured`); memory is the eager call's."""
+def build_call(method: str, device: torch.device, dtype: torch.dtype, B: int, H: int, T: int, D: int,
+               seed: int = 0) -> tuple[Callable, Callable[[], torch.Tensor], list[torch.Tensor]]:
+    """The timed call of one cell: (fn, call, leaves). ``call()`` sets the gradients of ``leaves`` (q, k, v,
+    then the method's parameters) to None, runs ``fn(q, k, v)`` forward and backward with a fixed random
+    output gradient, and returns the output; q, k, v (B, H, T, D) are (B, T, H, D) memory, as the model's
+    projections make them, and so is the output gradient."""
     fn, params = build_method(method, device, dtype, H, D)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    # (B, T, H, D) memory viewed as (B, H, T, D), as the model's projections make them
     q, k, v = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
                .requires_grad_() for _ in range(3))
-    grad_out = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)  # as the model's
+    grad_out = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
     leaves = [q, k, v, *params]
 
     def call() -> torch.Tensor:
@@ -176,7 +177,15 @@ def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: in
         out = fn(q, k, v)
         out.backward(grad_out)
         return out
+    return fn, call, leaves
 
+
+def measure(method: str, device: torch.device, dtype: torch.dtype, B: int, H: int, T: int, D: int, *,
+            warmup: int, repeats: int, max_seconds: float | None, seed: int = 0, graphs: bool = False) -> dict:
+    """Forward+backward of one method at length T: timing and memory (one row, no ratios). ``graphs``
+    (CUDA): time the call replayed from a CUDA graph (:func:`captured`); memory is the eager call's."""
+    fn, call, leaves = build_call(method, device, dtype, B, H, T, D, seed)
+    q, k, v = leaves[:3]
     call()  # first call: kernels selected / compiled (Triton), lazy buffers
     if device.type == "cuda":
         for t in leaves:
