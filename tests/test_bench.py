@@ -311,3 +311,12 @@ def test_skinny_linear_script_checks_its_kernel_on_the_cpu(tmp_path):
     _run_benchmark_script(tmp_path, "skinny_linear_gpu.py", "--cpu-smoke", interpret=True)
     rows = json.loads((tmp_path / "skinny_linear.json").read_text())["rows"]
     assert rows and all(r["kernel_equal_rounded"] >= 0.99 and r["kernel_rel_err"] < 1e-2 for r in rows)
+
+
+def test_failure_status_is_one_table_cell():
+    """A CUDA error's message spans lines; the row's status must stay one markdown cell."""
+    from leanformer.bench.memory import failure_status
+
+    status = failure_status(RuntimeError("CUDA error: capture failed\nSearch for `x`\n| in docs"))
+    assert status == "failed: RuntimeError: CUDA error: capture failed Search for `x` / in docs"
+    assert failure_status(torch.cuda.OutOfMemoryError("CUDA out of memory.")) == "skipped (memory)"

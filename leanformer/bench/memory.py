@@ -129,8 +129,11 @@ def is_oom(err: BaseException) -> bool:
 
 
 def failure_status(err: BaseException) -> str:
-    """A row's status for an exception: ``skipped (memory)`` for out-of-memory, else ``failed: ...``."""
-    return "skipped (memory)" if is_oom(err) else f"failed: {type(err).__name__}: {err}"[:300]
+    """A row's status for an exception: ``skipped (memory)`` for out-of-memory, else ``failed: ...`` on one
+    line, with no '|' (CUDA's messages run over several lines; either would break a markdown table row)."""
+    if is_oom(err):
+        return "skipped (memory)"
+    return " ".join(f"failed: {type(err).__name__}: {err}".replace("|", "/").split())[:300]
 
 
 def release(device: torch.device) -> None:
