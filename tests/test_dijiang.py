@@ -373,3 +373,28 @@ def test_recurrent_first_token_with_a_very_negative_norm_gives_no_nan():
     o_ref = dla.parallel(q.double(), k.double(), v.double(), lg.double(), log_norm=n.double())[0]
     assert torch.isfinite(o).all() and torch.isfinite(S).all()
     torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [100, 512, 700])
+def test_keys_times_values_split_k_equals_one_product(T):
+    """The final state's kᵀ v in partial products of SPLIT_K_ROWS positions (whole, ragged, one piece) against
+    float64."""
+    g = torch.Generator().manual_seed(T)
+    k, v = torch.randn(2, 3, T, 16, generator=g), torch.randn(2, 3, T, 8, generator=g)
+    ref = k.double().transpose(-1, -2) @ v.double()
+    out = dla.keys_times_values(k, v)
+    assert out.shape == (2, 3, 16, 8) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_state_through_split_k_equals_the_recurrence(monkeypatch):
+    """A prompt continuing a state: the parallel form's final state (its kᵀ v split into pieces of 8 positions,
+    a ragged last one) equals the recurrent form's."""
+    monkeypatch.setattr(dla, "SPLIT_K_ROWS", 8)
+    q, k, v, lg, n = _inputs(T=50, log_norm=True)
+    _, S1 = dla.recurrent(q[:, :, :13], k[:, :, :13], v[:, :, :13], lg, log_norm=n[..., :13])
+    rest = slice(13, None)
+    o_par, S_par = dla.parallel(q[:, :, rest], k[:, :, rest], v[:, :, rest], lg, S1, n[..., rest], n[..., 12])
+    o_rec, S_rec = dla.recurrent(q[:, :, rest], k[:, :, rest], v[:, :, rest], lg, S1, n[..., rest], n[..., 12])
+    torch.testing.assert_close(S_par, S_rec)
+    torch.testing.assert_close(o_par, o_rec)
