@@ -398,3 +398,9 @@ def test_state_through_split_k_equals_the_recurrence(monkeypatch):
     o_rec, S_rec = dla.recurrent(q[:, :, rest], k[:, :, rest], v[:, :, rest], lg, S1, n[..., rest], n[..., 12])
     torch.testing.assert_close(S_par, S_rec)
     torch.testing.assert_close(o_par, o_rec)
+
+
+def test_keys_times_values_broadcasts_batch_dimensions_as_one_product():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 3, 700, 16, generator=g), torch.randn(2, 3, 700, 8, generator=g)
+    torch.testing.assert_close(dla.keys_times_values(k, v), k.transpose(-1, -2) @ v)

@@ -145,16 +145,24 @@ def captured(call: Callable[[], object]) -> Callable[[], None]:
 
     Warmed up on a side stream first, as CUDA graph capture requires. What a compiled training step with
     CUDA graphs (``torch.compile(mode="reduce-overhead")``) pays for the op: the GPU's time without the host's
-    launches. An op that reads a value to the host (a sync) cannot be captured: that raises here."""
+    launches. An op that reads a value to the host (a sync) cannot be captured: that raises here, with the
+    current stream restored (a failed capture leaves the capture stream current, and the next cell would run
+    on it). ``call`` must keep no autograd graph of an earlier call alive (its leaves' AccumulateGrad nodes
+    remember the stream they were made on: :func:`build_call` returns a detached output); the gradients a
+    replay leaves are graph-pool tensors that the next replay overwrites."""
+    before = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(before)
     with torch.cuda.stream(side):
         for _ in range(2):
             call()
-    torch.cuda.current_stream().wait_stream(side)
+    before.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    try:
+        with torch.cuda.graph(graph):
+            call()
+    finally:
+        torch.cuda.set_stream(before)
     return graph.replay
 
 
@@ -162,7 +170,7 @@ def build_call(method: str, device: torch.device, dtype: torch.dtype, B: int, H:
                seed: int = 0) -> tuple[Callable, Callable[[], torch.Tensor], list[torch.Tensor]]:
     """The timed call of one cell: (fn, call, leaves). ``call()`` sets the gradients of ``leaves`` (q, k, v,
     then the method's parameters) to None, runs ``fn(q, k, v)`` forward and backward with a fixed random
-    output gradient, and returns the output; q, k, v (B, H, T, D) are (B, T, H, D) memory, as the model's
+    output gradient, and returns the output, detached; q, k, v (B, H, T, D) are (B, T, H, D) memory, as the model's
     projections make them, and so is the output gradient."""
     fn, params = build_method(method, device, dtype, H, D)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -176,7 +184,7 @@ def build_call(method: str, device: torch.device, dtype: torch.dtype, B: int, H:
             t.grad = None
         out = fn(q, k, v)
         out.backward(grad_out)
-        return out
+        return out.detach()  # no autograd graph outlives the call (see captured)
     return fn, call, leaves
 
 

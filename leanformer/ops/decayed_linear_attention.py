@@ -164,7 +164,7 @@ def keys_times_values(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     that many times more. Same sum in another order."""
     B, H, T, m = k.shape
     n = T // SPLIT_K_ROWS
-    if n < 2:
+    if n < 2 or v.shape[:3] != k.shape[:3]:  # (broadcast batch dimensions: one product, as before)
         return k.transpose(-1, -2) @ v
     main = n * SPLIT_K_ROWS
     kp = k[:, :, :main].reshape(B, H, n, SPLIT_K_ROWS, m)

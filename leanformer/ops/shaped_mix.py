@@ -50,7 +50,7 @@ def shaped_mix_supported(v: torch.Tensor, s: torch.Tensor) -> str | None:
         return f"v and s must be on one device; got {v.device} and {s.device}"
     if v.stride(-1) != 1 or s.stride(-1) != 1:
         return "v and s need unit stride along D"
-    for dtype in {v.dtype, s.dtype}:  # each of its own: SAS's v is the block input, float32 under autocast
+    for dtype in dict.fromkeys((v.dtype, s.dtype)):  # each its own: SAS's v is the block input, float32 under autocast
         reason = kernel_reason(v.device, dtype, (("head dim D", v.shape[-1]),))
         if reason is not None:
             return reason
@@ -166,8 +166,9 @@ def shaped_mix(v: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, beta: torc
                gamma: torch.Tensor) -> torch.Tensor:
     """``α v + β s − γ C v`` (C the causal running mean over T) through the kernels: v, s (B, H, T, D) →
     (B, H, T, D) in the promoted dtype of v and s (v may be float32 beside a bf16 s: SAS's values are the
-    block input, which autocast leaves in float32, while SDPA's output is bf16), differentiable in v, s and the gains (H,). Raises ValueError with the reason
-    when :func:`shaped_mix_supported` refuses the inputs or a gain's shape does not fit."""
+    block input, which autocast leaves in float32, while SDPA's output is bf16), differentiable in v, s and
+    the gains (H,). Raises ValueError with the reason when :func:`shaped_mix_supported` refuses the inputs or
+    a gain's shape does not fit."""
     reason = shaped_mix_supported(v, s)
     if reason is not None:
         raise ValueError(f"the shaped-attention mix kernel cannot run these inputs: {reason}")
