@@ -514,14 +514,17 @@ class DiJiangAttention(nn.Module):
                 raise ValueError("DiJiang attention takes padding only at the end of each sequence (right "
                                  "padding: attention_mask rows of 1s then 0s)")
         B, T, C = x.shape
-        start = state.get("pos", 0) if state is not None else 0
+        static = is_static(state)
+        # a static cache's shared positions (their rotary tables are gathered once per call for all layers);
+        # it publishes every call's positions itself (decoding.py), so ``pos`` is advanced only otherwise
+        start = state["positions"] if static else state.get("pos", 0) if state is not None else 0
         step = state is not None and T == 1
         # a step rotates q and k below, or in the fused kernel
         q, k, v, g = project_qkv(self, x, start, rotate=not step, extra=("gate",), norm=input_norm)
         if step and self.form(1, v.device, True, q, v, state) == "fused_step":
             gate_inside = fds.GATE_IN_KERNEL
             o = self.fused_step(q, k, v, state, x.dtype, start, gate=g if gate_inside else None)
-            if not is_static(state):  # a static cache publishes every call's positions itself (decoding.py)
+            if not static:
                 state["pos"] = start + T
             return out_projection(self.o, o if gate_inside else F.silu(g) * o, residual)
         if step and self.rotary is not None:
@@ -530,7 +533,7 @@ class DiJiangAttention(nn.Module):
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         o, log_scale = self.attend(q, k, v, self.log_gamma(), state)
-        if state is not None:
+        if state is not None and not static:
             state["pos"] = start + T
         o = self.normalise(o, log_scale)
         return out_projection(self.o, F.silu(g) * o.to(x.dtype), residual)
