@@ -343,14 +343,14 @@ STEP_PLAN = [  # most wanted first
     StepRun("gpt2-4k preln b4", "gpt2-4k", "preln", 4, True),
     StepRun("gpt2-4k dijiang_scratch b4", "gpt2-4k", "dijiang_scratch", 4, True),
     StepRun("gpt2 sas_p b16 cudagraphs", "gpt2", "sas_p", 16, True, CG),
-    StepRun("gpt2 sas_p_nonorm b16 cudagraphs", "gpt2", "sas_p_nonorm", 16, False, CG),
+    StepRun("gpt2 sas_p_nonorm b16 cudagraphs", "gpt2", "sas_p_nonorm", 16, True, CG),
     StepRun("bert preln b128 cudagraphs", "bert", "preln", 128, True, CG),
     StepRun("bert sas_p b128 cudagraphs", "bert", "sas_p", 128, True, CG),
-    StepRun("bert sas_p_nonorm b128 cudagraphs", "bert", "sas_p_nonorm", 128, False, CG),
+    StepRun("bert sas_p_nonorm b128 cudagraphs", "bert", "sas_p_nonorm", 128, True, CG),
     StepRun("gpt2 sas_p b16 cudagraphs mixk", "gpt2", "sas_p", 16, True, CG, mix_kernel="cuda"),
     StepRun("gpt2 sas_p_nonorm b16 cudagraphs mixk", "gpt2", "sas_p_nonorm", 16, False, CG, mix_kernel="cuda"),
-    StepRun("bert sas_p b128 cudagraphs mixk", "bert", "sas_p", 128, False, CG, mix_kernel="cuda"),
-    StepRun("bert sas_p_nonorm b128 cudagraphs mixk", "bert", "sas_p_nonorm", 128, False, CG, mix_kernel="cuda"),
+    StepRun("bert sas_p b128 cudagraphs mixk", "bert", "sas_p", 128, True, CG, mix_kernel="cuda"),
+    StepRun("bert sas_p_nonorm b128 cudagraphs mixk", "bert", "sas_p_nonorm", 128, True, CG, mix_kernel="cuda"),
 ]
 
 
