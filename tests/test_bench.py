@@ -320,3 +320,29 @@ def test_failure_status_is_one_table_cell():
     status = failure_status(RuntimeError("CUDA error: capture failed\nSearch for `x`\n| in docs"))
     assert status == "failed: RuntimeError: CUDA error: capture failed Search for `x` / in docs"
     assert failure_status(torch.cuda.OutOfMemoryError("CUDA out of memory.")) == "skipped (memory)"
+
+
+def test_rows_measured_before_a_stop_are_kept(tmp_path, monkeypatch, capsys):
+    """A run stopped before its end (a timeout, Ctrl-C) leaves the rows it measured as JSON lines; a run
+    that ends leaves only its report."""
+    from leanformer.bench import attention
+
+    real, calls = attention.measure, []
+
+    def stopped_at_second_cell(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(attention, "measure", stopped_at_second_cell)
+    out = tmp_path / "attn"
+    argv = ["bench", "attention", "--lengths", "32", "--methods", "softmax,shaped", "--heads", "1",
+            "--head-dim", "8", "--repeats", "1", "--warmup", "0", "--out", str(out), *CPU]
+    assert main(argv) == 130
+    assert f"rows measured so far are in {out}/<benchmark>.partial.jsonl" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "attention.partial.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seq_len"], r["status"]) for r in rows] == [("softmax", 32, "ok")]
+    assert rows[0]["ms"] > 0 and not (out / "attention.json").exists()
+    monkeypatch.setattr(attention, "measure", real)
+    assert main(argv) == 0
+    assert (out / "attention.json").exists() and not (out / "attention.partial.jsonl").exists()

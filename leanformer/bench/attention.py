@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from leanformer.arms import unavailable_reason
 from leanformer.bench.machine import run_metadata
 from leanformer.bench.memory import MemoryMeter, failure_status, free_device_memory, release
-from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, series
+from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, partial_rows, series
 from leanformer.bench.timing import time_fn
 from leanformer.config import ConfigError, DiJiangConfig, TransformerConfig
 from leanformer.device import resolve_device
@@ -241,7 +241,7 @@ def run_attention_bench(*, lengths: str | list[int] | None = None, methods: str 
                           "must be >= 1")
     meta = run_metadata(device, command)
     deadline = time.monotonic() + time_budget if time_budget else None
-    rows: list[dict] = []
+    rows = partial_rows("attention")
     for T in lens:
         for method in names:
             row = {"method": method, "seq_len": T}

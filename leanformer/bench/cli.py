@@ -14,7 +14,7 @@ import torch
 
 from leanformer.arms import ARMS
 from leanformer.bench.machine import command_line
-from leanformer.bench.report import Report
+from leanformer.bench.report import Report, logging_rows_into, partial_path
 from leanformer.config import ConfigError
 from leanformer.device import resolve_device
 
@@ -122,10 +122,12 @@ def _run(args: argparse.Namespace, bench: Callable[[torch.device], Report]) -> i
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        report = bench(device)
+        with logging_rows_into(args.out):  # rows kept as measured, should the run not reach its end
+            report = bench(device)
     finally:
         torch.set_num_threads(threads)
     paths = report.write(Path(args.out))
+    partial_path(args.out, report.name).unlink(missing_ok=True)  # the full report supersedes the row log
     print(report.markdown())
     print("wrote " + ", ".join(map(str, paths)))
     return 0

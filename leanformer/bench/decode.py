@@ -40,7 +40,7 @@ import torch
 from leanformer.arms import arm_config
 from leanformer.bench.machine import run_metadata
 from leanformer.bench.memory import failure_status, free_device_memory, release, tensor_bytes
-from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, series
+from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, partial_rows, series
 from leanformer.bench.timing import summarize, synchronize, time_once
 from leanformer.bench.train import autocast, base_config, get_size, parse_arms, unavailable_reason
 from leanformer.config import ConfigError
@@ -260,7 +260,7 @@ def _run_static(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_
     use_autocast = gpu and weights == "autocast"
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
     graph = "cuda" if path == "graph" else "none"
-    rows: list[dict] = []
+    rows = partial_rows("decode")
     for name in names:
         model, reason = _model(name, base, device, bf16=gpu and weights == "bf16")
         param_bytes = tensor_bytes(model.parameters()) if model is not None else None
@@ -338,7 +338,7 @@ def _run_eager(*, size, sz, names, ctxs, bs, steps, warmup, chunk, device, max_m
                deadline) -> Report:
     gpu = device.type == "cuda"
     base = base_config(sz, max_seq_len=max(ctxs) + warmup + steps + 1)
-    rows: list[dict] = []
+    rows = partial_rows("decode")
     for name in names:
         model, reason = _model(name, base, device)
         param_bytes = tensor_bytes(model.parameters()) if model is not None else None

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,51 @@ class Report:
             if p is not None:
                 written.append(p)
         return written
+
+
+_PARTIAL_DIR: ContextVar[Path | None] = ContextVar("leanformer_bench_partial_dir", default=None)
+
+
+class RowLog(list):
+    """A running benchmark's rows: a list whose ``append`` also writes the row as one JSON line to ``path``
+    (when there is one), so that a run stopped before its end (a timeout, Ctrl-C) keeps what it measured."""
+
+    def __init__(self, path: Path | None = None):
+        super().__init__()
+        self.path = path
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(finite_or_none(row), default=str) + "\n")
+
+
+def partial_path(out_dir: str | Path, name: str) -> Path:
+    """Where a running benchmark ``name`` writing into ``out_dir`` logs its rows: ``<name>.partial.jsonl``."""
+    return Path(out_dir) / f"{name}.partial.jsonl"
+
+
+def partial_rows(name: str) -> RowLog:
+    """The rows list a benchmark ``name`` fills: logged to :func:`partial_path` while a CLI run writes into an
+    output folder (:func:`logging_rows_into`), a plain list otherwise. Starts a fresh log."""
+    out = _PARTIAL_DIR.get()
+    if out is None:
+        return RowLog()
+    path = partial_path(out, name)
+    path.unlink(missing_ok=True)
+    return RowLog(path)
+
+
+@contextmanager
+def logging_rows_into(out_dir: str | Path) -> Iterator[None]:
+    """Within this block, :func:`partial_rows` logs each row under ``out_dir`` as it is measured."""
+    token = _PARTIAL_DIR.set(Path(out_dir))
+    try:
+        yield
+    finally:
+        _PARTIAL_DIR.reset(token)
 
 
 def series(rows: list[dict], where: dict[str, Any], x: str, y: str) -> tuple[list, list]:

@@ -31,7 +31,7 @@ from leanformer import arms as arm_registry
 from leanformer.arms import ARMS, BASELINE, arm_config
 from leanformer.bench.machine import run_metadata
 from leanformer.bench.memory import MemoryMeter, failure_status, optimizer_state_tensors, release
-from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, fmt_pct, fmt_si, series
+from leanformer.bench.report import Column, Report, fmt_float, fmt_mib, fmt_pct, fmt_si, partial_rows, series
 from leanformer.bench.timing import time_fn
 from leanformer.config import ConfigError, TrainConfig, TransformerConfig
 from leanformer.device import resolve_device
@@ -238,7 +238,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
     base = base_config(sz, max_seq_len=seq_len)
     meta = run_metadata(device, command)
     deadline = time.monotonic() + time_budget if time_budget else None
-    rows: list[dict] = []
+    rows = partial_rows("train" if size != "bert" else "train_bert")
     plan = [(n, False) for n in names if eager] + [(n, True) for n in compiled]
     for name, comp in plan:
         row = {"arm": name, "compile": comp, "description": ARMS[name].description}
