@@ -286,13 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_status
     except KeyboardInterrupt:
         if main_rank:
-            if argv[:1] == ["bench"]:
-                print(f"interrupted: the rows measured so far are in {getattr(args, 'out', 'the output folder')}/"
-                      "<benchmark>.partial.jsonl (one JSON object per line); no report was written",
-                      file=sys.stderr)
-            else:
-                print("interrupted: stopped at once, without saving; re-run the same command to resume from the "
-                      "last checkpoint", file=sys.stderr)
+            print("interrupted: stopped at once, without saving; re-run the same command to resume from the "
+                  "last checkpoint", file=sys.stderr)
         return 130
 
 

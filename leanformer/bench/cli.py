@@ -7,6 +7,7 @@ Bad input (an unknown arm, method or size, a non-positive length) raises :class:
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,6 +125,10 @@ def _run(args: argparse.Namespace, bench: Callable[[torch.device], Report]) -> i
             torch.set_num_threads(args.threads)
         with logging_rows_into(args.out):  # rows kept as measured, should the run not reach its end
             report = bench(device)
+    except KeyboardInterrupt:
+        print(f"interrupted: the rows measured so far are in {args.out}/<benchmark>.partial.jsonl (one JSON "
+              "object per line); no report was written", file=sys.stderr)
+        return 130
     finally:
         torch.set_num_threads(threads)
     paths = report.write(Path(args.out))

@@ -238,7 +238,8 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
     base = base_config(sz, max_seq_len=seq_len)
     meta = run_metadata(device, command)
     deadline = time.monotonic() + time_budget if time_budget else None
-    rows = partial_rows("train" if size != "bert" else "train_bert")
+    report_name = "train" if size != "bert" else "train_bert"  # its files
+    rows = partial_rows(report_name)
     plan = [(n, False) for n in names if eager] + [(n, True) for n in compiled]
     for name, comp in plan:
         row = {"arm": name, "compile": comp, "description": ARMS[name].description}
@@ -265,7 +266,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
         print(f"[bench train] {name}{' (compiled)' if comp else ''}: {row['status']}{done}", flush=True)
     add_ratios(rows, peak)
     report = Report(
-        name="train" if size != "bert" else "train_bert",
+        name=report_name,
         title=f"Training step: size {size}, seq {seq_len}, batch {batch}",
         meta=meta, rows=rows, columns=TRAIN_COLUMNS, plot=plot_train,
         settings={"size": size, "model": vars(sz), "seq_len": seq_len, "batch": batch, "warmup": warmup,
