@@ -36,6 +36,7 @@ NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda"}
 NORMS_IN = {"leanformer.ops.norm_linear.ROUTE": "cuda"}
 SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
 ARGMAX_TWO = {"leanformer.decoding.TWO_PASS_ARGMAX": True}
+WIDE_TILES = {"leanformer.ops.skinny_linear.TILES": "wide"}  # the few-row products' rule before 2026-12-06 23:40
 PDL_ON = {"leanformer.ops.skinny_linear.PDL": True, "leanformer.ops.fused_decay_step.PDL": True}
 ALL_ON = dict(SKINNY_ON, **SINGLE_ON, **PDL_ON)
 
@@ -49,6 +50,7 @@ def skinny_config(n: int, k: int, stages: int, warps: int) -> dict:
 
 VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.compile mode, module switches)
     ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
+    ("dijiang 8K x8 compiled, wide tiles", "dijiang_scratch", 8192, 8, True, WIDE_TILES),
     ("dijiang 8K x8 compiled, cuBLAS products", "dijiang_scratch", 8192, 8, True, SKINNY_OFF),
     ("dijiang 8K x8 compiled, skinny, single pass", "dijiang_scratch", 8192, 8, True, dict(SKINNY_ON, **SINGLE_ON)),
     ("dijiang 8K x8 compiled, norms in products", "dijiang_scratch", 8192, 8, True, NORMS_IN),

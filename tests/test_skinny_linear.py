@@ -86,13 +86,25 @@ def test_block_switches_give_the_same_product(block_n, block_k, monkeypatch):
     assert torch.allclose(sl.skinny_linear(x, w, b), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_heuristic_narrows_blocks_until_the_output_has_enough_programs():
+def test_heuristic_narrows_blocks_until_the_output_has_enough_programs(monkeypatch):
+    monkeypatch.setattr(sl, "TILES", "wide")
     assert sl.launch_config(8, 768, 768, torch.bfloat16)["BLOCK_N"] == 16  # 48 programs at most
     assert sl.launch_config(8, 3072, 768, torch.bfloat16)["BLOCK_N"] == 32  # 96 programs
     assert sl.launch_config(8, 50304, 768, torch.bfloat16)["BLOCK_N"] == 64
     assert sl.launch_config(1, 8, 40, torch.bfloat16)["BLOCK_K"] == 64  # K rounded up to a power of two
     assert sl.launch_config(20, 8, 4096, torch.float32)["BLOCK_M"] == 32
     assert sl.launch_config(8, 768, 3072, torch.bfloat16)["num_stages"] == 4
+
+
+def test_narrow_tiles_for_a_few_rows_in_two_byte_dtypes():
+    """The default rule: BLOCK_N 16 and 2 warps for ≤ 16 bf16 rows (the H100 sweep's best); float32, 32 rows and
+    the NOBLE kernel's extra W_down rows keep the wide rule."""
+    for n in (768, 3072, 50304):
+        cfg = sl.launch_config(8, n, 768, torch.bfloat16)
+        assert (cfg["BLOCK_N"], cfg["num_warps"], cfg["BLOCK_K"]) == (16, 2, 256)
+    assert sl.launch_config(32, 50304, 768, torch.bfloat16)["BLOCK_N"] == 64
+    assert sl.launch_config(8, 50304, 768, torch.float32)["num_warps"] == 4
+    assert sl.launch_config(8, 50304, 768, torch.bfloat16, extra_rows=32)["BLOCK_N"] == 64
 
 
 def test_pipeline_stages_fit_shared_memory(monkeypatch):

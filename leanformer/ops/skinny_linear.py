@@ -25,10 +25,10 @@ again, as ``F.linear`` followed by the eager activation does (the MLP's first pr
 
 Switches (module attributes, read at each launch): ``ROUTE`` ("never": always ``F.linear``; "cuda", the
 default: the kernel where supported, for CUDA tensors; "always": also for CPU tensors under the interpreter, for tests),
-``BLOCK_N`` / ``BLOCK_K`` / ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of
-:func:`launch_config`; a benchmark may set them to time variants), ``PDL`` (False; True: on Hopper, a
-programmatic dependent launch: it launches while the kernel before it ends and waits for it before reading;
-off until timed).
+``TILES`` ("narrow" or "wide": the rule :func:`launch_config` follows), ``BLOCK_N`` / ``BLOCK_K`` /
+``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of :func:`launch_config`; a benchmark may set them to
+time variants), ``PDL`` (False; True: on Hopper, a programmatic dependent launch: it launches while the
+kernel before it ends and waits for it before reading; off until timed).
 """
 
 from __future__ import annotations
@@ -43,7 +43,12 @@ ROUTE = "cuda"  # "cuda": linear() runs the kernel where skinny_supported() allo
 # (default "cuda" since the H100 call of 2026-12-06: DiJiang's compiled 8K x 8 step 0.431 -> 0.417 ms, its graph
 # path 0.528 -> 0.509, Pre-LN's and SAS-P's graph path at 512 x 1 1% and 2% faster; docs/benchmarks.md)
 MAX_ROWS = 32  # rows of x the kernel takes (its BLOCK_M is 16 or 32: tl.dot needs at least 16)
-MIN_PROGRAMS = 96  # the heuristic narrows BLOCK_N (64 → 32 → 16) until the output has this many programs
+MIN_PROGRAMS = 96  # "wide" tiles: BLOCK_N narrows (64 → 32 → 16) until the output has this many programs
+TILES = "narrow"  # launch_config's rule for ≤ 16 rows in bf16/fp16: "narrow" (BLOCK_N 16, 2 warps) or "wide"
+# (the MIN_PROGRAMS rule, 4 warps). H100 sweep of 2026-12-06 03:23 (benchmarks/skinny_linear_gpu.py, in CUDA
+# graphs, 8 rows, docs/gpu/decode_2026-12-06/call1/skinny): n16 k256 s4 w2 against the wide rule, µs: q,k,v
+# 768→2304 3.38 vs 4.09, MLP up 768→3072 3.37 vs 3.71, o 768→768 2.81 vs 3.16, MLP down 3072→768 5.82 vs 7.10,
+# lm head 768→50304 30.4 vs 32.4 (GPT-2's step: ≈ −34 µs); at 32 rows it was no better, so "wide" stays there
 SMEM_BYTES = 160 * 1024  # pipeline stages are cut so that their x and W tiles fit (H100: 227 KB per block); a
 # float32 64 × 512 W tile with four stages asked for 320 KB and failed to launch on an H100 (2026-12-06)
 BLOCK_N: int | None = None
@@ -54,16 +59,21 @@ PDL = False  # launch as a programmatic dependent launch on Hopper or newer (mod
 
 
 def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 0) -> dict:
-    """BLOCK_M (16 or 32, ≥ M), BLOCK_N (the widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs, else
-    16), BLOCK_K (256 for 2-byte dtypes, 128 for float32; at most K rounded up to a power of two), warps and
-    pipeline stages (4, cut to what SMEM_BYTES holds, with ``extra_rows`` more rows of K tiles per stage: the
-    NOBLE kernel's W_down), each overridable by the module switch of its name."""
-    block_n = BLOCK_N or next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16)
-    block_k = BLOCK_K or min(256 if dtype != torch.float32 else 128, max(16, 1 << (K - 1).bit_length()))
+    """BLOCK_M (16 or 32, ≥ M), BLOCK_N, BLOCK_K (256 for 2-byte dtypes, 128 for float32; at most K rounded up
+    to a power of two), warps and pipeline stages (4, cut to what SMEM_BYTES holds, with ``extra_rows`` more
+    rows of K tiles per stage: the NOBLE kernel's W_down), each overridable by the module switch of its name.
+
+    BLOCK_N and warps follow :data:`TILES`: "narrow" (the default) gives a plain product (``extra_rows`` 0) of
+    at most 16 rows in a 2-byte dtype BLOCK_N 16 and 2 warps; otherwise, and always under "wide", BLOCK_N is the
+    widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs (else 16) with 4 warps."""
     block_m = 16 if M <= 16 else 32
+    narrow = TILES == "narrow" and block_m == 16 and dtype.itemsize == 2 and extra_rows == 0
+    block_n = BLOCK_N or (16 if narrow else next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16))
+    block_k = BLOCK_K or min(256 if dtype != torch.float32 else 128, max(16, 1 << (K - 1).bit_length()))
     stage_bytes = (block_m + block_n + extra_rows) * block_k * dtype.itemsize
     stages = max(1, min(NUM_STAGES or 4, SMEM_BYTES // stage_bytes))  # x and W tiles of every stage fit
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS or 4, num_stages=stages)
+    warps = NUM_WARPS or (2 if narrow else 4)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
 def skinny_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
