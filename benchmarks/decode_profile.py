@@ -32,11 +32,13 @@ COSNET_ON = {"leanformer.layers.noble.COSNET_KERNEL": "cuda"}
 MIX_ON = {"leanformer.layers.shaped.COMPILE_STEP_MIX": True}
 SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}  # the default since 2026-12-06
 SKINNY_OFF = {"leanformer.ops.skinny_linear.ROUTE": "never"}
-NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda"}
+NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda"}  # the default since 2026-12-06 23:50
+NOBLE_OFF = {"leanformer.ops.noble_decode.ROUTE": "never"}  # the layer's own ops (labels without "NOBLE kernel")
 NORMS_IN = {"leanformer.ops.norm_linear.ROUTE": "cuda"}
 SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
 ARGMAX_TWO = {"leanformer.decoding.TWO_PASS_ARGMAX": True}
-WIDE_TILES = {"leanformer.ops.skinny_linear.TILES": "wide"}  # the few-row products' rule before 2026-12-06 23:40
+WIDE_TILES = {"leanformer.ops.skinny_linear.TILES": "wide"}  # the default again since 2026-12-06 23:50
+NARROW_TILES = {"leanformer.ops.skinny_linear.TILES": "narrow"}
 PDL_ON = {"leanformer.ops.skinny_linear.PDL": True, "leanformer.ops.fused_decay_step.PDL": True}
 ALL_ON = dict(SKINNY_ON, **SINGLE_ON, **PDL_ON)
 
@@ -51,6 +53,7 @@ def skinny_config(n: int, k: int, stages: int, warps: int) -> dict:
 VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.compile mode, module switches)
     ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
     ("dijiang 8K x8 compiled, wide tiles", "dijiang_scratch", 8192, 8, True, WIDE_TILES),
+    ("dijiang 8K x8 compiled, narrow tiles", "dijiang_scratch", 8192, 8, True, NARROW_TILES),
     ("dijiang 8K x8 compiled, cuBLAS products", "dijiang_scratch", 8192, 8, True, SKINNY_OFF),
     ("dijiang 8K x8 compiled, skinny, single pass", "dijiang_scratch", 8192, 8, True, dict(SKINNY_ON, **SINGLE_ON)),
     ("dijiang 8K x8 compiled, norms in products", "dijiang_scratch", 8192, 8, True, NORMS_IN),
@@ -62,7 +65,7 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
     ("preln 8K x8 compiled, norms in products", "preln", 8192, 8, True, NORMS_IN),
     ("noble 512 x1 graph, NOBLE kernel", "noble_fused", 512, 1, False, NOBLE_ON),
-    ("noble 512 x1 graph", "noble_fused", 512, 1, False, {}),
+    ("noble 512 x1 graph", "noble_fused", 512, 1, False, NOBLE_OFF),
     ("preln 512 x1 graph", "preln", 512, 1, False, {}),
     ("preln 512 x1 graph, cuBLAS products", "preln", 512, 1, False, SKINNY_OFF),
     ("dijiang 8K x8 compiled, skinny, single pass, PDL", "dijiang_scratch", 8192, 8, True, ALL_ON),
@@ -71,7 +74,7 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled, skinny n16 k256 s4 w2", "dijiang_scratch", 8192, 8, True, skinny_config(16, 256, 4, 2)),
     ("dijiang 8K x8 compiled, skinny n16 k512 s3 w4", "dijiang_scratch", 8192, 8, True, skinny_config(16, 512, 3, 4)),
     ("dijiang 8K x8 compiled, skinny n32 k256 s4 w4", "dijiang_scratch", 8192, 8, True, skinny_config(32, 256, 4, 4)),
-    ("noble 512 x1 compiled", "noble_fused", 512, 1, True, {}),
+    ("noble 512 x1 compiled", "noble_fused", 512, 1, True, NOBLE_OFF),
     ("noble 512 x1 compiled, NOBLE kernel", "noble_fused", 512, 1, True, NOBLE_ON),
     ("preln 8K x8 compiled, cuBLAS products", "preln", 8192, 8, True, SKINNY_OFF),
     ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
@@ -86,7 +89,7 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("sas_p 512 x1 graph, cuBLAS products", "sas_p", 512, 1, False, SKINNY_OFF),
     ("sas_p 512 x1 graph, compiled mix", "sas_p", 512, 1, False, MIX_ON),
     ("dijiang 8K x8 graph, gate outside", "dijiang_scratch", 8192, 8, False, GATE_OUT),
-    ("noble 512 x1 graph, CosNet kernel", "noble_fused", 512, 1, False, COSNET_ON),
+    ("noble 512 x1 graph, CosNet kernel", "noble_fused", 512, 1, False, dict(COSNET_ON, **NOBLE_OFF)),
 ]
 
 

@@ -287,7 +287,7 @@ def test_decode_profile_script_runs_on_the_cpu(tmp_path):
     rows = json.loads((tmp_path / "decode_profile.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["kernels_per_step"] > 0 and r["top"] for r in rows)
-    assert rows[1]["switches"] == {"leanformer.ops.skinny_linear.ROUTE": "never"}  # the first variant with switches
+    assert rows[1]["switches"] == {"leanformer.ops.skinny_linear.TILES": "wide"}  # the first variant with switches
     assert "| variant | step ms |" in (tmp_path / "decode_profile.md").read_text()
 
 

@@ -221,14 +221,7 @@ def test_shaped_mix_kernel_output_and_gradients_match_float64(device, check, dty
     check(max([rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]), TOL[dtype])
 
 
-_SOFTMAX_CAPTURE = pytest.mark.xfail(
-    reason="on the H100 (2026-12-06, two calls) the first capture in this test failed with 'operation would make "
-           "the legacy stream depend on a capturing blocking stream': the test kept the eager output alive, whose "
-           "graph's AccumulateGrad nodes remember the legacy stream (torch 2.11 warned so). The call now returns "
-           "its output detached; unverified on a GPU, so this mark stays until a GPU run passes", strict=False)
-
-
-@pytest.mark.parametrize("method", [pytest.param("softmax", marks=_SOFTMAX_CAPTURE), "shaped", "dijiang_fused",
+@pytest.mark.parametrize("method", ["softmax", "shaped", "dijiang_fused",
                                     "dijiang_official_fla"])
 def test_attention_bench_graph_replay_gives_the_eager_gradients(device, check, method):
     """``bench attention --graphs`` times a CUDA graph replay of its call: the replay must compute what the

@@ -86,8 +86,7 @@ def test_block_switches_give_the_same_product(block_n, block_k, monkeypatch):
     assert torch.allclose(sl.skinny_linear(x, w, b), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_heuristic_narrows_blocks_until_the_output_has_enough_programs(monkeypatch):
-    monkeypatch.setattr(sl, "TILES", "wide")
+def test_heuristic_narrows_blocks_until_the_output_has_enough_programs():
     assert sl.launch_config(8, 768, 768, torch.bfloat16)["BLOCK_N"] == 16  # 48 programs at most
     assert sl.launch_config(8, 3072, 768, torch.bfloat16)["BLOCK_N"] == 32  # 96 programs
     assert sl.launch_config(8, 50304, 768, torch.bfloat16)["BLOCK_N"] == 64
@@ -96,9 +95,10 @@ def test_heuristic_narrows_blocks_until_the_output_has_enough_programs(monkeypat
     assert sl.launch_config(8, 768, 3072, torch.bfloat16)["num_stages"] == 4
 
 
-def test_narrow_tiles_for_a_few_rows_in_two_byte_dtypes():
-    """The default rule: BLOCK_N 16 and 2 warps for ≤ 16 bf16 rows (the H100 sweep's best); float32, 32 rows and
+def test_narrow_tiles_for_a_few_rows_in_two_byte_dtypes(monkeypatch):
+    """TILES "narrow": BLOCK_N 16 and 2 warps for ≤ 16 bf16 rows (the H100 sweep's best); float32, 32 rows and
     the NOBLE kernel's extra W_down rows keep the wide rule."""
+    monkeypatch.setattr(sl, "TILES", "narrow")
     for n in (768, 3072, 50304):
         cfg = sl.launch_config(8, n, 768, torch.bfloat16)
         assert (cfg["BLOCK_N"], cfg["num_warps"], cfg["BLOCK_K"]) == (16, 2, 256)

@@ -9,8 +9,8 @@ the defaults (docs/benchmarks.md records which were measured faster):
 name       what it chooses                                              choices (default first)
 =========  ============================================================  ==============================
 products   few-row products: ``leanformer.ops.skinny_linear.ROUTE``     triton, cublas
-tiles      their tiles for ≤ 16 rows: ``skinny_linear.TILES``           narrow, wide
-noble      NOBLE's one-kernel layer: ``leanformer.ops.noble_decode``    eager, triton
+tiles      their tiles for ≤ 16 rows: ``skinny_linear.TILES``           wide, narrow
+noble      NOBLE's one-kernel layer: ``leanformer.ops.noble_decode``    triton, eager
 norms      Pre-LN's norms and residuals in the products (norm_linear)  apart, in-products
 step       DiJiang's step kernel: ``fused_decay_step.SINGLE_PASS``      two-pass, single
 argmax     greedy sampling: ``leanformer.decoding.TWO_PASS_ARGMAX``     one-pass, two-pass
@@ -29,10 +29,10 @@ _PDL = ("leanformer.ops.skinny_linear.PDL", "leanformer.ops.fused_decay_step.PDL
 KERNEL_CHOICES: dict[str, dict[str, dict[str, object]]] = {  # name -> choice -> {dotted switch: value}
     "products": {"triton": {"leanformer.ops.skinny_linear.ROUTE": "cuda"},
                  "cublas": {"leanformer.ops.skinny_linear.ROUTE": "never"}},
-    "tiles": {"narrow": {"leanformer.ops.skinny_linear.TILES": "narrow"},
-              "wide": {"leanformer.ops.skinny_linear.TILES": "wide"}},
-    "noble": {"eager": {"leanformer.ops.noble_decode.ROUTE": "never"},
-              "triton": {"leanformer.ops.noble_decode.ROUTE": "cuda"}},
+    "tiles": {"wide": {"leanformer.ops.skinny_linear.TILES": "wide"},
+              "narrow": {"leanformer.ops.skinny_linear.TILES": "narrow"}},
+    "noble": {"triton": {"leanformer.ops.noble_decode.ROUTE": "cuda"},
+              "eager": {"leanformer.ops.noble_decode.ROUTE": "never"}},
     "norms": {"apart": {"leanformer.ops.norm_linear.ROUTE": "never"},
               "in-products": {"leanformer.ops.norm_linear.ROUTE": "cuda"}},
     "step": {"two-pass": {"leanformer.ops.fused_decay_step.SINGLE_PASS": False},

@@ -12,7 +12,7 @@ dtype); CosNet itself runs in float32 as :mod:`leanformer.ops.cosnet`'s kernel d
 
 ``noble_linear(layer, x)``: the kernel's result, or None when it cannot run these inputs
 (:func:`noble_supported` says why), so the caller runs the layer as usual. It runs where :data:`ROUTE`
-says ("never", the default until timed on a GPU; "cuda": CUDA tensors; "always": also CPU tensors under
+says ("cuda", the default: CUDA tensors; "never": the layer's own ops; "always": also CPU tensors under
 ``TRITON_INTERPRET=1``, for tests). Shapes: x (..., K), ≤ ``skinny_linear.MAX_ROWS`` rows, unit
 stride along K; W (N, K), W_down (r, K), W_up (N, r) with r a power of two in [16, 128].
 The op is ``leanformer::noble_decode`` (a ``triton_op``: ``torch.compile`` and CUDA graphs capture it).
@@ -25,7 +25,9 @@ import torch
 from leanformer.ops import skinny_linear
 from leanformer.ops.fused_decay_attention import _cdiv, _interpret, _on_device, _register, _wrap
 
-ROUTE = "never"  # "cuda": noble_linear() runs the kernel on CUDA tensors it takes; "always": also on the CPU
+ROUTE = "cuda"  # "cuda": noble_linear() runs the kernel on CUDA tensors it takes; "always": also on the CPU;
+# "never": the layer's own ops. Default "cuda" since its first timing (H200, 2026-12-06 23:37, decode_profile.py,
+# GPT-2 NOBLE at 512 x 1, compiled): 1.509 -> 0.721 ms per step, 546 -> 162 kernels (docs/gpu/decode_2026-12-06/call4)
 
 
 def noble_supported(layer, x: torch.Tensor) -> str | None:

@@ -44,11 +44,12 @@ ROUTE = "cuda"  # "cuda": linear() runs the kernel where skinny_supported() allo
 # path 0.528 -> 0.509, Pre-LN's and SAS-P's graph path at 512 x 1 1% and 2% faster; docs/benchmarks.md)
 MAX_ROWS = 32  # rows of x the kernel takes (its BLOCK_M is 16 or 32: tl.dot needs at least 16)
 MIN_PROGRAMS = 96  # "wide" tiles: BLOCK_N narrows (64 → 32 → 16) until the output has this many programs
-TILES = "narrow"  # launch_config's rule for ≤ 16 rows in bf16/fp16: "narrow" (BLOCK_N 16, 2 warps) or "wide"
-# (the MIN_PROGRAMS rule, 4 warps). H100 sweep of 2026-12-06 03:23 (benchmarks/skinny_linear_gpu.py, in CUDA
-# graphs, 8 rows, docs/gpu/decode_2026-12-06/call1/skinny): n16 k256 s4 w2 against the wide rule, µs: q,k,v
-# 768→2304 3.38 vs 4.09, MLP up 768→3072 3.37 vs 3.71, o 768→768 2.81 vs 3.16, MLP down 3072→768 5.82 vs 7.10,
-# lm head 768→50304 30.4 vs 32.4 (GPT-2's step: ≈ −34 µs); at 32 rows it was no better, so "wide" stays there
+TILES = "wide"  # launch_config's rule for ≤ 16 rows in bf16/fp16: "wide" (the MIN_PROGRAMS rule, 4 warps) or
+# "narrow" (BLOCK_N 16, 2 warps). An H100 sweep of each product alone in a CUDA graph (2026-12-06 03:23,
+# benchmarks/skinny_linear_gpu.py, 8 rows, docs/gpu/decode_2026-12-06/call1/skinny) found narrow 0.4–1.3 µs
+# faster per product; but its repeated product reads a weight that stays in L2. In DiJiang's decoding step,
+# where each weight comes from HBM once, narrow gave nothing (H200, 2026-12-06 23:37: 0.389 against 0.390
+# ms, docs/gpu/decode_2026-12-06/call4), so the default stays wide
 SMEM_BYTES = 160 * 1024  # pipeline stages are cut so that their x and W tiles fit (H100: 227 KB per block); a
 # float32 64 × 512 W tile with four stages asked for 320 KB and failed to launch on an H100 (2026-12-06)
 BLOCK_N: int | None = None
@@ -63,9 +64,9 @@ def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 
     to a power of two), warps and pipeline stages (4, cut to what SMEM_BYTES holds, with ``extra_rows`` more
     rows of K tiles per stage: the NOBLE kernel's W_down), each overridable by the module switch of its name.
 
-    BLOCK_N and warps follow :data:`TILES`: "narrow" (the default) gives a plain product (``extra_rows`` 0) of
+    BLOCK_N and warps follow :data:`TILES`: "narrow" gives a plain product (``extra_rows`` 0) of
     at most 16 rows in a 2-byte dtype BLOCK_N 16 and 2 warps; otherwise, and always under "wide", BLOCK_N is the
-    widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs (else 16) with 4 warps."""
+    widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs (else 16) with 4 warps (the default)."""
     block_m = 16 if M <= 16 else 32
     narrow = TILES == "narrow" and block_m == 16 and dtype.itemsize == 2 and extra_rows == 0
     block_n = BLOCK_N or (16 if narrow else next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16))
