@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from leanformer.bench.attention import build_call
+from leanformer.ops import eager_op
 
 
 def wall_ms(call, repeats: int) -> float:
@@ -54,6 +55,25 @@ def profile_call(call, calls: int) -> dict:
             "kernels_per_call": sum(e.count for e in kernels) / calls}
 
 
+def python_profile(call, calls: int) -> list[dict]:
+    """The Python functions with the most internal time per call (cProfile, ``calls`` calls, GPU synchronised
+    after them): where the host's time goes inside our ops, torch.library and Triton's launcher."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(calls):
+        call()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, primitive calls, tottime, cumtime, callers)}
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:25]
+    return [{"function": f"{Path(f).name}:{line} {name}", "us": tt / calls * 1e6, "calls": n / calls}
+            for (f, line, name), (n, _, tt, _, _) in top]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -61,28 +81,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="1024,4096")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--profiled", type=int, default=5)
+    p.add_argument("--op-path-too", action="store_true",
+                   help="also time each cell with eager_op.EAGER_FAST_PATH off (every call through the registered op)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     dev, dt = torch.device("cuda"), torch.bfloat16
     rows = []
+    paths = (True, False) if args.op_path_too else (True,)
     for T in (int(x) for x in args.lengths.split(",")):
-        for method in (m.strip() for m in args.methods.split(",")):
-            row = {"method": method, "T": T}
+        for method, fast in ((m.strip(), f) for m in args.methods.split(",") for f in paths):
+            row = {"method": method if fast else f"{method} (op path)", "T": T}
+            eager_op.EAGER_FAST_PATH = fast
             try:
                 _, call, _ = build_call(method, dev, dt, 4, 12, T, 64)
                 for _ in range(5):
                     call()
                 row["wall_ms"] = wall_ms(call, args.repeats)
                 row.update(profile_call(call, args.profiled))
+                row["python_us_by_function"] = python_profile(call, args.profiled)
                 row["status"] = "ok"
             except Exception as e:  # noqa: BLE001 - one failing cell is reported, not fatal
                 row["status"] = f"failed: {type(e).__name__}: {e}"[:300]
+            finally:
+                eager_op.EAGER_FAST_PATH = True
             rows.append(row)
-            print(f"[{method} T={T}] " + (f"wall {row['wall_ms']:.3f} ms, GPU {row['gpu_kernel_ms']:.3f} ms, host "
-                                          f"self {row['host_self_ms_total']:.3f} ms, "
-                                          f"{row['kernels_per_call']:.0f} kernels" if row["status"] == "ok"
-                                          else row["status"]), flush=True)
+            summary = (f"wall {row['wall_ms']:.3f} ms, GPU {row['gpu_kernel_ms']:.3f} ms, host self "
+                       f"{row['host_self_ms_total']:.3f} ms, {row['kernels_per_call']:.0f} kernels"
+                       if row["status"] == "ok" else row["status"])
+            print(f"[{row['method']} T={T}] {summary}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -101,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             lines += ["", f"## {r['method']} T={r['T']}: host self time by op (ms per call)", "",
                       "| op | ms | calls |", "|---|---:|---:|"]
             lines += [f"| `{o['op'][:90]}` | {o['ms']:.4f} | {o['calls']:.0f} |" for o in r["host_self_ms_by_op"]]
+            lines += ["", f"### {r['method']} T={r['T']}: Python internal time by function (cProfile, µs per call)",
+                      "", "| function | µs | calls |", "|---|---:|---:|"]
+            lines += [f"| `{o['function'][:90]}` | {o['us']:.1f} | {o['calls']:.0f} |"
+                      for o in r["python_us_by_function"]]
     (out / "attention_host_profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:4 + len(rows)]))
     return 0

@@ -72,6 +72,8 @@ import os
 
 import torch
 
+from leanformer.ops.eager_op import EagerFastOp, direct_call_active
+
 # Run-time switches, read at each launch (a benchmark may time variants side by side in one process;
 # each new combination compiles once per shape). The defaults are the fastest variant measured on an H200
 # (docs/gpu/fused_2026-12-04b: factored, 3 stages, longest rows first; the first kernel was FACTORED = False,
@@ -266,17 +268,22 @@ OP_ROUTE = ("triton_op" if hasattr(torch.library, "triton_op") and not _interpre
 
 
 def _register(name: str, fake):
+    """Register ``fn`` as the op ``name`` (a ``triton_op``, or a ``custom_op`` with ``fake`` for its shapes) and
+    return it wrapped in :class:`leanformer.ops.eager_op.EagerFastOp` (eager calls skip the dispatcher)."""
     def dec(fn):
         if OP_ROUTE == "triton_op":
-            return torch.library.triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fake)
-        return op
+            op = torch.library.triton_op(name, mutates_args=())(fn)
+        else:
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+        return EagerFastOp(name, op, fn)
     return dec
 
 
 def _wrap(kernel):
-    return torch.library.wrap_triton(kernel) if OP_ROUTE == "triton_op" else kernel
+    """The kernel as a registered op's function launches it: through ``wrap_triton`` for a ``triton_op`` (so
+    compile sees it), itself in a direct eager call (:func:`leanformer.ops.eager_op.direct_call_active`)."""
+    return torch.library.wrap_triton(kernel) if OP_ROUTE == "triton_op" and not direct_call_active() else kernel
 
 
 def _new_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
