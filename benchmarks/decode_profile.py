@@ -34,6 +34,7 @@ SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}  # the default since 
 SKINNY_OFF = {"leanformer.ops.skinny_linear.ROUTE": "never"}
 NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda"}  # the default since 2026-12-06 23:50
 NOBLE_OFF = {"leanformer.ops.noble_decode.ROUTE": "never"}  # the layer's own ops (labels without "NOBLE kernel")
+NOBLE_UNGROUPED = {"leanformer.ops.noble_decode.GROUPED": False}  # q, k, v NOBLE layers one launch each
 NORMS_IN = {"leanformer.ops.norm_linear.ROUTE": "cuda"}
 SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
 ARGMAX_TWO = {"leanformer.decoding.TWO_PASS_ARGMAX": True}
@@ -76,6 +77,8 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled, skinny n32 k256 s4 w4", "dijiang_scratch", 8192, 8, True, skinny_config(32, 256, 4, 4)),
     ("noble 512 x1 compiled", "noble_fused", 512, 1, True, NOBLE_OFF),
     ("noble 512 x1 compiled, NOBLE kernel", "noble_fused", 512, 1, True, NOBLE_ON),
+    ("noble 512 x1 compiled, NOBLE kernel, q k v apart", "noble_fused", 512, 1, True,
+     dict(NOBLE_ON, **NOBLE_UNGROUPED)),
     ("preln 8K x8 compiled, cuBLAS products", "preln", 8192, 8, True, SKINNY_OFF),
     ("preln 512 x1 compiled", "preln", 512, 1, True, {}),
     ("sas_p 512 x1 compiled", "sas_p", 512, 1, True, {}),

@@ -468,15 +468,17 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     (:func:`leanformer.layers.fused_inputs.fuse_linears`: their weights become views of one matrix). Plain
     linears become :class:`leanformer.layers.linear.DecodeLinear` (the same map, through the few-row kernel
     of :mod:`leanformer.ops.skinny_linear` where its ``ROUTE`` allows), NOBLE layers run a step's rows
-    through :mod:`leanformer.ops.noble_decode` where its ``ROUTE`` allows, and Pre-LN blocks of softmax or
-    DiJiang attention with LayerNorms become :class:`leanformer.blocks.standard.DecodePreLNBlock` (their norms
-    and residual sums inside the products, :mod:`leanformer.ops.norm_linear`, where its ``ROUTE`` allows)."""
+    through :mod:`leanformer.ops.noble_decode` where its ``ROUTE`` allows (an attention layer's input NOBLE
+    layers as one launch, :func:`leanformer.layers.fused_inputs.fuse_noble_linears`), and Pre-LN blocks of
+    softmax or DiJiang attention with LayerNorms become :class:`leanformer.blocks.standard.DecodePreLNBlock`
+    (their norms and residual sums inside the products, :mod:`leanformer.ops.norm_linear`, where its ``ROUTE``
+    allows)."""
     import copy
 
     from leanformer.blocks.standard import DecodePreLNBlock, PreLNBlock
     from leanformer.layers.attention import SoftmaxAttention
     from leanformer.layers.dijiang import DiJiangAttention, DiJiangFeatureMap
-    from leanformer.layers.fused_inputs import fuse_linears
+    from leanformer.layers.fused_inputs import fuse_linears, fuse_noble_linears
     from leanformer.layers.linear import DecodeLinear
     from leanformer.layers.noble import NobleLinear
 
@@ -500,5 +502,5 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
             m.__class__ = DecodePreLNBlock  # norms and residuals handed to the products (ops/norm_linear.py)
     for m in out.modules():
         if hasattr(m, "input_linears"):
-            fuse_linears(m, m.input_linears())
+            fuse_linears(m, m.input_linears()) or fuse_noble_linears(m, m.input_linears())
     return out

@@ -1,10 +1,13 @@
 """A NOBLE layer for a decoding step's few rows in one kernel (:mod:`leanformer.ops.noble_decode`): against
 float64 and the layer's eager forward, its refusals, and a decoding copy of a NOBLE model that decodes the
-same tokens through it.
+same tokens through it; an attention's q, k, v (and gate) NOBLE layers in one launch
+(:func:`leanformer.layers.fused_inputs.fuse_noble_linears`): bitwise the single-layer kernel's, following
+its parameters, refusing what it cannot run.
 
 Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
 
+import copy
 import os
 
 import pytest
@@ -14,7 +17,8 @@ pytest.importorskip("triton")
 
 from leanformer import NobleConfig, TransformerConfig, TransformerLM  # noqa: E402
 from decoding_routes import assert_same_decoding, decode_each_route  # noqa: E402
-from leanformer.decoding import decoding_copy  # noqa: E402
+from leanformer.decoding import StaticDecoder, decoding_copy  # noqa: E402
+from leanformer.layers import fused_inputs as fi  # noqa: E402
 from leanformer.layers.noble import NobleLinear  # noqa: E402
 from leanformer.ops import noble_decode as nd  # noqa: E402
 from leanformer.ops import skinny_linear as sl  # noqa: E402
@@ -95,10 +99,9 @@ def test_refusals_and_the_route(monkeypatch):
     assert (nd.noble_linear(layer, x) is None) is (DEV.type != "cuda")
 
 
-def test_decoding_copy_of_a_noble_model_decodes_the_same_through_the_kernel(monkeypatch):
-    """Every NOBLE layer of the copy runs the kernel (ROUTE "always": prefill and steps), and the copy decodes
-    the tokens it decodes without it, logits within float32 rounding."""
-    cfg = TransformerConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, dropout=0.0,
+def _noble_copy(n_layers=2):
+    """A decoding copy (float32) of a tiny NOBLE model, its branches' W_up off zero, and the model."""
+    cfg = TransformerConfig(vocab_size=61, d_model=32, n_layers=n_layers, n_heads=2, max_seq_len=32, dropout=0.0,
                             noble=NobleConfig(enabled=True, rank=16))
     torch.manual_seed(0)
     model = TransformerLM(cfg).to(DEV).eval()
@@ -106,9 +109,178 @@ def test_decoding_copy_of_a_noble_model_decodes_the_same_through_the_kernel(monk
         if isinstance(m, NobleLinear):
             with torch.no_grad():
                 m.up.weight.normal_(0.0, 0.3)
-    copy = decoding_copy(model, torch.float32)
-    layers = [m for m in copy.modules() if isinstance(m, NobleLinear)]
+    return decoding_copy(model, torch.float32), model
+
+
+def test_decoding_copy_of_a_noble_model_decodes_the_same_through_the_kernel(monkeypatch):
+    """Every NOBLE layer of the copy runs a kernel (ROUTE "always": prefill and steps), q, k, v as one launch
+    per attention; the copy decodes the tokens it decodes without the kernels, logits within float32
+    rounding, and with q, k, v each in its own launch, logits equal."""
+    fast, model = _noble_copy()
+    layers = [m for m in fast.modules() if isinstance(m, NobleLinear)]
     assert layers and all(m.decode_kernel for m in layers)
-    out = decode_each_route(copy, nd, "_noble_op", monkeypatch, DEV)
-    assert [len(out[r][2]) for r in ("never", "always")] == [0, 4 * len(layers)]  # prefill + 3 steps
+    attns = [b.attn for b in fast.blocks]
+    assert all(a._fused_noble_inputs[0] == ("q", "k", "v") for a in attns)
+    assert attns[0].k.weight.data_ptr() == attns[0].noble_input_weight[32:].data_ptr()  # a view, no copy
+    assert set(fast.state_dict()) == set(model.state_dict())
+    apart = copy.deepcopy(fast)
+    for a in apart.modules():
+        fi.unfuse(a)
+    grouped = []
+    real = nd._noble_group_op
+    monkeypatch.setattr(nd, "_noble_group_op", lambda *args: grouped.append(args) or real(*args))
+    out = decode_each_route(fast, nd, "_noble_op", monkeypatch, DEV)
+    assert len(grouped) == 4 * len(attns)  # prefill + 3 steps, only under "always"
+    assert [len(out[r][2]) for r in ("never", "always")] == [0, 4 * (len(layers) - 3 * len(attns))]
     assert_same_decoding(out)
+    out["apart"] = decode_each_route(apart, nd, "_noble_op", monkeypatch, DEV, routes=("always",))["always"]
+    assert len(out["apart"][2]) == 4 * len(layers) and len(grouped) == 4 * len(attns)
+    assert torch.equal(out["apart"][0], out["always"][0]) and torch.equal(out["apart"][1], out["always"][1])
+
+
+@pytest.mark.skipif(DEV.type == "cuda", reason="counts the custom op's launches (the interpreter's route); a "
+                                               "triton_op's body is traced into the compiled graph")
+def test_compiled_step_runs_the_grouped_launch(monkeypatch):
+    """Under torch.compile (aot_eager) the step runs q, k, v as one launch (no staleness check in the graph)
+    and decodes the eager step's tokens and logits."""
+    fast, _ = _noble_copy(n_layers=1)
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    launches = []
+    real = nd._launch
+    monkeypatch.setattr(nd, "_launch", lambda *args: launches.append(args[12] is not None) or real(*args))  # offsets
+    prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1)).to(DEV)
+    decs = [StaticDecoder(fast, 2, capacity=8, graph="none", compile=c) for c in ("aot_eager", False)]
+    for dec in decs:
+        dec.prefill(prompt)
+        launches.clear()
+        dec.step()
+        assert launches == [True, False, False, False]  # q, k, v; o; the MLP's two
+        dec.step()
+    assert torch.equal(decs[0].tokens, decs[1].tokens) and torch.equal(decs[0].logits, decs[1].logits)
+
+
+# ---------------------------------------------------------------------------------------------- grouped
+def _attention(widths=(48, 16, 32), K=32, bias=(True, True, True), dtype=torch.float32, rank=16, **kw):
+    """A module holding NOBLE layers q, k, v (and gate, for a fourth width) on one x, fused; each
+    layer runs its own kernel when called (as a decoding copy's)."""
+    m = torch.nn.Module()
+    names = ("q", "k", "v", "gate")[:len(widths)]
+    for i, (name, n, b) in enumerate(zip(names, widths, bias)):
+        setattr(m, name, _layer(K, n, rank=rank, bias=b, seed=i, **kw).to(DEV, dtype))
+        getattr(m, name).decode_kernel = True
+    fused = fi.fuse_noble_linears(m, names)
+    return m, names, fused
+
+
+def _grouped(m, x, names, monkeypatch, norm=None):
+    """project_inputs under no_grad with ROUTE "always", and how many grouped launches it made."""
+    calls = []
+    real = nd._noble_group_op
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    monkeypatch.setattr(nd, "_noble_group_op", lambda *args: calls.append(args) or real(*args))
+    with torch.no_grad():
+        ys = fi.project_inputs(m, x, names, norm=norm)
+    monkeypatch.setattr(nd, "_noble_group_op", real)
+    return ys, len(calls)
+
+
+def _each(m, x, names):
+    """Each layer by the single-layer kernel (ROUTE must be "always")."""
+    with torch.no_grad():
+        return [nd.noble_linear(getattr(m, n), x) for n in names]
+
+
+@pytest.mark.parametrize("widths,K,bias", [((48, 16, 32), 32, (True, True, True)),
+                                           ((16, 32, 16), 64, (False, False, False)),
+                                           ((32, 16, 16, 48), 40, (True, False, False, False))],
+                         ids=["bias", "no-bias", "gate-mixed-bias-odd-K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_grouped_kernel_equals_each_layers_kernel(widths, K, bias, dtype, monkeypatch):
+    """One launch for 3 or 4 layers of differing widths equals each layer's own kernel bit for bit (M = 1, 3,
+    8); float32: within 2e-6 of float64 (relative to each output's largest)."""
+    m, names, fused = _attention(widths, K, bias, dtype)
+    assert fused and m.noble_input_offsets.tolist() == [0, *torch.tensor(widths).cumsum(0).tolist()]
+    exact = [copy.deepcopy(getattr(m, n)).double().forward_reference for n in names]
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows)).to(DEV, dtype)
+        ys, launches = _grouped(m, x, names, monkeypatch)
+        assert launches == 1
+        for y, ref, name, f64 in zip(ys, _each(m, x, names), names, exact):
+            assert ref is not None and torch.equal(y, ref), (rows, name)
+            if dtype == torch.float32:
+                z = f64(x.double())
+                assert float((y.double() - z).abs().max() / z.abs().max()) <= 2e-6, (rows, name)
+
+
+@pytest.mark.parametrize("how", ["in place", "new parameter", "bias dropped", "load_state_dict", "to bf16",
+                                 "replaced layer"])
+def test_grouped_layers_follow_their_parameters(how, monkeypatch):
+    """Whatever changes the layers after fusion, the grouped call computes with their current parameters:
+    in place through the shared storage, otherwise by fusing again (or, for a layer it cannot take, by
+    calling each layer)."""
+    m, names, _ = _attention()
+    x = torch.randn(3, 32, device=DEV)
+    with torch.no_grad():
+        if how == "in place":
+            m.q.weight.add_(1.0)
+            m.k.act.omega1.mul_(2.0)
+            m.v.up.weight.neg_()
+        elif how == "new parameter":
+            m.v.up.weight = torch.nn.Parameter(torch.randn_like(m.v.up.weight), requires_grad=False)
+        elif how == "bias dropped":
+            m.k.bias = None
+        elif how == "load_state_dict":
+            m.load_state_dict({k: v + 0.5 for k, v in m.state_dict().items()})
+        elif how == "to bf16":
+            m.to(torch.bfloat16)
+            x = x.bfloat16()
+        else:
+            m.k = _layer(32, 16, rank=32, seed=5).to(DEV)
+            m.k.decode_kernel = True
+    current = fi.noble_fusion_is_current(m)
+    assert current is (how == "in place")
+    ys, launches = _grouped(m, x, names, monkeypatch)
+    assert launches == (how != "replaced layer")
+    assert fi.noble_fusion_is_current(m) if launches else not hasattr(m, "_fused_noble_inputs")
+    for y, ref in zip(ys, _each(m, x, names)):
+        assert torch.equal(y, ref)
+
+
+def test_grouped_refusals_fall_back_to_each_layer(monkeypatch):
+    """Layers the kernel cannot group stay apart; a grouped module still calls each layer with a gradient
+    being recorded, under ROUTE "never" and for more than 32 rows; its ``norm`` is applied first."""
+    for kw in ({"rank": 8}, {"fusion": "gate"}, {"activation": "silu"}, {"dropout": 0.1}):
+        assert not _attention(**kw)[2], kw
+    m = torch.nn.Module()
+    m.q, m.k = _layer(32, 16, rank=16), _layer(32, 16, rank=32)
+    assert not fi.fuse_noble_linears(m, ("q", "k"))
+    m.k = _layer(40, 16, rank=16)
+    assert not fi.fuse_noble_linears(m, ("q", "k"))
+    m.k = torch.nn.Linear(32, 16)
+    assert not fi.fuse_noble_linears(m, ("q", "k")) and not fi.fuse_noble_linears(m, ("q",))
+    m.k = _layer(32, 16, rank=16).double()
+    assert not fi.fuse_noble_linears(m, ("q", "k")) and not hasattr(m, "_fused_noble_inputs")
+
+    m, names, _ = _attention()
+    stacks = [getattr(m, n) for n in fi._NOBLE_STACKS]
+    x = torch.randn(3, 32, device=DEV)
+    assert nd.noble_group_supported(x, *stacks, m.noble_input_offsets) is None
+    assert "must be torch.float64 like x" in nd.noble_group_supported(x.double(), *stacks, m.noble_input_offsets)
+    assert "rows" in nd.noble_group_supported(torch.randn(33, 32, device=DEV), *stacks, m.noble_input_offsets)
+    assert "int32" in nd.noble_group_supported(x, *stacks, m.noble_input_offsets.long())
+    assert "shapes" in nd.noble_group_supported(x, *stacks[:-1], stacks[-1][:64], m.noble_input_offsets)
+    ys, launches = _grouped(m, torch.randn(2, 20, 32, device=DEV), names, monkeypatch)
+    assert launches == 0 and [y.shape for y in ys] == [(2, 20, 48), (2, 20, 16), (2, 20, 32)]
+    monkeypatch.setattr(nd, "ROUTE", "never")
+    with torch.no_grad():
+        assert nd.noble_group_linear(x, *stacks, m.noble_input_offsets, 48) is None
+    m.q.weight.requires_grad_(True)
+    with torch.enable_grad():
+        ys = fi.project_inputs(m, x, names)
+    assert ys[0].requires_grad and not ys[1].requires_grad
+    norm = torch.nn.LayerNorm(32).to(DEV)
+    with torch.no_grad():
+        norm.weight.normal_()
+        with_norm, launches = _grouped(m, x, names, monkeypatch, norm=norm)
+        normed = _each(m, norm(x), names)
+    assert launches == 1 and all(torch.equal(a, b) for a, b in zip(with_norm, normed))

@@ -10,6 +10,14 @@ CosNet on z in float32 (:mod:`leanformer.ops._cosnet_kernels`' function: cos(ω�
 rounds s, and adds the branch ``s W_upᵀ`` for its columns (rounded, as ``up(s)``) to the rounded main
 output, rounding the sum once more (``main + branch`` of :meth:`NobleLinear._combine`). Every program
 recomputes z: W_down is r·K elements (GPT-2 small, r 32: 48 KB in bf16), read from L2 after the first.
+
+``noble_decode_grouped_kernel``: G layers on the same x (an attention's q, k, v) in one launch, stacked along
+the output axis. W (ΣN_g, K), Bias (ΣN_g,), WU (ΣN_g, R) and Y (M, ΣN_g) hold group g's columns at
+``OFFS[g] : OFFS[g + 1]`` (OFFS: (G + 1,) int32); WD (G·R, K) and BD (G·R,) its R rows from ``g·R``; W1, P1,
+C, W2, P2 (G, R) and MM (G, R, R) its CosNet at row g. The grid is (G, column blocks of the widest group):
+program (g, j) computes group g's z and its columns ``OFFS[g] + j·BLOCK_N ...`` below ``OFFS[g + 1]`` (a
+narrower group's last programs store nothing) with the single-layer kernel's body (:func:`_noble_columns`):
+each column is computed as that kernel computes it (bit for bit equal under the interpreter, tested).
 """
 
 import triton
@@ -22,17 +30,15 @@ from leanformer.ops._skinny_linear_kernel import _load_w, _load_x
 
 
 @triton.jit
-def noble_decode_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, K,
-                        sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
-                        HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
-    pid = tl.program_id(0)
+def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_n, n_ok,
+                   sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
+                   HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """One layer's output columns ``offs_n`` (BLOCK_N,) for every row of x (``n_ok``: the layer's columns)."""
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
-    n_ok = offs_n < N
     r_ok = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_M, R), dtype=tl.float32)
@@ -54,3 +60,28 @@ def noble_decode_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, 
     branch = _round(mm(s.to(dt), tl.trans(wu), "ieee", INTERPRET), dt)  # up(s)
     y = _round(main + branch, dt)
     tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def noble_decode_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, K,
+                        sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
+                        HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_n, offs_n < N,
+                   sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
+                   EVEN_K, INTERPRET)
+
+
+@triton.jit
+def noble_decode_grouped_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, OFFS, M, K,
+                                sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
+                                HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                                INTERPRET: tl.constexpr):
+    g = tl.program_id(0)
+    offs_n = tl.load(OFFS + g) + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _noble_columns(X, W, Bias, WD + g * R * sdr, BD + g * R, W1 + g * R, P1 + g * R, MM + g * R * R, C + g * R,
+                   W2 + g * R, P2 + g * R, WU, Y, M, K, offs_n, offs_n < tl.load(OFFS + g + 1),
+                   sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
+                   EVEN_K, INTERPRET)

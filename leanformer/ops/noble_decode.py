@@ -16,6 +16,13 @@ says ("cuda", the default: CUDA tensors; "never": the layer's own ops; "always":
 ``TRITON_INTERPRET=1``, for tests). Shapes: x (..., K), ≤ ``skinny_linear.MAX_ROWS`` rows, unit
 stride along K; W (N, K), W_down (r, K), W_up (N, r) with r a power of two in [16, 128].
 The op is ``leanformer::noble_decode`` (a ``triton_op``: ``torch.compile`` and CUDA graphs capture it).
+
+``noble_group_linear(x, stacks...)``: G such layers of one rank on the same x (an attention's q, k, v, and
+DiJiang's gate) in one launch, their parameters stacked (:func:`leanformer.layers.fused_inputs.fuse_noble_linears`
+builds the stacks), each group's columns equal to the single-layer kernel's bit for bit. A step's launch
+costs a roughly fixed few µs whatever its size (GPT-2 NOBLE, H200, 2026-12-06: 6.41 µs per ``noble_decode``
+launch, 6 per layer), so q, k, v as one launch should save two per layer (not timed yet). Its op is
+``leanformer::noble_decode_grouped``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from leanformer.ops.fused_decay_attention import _cdiv, _interpret, _on_device, 
 ROUTE = "cuda"  # "cuda": noble_linear() runs the kernel on CUDA tensors it takes; "always": also on the CPU;
 # "never": the layer's own ops. Default "cuda" since its first timing (H200, 2026-12-06 23:37, decode_profile.py,
 # GPT-2 NOBLE at 512 x 1, compiled): 1.509 -> 0.721 ms per step, 546 -> 162 kernels (docs/gpu/decode_2026-12-06/call4)
+GROUPED = True  # a decoding copy's q, k, v NOBLE layers in one launch (noble_group_linear, through
+# leanformer.layers.fused_inputs.project_inputs); False: each layer's own launch (for timing the difference)
 
 
 def noble_supported(layer, x: torch.Tensor) -> str | None:
@@ -38,18 +47,30 @@ def noble_supported(layer, x: torch.Tensor) -> str | None:
         return "the kernel computes CosNet with the plain sum (fusion 'add')"
     if layer.drop.training and not isinstance(layer.drop, torch.nn.Identity):
         return "the branch's dropout is on (training mode)"
-    r = layer.rank
-    if r < 16 or r > 128 or r & (r - 1):
-        return f"rank {r}: the kernel takes a power of two in [16, 128]"
-    params = [layer.down.weight, layer.down.bias, layer.up.weight, layer.act.omega1, layer.act.phi1,
-              layer.act.M.weight, layer.act.M.bias, layer.act.omega2, layer.act.phi2]
+    act = layer.act
+    return _branch_reason(x, layer.weight, layer.bias, layer.rank, layer.down.weight, layer.down.bias,
+                          [act.omega1, act.phi1, act.M.weight, act.M.bias, act.omega2, act.phi2], layer.up.weight)
+
+
+def rank_reason(r: int) -> str | None:
+    """Why the kernel cannot take a branch of rank r, or None."""
+    return None if 16 <= r <= 128 and not r & (r - 1) else f"rank {r}: the kernel takes a power of two in [16, 128]"
+
+
+def _branch_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, r: int, wd: torch.Tensor,
+                   bd: torch.Tensor, cosnet: list[torch.Tensor], wu: torch.Tensor) -> str | None:
+    """Why the kernel cannot run x through these parameters (one layer's or a group's stacks), or None."""
+    reason = rank_reason(r)
+    if reason is not None:
+        return reason
+    params = [wd, bd, wu, *cosnet]
     if any(p.device != x.device for p in params):
         return f"the branch's parameters must be on {x.device} with x"
-    if any(p.dtype != x.dtype for p in params) or (layer.bias is not None and layer.bias.dtype != x.dtype):
+    if any(p.dtype != x.dtype for p in params) or (bias is not None and bias.dtype != x.dtype):
         return f"the layer's parameters must be {x.dtype} like x"
-    if layer.down.weight.stride(1) != 1 or not all(p.is_contiguous() for p in params[1:] if p is not layer.up.weight):
+    if wd.stride(1) != 1 or not all(p.is_contiguous() for p in (bd, *cosnet)):
         return "W_down needs unit stride along K, and b_down and CosNet's parameters must be contiguous"
-    return skinny_linear.skinny_supported(x, layer.weight, layer.bias) or (
+    return skinny_linear.skinny_supported(x, weight, bias) or (
         "a parameter requires grad (the kernel has no backward)"
         if torch.is_grad_enabled() and any(p.requires_grad for p in params) else None)
 
@@ -58,34 +79,90 @@ def _new_output(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@_register("leanformer::noble_decode", _new_output)
-def _noble_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wd: torch.Tensor,
-              bd: torch.Tensor, w1: torch.Tensor, p1: torch.Tensor, mw: torch.Tensor, mb: torch.Tensor,
-              w2: torch.Tensor, p2: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+def _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width):
+    """Run the kernel: x (..., K) → (..., N) with N = weight.shape[0]; ``offsets`` None (one layer) or
+    (G + 1,) int32 (the grouped kernel, G = mw.shape[0]); ``width``: the widest group's columns."""
     from leanformer.ops import _noble_decode_kernel as kern
 
-    K, N, R = x.shape[-1], weight.shape[0], wd.shape[0]
+    K, N, R = x.shape[-1], weight.shape[0], mw.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     out = x.new_empty(M, N)
     cfg = skinny_linear.launch_config(M, N, K, x.dtype, extra_rows=R)  # W_down's tiles share each stage
     meta = {k: v for k, v in cfg.items() if k.isupper()}
     opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    tensors = (x2, weight, bias if bias is not None else weight, wd, bd, w1, p1, mw, mb, w2, p2, wu, out)
+    strides = (x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), wd.stride(0), wd.stride(1),
+               wu.stride(0), wu.stride(1), out.stride(0), out.stride(1))
+    consts = dict(HAS_BIAS=bias is not None, R=R, EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), **meta,
+                  **opts)
     with _on_device(x):
-        _wrap(kern.noble_decode_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](
-            x2, weight, bias if bias is not None else weight, wd, bd, w1, p1, mw, mb, w2, p2, wu, out, M, N, K,
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), wd.stride(0), wd.stride(1),
-            wu.stride(0), wu.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None, R=R,
-            EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), **meta, **opts)
+        if offsets is None:
+            _wrap(kern.noble_decode_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](*tensors, M, N, K, *strides, **consts)
+        else:
+            _wrap(kern.noble_decode_grouped_kernel)[(mw.shape[0], _cdiv(width, cfg["BLOCK_N"]))](
+                *tensors, offsets, M, K, *strides, **consts)
     return out.view(*x.shape[:-1], N)
+
+
+@_register("leanformer::noble_decode", _new_output)
+def _noble_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wd: torch.Tensor,
+              bd: torch.Tensor, w1: torch.Tensor, p1: torch.Tensor, mw: torch.Tensor, mb: torch.Tensor,
+              w2: torch.Tensor, p2: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+    return _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, None, weight.shape[0])
 
 
 def noble_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer(x)`` by the kernel where :data:`ROUTE` routes it and :func:`noble_supported` allows, else None
     (the caller computes the layer as usual)."""
-    route = ROUTE
-    if route == "never" or (route == "cuda" and not x.is_cuda) or noble_supported(layer, x) is not None:
+    if not _routed(x) or noble_supported(layer, x) is not None:
         return None
     act = layer.act
     return _noble_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, act.omega1, act.phi1,
                      act.M.weight, act.M.bias, act.omega2, act.phi2, layer.up.weight)
+
+
+def _routed(x: torch.Tensor) -> bool:
+    """Whether :data:`ROUTE` sends x to the kernel (before the checks of what it can run)."""
+    return ROUTE == "always" or (ROUTE == "cuda" and x.is_cuda)
+
+
+# ---------------------------------------------------------------------------------------------- grouped
+def _new_group_output(x, weight, bias, wd, bd, cosnet, mw, wu, offsets, width):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@_register("leanformer::noble_decode_grouped", _new_group_output)
+def _noble_group_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wd: torch.Tensor,
+                    bd: torch.Tensor, cosnet: torch.Tensor, mw: torch.Tensor, wu: torch.Tensor,
+                    offsets: torch.Tensor, width: int) -> torch.Tensor:
+    w1, p1, mb, w2, p2 = cosnet.unbind(0)
+    return _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width)
+
+
+def noble_group_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wd: torch.Tensor,
+                          bd: torch.Tensor, cosnet: torch.Tensor, mw: torch.Tensor, wu: torch.Tensor,
+                          offsets: torch.Tensor) -> str | None:
+    """Why :func:`noble_group_linear` cannot run these stacks on x, or None when it can."""
+    G, R, N, K = mw.shape[0], mw.shape[-1], weight.shape[0], weight.shape[-1]
+    shapes = [(t.shape, want) for t, want in ((wd, (G * R, K)), (bd, (G * R,)), (cosnet, (5, G, R)),
+                                              (mw, (G, R, R)), (wu, (N, R)))]
+    if any(have != want for have, want in shapes):
+        return f"the stacks' shapes {[tuple(h) for h, _ in shapes]} are not {[w for _, w in shapes]}"
+    if offsets.dtype != torch.int32 or offsets.shape != (G + 1,) or offsets.device != x.device:
+        return f"offsets must be ({G + 1},) int32 on {x.device}"
+    return _branch_reason(x, weight, bias, mw.shape[-1], wd, bd, [*cosnet.unbind(0), mw], wu)
+
+
+def noble_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wd: torch.Tensor,
+                       bd: torch.Tensor, cosnet: torch.Tensor, mw: torch.Tensor, wu: torch.Tensor,
+                       offsets: torch.Tensor, width: int) -> torch.Tensor | None:
+    """G NOBLE layers (CosNet, plain sum, one rank R) on the same x in one launch, their outputs side by side:
+    x (..., K) → (..., ΣN_g), group g's at columns ``offsets[g] : offsets[g + 1]``, each equal to the
+    single-layer kernel's. Stacks: weight (ΣN_g, K), bias (ΣN_g,) or None, wd (G·R, K), bd (G·R,), cosnet
+    (5, G, R) = ω₁, φ₁, c (M's bias), ω₂, φ₂, mw (G, R, R) = M's weight, wu (ΣN_g, R); offsets (G + 1,) int32
+    on x's device; ``width``: max N_g. None where :data:`ROUTE` or :func:`noble_group_supported` refuses
+    (the caller runs each layer)."""
+    if not _routed(x) or noble_group_supported(x, weight, bias, wd, bd, cosnet, mw, wu, offsets) is not None:
+        return None
+    return _noble_group_op(x, weight, bias, wd, bd, cosnet, mw, wu, offsets, width)
