@@ -120,3 +120,33 @@ def test_direct_calls_are_flagged_only_while_they_run():
     op = eager_op.EagerFastOp("test::probe", lambda x: x, lambda x: seen.append(eager_op.direct_call_active()) or x)
     op(torch.ones(1))
     assert seen == [True] and not eager_op.direct_call_active()
+
+
+def test_layer_parameters_take_the_direct_path(monkeypatch):
+    """nn.Parameter arguments (a layer's weights) are plain tensors too."""
+    tensors, _ = _cosnet_inputs()
+    params = [torch.nn.Parameter(t.detach().clone()) for t in tensors[1:]]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the registered op ran")
+    monkeypatch.setattr(ck._cosnet_op, "op", refuse)
+    monkeypatch.setattr(ck._cosnet_bwd_op, "op", refuse)
+    ck.cosnet(tensors[0], *params).sum().backward()
+    assert all(p.grad is not None for p in params)
+
+
+def test_a_backward_op_under_create_graph_is_not_silently_detached():
+    """A second derivative through an op without one fails as the registered op does, instead of giving a
+    first derivative detached from the graph (which would drop a gradient penalty's term silently)."""
+    (q, k, v), lg = _attention_inputs()
+    gq, = torch.autograd.grad(_attention((q, k, v), lg).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        (gq ** 2).sum().backward()
+
+
+def test_jit_trace_records_the_op():
+    tensors, _ = _cosnet_inputs()
+    plain = [t.detach() for t in tensors]
+    traced = torch.jit.trace(lambda *a: ck.cosnet(*a), plain, check_trace=False)
+    assert "leanformer::cosnet" in str(traced.graph)
+    assert torch.equal(traced(*plain), ck.cosnet(*plain))

@@ -212,8 +212,8 @@ def test_grouped_kernel_equals_each_layers_kernel(widths, K, bias, dtype, monkey
                 assert float((y.double() - z).abs().max() / z.abs().max()) <= 2e-6, (rows, name)
 
 
-@pytest.mark.parametrize("how", ["in place", "new parameter", "bias dropped", "load_state_dict", "to bf16",
-                                 "replaced layer"])
+@pytest.mark.parametrize("how", ["in place", "new parameter", "bias dropped", "load_state_dict", "no-op to",
+                                 "to bf16", "replaced layer"])
 def test_grouped_layers_follow_their_parameters(how, monkeypatch):
     """Whatever changes the layers after fusion, the grouped call computes with their current parameters:
     in place through the shared storage, otherwise by fusing again (or, for a layer it cannot take, by
@@ -231,6 +231,9 @@ def test_grouped_layers_follow_their_parameters(how, monkeypatch):
             m.k.bias = None
         elif how == "load_state_dict":
             m.load_state_dict({k: v + 0.5 for k, v in m.state_dict().items()})
+        elif how == "no-op to":
+            m.to(DEV)
+            m.q.weight.add_(1.0)  # still reaches the stacks
         elif how == "to bf16":
             m.to(torch.bfloat16)
             x = x.bfloat16()
@@ -238,7 +241,7 @@ def test_grouped_layers_follow_their_parameters(how, monkeypatch):
             m.k = _layer(32, 16, rank=32, seed=5).to(DEV)
             m.k.decode_kernel = True
     current = fi.noble_fusion_is_current(m)
-    assert current is (how == "in place")
+    assert current is (how in ("in place", "load_state_dict", "no-op to"))  # loading copies in place
     ys, launches = _grouped(m, x, names, monkeypatch)
     assert launches == (how != "replaced layer")
     assert fi.noble_fusion_is_current(m) if launches else not hasattr(m, "_fused_noble_inputs")

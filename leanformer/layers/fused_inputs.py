@@ -78,9 +78,14 @@ def unfuse(module: nn.Module) -> None:
     if module.__dict__.pop(_SPEC, None) is not None:
         for name in ("fused_input_weight", "fused_input_bias"):
             module._buffers.pop(name, None)
-    if module.__dict__.pop(_NOBLE_SPEC, None) is not None:
+    spec = module.__dict__.pop(_NOBLE_SPEC, None)
+    if spec is not None:
         for name in (*_NOBLE_STACKS, "noble_input_offsets"):
             module._buffers.pop(name, None)
+        for name in spec[0]:
+            layer = getattr(module, name, None)
+            if isinstance(layer, NobleLinear):
+                layer.group_fused = False
 
 
 def fusion_is_current(module: nn.Module) -> bool:
@@ -168,6 +173,8 @@ def fuse_noble_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
             block = stacks[name].view(-1)[offset: offset + p.numel()].view(p.shape)
             block.copy_(p)
             p.data = block  # the parameter becomes a view of its block
+    for lin in layers:
+        lin.group_fused = True  # its restack() (after .to(), load_state_dict) would move W and W_down off the stacks
     for name, t in stacks.items():
         module.register_buffer(name, t, persistent=False)
     offsets = torch.tensor(list(accumulate(widths, initial=0)), dtype=torch.int32, device=device)

@@ -310,9 +310,12 @@ class NobleLinear(nn.Module):
         """Put ``weight`` and ``down.weight`` back into one ``(d_out + r, d_in)`` buffer, and ``bias`` and
         ``down.bias`` (when the layer has both) into one ``(d_out + r,)`` buffer (values kept, the Parameter
         objects kept). Called after construction, ``.to()``/``.half()`` (which move each parameter on its
-        own), ``load_state_dict`` and ``from_linear``; a no-op for a pair that already shares one, on the meta
+        own), ``load_state_dict`` and ``from_linear``; a no-op for a pair that already shares one, for a layer
+        whose parameters view a decoding copy's group stacks (``group_fused``), on the meta
         device and for tensor subclasses (FSDP2's DTensors), where :meth:`stacked_weight` and
         :meth:`stacked_bias` concatenate."""
+        if self.group_fused:  # its parameters view a decoding copy's group stacks (fused_inputs.fuse_noble_linears)
+            return
         pairs = [(self.weight, self.down.weight)]
         if self.bias is not None and self.down.bias is not None:
             pairs.append((self.bias, self.down.bias))
@@ -370,6 +373,7 @@ class NobleLinear(nn.Module):
         return self.alpha * (g * main + (1.0 - g) * branch)
 
     decode_kernel = False  # a decoding copy's layers (leanformer.decoding.decoding_copy) set it: see forward
+    group_fused = False  # set while fused_inputs.fuse_noble_linears stacks this layer with others: no restack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., d_in) -> (..., d_out)``; the fused path when ``self.fused``. With ``decode_kernel`` set,

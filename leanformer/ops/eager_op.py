@@ -10,7 +10,8 @@ wall time for 1.32 ms of GPU kernels (``benchmarks/attention_host_profile.py``,
 docs/gpu/misc_2026-12-07/callC/out/host).
 
 :class:`EagerFastOp` wraps a registered op. A call on plain tensors (exact ``torch.Tensor``s, none on the meta
-device; no torch.compile tracing, no dispatch or torch-function mode, no functorch transform) runs the op's
+device; no torch.compile tracing, no dispatch or torch-function mode, no functorch transform, no
+``torch.jit.trace``) runs the op's
 Python function itself, through a ``torch.autograd.Function`` made of the op's registered backward and
 setup_context when an input needs a gradient. Any other call goes to the registered op, as before. The function
 and its backward are the op's own, so the results are the same bits (tests/test_eager_op.py).
@@ -19,6 +20,7 @@ Switch: :data:`EAGER_FAST_PATH` (False: every call goes through the op).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
@@ -35,15 +37,19 @@ def direct_call_active() -> bool:
     return getattr(_DIRECT, "active", False)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # exact types: a subclass (FakeTensor, a wrapper) goes to the op
+
+
 def plain_eager_call(args: tuple) -> bool:
-    """Whether a call with ``args`` may bypass the registered op (the module docstring lists the conditions)."""
-    if not EAGER_FAST_PATH or torch.compiler.is_compiling():
+    """Whether a call with ``args`` may bypass the registered op (the module docstring lists the conditions;
+    also not while ``torch.jit.trace`` records: it cannot see a Triton launch)."""
+    if torch.compiler.is_compiling() or not EAGER_FAST_PATH:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None:
         return False
-    return all(type(a) is torch.Tensor and a.device.type != "meta" for a in args if isinstance(a, torch.Tensor))
+    return all(type(a) in _PLAIN and a.device.type != "meta" for a in args if isinstance(a, torch.Tensor))
 
 
 def _call_directly(fn: Callable, args: tuple):
@@ -62,11 +68,8 @@ def _autograd_function(name: str, fn: Callable, backward: Callable, setup_contex
         setup_context(ctx, args, output)
         return output
 
-    def backward_(ctx, *grads):
-        return backward(ctx, *grads)
-
     return type(f"Eager_{name.replace('::', '_')}", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 class EagerFastOp:
@@ -76,6 +79,7 @@ class EagerFastOp:
     def __init__(self, name: str, op, fn: Callable):
         self.name, self.op, self.fn = name, op, fn
         self._function: type | None = None
+        functools.update_wrapper(self, fn)
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         self.op.register_autograd(backward, setup_context=setup_context)
@@ -84,7 +88,8 @@ class EagerFastOp:
     def __call__(self, *args, **kwargs):
         if kwargs or not plain_eager_call(args):
             return self.op(*args, **kwargs)
-        if self._function is not None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            if self._function is None:  # no backward (e.g. a backward op under create_graph=True): the op's
+                return self.op(*args)   # own error, not a result silently detached from the graph
             return self._function.apply(*args)
         return _call_directly(self.fn, args)
