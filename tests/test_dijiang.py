@@ -404,3 +404,25 @@ def test_keys_times_values_broadcasts_batch_dimensions_as_one_product():
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(1, 3, 700, 16, generator=g), torch.randn(2, 3, 700, 8, generator=g)
     torch.testing.assert_close(dla.keys_times_values(k, v), k.transpose(-1, -2) @ v)
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_boundary_terms_and_normaliser_compile_as_one_graph(state, monkeypatch):
+    """The functions compiled on CUDA for a prefill's host time (``dla._boundary``, ``running_log_norm``) trace
+    without a graph break and give the eager values, for two chunk lengths (the second through dynamic
+    shapes), with and without an initial state, through the split-K final state."""
+    monkeypatch.setattr(dla, "SPLIT_K_ROWS", 8)
+    torch._dynamo.reset()
+    boundary = torch.compile(dla._boundary, backend="aot_eager", fullgraph=True)
+    norm = torch.compile(running_log_norm, backend="aot_eager", fullgraph=True)
+    for T in (40, 27):
+        q, k, v, lg, n = _inputs(T=T, log_norm=True)
+        S0 = torch.randn(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=q.dtype) if state else None
+        n0 = torch.randn(q.shape[0], q.shape[1], dtype=q.dtype) if state else None
+        args = (q, k, v, lg.to(q.dtype), n.to(q.dtype), S0, n0, True)
+        for got, want in zip(boundary(*args), dla._boundary(*args)):
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want)
+        mk = torch.randn(2, 3, T, dtype=q.dtype)
+        torch.testing.assert_close(norm(mk, lg, n0), running_log_norm(mk, lg, n0))

@@ -211,7 +211,7 @@ def kernel_feature_pair(q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor, lo
         return (fmk.softmax_features(q, proj, in_scale, out_dtype), fmk.softmax_features(k, proj, in_scale, out_dtype),
                 None, None)
     fq, mq = fmk.exp_features(q, proj, log_d, in_scale, None, out_dtype)
-    n = running_log_norm(fmk.row_max(k, proj, log_d, in_scale), log_gamma.detach(), n_init)   # (B, H, T)
+    n = _running_log_norm(fmk.row_max(k, proj, log_d, in_scale), log_gamma.detach(), n_init)   # (B, H, T)
     if constant_key_shift and n_init is None and n.shape[-1]:
         c = n.amax(dim=-1, keepdim=True)
         if not (constant_decay.RANGE_CHECK and bool(((c - n.amin(dim=-1, keepdim=True))
@@ -258,6 +258,7 @@ def rescaled_group_norm(o: torch.Tensor, log_scale: torch.Tensor, weight: torch.
 
 _feature_pair = on_cuda_compiled(feature_pair, lambda: COMPILE_ON_CUDA)
 _rescaled_group_norm = on_cuda_compiled(rescaled_group_norm, lambda: COMPILE_ON_CUDA)
+_running_log_norm = on_cuda_compiled(running_log_norm, lambda: COMPILE_ON_CUDA)  # the feature kernels' path
 
 
 @functools.lru_cache(maxsize=1)

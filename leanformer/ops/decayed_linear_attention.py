@@ -44,6 +44,7 @@ import torch
 
 from leanformer.ops import fused_decay_attention as fused_kernel
 from leanformer.ops.constant_decay import PlainKernel, route_decay_gradient, via_constant_decay
+from leanformer.ops.on_cuda import on_cuda_compiled
 
 Form = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -153,6 +154,12 @@ def _boundary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lg: torch.Tenso
     return share, S
 
 
+# The fused form's boundary terms (a prefill chunk's initial-state share and final state: about 40 element-wise
+# ops, products and reductions per layer and chunk, counted on the CPU) through one torch.compile form on CUDA:
+# a prefill is host-bound (docs/benchmarks.md, 8K prefill, 2026-12-06 23:43). False: eager (not timed yet).
+COMPILE_BOUNDARY_ON_CUDA = True
+_boundary_on_cuda = on_cuda_compiled(_boundary, lambda: COMPILE_BOUNDARY_ON_CUDA)
+
 SPLIT_K_ROWS = 256  # positions per partial product in keys_times_values
 
 
@@ -207,7 +214,7 @@ def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Te
     if T == 0:
         return v.new_zeros(v.shape), _initial(q, v, initial_state) if output_final_state else None
     o = fused_kernel.decayed_attention(q, k, v, lg, ln)
-    share, S = _boundary(q, k, v, lg, ln, initial_state, initial_log_norm, output_final_state)
+    share, S = _boundary_on_cuda(q, k, v, lg, ln, initial_state, initial_log_norm, output_final_state)
     if share is not None:
         o = o + share.to(o.dtype)
     if S is not None and state_factor is not None:
