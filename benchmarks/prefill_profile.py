@@ -24,16 +24,19 @@ from pathlib import Path
 import torch
 from train_profile import kernel_class, kernel_totals, top_kernels
 
-VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None)
-    ("preln 8K chunk 4096", "preln", 8192, 4096, None),
-    ("dijiang 8K chunk 4096", "dijiang_scratch", 8192, 4096, None),
-    ("dijiang 8K chunk 8192, fused ≤ 8192", "dijiang_scratch", 8192, 8192, 8192),
-    ("preln 8K chunk 8192", "preln", 8192, 8192, None),
-    ("dijiang 8K chunk 2048", "dijiang_scratch", 8192, 2048, None),
+BEFORE_2026_12_07 = {"leanformer.ops.eager_op.EAGER_FAST_PATH": False,  # every op through the dispatcher and
+                     "leanformer.ops.decayed_linear_attention.COMPILE_BOUNDARY_ON_CUDA": False}  # eager boundary
+VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None, module switches)
+    ("preln 8K chunk 4096", "preln", 8192, 4096, None, {}),
+    ("dijiang 8K chunk 4096", "dijiang_scratch", 8192, 4096, None, {}),
+    ("dijiang 8K chunk 4096, as before 2026-12-07", "dijiang_scratch", 8192, 4096, None, BEFORE_2026_12_07),
+    ("dijiang 8K chunk 8192, fused ≤ 8192", "dijiang_scratch", 8192, 8192, 8192, {}),
+    ("preln 8K chunk 8192", "preln", 8192, 8192, None, {}),
+    ("dijiang 8K chunk 2048", "dijiang_scratch", 8192, 2048, None, {}),
 ]
 
 
-def run_variant(label, arm, tokens, chunk, fused_max_len, device, smoke) -> dict:
+def run_variant(label, arm, tokens, chunk, fused_max_len, extra, device, smoke) -> dict:
     from leanformer.bench.decode import _model
     from leanformer.bench.kernel_switches import switches_set
     from leanformer.bench.timing import synchronize
@@ -43,7 +46,7 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, device, smoke) -> dict
     size = get_size("tiny" if smoke else "gpt2")
     if smoke:
         tokens, chunk = 64, min(chunk, 32)
-    switches = {"leanformer.layers.dijiang.FUSED_MAX_LEN": fused_max_len} if fused_max_len else {}
+    switches = dict(extra, **({"leanformer.layers.dijiang.FUSED_MAX_LEN": fused_max_len} if fused_max_len else {}))
     with switches_set(switches):
         model, reason = _model(arm, base_config(size, max_seq_len=tokens + 8), device, bf16=not smoke)
         if model is None:
@@ -67,6 +70,7 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, device, smoke) -> dict
         kernels = [k for k in kernels if kernel_class(k["kernel"]) != "annotation"]
         totals = kernel_totals(kernels)
         return {"label": label, "arm": arm, "tokens": tokens, "chunk": chunk, "fused_max_len": fused_max_len,
+                "switches": switches,
                 "wall_s": walls, "wall_median_s": statistics.median(walls[1:]), "kernel_ms": totals["total"],
                 "launches": sum(k["calls_per_step"] for k in kernels), "host_aten_ops": _host_ops(prefill),
                 "by_class": totals, "top": kernels[:20], "status": "ok"}
