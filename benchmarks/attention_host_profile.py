@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +76,39 @@ def python_profile(call, calls: int) -> list[dict]:
             for (f, line, name), (n, _, tt, _, _) in top]
 
 
+def cpu_host_time(methods: list[str], T: int, repeats: int) -> list[dict]:
+    """Host time per call on the CPU with every Triton launch of our ops replaced by a no-op (run under
+    ``TRITON_INTERPRET=1``, where the ops accept CPU tensors; the feature-map kernels switched on): what our
+    Python, the dispatcher and autograd cost without the kernels, direct (eager_op) against through the op.
+    B 1, H 2, d_head 64, float32; the outputs are garbage (nothing is computed), only the time counts."""
+    from leanformer.layers import dijiang
+    from leanformer.ops import feature_map, fused_decay_attention
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    for module in (fused_decay_attention, feature_map):
+        module._wrap = lambda kernel: _NoLaunch()
+    dijiang.FEATURE_KERNEL = "always"
+    rows = []
+    for method in methods:
+        _, call, _ = build_call(method, torch.device("cpu"), torch.float32, 1, 2, T, 64)
+        for fast in (True, False):
+            eager_op.EAGER_FAST_PATH = fast
+            for _ in range(30):
+                call()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            rows.append({"method": method, "T": T, "path": "direct" if fast else "op",
+                         "host_us": statistics.median(times) * 1e6})
+            print(f"[{method} T={T} {rows[-1]['path']}] {rows[-1]['host_us']:.0f} µs per call", flush=True)
+        eager_op.EAGER_FAST_PATH = True
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -83,7 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiled", type=int, default=5)
     p.add_argument("--op-path-too", action="store_true",
                    help="also time each cell with eager_op.EAGER_FAST_PATH off (every call through the registered op)")
+    p.add_argument("--cpu-no-launch", action="store_true",
+                   help="CPU only: host time with our kernels' launches stubbed out, direct against the op path "
+                        "(needs TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
+    if args.cpu_no_launch:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            p.error("--cpu-no-launch needs TRITON_INTERPRET=1 in the environment")
+        torch.set_num_threads(1)
+        rows = cpu_host_time([m.strip() for m in args.methods.split(",")], int(args.lengths.split(",")[0]),
+                             args.repeats)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        from leanformer.bench.machine import machine_string
+
+        command = "TRITON_INTERPRET=1 python3 benchmarks/attention_host_profile.py " + " ".join(argv or sys.argv[1:])
+        meta = {"device": machine_string(torch.device("cpu")), "torch": torch.__version__, "command": command,
+                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load_average": os.getloadavg()}
+        (out / "attention_host_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return 0
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     dev, dt = torch.device("cuda"), torch.bfloat16

@@ -346,3 +346,14 @@ def test_rows_measured_before_a_stop_are_kept(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(attention, "measure", real)
     assert main(argv) == 0
     assert (out / "attention.json").exists() and not (out / "attention.partial.jsonl").exists()
+
+
+def test_attention_host_profile_cpu_mode_times_both_paths(tmp_path):
+    """benchmarks/attention_host_profile.py --cpu-no-launch: DiJiang's call, direct and through the ops."""
+    import json
+
+    pytest.importorskip("triton")
+    _run_benchmark_script(tmp_path, "attention_host_profile.py", "--cpu-no-launch", "--methods", "dijiang_fused",
+                          "--lengths", "32", "--repeats", "3", interpret=True)
+    rows = json.loads((tmp_path / "attention_host_cpu.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["direct", "op"] and all(r["host_us"] > 0 for r in rows)
