@@ -40,6 +40,7 @@ SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
 ARGMAX_TWO = {"leanformer.decoding.TWO_PASS_ARGMAX": True}
 WIDE_TILES = {"leanformer.ops.skinny_linear.TILES": "wide"}  # the default again since 2026-12-06 23:50
 NARROW_TILES = {"leanformer.ops.skinny_linear.TILES": "narrow"}
+FMA_8, FMA_4 = ({"leanformer.ops.skinny_linear.FMA_COLUMNS": c} for c in (8, 4))  # 768-wide outputs: 96, 192 programs
 PDL_ON = {"leanformer.ops.skinny_linear.PDL": True, "leanformer.ops.fused_decay_step.PDL": True}
 ALL_ON = dict(SKINNY_ON, **SINGLE_ON, **PDL_ON)
 
@@ -55,6 +56,9 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled", "dijiang_scratch", 8192, 8, True, {}),
     ("dijiang 8K x8 compiled, wide tiles", "dijiang_scratch", 8192, 8, True, WIDE_TILES),
     ("dijiang 8K x8 compiled, narrow tiles", "dijiang_scratch", 8192, 8, True, NARROW_TILES),
+    ("dijiang 8K x8 compiled, FMA 8 columns", "dijiang_scratch", 8192, 8, True, FMA_8),
+    ("dijiang 8K x8 compiled, FMA 4 columns", "dijiang_scratch", 8192, 8, True, FMA_4),
+    ("preln 512 x1 compiled, FMA 8 columns", "preln", 512, 1, True, FMA_8),
     ("dijiang 8K x8 compiled, cuBLAS products", "dijiang_scratch", 8192, 8, True, SKINNY_OFF),
     ("dijiang 8K x8 compiled, skinny, single pass", "dijiang_scratch", 8192, 8, True, dict(SKINNY_ON, **SINGLE_ON)),
     ("dijiang 8K x8 compiled, norms in products", "dijiang_scratch", 8192, 8, True, NORMS_IN),

@@ -97,6 +97,10 @@ def cases():
                     BLOCK_K=256, EVEN_K=even, INTERPRET=False, ACT=act, PDL=pdl)
         yield (f"few-row linear ({out[1:]}, bias={bias}, even K={even}, BLOCK_M={block_m}, ACT={act}, PDL={pdl})",
                skinny.skinny_linear_kernel, ptrs, ("eps",), meta)
+    fma_meta = dict(LN=True, LN_BIAS=True, HAS_BIAS=True, HAS_RES=True, BLOCK_M=8, BLOCK_N=8, BLOCK_K=128,
+                    EVEN_K=True, INTERPRET=False, ACT=1, PDL=False, FMA=True)
+    yield "few-row linear by multiply-adds (bf16, 8 rows, 8 columns)", skinny.skinny_linear_kernel, \
+        {name: bf for name in ("X", "LNW", "LNB", "W", "Bias", "RES", "Y")}, ("eps",), fma_meta
     nl_ptrs = {name: bf for name in ("X", "LNW", "LNB", "W", "Bias", "RES", "Y")}
     yield "few-row linear with LayerNorm prologue and residual epilogue (bf16)", skinny.skinny_linear_kernel, \
         nl_ptrs, ("eps",), dict(LN=True, LN_BIAS=True, HAS_BIAS=True, HAS_RES=True, BLOCK_M=16, BLOCK_N=16,

@@ -20,7 +20,7 @@ def test_a_launch_leaving_a_default_constexpr_fails_and_names_it():
     launch = checked_wrap(fda._wrap)(kern.skinny_linear_kernel)[(1,)]
     with pytest.raises(AssertionError, match=r"skinny_linear_kernel launched without naming the constexprs \['PDL'\]"):
         launch(ACT=0, LN=False, LN_BIAS=False, HAS_BIAS=False, HAS_RES=False, BLOCK_M=1, BLOCK_N=16, BLOCK_K=16,
-               EVEN_K=True, INTERPRET=True)
+               EVEN_K=True, INTERPRET=True, FMA=False)
 
 
 def test_norm_linear_names_every_constexpr():

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from decoding_routes import assert_same_decoding, decode_each_route  # noqa: E402
 from leanformer.ops import norm_linear as nl  # noqa: E402
+from leanformer.ops import skinny_linear  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -105,3 +106,13 @@ def test_decoding_copy_hands_norms_and_residuals_to_the_products(attention, monk
     out = decode_each_route(copy, nl, "_norm_linear_op", monkeypatch, DEV)
     assert [len(out[r][2]) for r in ("never", "always")] == [0, 4 * 4 * cfg.n_layers]  # prefill + 3 steps
     assert_same_decoding(out)
+
+
+def test_multiply_add_blocks_with_norm_and_residual(monkeypatch):
+    """The few-row kernel's FMA path (skinny_linear.FMA_COLUMNS) keeps the LayerNorm prologue, the activation and
+    the residual epilogue: float32 within float32 rounding of the float64 recipe."""
+    monkeypatch.setattr(skinny_linear, "FMA_COLUMNS", 4)
+    t = _inputs((3,), 200, 40, torch.float32, seed=3)
+    y = nl.norm_linear(t["x"], t["w"], t["b"], norm=(t["g"], t["be"], 1e-5), residual=t["r"], activation="gelu")
+    ref = _float64(t, torch.float32, True, True, True, True)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) <= 2e-6

@@ -191,3 +191,34 @@ def test_programmatic_dependent_launch_gives_the_same_product(monkeypatch):
     assert sl.pdl_launch(x.device) is expected
     assert sl.pdl_launch(torch.device("cpu")) is False and sl.pdl_launch(x.device, switch=False) is False
     assert torch.equal(sl.skinny_linear(x, w, b), ref)
+
+
+@pytest.mark.parametrize("columns", [8, 4, 1])
+@pytest.mark.parametrize("lead,K,N", [((8,), 200, 40), ((3,), 256, 24), ((1, 1), 64, 9)])
+def test_multiply_add_blocks_give_the_product(columns, lead, K, N, monkeypatch):
+    """FMA_COLUMNS: narrow column blocks by float32 multiply-adds (no tl.dot). float32 within 1e-6 of float64;
+    bf16 the float64 product rounded once on ≥ 99.5% of elements; with an activation as F.linear then it."""
+    monkeypatch.setattr(sl, "FMA_COLUMNS", columns)
+    cfg = sl.launch_config(lead[0], N, K, torch.float32, fma=True)
+    assert cfg["FMA"] and cfg["BLOCK_N"] == columns and cfg["BLOCK_M"] >= lead[0] and cfg["BLOCK_K"] <= 128
+    x, w, b = _inputs(lead, K, N, torch.float32, seed=K)
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert float((sl.skinny_linear(x, w, b).double() - ref).abs().max() / ref.abs().max()) <= 1e-6
+    x, w, b = _inputs(lead, K, N, torch.bfloat16, seed=K)
+    y = sl.skinny_linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert float((y == ref.to(torch.bfloat16)).float().mean()) >= 0.995
+    monkeypatch.setattr(sl, "ROUTE", "always")
+    torch.testing.assert_close(sl.linear(x, w, b, activation="gelu"),
+                               F.gelu(ref.to(torch.bfloat16).float()).to(torch.bfloat16), rtol=2 ** -7, atol=1e-2)
+
+
+def test_multiply_add_blocks_only_for_narrow_few_row_products(monkeypatch):
+    monkeypatch.setattr(sl, "FMA_COLUMNS", 8)
+    bf = torch.bfloat16
+    assert sl.launch_config(8, 768, 3072, bf, fma=True)["FMA"]  # 48 blocks of 16 columns
+    assert not sl.launch_config(8, 3072, 768, bf, fma=True)["FMA"]  # 192 blocks: enough programs
+    assert not sl.launch_config(16, 768, 768, bf, fma=True)["FMA"]  # more than 8 rows
+    assert "FMA" not in sl.launch_config(8, 768, 768, bf)  # a caller that does not pass it (NOBLE's kernel)
+    monkeypatch.setattr(sl, "FMA_COLUMNS", None)
+    assert not sl.launch_config(8, 768, 3072, bf, fma=True)["FMA"]

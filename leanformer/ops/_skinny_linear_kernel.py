@@ -53,12 +53,14 @@ def skinny_linear_kernel(X, LNW, LNB, W, Bias, RES, Y, M, N, K, eps, sxm, sxk, s
                          LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, ACT: tl.constexpr = 0,
-                         PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False, FMA: tl.constexpr = False):
     """y = residual + act(LayerNorm(x) Wᵀ + b), each part optional. ``LN``: LayerNorm of x's rows in the
     prologue (mean and variance over K in float32, two passes over x, then each tile normalised, scaled,
     shifted and rounded to x's dtype as ``F.layer_norm`` rounds its output; every program recomputes the
     statistics: x is a few rows, 8 × 768 bf16 = 12 KB, from L2). ``HAS_RES``: the rounded product (and
-    activation) plus RES, rounded again, as ``residual + F.linear(...)``."""
+    activation) plus RES, rounded again, as ``residual + F.linear(...)``. ``FMA``: the product as float32
+    multiply-adds over a (BLOCK_M, BLOCK_N, BLOCK_K) block instead of ``tl.dot``, which needs 16 rows and 16
+    columns: BLOCK_M and BLOCK_N may then be 1 to 8 (more programs for a narrow output)."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,7 +96,10 @@ def skinny_linear_kernel(X, LNW, LNB, W, Bias, RES, Y, M, N, K, eps, sxm, sxk, s
                 xn += tl.load(LNB + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             x = _round(xn, dt).to(dt)  # past K: g = 0 (and the shift 0), so 0
         w = _load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)
-        acc += mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
+        if FMA:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        else:
+            acc += mm(x, tl.trans(w), "ieee", INTERPRET)  # float32 x: no TF32, as F.linear
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc = _round(acc, dt)  # rounded by hand to nearest (the interpreter's cast truncates), then cast exactly

@@ -28,7 +28,8 @@ default: the kernel where supported, for CUDA tensors; "always": also for CPU te
 ``TILES`` ("narrow" or "wide": the rule :func:`launch_config` follows), ``BLOCK_N`` / ``BLOCK_K`` /
 ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of :func:`launch_config`; a benchmark may set them to
 time variants), ``PDL`` (False; True: on Hopper, a programmatic dependent launch: it launches while the
-kernel before it ends and waits for it before reading; off until timed).
+kernel before it ends and waits for it before reading; off until timed), ``FMA_COLUMNS`` (None; 1–8: narrower
+column blocks by multiply-adds for a narrow output, :func:`launch_config`; off until timed).
 """
 
 from __future__ import annotations
@@ -57,16 +58,30 @@ BLOCK_K: int | None = None
 NUM_WARPS: int | None = None
 NUM_STAGES: int | None = None
 PDL = False  # launch as a programmatic dependent launch on Hopper or newer (module docstring); off until timed
+FMA_COLUMNS: int | None = None  # 1, 2, 4 or 8: a product of ≤ 8 rows whose 16-column blocks would give fewer than
+# MIN_PROGRAMS programs (GPT-2's 768-wide outputs: 48 programs on a GPU of 132 SMs; its 3072 → 768 product took
+# 7.1 µs against 3.7 for 768 → 3072 with the same weight bytes, H100 sweep of 2026-12-06) gets blocks of this
+# many columns, multiplied by float32 multiply-adds instead of tl.dot (which needs 16); None: off (not timed)
 
 
-def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 0) -> dict:
+def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 0, fma: bool = False) -> dict:
     """BLOCK_M (16 or 32, ≥ M), BLOCK_N, BLOCK_K (256 for 2-byte dtypes, 128 for float32; at most K rounded up
     to a power of two), warps and pipeline stages (4, cut to what SMEM_BYTES holds, with ``extra_rows`` more
     rows of K tiles per stage: the NOBLE kernel's W_down), each overridable by the module switch of its name.
 
     BLOCK_N and warps follow :data:`TILES`: "narrow" gives a plain product (``extra_rows`` 0) of
     at most 16 rows in a 2-byte dtype BLOCK_N 16 and 2 warps; otherwise, and always under "wide", BLOCK_N is the
-    widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs (else 16) with 4 warps (the default)."""
+    widest of 64, 32, 16 giving ≥ MIN_PROGRAMS programs (else 16) with 4 warps (the default).
+
+    ``fma`` (the few-row kernel's callers): the result also holds ``FMA``, True when :data:`FMA_COLUMNS` takes
+    the product (≤ 8 rows, fewer than MIN_PROGRAMS 16-column blocks, no BLOCK_N set): then BLOCK_M is M rounded
+    up to a power of two, BLOCK_N is FMA_COLUMNS and BLOCK_K at most 128 (a float32 block of ≤ 8 × 8 × 128)."""
+    if fma and FMA_COLUMNS and M <= 8 and BLOCK_N is None and _cdiv(N, 16) < MIN_PROGRAMS and not extra_rows:
+        block_k = BLOCK_K or min(128, max(16, 1 << (K - 1).bit_length()))
+        block_m = 1 << max(0, M - 1).bit_length()
+        stages = max(1, min(NUM_STAGES or 4, SMEM_BYTES // ((block_m + FMA_COLUMNS) * block_k * dtype.itemsize)))
+        return dict(BLOCK_M=block_m, BLOCK_N=FMA_COLUMNS, BLOCK_K=block_k, num_warps=NUM_WARPS or 2,
+                    num_stages=stages, FMA=True)
     block_m = 16 if M <= 16 else 32
     narrow = TILES == "narrow" and block_m == 16 and dtype.itemsize == 2 and extra_rows == 0
     block_n = BLOCK_N or (16 if narrow else next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16))
@@ -74,7 +89,8 @@ def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 
     stage_bytes = (block_m + block_n + extra_rows) * block_k * dtype.itemsize
     stages = max(1, min(NUM_STAGES or 4, SMEM_BYTES // stage_bytes))  # x and W tiles of every stage fit
     warps = NUM_WARPS or (2 if narrow else 4)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+                **({"FMA": False} if fma else {}))
 
 
 def skinny_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
@@ -128,7 +144,7 @@ def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     out = x.new_empty(M, N)
-    cfg = launch_config(M, N, K, x.dtype)
+    cfg = launch_config(M, N, K, x.dtype, fma=True)
     meta = {k: v for k, v in cfg.items() if k.isupper()}
     opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     pdl = pdl_launch(x.device)
