@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from train_profile import kernel_class, kernel_totals, top_kernels
 
-BEFORE_2026_12_07 = {"leanformer.ops.eager_op.EAGER_FAST_PATH": False,  # every op through the dispatcher and
-                     "leanformer.ops.decayed_linear_attention.COMPILE_BOUNDARY_ON_CUDA": False}  # eager boundary
+BEFORE_2026_12_07 = {"leanformer.ops.eager_op.EAGER_FAST_PATH": False,  # every op through the dispatcher,
+                     "leanformer.ops.decayed_linear_attention.COMPILE_BOUNDARY_ON_CUDA": False,  # eager boundary
+                     "leanformer.layers.dijiang.COMPILE_NORMALISER_ON_CUDA": False}  # and eager normaliser
 VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None, module switches)
     ("preln 8K chunk 4096", "preln", 8192, 4096, None, {}),
     ("dijiang 8K chunk 4096", "dijiang_scratch", 8192, 4096, None, {}),

@@ -379,3 +379,23 @@ def test_one_token_static_calls_take_the_compiled_mix_route(monkeypatch):
     assert calls == []
     dec.step()
     assert calls == [1]
+
+
+def test_on_cuda_compiled_inside_an_outer_compile_is_inlined_not_cached(monkeypatch):
+    """Traced by an outer torch.compile, the wrapper runs the function as written and caches nothing (caching
+    what torch.compile returns there, the function itself, would leave later eager CUDA calls uncompiled)."""
+    from leanformer.ops import on_cuda
+
+    monkeypatch.setattr(on_cuda, "COMPILED", {})
+
+    class FakeCuda:
+        is_cuda = True
+
+        def __rmul__(self, other):
+            return "as written"
+
+    def double(x):
+        return 2 * x
+    wrapped = on_cuda.on_cuda_compiled(double)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert wrapped(FakeCuda()) == "as written" and on_cuda.COMPILED == {}

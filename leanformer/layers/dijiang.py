@@ -258,7 +258,9 @@ def rescaled_group_norm(o: torch.Tensor, log_scale: torch.Tensor, weight: torch.
 
 _feature_pair = on_cuda_compiled(feature_pair, lambda: COMPILE_ON_CUDA)
 _rescaled_group_norm = on_cuda_compiled(rescaled_group_norm, lambda: COMPILE_ON_CUDA)
-_running_log_norm = on_cuda_compiled(running_log_norm, lambda: COMPILE_ON_CUDA)  # the feature kernels' path
+COMPILE_NORMALISER_ON_CUDA = True  # the keys' running log-normaliser on the feature kernels' path, compiled on CUDA
+# (its own switch: new on 2026-12-07 and not timed, unlike COMPILE_ON_CUDA's functions)
+_running_log_norm = on_cuda_compiled(running_log_norm, lambda: COMPILE_NORMALISER_ON_CUDA)
 
 
 @functools.lru_cache(maxsize=1)

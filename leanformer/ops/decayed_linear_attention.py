@@ -214,6 +214,8 @@ def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Te
     if T == 0:
         return v.new_zeros(v.shape), _initial(q, v, initial_state) if output_final_state else None
     o = fused_kernel.decayed_attention(q, k, v, lg, ln)
+    if initial_state is None and not output_final_state:  # a full pass: no boundary terms (and no compiled call)
+        return o, None
     share, S = _boundary_on_cuda(q, k, v, lg, ln, initial_state, initial_log_norm, output_final_state)
     if share is not None:
         o = o + share.to(o.dtype)

@@ -28,6 +28,8 @@ def on_cuda_compiled(fn: Callable, enabled: Callable[[], bool] = lambda: True) -
     second shape), falling back to ``fn`` with a warning if compiling fails."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced by an outer torch.compile: inline fn (torch.compile(fn) would
+            return fn(*args, **kwargs)    # return fn itself here, and caching that would leave fn eager for good)
         if not (args[0].is_cuda and enabled()) or COMPILED.get(fn) is False:
             return fn(*args, **kwargs)
         if fn not in COMPILED:
