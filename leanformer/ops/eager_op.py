@@ -3,9 +3,9 @@
 Each kernel of :mod:`leanformer.ops` is a ``torch.library`` op (``triton_op``, or ``custom_op`` under the
 interpreter), so that ``torch.compile`` traces it and fake tensors (the meta device, FakeTensorMode) get its
 shapes. An eager call pays for that on the host: the dispatcher, the library's Python autograd wrapper
-(``register_autograd``) and a second op for the backward. On this project's CPU (2026-12-07) a do-nothing
-custom op's forward and backward took 83 µs against 39 µs through ``torch.autograd.Function`` (25 µs of which
-is the autograd engine's floor). A lone DiJiang call at 4K (four such ops) was host-bound on an H200: 2.24 ms of
+(``register_autograd``) and a second op for the backward. On this project's CPU, DiJiang's call (forward and
+backward, kernel launches stubbed out) took 606 µs through the ops against 382 µs direct
+(``benchmarks/attention_host_profile.py --cpu-no-launch``, docs/bench_cpu/eager_op). A lone DiJiang call at 4K (four such ops) was host-bound on an H200: 2.24 ms of
 wall time for 1.32 ms of GPU kernels (``benchmarks/attention_host_profile.py``,
 docs/gpu/misc_2026-12-07/callC/out/host).
 
