@@ -80,7 +80,8 @@ def cpu_host_time(methods: list[str], T: int, repeats: int) -> list[dict]:
     """Host time per call on the CPU with every Triton launch of our ops replaced by a no-op (run under
     ``TRITON_INTERPRET=1``, where the ops accept CPU tensors; the feature-map kernels switched on): what our
     Python, the dispatcher and autograd cost without the kernels, direct (eager_op) against through the op.
-    B 1, H 2, d_head 64, float32; the outputs are garbage (nothing is computed), only the time counts."""
+    B 1, H 2, d_head 64, float32; the outputs are garbage (nothing is computed), only the time counts. The stubs
+    stay for the rest of the process (run it as a script), and cover DiJiang's ops only: ``shaped`` runs as usual."""
     from leanformer.layers import dijiang
     from leanformer.ops import feature_map, fused_decay_attention
 

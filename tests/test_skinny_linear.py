@@ -222,3 +222,9 @@ def test_multiply_add_blocks_only_for_narrow_few_row_products(monkeypatch):
     assert "FMA" not in sl.launch_config(8, 768, 768, bf)  # a caller that does not pass it (NOBLE's kernel)
     monkeypatch.setattr(sl, "FMA_COLUMNS", None)
     assert not sl.launch_config(8, 768, 3072, bf, fma=True)["FMA"]
+
+
+def test_an_unknown_tiles_rule_is_named(monkeypatch):
+    monkeypatch.setattr(sl, "TILES", "narow")
+    with pytest.raises(ValueError, match="TILES='narow' must be 'wide' or 'narrow'"):
+        sl.launch_config(8, 768, 768, torch.bfloat16)

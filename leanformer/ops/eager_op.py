@@ -5,9 +5,9 @@ interpreter), so that ``torch.compile`` traces it and fake tensors (the meta dev
 shapes. An eager call pays for that on the host: the dispatcher, the library's Python autograd wrapper
 (``register_autograd``) and a second op for the backward. On this project's CPU, DiJiang's call (forward and
 backward, kernel launches stubbed out) took 606 µs through the ops against 382 µs direct
-(``benchmarks/attention_host_profile.py --cpu-no-launch``, docs/bench_cpu/eager_op). A lone DiJiang call at 4K (four such ops) was host-bound on an H200: 2.24 ms of
-wall time for 1.32 ms of GPU kernels (``benchmarks/attention_host_profile.py``,
-docs/gpu/misc_2026-12-07/callC/out/host).
+(``benchmarks/attention_host_profile.py --cpu-no-launch``, docs/bench_cpu/eager_op). A lone DiJiang call at 4K
+(four such ops) was host-bound on an H200: 2.24 ms of wall time for 1.32 ms of GPU kernels
+(``benchmarks/attention_host_profile.py``, docs/gpu/misc_2026-12-07/callC/out/host).
 
 :class:`EagerFastOp` wraps a registered op. A call on plain tensors (exact ``torch.Tensor``s, none on the meta
 device; no torch.compile tracing, no dispatch or torch-function mode, no functorch transform, no

@@ -82,6 +82,8 @@ def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 
         stages = max(1, min(NUM_STAGES or 4, SMEM_BYTES // ((block_m + FMA_COLUMNS) * block_k * dtype.itemsize)))
         return dict(BLOCK_M=block_m, BLOCK_N=FMA_COLUMNS, BLOCK_K=block_k, num_warps=NUM_WARPS or 2,
                     num_stages=stages, FMA=True)
+    if TILES not in ("wide", "narrow"):
+        raise ValueError(f"skinny_linear.TILES={TILES!r} must be 'wide' or 'narrow'")
     block_m = 16 if M <= 16 else 32
     narrow = TILES == "narrow" and block_m == 16 and dtype.itemsize == 2 and extra_rows == 0
     block_n = BLOCK_N or (16 if narrow else next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16))
