@@ -150,3 +150,31 @@ def test_jit_trace_records_the_op():
     traced = torch.jit.trace(lambda *a: ck.cosnet(*a), plain, check_trace=False)
     assert "leanformer::cosnet" in str(traced.graph)
     assert torch.equal(traced(*plain), ck.cosnet(*plain))
+
+
+@pytest.mark.parametrize("feature_map", ["paper", "official"])
+def test_a_dijiang_layer_on_the_kernels_gives_the_same_bits_both_ways(feature_map, monkeypatch):
+    """A whole DiJiang layer (feature kernels and the fused attention kernel, a state carried across two
+    prompts): output, state and every parameter's gradient are the same bits with and without the direct path."""
+    from leanformer.config import DiJiangConfig, TransformerConfig
+    from leanformer.layers import dijiang as dj
+
+    monkeypatch.setattr(dj, "FEATURE_KERNEL", "always")
+    cfg = TransformerConfig(vocab_size=300, d_model=64, n_heads=4, n_layers=1, attention="dijiang",
+                            dijiang=DiJiangConfig(feature_map=feature_map, mode="fused")).validate()
+    torch.manual_seed(0)
+    layer = dj.DiJiangAttention(cfg, 0).to(DEV)
+    x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(1)).to(DEV)
+
+    def run(fast: bool):
+        monkeypatch.setattr(eager_op, "EAGER_FAST_PATH", fast)
+        layer.zero_grad(set_to_none=True)
+        out = layer(x)
+        out.square().sum().backward()
+        with torch.no_grad():
+            state: dict = {}
+            layer(x[:, :16], state)
+            prompt = layer(x[:, 16:], state)
+        return [out.detach(), prompt, state["S"], *(p.grad for p in layer.parameters() if p.grad is not None)]
+    for fast, op in zip(run(True), run(False)):
+        assert torch.equal(fast, op)
