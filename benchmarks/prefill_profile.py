@@ -27,17 +27,20 @@ from train_profile import kernel_class, kernel_totals, top_kernels
 BEFORE_2026_12_07 = {"leanformer.ops.eager_op.EAGER_FAST_PATH": False,  # every op through the dispatcher,
                      "leanformer.ops.decayed_linear_attention.COMPILE_BOUNDARY_ON_CUDA": False,  # eager boundary
                      "leanformer.layers.dijiang.COMPILE_NORMALISER_ON_CUDA": False}  # and eager normaliser
-VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None, module switches)
-    ("preln 8K chunk 4096", "preln", 8192, 4096, None, {}),
-    ("dijiang 8K chunk 4096", "dijiang_scratch", 8192, 4096, None, {}),
-    ("dijiang 8K chunk 4096, as before 2026-12-07", "dijiang_scratch", 8192, 4096, None, BEFORE_2026_12_07),
-    ("dijiang 8K chunk 8192, fused ≤ 8192", "dijiang_scratch", 8192, 8192, 8192, {}),
-    ("preln 8K chunk 8192", "preln", 8192, 8192, None, {}),
-    ("dijiang 8K chunk 2048", "dijiang_scratch", 8192, 2048, None, {}),
+VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None, module switches,
+    #            StaticDecoder's compile_prefill)
+    ("preln 8K chunk 4096", "preln", 8192, 4096, None, {}, False),
+    ("dijiang 8K chunk 4096", "dijiang_scratch", 8192, 4096, None, {}, False),
+    ("dijiang 8K chunk 4096, compiled prefill", "dijiang_scratch", 8192, 4096, None, {}, True),
+    ("preln 8K chunk 4096, compiled prefill", "preln", 8192, 4096, None, {}, True),
+    ("dijiang 8K chunk 4096, as before 2026-12-07", "dijiang_scratch", 8192, 4096, None, BEFORE_2026_12_07, False),
+    ("dijiang 8K chunk 8192, fused ≤ 8192", "dijiang_scratch", 8192, 8192, 8192, {}, False),
+    ("preln 8K chunk 8192", "preln", 8192, 8192, None, {}, False),
+    ("dijiang 8K chunk 2048", "dijiang_scratch", 8192, 2048, None, {}, False),
 ]
 
 
-def run_variant(label, arm, tokens, chunk, fused_max_len, extra, device, smoke) -> dict:
+def run_variant(label, arm, tokens, chunk, fused_max_len, extra, compile_prefill, device, smoke) -> dict:
     from leanformer.bench.decode import _model
     from leanformer.bench.kernel_switches import switches_set
     from leanformer.bench.timing import synchronize
@@ -56,7 +59,8 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, extra, device, smoke) 
         prompt = torch.randint(0, size.vocab_size, (1, tokens), generator=g).to(device)
 
         def prefill():
-            dec = StaticDecoder(model, 1, tokens + 8, graph="none", prefill_chunk=chunk)
+            dec = StaticDecoder(model, 1, tokens + 8, graph="none", prefill_chunk=chunk,
+                                compile_prefill=("eager" if smoke else True) if compile_prefill else False)
             dec.prefill(prompt)
             return dec
 
@@ -71,7 +75,7 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, extra, device, smoke) 
         kernels = [k for k in kernels if kernel_class(k["kernel"]) != "annotation"]
         totals = kernel_totals(kernels)
         return {"label": label, "arm": arm, "tokens": tokens, "chunk": chunk, "fused_max_len": fused_max_len,
-                "switches": switches,
+                "switches": switches, "compile_prefill": compile_prefill,
                 "wall_s": walls, "wall_median_s": statistics.median(walls[1:]), "kernel_ms": totals["total"],
                 "launches": sum(k["calls_per_step"] for k in kernels), "host_aten_ops": _host_ops(prefill),
                 "by_class": totals, "top": kernels[:20], "status": "ok"}

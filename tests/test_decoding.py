@@ -323,3 +323,33 @@ def test_fused_inputs_follow_the_weights_after_sharing_breaks(how):
     full, _ = ref(torch.cat([prompt, dec.ids], 1))
     dec.step()
     torch.testing.assert_close(dec.logits, full[:, 7], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-fused"])
+def test_compiled_prefill_equals_eager_in_two_graphs(arm, monkeypatch):
+    """``compile_prefill``: each chunk through one torch.compile form with dynamic shapes (aot_eager here;
+    Inductor on a GPU) gives the eager prefill's logits and cache, for prompts of three lengths (chunks of 8:
+    full, ragged, a single token). Two graphs serve the first two prompts (the cache before its first chunk and
+    after); a chunk of one token (dynamo always specialises a size of 1) adds a third."""
+    from torch._dynamo.utils import counters
+
+    if arm == "dijiang-fused":  # the GPU's route: the feature and fused kernels (opaque ops under the
+        from leanformer.layers import dijiang  # interpreter; float32, which the kernels take)
+        monkeypatch.setattr(dijiang, "FEATURE_KERNEL", "always")
+        model = _model(attention="dijiang", d_model=64, dijiang=DiJiangConfig(mode="fused")).float()  # d 16
+    else:
+        model = _model(**ARMS[arm])
+    tol = 1e-5 if arm == "dijiang-fused" else 1e-9
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8, compile_prefill="aot_eager")
+    for T, graphs in ((20, 2), (13, 2), (17, 3)):
+        prompt = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
+        eager = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8)
+        want = eager.prefill(prompt)
+        compiled.cache = StaticCache(model, 1, 40)
+        torch.testing.assert_close(compiled.prefill(prompt), want, rtol=tol, atol=tol)
+        for (_, key, got), (_, _, ref) in zip(compiled.cache.tensors(), eager.cache.tensors()):
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=key)
+        assert counters["stats"]["unique_graphs"] <= graphs, T
+    assert not counters["graph_break"]

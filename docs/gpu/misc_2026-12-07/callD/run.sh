@@ -8,7 +8,9 @@
 # (2) issue #15: NOBLE's decoding step with q, k, v in one launch (fused_inputs.fuse_noble_linears) against apart.
 #     Expected: 0.721 -> ~0.59 ms at 512 x 1 (24 launches fewer); then bench decode NOBLE vs Pre-LN at b 1, 8, 32.
 # (3) issue #15: the 8K prefill with the boundary terms and the running normaliser compiled on CUDA and the ops
-#     called directly. Expected: DiJiang 53 -> ~40 ms (softmax 17): still host-bound.
+#     called directly (expected: DiJiang 53 -> ~40 ms, softmax 17: still host-bound), and with each chunk as one
+#     compiled graph (StaticDecoder(compile_prefill=True)), for DiJiang and softmax. Expected: wall time near the
+#     kernels' (13.5 and 13.3 ms) once compiled (3 graphs per model, paid in the first of the three prefills).
 # (4) issue #15: DiJiang's step with the few-row products in 8-column multiply-add blocks (skinny_linear.FMA_COLUMNS:
 #     the 768-wide outputs on 96 programs instead of 48), and the two untimed single switches (two-pass argmax;
 #     norms in products). A gain here moves 32K x 8 (9.77x) toward its 10x: rerun bench decode there with it.
@@ -25,12 +27,12 @@ save
 V="noble 512 x1 compiled, NOBLE kernel;noble 512 x1 compiled, NOBLE kernel, q k v apart;preln 512 x1 compiled"
 V="$V;dijiang 8K x8 compiled;dijiang 8K x8 compiled, FMA 8 columns;dijiang 8K x8 compiled, two-pass argmax"
 V="$V;dijiang 8K x8 compiled, norms in products;preln 512 x1 compiled, FMA 8 columns"
-timeout 230 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 210 --variants "$V" > $R/profile_log.txt 2>&1
+timeout 200 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 180 --variants "$V" > $R/profile_log.txt 2>&1
 grep "^\[" $R/profile_log.txt
 save
-timeout 110 python3 -u benchmarks/prefill_profile.py --out $R/prefill --budget 90 > $R/prefill_log.txt 2>&1
+timeout 200 python3 -u benchmarks/prefill_profile.py --out $R/prefill --budget 180 > $R/prefill_log.txt 2>&1
 grep "^\[" $R/prefill_log.txt
 save
-timeout 140 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 1,8,32 \
-  --compile --time-budget 120 --out $R/noble > $R/noble_log.txt 2>&1
+timeout 110 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 1,8,32 \
+  --compile --time-budget 95 --out $R/noble > $R/noble_log.txt 2>&1
 grep "bench decode\]" $R/noble_log.txt
