@@ -51,6 +51,7 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, extra, compile_prefill
     if smoke:
         tokens, chunk = 64, min(chunk, 32)
     switches = dict(extra, **({"leanformer.layers.dijiang.FUSED_MAX_LEN": fused_max_len} if fused_max_len else {}))
+    torch._dynamo.reset()  # each variant compiles afresh (a compiled prefill's graphs stay under the recompile limit)
     with switches_set(switches):
         model, reason = _model(arm, base_config(size, max_seq_len=tokens + 8), device, bf16=not smoke)
         if model is None:

@@ -353,8 +353,9 @@ class StaticDecoder:
         with self._ctx():
             for s in range(0, T, self.prefill_chunk):
                 ids = prompt[:, s:s + self.prefill_chunk]
-                if self.compile_prefill and ids.shape[1] > 1:  # one graph for every length ≥ 2 (1 is always
-                    torch._dynamo.mark_dynamic(ids, 1)           # specialised by dynamo)
+                if self.compile_prefill and ids.shape[1] > 1:  # one graph for the lengths ≥ 2 (1 is always
+                    # specialised); "maybe": code that needs a length's value (a short chunk's kernel block)
+                    torch._dynamo.maybe_mark_dynamic(ids, 1)  # recompiles for it instead of failing
                 h = self._chunk(ids)
             logits = self.model.lm_head(h[:, -1])
             self.tokens[:, self.cache.pos - T: self.cache.pos] = prompt

@@ -228,3 +228,9 @@ def test_an_unknown_tiles_rule_is_named(monkeypatch):
     monkeypatch.setattr(sl, "TILES", "narow")
     with pytest.raises(ValueError, match="TILES='narow' must be 'wide' or 'narrow'"):
         sl.launch_config(8, 768, 768, torch.bfloat16)
+
+
+def test_an_unusable_column_count_is_named(monkeypatch):
+    monkeypatch.setattr(sl, "FMA_COLUMNS", 3)
+    with pytest.raises(ValueError, match="FMA_COLUMNS=3 must be None, 1, 2, 4 or 8"):
+        sl.launch_config(8, 768, 768, torch.bfloat16, fma=True)

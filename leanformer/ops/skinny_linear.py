@@ -76,6 +76,8 @@ def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 
     ``fma`` (the few-row kernel's callers): the result also holds ``FMA``, True when :data:`FMA_COLUMNS` takes
     the product (≤ 8 rows, fewer than MIN_PROGRAMS 16-column blocks, no BLOCK_N set): then BLOCK_M is M rounded
     up to a power of two, BLOCK_N is FMA_COLUMNS and BLOCK_K at most 128 (a float32 block of ≤ 8 × 8 × 128)."""
+    if FMA_COLUMNS is not None and FMA_COLUMNS not in (1, 2, 4, 8):
+        raise ValueError(f"skinny_linear.FMA_COLUMNS={FMA_COLUMNS!r} must be None, 1, 2, 4 or 8")
     if fma and FMA_COLUMNS and M <= 8 and BLOCK_N is None and _cdiv(N, 16) < MIN_PROGRAMS and not extra_rows:
         block_k = BLOCK_K or min(128, max(16, 1 << (K - 1).bit_length()))
         block_m = 1 << max(0, M - 1).bit_length()
