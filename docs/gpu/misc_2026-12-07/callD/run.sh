@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-07 00:15 UTC, NOT RUN: the session's device time ran out (three starts that got no machine cost
-# 540 s of it). What the next GPU call should time first (≈ 9 min on an H100), all built and CPU-tested since the
-# last call (tree e896f4b and after):
+# Prepared 2026-12-07 00:15–01:25 UTC, NOT RUN: the session's device time ran out (four starts that got no machine
+# cost 631 s of it). What the next GPU call should time first (≈ 10 min on an H100), all built and CPU-tested since
+# the last call (tree e896f4b and after):
 # (1) issues #13/#14: lone attention calls with our ops called directly in eager (leanformer/ops/eager_op.py)
 #     against the registered-op path, host time by op and by Python function. Expected: DiJiang's lone call at
 #     1K (host-bound) 2.08 ms -> ~1.6; at 4K wall -> GPU time (1.32 ms), i.e. >= 1.0x SDPA (1.51 ms GPU).
