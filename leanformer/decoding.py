@@ -286,10 +286,12 @@ class StaticDecoder:
     default; ``"max-autotune-no-cudagraphs"`` lets Inductor time Triton matrix products against cuBLAS's and
     fuse element-wise epilogues into them; a mode with CUDA graphs of its own is refused: the step is captured
     here). ``compile_prefill``: each prefill chunk through one ``torch.compile`` form of the model's forward
-    with dynamic shapes (a string names the backend; False, the default: eager). Two graphs serve every prompt
-    (the cache before its first chunk and after; tested on the CPU for softmax and DiJiang), so the compile is
-    paid once per decoder and its prefill's host time (DiJiang's 8K prefill: 53 ms of wall time for 13.5 ms of
-    kernels, H200, 2026-12-06) becomes the compiled graph's. Not timed on a GPU yet. ``attention``:
+    with dynamic shapes (a string names the backend; False, the default: eager). Two graphs serve prompts in
+    chunks of ≥ 2 tokens (the cache before its first chunk and after; tested on the CPU for softmax, SAS-P and
+    DiJiang); a one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch compile one
+    more each. Graphs are shared by decoders of one model, and the prefill's host time (DiJiang's 8K prefill:
+    53 ms of wall time for 13.5 ms of kernels, H200, 2026-12-06) becomes the compiled graph's. Not timed on a
+    GPU yet. ``attention``:
     the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state
     at construction (e.g. bf16) is the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the
     token to feed, ``tokens`` (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.

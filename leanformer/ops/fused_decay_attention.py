@@ -198,8 +198,8 @@ def _block(T: int, dtype: torch.dtype, m: int, d: int, base: int | None = None) 
     if base < MIN_DIM or base & (base - 1):
         raise ValueError(f"block size {base} must be a power of two ≥ {MIN_DIM}")
     big = min(base, 32) if dtype == torch.float32 and max(m, d) > 64 else base
-    if T >= big:  # first: a symbolic T (a compiled prefill's dynamic length) has no bit_length
-        return big
+    if T >= big:  # first, so a symbolic T (a compiled prefill's length) of one block or more is not pinned to
+        return big  # one value by bit_length (a shorter chunk still is: it recompiles for its length)
     return min(big, max(MIN_DIM, 1 << (T - 1).bit_length()))
 
 
