@@ -287,3 +287,19 @@ def test_grouped_refusals_fall_back_to_each_layer(monkeypatch):
         with_norm, launches = _grouped(m, x, names, monkeypatch, norm=norm)
         normed = _each(m, norm(x), names)
     assert launches == 1 and all(torch.equal(a, b) for a, b in zip(with_norm, normed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_prefetched_epilogue_gives_the_same_bits(dtype, monkeypatch):
+    """nd.PREFETCH only moves the epilogue's loads before the K loop: the single-layer and grouped kernels
+    give the same bits with it on and off (odd K, N not a multiple of the block)."""
+    layer = _layer(200, 40).to(DEV, dtype)
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(2)).to(DEV, dtype)
+    m, names, _ = _attention((48, 16, 32), 40, (True, False, True), dtype)
+    xg = torch.randn(2, 40, generator=torch.Generator().manual_seed(3)).to(DEV, dtype)
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(nd, "PREFETCH", on)
+        outs[on] = [nd.noble_linear(layer, x), *_grouped(m, xg, names, monkeypatch)[0]]
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(outs[False], outs[True]))

@@ -33,13 +33,21 @@ from leanformer.ops._skinny_linear_kernel import _load_w, _load_x
 def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_n, n_ok,
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
                    HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """One layer's output columns ``offs_n`` (BLOCK_N,) for every row of x (``n_ok``: the layer's columns)."""
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+    """One layer's output columns ``offs_n`` (BLOCK_N,) for every row of x (``n_ok``: the layer's columns).
+    ``PREFETCH``: the epilogue's loads (CosNet's parameters, b_down and this program's (BLOCK_N, R) slice of
+    W_up) are issued before the K loop, so their latency hides behind it instead of following it; the values
+    and arithmetic are the same either way."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     r_ok = offs_r < R
+    if PREFETCH:
+        w1, p1, m, c, w2, p2 = _load_params(W1, P1, MM, C, W2, P2, R)
+        bd = tl.load(BD + offs_r).to(tl.float32)
+        wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -51,12 +59,14 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     main = _round(acc, dt)
-    z = _round(acc_z + tl.load(BD + offs_r).to(tl.float32)[None, :], dt)
-    w1, p1, m, c, w2, p2 = _load_params(W1, P1, MM, C, W2, P2, R)
+    if not PREFETCH:
+        w1, p1, m, c, w2, p2 = _load_params(W1, P1, MM, C, W2, P2, R)
+        bd = tl.load(BD + offs_r).to(tl.float32)
+        wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
+    z = _round(acc_z + bd[None, :], dt)
     h = tl.cos(z * w1[None, :] + p1[None, :])
     u = tl.dot(h, tl.trans(m), input_precision="ieee") + c[None, :]
     s = _round(tl.cos(u * w2[None, :] + p2[None, :]), dt)  # CosNet's output in the layer's dtype
-    wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
     branch = _round(mm(s.to(dt), tl.trans(wu), "ieee", INTERPRET), dt)  # up(s)
     y = _round(main + branch, dt)
     tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
@@ -66,11 +76,12 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
 def noble_decode_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, K,
                         sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
                         HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+                        PREFETCH: tl.constexpr = False):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_n, offs_n < N,
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
-                   EVEN_K, INTERPRET)
+                   EVEN_K, INTERPRET, PREFETCH)
 
 
 @triton.jit
@@ -78,10 +89,10 @@ def noble_decode_grouped_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y
                                 sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
                                 HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                                INTERPRET: tl.constexpr):
+                                INTERPRET: tl.constexpr, PREFETCH: tl.constexpr = False):
     g = tl.program_id(0)
     offs_n = tl.load(OFFS + g) + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     _noble_columns(X, W, Bias, WD + g * R * sdr, BD + g * R, W1 + g * R, P1 + g * R, MM + g * R * R, C + g * R,
                    W2 + g * R, P2 + g * R, WU, Y, M, K, offs_n, offs_n < tl.load(OFFS + g + 1),
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
-                   EVEN_K, INTERPRET)
+                   EVEN_K, INTERPRET, PREFETCH)

@@ -35,6 +35,8 @@ from leanformer.ops.fused_decay_attention import _cdiv, _interpret, _on_device, 
 ROUTE = "cuda"  # "cuda": noble_linear() runs the kernel on CUDA tensors it takes; "always": also on the CPU;
 # "never": the layer's own ops. Default "cuda" since its first timing (H200, 2026-12-06 23:37, decode_profile.py,
 # GPT-2 NOBLE at 512 x 1, compiled): 1.509 -> 0.721 ms per step, 546 -> 162 kernels (docs/gpu/decode_2026-12-06/call4)
+PREFETCH = False  # the kernel issues the epilogue's loads (CosNet's parameters, b_down, its W_up slice) before its K
+# loop, not after it (the values are the same); off until timed (decode_profile.py's "NOBLE prefetch" variant)
 GROUPED = True  # a decoding copy's q, k, v NOBLE layers in one launch (noble_group_linear, through
 # leanformer.layers.fused_inputs.project_inputs); False: each layer's own launch (for timing the difference)
 
@@ -94,8 +96,8 @@ def _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width)
     tensors = (x2, weight, bias if bias is not None else weight, wd, bd, w1, p1, mw, mb, w2, p2, wu, out)
     strides = (x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), wd.stride(0), wd.stride(1),
                wu.stride(0), wu.stride(1), out.stride(0), out.stride(1))
-    consts = dict(HAS_BIAS=bias is not None, R=R, EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), **meta,
-                  **opts)
+    consts = dict(HAS_BIAS=bias is not None, R=R, EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(),
+                  PREFETCH=bool(PREFETCH), **meta, **opts)
     with _on_device(x):
         if offsets is None:
             _wrap(kern.noble_decode_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](*tensors, M, N, K, *strides, **consts)

@@ -11,6 +11,8 @@
 #     called directly (expected: DiJiang 53 -> ~40 ms, softmax 17: still host-bound), and with each chunk as one
 #     compiled graph (StaticDecoder(compile_prefill=True)), for DiJiang and softmax. Expected: wall time near the
 #     kernels' (13.5 and 13.3 ms) once compiled (3 graphs per model, paid in the first of the three prefills).
+# (2b) 2026-12-07 02:20: the NOBLE kernel with its epilogue loads before the K loop (noble_decode.PREFETCH).
+# (3) moved to callE/run.sh (the 8K prefill), so that each call stays well under 10 minutes.
 # (4) issue #15: DiJiang's step with the few-row products in 8-column multiply-add blocks (skinny_linear.FMA_COLUMNS:
 #     the 768-wide outputs on 96 programs instead of 48), and the two untimed single switches (two-pass argmax;
 #     norms in products). A gain here moves 32K x 8 (9.77x) toward its 10x: rerun bench decode there with it.
@@ -25,13 +27,11 @@ timeout 80 python3 -u benchmarks/attention_host_profile.py --out $R/host --op-pa
 grep "^\[" $R/host_log.txt
 save
 V="noble 512 x1 compiled, NOBLE kernel;noble 512 x1 compiled, NOBLE kernel, q k v apart;preln 512 x1 compiled"
+V="$V;noble 512 x1 compiled, NOBLE kernel, prefetch"
 V="$V;dijiang 8K x8 compiled;dijiang 8K x8 compiled, FMA 8 columns;dijiang 8K x8 compiled, two-pass argmax"
 V="$V;dijiang 8K x8 compiled, norms in products;preln 512 x1 compiled, FMA 8 columns"
-timeout 200 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 180 --variants "$V" > $R/profile_log.txt 2>&1
+timeout 230 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 210 --variants "$V" > $R/profile_log.txt 2>&1
 grep "^\[" $R/profile_log.txt
-save
-timeout 200 python3 -u benchmarks/prefill_profile.py --out $R/prefill --budget 180 > $R/prefill_log.txt 2>&1
-grep "^\[" $R/prefill_log.txt
 save
 timeout 110 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 1,8,32 \
   --compile --time-budget 95 --out $R/noble > $R/noble_log.txt 2>&1
