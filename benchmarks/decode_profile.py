@@ -39,6 +39,7 @@ NOBLE_PREFETCH = {"leanformer.ops.noble_decode.PREFETCH": True}  # the kernel's 
 NORMS_IN = {"leanformer.ops.norm_linear.ROUTE": "cuda"}
 SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
 ARGMAX_TWO = {"leanformer.decoding.TWO_PASS_ARGMAX": True}
+ARGMAX_IN_HEAD = {"leanformer.decoding.ARGMAX_IN_HEAD": True}  # the head's product and the argmax in one kernel
 WIDE_TILES = {"leanformer.ops.skinny_linear.TILES": "wide"}  # the default again since 2026-12-06 23:50
 NARROW_TILES = {"leanformer.ops.skinny_linear.TILES": "narrow"}
 FMA_8, FMA_4 = ({"leanformer.ops.skinny_linear.FMA_COLUMNS": c} for c in (8, 4))  # 768-wide outputs: 96, 192 programs
@@ -68,6 +69,9 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled, norms in products, single pass, two-pass argmax", "dijiang_scratch", 8192, 8, True,
      dict(NORMS_IN, **SINGLE_ON, **ARGMAX_TWO)),
     ("dijiang 8K x8 compiled, two-pass argmax", "dijiang_scratch", 8192, 8, True, ARGMAX_TWO),
+    ("dijiang 8K x8 compiled, argmax in head", "dijiang_scratch", 8192, 8, True, ARGMAX_IN_HEAD),
+    ("dijiang 8K x8 compiled, argmax in head, FMA 8 columns", "dijiang_scratch", 8192, 8, True,
+     dict(ARGMAX_IN_HEAD, **FMA_8)),
     ("preln 8K x8 compiled", "preln", 8192, 8, True, {}),
     ("preln 8K x8 compiled, norms in products", "preln", 8192, 8, True, NORMS_IN),
     ("noble 512 x1 graph, NOBLE kernel", "noble_fused", 512, 1, False, NOBLE_ON),

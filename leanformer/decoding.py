@@ -231,6 +231,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 
 TWO_PASS_ARGMAX = False  # sample_next's argmax in two reductions (last_dim_argmax); off until timed on a GPU
+ARGMAX_IN_HEAD = False  # greedy decoding: the head's product and the argmax in one kernel
+# (leanformer.ops.linear_argmax) where it runs; off until timed on a GPU
 
 
 def last_dim_argmax(x: torch.Tensor) -> torch.Tensor:
@@ -359,9 +361,8 @@ class StaticDecoder:
                     # specialised); "maybe": code that needs a length's value (a short chunk's kernel block)
                     torch._dynamo.maybe_mark_dynamic(ids, 1)  # recompiles for it instead of failing
                 h = self._chunk(ids)
-            logits = self.model.lm_head(h[:, -1])
+            logits, nxt = self._head_and_choice(h[:, -1])
             self.tokens[:, self.cache.pos - T: self.cache.pos] = prompt
-            nxt = sample_next(logits, **self.sampling)
         if self.logits is None:
             self.logits = logits.clone()
         else:
@@ -377,6 +378,21 @@ class StaticDecoder:
         ``compile_prefill``)."""
         return self.model.hidden_states(ids, cache=self.cache)
 
+    def _head_and_choice(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last positions' hidden states h (B, C) → (logits (B, V), next tokens (B,) int64): greedy through
+        :mod:`leanformer.ops.linear_argmax` where :data:`ARGMAX_IN_HEAD` asks and it runs (a plain head,
+        the few-row kernel's route), else the head, then :func:`sample_next`."""
+        from leanformer.layers.linear import DecodeLinear
+        from leanformer.ops.linear_argmax import linear_argmax
+
+        head = self.model.lm_head
+        if ARGMAX_IN_HEAD and self.sampling["temperature"] == 0 and type(head) is DecodeLinear:
+            both = linear_argmax(h, head.weight, head.bias)
+            if both is not None:
+                return both
+        logits = head(h)
+        return logits, sample_next(logits, **self.sampling)
+
     def step_pos_sync(self) -> None:
         self.cache.step_pos.fill_(self.cache.pos)
 
@@ -385,9 +401,8 @@ class StaticDecoder:
         """Feed ``ids`` at ``step_pos``, write the logits and the sampled next token, advance ``step_pos``."""
         cache = self.cache
         h = self.model.hidden_states(self.ids, cache=cache)
-        logits = self.model.lm_head(h[:, -1])
+        logits, nxt = self._head_and_choice(h[:, -1])
         self.logits.copy_(logits)
-        nxt = sample_next(logits, **self.sampling)
         self.ids.copy_(nxt[:, None])
         cache.step_pos.add_(1)
         self.tokens.index_copy_(1, cache.step_pos.clamp(max=self.capacity - 1), self.ids)

@@ -18,6 +18,7 @@ from leanformer.ops import _cosnet_kernels as cosnet
 from leanformer.ops import _feature_map_kernels as features
 from leanformer.ops import _fused_decay_kernels as attn
 from leanformer.ops import _fused_decay_step_kernel as step
+from leanformer.ops import _linear_argmax_kernel as head_argmax
 from leanformer.ops import _noble_decode_kernel as noble_decode
 from leanformer.ops import _shaped_mix_kernels as shaped_mix
 from leanformer.ops import _skinny_linear_kernel as skinny
@@ -105,6 +106,9 @@ def cases():
     yield "few-row linear with LayerNorm prologue and residual epilogue (bf16)", skinny.skinny_linear_kernel, \
         nl_ptrs, ("eps",), dict(LN=True, LN_BIAS=True, HAS_BIAS=True, HAS_RES=True, BLOCK_M=16, BLOCK_N=16,
                                 BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1, PDL=False)
+    yield "head product and column-block argmax (bf16)", head_argmax.linear_argmax_kernel, \
+        dict(X=bf, W=bf, Bias=bf, Y=bf, PMAX=f32, PIDX="*i32"), (), \
+        dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, EVEN_K=True, INTERPRET=False)
     noble_ptrs = {name: bf for name in ("X", "W", "Bias", "WD", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}
     for prefetch in (False, True):
         meta = dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, INTERPRET=False,

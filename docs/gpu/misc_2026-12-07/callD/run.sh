@@ -11,6 +11,7 @@
 #     called directly (expected: DiJiang 53 -> ~40 ms, softmax 17: still host-bound), and with each chunk as one
 #     compiled graph (StaticDecoder(compile_prefill=True)), for DiJiang and softmax. Expected: wall time near the
 #     kernels' (13.5 and 13.3 ms) once compiled (3 graphs per model, paid in the first of the three prefills).
+# (2c) 2026-12-07 02:50: the head's product and the greedy argmax in one kernel (leanformer.ops.linear_argmax).
 # (2b) 2026-12-07 02:20: the NOBLE kernel with its epilogue loads before the K loop (noble_decode.PREFETCH).
 # (3) moved to callE/run.sh (the 8K prefill), so that each call stays well under 10 minutes.
 # (4) issue #15: DiJiang's step with the few-row products in 8-column multiply-add blocks (skinny_linear.FMA_COLUMNS:
@@ -30,7 +31,8 @@ V="noble 512 x1 compiled, NOBLE kernel;noble 512 x1 compiled, NOBLE kernel, q k 
 V="$V;noble 512 x1 compiled, NOBLE kernel, prefetch"
 V="$V;dijiang 8K x8 compiled;dijiang 8K x8 compiled, FMA 8 columns;dijiang 8K x8 compiled, two-pass argmax"
 V="$V;dijiang 8K x8 compiled, norms in products;preln 512 x1 compiled, FMA 8 columns"
-timeout 230 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 210 --variants "$V" > $R/profile_log.txt 2>&1
+V="$V;dijiang 8K x8 compiled, argmax in head;dijiang 8K x8 compiled, argmax in head, FMA 8 columns"
+timeout 280 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 260 --variants "$V" > $R/profile_log.txt 2>&1
 grep "^\[" $R/profile_log.txt
 save
 timeout 110 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 1,8,32 \

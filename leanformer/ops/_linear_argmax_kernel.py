@@ -1,0 +1,45 @@
+"""The Triton kernel of :mod:`leanformer.ops.linear_argmax`: a few rows' logits and each column block's argmax.
+
+One program per ``BLOCK_N`` output columns, as :mod:`leanformer.ops._skinny_linear_kernel` (the same tiles,
+loop and roundings, so the logits are that kernel's bits): it streams its (BLOCK_N, K) slice of W against x's
+tiles, adds the bias in float32, rounds to Y's dtype and stores the logits. Its epilogue then reduces its own
+columns: for each row, the largest rounded logit and the first column holding it, stored at
+``PMAX[m, pid]`` (float32) and ``PIDX[m, pid]`` (int32). A NaN is ranked above every number and +inf
+between the finite values and NaN (key: NaN → +inf, +inf → float32's largest finite value, which no 16-bit
+logit reaches), so the first-maximum over the blocks' keys is ``torch.argmax``'s index over the logits.
+"""
+
+import triton
+import triton.language as tl
+
+from leanformer.ops._fused_decay_kernels import mm
+from leanformer.ops._fused_decay_step_kernel import _round
+from leanformer.ops._skinny_linear_kernel import _load_w, _load_x
+
+
+@triton.jit
+def linear_argmax_kernel(X, W, Bias, Y, PMAX, PIDX, M, N, K, sxm, sxk, swn, swk, sym, syn, spm,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    dt = Y.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
+        acc += mm(x, tl.trans(_load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)), "ieee", INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = _round(acc, dt)
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+    key = tl.where(y != y, float("inf"), tl.where(y == float("inf"), 3.4028234663852886e38, y))
+    key = tl.where(n_ok[None, :], key, float("-inf"))  # past N: never first (a row of -inf picks its first column)
+    best = tl.max(key, axis=1)
+    first = tl.min(tl.where(key == best[:, None], offs_n[None, :], N + BLOCK_N), axis=1)  # first column at best
+    tl.store(PMAX + offs_m * spm + pid, best, mask=m_ok)
+    tl.store(PIDX + offs_m * spm + pid, first.to(tl.int32), mask=m_ok)
