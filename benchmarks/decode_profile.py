@@ -36,6 +36,7 @@ NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda"}  # the default since 20
 NOBLE_OFF = {"leanformer.ops.noble_decode.ROUTE": "never"}  # the layer's own ops (labels without "NOBLE kernel")
 NOBLE_UNGROUPED = {"leanformer.ops.noble_decode.GROUPED": False}  # q, k, v NOBLE layers one launch each
 NOBLE_PREFETCH = {"leanformer.ops.noble_decode.PREFETCH": True}  # the kernel's epilogue loads before its K loop
+NOBLE_ACT = {"leanformer.ops.noble_decode.ACTIVATION_IN_KERNEL": True}  # the MLP's GELU in the NOBLE kernel
 NORMS_IN = {"leanformer.ops.norm_linear.ROUTE": "cuda"}
 SINGLE_ON = {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}
 ARGMAX_TWO = {"leanformer.decoding.TWO_PASS_ARGMAX": True}
@@ -89,6 +90,8 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("noble 512 x1 compiled, NOBLE kernel, q k v apart", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **NOBLE_UNGROUPED)),
     ("noble 512 x1 compiled, NOBLE kernel, prefetch", "noble_fused", 512, 1, True, dict(NOBLE_ON, **NOBLE_PREFETCH)),
+    ("noble 512 x1 compiled, NOBLE kernel, prefetch, GELU in kernel", "noble_fused", 512, 1, True,
+     dict(NOBLE_ON, **NOBLE_PREFETCH, **NOBLE_ACT)),
     ("noble 512 x1 compiled, NOBLE kernel, q k v apart, prefetch", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **NOBLE_UNGROUPED, **NOBLE_PREFETCH)),
     ("preln 8K x8 compiled, cuBLAS products", "preln", 8192, 8, True, SKINNY_OFF),

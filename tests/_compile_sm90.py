@@ -112,10 +112,10 @@ def cases():
     noble_ptrs = {name: bf for name in ("X", "W", "Bias", "WD", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}
     for prefetch in (False, True):
         meta = dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, INTERPRET=False,
-                    PREFETCH=prefetch)
-        yield f"NOBLE decoding layer (bf16, r 32, prefetch={prefetch})", noble_decode.noble_decode_kernel, \
+                    PREFETCH=prefetch, ACT=1 if prefetch else 0)
+        yield f"NOBLE decoding layer (bf16, r 32, prefetch and GELU={prefetch})", noble_decode.noble_decode_kernel, \
             noble_ptrs, (), meta
-        yield f"NOBLE decoding layers grouped (bf16, r 32, prefetch={prefetch})", \
+        yield f"NOBLE decoding layers grouped (bf16, r 32, prefetch and GELU={prefetch})", \
             noble_decode.noble_decode_grouped_kernel, dict(noble_ptrs, OFFS="*i32"), (), meta
     mix_ptrs = dict(V=bf, S=bf, DOUT=bf, ALPHA=f32, BETA=f32, GAMMA=f32, OUT=bf, DV=bf, DS=bf, PART=f32,
                     CARRY=f32, X=bf, SUMS=f32)

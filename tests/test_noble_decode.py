@@ -303,3 +303,50 @@ def test_prefetched_epilogue_gives_the_same_bits(dtype, monkeypatch):
         monkeypatch.setattr(nd, "PREFETCH", on)
         outs[on] = [nd.noble_linear(layer, x), *_grouped(m, xg, names, monkeypatch)[0]]
     assert all(a is not None and torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_activation_in_the_epilogue_is_the_layer_then_the_eager_activation(activation, dtype, monkeypatch):
+    """noble_linear(..., activation=...) is the kernel's output followed by the eager activation (rounded,
+    activated in float32, rounded again): float32 within its rounding (Triton's erf and exp are not
+    PyTorch's to the bit), bf16 equal on ≥ 95% of elements and within an ulp elsewhere; an unknown
+    activation is refused by name."""
+    from leanformer.ops.skinny_linear import EAGER_ACTIVATIONS
+
+    layer = _layer(200, 40).to(DEV, dtype)
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    with torch.no_grad():
+        got = nd.noble_linear(layer, x, activation=activation)
+        want = EAGER_ACTIVATIONS[activation](nd.noble_linear(layer, x))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=2e-6)  # 1 + erf(x) cancels for x < 0
+    else:
+        assert float((got == want).float().mean()) >= 0.95  # 120 elements: a rounding boundary or two
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-6)
+    with pytest.raises(ValueError, match="gelu"):
+        nd.noble_linear(layer, x, activation="swish")
+
+
+def test_mlp_runs_its_noble_layer_and_activation_in_one_launch(monkeypatch):
+    """With ACTIVATION_IN_KERNEL, a decoding copy's MLP makes one launch for its first NOBLE layer and GELU
+    (the activation code reaches the kernel) and decodes the same tokens and logits as without it."""
+    fast, _ = _noble_copy(n_layers=1)
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    acts = []
+    real = nd._noble_op
+    monkeypatch.setattr(nd, "_noble_op", lambda *args: acts.append(args[12] if len(args) > 12 else 0)
+                        or real(*args))
+    prompt = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1)).to(DEV)
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(nd, "ACTIVATION_IN_KERNEL", on)
+        acts.clear()
+        dec = StaticDecoder(fast, 2, capacity=8, graph="none")
+        dec.prefill(prompt)
+        dec.step()
+        out[on] = (dec.tokens.clone(), dec.logits.clone(), sorted(acts))
+    assert out[False][2] == [0] * 6 and out[True][2] == [0, 0, 0, 0, 1, 1]  # o and the second product: 0
+    assert torch.equal(out[False][0], out[True][0])
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-6)  # float32 erf, to rounding

@@ -26,6 +26,19 @@ class MLP(nn.Module):
         self.act_name = cfg.ffn_act
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _noble_in_and_activation(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A decoding copy's NOBLE first layer and the activation in one launch
+        (:func:`leanformer.ops.noble_decode.noble_linear` with ``activation``, where its
+        ``ACTIVATION_IN_KERNEL`` asks), or None where it does not run."""
+        if (not getattr(self.ffn_in, "decode_kernel", False) or self.act_name not in skinny_linear.ACTIVATIONS
+                or (self.training and self.drop.p > 0)):
+            return None
+        from leanformer.ops import noble_decode
+
+        if not noble_decode.ACTIVATION_IN_KERNEL:
+            return None
+        return noble_decode.noble_linear(self.ffn_in, x, activation=self.act_name)
+
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """``norm``, ``residual`` (a decoding copy's Pre-LN block): ``residual + MLP(norm(x))``, the norm in the
@@ -38,11 +51,13 @@ class MLP(nn.Module):
             return norm_linear.linear(h, self.ffn_out.weight, self.ffn_out.bias, residual=residual)
         if norm is not None:
             x = norm(x)
-        h = self.ffn_in(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = self.act(h)
+        h = self._noble_in_and_activation(x)
+        if h is None:
+            h = self.ffn_in(x)
+            if self.swiglu:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = self.act(h)
         y = self.drop(self.ffn_out(h))
         return residual + y if residual is not None else y

@@ -26,7 +26,7 @@ import triton.language as tl
 from leanformer.ops._cosnet_kernels import _load_params
 from leanformer.ops._fused_decay_kernels import mm
 from leanformer.ops._fused_decay_step_kernel import _round
-from leanformer.ops._skinny_linear_kernel import _load_w, _load_x
+from leanformer.ops._skinny_linear_kernel import _activation, _load_w, _load_x
 
 
 @triton.jit
@@ -34,11 +34,12 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
                    HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-                   PREFETCH: tl.constexpr):
+                   PREFETCH: tl.constexpr, ACT: tl.constexpr):
     """One layer's output columns ``offs_n`` (BLOCK_N,) for every row of x (``n_ok``: the layer's columns).
     ``PREFETCH``: the epilogue's loads (CosNet's parameters, b_down and this program's (BLOCK_N, R) slice of
     W_up) are issued before the K loop, so their latency hides behind it instead of following it; the values
-    and arithmetic are the same either way."""
+    and arithmetic are the same either way. ``ACT`` (0: none; the few-row kernel's codes: 1 GELU, 2 GELU tanh,
+    3 ReLU): the activation of the rounded sum, rounded again (the layer, then the eager activation)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R)
     offs_k = tl.arange(0, BLOCK_K)
@@ -69,6 +70,8 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
     s = _round(tl.cos(u * w2[None, :] + p2[None, :]), dt)  # CosNet's output in the layer's dtype
     branch = _round(mm(s.to(dt), tl.trans(wu), "ieee", INTERPRET), dt)  # up(s)
     y = _round(main + branch, dt)
+    if ACT != 0:
+        y = _round(_activation(y, ACT), dt)
     tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -77,11 +80,11 @@ def noble_decode_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, 
                         sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
                         HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-                        PREFETCH: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, ACT: tl.constexpr = 0):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_n, offs_n < N,
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
-                   EVEN_K, INTERPRET, PREFETCH)
+                   EVEN_K, INTERPRET, PREFETCH, ACT)
 
 
 @triton.jit
@@ -89,10 +92,11 @@ def noble_decode_grouped_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y
                                 sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
                                 HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                                INTERPRET: tl.constexpr, PREFETCH: tl.constexpr = False):
+                                INTERPRET: tl.constexpr, PREFETCH: tl.constexpr = False,
+                                ACT: tl.constexpr = 0):
     g = tl.program_id(0)
     offs_n = tl.load(OFFS + g) + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     _noble_columns(X, W, Bias, WD + g * R * sdr, BD + g * R, W1 + g * R, P1 + g * R, MM + g * R * R, C + g * R,
                    W2 + g * R, P2 + g * R, WU, Y, M, K, offs_n, offs_n < tl.load(OFFS + g + 1),
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
-                   EVEN_K, INTERPRET, PREFETCH)
+                   EVEN_K, INTERPRET, PREFETCH, ACT)

@@ -37,6 +37,8 @@ ROUTE = "cuda"  # "cuda": noble_linear() runs the kernel on CUDA tensors it take
 # GPT-2 NOBLE at 512 x 1, compiled): 1.509 -> 0.721 ms per step, 546 -> 162 kernels (docs/gpu/decode_2026-12-06/call4)
 PREFETCH = False  # the kernel issues the epilogue's loads (CosNet's parameters, b_down, its W_up slice) before its K
 # loop, not after it (the values are the same); off until timed (decode_profile.py's "NOBLE prefetch" variant)
+ACTIVATION_IN_KERNEL = False  # an MLP's first NOBLE layer takes the activation in the kernel's epilogue
+# (noble_linear(..., activation=...), leanformer.layers.mlp): one launch fewer per layer; off until timed
 GROUPED = True  # a decoding copy's q, k, v NOBLE layers in one launch (noble_group_linear, through
 # leanformer.layers.fused_inputs.project_inputs); False: each layer's own launch (for timing the difference)
 
@@ -77,13 +79,14 @@ def _branch_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if torch.is_grad_enabled() and any(p.requires_grad for p in params) else None)
 
 
-def _new_output(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu):
+def _new_output(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, act=0):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width):
+def _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width, act=0):
     """Run the kernel: x (..., K) → (..., N) with N = weight.shape[0]; ``offsets`` None (one layer) or
-    (G + 1,) int32 (the grouped kernel, G = mw.shape[0]); ``width``: the widest group's columns."""
+    (G + 1,) int32 (the grouped kernel, G = mw.shape[0]); ``width``: the widest group's columns; ``act``: the
+    few-row kernel's activation code applied to the output (0: none)."""
     from leanformer.ops import _noble_decode_kernel as kern
 
     K, N, R = x.shape[-1], weight.shape[0], mw.shape[-1]
@@ -97,7 +100,7 @@ def _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width)
     strides = (x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), wd.stride(0), wd.stride(1),
                wu.stride(0), wu.stride(1), out.stride(0), out.stride(1))
     consts = dict(HAS_BIAS=bias is not None, R=R, EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(),
-                  PREFETCH=bool(PREFETCH), **meta, **opts)
+                  PREFETCH=bool(PREFETCH), ACT=act, **meta, **opts)
     with _on_device(x):
         if offsets is None:
             _wrap(kern.noble_decode_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](*tensors, M, N, K, *strides, **consts)
@@ -110,18 +113,21 @@ def _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width)
 @_register("leanformer::noble_decode", _new_output)
 def _noble_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wd: torch.Tensor,
               bd: torch.Tensor, w1: torch.Tensor, p1: torch.Tensor, mw: torch.Tensor, mb: torch.Tensor,
-              w2: torch.Tensor, p2: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
-    return _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, None, weight.shape[0])
+              w2: torch.Tensor, p2: torch.Tensor, wu: torch.Tensor, act: int = 0) -> torch.Tensor:
+    return _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, None, weight.shape[0], act)
 
 
-def noble_linear(layer, x: torch.Tensor) -> torch.Tensor | None:
+def noble_linear(layer, x: torch.Tensor, activation: str | None = None) -> torch.Tensor | None:
     """``layer(x)`` by the kernel where :data:`ROUTE` routes it and :func:`noble_supported` allows, else None
-    (the caller computes the layer as usual)."""
+    (the caller computes the layer as usual). ``activation`` (None, "gelu", "gelu_tanh", "relu"): applied in
+    the kernel's epilogue to the rounded output, rounded again, as the eager activation after the layer
+    (an MLP's first NOBLE layer: one launch fewer); ValueError naming the choices for another."""
+    code = skinny_linear.activation_code(activation)
     if not _routed(x) or noble_supported(layer, x) is not None:
         return None
-    act = layer.act
-    return _noble_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, act.omega1, act.phi1,
-                     act.M.weight, act.M.bias, act.omega2, act.phi2, layer.up.weight)
+    cos = layer.act
+    return _noble_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, cos.omega1, cos.phi1,
+                     cos.M.weight, cos.M.bias, cos.omega2, cos.phi2, layer.up.weight, code)
 
 
 def _routed(x: torch.Tensor) -> bool:

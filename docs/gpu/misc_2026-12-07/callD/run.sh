@@ -12,7 +12,8 @@
 #     compiled graph (StaticDecoder(compile_prefill=True)), for DiJiang and softmax. Expected: wall time near the
 #     kernels' (13.5 and 13.3 ms) once compiled (3 graphs per model, paid in the first of the three prefills).
 # (2c) 2026-12-07 02:50: the head's product and the greedy argmax in one kernel (leanformer.ops.linear_argmax).
-# (2b) 2026-12-07 02:20: the NOBLE kernel with its epilogue loads before the K loop (noble_decode.PREFETCH).
+# (2b) 2026-12-07 02:20: the NOBLE kernel with its epilogue loads before the K loop (noble_decode.PREFETCH), and
+#      with the MLP's GELU in its epilogue too (noble_decode.ACTIVATION_IN_KERNEL).
 # (3) moved to callE/run.sh (the 8K prefill), so that each call stays well under 10 minutes.
 # (4) issue #15: DiJiang's step with the few-row products in 8-column multiply-add blocks (skinny_linear.FMA_COLUMNS:
 #     the 768-wide outputs on 96 programs instead of 48), and the two untimed single switches (two-pass argmax;
@@ -28,7 +29,7 @@ timeout 80 python3 -u benchmarks/attention_host_profile.py --out $R/host --op-pa
 grep "^\[" $R/host_log.txt
 save
 V="noble 512 x1 compiled, NOBLE kernel;noble 512 x1 compiled, NOBLE kernel, q k v apart;preln 512 x1 compiled"
-V="$V;noble 512 x1 compiled, NOBLE kernel, prefetch"
+V="$V;noble 512 x1 compiled, NOBLE kernel, prefetch;noble 512 x1 compiled, NOBLE kernel, prefetch, GELU in kernel"
 V="$V;dijiang 8K x8 compiled;dijiang 8K x8 compiled, FMA 8 columns;dijiang 8K x8 compiled, two-pass argmax"
 V="$V;dijiang 8K x8 compiled, norms in products;preln 512 x1 compiled, FMA 8 columns"
 V="$V;dijiang 8K x8 compiled, argmax in head;dijiang 8K x8 compiled, argmax in head, FMA 8 columns"
