@@ -49,29 +49,53 @@ def test_logits_are_the_few_row_kernels_and_the_index_is_argmax(M, K, N, bias, d
     _check(*_inputs(M, K, N, dtype, bias))
 
 
-def test_ties_pick_the_first_column_within_and_across_blocks(monkeypatch):
-    """Equal rows of W give equal logits: the first of them wins, in one block (5, 9) or across (3, 700)."""
+@pytest.mark.parametrize("N", [1000, 7000], ids=["16-column blocks", "64-column blocks"])
+def test_ties_pick_the_first_column_within_and_across_blocks(N, monkeypatch):
+    """Equal logits: the first column wins, in one block (row 0: columns 5 and 9) and across blocks (row 1:
+    columns 3 and 900); N 7,000 takes 64-column blocks as GPT-2's 50,304 do."""
     monkeypatch.setattr(sl, "ROUTE", "always")
-    x, w, b = _inputs(4, 64, 1000, torch.bfloat16)
-    w[9], w[5], b[9], b[5] = w[5] * 9, w[5] * 9, 30.0, 30.0  # row 0..3: 5 and 9 tie (same block of 16)
-    w[700], w[3], b[700], b[3] = w[3] * 0, w[3] * 0, 1e4, 1e4  # larger still: 3 and 700 tie (different blocks)
+    x, w, b = _inputs(2, 64, N, torch.bfloat16)
+    x[0], x[1] = 0.0, 0.0  # the logits are the bias
+    b.fill_(-1.0)
+    b[9], b[5] = 30.0, 30.0
+    w[:, 0] = 0.0
+    x[1, 0] = 1.0  # row 1 adds column 0 of W: large at 3 and 900 only
+    w[3, 0], w[900, 0] = 100.0, 100.0
     logits, index = _check(x, w, b)
-    assert index.tolist() == [3] * 4
+    assert index.tolist() == [5, 3]
 
 
-@pytest.mark.parametrize("case,want", [("inf", 10), ("nan", 700), ("nan and inf", 700), ("all -inf", 0)])
-def test_inf_nan_and_minus_inf_rank_as_argmax_ranks_them(case, want, monkeypatch):
-    """+inf beats every number, NaN beats +inf (torch.argmax's order), a row of -inf picks column 0."""
+@pytest.mark.parametrize("case,want", [("inf", 10), ("nan", 700), ("nan and inf", 700), ("nan, inf in a block", 12),
+                                       ("all -inf", 0), ("all negative", 998)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_inf_nan_and_minus_inf_rank_as_argmax_ranks_them(case, want, dtype, monkeypatch):
+    """+inf beats every number, NaN beats +inf (torch.argmax's order), a row of -inf picks column 0, and a
+    row of negative logits never picks a column past N (N 1,000: the last block is partly empty)."""
     monkeypatch.setattr(sl, "ROUTE", "always")
-    x, w, b = _inputs(2, 32, 800, torch.bfloat16)
-    if case == "all -inf":
-        b.fill_(float("-inf"))
-    if "inf" in case and case != "all -inf":
+    x, w, b = _inputs(2, 32, 1000, dtype)
+    if case.startswith("all"):
+        x.zero_()
+        b.fill_(float("-inf") if case == "all -inf" else -5.0)
+        b[998] = -1.0 if case == "all negative" else b[998]
+    if "inf" in case and not case.startswith("all"):
         b[10] = float("inf")
-    if "nan" in case:
-        b[700] = float("nan")
+    if case.startswith("nan"):
+        b[700 if "block" not in case else 12] = float("nan")
     logits, index = _check(x, w, b)
     assert index.tolist() == [want, want]
+
+
+def test_overflowing_fp16_logits_tie_as_stored(monkeypatch):
+    """fp16 logits past 65,504 round to +inf: the first of them wins, as argmax over the stored logits."""
+    monkeypatch.setattr(sl, "ROUTE", "always")
+    x, w, b = _inputs(1, 16, 300, torch.float16)
+    x.zero_()
+    x[0, 0] = 1.0
+    w[:, 0] = 0.0
+    w[40, 0], w[41, 0], w[200, 0] = 60000.0, 65000.0, 30000.0
+    b[40], b[41], b[200] = 30000.0, 20000.0, 20000.0  # 90,000 and 85,000: both +inf; 50,000 finite
+    logits, index = _check(x, w, b)
+    assert torch.isinf(logits[0, 40]) and torch.isinf(logits[0, 41]) and index.tolist() == [40]
 
 
 def test_refusals_return_none_and_name_the_reason(monkeypatch):
@@ -115,17 +139,26 @@ def test_greedy_decoder_decodes_the_same_with_the_argmax_in_the_head(monkeypatch
 
 
 def test_compiled_greedy_step_with_the_argmax_in_the_head(monkeypatch):
-    """Under torch.compile (aot_eager, the op traced with its tuple of outputs) the step decodes the eager
-    step's tokens and logits with ARGMAX_IN_HEAD on."""
+    """Under torch.compile (aot_eager, the op traced with its tuple of outputs) the step runs the kernel and
+    decodes the eager step's tokens and logits with ARGMAX_IN_HEAD on, and those of the step without it."""
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
     copy = decoding_copy(model.eval()).to(DEV)
     monkeypatch.setattr(sl, "ROUTE", "always")
     monkeypatch.setattr(decoding, "ARGMAX_IN_HEAD", True)
     prompt = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(2)).to(DEV)
-    decs = [StaticDecoder(copy, 2, capacity=8, graph="none", compile=c) for c in ("aot_eager", False)]
-    for dec in decs:
+    calls = []
+    real = la._linear_argmax_op
+    monkeypatch.setattr(la, "_linear_argmax_op", lambda *a: calls.append(1) or real(*a))
+    decs = []
+    for compiled, on in (("aot_eager", True), (False, True), (False, False)):
+        monkeypatch.setattr(decoding, "ARGMAX_IN_HEAD", on)
+        dec = StaticDecoder(copy, 2, capacity=8, graph="none", compile=compiled)
         dec.prefill(prompt)
+        calls.clear()
         dec.step()
         dec.step()
-    assert torch.equal(decs[0].tokens, decs[1].tokens) and torch.equal(decs[0].logits, decs[1].logits)
+        assert len(calls) == (2 if on else 0)
+        decs.append(dec)
+    for dec in decs[1:]:
+        assert torch.equal(decs[0].tokens, dec.tokens) and torch.equal(decs[0].logits, dec.logits)

@@ -7,7 +7,7 @@ for 8 rows of GPT-2's 50,304 logits, 2.9% of DiJiang's 0.389 ms step at 8K × 8 
 ``benchmarks/decode_profile.py``, docs/gpu/decode_2026-12-06/call4). Here each program of the product also
 reduces its own columns to a (maximum, first column) pair per row
 (:mod:`leanformer.ops._linear_argmax_kernel`), so the choice that remains is over one pair per column block
-(3,144 for GPT-2's vocabulary in 16-column blocks) instead of over 50,304 logits.
+(786 for GPT-2's vocabulary in the few-row kernel's 64-column blocks) instead of over 50,304 logits.
 
 ``linear_argmax(x, weight, bias)``: (logits (M, N) in x's dtype, index (M,) int64), the logits bit for bit
 the few-row kernel's and the index ``torch.argmax``'s (the first maximum; NaN above everything), or None
