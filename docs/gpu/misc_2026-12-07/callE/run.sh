@@ -12,11 +12,11 @@ trap save EXIT
 timeout 200 python3 -u benchmarks/prefill_profile.py --out $R/prefill --budget 180 > $R/prefill_log.txt 2>&1
 grep "^\[" $R/prefill_log.txt
 save
-timeout 200 python3 -m leanformer bench decode --size gpt2 --arms preln,dijiang_scratch --contexts 32768 --batches 8 \
-  --compile --kernels argmax=in-head --time-budget 180 --out $R/head_argmax > $R/head_argmax_log.txt 2>&1
+timeout 170 python3 -m leanformer bench decode --size gpt2 --arms preln,dijiang_scratch --contexts 32768 --batches 8 \
+  --compile --kernels argmax=in-head --time-budget 150 --out $R/head_argmax > $R/head_argmax_log.txt 2>&1
 grep "bench decode\]" $R/head_argmax_log.txt
 save
 # issue #15: SAS-P's one unmeasured cell (32K x 1), compiled, against softmax in the same run
-timeout 150 python3 -m leanformer bench decode --size gpt2 --arms preln,sas_p --contexts 32768 --batches 1 \
-  --compile --time-budget 130 --out $R/sasp_32k1 > $R/sasp_32k1_log.txt 2>&1
+timeout 140 python3 -m leanformer bench decode --size gpt2 --arms preln,sas_p --contexts 32768 --batches 1 \
+  --compile --time-budget 120 --out $R/sasp_32k1 > $R/sasp_32k1_log.txt 2>&1
 grep "bench decode\]" $R/sasp_32k1_log.txt
