@@ -11,9 +11,11 @@ import torch
 from leanformer.decoding import StaticDecoder
 
 
-def decode_each_route(copy, route_module, op_name: str, monkeypatch, device, routes=("never", "always")):
+def decode_each_route(copy, route_module, op_name: str, monkeypatch, device, routes=("never", "always"),
+                      switch=None):
     """{route: (tokens (2, 10), logits of the 3 steps (3, 2, V), the kernel op's calls: a list of their
-    argument tuples)} for each route."""
+    argument tuples)} for each route. ``switch``: (module, attribute) that takes each route's value instead of
+    ``route_module.ROUTE``."""
     calls: list[tuple] = []
     real = getattr(route_module, op_name)
 
@@ -24,7 +26,7 @@ def decode_each_route(copy, route_module, op_name: str, monkeypatch, device, rou
     prompt = torch.randint(0, copy.cfg.vocab_size, (2, 4), generator=torch.Generator().manual_seed(1)).to(device)
     out = {}
     for route in routes:
-        monkeypatch.setattr(route_module, "ROUTE", route)
+        monkeypatch.setattr(*(switch or (route_module, "ROUTE")), route)
         calls.clear()
         dec = StaticDecoder(copy, 2, capacity=10, graph="none", prefill_chunk=4)
         dec.prefill(prompt)

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from leanformer import TransformerConfig, TransformerLM  # noqa: E402
 from leanformer import decoding  # noqa: E402
+from decoding_routes import decode_each_route  # noqa: E402
 from leanformer.decoding import StaticDecoder, decoding_copy  # noqa: E402
 from leanformer.ops import linear_argmax as la  # noqa: E402
 from leanformer.ops import skinny_linear as sl  # noqa: E402
@@ -113,28 +114,15 @@ def test_refusals_return_none_and_name_the_reason(monkeypatch):
 
 
 def test_greedy_decoder_decodes_the_same_with_the_argmax_in_the_head(monkeypatch):
-    """A bf16 decoding copy, greedy, prefill then 4 steps: the same tokens and logits with ARGMAX_IN_HEAD
+    """A bf16 decoding copy, greedy, prefill then 3 steps: the same tokens and logits with ARGMAX_IN_HEAD
     on and off, and the kernel ran in the prefill and every step."""
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=16))
     copy = decoding_copy(model.eval()).to(DEV)
     monkeypatch.setattr(sl, "ROUTE", "always")
-    calls = []
-    real = la._linear_argmax_op
-    monkeypatch.setattr(la, "_linear_argmax_op", lambda *a: calls.append(1) or real(*a))
-    prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(1)).to(DEV)
-    out = {}
-    for on in (False, True):
-        monkeypatch.setattr(decoding, "ARGMAX_IN_HEAD", on)
-        calls.clear()
-        dec = StaticDecoder(copy, 2, capacity=12, graph="none", prefill_chunk=4)
-        dec.prefill(prompt)
-        logits = []
-        for _ in range(4):
-            dec.step()
-            logits.append(dec.logits.clone())
-        out[on] = (dec.tokens.clone(), torch.stack(logits), len(calls))
-    assert out[False][2] == 0 and out[True][2] == 5
+    out = decode_each_route(copy, la, "_linear_argmax_op", monkeypatch, DEV, routes=(False, True),
+                            switch=(decoding, "ARGMAX_IN_HEAD"))
+    assert len(out[False][2]) == 0 and len(out[True][2]) == 4
     assert torch.equal(out[False][0], out[True][0]) and torch.equal(out[False][1], out[True][1])
 
 
