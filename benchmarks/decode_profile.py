@@ -108,6 +108,9 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("sas_p 512 x1 graph, compiled mix", "sas_p", 512, 1, False, MIX_ON),
     ("dijiang 8K x8 graph, gate outside", "dijiang_scratch", 8192, 8, False, GATE_OUT),
     ("noble 512 x1 graph, CosNet kernel", "noble_fused", 512, 1, False, dict(COSNET_ON, **NOBLE_OFF)),
+    # last: its programs wait for each other (a hang would stop the variants after it)
+    ("noble 512 x1 compiled, NOBLE kernel, shared z, GELU in kernel", "noble_fused", 512, 1, True,
+     dict(NOBLE_ON, **NOBLE_ACT, **{"leanformer.ops.noble_decode.SHARED_Z": True})),
 ]
 
 
@@ -136,6 +139,10 @@ def run_variant(label, arm, context, batch, compiled, switches, device, smoke) -
         dec.capture()
         for _ in range(2):
             dec.step()
+        # what the step computed (the same seeded model and prompt in every variant of an arm and context):
+        # the tokens it chose and its last logits, to compare a variant with the default in the same call
+        row["check"] = {"tokens": dec.tokens[:, context:context + 2].tolist()[:2],
+                        "logits_sum": float(dec.logits.float().sum()), "logits_head": dec.logits[0, :3].tolist()}
         replays = 2 if smoke else 10
         kernels = top_kernels(dec.step, device, steps=replays, limit=10**6)
         kernels = [k for k in kernels if kernel_class(k["kernel"]) != "annotation"]
@@ -150,14 +157,16 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"# Decoding step profile ({m['device']}, torch {m['torch']}, {m['date']})", "",
              f"`{m['command']}`", "",
-             "| variant | step ms | kernels/step | kernel ms | gap ms | µs per kernel (step / kernels) | status |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| variant | step ms | kernels/step | kernel ms | gap ms | µs per kernel (step / kernels) | status | "
+             "tokens, Σ logits |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['label']} | | | | | | {r.get('status')} |")
+            lines.append(f"| {r['label']} | | | | | | {r.get('status')} | |")
             continue
         lines.append(f"| {r['label']} | {r['ms_per_step']:.3f} | {r['kernels_per_step']:.0f} | {r['kernel_ms']:.3f} | "
-                     f"{r['gap_ms']:.3f} | {1e3 * r['ms_per_step'] / max(r['kernels_per_step'], 1):.2f} | ok |")
+                     f"{r['gap_ms']:.3f} | {1e3 * r['ms_per_step'] / max(r['kernels_per_step'], 1):.2f} | ok | "
+                     f"{r['check']['tokens'][0]}, {r['check']['logits_sum']:.6g} |")
     for r in result["rows"]:
         if r.get("status") != "ok":
             continue

@@ -522,6 +522,11 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
         if isinstance(m, NobleLinear):
             m.fused = False
             m.decode_kernel = True  # one launch per layer where noble_decode.ROUTE allows (ops/noble_decode.py)
+            # the shared-z kernel's buffers (noble_decode.SHARED_Z): its counts, left zero by every launch, and
+            # the layer's column range
+            m.register_buffer("decode_sync", torch.zeros(2, dtype=torch.int32), persistent=False)
+            m.register_buffer("decode_offsets", torch.tensor([0, m.out_features], dtype=torch.int32),
+                              persistent=False)
         if isinstance(m, DiJiangFeatureMap):
             m.float()
         elif isinstance(m, DiJiangAttention) and getattr(m, "decay_logit", None) is not None:

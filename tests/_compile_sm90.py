@@ -117,6 +117,9 @@ def cases():
             noble_ptrs, (), meta
         yield f"NOBLE decoding layers grouped (bf16, r 32, prefetch and GELU={prefetch})", \
             noble_decode.noble_decode_grouped_kernel, dict(noble_ptrs, OFFS="*i32"), (), meta
+    yield "NOBLE decoding layers, shared z (bf16, r 32, GELU)", noble_decode.noble_decode_shared_kernel, \
+        dict(noble_ptrs, OFFS="*i32", Z=bf, SYNC="*i32"), (), \
+        dict(HAS_BIAS=True, R=32, RZ=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1)
     mix_ptrs = dict(V=bf, S=bf, DOUT=bf, ALPHA=f32, BETA=f32, GAMMA=f32, OUT=bf, DV=bf, DS=bf, PART=f32,
                     CARRY=f32, X=bf, SUMS=f32)
     for carry in (False, True):

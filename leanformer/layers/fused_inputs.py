@@ -80,7 +80,7 @@ def unfuse(module: nn.Module) -> None:
             module._buffers.pop(name, None)
     spec = module.__dict__.pop(_NOBLE_SPEC, None)
     if spec is not None:
-        for name in (*_NOBLE_STACKS, "noble_input_offsets"):
+        for name in (*_NOBLE_STACKS, "noble_input_offsets", "noble_input_sync"):
             module._buffers.pop(name, None)
         for name in spec[0]:
             layer = getattr(module, name, None)
@@ -151,7 +151,8 @@ def fuse_noble_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
     parameters becoming views of their blocks (as :func:`fuse_linears`): ``noble_input_weight`` (ΣN, K),
     ``_bias`` (ΣN,; zeros for a layer without one) or None when no layer has one, ``_down`` (G·R, K),
     ``_down_bias`` (G·R,), ``_cosnet`` (5, G, R): ω₁, φ₁, c, ω₂, φ₂, ``_mix`` (G, R, R): M,
-    ``_up`` (ΣN, R), and ``noble_input_offsets`` (G + 1,) int32, each layer's first output column."""
+    ``_up`` (ΣN, R), ``noble_input_offsets`` (G + 1,) int32, each layer's first output column, and
+    ``noble_input_sync`` (2G,) int32 zeros (the shared-z kernel's counts)."""
     unfuse(module)
     layers = [getattr(module, n, None) for n in names]
     if len(layers) < 2 or not all(_groupable(lin) for lin in layers):
@@ -179,6 +180,8 @@ def fuse_noble_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
         module.register_buffer(name, t, persistent=False)
     offsets = torch.tensor(list(accumulate(widths, initial=0)), dtype=torch.int32, device=device)
     module.register_buffer("noble_input_offsets", offsets, persistent=False)
+    module.register_buffer("noble_input_sync", torch.zeros(2 * G, dtype=torch.int32, device=device),
+                           persistent=False)  # noble_decode.SHARED_Z's counts (every launch leaves them zero)
     setattr(module, _NOBLE_SPEC, (tuple(names), widths, tuple(lin.bias is not None for lin in layers)))
     return True
 
@@ -210,7 +213,7 @@ def _noble_outputs(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -
         if spec is None:
             return None
     y = noble_decode.noble_group_linear(x, *(getattr(module, n) for n in _NOBLE_STACKS),
-                                        module.noble_input_offsets, max(spec[1]))
+                                        module.noble_input_offsets, max(spec[1]), module.noble_input_sync)
     return None if y is None else list(y.split(spec[1], dim=-1))
 
 

@@ -100,3 +100,76 @@ def noble_decode_grouped_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y
                    W2 + g * R, P2 + g * R, WU, Y, M, K, offs_n, offs_n < tl.load(OFFS + g + 1),
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
                    EVEN_K, INTERPRET, PREFETCH, ACT)
+
+
+@triton.jit
+def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, OFFS, Z, SYNC, M, K, G, BLOCKS,
+                               sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, szm,
+                               HAS_BIAS: tl.constexpr, R: tl.constexpr, RZ: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                               INTERPRET: tl.constexpr, ACT: tl.constexpr = 0):
+    """G layers (one for the single-layer op) with z computed once per layer instead of once per program.
+
+    The first G·(R / RZ) programs are producers: program p computes RZ columns of group g = p // (R / RZ)'s
+    z = x W_downᵀ + b_down (rounded to Y's dtype, as :func:`_noble_columns` rounds it), stores them in Z (M, G·R)
+    and counts itself in SYNC[g] (release). The other G·BLOCKS programs are the columns of
+    :func:`_noble_columns` (group g = c // BLOCKS, block j = c % BLOCKS), without W_down in their K loop: after
+    the main product each waits until SYNC[g] counts every producer of its group (acquire), reads z from Z,
+    and runs CosNet and the branch as there. The last of a group's programs to finish (SYNC[G + g] counts them)
+    sets both counts back to zero, so every launch finds SYNC zeroed. The waits need every program resident
+    at once: the caller launches this kernel only when the grid fits the GPU (noble_decode._shared_config).
+    """
+    pid = tl.program_id(0)
+    parts = R // RZ
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    dt = Y.dtype.element_ty
+    if pid < G * parts:  # a producer (its names differ from the consumer's: a branch's types are its own)
+        group = pid // parts
+        rows = group * R + (pid % parts) * RZ + tl.arange(0, RZ)
+        rows_ok = rows < G * R
+        acc_part = tl.zeros((BLOCK_M, RZ), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kp = k0 + offs_k
+            xp = _load_x(X, offs_m, m_ok, kp, K, sxm, sxk, EVEN_K)
+            acc_part += mm(xp, tl.trans(_load_w(WD, rows, rows_ok, kp, K, sdr, sdk, EVEN_K)), "ieee", INTERPRET)
+        z_part = _round(acc_part + tl.load(BD + rows).to(tl.float32)[None, :], dt)
+        tl.store(Z + offs_m[:, None] * szm + rows[None, :], z_part.to(dt), mask=m_ok[:, None])
+        tl.debug_barrier()  # every thread's stores before the one thread's release (a scalar atomic runs once)
+        tl.atomic_add(SYNC + group, 1, sem="release")
+    else:
+        c = pid - G * parts
+        g = c // BLOCKS
+        offs_n = tl.load(OFFS + g) + (c % BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < tl.load(OFFS + g + 1)
+        offs_r = tl.arange(0, R)
+        w1, p1, m, cc, w2, p2 = _load_params(W1 + g * R, P1 + g * R, MM + g * R * R, C + g * R, W2 + g * R,
+                                             P2 + g * R, R)
+        wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
+            acc += mm(x, tl.trans(_load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)), "ieee", INTERPRET)
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        main = _round(acc, dt)
+        ready = tl.atomic_add(SYNC + g, 0, sem="acquire")
+        while ready < parts:
+            ready = tl.atomic_add(SYNC + g, 0, sem="acquire")
+        tl.debug_barrier()  # every thread's reads of Z after the acquire
+        z = tl.load(Z + offs_m[:, None] * szm + (g * R + offs_r)[None, :], mask=m_ok[:, None], other=0.0,
+                    cache_modifier=".cg").to(tl.float32)  # from L2: written by other programs of this launch
+        h = tl.cos(z * w1[None, :] + p1[None, :])
+        u = tl.dot(h, tl.trans(m), input_precision="ieee") + cc[None, :]
+        s = _round(tl.cos(u * w2[None, :] + p2[None, :]), dt)
+        branch = _round(mm(s.to(dt), tl.trans(wu), "ieee", INTERPRET), dt)
+        y = _round(main + branch, dt)
+        if ACT != 0:
+            y = _round(_activation(y, ACT), dt)
+        tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+        done = tl.atomic_add(SYNC + G + g, 1, sem="acq_rel")
+        if done == BLOCKS - 1:  # the group's last program: leave the counts zeroed for the next launch
+            tl.atomic_xchg(SYNC + g, 0)
+            tl.atomic_xchg(SYNC + G + g, 0)

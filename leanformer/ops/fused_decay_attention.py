@@ -277,14 +277,15 @@ OP_ROUTE = ("triton_op" if hasattr(torch.library, "triton_op") and not _interpre
             and importlib.util.find_spec("triton") is not None else "custom_op")
 
 
-def _register(name: str, fake):
+def _register(name: str, fake, mutates_args: tuple[str, ...] = ()):
     """Register ``fn`` as the op ``name`` (a ``triton_op``, or a ``custom_op`` with ``fake`` for its shapes) and
-    return it wrapped in :class:`leanformer.ops.eager_op.EagerFastOp` (eager calls skip the dispatcher)."""
+    return it wrapped in :class:`leanformer.ops.eager_op.EagerFastOp` (eager calls skip the dispatcher).
+    ``mutates_args``: the arguments the op writes in place."""
     def dec(fn):
         if OP_ROUTE == "triton_op":
-            op = torch.library.triton_op(name, mutates_args=())(fn)
+            op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
         else:
-            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
             op.register_fake(fake)
         return EagerFastOp(name, op, fn)
     return dec

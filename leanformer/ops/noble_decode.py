@@ -39,6 +39,8 @@ PREFETCH = False  # the kernel issues the epilogue's loads (CosNet's parameters,
 # loop, not after it (the values are the same); off until timed (decode_profile.py's "NOBLE prefetch" variant)
 ACTIVATION_IN_KERNEL = False  # an MLP's first NOBLE layer takes the activation in the kernel's epilogue
 # (noble_linear(..., activation=...), leanformer.layers.mlp): one launch fewer per layer; off until timed
+SHARED_Z = False  # z = x W_downᵀ computed once per layer by a few programs of the launch, which the others
+# wait for (noble_decode_shared_kernel), instead of by every program; off until timed
 GROUPED = True  # a decoding copy's q, k, v NOBLE layers in one launch (noble_group_linear, through
 # leanformer.layers.fused_inputs.project_inputs); False: each layer's own launch (for timing the difference)
 
@@ -117,6 +119,71 @@ def _noble_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, None, weight.shape[0], act)
 
 
+# ---------------------------------------------------------------------------------------------- shared z
+def _new_shared_output(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, sync, width, act):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+_SMS: dict[int, int] = {}  # CUDA device index → its multiprocessor count
+
+
+def _shared_config(M: int, width: int, K: int, G: int, R: int, device: torch.device, dtype: torch.dtype
+                   ) -> dict | None:
+    """The shared-z kernel's launch (tiles, ``programs``), or None when its grid cannot be resident all at once:
+    its waits need every program running, so it takes at most one program per SM (BLOCK_N widens to 32, 64 to
+    fit). Producers: R / 16 per layer, each of 16 columns of z."""
+    sms = 1 << 30  # the interpreter runs the programs one after another, producers first
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SMS:
+            _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        sms = _SMS[index]
+    for block_n in (0, 32, 64):
+        cfg = skinny_linear.launch_config(M, width, K, dtype, extra_rows=16, min_block_n=block_n)  # 16: W_down's
+        blocks = _cdiv(width, cfg["BLOCK_N"])
+        programs = G * (R // 16) + G * blocks
+        if programs <= sms:
+            return dict(cfg, blocks=blocks, programs=programs)
+    return None
+
+
+@_register("leanformer::noble_decode_shared", _new_shared_output, mutates_args=("sync",))
+def _noble_shared_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wd: torch.Tensor,
+                     bd: torch.Tensor, w1: torch.Tensor, p1: torch.Tensor, mw: torch.Tensor, mb: torch.Tensor,
+                     w2: torch.Tensor, p2: torch.Tensor, wu: torch.Tensor, offsets: torch.Tensor,
+                     sync: torch.Tensor, width: int, act: int) -> torch.Tensor:
+    from leanformer.ops import _noble_decode_kernel as kern
+
+    K, N, R = x.shape[-1], weight.shape[0], mw.shape[-1]
+    G = offsets.shape[0] - 1
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = x.new_empty(M, N)
+    z = x.new_empty(M, G * R)
+    cfg = _shared_config(M, width, K, G, R, x.device, x.dtype)
+    meta = {k: v for k, v in cfg.items() if k.isupper()}
+    opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    with _on_device(x):
+        _wrap(kern.noble_decode_shared_kernel)[(cfg["programs"],)](
+            x2, weight, bias if bias is not None else weight, wd, bd, w1, p1, mw, mb, w2, p2, wu, out, offsets, z,
+            sync, M, K, G, cfg["blocks"], x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+            wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), out.stride(0), out.stride(1), z.stride(0),
+            HAS_BIAS=bias is not None, R=R, RZ=16, EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(),
+            ACT=act, **meta, **opts)
+    return out.view(*x.shape[:-1], N)
+
+
+def _shared_reason(x: torch.Tensor, weight: torch.Tensor, mw: torch.Tensor, offsets: torch.Tensor,
+                   sync: torch.Tensor | None, width: int) -> str | None:
+    """Why the shared-z kernel cannot run (beyond what the per-program kernel checks), or None."""
+    G = offsets.shape[0] - 1
+    if sync is None or sync.dtype != torch.int32 or sync.shape != (2 * G,) or sync.device != x.device:
+        return f"no ({2 * G},) int32 sync buffer on {x.device}"
+    if _shared_config(x.numel() // x.shape[-1], width, x.shape[-1], G, mw.shape[-1], x.device, x.dtype) is None:
+        return "its grid does not fit the GPU at one program per SM"
+    return None
+
+
 def noble_linear(layer, x: torch.Tensor, activation: str | None = None) -> torch.Tensor | None:
     """``layer(x)`` by the kernel where :data:`ROUTE` routes it and :func:`noble_supported` allows, else None
     (the caller computes the layer as usual). ``activation`` (None, "gelu", "gelu_tanh", "relu"): applied in
@@ -126,6 +193,12 @@ def noble_linear(layer, x: torch.Tensor, activation: str | None = None) -> torch
     if not _routed(x) or noble_supported(layer, x) is not None:
         return None
     cos = layer.act
+    sync, offsets = getattr(layer, "decode_sync", None), getattr(layer, "decode_offsets", None)
+    if SHARED_Z and offsets is not None and _shared_reason(x, layer.weight, cos.M.weight, offsets, sync,
+                                                           layer.out_features) is None:
+        return _noble_shared_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, cos.omega1,
+                                cos.phi1, cos.M.weight, cos.M.bias, cos.omega2, cos.phi2, layer.up.weight, offsets,
+                                sync, layer.out_features, code)
     return _noble_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, cos.omega1, cos.phi1,
                      cos.M.weight, cos.M.bias, cos.omega2, cos.phi2, layer.up.weight, code)
 
@@ -164,13 +237,15 @@ def noble_group_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def noble_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wd: torch.Tensor,
                        bd: torch.Tensor, cosnet: torch.Tensor, mw: torch.Tensor, wu: torch.Tensor,
-                       offsets: torch.Tensor, width: int) -> torch.Tensor | None:
+                       offsets: torch.Tensor, width: int, sync: torch.Tensor | None = None) -> torch.Tensor | None:
     """G NOBLE layers (CosNet, plain sum, one rank R) on the same x in one launch, their outputs side by side:
     x (..., K) → (..., ΣN_g), group g's at columns ``offsets[g] : offsets[g + 1]``, each equal to the
     single-layer kernel's. Stacks: weight (ΣN_g, K), bias (ΣN_g,) or None, wd (G·R, K), bd (G·R,), cosnet
     (5, G, R) = ω₁, φ₁, c (M's bias), ω₂, φ₂, mw (G, R, R) = M's weight, wu (ΣN_g, R); offsets (G + 1,) int32
-    on x's device; ``width``: max N_g. None where :data:`ROUTE` or :func:`noble_group_supported` refuses
-    (the caller runs each layer)."""
+    on x's device; ``width``: max N_g; ``sync``: (2G,) int32 zeros for :data:`SHARED_Z` (the kernel leaves them
+    zero). None where :data:`ROUTE` or :func:`noble_group_supported` refuses (the caller runs each layer)."""
     if not _routed(x) or noble_group_supported(x, weight, bias, wd, bd, cosnet, mw, wu, offsets) is not None:
         return None
+    if SHARED_Z and _shared_reason(x, weight, mw, offsets, sync, width) is None:
+        return _noble_shared_op(x, weight, bias, wd, bd, *cosnet[:2], mw, *cosnet[2:], wu, offsets, sync, width, 0)
     return _noble_group_op(x, weight, bias, wd, bd, cosnet, mw, wu, offsets, width)

@@ -11,7 +11,9 @@
 #     called directly (expected: DiJiang 53 -> ~40 ms, softmax 17: still host-bound), and with each chunk as one
 #     compiled graph (StaticDecoder(compile_prefill=True)), for DiJiang and softmax. Expected: wall time near the
 #     kernels' (13.5 and 13.3 ms) once compiled (3 graphs per model, paid in the first of the three prefills).
-# (2c) 2026-12-07 02:50: the head's product and the greedy argmax in one kernel (leanformer.ops.linear_argmax).
+# (2c) 2026-12-07 03:00: NOBLE's z computed once per layer by a few programs the others wait for
+#      (noble_decode.SHARED_Z; last, since a hang would stop what follows). DiJiang's variants (4) moved to
+#      callF/run.sh with the head's argmax kernel.
 # (2b) 2026-12-07 02:20: the NOBLE kernel with its epilogue loads before the K loop (noble_decode.PREFETCH), and
 #      with the MLP's GELU in its epilogue too (noble_decode.ACTIVATION_IN_KERNEL).
 # (3) moved to callE/run.sh (the 8K prefill), so that each call stays well under 10 minutes.
@@ -30,10 +32,8 @@ grep "^\[" $R/host_log.txt
 save
 V="noble 512 x1 compiled, NOBLE kernel;noble 512 x1 compiled, NOBLE kernel, q k v apart;preln 512 x1 compiled"
 V="$V;noble 512 x1 compiled, NOBLE kernel, prefetch;noble 512 x1 compiled, NOBLE kernel, prefetch, GELU in kernel"
-V="$V;dijiang 8K x8 compiled;dijiang 8K x8 compiled, FMA 8 columns;dijiang 8K x8 compiled, two-pass argmax"
-V="$V;dijiang 8K x8 compiled, norms in products;preln 512 x1 compiled, FMA 8 columns"
-V="$V;dijiang 8K x8 compiled, argmax in head;dijiang 8K x8 compiled, argmax in head, FMA 8 columns"
-timeout 280 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 260 --variants "$V" > $R/profile_log.txt 2>&1
+V="$V;noble 512 x1 compiled, NOBLE kernel, shared z, GELU in kernel"
+timeout 220 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 190 --variants "$V" > $R/profile_log.txt 2>&1
 grep "^\[" $R/profile_log.txt
 save
 timeout 110 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 1,8,32 \
