@@ -230,9 +230,12 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None)")
 
 
-TWO_PASS_ARGMAX = False  # sample_next's argmax in two reductions (last_dim_argmax); off until timed on a GPU
+TWO_PASS_ARGMAX = True  # sample_next's argmax in two reductions (last_dim_argmax). On since timed alone (H100,
+# 2026-12-07, decode_profile.py, DiJiang 8K x 8 compiled, two calls: 0.419 -> 0.413 ms per step, the same tokens;
+# docs/gpu/misc_2026-12-07/callF, callG). (With the norms in the products as well it was slower, 2026-12-06.)
 ARGMAX_IN_HEAD = False  # greedy decoding: the head's product and the argmax in one kernel
-# (leanformer.ops.linear_argmax) where it runs; off until timed on a GPU
+# (leanformer.ops.linear_argmax) where it runs. Off: timed equal to the two-pass argmax (H100, 2026-12-07 02:44,
+# DiJiang 8K x 8: 0.413 ms both; docs/gpu/misc_2026-12-07/callG)
 
 
 def last_dim_argmax(x: torch.Tensor) -> torch.Tensor:

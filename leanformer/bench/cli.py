@@ -107,9 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch.compile mode of the step with --compile: default or max-autotune-no-cudagraphs "
                         "(Inductor times Triton matrix products against cuBLAS and fuses epilogues into them)")
     d.add_argument("--kernels", default=None,
-                   help="the step's kernels for this run, name=choice comma-separated: products=triton|cublas, "
-                        "noble=eager|triton, norms=apart|in-products, step=two-pass|single, argmax=one-pass|two-pass, "
-                        "pdl=off|on "
+                   help="the step's kernels for this run, name=choice comma-separated (default first): "
+                        "products=triton|cublas, tiles=wide|narrow, noble=triton|eager, norms=apart|in-products, "
+                        "step=two-pass|single, argmax=two-pass|one-pass|in-head, pdl=off|on "
                         "(leanformer/bench/kernel_switches.py)")
     d.set_defaults(func=run_decode)
 

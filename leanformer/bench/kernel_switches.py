@@ -13,7 +13,7 @@ tiles      their tiles for ≤ 16 rows: ``skinny_linear.TILES``           wide, 
 noble      NOBLE's one-kernel layer: ``leanformer.ops.noble_decode``    triton, eager
 norms      Pre-LN's norms and residuals in the products (norm_linear)  apart, in-products
 step       DiJiang's step kernel: ``fused_decay_step.SINGLE_PASS``      two-pass, single
-argmax     greedy choice: ``leanformer.decoding``'s argmax switches    one-pass, two-pass, in-head
+argmax     greedy choice: ``leanformer.decoding``'s argmax switches    two-pass, one-pass, in-head
 pdl        programmatic dependent launch (Hopper, graph path only)      off, on
 =========  ============================================================  ==============================
 """
@@ -37,8 +37,8 @@ KERNEL_CHOICES: dict[str, dict[str, dict[str, object]]] = {  # name -> choice ->
               "in-products": {"leanformer.ops.norm_linear.ROUTE": "cuda"}},
     "step": {"two-pass": {"leanformer.ops.fused_decay_step.SINGLE_PASS": False},
              "single": {"leanformer.ops.fused_decay_step.SINGLE_PASS": True}},
-    "argmax": {"one-pass": {"leanformer.decoding.TWO_PASS_ARGMAX": False, "leanformer.decoding.ARGMAX_IN_HEAD": False},
-               "two-pass": {"leanformer.decoding.TWO_PASS_ARGMAX": True, "leanformer.decoding.ARGMAX_IN_HEAD": False},
+    "argmax": {"two-pass": {"leanformer.decoding.TWO_PASS_ARGMAX": True, "leanformer.decoding.ARGMAX_IN_HEAD": False},
+               "one-pass": {"leanformer.decoding.TWO_PASS_ARGMAX": False, "leanformer.decoding.ARGMAX_IN_HEAD": False},
                "in-head": {"leanformer.decoding.TWO_PASS_ARGMAX": False, "leanformer.decoding.ARGMAX_IN_HEAD": True}},
     "pdl": {"off": dict.fromkeys(_PDL, False), "on": dict.fromkeys(_PDL, True)},
 }

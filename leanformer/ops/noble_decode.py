@@ -36,13 +36,17 @@ ROUTE = "cuda"  # "cuda": noble_linear() runs the kernel on CUDA tensors it take
 # "never": the layer's own ops. Default "cuda" since its first timing (H200, 2026-12-06 23:37, decode_profile.py,
 # GPT-2 NOBLE at 512 x 1, compiled): 1.509 -> 0.721 ms per step, 546 -> 162 kernels (docs/gpu/decode_2026-12-06/call4)
 PREFETCH = False  # the kernel issues the epilogue's loads (CosNet's parameters, b_down, its W_up slice) before its K
-# loop, not after it (the values are the same); off until timed (decode_profile.py's "NOBLE prefetch" variant)
-ACTIVATION_IN_KERNEL = False  # an MLP's first NOBLE layer takes the activation in the kernel's epilogue
-# (noble_linear(..., activation=...), leanformer.layers.mlp): one launch fewer per layer; off until timed
+# loop, not after it (the values are the same). Off: no gain when timed (H100, 2026-12-07 02:24, GPT-2 NOBLE 512 x 1
+# compiled: 0.636 against 0.633 ms per step; docs/gpu/misc_2026-12-07/callD)
+ACTIVATION_IN_KERNEL = True  # an MLP's first NOBLE layer takes the activation in the kernel's epilogue
+# (noble_linear(..., activation=...), leanformer.layers.mlp): one launch fewer per layer. On since its first timing
+# (H100, 2026-12-07 02:24, decode_profile.py, GPT-2 NOBLE 512 x 1 compiled): 0.636 -> 0.600 ms per step, 138 -> 126
+# kernels, the same tokens and logits sum (docs/gpu/misc_2026-12-07/callD)
 SHARED_Z = False  # z = x W_downᵀ computed once per layer by a few programs of the launch, which the others
 # wait for (noble_decode_shared_kernel), instead of by every program; off until timed
 GROUPED = True  # a decoding copy's q, k, v NOBLE layers in one launch (noble_group_linear, through
-# leanformer.layers.fused_inputs.project_inputs); False: each layer's own launch (for timing the difference)
+# leanformer.layers.fused_inputs.project_inputs); False: each layer's own launch (for timing the difference).
+# Timed on an H100 (2026-12-07 02:23, GPT-2 NOBLE 512 x 1 compiled): 0.751 -> 0.633 ms per step, 162 -> 138 kernels
 
 
 def noble_supported(layer, x: torch.Tensor) -> str | None:
