@@ -527,8 +527,9 @@ def decoding_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
             m.decode_kernel = True  # one launch per layer where noble_decode.ROUTE allows (ops/noble_decode.py)
             # the shared-z kernel's buffers (noble_decode.SHARED_Z): its counts, left zero by every launch, and
             # the layer's column range
-            m.register_buffer("decode_sync", torch.zeros(2, dtype=torch.int32), persistent=False)
-            m.register_buffer("decode_offsets", torch.tensor([0, m.out_features], dtype=torch.int32),
+            dev = m.weight.device
+            m.register_buffer("decode_sync", torch.zeros(3, dtype=torch.int32, device=dev), persistent=False)
+            m.register_buffer("decode_offsets", torch.tensor([0, m.out_features], dtype=torch.int32, device=dev),
                               persistent=False)
         if isinstance(m, DiJiangFeatureMap):
             m.float()

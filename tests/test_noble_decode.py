@@ -356,11 +356,11 @@ def test_mlp_runs_its_noble_layer_and_activation_in_one_launch(monkeypatch):
 @pytest.mark.parametrize("rank", [16, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 def test_shared_z_kernel_equals_the_per_program_kernel(rank, dtype, monkeypatch):
-    """With SHARED_Z a layer's z comes from R / 16 producer programs: float32 within 2e-6 of float64, bf16 equal
+    """With SHARED_Z a layer's z comes from R / 16 producer programs (the first tickets): float32 within 2e-6 of float64, bf16 equal
     to the per-program kernel on ≥ 95% of elements and within an ulp of it elsewhere (z's sums are split
     differently), with and without the activation; the sync counts are zero after every launch."""
     layer = _layer(200, 40, rank=rank)
-    layer.register_buffer("decode_sync", torch.zeros(2, dtype=torch.int32), persistent=False)
+    layer.register_buffer("decode_sync", torch.zeros(3, dtype=torch.int32), persistent=False)
     layer.register_buffer("decode_offsets", torch.tensor([0, 40], dtype=torch.int32), persistent=False)
     x = torch.randn(3, 200, generator=torch.Generator().manual_seed(5))
     ref = copy.deepcopy(layer).double().forward_reference(x.double())
@@ -375,7 +375,7 @@ def test_shared_z_kernel_equals_the_per_program_kernel(rank, dtype, monkeypatch)
             monkeypatch.setattr(nd, "SHARED_Z", True)
             shared = nd.noble_linear(layer, xx, activation=act)
             monkeypatch.setattr(nd, "SHARED_Z", False)
-        assert layer.decode_sync.tolist() == [0, 0]
+        assert layer.decode_sync.tolist() == [0, 0, 0]
         if dtype == torch.float32:
             if act is None:
                 assert float((shared.double().cpu() - ref).abs().max() / ref.abs().max()) <= 2e-6
@@ -408,14 +408,23 @@ def test_shared_z_grouped_and_in_a_decoder(monkeypatch):
     assert len(syncs) == 2 * (6 + 1) and all(int(b.abs().sum()) == 0 for b in syncs)
 
 
-def test_shared_z_refuses_a_grid_larger_than_the_gpu(monkeypatch):
-    """One program per SM at most (the waits need every program resident): blocks widen to fit, else the
-    per-program kernel runs."""
-    monkeypatch.setitem(nd._SMS, 0, 40)
-    cuda = torch.device("cuda", 0)
-    cfg = nd._shared_config(1, 768, 768, 1, 32, cuda, torch.bfloat16)
-    assert cfg is not None and cfg["programs"] <= 40 and cfg["BLOCK_N"] == 32  # 2 producers + 24 blocks
-    assert nd._shared_config(1, 3072, 768, 1, 32, cuda, torch.bfloat16) is None  # 48 blocks of 64 + 2 > 40
+def test_shared_z_buffers_follow_the_weights_device_and_refusals():
+    """decoding_copy makes each NOBLE layer's counts and column range on its weights' device (a model on the
+    meta device: meta buffers, as a CUDA model gets CUDA ones), and the shared-z path refuses buffers that are
+    missing, of another dtype or shape, naming them."""
+    cfg = TransformerConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=2, max_seq_len=32,
+                            noble=NobleConfig(enabled=True, rank=16))
+    with torch.device("meta"):
+        model = TransformerLM(cfg)
+    meta_copy = decoding_copy(model.eval(), torch.float32)
+    bufs = {n: b for n, b in meta_copy.named_buffers() if n.endswith(("decode_sync", "decode_offsets"))}
+    assert bufs and all(b.is_meta and b.dtype == torch.int32 for b in bufs.values())
+    x = torch.zeros(2, 32)
+    offsets = torch.tensor([0, 8], dtype=torch.int32)
+    assert nd._shared_reason(x, offsets, torch.zeros(3, dtype=torch.int32)) is None
+    assert "(3,) int32 sync" in nd._shared_reason(x, offsets, None)
+    assert "(3,) int32 sync" in nd._shared_reason(x, offsets, torch.zeros(2, dtype=torch.int32))
+    assert "offsets" in nd._shared_reason(x, offsets.long(), torch.zeros(3, dtype=torch.int32))
 
 
 def test_compiled_step_with_shared_z(monkeypatch):

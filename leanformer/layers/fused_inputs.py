@@ -152,7 +152,7 @@ def fuse_noble_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
     ``_bias`` (ΣN,; zeros for a layer without one) or None when no layer has one, ``_down`` (G·R, K),
     ``_down_bias`` (G·R,), ``_cosnet`` (5, G, R): ω₁, φ₁, c, ω₂, φ₂, ``_mix`` (G, R, R): M,
     ``_up`` (ΣN, R), ``noble_input_offsets`` (G + 1,) int32, each layer's first output column, and
-    ``noble_input_sync`` (2G,) int32 zeros (the shared-z kernel's counts)."""
+    ``noble_input_sync`` (G + 2,) int32 zeros (the shared-z kernel's counts)."""
     unfuse(module)
     layers = [getattr(module, n, None) for n in names]
     if len(layers) < 2 or not all(_groupable(lin) for lin in layers):
@@ -180,7 +180,7 @@ def fuse_noble_linears(module: nn.Module, names: tuple[str, ...]) -> bool:
         module.register_buffer(name, t, persistent=False)
     offsets = torch.tensor(list(accumulate(widths, initial=0)), dtype=torch.int32, device=device)
     module.register_buffer("noble_input_offsets", offsets, persistent=False)
-    module.register_buffer("noble_input_sync", torch.zeros(2 * G, dtype=torch.int32, device=device),
+    module.register_buffer("noble_input_sync", torch.zeros(G + 2, dtype=torch.int32, device=device),
                            persistent=False)  # noble_decode.SHARED_Z's counts (every launch leaves them zero)
     setattr(module, _NOBLE_SPEC, (tuple(names), widths, tuple(lin.bias is not None for lin in layers)))
     return True

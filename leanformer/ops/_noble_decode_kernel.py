@@ -110,24 +110,33 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
                                INTERPRET: tl.constexpr, ACT: tl.constexpr = 0):
     """G layers (one for the single-layer op) with z computed once per layer instead of once per program.
 
-    The first G·(R / RZ) programs are producers: program p computes RZ columns of group g = p // (R / RZ)'s
-    z = x W_downᵀ + b_down (rounded to Y's dtype, as :func:`_noble_columns` rounds it), stores them in Z (M, G·R)
-    and counts itself in SYNC[g] (release). The other G·BLOCKS programs are the columns of
-    :func:`_noble_columns` (group g = c // BLOCKS, block j = c % BLOCKS), without W_down in their K loop: after
-    the main product each waits until SYNC[g] counts every producer of its group (acquire), reads z from Z,
-    and runs CosNet and the branch as there. The last of a group's programs to finish (SYNC[G + g] counts them)
-    sets both counts back to zero, so every launch finds SYNC zeroed. The waits need every program resident
-    at once: the caller launches this kernel only when the grid fits the GPU (noble_decode._shared_config).
+    SYNC (G + 2,) int32, zero at launch: a ready count per layer, a ticket and a count of finished programs.
+    Each program first takes a ticket (an atomic add on SYNC[G]), and the ticket, not the program id, gives
+    its part, so a program only ever waits for programs that started before it:
+
+    * the first G·(R / RZ) tickets are producers: ticket t computes RZ columns of layer g = t // (R / RZ)'s
+      z = x W_downᵀ + b_down (rounded to Y's dtype, as :func:`_noble_columns` rounds it), stores them in Z
+      (M, G·R), and counts itself in SYNC[g] (release, after a barrier: every thread's stores first);
+    * the other G·BLOCKS tickets are column blocks (layer g = c // BLOCKS, block c % BLOCKS) computed as
+      :func:`_noble_columns` does, but with no W_down in their K loop: after the main product each waits until
+      SYNC[g] counts all R / RZ producers of its layer (acquire), reads z from Z (from L2) and runs CosNet and
+      the branch.
+
+    A producer never waits, and every producer a block waits for holds an earlier ticket, so it has started:
+    no program waits on one that may not be running (no co-residency needed). Each program counts itself in
+    SYNC[G + 1] last; the one that completes the count (every other program has read SYNC for the last time)
+    stores zeros over SYNC for the next launch. One launch at a time per SYNC buffer (one decoder per model
+    copy on one stream, as a CUDA graph replays it).
     """
-    pid = tl.program_id(0)
     parts = R // RZ
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     dt = Y.dtype.element_ty
-    if pid < G * parts:  # a producer (its names differ from the consumer's: a branch's types are its own)
-        group = pid // parts
-        rows = group * R + (pid % parts) * RZ + tl.arange(0, RZ)
+    ticket = tl.atomic_add(SYNC + G, 1, sem="relaxed")
+    if ticket < G * parts:  # a producer (its names differ from the block's: a branch's types are its own)
+        group = ticket // parts
+        rows = group * R + (ticket % parts) * RZ + tl.arange(0, RZ)
         rows_ok = rows < G * R
         acc_part = tl.zeros((BLOCK_M, RZ), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -139,7 +148,7 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
         tl.debug_barrier()  # every thread's stores before the one thread's release (a scalar atomic runs once)
         tl.atomic_add(SYNC + group, 1, sem="release")
     else:
-        c = pid - G * parts
+        c = ticket - G * parts
         g = c // BLOCKS
         offs_n = tl.load(OFFS + g) + (c % BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < tl.load(OFFS + g + 1)
@@ -169,7 +178,8 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
         if ACT != 0:
             y = _round(_activation(y, ACT), dt)
         tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
-        done = tl.atomic_add(SYNC + G + g, 1, sem="acq_rel")
-        if done == BLOCKS - 1:  # the group's last program: leave the counts zeroed for the next launch
-            tl.atomic_xchg(SYNC + g, 0)
-            tl.atomic_xchg(SYNC + G + g, 0)
+    tl.debug_barrier()  # the program's work (its reads of SYNC included) before it counts itself finished
+    finished = tl.atomic_add(SYNC + G + 1, 1, sem="acq_rel")
+    if finished == G * parts + G * BLOCKS - 1:  # the last program: zero SYNC for the next launch
+        slots = tl.arange(0, 16)
+        tl.store(SYNC + slots, tl.zeros((16,), dtype=tl.int32), mask=slots < G + 2)

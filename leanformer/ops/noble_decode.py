@@ -128,27 +128,11 @@ def _new_shared_output(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offs
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-_SMS: dict[int, int] = {}  # CUDA device index → its multiprocessor count
-
-
-def _shared_config(M: int, width: int, K: int, G: int, R: int, device: torch.device, dtype: torch.dtype
-                   ) -> dict | None:
-    """The shared-z kernel's launch (tiles, ``programs``), or None when its grid cannot be resident all at once:
-    its waits need every program running, so it takes at most one program per SM (BLOCK_N widens to 32, 64 to
-    fit). Producers: R / 16 per layer, each of 16 columns of z."""
-    sms = 1 << 30  # the interpreter runs the programs one after another, producers first
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _SMS:
-            _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        sms = _SMS[index]
-    for block_n in (0, 32, 64):
-        cfg = skinny_linear.launch_config(M, width, K, dtype, extra_rows=16, min_block_n=block_n)  # 16: W_down's
-        blocks = _cdiv(width, cfg["BLOCK_N"])
-        programs = G * (R // 16) + G * blocks
-        if programs <= sms:
-            return dict(cfg, blocks=blocks, programs=programs)
-    return None
+def _shared_config(M: int, width: int, K: int, dtype: torch.dtype) -> dict:
+    """The shared-z kernel's tiles (the few-row kernel's rule, with a producer's 16 rows of W_down per stage),
+    column blocks per layer (``blocks``)."""
+    cfg = skinny_linear.launch_config(M, width, K, dtype, extra_rows=16)
+    return dict(cfg, blocks=_cdiv(width, cfg["BLOCK_N"]))
 
 
 @_register("leanformer::noble_decode_shared", _new_shared_output, mutates_args=("sync",))
@@ -164,11 +148,11 @@ def _noble_shared_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     M = x2.shape[0]
     out = x.new_empty(M, N)
     z = x.new_empty(M, G * R)
-    cfg = _shared_config(M, width, K, G, R, x.device, x.dtype)
+    cfg = _shared_config(M, width, K, x.dtype)
     meta = {k: v for k, v in cfg.items() if k.isupper()}
     opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     with _on_device(x):
-        _wrap(kern.noble_decode_shared_kernel)[(cfg["programs"],)](
+        _wrap(kern.noble_decode_shared_kernel)[(G * (R // 16) + G * cfg["blocks"],)](
             x2, weight, bias if bias is not None else weight, wd, bd, w1, p1, mw, mb, w2, p2, wu, out, offsets, z,
             sync, M, K, G, cfg["blocks"], x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), out.stride(0), out.stride(1), z.stride(0),
@@ -177,14 +161,15 @@ def _noble_shared_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.view(*x.shape[:-1], N)
 
 
-def _shared_reason(x: torch.Tensor, weight: torch.Tensor, mw: torch.Tensor, offsets: torch.Tensor,
-                   sync: torch.Tensor | None, width: int) -> str | None:
+def _shared_reason(x: torch.Tensor, offsets: torch.Tensor, sync: torch.Tensor | None) -> str | None:
     """Why the shared-z kernel cannot run (beyond what the per-program kernel checks), or None."""
     G = offsets.shape[0] - 1
-    if sync is None or sync.dtype != torch.int32 or sync.shape != (2 * G,) or sync.device != x.device:
-        return f"no ({2 * G},) int32 sync buffer on {x.device}"
-    if _shared_config(x.numel() // x.shape[-1], width, x.shape[-1], G, mw.shape[-1], x.device, x.dtype) is None:
-        return "its grid does not fit the GPU at one program per SM"
+    if offsets.dtype != torch.int32 or offsets.dim() != 1 or offsets.device != x.device:
+        return f"offsets must be (G + 1,) int32 on {x.device}"
+    if sync is None or sync.dtype != torch.int32 or sync.shape != (G + 2,) or sync.device != x.device:
+        return f"no ({G + 2},) int32 sync buffer on {x.device}"
+    if G + 2 > 16:
+        return f"{G} layers: the kernel zeroes at most 16 counts"
     return None
 
 
@@ -198,8 +183,7 @@ def noble_linear(layer, x: torch.Tensor, activation: str | None = None) -> torch
         return None
     cos = layer.act
     sync, offsets = getattr(layer, "decode_sync", None), getattr(layer, "decode_offsets", None)
-    if SHARED_Z and offsets is not None and _shared_reason(x, layer.weight, cos.M.weight, offsets, sync,
-                                                           layer.out_features) is None:
+    if SHARED_Z and offsets is not None and _shared_reason(x, offsets, sync) is None:
         return _noble_shared_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, cos.omega1,
                                 cos.phi1, cos.M.weight, cos.M.bias, cos.omega2, cos.phi2, layer.up.weight, offsets,
                                 sync, layer.out_features, code)
@@ -250,6 +234,6 @@ def noble_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     zero). None where :data:`ROUTE` or :func:`noble_group_supported` refuses (the caller runs each layer)."""
     if not _routed(x) or noble_group_supported(x, weight, bias, wd, bd, cosnet, mw, wu, offsets) is not None:
         return None
-    if SHARED_Z and _shared_reason(x, weight, mw, offsets, sync, width) is None:
+    if SHARED_Z and _shared_reason(x, offsets, sync) is None:
         return _noble_shared_op(x, weight, bias, wd, bd, *cosnet[:2], mw, *cosnet[2:], wu, offsets, sync, width, 0)
     return _noble_group_op(x, weight, bias, wd, bd, cosnet, mw, wu, offsets, width)
