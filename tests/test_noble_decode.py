@@ -356,9 +356,9 @@ def test_mlp_runs_its_noble_layer_and_activation_in_one_launch(monkeypatch):
 @pytest.mark.parametrize("rank", [16, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 def test_shared_z_kernel_equals_the_per_program_kernel(rank, dtype, monkeypatch):
-    """With SHARED_Z a layer's z comes from R / 16 producer programs (the first tickets): float32 within 2e-6 of float64, bf16 equal
-    to the per-program kernel on ≥ 95% of elements and within an ulp of it elsewhere (z's sums are split
-    differently), with and without the activation; the sync counts are zero after every launch."""
+    """With SHARED_Z a layer's z comes from R / 16 producer programs (the first tickets): float32 within 2e-6
+    of float64, bf16 equal to the per-program kernel on ≥ 95% of elements and within an ulp of it elsewhere
+    (z's sums are split differently), with and without the activation; the counts are zero after each launch."""
     layer = _layer(200, 40, rank=rank)
     layer.register_buffer("decode_sync", torch.zeros(3, dtype=torch.int32), persistent=False)
     layer.register_buffer("decode_offsets", torch.tensor([0, 40], dtype=torch.int32), persistent=False)
