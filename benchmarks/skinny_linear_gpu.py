@@ -36,6 +36,8 @@ SHAPES = [  # (label, K, N): GPT-2 small (d 768, vocab 50,304)
 ]
 ROWS = (1, 8, 32)
 CONFIGS = list(itertools.product((16, 32, 64), (128, 256, 512), (3, 5), (4,))) + [(16, 256, 4, 2), (32, 256, 4, 8)]
+WIDE_CONFIGS = [(128, 64, 4, 4), (128, 128, 4, 4), (128, 128, 4, 8), (128, 256, 3, 8), (256, 64, 4, 8),
+                (256, 128, 3, 8), (64, 768, 2, 4), (64, 128, 6, 4)]  # --wide: for the head (768 → 50,304, 77 MB)
 
 
 def graph_time_per_call(fn, calls: int, replays: int) -> float:
@@ -70,6 +72,10 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--budget", type=float, default=240.0)
+    p.add_argument("--shapes", default="", help="only the shapes whose label holds one of these comma-separated "
+                                                 "words (e.g. lm_head)")
+    p.add_argument("--rows", default="", help="comma-separated row counts (default 1,8,32)")
+    p.add_argument("--wide", action="store_true", help="also wider column blocks (128, 256) and more stages")
     args = p.parse_args(argv)
     from leanformer.ops import skinny_linear as sl
 
@@ -77,9 +83,10 @@ def main(argv=None) -> int:
     smoke = args.cpu_smoke
     dev = torch.device("cpu" if smoke else "cuda")
     dt = torch.bfloat16
-    shapes = [("smoke 64→48", 64, 48)] if smoke else SHAPES
-    rows_list = (1, 3) if smoke else ROWS
-    configs = CONFIGS[:2] if smoke else CONFIGS
+    words = [w for w in args.shapes.split(",") if w]
+    shapes = [("smoke 64→48", 64, 48)] if smoke else [s for s in SHAPES if not words or any(w in s[0] for w in words)]
+    rows_list = (1, 3) if smoke else tuple(int(r) for r in args.rows.split(",")) if args.rows else ROWS
+    configs = CONFIGS[:2] if smoke else CONFIGS + (WIDE_CONFIGS if args.wide else [])
     result = {"meta": {"device": "cpu" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                        "command": "python3 " + " ".join(sys.argv), "calls_per_graph": args.calls},
