@@ -11,10 +11,10 @@
 #     called directly (expected: DiJiang 53 -> ~40 ms, softmax 17: still host-bound), and with each chunk as one
 #     compiled graph (StaticDecoder(compile_prefill=True)), for DiJiang and softmax. Expected: wall time near the
 #     kernels' (13.5 and 13.3 ms) once compiled (3 graphs per model, paid in the first of the three prefills).
-# (2c) 2026-12-07 03:00: NOBLE's z computed once per layer by a few programs the others wait for
+# (2c) 2026-12-07 02:25: NOBLE's z computed once per layer by a few programs the others wait for
 #      (noble_decode.SHARED_Z; last, since a hang would stop what follows). DiJiang's variants (4) moved to
 #      callF/run.sh with the head's argmax kernel.
-# (2b) 2026-12-07 02:20: the NOBLE kernel with its epilogue loads before the K loop (noble_decode.PREFETCH), and
+# (2b) 2026-12-07 02:03–02:10: the NOBLE kernel with its epilogue loads before the K loop (noble_decode.PREFETCH), and
 #      with the MLP's GELU in its epilogue too (noble_decode.ACTIVATION_IN_KERNEL).
 # (3) moved to callE/run.sh (the 8K prefill), so that each call stays well under 10 minutes.
 # (4) issue #15: DiJiang's step with the few-row products in 8-column multiply-add blocks (skinny_linear.FMA_COLUMNS:

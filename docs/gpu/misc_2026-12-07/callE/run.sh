@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-07 02:20 UTC: item (3) of callD/run.sh on its own (the 8K prefill, issue #15): the boundary
+# Prepared 2026-12-07 02:03 UTC: item (3) of callD/run.sh on its own (the 8K prefill, issue #15): the boundary
 # terms and running normaliser compiled on CUDA, the ops called directly, and each chunk as one compiled graph
 # (StaticDecoder(compile_prefill=True)), for DiJiang and softmax, against "as before 2026-12-07".
 # (The 32K x 8 and SAS-P cells first put here moved to callF/run.sh.)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-07 03:00 UTC (issue #15): DiJiang's decoding step at 8K x 8 with the switches not timed yet,
+# Prepared 2026-12-07 02:25 UTC (issue #15): DiJiang's decoding step at 8K x 8 with the switches not timed yet,
 # each against the default in the same call: few-row products in 8-column multiply-add blocks
 # (skinny_linear.FMA_COLUMNS), the two-pass argmax, norms in the products, and the head's product with the greedy
 # argmax in one kernel (decoding.ARGMAX_IN_HEAD, leanformer/ops/linear_argmax.py); then the 32K x 8 cell (target

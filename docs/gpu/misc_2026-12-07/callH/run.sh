@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-07 03:25 UTC, NOT RUN in its session (the device time was spent on calls D, F, G). What the
+# Prepared 2026-12-07 02:51 UTC, not run when prepared (the device time was spent on calls D, F, G). What the
 # next GPU call should time first (≈ 8 min on an H100), issue #15:
 # (1) NOBLE's step with z computed once per layer (noble_decode.SHARED_Z) against the default (the one-kernel
 #     layer, q k v in one launch, the GELU inside: 0.600 ms at 512 x 1, H100 02:24), Pre-LN beside. Expected:
