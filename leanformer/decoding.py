@@ -290,13 +290,16 @@ class StaticDecoder:
     through ``torch.compile`` (a string names the backend) before capture, in ``compile_mode`` (None: the
     default; ``"max-autotune-no-cudagraphs"`` lets Inductor time Triton matrix products against cuBLAS's and
     fuse element-wise epilogues into them; a mode with CUDA graphs of its own is refused: the step is captured
-    here). ``compile_prefill``: each prefill chunk through one ``torch.compile`` form of the model's forward
-    with dynamic shapes (a string names the backend; False, the default: eager). Two graphs serve prompts in
-    chunks of ≥ 2 tokens (the cache before its first chunk and after; tested on the CPU for softmax, SAS-P and
-    DiJiang); a one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch compile one
-    more each. Graphs are shared by decoders of one model, and the prefill's host time (DiJiang's 8K prefill:
-    53 ms of wall time for 13.5 ms of kernels, H200, 2026-12-06) becomes the compiled graph's. Not timed on a
-    GPU yet. ``attention``:
+    here). ``compile_prefill``: the prefill's chunks through ``torch.compile`` forms with dynamic shapes (a
+    string names the backend; False, the default: eager), per ``prefill_unit``: ``"blocks"`` (the default)
+    compiles each block, and blocks of one kind share their graphs (regional compilation: one block's compile
+    serves all twelve of GPT-2's; the embedding, the final norm and the head stay eager); ``"model"`` compiles
+    the whole forward as one graph (on an H100 its Inductor compile for GPT-2 did not finish in ≈ 120 s,
+    2026-12-07, docs/gpu/misc_2026-12-07/callG). Two graphs (per unit) serve prompts in chunks of ≥ 2 tokens
+    (the cache before its first chunk and after; tested on the CPU for softmax, SAS-P and DiJiang); a
+    one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch compile one more each.
+    The prefill's host time (DiJiang's 8K prefill: 52.6 ms of wall time for 11.6 ms of kernels, H100,
+    2026-12-07) becomes the compiled graphs'. Not timed on a GPU yet. ``attention``:
     the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state
     at construction (e.g. bf16) is the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the
     token to feed, ``tokens`` (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.
@@ -306,7 +309,8 @@ class StaticDecoder:
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, graph: str = "auto", attention: str = "sdpa",
                  prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool | str = False,
-                 compile_mode: str | None = None, compile_prefill: bool | str = False):
+                 compile_mode: str | None = None, compile_prefill: bool | str = False,
+                 prefill_unit: str = "blocks"):
         check_sampling(temperature, top_k, top_p)
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={compile_mode!r} is not valid; choose one of "
@@ -318,6 +322,8 @@ class StaticDecoder:
             raise ValueError(f"graph={graph!r} is not valid; choose auto, cuda or none")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
+        if prefill_unit not in ("blocks", "model"):
+            raise ValueError(f"prefill_unit={prefill_unit!r} is not valid; choose blocks or model")
         self.model = model
         self.device = next(model.parameters()).device
         if graph == "auto":
@@ -341,10 +347,14 @@ class StaticDecoder:
         backend = compile if isinstance(compile, str) else "inductor"
         self._body = (torch.compile(self._step_body, dynamic=False, backend=backend, mode=compile_mode) if compile
                       else self._step_body)
-        self.compile_prefill = compile_prefill
+        self.compile_prefill, self.prefill_unit = compile_prefill, prefill_unit
         prefill_backend = compile_prefill if isinstance(compile_prefill, str) else "inductor"
-        self._chunk = (torch.compile(self._prefill_chunk, dynamic=True, backend=prefill_backend) if compile_prefill
-                       else self._prefill_chunk)
+        self._blocks = None  # the compiled blocks of prefill_unit "blocks"
+        self._chunk = self._prefill_chunk
+        if compile_prefill and prefill_unit == "model":
+            self._chunk = torch.compile(self._prefill_chunk, dynamic=True, backend=prefill_backend)
+        elif compile_prefill:
+            self._blocks = [torch.compile(b, dynamic=True, backend=prefill_backend) for b in model.blocks]
 
     # ---------------------------------------------------------------- prefill
     @torch.no_grad()
@@ -360,9 +370,10 @@ class StaticDecoder:
         with self._ctx():
             for s in range(0, T, self.prefill_chunk):
                 ids = prompt[:, s:s + self.prefill_chunk]
-                if self.compile_prefill and ids.shape[1] > 1:  # one graph for the lengths ≥ 2 (1 is always
-                    # specialised); "maybe": code that needs a length's value (a short chunk's kernel block)
-                    torch._dynamo.maybe_mark_dynamic(ids, 1)  # recompiles for it instead of failing
+                if self.compile_prefill and self._blocks is None and ids.shape[1] > 1:  # one graph for the
+                    # lengths ≥ 2 (1 is always specialised); "maybe": code that needs a length's value (a
+                    # short chunk's kernel block) recompiles for it instead of failing
+                    torch._dynamo.maybe_mark_dynamic(ids, 1)
                 h = self._chunk(ids)
             logits, nxt = self._head_and_choice(h[:, -1])
             self.tokens[:, self.cache.pos - T: self.cache.pos] = prompt
@@ -377,9 +388,9 @@ class StaticDecoder:
         return logits
 
     def _prefill_chunk(self, ids: torch.Tensor) -> torch.Tensor:
-        """One prefill chunk (B, T) through the cache → hidden states (B, T, C) (compiled when
-        ``compile_prefill``)."""
-        return self.model.hidden_states(ids, cache=self.cache)
+        """One prefill chunk (B, T) through the cache → hidden states (B, T, C) (compiled whole for
+        ``prefill_unit="model"``; through the compiled blocks for ``"blocks"``)."""
+        return self.model.hidden_states(ids, cache=self.cache, blocks=self._blocks)
 
     def _head_and_choice(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last positions' hidden states h (B, C) → (logits (B, V), next tokens (B,) int64): greedy through
@@ -470,7 +481,7 @@ class StaticDecoder:
         new = StaticDecoder(self.model, batch, self.capacity, graph=self.graph_kind,
                             prefill_chunk=self.prefill_chunk, cache=self.cache.expand(batch),
                             compile=self.compiled, compile_mode=self.compile_mode,
-                            compile_prefill=self.compile_prefill, **self.sampling)
+                            compile_prefill=self.compile_prefill, prefill_unit=self.prefill_unit, **self.sampling)
         new.ids.copy_(self.ids[:1].expand(batch, 1))
         new.tokens.copy_(self.tokens[:1].expand(batch, -1))
         new.logits = self.logits[:1].expand(batch, -1).clone()

@@ -117,10 +117,11 @@ class TransformerLM(nn.Module):
         return self.hidden_states(idx, attention_mask=attention_mask)
 
     def hidden_states(self, idx: torch.Tensor, cache: DecodeCache | StaticCache | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, blocks: list | None = None) -> torch.Tensor:
         """idx: (B, T) → the final-normed hidden states (B, T, C) that the LM head maps to logits.
 
         ``attention_mask`` (B, T), 1 = token, 0 = padding (:meth:`features`); not with a ``cache``.
+        ``blocks``: callables run in place of ``self.blocks``, one each (a decoder's compiled blocks).
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be (B, T) integer token ids, got shape {tuple(idx.shape)} of {idx.dtype}")
@@ -143,7 +144,7 @@ class TransformerLM(nn.Module):
             x = x + self.wpe(positions)
         x = self.drop(x)
         masked = {} if attention_mask is None else {"attention_mask": attention_mask}
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks if blocks is None else blocks):
             x = block(x, cache.layers[i] if cache is not None else None, **masked)
         if static:
             cache.advance(T)

@@ -325,12 +325,17 @@ def test_fused_inputs_follow_the_weights_after_sharing_breaks(how):
     torch.testing.assert_close(dec.logits, full[:, 7], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("unit", ["model", "blocks"])
 @pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-fused"])
-def test_compiled_prefill_equals_eager_in_two_graphs(arm, monkeypatch):
-    """``compile_prefill``: each chunk through one torch.compile form with dynamic shapes (aot_eager here;
-    Inductor on a GPU) gives the eager prefill's logits and cache, for prompts of three lengths (chunks of 8:
-    full, ragged, a single token). Two graphs serve the first two prompts (the cache before its first chunk and
-    after); a chunk of one token (dynamo always specialises a size of 1) adds a third."""
+def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch):
+    """``compile_prefill``: the chunks through torch.compile forms with dynamic shapes (aot_eager here;
+    Inductor on a GPU), the whole forward or each block (the model's blocks sharing their graphs), give the
+    eager prefill's logits and cache, for prompts of three lengths (chunks of 8: full, ragged, a single
+    token). The whole forward: two graphs serve the first two prompts (the cache before its first chunk and
+    after); a chunk of one token (dynamo always specialises a size of 1) adds a third. The blocks: the first
+    block of a chunk builds the rotary tables the others reuse, and a first chunk allocates the K/V buffers,
+    so up to 6 graphs of one block serve them, then 8 (the one-token chunk, for the first block and the
+    others); the count does not grow with the layers (the next test)."""
     from torch._dynamo.utils import counters
 
     if arm == "dijiang-fused":  # the GPU's route: the feature and fused kernels (opaque ops under the
@@ -342,8 +347,9 @@ def test_compiled_prefill_equals_eager_in_two_graphs(arm, monkeypatch):
     tol = 1e-5 if arm == "dijiang-fused" else 1e-9
     torch._dynamo.reset()
     counters.clear()
-    compiled = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8, compile_prefill="aot_eager")
-    for T, graphs in ((20, 2), (13, 2), (17, 3)):
+    compiled = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8, compile_prefill="aot_eager",
+                             prefill_unit=unit)
+    for T, graphs in zip((20, 13, 17), (2, 2, 3) if unit == "model" else (6, 6, 8)):
         prompt = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
         eager = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8)
         want = eager.prefill(prompt)
@@ -353,3 +359,21 @@ def test_compiled_prefill_equals_eager_in_two_graphs(arm, monkeypatch):
             torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=key)
         assert counters["stats"]["unique_graphs"] <= graphs, T
     assert not counters["graph_break"]
+
+
+def test_compiled_prefill_blocks_share_their_graphs():
+    """``prefill_unit="blocks"``: the blocks of a model share their compiled graphs, so a model of 6 layers
+    compiles as many graphs as one of 2 (GPT-2's 12 blocks: one block's compiles, not twelve)."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for layers in (2, 6):
+        model = _model(n_layers=layers)
+        torch._dynamo.reset()
+        counters.clear()
+        dec = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8, compile_prefill="aot_eager")
+        for T in (20, 13):
+            dec.cache = StaticCache(model, 1, 40)
+            dec.prefill(torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T)))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] and not counters["graph_break"]
