@@ -292,12 +292,14 @@ def test_decode_profile_script_runs_on_the_cpu(tmp_path):
 
 
 def test_prefill_profile_script_runs_on_the_cpu(tmp_path):
-    """benchmarks/prefill_profile.py --cpu-smoke: a tiny softmax and DiJiang prefill are timed and profiled."""
+    """benchmarks/prefill_profile.py --cpu-smoke: a tiny softmax and DiJiang prefill, eager, and DiJiang's
+    compiled by blocks are timed and profiled."""
     import json
 
     _run_benchmark_script(tmp_path, "prefill_profile.py", "--cpu-smoke")
     rows = json.loads((tmp_path / "prefill_profile.json").read_text())["rows"]
-    assert [(r["arm"], r["status"]) for r in rows] == [("preln", "ok"), ("dijiang_scratch", "ok")]
+    assert [(r["arm"], r["status"], r["compile_prefill"]) for r in rows] == [
+        ("preln", "ok", False), ("dijiang_scratch", "ok", False), ("dijiang_scratch", "ok", "blocks")]
     assert all(r["wall_median_s"] > 0 and r["host_aten_ops"] > 0 and r["top"] for r in rows)
     assert "| variant | wall ms" in (tmp_path / "prefill_profile.md").read_text()
 
