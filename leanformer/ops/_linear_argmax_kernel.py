@@ -12,9 +12,8 @@ logit reaches), so the first-maximum over the blocks' keys is ``torch.argmax``'s
 import triton
 import triton.language as tl
 
-from leanformer.ops._fused_decay_kernels import mm
 from leanformer.ops._fused_decay_step_kernel import _round
-from leanformer.ops._skinny_linear_kernel import _load_w, _load_x
+from leanformer.ops._skinny_linear_kernel import _product_tile
 
 
 @triton.jit
@@ -24,17 +23,11 @@ def linear_argmax_kernel(X, W, Bias, Y, PMAX, PIDX, M, N, K, sxm, sxk, swn, swk,
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
     dt = Y.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
-        acc += mm(x, tl.trans(_load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)), "ieee", INTERPRET)
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _product_tile(X, W, Bias, offs_m, m_ok, offs_n, n_ok, K, sxm, sxk, swn, swk, HAS_BIAS, BLOCK_M, BLOCK_N,
+                        BLOCK_K, EVEN_K, INTERPRET)
     y = _round(acc, dt)
     tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
     key = tl.where(y != y, float("inf"), tl.where(y == float("inf"), 3.4028234663852886e38, y))

@@ -26,7 +26,7 @@ import triton.language as tl
 from leanformer.ops._cosnet_kernels import _load_params
 from leanformer.ops._fused_decay_kernels import mm
 from leanformer.ops._fused_decay_step_kernel import _round
-from leanformer.ops._skinny_linear_kernel import _activation, _load_w, _load_x
+from leanformer.ops._skinny_linear_kernel import _activation, _load_w, _load_x, _product_tile
 
 
 @triton.jit
@@ -156,14 +156,8 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
         w1, p1, m, cc, w2, p2 = _load_params(W1 + g * R, P1 + g * R, MM + g * R * R, C + g * R, W2 + g * R,
                                              P2 + g * R, R)
         wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
-            acc += mm(x, tl.trans(_load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)), "ieee", INTERPRET)
-        if HAS_BIAS:
-            acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        main = _round(acc, dt)
+        main = _round(_product_tile(X, W, Bias, offs_m, m_ok, offs_n, n_ok, K, sxm, sxk, swn, swk, HAS_BIAS,
+                                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET), dt)
         ready = tl.atomic_add(SYNC + g, 0, sem="acquire")
         while ready < parts:
             ready = tl.atomic_add(SYNC + g, 0, sem="acquire")

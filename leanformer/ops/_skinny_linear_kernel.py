@@ -49,6 +49,22 @@ def _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _product_tile(X, W, Bias, offs_m, m_ok, offs_n, n_ok, K, sxm, sxk, swn, swk, HAS_BIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """x Wᵀ (+ b) for rows ``offs_m`` and columns ``offs_n``: (BLOCK_M, BLOCK_N) float32, not rounded (W's slice
+    streamed once in (BLOCK_N, BLOCK_K) tiles; the kernels of a plain few-row product's shape share it)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        x = _load_x(X, offs_m, m_ok, kk, K, sxm, sxk, EVEN_K)
+        acc += mm(x, tl.trans(_load_w(W, offs_n, n_ok, kk, K, swn, swk, EVEN_K)), "ieee", INTERPRET)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def skinny_linear_kernel(X, LNW, LNB, W, Bias, RES, Y, M, N, K, eps, sxm, sxk, swn, swk, srm, srn, sym, syn,
                          LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
