@@ -13,6 +13,12 @@ nvidia-smi > $R/gpu.txt 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
 save() { tar czf $OUT/results.tgz -C $R . ; }
 trap save EXIT
+# (0) the new kernels' tests on the GPU first (real kernels, not the interpreter): the shared-z kernel's waits,
+#     the head's argmax kernel, the NOBLE kernel's activation epilogue
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_noble_decode.py tests/test_linear_argmax.py \
+  > $R/pytest_log.txt 2>&1
+tail -3 $R/pytest_log.txt
+save
 V="noble 512 x1 compiled, NOBLE kernel;preln 512 x1 compiled;noble 512 x1 compiled, NOBLE kernel, shared z, GELU in kernel"
 timeout 150 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 140 --variants "$V" > $R/profile_log.txt 2>&1
 grep "^\[" $R/profile_log.txt
@@ -21,6 +27,6 @@ timeout 90 python3 -u benchmarks/skinny_linear_gpu.py --out $R/head --shapes lm_
   > $R/head_log.txt 2>&1
 grep "M=" $R/head_log.txt
 save
-timeout 200 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 1,8,32 \
-  --compile --time-budget 185 --out $R/noble > $R/noble_log.txt 2>&1
+timeout 170 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 1,8,32 \
+  --compile --time-budget 155 --out $R/noble > $R/noble_log.txt 2>&1
 grep "bench decode\]" $R/noble_log.txt
