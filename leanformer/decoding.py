@@ -54,6 +54,9 @@ class StaticPositions:
     * ``capacity``: the cache's length in tokens.
     * ``shared``: tensors every layer needs once per call (rotary cos/sin, 1/(position+1)), made by the
       first layer that asks (:meth:`memo`) and cleared at each call.
+    * ``memo_in_compiled``: False while a prefill runs its blocks as separately compiled graphs: there a
+      compiled block makes the tensors itself instead of reading them from ``shared`` (else the first block,
+      which makes them, and the others, which read them, would need two graphs).
     """
 
     capacity: int
@@ -62,9 +65,13 @@ class StaticPositions:
     mask: torch.Tensor | None = None
     attention: str = "sdpa"
     shared: dict = field(default_factory=dict)
+    memo_in_compiled: bool = True
 
     def memo(self, key, make):
-        """``make()``, computed once per call for all layers under ``key``."""
+        """``make()``, computed once per call for all layers under ``key`` (each time inside a compiled block
+        when ``memo_in_compiled`` is off)."""
+        if not self.memo_in_compiled and torch.compiler.is_compiling():
+            return make()
         if key not in self.shared:
             self.shared[key] = make()
         return self.shared[key]
@@ -295,9 +302,11 @@ class StaticDecoder:
     compiles each block, and blocks of one kind share their graphs (regional compilation: one block's compile
     serves all twelve of GPT-2's; the embedding, the final norm and the head stay eager); ``"model"`` compiles
     the whole forward as one graph (on an H100 its Inductor compile for GPT-2 did not finish in ≈ 120 s,
-    2026-12-07, docs/gpu/misc_2026-12-07/callG). Two graphs (per unit) serve prompts in chunks of ≥ 2 tokens
-    (the cache before its first chunk and after; tested on the CPU for softmax, SAS-P and DiJiang); a
-    one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch compile one more each.
+    2026-12-07, docs/gpu/misc_2026-12-07/callG). The whole forward: two graphs serve prompts in chunks of
+    ≥ 2 tokens (the cache before its first chunk and after; tested on the CPU for softmax, SAS-P and DiJiang);
+    a one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch compile one more each.
+    The blocks: a few more graphs of one block each (5 for softmax on the CPU, 8 for SAS-P, whose blocks
+    differ), the same for any depth.
     The prefill's host time (DiJiang's 8K prefill: 52.6 ms of wall time for 11.6 ms of kernels, H100,
     2026-12-07) becomes the compiled graphs'. Not timed on a GPU yet. ``attention``:
     the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state
@@ -389,8 +398,16 @@ class StaticDecoder:
 
     def _prefill_chunk(self, ids: torch.Tensor) -> torch.Tensor:
         """One prefill chunk (B, T) through the cache → hidden states (B, T, C) (compiled whole for
-        ``prefill_unit="model"``; through the compiled blocks for ``"blocks"``)."""
-        return self.model.hidden_states(ids, cache=self.cache, blocks=self._blocks)
+        ``prefill_unit="model"``; through the compiled blocks for ``"blocks"``, each making its own rotary
+        tables, so that the first block and the others share one graph)."""
+        if self._blocks is None:
+            return self.model.hidden_states(ids, cache=self.cache)
+        p = self.cache.positions
+        p.memo_in_compiled = False
+        try:
+            return self.model.hidden_states(ids, cache=self.cache, blocks=self._blocks)
+        finally:
+            p.memo_in_compiled = True
 
     def _head_and_choice(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last positions' hidden states h (B, C) → (logits (B, V), next tokens (B,) int64): greedy through
