@@ -305,8 +305,11 @@ class StaticDecoder:
     2026-12-07, docs/gpu/misc_2026-12-07/callG). The whole forward: two graphs serve prompts in chunks of
     ≥ 2 tokens (the cache before its first chunk and after; tested on the CPU for softmax, SAS-P and DiJiang);
     a one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch compile one more each.
-    The blocks: a few more graphs of one block each (5 for softmax on the CPU, 8 for SAS-P, whose blocks
-    differ), the same for any depth.
+    The blocks: a few more graphs of one block each, the same for any depth (tests/test_decoding.py's prompts
+    on the CPU: 5 for softmax, 4 for DiJiang, 9 for SAS-P, whose blocks differ; past dynamo's recompile limit,
+    8 by default and shared by the blocks of one class, a further shape runs eagerly, with a warning). Each
+    new cache capacity of a rotary model compiles two more (the rotary tables' reserved length is guarded),
+    and each block keeps its own rotary tables (n_layers times one table's memory).
     The prefill's host time (DiJiang's 8K prefill: 52.6 ms of wall time for 11.6 ms of kernels, H100,
     2026-12-07) becomes the compiled graphs'. Not timed on a GPU yet. ``attention``:
     the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state

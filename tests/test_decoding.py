@@ -327,16 +327,21 @@ def test_fused_inputs_follow_the_weights_after_sharing_breaks(how):
 
 @pytest.mark.parametrize("arm,unit", [("softmax-preln", "blocks"), ("shaped-sas_p", "blocks"),
                                       ("dijiang-fused", "blocks"), ("softmax-preln", "model")])
-def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch):
+def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch, request):
     """``compile_prefill``: the chunks through torch.compile forms with dynamic shapes (aot_eager here;
     Inductor on a GPU), the whole forward or each block (the model's blocks sharing their graphs), give the
     eager prefill's logits and cache, for prompts of three lengths (chunks of 8: full, ragged, a single
     token). The whole forward: two graphs serve the first two prompts (the cache before its first chunk and
-    after); a chunk of one token (dynamo always specialises a size of 1) adds a third. The blocks: a first
-    chunk allocates the K/V buffers (and SAS-P's running sum), a model's first call builds its rotary tables,
-    and SAS-P's blocks are not all alike, so up to 8 graphs of one block serve them; the count does not grow
-    with the layers (the next test)."""
+    after); a chunk of one token (dynamo always specialises a size of 1) adds a third. The blocks: graphs of one
+    block, more of them (a first chunk allocates the K/V buffers and SAS-P's running sum; SAS-P's blocks are not
+    all alike), counted with dynamo's recompile limit raised and a hit of it made an error (at the default
+    limit of 8, SAS-P's ninth graph would run eagerly instead); the count does not grow with the layers (the
+    next test)."""
     from torch._dynamo.utils import counters
+
+    patch = torch._dynamo.config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True)
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
 
     if arm == "dijiang-fused":  # the GPU's route: the feature and fused kernels (opaque ops under the
         from leanformer.layers import dijiang  # interpreter; float32, which the kernels take)
@@ -349,7 +354,9 @@ def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch):
     counters.clear()
     compiled = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8, compile_prefill="aot_eager",
                              prefill_unit=unit)
-    for T, graphs in zip((20, 13, 17), (2, 2, 3) if unit == "model" else (8, 8, 8)):
+    expected = {"model": (2, 2, 3), "softmax-preln": (4, 4, 5), "shaped-sas_p": (6, 7, 9),
+                "dijiang-fused": (3, 3, 4)}[unit if unit == "model" else arm]  # at most (torch 2.13, CPU)
+    for T, graphs in zip((20, 13, 17), expected):
         prompt = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
         eager = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8)
         want = eager.prefill(prompt)
@@ -361,10 +368,15 @@ def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch):
     assert not counters["graph_break"]
 
 
-def test_compiled_prefill_blocks_share_their_graphs():
+def test_compiled_prefill_blocks_share_their_graphs(request):
     """``prefill_unit="blocks"``: the blocks of a model share their compiled graphs, so a model of 4 layers
-    compiles as many graphs as one of 2 (GPT-2's 12 blocks: one block's compiles, not twelve)."""
+    compiles as many graphs as one of 2 (GPT-2's 12 blocks: one block's compiles, not twelve); the recompile
+    limit raised so that it cannot cap the counts."""
     from torch._dynamo.utils import counters
+
+    patch = torch._dynamo.config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True)
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
 
     graphs = []
     for layers in (2, 4):
@@ -376,4 +388,4 @@ def test_compiled_prefill_blocks_share_their_graphs():
             dec.cache = StaticCache(model, 1, 40)
             dec.prefill(torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T)))
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] == graphs[1] and not counters["graph_break"]
+    assert graphs[0] == graphs[1] <= 5 and not counters["graph_break"]
