@@ -39,14 +39,21 @@ def _rows(Z, stride_z, N, R: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _cosnet(z, w1, p1, m, c, w2, p2):
+    """CosNet on float32 z (rows, R): cos(ω2 (cos(ω1 z + φ1) Mᵀ + c) + φ2), float32 (also the NOBLE decoding
+    kernels' branch)."""
+    h = tl.cos(z * w1[None, :] + p1[None, :])
+    u = tl.dot(h, tl.trans(m), input_precision="ieee") + c[None, :]
+    return tl.cos(u * w2[None, :] + p2[None, :])
+
+
+@triton.jit
 def cosnet_fwd_kernel(Z, W1, P1, M, C, W2, P2, S, stride_z, stride_s, N,
                       R: tl.constexpr, BLOCK_N: tl.constexpr):
     """s = cos(ω2 (cos(ω1 z + φ1) Mᵀ + c) + φ2) for BLOCK_N rows of z (N, R); s in S's dtype."""
     rows, cols, mask, z = _rows(Z, stride_z, N, R, BLOCK_N)
     w1, p1, m, c, w2, p2 = _load_params(W1, P1, M, C, W2, P2, R)
-    h = tl.cos(z * w1[None, :] + p1[None, :])
-    u = tl.dot(h, tl.trans(m), input_precision="ieee") + c[None, :]
-    s = tl.cos(u * w2[None, :] + p2[None, :])
+    s = _cosnet(z, w1, p1, m, c, w2, p2)
     tl.store(S + rows[:, None] * stride_s + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
 
 

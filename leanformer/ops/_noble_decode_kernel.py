@@ -23,7 +23,7 @@ each column is computed as that kernel computes it (bit for bit equal under the 
 import triton
 import triton.language as tl
 
-from leanformer.ops._cosnet_kernels import _load_params
+from leanformer.ops._cosnet_kernels import _cosnet, _load_params
 from leanformer.ops._fused_decay_kernels import mm
 from leanformer.ops._fused_decay_step_kernel import _round
 from leanformer.ops._skinny_linear_kernel import _activation, _load_w, _load_x, _product_tile
@@ -64,10 +64,18 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
         w1, p1, m, c, w2, p2 = _load_params(W1, P1, MM, C, W2, P2, R)
         bd = tl.load(BD + offs_r).to(tl.float32)
         wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
-    z = _round(acc_z + bd[None, :], dt)
-    h = tl.cos(z * w1[None, :] + p1[None, :])
-    u = tl.dot(h, tl.trans(m), input_precision="ieee") + c[None, :]
-    s = _round(tl.cos(u * w2[None, :] + p2[None, :]), dt)  # CosNet's output in the layer's dtype
+    _branch_and_store(main, _round(acc_z + bd[None, :], dt), w1, p1, m, c, w2, p2, wu, Y, offs_m, m_ok, offs_n, n_ok,
+                      sym, syn, ACT, INTERPRET)
+
+
+@triton.jit
+def _branch_and_store(main, z, w1, p1, m, c, w2, p2, wu, Y, offs_m, m_ok, offs_n, n_ok, sym, syn,
+                      ACT: tl.constexpr, INTERPRET: tl.constexpr):
+    """The layer's output from its rounded main product (BLOCK_M, BLOCK_N) and its rounded z (BLOCK_M, R), both
+    float32: CosNet (float32, rounded once), the branch ``s W_upᵀ`` (rounded), their sum (rounded), ``ACT``'s
+    activation (rounded again), stored to Y."""
+    dt = Y.dtype.element_ty
+    s = _round(_cosnet(z, w1, p1, m, c, w2, p2), dt)  # CosNet's output in the layer's dtype
     branch = _round(mm(s.to(dt), tl.trans(wu), "ieee", INTERPRET), dt)  # up(s)
     y = _round(main + branch, dt)
     if ACT != 0:
@@ -164,14 +172,8 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
         tl.debug_barrier()  # every thread's reads of Z after the acquire
         z = tl.load(Z + offs_m[:, None] * szm + (g * R + offs_r)[None, :], mask=m_ok[:, None], other=0.0,
                     cache_modifier=".cg").to(tl.float32)  # from L2: written by other programs of this launch
-        h = tl.cos(z * w1[None, :] + p1[None, :])
-        u = tl.dot(h, tl.trans(m), input_precision="ieee") + cc[None, :]
-        s = _round(tl.cos(u * w2[None, :] + p2[None, :]), dt)
-        branch = _round(mm(s.to(dt), tl.trans(wu), "ieee", INTERPRET), dt)
-        y = _round(main + branch, dt)
-        if ACT != 0:
-            y = _round(_activation(y, ACT), dt)
-        tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+        _branch_and_store(main, z, w1, p1, m, cc, w2, p2, wu, Y, offs_m, m_ok, offs_n, n_ok, sym, syn, ACT,
+                          INTERPRET)
     tl.debug_barrier()  # the program's work (its reads of SYNC included) before it counts itself finished
     finished = tl.atomic_add(SYNC + G + 1, 1, sem="acq_rel")
     if finished == G * parts + G * BLOCKS - 1:  # the last program: zero SYNC for the next launch

@@ -230,8 +230,8 @@ def noble_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     x (..., K) → (..., ΣN_g), group g's at columns ``offsets[g] : offsets[g + 1]``, each equal to the
     single-layer kernel's. Stacks: weight (ΣN_g, K), bias (ΣN_g,) or None, wd (G·R, K), bd (G·R,), cosnet
     (5, G, R) = ω₁, φ₁, c (M's bias), ω₂, φ₂, mw (G, R, R) = M's weight, wu (ΣN_g, R); offsets (G + 1,) int32
-    on x's device; ``width``: max N_g; ``sync``: (2G,) int32 zeros for :data:`SHARED_Z` (the kernel leaves them
-    zero). None where :data:`ROUTE` or :func:`noble_group_supported` refuses (the caller runs each layer)."""
+    on x's device; ``width``: max N_g; ``sync``: (G + 2,) int32 zeros for :data:`SHARED_Z` (the kernel leaves
+    them zero). None where :data:`ROUTE` or :func:`noble_group_supported` refuses (the caller runs each layer)."""
     if not _routed(x) or noble_group_supported(x, weight, bias, wd, bd, cosnet, mw, wu, offsets) is not None:
         return None
     if SHARED_Z and _shared_reason(x, offsets, sync) is None:

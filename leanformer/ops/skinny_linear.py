@@ -64,12 +64,10 @@ FMA_COLUMNS: int | None = None  # 1, 2, 4 or 8: a product of ≤ 8 rows whose 16
 # many columns, multiplied by float32 multiply-adds instead of tl.dot (which needs 16); None: off (not timed)
 
 
-def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 0, fma: bool = False,
-                  min_block_n: int = 0) -> dict:
+def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 0, fma: bool = False) -> dict:
     """BLOCK_M (16 or 32, ≥ M), BLOCK_N, BLOCK_K (256 for 2-byte dtypes, 128 for float32; at most K rounded up
     to a power of two), warps and pipeline stages (4, cut to what SMEM_BYTES holds, with ``extra_rows`` more
-    rows of K tiles per stage: the NOBLE kernel's W_down), each overridable by the module switch of its name;
-    ``min_block_n``: BLOCK_N at least this (the NOBLE shared-z kernel widens its blocks to fit the GPU).
+    rows of K tiles per stage: the NOBLE kernel's W_down), each overridable by the module switch of its name.
 
     BLOCK_N and warps follow :data:`TILES`: "narrow" gives a plain product (``extra_rows`` 0) of
     at most 16 rows in a 2-byte dtype BLOCK_N 16 and 2 warps; otherwise, and always under "wide", BLOCK_N is the
@@ -90,8 +88,7 @@ def launch_config(M: int, N: int, K: int, dtype: torch.dtype, extra_rows: int = 
         raise ValueError(f"skinny_linear.TILES={TILES!r} must be 'wide' or 'narrow'")
     block_m = 16 if M <= 16 else 32
     narrow = TILES == "narrow" and block_m == 16 and dtype.itemsize == 2 and extra_rows == 0
-    widest = next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16)
-    block_n = max(min_block_n, BLOCK_N or (16 if narrow else widest))
+    block_n = BLOCK_N or (16 if narrow else next((b for b in (64, 32) if _cdiv(N, b) >= MIN_PROGRAMS), 16))
     block_k = BLOCK_K or min(256 if dtype != torch.float32 else 128, max(16, 1 << (K - 1).bit_length()))
     stage_bytes = (block_m + block_n + extra_rows) * block_k * dtype.itemsize
     stages = max(1, min(NUM_STAGES or 4, SMEM_BYTES // stage_bytes))  # x and W tiles of every stage fit
