@@ -21,8 +21,14 @@ The op is ``leanformer::noble_decode`` (a ``triton_op``: ``torch.compile`` and C
 DiJiang's gate) in one launch, their parameters stacked (:func:`leanformer.layers.fused_inputs.fuse_noble_linears`
 builds the stacks), each group's columns equal to the single-layer kernel's bit for bit. A step's launch
 costs a roughly fixed few µs whatever its size (GPT-2 NOBLE, H200, 2026-12-06: 6.41 µs per ``noble_decode``
-launch, 6 per layer), so q, k, v as one launch should save two per layer (not timed yet). Its op is
-``leanformer::noble_decode_grouped``.
+launch, 6 per layer); q, k, v as one launch took GPT-2's step from 0.751 to 0.633 ms (H100, 2026-12-07,
+docs/gpu/misc_2026-12-07/callD). Its op is ``leanformer::noble_decode_grouped``.
+
+``noble_linear(layer, x, activation=...)``: an MLP's activation in the kernel's epilogue (:data:`ACTIVATION_IN_KERNEL`).
+With :data:`SHARED_Z` (off, not timed) both go through ``leanformer::noble_decode_shared``: z computed once per
+layer by a few programs that the column programs wait for (``noble_decode_shared_kernel``), instead of by every
+program; it needs the layer's (or group's) ``sync`` and ``offsets`` buffers, which
+:func:`leanformer.decoding.decoding_copy` and :func:`leanformer.layers.fused_inputs.fuse_noble_linears` make.
 """
 
 from __future__ import annotations
