@@ -45,6 +45,7 @@ WIDE_TILES = {"leanformer.ops.skinny_linear.TILES": "wide"}  # the default again
 NARROW_TILES = {"leanformer.ops.skinny_linear.TILES": "narrow"}
 FMA_8, FMA_4 = ({"leanformer.ops.skinny_linear.FMA_COLUMNS": c} for c in (8, 4))  # 768-wide outputs: 96, 192 programs
 PDL_ON = {"leanformer.ops.skinny_linear.PDL": True, "leanformer.ops.fused_decay_step.PDL": True}
+SPLIT_K = {"leanformer.ops.skinny_linear.SPLIT_K": "auto"}  # long-K products in parts, summed by the next kernel
 ALL_ON = dict(SKINNY_ON, **SINGLE_ON, **PDL_ON)
 
 
@@ -70,6 +71,8 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled, norms in products, single pass, two-pass argmax", "dijiang_scratch", 8192, 8, True,
      dict(NORMS_IN, **SINGLE_ON, **ARGMAX_TWO)),
     ("dijiang 8K x8 compiled, two-pass argmax", "dijiang_scratch", 8192, 8, True, ARGMAX_TWO),
+    ("dijiang 8K x8 compiled, split K", "dijiang_scratch", 8192, 8, True, SPLIT_K),
+    ("preln 512 x1 compiled, split K", "preln", 512, 1, True, SPLIT_K),
     ("dijiang 8K x8 compiled, argmax in head", "dijiang_scratch", 8192, 8, True, ARGMAX_IN_HEAD),
     ("dijiang 8K x8 compiled, argmax in head, FMA 8 columns", "dijiang_scratch", 8192, 8, True,
      dict(ARGMAX_IN_HEAD, **FMA_8)),

@@ -76,6 +76,9 @@ def main(argv=None) -> int:
                                                  "words (e.g. lm_head)")
     p.add_argument("--rows", default="", help="comma-separated row counts (default 1,8,32)")
     p.add_argument("--wide", action="store_true", help="also wider column blocks (128, 256) and more stages")
+    p.add_argument("--splits", default="", help="comma-separated split-K part counts: also time the partial "
+                                                 "products alone (skinny_linear.split_linear's kernel; its sum "
+                                                 "fuses into the next kernel under torch.compile)")
     args = p.parse_args(argv)
     from leanformer.ops import skinny_linear as sl
 
@@ -128,6 +131,14 @@ def main(argv=None) -> int:
                 times[f"n{bn} k{bk} s{st} w{nw}"] = f"failed: {type(e).__name__}: {e}"[:120]
             finally:
                 sl.BLOCK_N = sl.BLOCK_K = sl.NUM_STAGES = sl.NUM_WARPS = None
+        for parts in (int(v) for v in args.splits.split(",") if v):
+            n_parts = sl._parts(M, N, K, dt, parts)
+
+            def partials(x=x, w=w, n=n_parts):
+                return sl._partials_op(x, w, n)
+            yp = sl.split_linear(x, w, b, parts)
+            row[f"split {parts} rel_err"] = float((yp.double() - ref).abs().max() / ref.abs().max())
+            times[f"split {parts} (partials)"] = graph_time_per_call(partials, args.calls, args.replays)
         row["times_us"] = times
         row["heuristic"] = sl.launch_config(M, N, K, dt)
         best = min((v, k) for k, v in times.items() if isinstance(v, float) and k != "F.linear")

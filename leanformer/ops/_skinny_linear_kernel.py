@@ -126,3 +126,26 @@ def skinny_linear_kernel(X, LNW, LNB, W, Bias, RES, Y, M, N, K, eps, sxm, sxk, s
         res = tl.load(RES + offs_m[:, None] * srm + offs_n[None, :] * srn, mask=mask, other=0.0).to(tl.float32)
         acc = _round(acc + res, dt)
     tl.store(Y + offs_m[:, None] * sym + offs_n[None, :] * syn, acc.to(dt), mask=mask)
+
+
+@triton.jit
+def skinny_partials_kernel(X, W, P, M, N, K, K_SPLIT, sxm, sxk, swn, swk, sps, spm, spn,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """Split-K partial products: program (n, s) writes ``P[s] = x[:, K_s] W[n-block, K_s]ᵀ`` in float32, where
+    K_s = [s·K_SPLIT, min(K, (s+1)·K_SPLIT)). The caller sums P over s (and adds the bias, rounds once): a
+    product with a long K and a narrow output (GPT-2's MLP down, 3072 → 768: 48 column blocks, 12 K tiles each)
+    then runs on S times more programs, each streaming S times fewer bytes. ``EVEN_K``: K_SPLIT and K are
+    multiples of BLOCK_K and K of K_SPLIT (no masks along K)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    k_lo = pid_s * K_SPLIT
+    k_len = tl.minimum(K - k_lo, K_SPLIT)
+    acc = _product_tile(X + k_lo * sxk, W + k_lo * swk, W, offs_m, m_ok, offs_n, n_ok, k_len, sxm, sxk, swn, swk,
+                        False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(P + pid_s * sps + offs_m[:, None] * spm + offs_n[None, :] * spn, acc, mask=mask)

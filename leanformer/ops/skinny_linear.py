@@ -163,6 +163,80 @@ def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out.view(*x.shape[:-1], N)
 
 
+SPLIT_K: int | str | None = None  # None: off (until timed on a GPU); "auto": split_count's rule; an int: that many
+# splits of K for every product the rule would consider (a benchmark's sweep)
+SPLIT_K_EAGER = False  # also split outside torch.compile, where the partials' sum is launches of its own (tests)
+ITERS_PER_SPLIT = 3  # "auto": K tiles per split (GPT-2's 768-wide inputs take 3 tiles of 256 in ≈ 3.4 µs, H100)
+
+
+def split_count(M: int, N: int, K: int, dtype: torch.dtype) -> int:
+    """How many parts :func:`linear` splits K into (1: no split). Under :data:`SPLIT_K` "auto": a product whose
+    column blocks (:func:`launch_config`) give fewer than MIN_PROGRAMS programs and whose K spans more than
+    ITERS_PER_SPLIT tiles gets ⌈tiles / ITERS_PER_SPLIT⌉ parts (GPT-2's 3072 → 768: 48 programs, 12 tiles → 4
+    parts, 192 programs); an int: that many parts (at most the K tiles)."""
+    if SPLIT_K is None:
+        return 1
+    cfg = launch_config(M, N, K, dtype)
+    tiles = _cdiv(K, cfg["BLOCK_K"])
+    if SPLIT_K == "auto":
+        if _cdiv(N, cfg["BLOCK_N"]) >= MIN_PROGRAMS or tiles <= ITERS_PER_SPLIT:
+            return 1
+        return _cdiv(tiles, ITERS_PER_SPLIT)
+    if not isinstance(SPLIT_K, int) or SPLIT_K < 1:
+        raise ValueError(f"skinny_linear.SPLIT_K={SPLIT_K!r} must be None, 'auto' or a positive int")
+    return min(SPLIT_K, tiles)
+
+
+def _parts(M: int, N: int, K: int, dtype: torch.dtype, splits: int) -> int:
+    """The parts K is cut into for ``splits`` asked: whole BLOCK_K tiles each, none empty (12 tiles asked in 5
+    parts: 3 tiles each, 4 parts)."""
+    tiles = _cdiv(K, launch_config(M, N, K, dtype)["BLOCK_K"])
+    return _cdiv(tiles, _cdiv(tiles, min(splits, tiles)))
+
+
+def _new_partials(x, weight, splits):
+    return x.new_empty(splits, x.numel() // x.shape[-1], weight.shape[0], dtype=torch.float32)
+
+
+@_register("leanformer::skinny_linear_partials", _new_partials)
+def _partials_op(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    from leanformer.ops import _skinny_linear_kernel as kern
+
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = _new_partials(x, weight, splits)
+    cfg = launch_config(M, N, K, x.dtype)
+    k_split = _cdiv(_cdiv(K, cfg["BLOCK_K"]), splits) * cfg["BLOCK_K"]  # whole tiles per part (split_linear
+    # passes a count that leaves no part empty: _parts)
+    meta = {k: v for k, v in cfg.items() if k.isupper()}
+    opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    with _on_device(x):
+        _wrap(kern.skinny_partials_kernel)[(_cdiv(N, cfg["BLOCK_N"]), splits)](
+            x2, weight, out, M, N, K, k_split, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), EVEN_K=K % k_split == 0 and k_split % cfg["BLOCK_K"] == 0,
+            INTERPRET=_interpret(), **meta, **opts)
+    return out
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, splits: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as ``splits`` float32 partial products over parts of K (one launch:
+    :func:`leanformer.ops._skinny_linear_kernel.skinny_partials_kernel`), summed, the bias added in float32 and
+    the sum rounded once to x's dtype. Under torch.compile the sum is pointwise work that Inductor fuses into the
+    kernel after the product (a decoding step's residual add and LayerNorm), so the split costs no launch."""
+    reason = skinny_supported(x, weight, bias)
+    if reason is not None:
+        raise ValueError(f"split_linear cannot run these inputs: {reason}; use F.linear")
+    if not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be a positive int, got {splits!r}")
+    parts = _partials_op(x, weight, _parts(x.numel() // x.shape[-1], weight.shape[0], x.shape[-1], x.dtype, splits))
+    y = parts.sum(0)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
 def activation_code(activation: str | None) -> int:
     """The kernel's ACT code of ``activation`` (None: 0); ValueError naming the choices for another."""
     if activation is not None and activation not in ACTIVATIONS:
@@ -190,4 +264,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if ROUTE == "never" or (ROUTE == "cuda" and not x.is_cuda) or skinny_supported(x, weight, bias) is not None:
         y = F.linear(x, weight, bias)
         return EAGER_ACTIVATIONS[activation](y) if activation is not None else y
+    if act == 0 and (SPLIT_K_EAGER or torch.compiler.is_compiling()):
+        splits = split_count(x.numel() // x.shape[-1], weight.shape[0], x.shape[-1], x.dtype)
+        if splits > 1:
+            return split_linear(x, weight, bias, splits)
     return _skinny_op(x, weight, bias, act)
