@@ -10,5 +10,5 @@ nvidia-smi > $R/gpu.txt 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
 save() { tar czf $OUT/results.tgz -C $R . ; }
 trap save EXIT
-timeout 420 python3 -u benchmarks/prefill_profile.py --out $R/prefill --budget 380 > $R/prefill_log.txt 2>&1
+timeout 360 python3 -u benchmarks/prefill_profile.py --out $R/prefill --budget 240 > $R/prefill_log.txt 2>&1
 grep "^\[" $R/prefill_log.txt
