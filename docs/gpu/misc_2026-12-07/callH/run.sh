@@ -8,7 +8,8 @@
 #     layer (noble_decode.SHARED_Z; expected ~0.53 ms, 0.92x Pre-LN).
 # (2) skinny_linear_gpu: the head (77 MB; 2.4 TB/s in the step) with wider column blocks, and the MLP down
 #     product's partials at 2, 3, 4, 6 parts, 8 rows.
-# (3) bench decode preln,noble_fused at 512 x 8, 32 compiled (NOBLE's b 8 and 32 never measured).
+# (3) bench decode preln,dijiang_scratch at 32K x 8 with split K (the 10x cell: 9.90x at 02:44), then
+#     preln,noble_fused at 512 x 8, 32 compiled (NOBLE's b 8 and 32 never measured).
 R=/tmp/r_callH; rm -rf $R; mkdir -p $R; export PYTHONUNBUFFERED=1
 nvidia-smi > $R/gpu.txt 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
@@ -23,10 +24,14 @@ V="dijiang 8K x8 compiled;dijiang 8K x8 compiled, split K;noble 512 x1 compiled,
 timeout 230 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 220 --variants "$V" > $R/profile_log.txt 2>&1
 grep "^\[" $R/profile_log.txt
 save
-timeout 80 python3 -u benchmarks/skinny_linear_gpu.py --out $R/head --shapes lm_head,down --rows 8 --wide \
-  --splits 2,3,4,6 --budget 65 > $R/head_log.txt 2>&1
+timeout 110 python3 -m leanformer bench decode --size gpt2 --arms preln,dijiang_scratch --contexts 32768 --batches 8 \
+  --compile --kernels split=auto --time-budget 95 --out $R/split32k > $R/split32k_log.txt 2>&1
+grep "bench decode\]" $R/split32k_log.txt
+save
+timeout 60 python3 -u benchmarks/skinny_linear_gpu.py --out $R/head --shapes lm_head,down --rows 8 --wide \
+  --splits 2,3,4,6 --budget 45 > $R/head_log.txt 2>&1
 grep "M=" $R/head_log.txt
 save
-timeout 140 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 8,32 \
-  --compile --time-budget 125 --out $R/noble > $R/noble_log.txt 2>&1
+timeout 100 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fused --contexts 512 --batches 8,32 \
+  --compile --time-budget 85 --out $R/noble > $R/noble_log.txt 2>&1
 grep "bench decode\]" $R/noble_log.txt
