@@ -135,8 +135,8 @@ def skinny_partials_kernel(X, W, P, M, N, K, K_SPLIT, sxm, sxk, swn, swk, sps, s
     """Split-K partial products: program (n, s) writes ``P[s] = x[:, K_s] W[n-block, K_s]ᵀ`` in float32, where
     K_s = [s·K_SPLIT, min(K, (s+1)·K_SPLIT)). The caller sums P over s (and adds the bias, rounds once): a
     product with a long K and a narrow output (GPT-2's MLP down, 3072 → 768: 48 column blocks, 12 K tiles each)
-    then runs on S times more programs, each streaming S times fewer bytes. ``EVEN_K``: K_SPLIT and K are
-    multiples of BLOCK_K and K of K_SPLIT (no masks along K)."""
+    then runs on S times more programs, each streaming S times fewer bytes. ``EVEN_K``: K is a multiple of
+    BLOCK_K (K_SPLIT always is), so no part needs masks along K."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)

@@ -163,28 +163,30 @@ def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out.view(*x.shape[:-1], N)
 
 
-SPLIT_K: int | str | None = None  # None: off (until timed on a GPU); "auto": split_count's rule; an int: that many
-# splits of K for every product the rule would consider (a benchmark's sweep)
+SPLIT_K: int | str | None = None  # None: off (until timed on a GPU); "auto": split_count's rule; an int: at most
+# that many parts for each product with too few column blocks (a benchmark's sweep)
 SPLIT_K_EAGER = False  # also split outside torch.compile, where the partials' sum is launches of its own (tests)
 ITERS_PER_SPLIT = 3  # "auto": K tiles per split (GPT-2's 768-wide inputs take 3 tiles of 256 in ≈ 3.4 µs, H100)
 
 
 def split_count(M: int, N: int, K: int, dtype: torch.dtype) -> int:
-    """How many parts :func:`linear` splits K into (1: no split). Under :data:`SPLIT_K` "auto": a product whose
-    column blocks (:func:`launch_config`) give fewer than MIN_PROGRAMS programs and whose K spans more than
-    ITERS_PER_SPLIT tiles gets ⌈tiles / ITERS_PER_SPLIT⌉ parts (GPT-2's 3072 → 768: 48 programs, 12 tiles → 4
-    parts, 192 programs); an int: that many parts (at most the K tiles)."""
+    """How many parts :func:`linear` splits K into (1: no split). Only a product whose column blocks
+    (:func:`launch_config`) give fewer than MIN_PROGRAMS programs is split. Under :data:`SPLIT_K` "auto", if
+    its K spans more than ITERS_PER_SPLIT tiles, into ⌈tiles / ITERS_PER_SPLIT⌉ parts (GPT-2's 3072 → 768 in
+    bf16: 48 programs, 12 tiles of 256 → 4 parts, 192 programs; in float32, with tiles of 128, 768 → 768 is
+    split too); under an int, into at most that many. The count is the parts the kernel runs (:func:`_parts`:
+    whole tiles each, none empty)."""
     if SPLIT_K is None:
         return 1
+    if SPLIT_K != "auto" and (isinstance(SPLIT_K, bool) or not isinstance(SPLIT_K, int) or SPLIT_K < 1):
+        raise ValueError(f"skinny_linear.SPLIT_K={SPLIT_K!r} must be None, 'auto' or a positive int")
     cfg = launch_config(M, N, K, dtype)
     tiles = _cdiv(K, cfg["BLOCK_K"])
+    if _cdiv(N, cfg["BLOCK_N"]) >= MIN_PROGRAMS:
+        return 1
     if SPLIT_K == "auto":
-        if _cdiv(N, cfg["BLOCK_N"]) >= MIN_PROGRAMS or tiles <= ITERS_PER_SPLIT:
-            return 1
-        return _cdiv(tiles, ITERS_PER_SPLIT)
-    if not isinstance(SPLIT_K, int) or SPLIT_K < 1:
-        raise ValueError(f"skinny_linear.SPLIT_K={SPLIT_K!r} must be None, 'auto' or a positive int")
-    return min(SPLIT_K, tiles)
+        return 1 if tiles <= ITERS_PER_SPLIT else _parts(M, N, K, dtype, _cdiv(tiles, ITERS_PER_SPLIT))
+    return _parts(M, N, K, dtype, SPLIT_K)
 
 
 def _parts(M: int, N: int, K: int, dtype: torch.dtype, splits: int) -> int:
@@ -215,7 +217,7 @@ def _partials_op(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Te
     with _on_device(x):
         _wrap(kern.skinny_partials_kernel)[(_cdiv(N, cfg["BLOCK_N"]), splits)](
             x2, weight, out, M, N, K, k_split, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), EVEN_K=K % k_split == 0 and k_split % cfg["BLOCK_K"] == 0,
+            out.stride(0), out.stride(1), out.stride(2), EVEN_K=K % cfg["BLOCK_K"] == 0,  # parts: whole tiles
             INTERPRET=_interpret(), **meta, **opts)
     return out
 
