@@ -354,6 +354,9 @@ STEP_PLAN = [  # most wanted first
     StepRun("bert sas_p_nonorm b128 cudagraphs mixk", "bert", "sas_p_nonorm", 128, True, CG, mix_kernel="cuda"),
     # Inductor times its Triton matrix-product templates (bias, activation and the branch's add fused into
     # their epilogues) against cuBLAS for each shape; CUDA graphs as with CG
+    # NOBLE unfused: main and down as two products (the main one with Pre-LN's tiles; no [dy, dz] concatenation
+    # nor stacked bias gradient in the backward; x read once more), never timed under CUDA graphs
+    StepRun("gpt2 noble b16 cudagraphs cosk", "gpt2", "noble", 16, True, CG, cosnet_kernel="cuda"),
     StepRun("gpt2 preln b16 autotune", "gpt2", "preln", 16, True, AT),
     StepRun("gpt2 noble_fused b16 autotune cosk", "gpt2", "noble_fused", 16, True, AT, cosnet_kernel="cuda"),
     StepRun("gpt2 preln b32 autotune", "gpt2", "preln", 32, False, AT),
