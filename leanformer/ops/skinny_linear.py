@@ -29,7 +29,9 @@ default: the kernel where supported, for CUDA tensors; "always": also for CPU te
 ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of :func:`launch_config`; a benchmark may set them to
 time variants), ``PDL`` (False; True: on Hopper, a programmatic dependent launch: it launches while the
 kernel before it ends and waits for it before reading; off until timed), ``FMA_COLUMNS`` (None; 1–8: narrower
-column blocks by multiply-adds for a narrow output, :func:`launch_config`; off until timed).
+column blocks by multiply-adds for a narrow output, :func:`launch_config`; off until timed), ``SPLIT_K`` (None;
+"auto" or an int: under torch.compile a product with a long K and too few column blocks runs as partial products
+over parts of K, :func:`split_linear`, whose sum Inductor fuses into the next kernel; off until timed).
 """
 
 from __future__ import annotations
