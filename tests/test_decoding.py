@@ -325,9 +325,17 @@ def test_fused_inputs_follow_the_weights_after_sharing_breaks(how):
     torch.testing.assert_close(dec.logits, full[:, 7], rtol=1e-9, atol=1e-9)
 
 
+@pytest.fixture
+def recompile_limit_raised():
+    """Dynamo's recompile limit raised to 32 and a hit of it made an error, so that a graph count cannot be
+    capped silently (at the default limit of 8 a further shape runs eagerly)."""
+    with torch._dynamo.config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True):
+        yield
+
+
 @pytest.mark.parametrize("arm,unit", [("softmax-preln", "blocks"), ("shaped-sas_p", "blocks"),
                                       ("dijiang-fused", "blocks"), ("softmax-preln", "model")])
-def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch, request):
+def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch, recompile_limit_raised):
     """``compile_prefill``: the chunks through torch.compile forms with dynamic shapes (aot_eager here;
     Inductor on a GPU), the whole forward or each block (the model's blocks sharing their graphs), give the
     eager prefill's logits and cache, for prompts of three lengths (chunks of 8: full, ragged, a single
@@ -338,10 +346,6 @@ def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch, req
     limit of 8, SAS-P's ninth graph would run eagerly instead); the count does not grow with the layers (the
     next test)."""
     from torch._dynamo.utils import counters
-
-    patch = torch._dynamo.config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True)
-    patch.__enter__()
-    request.addfinalizer(lambda: patch.__exit__(None, None, None))
 
     if arm == "dijiang-fused":  # the GPU's route: the feature and fused kernels (opaque ops under the
         from leanformer.layers import dijiang  # interpreter; float32, which the kernels take)
@@ -368,15 +372,11 @@ def test_compiled_prefill_equals_eager_in_two_graphs(arm, unit, monkeypatch, req
     assert not counters["graph_break"]
 
 
-def test_compiled_prefill_blocks_share_their_graphs(request):
+def test_compiled_prefill_blocks_share_their_graphs(recompile_limit_raised):
     """``prefill_unit="blocks"``: the blocks of a model share their compiled graphs, so a model of 4 layers
     compiles as many graphs as one of 2 (GPT-2's 12 blocks: one block's compiles, not twelve); the recompile
     limit raised so that it cannot cap the counts."""
     from torch._dynamo.utils import counters
-
-    patch = torch._dynamo.config.patch(recompile_limit=32, fail_on_recompile_limit_hit=True)
-    patch.__enter__()
-    request.addfinalizer(lambda: patch.__exit__(None, None, None))
 
     graphs = []
     for layers in (2, 4):
