@@ -360,6 +360,7 @@ STEP_PLAN = [  # most wanted first
     StepRun("gpt2 preln b16 autotune", "gpt2", "preln", 16, True, AT),
     StepRun("gpt2 noble_fused b16 autotune cosk", "gpt2", "noble_fused", 16, True, AT, cosnet_kernel="cuda"),
     StepRun("gpt2 preln b32 autotune", "gpt2", "preln", 32, False, AT),
+    StepRun("gpt2 preln b32 cudagraphs", "gpt2", "preln", 32, False, CG),  # #13's best batch with CUDA graphs
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]
