@@ -3,7 +3,8 @@ compiles them inside a ``torch.compile``d graph: Python float arguments declared
 
 Run by tests/test_triton_sm90_compile.py in a subprocess without ``TRITON_INTERPRET`` (under the interpreter
 ``triton.jit`` makes interpreted functions, which cannot be compiled). Prints one line per kernel,
-``OK name`` or ``FAIL name: error``, and exits 1 on any failure. Triton's code generation down to a cubin
+``OK name`` or ``FAIL name: error``, and exits 1 on any failure. ``python tests/_compile_sm90.py i n`` compiles
+only every n-th kernel from the i-th (one process per core). Triton's code generation down to a cubin
 needs no GPU (its bundled ptxas runs on the CPU): type errors such as a loop-carried variable that changes
 type (found on an H200, 2026-12-04) show up here.
 """
@@ -140,18 +141,19 @@ def cases():
                mix_ptrs, (), dict(BLOCK_T=64, BLOCK_D=32, PER_POSITION=per_position))
 
 
-def main() -> int:
+def main(shard: int = 0, shards: int = 1) -> int:
+    """Compile the jobs ``shard``, ``shard + shards``, … of the list (the test runs one process per core)."""
     failed = 0
-    for name, fn, ptrs, floats, meta in cases():
-        for float_type in ("fp32", "fp64") if floats else ("",):
-            label = f"{name}, floats {float_type}" if floats else name
-            try:
-                compile_kernel(fn, ptrs, floats, meta, float_type)
-                print(f"OK {label}", flush=True)
-            except Exception as e:  # noqa: BLE001 - report every kernel's failure, then exit 1
-                failed += 1
-                print(f"FAIL {label}: {type(e).__name__}: {str(e)[-300:]}", flush=True)
+    jobs = [(case, float_type) for case in cases() for float_type in (("fp32", "fp64") if case[3] else ("",))]
+    for (name, fn, ptrs, floats, meta), float_type in jobs[shard::shards]:
+        label = f"{name}, floats {float_type}" if floats else name
+        try:
+            compile_kernel(fn, ptrs, floats, meta, float_type)
+            print(f"OK {label}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report every kernel's failure, then exit 1
+            failed += 1
+            print(f"FAIL {label}: {type(e).__name__}: {str(e)[-300:]}", flush=True)
     return 1 if failed else 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*(int(a) for a in sys.argv[1:3])))  # optional: shard index, shard count
