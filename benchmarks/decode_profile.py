@@ -25,6 +25,7 @@ import torch
 from train_profile import kernel_class, kernel_totals, top_kernels
 
 from leanformer.bench.kernel_switches import switches_set
+from leanformer.bench.variants import chosen_variants
 
 AUTOTUNE = "max-autotune-no-cudagraphs"
 GATE_OUT = {"leanformer.ops.fused_decay_step.GATE_IN_KERNEL": False}
@@ -45,7 +46,8 @@ WIDE_TILES = {"leanformer.ops.skinny_linear.TILES": "wide"}  # the default again
 NARROW_TILES = {"leanformer.ops.skinny_linear.TILES": "narrow"}
 FMA_8, FMA_4 = ({"leanformer.ops.skinny_linear.FMA_COLUMNS": c} for c in (8, 4))  # 768-wide outputs: 96, 192 programs
 PDL_ON = {"leanformer.ops.skinny_linear.PDL": True, "leanformer.ops.fused_decay_step.PDL": True}
-SPLIT_K = {"leanformer.ops.skinny_linear.SPLIT_K": "auto"}  # long-K products in parts, summed by the next kernel
+SPLIT_K = {"leanformer.ops.skinny_linear.SPLIT_K": "auto"}  # long-K products in parts (the default since 2026-12-07)
+NO_SPLIT_K = {"leanformer.ops.skinny_linear.SPLIT_K": None}
 ALL_ON = dict(SKINNY_ON, **SINGLE_ON, **PDL_ON)
 
 
@@ -73,6 +75,8 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("dijiang 8K x8 compiled, two-pass argmax", "dijiang_scratch", 8192, 8, True, ARGMAX_TWO),
     ("dijiang 8K x8 compiled, split K", "dijiang_scratch", 8192, 8, True, SPLIT_K),
     ("preln 512 x1 compiled, split K", "preln", 512, 1, True, SPLIT_K),
+    ("dijiang 8K x8 compiled, no split K", "dijiang_scratch", 8192, 8, True, NO_SPLIT_K),
+    ("preln 512 x1 compiled, no split K", "preln", 512, 1, True, NO_SPLIT_K),
     ("dijiang 8K x8 compiled, argmax in head", "dijiang_scratch", 8192, 8, True, ARGMAX_IN_HEAD),
     ("dijiang 8K x8 compiled, argmax in head, FMA 8 columns", "dijiang_scratch", 8192, 8, True,
      dict(ARGMAX_IN_HEAD, **FMA_8)),
@@ -192,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     t0 = time.monotonic()
-    asked = [x.strip() for x in args.variants.split(";") if x.strip()]
-    unknown = sorted(set(asked) - {v[0] for v in VARIANTS})
-    if unknown:
-        p.error(f"--variants: unknown labels {unknown} (separate labels with ';'); known: {[v[0] for v in VARIANTS]}")
-    wanted = [v for v in VARIANTS if not asked or v[0] in asked]
+    wanted = chosen_variants(p, args.variants, VARIANTS)
     result = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                        "command": "python3 " + " ".join(sys.argv)}, "rows": []}

@@ -4,7 +4,8 @@ For each variant (arm, prompt length, prefill chunk, DiJiang's ``FUSED_MAX_LEN``
 :class:`~leanformer.decoding.StaticDecoder` (GPT-2 small, bf16 decoding copy) prefills a random prompt three
 times (the first pays one-off costs and is dropped; a compiled prefill runs four times, two dropped), then
 once under ``torch.profiler``: wall seconds (median), GPU kernel time and launches, host-side aten ops, and
-the top kernels. Wall ≫ kernel time means
+the top kernels. A variant replayed from a CUDA graph (``prefill_graph``) keeps one decoder, restarted
+before each prompt: its first two prefills (an ordinary one, then the capture) are dropped. Wall ≫ kernel time means
 the prefill is bound by the host (Python and launches), not by the GPU.
 
     PYTHONPATH=$PWD:$PWD/benchmarks python3 benchmarks/prefill_profile.py --out $OUT
@@ -25,11 +26,13 @@ from pathlib import Path
 import torch
 from train_profile import kernel_class, kernel_totals, top_kernels
 
+from leanformer.bench.variants import chosen_variants
+
 BEFORE_2026_12_07 = {"leanformer.ops.eager_op.EAGER_FAST_PATH": False,  # every op through the dispatcher,
                      "leanformer.ops.decayed_linear_attention.COMPILE_BOUNDARY_ON_CUDA": False,  # eager boundary
                      "leanformer.layers.dijiang.COMPILE_NORMALISER_ON_CUDA": False}  # and eager normaliser
 VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None, module switches,
-    #            StaticDecoder's compiled prefill: False, or its prefill_unit "blocks" or "model")
+    #            the prefill's form, a key of PREFILL_FORMS)
     ("preln 8K chunk 4096", "preln", 8192, 4096, None, {}, False),
     ("dijiang 8K chunk 4096", "dijiang_scratch", 8192, 4096, None, {}, False),
     ("dijiang 8K chunk 4096, compiled prefill", "dijiang_scratch", 8192, 4096, None, {}, "blocks"),
@@ -38,9 +41,27 @@ VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN
     ("dijiang 8K chunk 8192, fused ≤ 8192", "dijiang_scratch", 8192, 8192, 8192, {}, False),
     ("preln 8K chunk 8192", "preln", 8192, 8192, None, {}, False),
     ("dijiang 8K chunk 2048", "dijiang_scratch", 8192, 2048, None, {}, False),
-    # last: its compile for GPT-2 did not finish in ≈ 120 s on an H100 (2026-12-07)
+    # replayed from a CUDA graph of the whole prefill (StaticDecoder(prefill_graph=True), one decoder restarted
+    # before each prompt): the host's work goes (DiJiang's compiled prefill: 17.9 ms wall, 8.3 of kernels)
+    ("preln 8K chunk 8192, graph", "preln", 8192, 8192, None, {}, "graph"),
+    ("dijiang 8K chunk 8192, fused ≤ 8192, graph", "dijiang_scratch", 8192, 8192, 8192, {}, "graph"),
+    ("preln 8K chunk 4096, graph", "preln", 8192, 4096, None, {}, "graph"),
+    ("dijiang 8K chunk 4096, graph", "dijiang_scratch", 8192, 4096, None, {}, "graph"),
+    # the whole model compiled: ≈ 120 s of compiling each on an H100 (2026-12-07 08:23); DiJiang's 17.9 ms wall
     ("dijiang 8K chunk 4096, compiled prefill, whole model", "dijiang_scratch", 8192, 4096, None, {}, "model"),
+    ("preln 8K chunk 8192, compiled prefill, whole model", "preln", 8192, 8192, None, {}, "model"),
+    ("dijiang 8K chunk 8192, fused ≤ 8192, compiled prefill, whole model", "dijiang_scratch", 8192, 8192, 8192, {},
+     "model"),
+    ("preln 8K chunk 4096, compiled prefill, whole model", "preln", 8192, 4096, None, {}, "model"),
+    ("dijiang 8K chunk 4096, compiled whole model, graph", "dijiang_scratch", 8192, 4096, None, {}, "model+graph"),
 ]
+PREFILL_FORMS = {  # a variant's form -> StaticDecoder's (compile_prefill, prefill_unit, prefill_graph)
+    False: (False, "model", False),            # eager
+    "blocks": (True, "blocks", False),         # each block compiled (shared graphs)
+    "model": (True, "model", False),           # the whole forward compiled
+    "graph": (False, "model", True),           # eager, replayed from a CUDA graph
+    "model+graph": (True, "model", True),      # compiled whole, replayed from a CUDA graph
+}
 
 
 def run_variant(label, arm, tokens, chunk, fused_max_len, extra, compile_prefill, device, smoke) -> dict:
@@ -62,16 +83,25 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, extra, compile_prefill
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, size.vocab_size, (1, tokens), generator=g).to(device)
 
+        compiled, unit, graphed = PREFILL_FORMS[compile_prefill]
+        graphed = graphed and device.type == "cuda"  # the CPU smoke runs a graph variant as eager
+        kw = dict(graph="none", prefill_chunk=chunk, prefill_unit=unit, prefill_graph=graphed,
+                  compile_prefill=("eager" if smoke else True) if compiled else False)
+        reused = StaticDecoder(model, 1, tokens + 8, **kw) if graphed else None
+
         def prefill():
-            dec = StaticDecoder(model, 1, tokens + 8, graph="none", prefill_chunk=chunk,
-                                compile_prefill=("eager" if smoke else True) if compile_prefill else False,
-                                prefill_unit=compile_prefill or "blocks")
+            if reused is not None:  # one decoder: its graph (captured at the second prompt) replays after
+                reused.restart()
+                reused.prefill(prompt)
+                return reused
+            dec = StaticDecoder(model, 1, tokens + 8, **kw)
             dec.prefill(prompt)
             return dec
 
         walls = []  # a compiled prefill compiles again in its second run (a model's first call builds its
-        # rotary tables, which the graphs then guard on): two runs dropped for it, one otherwise
-        warm = 2 if compile_prefill else 1
+        # rotary tables, which the graphs then guard on), and a graph is captured at the second: two runs
+        # dropped for them, one otherwise
+        warm = 2 if compiled or graphed else 1
         for _ in range(warm + 2):
             synchronize(device)
             t0 = time.perf_counter()
@@ -83,6 +113,7 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, extra, compile_prefill
         totals = kernel_totals(kernels)
         return {"label": label, "arm": arm, "tokens": tokens, "chunk": chunk, "fused_max_len": fused_max_len,
                 "switches": switches, "compile_prefill": compile_prefill,
+                "graph_captured": isinstance(reused._prefill_graphs.get(tokens), tuple) if reused else None,
                 "wall_s": walls, "wall_median_s": statistics.median(walls[warm:]), "kernel_ms": totals["total"],
                 "launches": sum(k["calls_per_step"] for k in kernels), "host_aten_ops": _host_ops(prefill),
                 "by_class": totals, "top": kernels[:20], "status": "ok"}
@@ -121,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="prefill_profile_out")
     p.add_argument("--budget", type=float, default=200.0, help="seconds; variants not started by then are skipped")
+    p.add_argument("--variants", default="", help="semicolon-separated labels (default: all; labels hold commas)")
     p.add_argument("--cpu-smoke", action="store_true")
     args = p.parse_args(argv)
+    wanted = chosen_variants(p, args.variants, VARIANTS)
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     result = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -130,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    for v in VARIANTS[:3] if args.cpu_smoke else VARIANTS:  # smoke: the eager pair and a compiled prefill
+    for v in wanted[:3] if args.cpu_smoke else wanted:  # smoke: the eager pair and a compiled prefill
         if time.monotonic() - t0 > args.budget:
             result["rows"].append({"label": v[0], "status": "skipped (time budget)"})
             continue

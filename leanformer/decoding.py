@@ -31,6 +31,7 @@ path and to the full forward pass.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -52,6 +53,9 @@ class StaticPositions:
       (causal attention over the new tokens alone).
     * ``attention``: ``"math"`` (matmul + masked softmax) or ``"sdpa"`` for the masked step.
     * ``capacity``: the cache's length in tokens.
+    * ``fresh``: True while a prefill's first chunk runs at position 0 (:func:`starts_afresh`): the layers then
+      start their running state (DiJiang's S and n, shaped attention's running sum) from zero instead of
+      continuing what the buffers hold, so a cache rewound by :meth:`StaticDecoder.restart` takes a new prompt.
     * ``shared``: tensors every layer needs once per call (rotary cos/sin, 1/(position+1)), made by the
       first layer that asks (:meth:`memo`) and cleared at each call.
     * ``memo_in_compiled``: False while a prefill runs its blocks as separately compiled graphs: there a
@@ -64,6 +68,7 @@ class StaticPositions:
     end: int | None = None
     mask: torch.Tensor | None = None
     attention: str = "sdpa"
+    fresh: bool = False
     shared: dict = field(default_factory=dict)
     memo_in_compiled: bool = True
 
@@ -80,6 +85,12 @@ class StaticPositions:
 def is_static(state: dict | None) -> bool:
     """True for a per-layer state of a :class:`StaticCache` (pre-allocated, written in place)."""
     return state is not None and "positions" in state
+
+
+def starts_afresh(state: dict | None) -> bool:
+    """True for a static state whose call begins a sequence (position 0): its running state is zero, whatever
+    the buffers hold from an earlier sequence (:attr:`StaticPositions.fresh`)."""
+    return is_static(state) and state["positions"].fresh
 
 
 def write_kv(state: dict, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,6 +174,7 @@ class StaticCache:
             raise ValueError(f"batch of {batch} sequences, but the static cache holds {self.batch}")
         p = self.positions
         p.shared = {}
+        p.fresh = not self.fixed_shape and self.pos == 0
         if self.fixed_shape:
             if T != 1:
                 raise ValueError(f"a fixed-shape step takes one token per sequence, got {T}")
@@ -298,11 +310,13 @@ class StaticDecoder:
     default; ``"max-autotune-no-cudagraphs"`` lets Inductor time Triton matrix products against cuBLAS's and
     fuse element-wise epilogues into them; a mode with CUDA graphs of its own is refused: the step is captured
     here). ``compile_prefill``: the prefill's chunks through ``torch.compile`` forms with dynamic shapes (a
-    string names the backend; False, the default: eager), per ``prefill_unit``: ``"blocks"`` (the default)
-    compiles each block, and blocks of one kind share their graphs (regional compilation: one block's compile
-    serves all twelve of GPT-2's; the embedding, the final norm and the head stay eager); ``"model"`` compiles
-    the whole forward as one graph (on an H100 its Inductor compile for GPT-2 did not finish in ≈ 120 s,
-    2026-12-07, docs/gpu/misc_2026-12-07/callG). The whole forward: two graphs serve prompts in chunks of
+    string names the backend; False, the default: eager), per ``prefill_unit``: ``"model"`` (the default)
+    compiles the whole forward as one graph (GPT-2's 8K prompt on an H100, 2026-12-07: DiJiang 17.9 ms against
+    37.0 by blocks and 45.8 eager, after ≈ 120 s of compiling; docs/benchmarks.md); ``"blocks"`` compiles
+    each block, and blocks of one kind share their graphs (regional compilation: one block's compile serves
+    all twelve of GPT-2's, so it compiles faster; the embedding, the final norm and the head stay eager; each
+    block's call costs host time: softmax's 8K prefill took 32.6 ms by blocks against 19.5 eager). The whole
+    forward: two graphs serve prompts in chunks of
     ≥ 2 tokens (the cache before its first chunk and after; tested on the CPU for softmax, SAS-P and DiJiang);
     a one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch compile one more each.
     The blocks: a few more graphs of one block each, the same for any depth (tests/test_decoding.py's prompts
@@ -310,8 +324,10 @@ class StaticDecoder:
     8 by default and shared by the blocks of one class, a further shape runs eagerly, with a warning). Each
     new cache capacity of a rotary model compiles two more (the rotary tables' reserved length is guarded),
     and each block keeps its own rotary tables (n_layers times one table's memory).
-    The prefill's host time (DiJiang's 8K prefill: 52.6 ms of wall time for 11.6 ms of kernels, H100,
-    2026-12-07) becomes the compiled graphs'. Not timed on a GPU yet. ``attention``:
+    ``prefill_graph`` (CUDA only): a prompt that starts the cache is replayed from a CUDA graph of the
+    whole prefill for its length, from the second prompt of that length on (:meth:`restart` rewinds the
+    cache for the next one): the prefill's host time, most of its wall time (DiJiang's compiled 8K prefill:
+    17.9 ms for 8.3 ms of kernels, H100, 2026-12-07), goes; not timed yet. ``attention``:
     the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state
     at construction (e.g. bf16) is the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the
     token to feed, ``tokens`` (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.
@@ -322,7 +338,7 @@ class StaticDecoder:
                  generator: torch.Generator | None = None, graph: str = "auto", attention: str = "sdpa",
                  prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool | str = False,
                  compile_mode: str | None = None, compile_prefill: bool | str = False,
-                 prefill_unit: str = "blocks"):
+                 prefill_unit: str = "model", prefill_graph: bool = False):
         check_sampling(temperature, top_k, top_p)
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={compile_mode!r} is not valid; choose one of "
@@ -338,6 +354,11 @@ class StaticDecoder:
             raise ValueError(f"prefill_unit={prefill_unit!r} is not valid; choose blocks or model")
         self.model = model
         self.device = next(model.parameters()).device
+        if prefill_graph and self.device.type != "cuda":
+            raise ValueError(f"prefill_graph=True needs a CUDA model (CUDA graphs); this one is on {self.device}")
+        self.prefill_graph = prefill_graph
+        self._prefill_graphs: dict = {}  # prompt length -> "warm" after a first prefill, then (graph, ids, h, cache),
+        # or "failed" (not capturable: runs without a graph)
         if graph == "auto":
             graph = "cuda" if self.device.type == "cuda" else "none"
         if graph != "none" and self.device.type != "cuda":
@@ -372,7 +393,9 @@ class StaticDecoder:
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """Run the prompt (B, T) through the cache in chunks; returns the last position's logits (B, V)
-        and makes the first sampled token the next one to feed."""
+        and makes the first sampled token the next one to feed. With ``prefill_graph`` a prompt that starts
+        the cache (position 0) runs as a CUDA graph from the second prompt of its length on
+        (:meth:`_prefill_replayed`)."""
         B, T = prompt.shape
         if T < 1:
             raise ValueError("the prompt must hold at least one token")
@@ -380,14 +403,11 @@ class StaticDecoder:
             raise ValueError(f"prompt of {T} tokens (after {self.cache.pos} cached) exceeds the static "
                              f"cache's capacity of {self.capacity} tokens")
         with self._ctx():
-            for s in range(0, T, self.prefill_chunk):
-                ids = prompt[:, s:s + self.prefill_chunk]
-                if self.compile_prefill and self._blocks is None and ids.shape[1] > 1:  # one graph for the
-                    # lengths ≥ 2 (1 is always specialised); "maybe": code that needs a length's value (a
-                    # short chunk's kernel block) recompiles for it instead of failing
-                    torch._dynamo.maybe_mark_dynamic(ids, 1)
-                h = self._chunk(ids)
-            logits, nxt = self._head_and_choice(h[:, -1])
+            if self.prefill_graph and self.cache.pos == 0:
+                h = self._prefill_replayed(prompt)
+            else:
+                h = self._prefill_chunks(prompt)
+            logits, nxt = self._head_and_choice(h)
             self.tokens[:, self.cache.pos - T: self.cache.pos] = prompt
         if self.logits is None:
             self.logits = logits.clone()
@@ -398,6 +418,59 @@ class StaticDecoder:
         if self.cache.pos < self.capacity:
             self.tokens[:, self.cache.pos] = nxt
         return logits
+
+    def _prefill_chunks(self, prompt: torch.Tensor) -> torch.Tensor:
+        """The prompt (B, T) through the cache, ``prefill_chunk`` tokens at a time → the last position's hidden
+        state (B, C)."""
+        for s in range(0, prompt.shape[1], self.prefill_chunk):
+            ids = prompt[:, s:s + self.prefill_chunk]
+            if self.compile_prefill and self._blocks is None and ids.shape[1] > 1:  # one graph for the
+                # lengths ≥ 2 (1 is always specialised); "maybe": code that needs a length's value (a
+                # short chunk's kernel block) recompiles for it instead of failing
+                torch._dynamo.maybe_mark_dynamic(ids, 1)
+            h = self._chunk(ids)
+        return h[:, -1]
+
+    def _prefill_replayed(self, prompt: torch.Tensor) -> torch.Tensor:
+        """A prompt that starts the cache, through a CUDA graph of the whole prefill for its length: the first
+        prompt of a length runs as usual (compiling, allocating the cache's buffers), the second runs once more
+        so, then is captured (the capture records the launches and sets the cache's Python state, then one
+        replay computes), later ones only replay (no host work but the replay: an 8K prefill was bound by its
+        launches, docs/benchmarks.md). The graph reads the prompt from a buffer of its own and writes the cache's
+        buffers in place; it belongs to this cache (another cache, e.g. one assigned to ``self.cache``, starts
+        over) and keeps its intermediate tensors in its own memory pool (one pool per prompt length)."""
+        T = prompt.shape[1]
+        entry = self._prefill_graphs.get(T)
+        if isinstance(entry, tuple) and entry[3] is not self.cache:
+            self._prefill_graphs.clear()
+            entry = None
+        if entry is None:
+            self._prefill_graphs[T] = "warm"
+            return self._prefill_chunks(prompt)
+        if entry == "failed":
+            return self._prefill_chunks(prompt)
+        if entry == "warm":
+            # once more without capturing: the first prompt found the cache's buffers unallocated, this one
+            # finds them (the path the graph records: code compiled for it compiles now, not in the capture)
+            self._prefill_chunks(prompt)
+            self.cache.pos = 0
+            ids = prompt.clone()
+            g = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(g):
+                    h = self._prefill_chunks(ids)  # advances the cache's position to T, as a prefill does
+            except RuntimeError as e:  # something in the prefill cannot be captured (a host read): run it as usual
+                warnings.warn(f"the prefill of {T} tokens could not be captured as a CUDA graph ({e}); it runs "
+                              "without one", stacklevel=3)
+                self._prefill_graphs[T] = "failed"
+                self.cache.pos = 0  # the capture ran no kernel: the cache is still empty
+                return self._prefill_chunks(prompt)
+            entry = self._prefill_graphs[T] = (g, ids, h, self.cache)
+        g, ids, h, _ = entry
+        ids.copy_(prompt)
+        g.replay()
+        self.cache.pos = T
+        return h
 
     def _prefill_chunk(self, ids: torch.Tensor) -> torch.Tensor:
         """One prefill chunk (B, T) through the cache → hidden states (B, T, C) (compiled whole for
@@ -429,6 +502,13 @@ class StaticDecoder:
 
     def step_pos_sync(self) -> None:
         self.cache.step_pos.fill_(self.cache.pos)
+
+    def restart(self) -> None:
+        """Forget the sequences: the cache goes back to position 0 (its buffers kept, to be overwritten), so
+        the next :meth:`prefill` starts new prompts (and may replay a prefill graph, ``prefill_graph``). The
+        captured step stays valid: it reads the position from the device."""
+        self.cache.pos = 0
+        self.step_pos_sync()
 
     # ---------------------------------------------------------------- step
     def _step_body(self) -> None:
@@ -501,7 +581,8 @@ class StaticDecoder:
         new = StaticDecoder(self.model, batch, self.capacity, graph=self.graph_kind,
                             prefill_chunk=self.prefill_chunk, cache=self.cache.expand(batch),
                             compile=self.compiled, compile_mode=self.compile_mode,
-                            compile_prefill=self.compile_prefill, prefill_unit=self.prefill_unit, **self.sampling)
+                            compile_prefill=self.compile_prefill, prefill_unit=self.prefill_unit,
+                            prefill_graph=self.prefill_graph, **self.sampling)
         new.ids.copy_(self.ids[:1].expand(batch, 1))
         new.tokens.copy_(self.tokens[:1].expand(batch, -1))
         new.logits = self.logits[:1].expand(batch, -1).clone()

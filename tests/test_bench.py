@@ -359,3 +359,19 @@ def test_attention_host_profile_cpu_mode_times_both_paths(tmp_path):
                           "--lengths", "32", "--repeats", "3", interpret=True)
     rows = json.loads((tmp_path / "attention_host_cpu.json").read_text())["rows"]
     assert [r["path"] for r in rows] == ["direct", "op"] and all(r["host_us"] > 0 for r in rows)
+
+
+def test_profiling_scripts_choose_variants_by_label(capsys):
+    """--variants of decode_profile.py / prefill_profile.py: semicolon-separated labels (which hold commas), kept in
+    the list's order; none asked gives all; an unknown label stops the script naming it and the known ones."""
+    import argparse
+
+    from leanformer.bench.variants import chosen_variants
+
+    variants = [("a, compiled", 1), ("b", 2), ("c", 3)]
+    parser = argparse.ArgumentParser(prog="profile")
+    assert chosen_variants(parser, "c; a, compiled", variants) == [("a, compiled", 1), ("c", 3)]
+    assert chosen_variants(parser, "", variants) == variants
+    with pytest.raises(SystemExit):
+        chosen_variants(parser, "b;nope", variants)
+    assert "unknown labels ['nope']" in capsys.readouterr().err

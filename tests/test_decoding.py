@@ -185,6 +185,61 @@ def test_cuda_graph_tokens_equal_eager(arm):
     assert torch.equal(graph, eager)
 
 
+@pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-preln", "dijiang-official-parallel",
+                                 "noble-dijiang", "dijiang-fused-step"])
+def test_restarted_decoder_takes_a_new_prompt_as_a_fresh_one(arm):
+    """restart() rewinds the cache: the next prompts (several chunks, and a one-token prompt) give a fresh
+    decoder's logits and tokens, though DiJiang's state and shaped attention's running sum still hold the
+    earlier sequence (they start from zero at position 0, in place). "dijiang-fused-step": the one-token
+    prompt and the steps through DiJiang's step kernel (the interpreter, float32)."""
+    if arm == "dijiang-fused-step":
+        model = _model(attention="dijiang", d_model=64, dijiang=DiJiangConfig(mode="fused")).float()  # head dim 16
+    else:
+        model = _model(**ARMS[arm])
+    tol = 1e-5 if arm == "dijiang-fused-step" else 1e-12
+    dec = StaticDecoder(model, 2, capacity=24, graph="none", prefill_chunk=3)
+    dec.generate(torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(3)), 5)
+    for T in (7, 1):
+        prompt = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(T))
+        fresh = StaticDecoder(model, 2, capacity=24, graph="none", prefill_chunk=3)
+        dec.restart()
+        assert dec.cache.pos == 0 and int(dec.cache.step_pos) == 0
+        torch.testing.assert_close(dec.prefill(prompt), fresh.prefill(prompt), rtol=tol, atol=tol)
+        for _ in range(4):
+            dec.step()
+            fresh.step()
+            torch.testing.assert_close(dec.logits, fresh.logits, rtol=tol, atol=tol)
+        assert torch.equal(dec.tokens[:, :T + 5], fresh.tokens[:, :T + 5])
+
+
+def test_prefill_graph_needs_cuda():
+    with pytest.raises(ValueError, match="prefill_graph=True needs a CUDA model"):
+        StaticDecoder(_model(), 1, capacity=8, graph="none", prefill_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-preln", "noble-preln"])
+def test_prefill_graph_replays_equal_a_fresh_prefill(arm):
+    """prefill_graph: the first prompt of a length runs as usual, the second is captured, the third replayed;
+    each gives a fresh decoder's logits, cache and next steps."""
+    model = _model(**ARMS[arm]).float().cuda()
+    dec = StaticDecoder(model, 2, capacity=40, graph="cuda", prefill_chunk=8, prefill_graph=True)
+    for seed in range(3):
+        prompt = torch.randint(0, V, (2, 19), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        fresh = StaticDecoder(model, 2, capacity=40, graph="none", prefill_chunk=8)
+        dec.restart()
+        torch.testing.assert_close(dec.prefill(prompt), fresh.prefill(prompt), rtol=1e-5, atol=1e-5)
+        assert dec.cache.pos == 19
+        for (_, key, got), (_, _, ref) in zip(dec.cache.tensors(), fresh.cache.tensors()):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=key)
+        dec.capture()
+        for _ in range(3):
+            dec.step()
+            fresh.step()
+        torch.testing.assert_close(dec.logits, fresh.logits, rtol=1e-4, atol=1e-4)
+    assert isinstance(dec._prefill_graphs[19], tuple)  # captured, not "failed"
+
+
 def test_decoder_made_under_autocast_runs_under_it():
     """The autocast state at construction is the one prefill and steps run under (bf16 on the CPU here)."""
     model = _model().float()
@@ -383,7 +438,8 @@ def test_compiled_prefill_blocks_share_their_graphs(recompile_limit_raised):
         model = _model(n_layers=layers)
         torch._dynamo.reset()
         counters.clear()
-        dec = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8, compile_prefill="aot_eager")
+        dec = StaticDecoder(model, 1, capacity=40, graph="none", prefill_chunk=8, compile_prefill="aot_eager",
+                            prefill_unit="blocks")
         for T in (20, 13):
             dec.cache = StaticCache(model, 1, 40)
             dec.prefill(torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T)))

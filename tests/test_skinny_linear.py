@@ -264,14 +264,16 @@ def test_split_k_parts_are_whole_tiles_none_empty():
 
 
 def test_split_k_rule_and_route(monkeypatch):
-    """SPLIT_K "auto": only a long K with too few column blocks is split (GPT-2's 3072 → 768 into 4 parts, not
-    768 → 768 nor the head); linear() splits where the rule says so (eagerly only with SPLIT_K_EAGER) and gives
-    the product; a bad switch value is named."""
-    assert sl.split_count(8, 768, 3072, torch.bfloat16) == 1  # off by default
-    monkeypatch.setattr(sl, "SPLIT_K", "auto")
+    """SPLIT_K "auto" (the default; None: off): only a long K with too few column blocks is split (GPT-2's
+    3072 → 768 into 4 parts, not 768 → 768 nor the head); linear() splits where the rule says so (eagerly only
+    with SPLIT_K_EAGER) and gives the product; a bad switch value is named."""
+    assert sl.SPLIT_K == "auto"  # the default since its H100 timing (2026-12-07)
     assert sl.split_count(8, 768, 3072, torch.bfloat16) == 4
     assert sl.split_count(8, 768, 768, torch.bfloat16) == 1
     assert sl.split_count(8, 50304, 768, torch.bfloat16) == 1
+    monkeypatch.setattr(sl, "SPLIT_K", None)
+    assert sl.split_count(8, 768, 3072, torch.bfloat16) == 1  # off
+    monkeypatch.setattr(sl, "SPLIT_K", "auto")
     monkeypatch.setattr(sl, "ROUTE", "always")
     calls = []
     real = sl._partials_op

@@ -10,7 +10,7 @@ name       what it chooses                                              choices 
 =========  ============================================================  ==============================
 products   few-row products: ``leanformer.ops.skinny_linear.ROUTE``     triton, cublas
 tiles      their tiles for ≤ 16 rows: ``skinny_linear.TILES``           wide, narrow
-split      long-K products in parts: ``skinny_linear.SPLIT_K``          off, auto
+split      long-K products in parts: ``skinny_linear.SPLIT_K``          auto, off
 noble      NOBLE's one-kernel layer: ``leanformer.ops.noble_decode``    triton, eager
 norms      Pre-LN's norms and residuals in the products (norm_linear)  apart, in-products
 step       DiJiang's step kernel: ``fused_decay_step.SINGLE_PASS``      two-pass, single
@@ -32,8 +32,8 @@ KERNEL_CHOICES: dict[str, dict[str, dict[str, object]]] = {  # name -> choice ->
                  "cublas": {"leanformer.ops.skinny_linear.ROUTE": "never"}},
     "tiles": {"wide": {"leanformer.ops.skinny_linear.TILES": "wide"},
               "narrow": {"leanformer.ops.skinny_linear.TILES": "narrow"}},
-    "split": {"off": {"leanformer.ops.skinny_linear.SPLIT_K": None},
-              "auto": {"leanformer.ops.skinny_linear.SPLIT_K": "auto"}},
+    "split": {"auto": {"leanformer.ops.skinny_linear.SPLIT_K": "auto"},
+              "off": {"leanformer.ops.skinny_linear.SPLIT_K": None}},
     "noble": {"triton": {"leanformer.ops.noble_decode.ROUTE": "cuda"},
               "eager": {"leanformer.ops.noble_decode.ROUTE": "never"}},
     "norms": {"apart": {"leanformer.ops.norm_linear.ROUTE": "never"},

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
-from leanformer.decoding import is_static, store_state
+from leanformer.decoding import is_static, starts_afresh, store_state
 from leanformer.layers.attention import add_projections, merge_heads, out_projection, project_qkv
 from leanformer.layers.linear import make_linear
 from leanformer.ops import constant_decay
@@ -349,7 +349,7 @@ class DiJiangAttention(nn.Module):
         B, H, T, _ = v.shape
         features_like = v.new_empty(()).expand(B, H, T, self.feature_dim)  # the features' shape and dtype
         name = self.form(T, v.device, state is not None, features_like, v)
-        n_init = state.get("n") if state is not None else None
+        n_init = state.get("n") if state is not None and not starts_afresh(state) else None
         fq, fk, n, log_scale = self.features(q, k, log_gamma, n_init, v.dtype,
                                              constant_key_shift=name == "fla_chunk" and state is None)
         return self.mix(fq, fk, v, log_gamma, n, state, name), log_scale
@@ -460,6 +460,10 @@ class DiJiangAttention(nn.Module):
             n = q.new_full((B, H), float("-inf"), dtype=torch.float32) if paper else None
         elif not is_static(state):
             S, n = S.clone(), n.clone() if n is not None else None
+        elif starts_afresh(state):  # a rewound static cache: a new sequence, its buffers zeroed in place
+            S.zero_()
+            if n is not None:
+                n.fill_(float("-inf"))
         learnable = self.cfg.learnable_decay
         rope = {}
         if self.rotary is not None and self.rotary.rotary_dim > 0:
@@ -486,7 +490,8 @@ class DiJiangAttention(nn.Module):
             if name == "fused":  # a full pass never reads the final state
                 kw["output_final_state"] = False
             return fn(fq, fk, v, log_gamma, log_norm=n, **kw)[0]
-        o, S = fn(fq, fk, v, log_gamma, state.get("S"), n, state.get("n"), **kw)
+        prior = {} if starts_afresh(state) else state  # a rewound static cache's buffers hold an earlier sequence
+        o, S = fn(fq, fk, v, log_gamma, prior.get("S"), n, prior.get("n"), **kw)
         store_state(state, "S", S)  # in place when the state is static (pre-allocated, CUDA graphs)
         if n is not None:
             store_state(state, "n", n[..., -1])

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanformer.config import TransformerConfig
-from leanformer.decoding import cached_attention, is_static, write_kv
+from leanformer.decoding import cached_attention, is_static, starts_afresh, write_kv
 from leanformer.layers.attention import (
     append_to_cache,
     causal_mask,
@@ -385,6 +385,8 @@ class ShapedAttention(nn.Module):
             acc = torch.promote_types(v.dtype, torch.float32)
             if "v_sum" not in state:  # the first call (a prefill): the running sum starts at 0
                 state["v_sum"] = v.new_zeros(v.shape[0], v.shape[1], v.shape[3], dtype=acc)
+            elif starts_afresh(state):  # a rewound cache's new sequence: in place (a captured graph's buffer)
+                state["v_sum"].zero_()
             v_sum = state["v_sum"]
             inv_count = p.memo(("inv_count", acc), lambda: 1.0 / (p.index + 1).to(acc))  # (T,)
         mix = _static_mix_on_cuda if x.shape[1] == 1 else static_mix

@@ -29,9 +29,10 @@ default: the kernel where supported, for CUDA tensors; "always": also for CPU te
 ``NUM_WARPS`` / ``NUM_STAGES`` (None: the heuristic of :func:`launch_config`; a benchmark may set them to
 time variants), ``PDL`` (False; True: on Hopper, a programmatic dependent launch: it launches while the
 kernel before it ends and waits for it before reading; off until timed), ``FMA_COLUMNS`` (None; 1–8: narrower
-column blocks by multiply-adds for a narrow output, :func:`launch_config`; off until timed), ``SPLIT_K`` (None;
-"auto" or an int: under torch.compile a product with a long K and too few column blocks runs as partial products
-over parts of K, :func:`split_linear`, whose sum Inductor fuses into the next kernel; off until timed).
+column blocks by multiply-adds for a narrow output, :func:`launch_config`; off until timed), ``SPLIT_K`` ("auto",
+the default since it was timed on an H100, 2026-12-07; None: off; an int: at most that many parts): under
+torch.compile a product with a long K and too few column blocks runs as partial products over parts of K,
+:func:`split_linear`, whose sum Inductor fuses into the next kernel.
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ def _skinny_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out.view(*x.shape[:-1], N)
 
 
-SPLIT_K: int | str | None = None  # None: off (until timed on a GPU); "auto": split_count's rule; an int: at most
-# that many parts for each product with too few column blocks (a benchmark's sweep)
+SPLIT_K: int | str | None = "auto"  # split_count's rule (H100, 2026-12-07: GPT-2's 3072 -> 768 at 8 rows 7.17 ->
+# 3.97 us; DiJiang's 8K x 8 step 0.409 -> 0.380 ms; docs/benchmarks.md); None: off; an int: at most that many
+# parts for each product with too few column blocks (a benchmark's sweep)
 SPLIT_K_EAGER = False  # also split outside torch.compile, where the partials' sum is launches of its own (tests)
 ITERS_PER_SPLIT = 3  # "auto": K tiles per split (GPT-2's 768-wide inputs take 3 tiles of 256 in ≈ 3.4 µs, H100)
 
