@@ -87,6 +87,9 @@ def is_static(state: dict | None) -> bool:
     return state is not None and "positions" in state
 
 
+MAX_PREFILL_GRAPHS = 4  # prompt lengths whose prefill keeps a CUDA graph (each holds its own memory pool)
+
+
 def starts_afresh(state: dict | None) -> bool:
     """True for a static state whose call begins a sequence (position 0): its running state is zero, whatever
     the buffers hold from an earlier sequence (:attr:`StaticPositions.fresh`)."""
@@ -316,9 +319,10 @@ class StaticDecoder:
     each block, and blocks of one kind share their graphs (regional compilation: one block's compile serves
     all twelve of GPT-2's, so it compiles faster; the embedding, the final norm and the head stay eager; each
     block's call costs host time: softmax's 8K prefill took 32.6 ms by blocks against 19.5 eager). The whole
-    forward: two graphs serve prompts in chunks of
-    ≥ 2 tokens (the cache before its first chunk and after; tested on the CPU for softmax, SAS-P and DiJiang);
-    a one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch compile one more each.
+    forward: two graphs serve prompts in chunks of ≥ 2 tokens (the cache before its first chunk and after;
+    tested on the CPU for softmax, SAS-P and DiJiang; a first chunk after :meth:`restart`, its buffers already
+    there, one more); a one-token chunk, a chunk shorter than DiJiang's kernel block or its split-K branch
+    compile one more each.
     The blocks: a few more graphs of one block each, the same for any depth (tests/test_decoding.py's prompts
     on the CPU: 5 for softmax, 4 for DiJiang, 9 for SAS-P, whose blocks differ; past dynamo's recompile limit,
     8 by default and shared by the blocks of one class, a further shape runs eagerly, with a warning). Each
@@ -356,7 +360,7 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         if prefill_graph and self.device.type != "cuda":
             raise ValueError(f"prefill_graph=True needs a CUDA model (CUDA graphs); this one is on {self.device}")
-        self.prefill_graph = prefill_graph
+        self.prefill_graph, self._restarted = prefill_graph, False
         self._prefill_graphs: dict = {}  # prompt length -> "warm" after a first prefill, then (graph, ids, h, cache),
         # or "failed" (not capturable: runs without a graph)
         if graph == "auto":
@@ -415,6 +419,7 @@ class StaticDecoder:
             self.logits.copy_(logits)
         self.ids.copy_(nxt[:, None])
         self.step_pos_sync()
+        self._restarted = False
         if self.cache.pos < self.capacity:
             self.tokens[:, self.cache.pos] = nxt
         return logits
@@ -438,7 +443,10 @@ class StaticDecoder:
         replay computes), later ones only replay (no host work but the replay: an 8K prefill was bound by its
         launches, docs/benchmarks.md). The graph reads the prompt from a buffer of its own and writes the cache's
         buffers in place; it belongs to this cache (another cache, e.g. one assigned to ``self.cache``, starts
-        over) and keeps its intermediate tensors in its own memory pool (one pool per prompt length)."""
+        over) and keeps its intermediate tensors in its own memory pool: at most :data:`MAX_PREFILL_GRAPHS`
+        lengths keep a graph (the oldest is dropped, and captured again if its length comes back). Like the
+        step's graph, it reads the model's rotary tables where they were at capture: a cache of larger capacity
+        made for the same model afterwards reallocates them (:meth:`Rotary.reserve`), so make the largest first."""
         T = prompt.shape[1]
         entry = self._prefill_graphs.get(T)
         if isinstance(entry, tuple) and entry[3] is not self.cache:
@@ -456,15 +464,24 @@ class StaticDecoder:
             self.cache.pos = 0
             ids = prompt.clone()
             g = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
             try:
-                with torch.cuda.graph(g):
+                # the outer stream context restores the current stream even when the capture's own exit
+                # raises (a capture that went wrong), so later work does not stay on the capture's stream
+                with torch.cuda.stream(side), torch.cuda.graph(g, stream=side):
                     h = self._prefill_chunks(ids)  # advances the cache's position to T, as a prefill does
-            except RuntimeError as e:  # something in the prefill cannot be captured (a host read): run it as usual
-                warnings.warn(f"the prefill of {T} tokens could not be captured as a CUDA graph ({e}); it runs "
-                              "without one", stacklevel=3)
+            except Exception as e:  # noqa: BLE001 - e.g. a host read inside the prefill: run it without a graph
+                warnings.warn(f"the prefill of {T} tokens could not be captured as a CUDA graph ({type(e).__name__}: "
+                              f"{e}); it runs without one", stacklevel=3)
                 self._prefill_graphs[T] = "failed"
-                self.cache.pos = 0  # the capture ran no kernel: the cache is still empty
+                self.cache.pos = 0  # a new sequence again (the captured calls ran no kernel)
                 return self._prefill_chunks(prompt)
+            finally:
+                torch.cuda.current_stream(self.device).wait_stream(side)
+            captured = [k for k, v in self._prefill_graphs.items() if isinstance(v, tuple)]
+            for old in captured[: max(0, len(captured) - MAX_PREFILL_GRAPHS + 1)]:  # the oldest go (their memory)
+                self._prefill_graphs[old] = "warm"
             entry = self._prefill_graphs[T] = (g, ids, h, self.cache)
         g, ids, h, _ = entry
         ids.copy_(prompt)
@@ -505,10 +522,11 @@ class StaticDecoder:
 
     def restart(self) -> None:
         """Forget the sequences: the cache goes back to position 0 (its buffers kept, to be overwritten), so
-        the next :meth:`prefill` starts new prompts (and may replay a prefill graph, ``prefill_graph``). The
-        captured step stays valid: it reads the position from the device."""
+        the next :meth:`prefill` starts new prompts (and may replay a prefill graph, ``prefill_graph``); a step
+        before it is refused. The captured step stays valid: it reads the position from the device."""
         self.cache.pos = 0
         self.step_pos_sync()
+        self._restarted = True
 
     # ---------------------------------------------------------------- step
     def _step_body(self) -> None:
@@ -563,8 +581,9 @@ class StaticDecoder:
 
     def step(self) -> None:
         """One token per sequence: the graph's replay (or the eager fixed-shape step)."""
-        if self.logits is None:
-            raise RuntimeError("prefill a prompt before decoding steps")
+        if self.logits is None or self._restarted:
+            raise RuntimeError("prefill a prompt before decoding steps" + (" (restart() forgot the sequences)"
+                                                                            if self._restarted else ""))
         if self.cache.pos + 1 > self.capacity:
             raise ValueError(f"the static cache is full ({self.capacity} tokens); make it larger")
         if self._graph is not None:

@@ -7,7 +7,7 @@ import torch
 
 from leanformer import NobleConfig, TransformerConfig, TransformerLM
 from leanformer.config import DiJiangConfig
-from leanformer.decoding import StaticCache, StaticDecoder, decoding_copy, last_dim_argmax, sample_next
+from leanformer.decoding import KV_KEYS, StaticCache, StaticDecoder, decoding_copy, last_dim_argmax, sample_next
 
 DT = torch.float64
 V = 97
@@ -204,12 +204,28 @@ def test_restarted_decoder_takes_a_new_prompt_as_a_fresh_one(arm):
         fresh = StaticDecoder(model, 2, capacity=24, graph="none", prefill_chunk=3)
         dec.restart()
         assert dec.cache.pos == 0 and int(dec.cache.step_pos) == 0
+        with pytest.raises(RuntimeError, match="restart"):
+            dec.step()  # no step between a restart and a prefill
         torch.testing.assert_close(dec.prefill(prompt), fresh.prefill(prompt), rtol=tol, atol=tol)
+        _assert_same_state(dec.cache, fresh.cache, tol)
         for _ in range(4):
             dec.step()
             fresh.step()
             torch.testing.assert_close(dec.logits, fresh.logits, rtol=tol, atol=tol)
         assert torch.equal(dec.tokens[:, :T + 5], fresh.tokens[:, :T + 5])
+        _assert_same_state(dec.cache, fresh.cache, tol)
+
+
+def _assert_same_state(cache: StaticCache, ref: StaticCache, tol: float) -> None:
+    """Every cached tensor equal to the reference's: K/V up to the position (slots past it are rewritten
+    before they are read), the running states (DiJiang's S and n, shaped attention's sum) whole."""
+    assert cache.pos == ref.pos
+    got, want = list(cache.tensors()), list(ref.tensors())
+    assert [key for _, key, _ in got] == [key for _, key, _ in want]
+    for (_, key, a), (_, _, b) in zip(got, want):
+        if key in KV_KEYS:
+            a, b = a[:, :, :cache.pos], b[:, :, :cache.pos]
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=key)
 
 
 def test_prefill_graph_needs_cuda():
@@ -218,26 +234,56 @@ def test_prefill_graph_needs_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-preln", "noble-preln"])
+@pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-preln", "noble-preln", "dijiang-bf16-copy",
+                                 "softmax-bf16-copy"])
 def test_prefill_graph_replays_equal_a_fresh_prefill(arm):
-    """prefill_graph: the first prompt of a length runs as usual, the second is captured, the third replayed;
-    each gives a fresh decoder's logits, cache and next steps."""
-    model = _model(**ARMS[arm]).float().cuda()
+    """prefill_graph: the first prompt of a length runs as usual, the second is captured, the third replayed
+    (two lengths, one of them a single token); each gives a fresh decoder's logits, cache and next steps.
+    "-bf16-copy": the bf16 decoding copy, whose DiJiang prefill runs the GPU's kernels."""
+    base = arm.removesuffix("-bf16-copy")
+    model = _model(**ARMS["dijiang-preln" if base == "dijiang" else "softmax-preln" if base == "softmax" else arm])
+    model = model.float().cuda()
+    tol = 1e-5
+    if arm.endswith("-bf16-copy"):
+        model, tol = decoding_copy(model), 2e-2
     dec = StaticDecoder(model, 2, capacity=40, graph="cuda", prefill_chunk=8, prefill_graph=True)
+    for T in (19, 1):
+        for seed in range(3):
+            prompt = torch.randint(0, V, (2, T), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            fresh = StaticDecoder(model, 2, capacity=40, graph="none", prefill_chunk=8)
+            dec.restart()
+            torch.testing.assert_close(dec.prefill(prompt), fresh.prefill(prompt), rtol=tol, atol=tol)
+            _assert_same_state(dec.cache, fresh.cache, tol)
+            dec.capture()
+            for _ in range(3):
+                dec.step()
+                fresh.step()
+            torch.testing.assert_close(dec.logits, fresh.logits, rtol=10 * tol, atol=10 * tol)
+        assert isinstance(dec._prefill_graphs[T], tuple)  # captured, not "failed"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_prefill_graph_falls_back_when_the_prefill_cannot_be_captured():
+    """A prefill that reads the device from the host cannot be captured: a warning, then the ordinary prefill,
+    with the same results, and the stream the capture used is not left current."""
+    model = _model(**ARMS["dijiang-preln"]).float().cuda()
+    dec = StaticDecoder(model, 1, capacity=24, graph="none", prefill_chunk=4, prefill_graph=True)
+    chunk = dec._chunk
+    dec._chunk = lambda ids: (ids.sum().item(), chunk(ids))[1]  # a host read in every chunk
+    stream = torch.cuda.current_stream()
     for seed in range(3):
-        prompt = torch.randint(0, V, (2, 19), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-        fresh = StaticDecoder(model, 2, capacity=40, graph="none", prefill_chunk=8)
+        prompt = torch.randint(0, V, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        fresh = StaticDecoder(model, 1, capacity=24, graph="none", prefill_chunk=4)
         dec.restart()
-        torch.testing.assert_close(dec.prefill(prompt), fresh.prefill(prompt), rtol=1e-5, atol=1e-5)
-        assert dec.cache.pos == 19
-        for (_, key, got), (_, _, ref) in zip(dec.cache.tensors(), fresh.cache.tensors()):
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=key)
-        dec.capture()
-        for _ in range(3):
-            dec.step()
-            fresh.step()
-        torch.testing.assert_close(dec.logits, fresh.logits, rtol=1e-4, atol=1e-4)
-    assert isinstance(dec._prefill_graphs[19], tuple)  # captured, not "failed"
+        if seed == 1:
+            with pytest.warns(UserWarning, match="could not be captured as a CUDA graph"):
+                got = dec.prefill(prompt)
+        else:
+            got = dec.prefill(prompt)
+        torch.testing.assert_close(got, fresh.prefill(prompt), rtol=1e-5, atol=1e-5)
+        _assert_same_state(dec.cache, fresh.cache, 1e-5)
+        assert torch.cuda.current_stream() == stream
+    assert dec._prefill_graphs[9] == "failed"
 
 
 def test_decoder_made_under_autocast_runs_under_it():
