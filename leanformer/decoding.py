@@ -328,10 +328,13 @@ class StaticDecoder:
     8 by default and shared by the blocks of one class, a further shape runs eagerly, with a warning). Each
     new cache capacity of a rotary model compiles two more (the rotary tables' reserved length is guarded),
     and each block keeps its own rotary tables (n_layers times one table's memory).
-    ``prefill_graph`` (CUDA only): a prompt that starts the cache is replayed from a CUDA graph of the
-    whole prefill for its length, from the second prompt of that length on (:meth:`restart` rewinds the
-    cache for the next one): the prefill's host time, most of its wall time (DiJiang's compiled 8K prefill:
-    17.9 ms for 8.3 ms of kernels, H100, 2026-12-07), goes; not timed yet. ``attention``:
+    ``prefill_chunk``: tokens per prefill chunk (4096, as ``bench decode`` on a GPU: GPT-2's 8K prompt on an
+    H100, eager, DiJiang 45.8 ms by chunks of 4096 against 134.8 by 2048; softmax 19.5 by 4096 against 11.2 in
+    one chunk; 2026-12-07, docs/benchmarks.md). ``prefill_graph`` (CUDA only): a prompt that starts the
+    cache is replayed from a CUDA graph of the whole prefill for its length, from the second prompt of that
+    length on (:meth:`restart` rewinds the cache for the next one): the prefill's host time, most of its wall
+    time (DiJiang's compiled 8K prefill: 17.9 ms for 8.3 ms of kernels, H100, 2026-12-07), goes; not timed
+    yet. ``attention``:
     the masked step's attention, ``"sdpa"`` (measured faster on an H100) or ``"math"``. The autocast state
     at construction (e.g. bf16) is the one prefill and steps run under. Static tensors: ``ids`` (B, 1) the
     token to feed, ``tokens`` (B, capacity) every token so far, ``logits`` (B, V) the last step's logits.
@@ -340,7 +343,7 @@ class StaticDecoder:
     def __init__(self, model: nn.Module, batch: int, capacity: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, graph: str = "auto", attention: str = "sdpa",
-                 prefill_chunk: int = 2048, cache: StaticCache | None = None, compile: bool | str = False,
+                 prefill_chunk: int = 4096, cache: StaticCache | None = None, compile: bool | str = False,
                  compile_mode: str | None = None, compile_prefill: bool | str = False,
                  prefill_unit: str = "model", prefill_graph: bool = False):
         check_sampling(temperature, top_k, top_p)
