@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-07 08:45 UTC, after the 08:11-08:26 calls (docs/benchmarks.md). Issue #15, ≈ 9 min:
+# Prepared 2026-12-07 08:30-08:55 UTC, after the 08:11-08:26 calls (docs/benchmarks.md). Issue #15, ≈ 9 min:
 # (0) GPU pytest: the prefill graph against a fresh prefill (softmax, SAS-P, DiJiang, NOBLE), restart, CUDA graphs.
 # (1) bench decode NOBLE at 512 x 32 and x 8 with its one-kernel layer off (--kernels noble=eager: the stacked
 #     product, CosNet and the up product as Inductor compiles them): 1.084 ms against softmax's 0.711 with the
 #     kernel (08:22), whose programs each recompute z for all 32 rows. Expected: better at batch 32 if the
 #     recompute is what costs.
 # (2) prefill_profile: the 8K prefill replayed from a CUDA graph (StaticDecoder(prefill_graph=True), built
-#     08:40-09:10), softmax and DiJiang at one chunk of 8,192 and at chunks of 4,096, against the same eager
+#     08:30-08:55), softmax and DiJiang at one chunk of 8,192 and at chunks of 4,096, against the same eager
 #     (DiJiang's best so far 17.9 ms wall for 8.3 ms of kernels, compiled whole; softmax's 11.2 for 9.5, eager
 #     at one chunk: the target DiJiang <= softmax missed by host time). Expected: each wall near its kernels,
 #     DiJiang's eager-graph prefill ≈ 11.6 ms at one chunk (its eager kernels) against softmax's ≈ 9.5; then
