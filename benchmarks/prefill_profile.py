@@ -54,6 +54,9 @@ VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN
      "model"),
     ("preln 8K chunk 4096, compiled prefill, whole model", "preln", 8192, 4096, None, {}, "model"),
     ("dijiang 8K chunk 4096, compiled whole model, graph", "dijiang_scratch", 8192, 4096, None, {}, "model+graph"),
+    ("preln 8K chunk 8192, compiled whole model, graph", "preln", 8192, 8192, None, {}, "model+graph"),
+    ("dijiang 8K chunk 8192, fused ≤ 8192, compiled whole model, graph", "dijiang_scratch", 8192, 8192, 8192, {},
+     "model+graph"),
 ]
 PREFILL_FORMS = {  # a variant's form -> StaticDecoder's (compile_prefill, prefill_unit, prefill_graph)
     False: (False, "model", False),            # eager

@@ -9,9 +9,10 @@
 #     08:30-08:55), softmax and DiJiang at one chunk of 8,192 and at chunks of 4,096, against the same eager
 #     (DiJiang's best so far 17.9 ms wall for 8.3 ms of kernels, compiled whole; softmax's 11.2 for 9.5, eager
 #     at one chunk: the target DiJiang <= softmax missed by host time). Expected: each wall near its kernels,
-#     DiJiang's eager-graph prefill ≈ 11.6 ms at one chunk (its eager kernels) against softmax's ≈ 9.5; then
-#     compiled whole at one chunk (≈ 120 s of compiling each), and compiled whole replayed from a graph
-#     (≈ 8.3 ms expected, below softmax's 9.5: the target).
+#     DiJiang's eager-graph prefill ≈ 11.6 ms at one chunk (its eager kernels) against softmax's ≈ 9.5; last,
+#     DiJiang compiled whole and replayed from a graph (≈ 4 min of compiling: the whole model twice, before
+#     and after a restart; ≈ 8.3 ms expected, below softmax's 9.5: the target). callL pairs the compiled
+#     graphs of both at one chunk of 8,192.
 R=/tmp/r_callK; rm -rf $R; mkdir -p $R; export PYTHONUNBUFFERED=1
 nvidia-smi > $R/gpu.txt 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
@@ -25,6 +26,6 @@ timeout 130 python3 -m leanformer bench decode --size gpt2 --arms preln,noble_fu
   --compile --kernels noble=eager --time-budget 115 --out $R/noble_eager > $R/noble_eager_log.txt 2>&1
 grep "bench decode\]" $R/noble_eager_log.txt
 save
-V="preln 8K chunk 8192;dijiang 8K chunk 8192, fused ≤ 8192;preln 8K chunk 8192, graph;dijiang 8K chunk 8192, fused ≤ 8192, graph;preln 8K chunk 4096, graph;dijiang 8K chunk 4096, graph;dijiang 8K chunk 8192, fused ≤ 8192, compiled prefill, whole model;dijiang 8K chunk 4096, compiled whole model, graph"
+V="preln 8K chunk 8192;dijiang 8K chunk 8192, fused ≤ 8192;preln 8K chunk 8192, graph;dijiang 8K chunk 8192, fused ≤ 8192, graph;preln 8K chunk 4096, graph;dijiang 8K chunk 4096, graph;dijiang 8K chunk 4096, compiled whole model, graph"
 timeout 330 python3 -u benchmarks/prefill_profile.py --out $R/prefill --budget 300 --variants "$V" > $R/prefill_log.txt 2>&1
 grep "^\[" $R/prefill_log.txt
