@@ -5,8 +5,8 @@ For each variant (arm, prompt length, prefill chunk, DiJiang's ``FUSED_MAX_LEN``
 times (the first pays one-off costs and is dropped; a compiled prefill runs four times, two dropped), then
 once under ``torch.profiler``: wall seconds (median), GPU kernel time and launches, host-side aten ops, and
 the top kernels. A variant replayed from a CUDA graph (``prefill_graph``) keeps one decoder, restarted
-before each prompt: its first two prefills (an ordinary one, then the capture) are dropped. Wall ≫ kernel time means
-the prefill is bound by the host (Python and launches), not by the GPU.
+before each prompt: its first two prefills (an ordinary one, then the capture) are dropped. Wall ≫ kernel
+time means the prefill is bound by the host (Python and launches), not by the GPU.
 
     PYTHONPATH=$PWD:$PWD/benchmarks python3 benchmarks/prefill_profile.py --out $OUT
     PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/prefill_profile.py --cpu-smoke   # tests the script

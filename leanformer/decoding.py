@@ -363,7 +363,7 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         if prefill_graph and self.device.type != "cuda":
             raise ValueError(f"prefill_graph=True needs a CUDA model (CUDA graphs); this one is on {self.device}")
-        self.prefill_graph, self._restarted = prefill_graph, False
+        self.prefill_graph = prefill_graph
         self._prefill_graphs: dict = {}  # prompt length -> "warm" after a first prefill, then (graph, ids, h, cache),
         # or "failed" (not capturable: runs without a graph)
         if graph == "auto":
@@ -422,7 +422,6 @@ class StaticDecoder:
             self.logits.copy_(logits)
         self.ids.copy_(nxt[:, None])
         self.step_pos_sync()
-        self._restarted = False
         if self.cache.pos < self.capacity:
             self.tokens[:, self.cache.pos] = nxt
         return logits
@@ -529,7 +528,6 @@ class StaticDecoder:
         before it is refused. The captured step stays valid: it reads the position from the device."""
         self.cache.pos = 0
         self.step_pos_sync()
-        self._restarted = True
 
     # ---------------------------------------------------------------- step
     def _step_body(self) -> None:
@@ -584,9 +582,9 @@ class StaticDecoder:
 
     def step(self) -> None:
         """One token per sequence: the graph's replay (or the eager fixed-shape step)."""
-        if self.logits is None or self._restarted:
-            raise RuntimeError("prefill a prompt before decoding steps" + (" (restart() forgot the sequences)"
-                                                                            if self._restarted else ""))
+        if self.logits is None or self.cache.pos == 0:  # never prefilled, or emptied by restart()
+            raise RuntimeError("prefill a prompt before decoding steps (the cache is empty: a new one, or after "
+                               "restart())")
         if self.cache.pos + 1 > self.capacity:
             raise ValueError(f"the static cache is full ({self.capacity} tokens); make it larger")
         if self._graph is not None:

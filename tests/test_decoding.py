@@ -240,9 +240,8 @@ def test_prefill_graph_replays_equal_a_fresh_prefill(arm):
     """prefill_graph: the first prompt of a length runs as usual, the second is captured, the third replayed
     (two lengths, one of them a single token); each gives a fresh decoder's logits, cache and next steps.
     "-bf16-copy": the bf16 decoding copy, whose DiJiang prefill runs the GPU's kernels."""
-    base = arm.removesuffix("-bf16-copy")
-    model = _model(**ARMS["dijiang-preln" if base == "dijiang" else "softmax-preln" if base == "softmax" else arm])
-    model = model.float().cuda()
+    name = {"dijiang-bf16-copy": "dijiang-preln", "softmax-bf16-copy": "softmax-preln"}.get(arm, arm)
+    model = _model(**ARMS[name]).float().cuda()
     tol = 1e-5
     if arm.endswith("-bf16-copy"):
         model, tol = decoding_copy(model), 2e-2
