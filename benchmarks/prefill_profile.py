@@ -31,6 +31,7 @@ from leanformer.bench.variants import chosen_variants
 BEFORE_2026_12_07 = {"leanformer.ops.eager_op.EAGER_FAST_PATH": False,  # every op through the dispatcher,
                      "leanformer.ops.decayed_linear_attention.COMPILE_BOUNDARY_ON_CUDA": False,  # eager boundary
                      "leanformer.layers.dijiang.COMPILE_NORMALISER_ON_CUDA": False}  # and eager normaliser
+GATED = {"leanformer.layers.dijiang.GATED_FLA_PROMPTS": True}
 VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None, module switches,
     #            the prefill's form, a key of PREFILL_FORMS)
     ("preln 8K chunk 4096", "preln", 8192, 4096, None, {}, False),
@@ -56,6 +57,13 @@ VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN
     ("dijiang 8K chunk 4096, compiled whole model, graph", "dijiang_scratch", 8192, 4096, None, {}, "model+graph"),
     ("preln 8K chunk 8192, compiled whole model, graph", "preln", 8192, 8192, None, {}, "model+graph"),
     ("dijiang 8K chunk 8192, fused ≤ 8192, compiled whole model, graph", "dijiang_scratch", 8192, 8192, 8192, {},
+     "model+graph"),
+    # the prompt through fla's chunk kernel with one gate per token (dijiang.GATED_FLA_PROMPTS, dla.fla_gated):
+    # linear in T where the fused kernel is quadratic (its 12 calls: 3.35 ms of DiJiang's 8.8 at one chunk of 8192,
+    # H100 2026-12-07 11:21), and no fp32 state product (0.36 ms)
+    ("dijiang 8K chunk 8192, gated fla", "dijiang_scratch", 8192, 8192, None, GATED, False),
+    ("dijiang 8K chunk 8192, gated fla, graph", "dijiang_scratch", 8192, 8192, None, GATED, "graph"),
+    ("dijiang 8K chunk 8192, gated fla, compiled whole model, graph", "dijiang_scratch", 8192, 8192, None, GATED,
      "model+graph"),
 ]
 PREFILL_FORMS = {  # a variant's form -> StaticDecoder's (compile_prefill, prefill_unit, prefill_graph)
@@ -111,6 +119,7 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, extra, compile_prefill
             prefill()
             synchronize(device)
             walls.append(time.perf_counter() - t0)
+        logits = prefill().logits.float()[0].clone()  # the last position's: compared across an arm's variants
         kernels = top_kernels(prefill, device, steps=1, limit=10**6)
         kernels = [k for k in kernels if kernel_class(k["kernel"]) != "annotation"]
         totals = kernel_totals(kernels)
@@ -119,7 +128,8 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, extra, compile_prefill
                 "graph_captured": isinstance(reused._prefill_graphs.get(tokens), tuple) if reused else None,
                 "wall_s": walls, "wall_median_s": statistics.median(walls[warm:]), "kernel_ms": totals["total"],
                 "launches": sum(k["calls_per_step"] for k in kernels), "host_aten_ops": _host_ops(prefill),
-                "by_class": totals, "top": kernels[:20], "status": "ok"}
+                "by_class": totals, "top": kernels[:20], "status": "ok", "next_token": int(logits.argmax()),
+                "logits": logits}
 
 
 def _host_ops(fn) -> int:
@@ -134,14 +144,16 @@ def _host_ops(fn) -> int:
 def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"# Prefill profile ({m['device']}, torch {m['torch']}, {m['date']})", "", f"`{m['command']}`", "",
-             "| variant | wall ms (median of 2, warm) | GPU kernel ms | launches | host aten ops | status |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| variant | wall ms (median of 2, warm) | GPU kernel ms | launches | host aten ops | next token | "
+             "last logits: max abs. diff ÷ max abs. of the arm's first variant | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['label']} | | | | | {r.get('status')} |")
+            lines.append(f"| {r['label']} | | | | | | | {r.get('status')} |")
             continue
         lines.append(f"| {r['label']} | {1e3 * r['wall_median_s']:.1f} | {r['kernel_ms']:.1f} | {r['launches']:.0f} | "
-                     f"{r['host_aten_ops']} | ok |")
+                     f"{r['host_aten_ops']} | {r.get('next_token', '')} | "
+                     f"{r.get('logits_rel_err', float('nan')):.1e} | ok |")
     for r in result["rows"]:
         if r.get("status") != "ok":
             continue
@@ -166,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    references: dict[str, tuple[str, torch.Tensor]] = {}  # arm -> (label, last logits) of its first variant
     for v in wanted[:3] if args.cpu_smoke else wanted:  # smoke: the eager pair and a compiled prefill
         if time.monotonic() - t0 > args.budget:
             result["rows"].append({"label": v[0], "status": "skipped (time budget)"})
@@ -175,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_variant(*v, device=device, smoke=args.cpu_smoke)
         except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
             row = {"label": v[0], "status": f"failed: {type(e).__name__}: {e}"[:300]}
+        if "logits" in row:  # the first variant of each arm that runs is its reference (bf16 runs: ≈ 1e-2)
+            ref = references.setdefault(row["arm"], (v[0], row["logits"]))
+            row["logits_vs"] = ref[0]
+            row["logits_rel_err"] = float((row.pop("logits") - ref[1]).abs().max() / ref[1].abs().max())
         result["rows"].append(row)
         print(f"[{time.monotonic() - t0:6.1f}s] {v[0]}: {row.get('status')}"
               + (f", {1e3 * row['wall_median_s']:.1f} ms wall, {row['kernel_ms']:.1f} ms kernels"
+                 + f", next token {row['next_token']}, logits rel. err. {row['logits_rel_err']:.1e}"
                  if row.get("status") == "ok" else ""), flush=True)
         (out / "prefill_profile.json").write_text(json.dumps(result, indent=1))
         (out / "prefill_profile.md").write_text(markdown(result))

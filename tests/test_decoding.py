@@ -235,15 +235,23 @@ def test_prefill_graph_needs_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("arm", ["softmax-preln", "shaped-sas_p", "dijiang-preln", "noble-preln", "dijiang-bf16-copy",
-                                 "softmax-bf16-copy"])
-def test_prefill_graph_replays_equal_a_fresh_prefill(arm):
+                                 "softmax-bf16-copy", "dijiang-bf16-gated"])
+def test_prefill_graph_replays_equal_a_fresh_prefill(arm, monkeypatch):
     """prefill_graph: the first prompt of a length runs as usual, the second is captured, the third replayed
     (two lengths, one of them a single token); each gives a fresh decoder's logits, cache and next steps.
-    "-bf16-copy": the bf16 decoding copy, whose DiJiang prefill runs the GPU's kernels."""
-    name = {"dijiang-bf16-copy": "dijiang-preln", "softmax-bf16-copy": "softmax-preln"}.get(arm, arm)
+    "-bf16-copy": the bf16 decoding copy, whose DiJiang prefill runs the GPU's kernels; "-bf16-gated": its
+    graphed prompts through fla's per-token gates (dijiang.GATED_FLA_PROMPTS), the fresh decoder's not."""
+    from leanformer.layers import dijiang
+    from leanformer.ops import decayed_linear_attention as dla
+
+    name = {"dijiang-bf16-copy": "dijiang-preln", "softmax-bf16-copy": "softmax-preln",
+            "dijiang-bf16-gated": "dijiang-preln"}.get(arm, arm)
+    gated = arm.endswith("-gated")
+    if gated and not dla.fla_available():
+        pytest.skip("fla is not installed")
     model = _model(**ARMS[name]).float().cuda()
     tol = 1e-5
-    if arm.endswith("-bf16-copy"):
+    if "-bf16-" in arm:
         model, tol = decoding_copy(model), 2e-2
     dec = StaticDecoder(model, 2, capacity=40, graph="cuda", prefill_chunk=8, prefill_graph=True)
     for T in (19, 1):
@@ -251,7 +259,10 @@ def test_prefill_graph_replays_equal_a_fresh_prefill(arm):
             prompt = torch.randint(0, V, (2, T), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
             fresh = StaticDecoder(model, 2, capacity=40, graph="none", prefill_chunk=8)
             dec.restart()
-            torch.testing.assert_close(dec.prefill(prompt), fresh.prefill(prompt), rtol=tol, atol=tol)
+            monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", gated)
+            ours = dec.prefill(prompt)
+            monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", False)
+            torch.testing.assert_close(ours, fresh.prefill(prompt), rtol=tol, atol=tol)
             _assert_same_state(dec.cache, fresh.cache, tol)
             dec.capture()
             for _ in range(3):

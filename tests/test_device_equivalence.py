@@ -71,8 +71,9 @@ def _dijiang_inputs(device: torch.device):
 
 
 FORMS = {"parallel": dla.parallel, "chunk": dla.chunk, "recurrent": dla.recurrent,
-         "fla_chunk": dla.fla_chunk, "fla_recurrent": dla.fla_recurrent, "fused": dla.fused}
-OURS = {"fla_chunk": "chunk", "fla_recurrent": "recurrent"}
+         "fla_chunk": dla.fla_chunk, "fla_recurrent": dla.fla_recurrent, "fla_gated": dla.fla_gated,
+         "fused": dla.fused}
+OURS = {"fla_chunk": "chunk", "fla_recurrent": "recurrent", "fla_gated": "chunk"}
 
 
 def _needs_form(form: str, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
@@ -126,17 +127,34 @@ def test_dijiang_form_float32_gradients_match_float64(device, check, form):
           FLA_FP32_TOL if form.startswith("fla") else TOL[torch.float32])
 
 
-@pytest.mark.parametrize("mode", ["chunk", "fla"])
-def test_dijiang_model_decoding_matches_its_full_forward(device, check, mode):
-    """A multi-token prompt, then one token at a time through the recurrent state, float32."""
+def test_fla_gated_prompt_continues_from_a_state(device, check):
+    """fla with per-token gates (no gradient: a decoding prompt) in two pieces, the second from the first's
+    state and n, against the float64 form over the whole sequence: outputs and final state."""
+    _needs_fla(device)
+    fq, fk, v, lg, n = _dijiang_inputs(device)
+    ref, S_ref = dla.parallel(fq.double(), fk.double(), v.double(), lg.double(), log_norm=n.double())
+    cut = 130
+    with torch.no_grad():
+        o1, S1 = dla.fla_gated(fq[:, :, :cut], fk[:, :, :cut], v[:, :, :cut], lg, None, n[..., :cut])
+        o2, S2 = dla.fla_gated(fq[:, :, cut:], fk[:, :, cut:], v[:, :, cut:], lg, S1, n[..., cut:], n[..., cut - 1])
+    check(max(rel_err(torch.cat((o1, o2), dim=2), ref), rel_err(S2, S_ref)), FLA_FP32_TOL)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "fla", "gated"])
+def test_dijiang_model_decoding_matches_its_full_forward(device, check, mode, monkeypatch):
+    """A multi-token prompt, then one token at a time through the recurrent state, float32 ("gated": mode
+    auto with its prompts through fla's per-token gates, dijiang.GATED_FLA_PROMPTS)."""
     from leanformer.config import TransformerConfig
+    from leanformer.layers import dijiang
     from leanformer.model import TransformerLM
 
-    if mode == "fla":
+    if mode in ("fla", "gated"):
         _needs_fla(device)
+    if mode == "gated":
+        monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", True)
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, attention="dijiang")
-    cfg.dijiang.mode = mode
+    cfg.dijiang.mode = "auto" if mode == "gated" else mode
     model = TransformerLM(cfg).to(device).eval()
     idx = torch.randint(0, 512, (2, 80), device=device)
     with torch.no_grad():
@@ -144,7 +162,7 @@ def test_dijiang_model_decoding_matches_its_full_forward(device, check, mode):
         cache = model.new_cache()
         steps = [model(idx[:, :40], cache=cache)[0]]
         steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(40, 80)]
-    check(rel_err(torch.cat(steps, 1), full), FLA_FP32_TOL if mode == "fla" else TOL[torch.float32])
+    check(rel_err(torch.cat(steps, 1), full), FLA_FP32_TOL if mode != "chunk" else TOL[torch.float32])
 
 
 # ---------------------------------------------------------------------------- NOBLE

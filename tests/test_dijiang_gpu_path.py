@@ -278,3 +278,19 @@ def test_auto_picks_fla_on_cuda_only(monkeypatch):
     att.cfg.mode = "fla"
     assert att.form(1, cpu, stateful=True) == "fla_recurrent"
     assert att.form(9, cpu, stateful=True) == "fla_chunk"
+
+
+def test_auto_sends_prompts_with_a_state_through_gated_fla_when_switched_on(monkeypatch):
+    import leanformer.layers.dijiang as dj
+
+    att = _layer(8)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(dj, "_fla_usable", lambda: True)
+    assert att.form(4096, cuda, stateful=True) == "chunk"  # off by default
+    monkeypatch.setattr(dj, "GATED_FLA_PROMPTS", True)
+    assert att.form(4096, cuda, stateful=True) == "fla_gated"
+    assert att.form(1, cuda, stateful=True) == "recurrent"  # a step keeps the step's route
+    assert att.form(4096, cuda, stateful=False) == "fla_chunk"  # a full pass (training) keeps fla_chunk
+    assert att.form(4096, cpu, stateful=True) == "chunk"
+    monkeypatch.setattr(dj, "_fla_usable", lambda: False)
+    assert att.form(4096, cuda, stateful=True) == "chunk"

@@ -273,6 +273,9 @@ def _fla_usable() -> bool:
 
 
 FUSED_MAX_LEN = 4096  # auto's default for dijiang.fused_max_len (read at each call: a benchmark may change it)
+GATED_FLA_PROMPTS = False  # auto: a prompt with a decoding state (T > 1: a prefill or its chunk) through fla's chunk
+# kernel with one gate per token (dla.fla_gated: no host read, so a CUDA graph can capture it), before the fused
+# kernel, on CUDA when fla imports; off until timed against the fused kernel (prefill_profile.py)
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the feature dtypes ``auto`` sends to the fused kernel
 FUSED_STEP = True  # a decoding step through the one-kernel fused step when it can run (False: the unfused
 # feature map + recurrent form + GroupNorm); read at each call (a captured CUDA graph keeps the route it was
@@ -365,7 +368,8 @@ class DiJiangAttention(nn.Module):
         device is CUDA (mode ``fused``: also the CPU under ``TRITON_INTERPRET=1``); else ``recurrent``, with
         no warning (it is the reference). On CUDA, for bf16/fp16 features (the
         kernel's float32 runs without tensor cores and was not timed), when Triton imports and the
-        fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (:func:`dla.fused_supported`; not
+        fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (a prompt with a state, when
+        :data:`GATED_FLA_PROMPTS` is on and fla imports: ``fla_gated`` first) (:func:`dla.fused_supported`; not
         considered when they are not given), the fused kernel up to ``fused_max_len`` (None: FUSED_MAX_LEN), for a
         full pass and for a prompt continuing a state alike. Otherwise a prompt with a state runs ``chunk``;
         a full pass runs ``parallel`` up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA) and
@@ -387,6 +391,8 @@ class DiJiangAttention(nn.Module):
                 return "fused_step"
             return "recurrent"
         if mode == "auto":
+            if stateful and T > 1 and GATED_FLA_PROMPTS and device.type == "cuda" and _fla_usable():
+                return "fla_gated"
             fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES
                      and dla.fused_supported(q, v) is None)
             if fused and T <= (self.cfg.fused_max_len or FUSED_MAX_LEN):
