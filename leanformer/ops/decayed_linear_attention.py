@@ -401,9 +401,12 @@ def fla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: 
     return via_constant_decay(_fla_kernel(True), q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
 
 
+@torch.compiler.disable
 def _fla_gated_kernel(q, k, v, g, initial_state):
     """fla's ``chunk_simple_gla`` with a per-token head-wise gate g (B, H, T) (form (1) of
-    :mod:`leanformer.ops.token_gates`) on our (B, H, T, ·) layout; forward only (see :func:`fla_gated`)."""
+    :mod:`leanformer.ops.token_gates`) on our (B, H, T, ·) layout; forward only (see :func:`fla_gated`).
+    torch.compile leaves fla's Python and autotuned kernels to run as they are (a break around the call, which
+    a CUDA graph of the prefill captures all the same)."""
     if not q.is_cuda:
         raise RuntimeError(f"dijiang form 'fla_gated' needs CUDA tensors, got device {q.device}; use 'chunk'")
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
