@@ -366,10 +366,10 @@ class DiJiangAttention(nn.Module):
         :data:`FUSED_STEP` is on, the caller passes q, v (B, H(_kv), 1, d) *and* the layer's ``state`` (its
         dict, empty before the first token), :meth:`fused_step_reason` finds nothing against them, and the
         device is CUDA (mode ``fused``: also the CPU under ``TRITON_INTERPRET=1``); else ``recurrent``, with
-        no warning (it is the reference). On CUDA, for bf16/fp16 features (the
+        no warning (it is the reference). A prompt with a state (T > 1) runs ``fla_gated`` on CUDA when
+        :data:`GATED_FLA_PROMPTS` is on and fla imports. Otherwise, on CUDA, for bf16/fp16 features (the
         kernel's float32 runs without tensor cores and was not timed), when Triton imports and the
-        fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (a prompt with a state, when
-        :data:`GATED_FLA_PROMPTS` is on and fla imports: ``fla_gated`` first) (:func:`dla.fused_supported`; not
+        fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (:func:`dla.fused_supported`; not
         considered when they are not given), the fused kernel up to ``fused_max_len`` (None: FUSED_MAX_LEN), for a
         full pass and for a prompt continuing a state alike. Otherwise a prompt with a state runs ``chunk``;
         a full pass runs ``parallel`` up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA) and
