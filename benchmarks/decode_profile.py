@@ -115,6 +115,16 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     ("sas_p 512 x1 graph, compiled mix", "sas_p", 512, 1, False, MIX_ON),
     ("dijiang 8K x8 graph, gate outside", "dijiang_scratch", 8192, 8, False, GATE_OUT),
     ("noble 512 x1 graph, CosNet kernel", "noble_fused", 512, 1, False, dict(COSNET_ON, **NOBLE_OFF)),
+    # NOBLE at batch 32 (0.66× Pre-LN's tokens/s, H100 2026-12-07 08:22; never profiled at this batch): where the
+    # step's extra 0.37 ms goes, and the NOBLE kernel with 8 warps or 32-column blocks (each program then
+    # recomputes z = x W_downᵀ for half as many columns: the redundancy that grows with the batch); those two
+    # switches reach the step's plain few-row products too
+    ("preln 512 x32 compiled", "preln", 512, 32, True, {}),
+    ("noble 512 x32 compiled, NOBLE kernel", "noble_fused", 512, 32, True, {}),
+    ("noble 512 x32 compiled, NOBLE kernel, 8 warps", "noble_fused", 512, 32, True,
+     {"leanformer.ops.skinny_linear.NUM_WARPS": 8}),
+    ("noble 512 x32 compiled, NOBLE kernel, 32-column blocks", "noble_fused", 512, 32, True,
+     {"leanformer.ops.skinny_linear.BLOCK_N": 32}),
     # last: its programs wait for each other (a hang would stop the variants after it)
     ("noble 512 x1 compiled, NOBLE kernel, shared z, GELU in kernel", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **NOBLE_ACT, **{"leanformer.ops.noble_decode.SHARED_Z": True})),

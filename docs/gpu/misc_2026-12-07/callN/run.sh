@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Prepared 2026-12-07 12:20 UTC. Issue #15's NOBLE ≥ 0.9× softmax at batch 32 (0.66×: 1.084 against 0.711 ms,
+# H100 2026-12-07 08:22; never profiled at this batch), ≈ 6 min: decode_profile.py at 512 × 32, Pre-LN and NOBLE
+# (its one-kernel layer), then NOBLE with 8 warps and with 32-column blocks. Expected: the NOBLE launches take the
+# extra 0.37 ms (72 launches: ≈ 5 µs each more than Pre-LN's products of the same shapes); if z's recomputation is
+# what costs, 32-column blocks halve it (48 → 24 programs for a 768-wide output, each with the same z work).
+R=/tmp/r_callN; rm -rf $R; mkdir -p $R; export PYTHONUNBUFFERED=1
+nvidia-smi > $R/gpu.txt 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
+save() { tar czf $OUT/results.tgz -C $R . ; }
+trap save EXIT
+V="preln 512 x32 compiled;noble 512 x32 compiled, NOBLE kernel;noble 512 x32 compiled, NOBLE kernel, 8 warps;noble 512 x32 compiled, NOBLE kernel, 32-column blocks"
+timeout 420 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 360 --variants "$V" > $R/profile_log.txt 2>&1
+grep "^\[" $R/profile_log.txt
