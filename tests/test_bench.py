@@ -375,3 +375,29 @@ def test_profiling_scripts_choose_variants_by_label(capsys):
     with pytest.raises(SystemExit):
         chosen_variants(parser, "b;nope", variants)
     assert "unknown labels ['nope']" in capsys.readouterr().err
+
+
+def test_step_copies_names_the_op_that_issued_each_copy(tmp_path):
+    """benchmarks/step_copies.py: each GPU copy of a (synthetic) trace gets its bytes, time and the innermost
+    host op around the runtime call with its correlation id; the script's CPU smoke run writes its table."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "step_copies.py"
+    spec = importlib.util.spec_from_file_location("step_copies", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    trace = {"traceEvents": [
+        {"cat": "cpu_op", "name": "aten::copy_", "ts": 10, "dur": 5, "tid": 1},
+        {"cat": "cpu_op", "name": "Optimizer.step", "ts": 0, "dur": 100, "tid": 1},
+        {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 12, "dur": 1, "tid": 1, "args": {"correlation": 7}},
+        {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 50, "dur": 1, "tid": 1, "args": {"correlation": 8}},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 200, "dur": 70, "args": {"correlation": 7, "bytes": 4096}},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 300, "dur": 9, "args": {"correlation": 8, "bytes": 64}},
+        {"cat": "kernel", "name": "gemm", "ts": 400, "dur": 9, "args": {"correlation": 9}},
+    ]}
+    copies = mod.copies_in_trace(trace)
+    assert copies == [{"name": "Memcpy DtoD", "bytes": 4096, "us": 70, "issued_in": "aten::copy_"},
+                      {"name": "Memcpy DtoD", "bytes": 64, "us": 9, "issued_in": "Optimizer.step"}]
+    _run_benchmark_script(tmp_path, "step_copies.py", "--smoke", "--batch", "2")
+    assert (tmp_path / "step_copies.md").read_text().startswith("# Copies in one preln step")

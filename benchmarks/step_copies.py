@@ -1,0 +1,117 @@
+"""What the device-to-device copies of a compiled training step are: their bytes, time and the host op that made each.
+
+Issue #13: the Pre-LN GPT-2 step under CUDA graphs (``reduce-overhead``) spends 1.11 ms of its 38.56 in 16
+``Memcpy DtoD`` per step (H100, 2026-12-07 11:24, ``train_profile.py``, docs/gpu/misc_2026-12-07/callJ), about
+0.8 GB moved: the size of the model's float32 weights and gradients, not of a batch. This script profiles one
+warm step of an arm (GPT-2 small, seq 1024, bf16 autocast, fused AdamW, as ``bench train``), exports the trace and
+lists each copy with the innermost host operator around the runtime call that issued it, so the copy can be
+named before anything is changed.
+
+    python3 benchmarks/step_copies.py --arm preln --batch 16 --mode reduce-overhead --out OUT
+    python3 benchmarks/step_copies.py --smoke --out OUT        # CPU: tiny model, eager (checks the parsing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+
+def copies_in_trace(trace: dict) -> list[dict]:
+    """Every GPU memcpy/memset of a chrome trace (torch.profiler's export) with its bytes, µs and the innermost
+    CPU operator (``cpu_op``) of the issuing thread that encloses its runtime call (by the correlation id)."""
+    events = trace.get("traceEvents", [])
+    runtime = {e["args"]["correlation"]: e for e in events
+               if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+    out = []
+    for e in events:
+        if e.get("cat") not in ("gpu_memcpy", "gpu_memset"):
+            continue
+        call = runtime.get(e.get("args", {}).get("correlation"))
+        owner = None
+        if call is not None:
+            around = [o for o in ops if o.get("tid") == call.get("tid") and o["ts"] <= call["ts"] <= o["ts"] + o["dur"]]
+            owner = min(around, key=lambda o: o["dur"])["name"] if around else None
+        out.append({"name": e.get("name"), "bytes": e.get("args", {}).get("bytes"), "us": e.get("dur"),
+                    "issued_in": owner})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arm", default="preln")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode; 'eager' for none")
+    p.add_argument("--out", default="step_copies_out")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager")
+    args = p.parse_args(argv)
+    from torch.profiler import ProfilerActivity, profile
+
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import autocast, base_config, get_size
+    from leanformer.model import TransformerLM
+    from leanformer.config import TrainConfig
+    from leanformer.train.optim import build_optimizer
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    size = get_size("tiny" if args.smoke else "gpt2")
+    seq = 64 if args.smoke else 1024
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = TransformerLM(arm_config(base_config(size, max_seq_len=seq), args.arm))
+    opt = build_optimizer(model, TrainConfig(lr=1e-4))
+    mode = "eager" if args.smoke else args.mode
+    run = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode)
+    x = torch.randint(0, size.vocab_size, (args.batch, seq), device=device)
+    y = torch.randint(0, size.vocab_size, (args.batch, seq), device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            _, loss = run(x, y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(4):  # compile, record the graphs, warm
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(str(out / "trace.json"))
+    copies = copies_in_trace(json.loads((out / "trace.json").read_text()))
+    (out / "trace.json").unlink()  # large; the table below is what is kept
+    by_owner = Counter()
+    for c in copies:
+        by_owner[(c["name"], c["issued_in"])] += c["us"] or 0
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "arm": args.arm, "batch": args.batch,
+              "mode": mode, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "copies": copies,
+              "params_bytes_fp32": sum(p.numel() * 4 for p in model.parameters())}
+    (out / "step_copies.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Copies in one {args.arm} step ({result['device']}, {mode}, batch {args.batch}, {result['date']})", "",
+             f"{len(copies)} copies, {sum(c['us'] or 0 for c in copies):.0f} µs, "
+             f"{sum(c['bytes'] or 0 for c in copies) / 1e6:.1f} MB; "
+             f"float32 weights {result['params_bytes_fp32'] / 1e6:.1f} MB",
+             "", "| copy | issued in | µs |", "|---|---|---:|"]
+    lines += [f"| {name} | `{owner}` | {us:.0f} |" for (name, owner), us in by_owner.most_common(20)]
+    lines += ["", "| copy | bytes | µs | issued in |", "|---|---:|---:|---|"]
+    lines += [f"| {c['name']} | {c['bytes']} | {c['us']} | `{c['issued_in']}` |" for c in copies[:60]]
+    (out / "step_copies.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12 + len(by_owner)]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
