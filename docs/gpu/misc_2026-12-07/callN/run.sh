@@ -13,7 +13,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 save() { tar czf $OUT/results.tgz -C $R . ; }
 trap save EXIT
 V="preln 512 x32 compiled;noble 512 x32 compiled, NOBLE kernel;noble 512 x32 compiled, NOBLE kernel, 8 warps;noble 512 x32 compiled, NOBLE kernel, 32-column blocks"
-timeout 420 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 360 --variants "$V" > $R/profile_log.txt 2>&1
+timeout 380 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 320 --variants "$V" > $R/profile_log.txt 2>&1
 grep "^\[" $R/profile_log.txt
 save
 timeout 150 python3 -u benchmarks/step_copies.py --arm preln --batch 16 --mode reduce-overhead --out $R/copies \
