@@ -145,15 +145,15 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [f"# Prefill profile ({m['device']}, torch {m['torch']}, {m['date']})", "", f"`{m['command']}`", "",
              "| variant | wall ms (median of 2, warm) | GPU kernel ms | launches | host aten ops | next token | "
-             "last logits: max abs. diff ÷ max abs. of the arm's first variant | status |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "last logits: max abs. diff ÷ max abs. of … | … this variant's (its arm's first here) | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['label']} | | | | | | | {r.get('status')} |")
+            lines.append(f"| {r['label']} | | | | | | | | {r.get('status')} |")
             continue
         lines.append(f"| {r['label']} | {1e3 * r['wall_median_s']:.1f} | {r['kernel_ms']:.1f} | {r['launches']:.0f} | "
                      f"{r['host_aten_ops']} | {r.get('next_token', '')} | "
-                     f"{r.get('logits_rel_err', float('nan')):.1e} | ok |")
+                     f"{r.get('logits_rel_err', float('nan')):.1e} | {r.get('logits_vs', '')} | ok |")
     for r in result["rows"]:
         if r.get("status") != "ok":
             continue

@@ -249,15 +249,17 @@ def test_prefill_graph_replays_equal_a_fresh_prefill(arm, monkeypatch):
     gated = arm.endswith("-gated")
     if gated and not dla.fla_available():
         pytest.skip("fla is not installed")
-    model = _model(**ARMS[name]).float().cuda()
+    model = _model(**dict(ARMS[name], **({"max_seq_len": 256} if gated else {}))).float().cuda()
     tol = 1e-5
     if "-bf16-" in arm:
         model, tol = decoding_copy(model), 2e-2
-    dec = StaticDecoder(model, 2, capacity=40, graph="cuda", prefill_chunk=8, prefill_graph=True)
-    for T in (19, 1):
+    chunk, lengths = (96, (150, 1)) if gated else (8, (19, 1))  # gated: chunks across fla's 64-token chunks
+    capacity = max(lengths) + 21
+    dec = StaticDecoder(model, 2, capacity=capacity, graph="cuda", prefill_chunk=chunk, prefill_graph=True)
+    for T in lengths:
         for seed in range(3):
             prompt = torch.randint(0, V, (2, T), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
-            fresh = StaticDecoder(model, 2, capacity=40, graph="none", prefill_chunk=8)
+            fresh = StaticDecoder(model, 2, capacity=capacity, graph="none", prefill_chunk=chunk)
             dec.restart()
             monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", gated)
             ours = dec.prefill(prompt)

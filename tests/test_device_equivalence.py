@@ -114,7 +114,7 @@ def test_fla_kernel_matches_our_form_in_the_same_dtype(device, check, form, dtyp
     check(rel_err(theirs, ours), FLA_FP32_TOL if dtype == torch.float32 else TOL[dtype])
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", [f for f in FORMS if f != "fla_gated"])  # fla_gated: fla_chunk's with a gradient
 def test_dijiang_form_float32_gradients_match_float64(device, check, form):
     _needs_form(form, device)
     fq, fk, v, lg, n = _dijiang_inputs(device)
@@ -156,12 +156,13 @@ def test_dijiang_model_decoding_matches_its_full_forward(device, check, mode, mo
     cfg = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, attention="dijiang")
     cfg.dijiang.mode = "auto" if mode == "gated" else mode
     model = TransformerLM(cfg).to(device).eval()
-    idx = torch.randint(0, 512, (2, 80), device=device)
+    total, prompt = (160, 130) if mode == "gated" else (80, 40)  # gated: a prompt across fla's 64-token chunks
+    idx = torch.randint(0, 512, (2, total), device=device)
     with torch.no_grad():
         full = model(idx)[0]
         cache = model.new_cache()
-        steps = [model(idx[:, :40], cache=cache)[0]]
-        steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(40, 80)]
+        steps = [model(idx[:, :prompt], cache=cache)[0]]
+        steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt, total)]
     check(rel_err(torch.cat(steps, 1), full), FLA_FP32_TOL if mode != "chunk" else TOL[torch.float32])
 
 

@@ -25,13 +25,15 @@ def _inputs(B=2, H=3, T=9, m=5, d=4, seed=0):
     return q, k, v, lg, n
 
 
+@pytest.mark.parametrize("with_n0", [False, True])
 @pytest.mark.parametrize("with_norm", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_gated_route_equals_the_recurrent_form(with_norm, with_state):
+def test_gated_route_equals_the_recurrent_form(with_norm, with_state, with_n0):
+    """Also a state handed in without its n (taken at 0, as the other forms take it)."""
     q, k, v, lg, n = _inputs()
     n = n if with_norm else None
     S0 = torch.randn(2, 3, 5, 4, dtype=F64) if with_state else None
-    n0 = torch.randn(2, 3, dtype=F64) - 4 if with_state and with_norm else None
+    n0 = torch.randn(2, 3, dtype=F64) - 4 if with_n0 else None
     ref, S_ref = dla.recurrent(q, k, v, lg, S0, n, n0)
     out, S = via_token_gates(gated_recurrent, q, k, v, lg, S0, n, n0)
     torch.testing.assert_close(out, ref)
@@ -66,6 +68,26 @@ def test_a_very_negative_first_normaliser_without_state_stays_finite():
     assert torch.isfinite(out).all() and torch.isfinite(S).all()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(S, S_ref)
+
+
+def test_an_initial_normaliser_of_minus_infinity_gives_a_floored_first_gate():
+    """n₀ = −inf (the state before any token) with a zero state: g_0 = −inf would make fla's cumulative sum
+    NaN; it is floored, and the result equals the recurrent form's."""
+    q, k, v, lg, n = _inputs(T=6)
+    n0 = torch.full((2, 3), float("-inf"), dtype=F64)
+    S0 = torch.zeros(2, 3, 5, 4, dtype=F64)
+    g = token_gates(lg, n.shape, n, n0)
+    assert torch.isfinite(g).all() and (g[..., 0] == -100.0).all()
+    out, S = via_token_gates(gated_recurrent, q, k, v, lg, S0, n, n0)
+    ref, S_ref = dla.recurrent(q, k, v, lg, None, n)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(S, S_ref)
+
+
+def test_fla_gated_form_checks_shapes_before_running():
+    q, k, v, lg, n = _inputs(T=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="log_gamma must have shape"):
+        dla.fla_gated(q.float(), k.float(), v.float(), lg[:2].float(), log_norm=n.float())
 
 
 def test_fla_gated_form_has_a_clear_error_without_cuda():

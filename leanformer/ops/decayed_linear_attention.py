@@ -424,8 +424,9 @@ def fla_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torc
     decoding prompt can be captured in a CUDA graph). Same arguments and result as :func:`recurrent`. fla's
     backward through a per-token gate is refused on Hopper with Triton < 3.7.1 (module docstring), so when a
     gradient is needed this runs :func:`fla_chunk` instead."""
+    _check(q, k, v, log_gamma, log_norm)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, log_gamma, initial_state, log_norm)):
+                                       for t in (q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)):
         return fla_chunk(q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
     return via_token_gates(_fla_gated_kernel, q, k, v, log_gamma.detach(), initial_state, log_norm,
                            initial_log_norm)

@@ -8,14 +8,16 @@ the form is the plain gated recurrence
     S_t = exp(g_t) S_{t−1} + k_tᵀ v_t,    o_t = q_t S_t,    g_t = G_t − G_{t−1} = logγ − (n_t − n_{t−1})      (1)
 
 with n_{−1} = n₀, whose final state is already normalised at n_{T−1}. Because
-:func:`leanformer.layers.dijiang.running_log_norm` keeps n_t ≥ n_{t−1} + logγ, every gate is ≤ 0 (up to
-rounding): a kernel for (1) multiplies only by factors ≤ 1, so nothing overflows and no range guard is needed.
+:func:`leanformer.layers.dijiang.running_log_norm` keeps n_t ≥ n_{t−1} + logγ (n₀ the state's own n), every
+gate is ≤ 0 up to rounding (a state handed in without its n is taken at n₀ = 0, and then g_0 may be positive):
+a kernel for (1) multiplies only by factors ≤ 1, so nothing overflows and no range guard is needed.
 fla's ``chunk_simple_gla(g=...)`` computes (1) (its head-wise gate, B T H), so unlike
 :func:`leanformer.ops.constant_decay.via_constant_decay` (the constant-decay kernel with one shift per row)
-this route reads nothing back to the host: it can be captured in a CUDA graph and compiled without a break.
+this route reads nothing back to the host: a CUDA graph can capture it.
 
-Gradients: the gates are built from ``log_gamma`` and ``log_norm`` with autograd, so the decay's gradient
-(and n's, when it requires one) comes from the kernel's gradient of g.
+The first gate is floored at :data:`FIRST_GATE_FLOOR`: an initial n₀ of −inf (the state before any token, as
+the one-kernel decoding step keeps it) would give g_0 = −inf, and fla's cumulative sum −inf − (−inf) = NaN;
+at e^−100 the initial state's weight is already far below float32's resolution of the output.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ GatedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, 
                        tuple[torch.Tensor, torch.Tensor]]
 
 
+FIRST_GATE_FLOOR = -100.0  # g_0's floor (module docstring)
+
+
 def token_gates(log_gamma: torch.Tensor, shape: torch.Size, log_norm: torch.Tensor | None = None,
                 initial_log_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The gates g (B, H, T) of form (1), in at least float32 (fla's kernel reads float32).
@@ -37,14 +42,16 @@ def token_gates(log_gamma: torch.Tensor, shape: torch.Size, log_norm: torch.Tens
     Without ``log_norm``: ``log_gamma`` (H,) for every token. With ``log_norm`` n (B, H, T):
     g_t = logγ − (n_t − n_{t−1}), with n_{−1} = ``initial_log_norm`` (B, H), the initial state's. None:
     n_{−1} = n_0, so g_0 = logγ (no initial state: g_0 weighs nothing, and taking n_{−1} = 0 could make
-    exp(g_0) overflow, and inf·0 NaN, when n_0 < −88). ``shape``: (B, H, T)."""
+    exp(g_0) overflow, and inf·0 NaN, when n_0 < −88). g_0 is floored at :data:`FIRST_GATE_FLOOR`.
+    ``shape``: (B, H, T)."""
     dt = torch.promote_types(log_gamma.dtype if log_norm is None else log_norm.dtype, torch.float32)
     lg = log_gamma.to(dt)[:, None]                                                    # (H, 1)
     if log_norm is None:
         return lg.expand(shape)
     n = log_norm.to(dt)
     first = initial_log_norm.to(dt)[..., None] if initial_log_norm is not None else n[..., :1]
-    return lg - (n - torch.cat((first, n[..., :-1]), dim=-1))
+    g = lg - (n - torch.cat((first, n[..., :-1]), dim=-1))
+    return torch.cat((g[..., :1].clamp_min(FIRST_GATE_FLOOR), g[..., 1:]), dim=-1)
 
 
 def via_token_gates(kernel: GatedKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
