@@ -54,29 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from leanformer.arms import arm_config
-    from leanformer.bench.train import autocast, base_config, get_size
-    from leanformer.model import TransformerLM
-    from leanformer.config import TrainConfig
-    from leanformer.train.optim import build_optimizer
+    from leanformer.bench.train import base_config, get_size, training_step
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     size = get_size("tiny" if args.smoke else "gpt2")
     seq = 64 if args.smoke else 1024
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = TransformerLM(arm_config(base_config(size, max_seq_len=seq), args.arm))
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
     mode = "eager" if args.smoke else args.mode
-    run = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode)
-    x = torch.randint(0, size.vocab_size, (args.batch, seq), device=device)
-    y = torch.randint(0, size.vocab_size, (args.batch, seq), device=device)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast(device):
-            _, loss = run(x, y)
-        loss.backward()
-        opt.step()
+    step = training_step(arm_config(base_config(size, max_seq_len=seq), args.arm), device, args.batch, seq,
+                         compile=mode != "eager", compile_mode=None if mode in ("eager", "default") else mode)
+    model = step.model
 
     for _ in range(4):  # compile, record the graphs, warm
         step()

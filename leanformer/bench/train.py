@@ -107,32 +107,56 @@ def autocast(device: torch.device):
 # ---------------------------------------------------------------------------------------------- one arm
 
 
-def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_len: int, *, compile: bool,
-                warmup: int, repeats: int, max_seconds: float | None, seed: int = 0,
-                compile_mode: str | None = None) -> dict:
-    """Time ``repeats`` training steps of ``TransformerLM(cfg)``; returns one result row (no ratios)."""
+@dataclass
+class TrainingStep:
+    """One model's training step on a fixed batch: ``step()`` zeroes the gradients, runs ``run(x, y)`` under bf16
+    autocast on CUDA, backpropagates and steps the optimizer; it returns the loss (detached)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    run: torch.nn.Module  # the model, or torch.compile of it
+    x: torch.Tensor       # (B, T) token ids
+    y: torch.Tensor       # (B, T) targets
+
+    def __call__(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.x.device):
+            _, loss = self.run(self.x, self.y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def training_step(cfg: TransformerConfig, device: torch.device, batch: int, seq_len: int, *, compile: bool,
+                  seed: int = 0, compile_mode: str | None = None) -> TrainingStep:
+    """``TransformerLM(cfg)`` seeded and initialised on ``device``, its AdamW (fused on CUDA), ``torch.compile``
+    of it (``compile_mode``) when ``compile``, and a fixed random batch (``batch``, ``seq_len``)."""
     from leanformer.model import TransformerLM
     from leanformer.train.optim import build_optimizer
 
     torch.manual_seed(seed)
     with torch.device(device):  # initialised on the device: seconds faster at GPT-2 size
         model = TransformerLM(cfg)
-    flops_per_token = model.flops_per_token(seq_len)
-    params = model.num_params()
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))  # fused AdamW on CUDA
+    opt = build_optimizer(model, TrainConfig(lr=1e-4))
     run = torch.compile(model, mode=compile_mode) if compile else model
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g).to(device)
+    return TrainingStep(model, opt, run, x, y)
+
+
+def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_len: int, *, compile: bool,
+                warmup: int, repeats: int, max_seconds: float | None, seed: int = 0,
+                compile_mode: str | None = None) -> dict:
+    """Time ``repeats`` training steps of ``TransformerLM(cfg)``; returns one result row (no ratios)."""
+    train = training_step(cfg, device, batch, seq_len, compile=compile, seed=seed, compile_mode=compile_mode)
+    model, opt, run, x, y = train.model, train.optimizer, train.run, train.x, train.y
+    flops_per_token = model.flops_per_token(seq_len)
+    params = model.num_params()
     last_loss: list[float] = []
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast(device):
-            _, loss = run(x, y)
-        loss.backward()
-        opt.step()
-        last_loss[:] = [loss.detach()]
+        last_loss[:] = [train()]
 
     t0 = time.perf_counter()
     step()  # first step: compilation (when asked), lazy optimizer state, cuBLAS handles

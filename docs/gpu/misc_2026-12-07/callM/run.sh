@@ -12,11 +12,7 @@
 #     model (else the eager + graph variant, ≈ 11.5 − 3.7 ≈ 8 ms, shows the kernel's share).
 #     (Cut 11:55 to fit 370 s of device time left: DiJiang chunks of 4,096 compiled whole + graph took 8.5 ms at
 #     11:18 on the same kind of machine, callK; the GPU tests narrowed to the gated ones and the prefill graph.)
-R=/tmp/r_callM; rm -rf $R; mkdir -p $R; export PYTHONUNBUFFERED=1
-nvidia-smi > $R/gpu.txt 2>&1
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
-save() { tar czf $OUT/results.tgz -C $R . ; }
-trap save EXIT
+source docs/gpu/preamble.sh callM
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_device_equivalence.py tests/test_decoding.py \
   -k "gated or prefill_graph_replays" > $R/pytest_log.txt 2>&1
 tail -4 $R/pytest_log.txt

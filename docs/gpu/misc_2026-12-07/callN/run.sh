@@ -7,11 +7,7 @@
 # Then (≈ 1 min, issue #13) step_copies.py: the 16 Memcpy DtoD (1.11 ms) of Pre-LN's b16 step under CUDA graphs
 # (callJ), each with its bytes and the host op that issued it. Expected: copies the size of weights or gradients
 # (≈ 0.8 GB moved per step in all), issued by CUDA graph trees or the optimizer, not by the model.
-R=/tmp/r_callN; rm -rf $R; mkdir -p $R; export PYTHONUNBUFFERED=1
-nvidia-smi > $R/gpu.txt 2>&1
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
-save() { tar czf $OUT/results.tgz -C $R . ; }
-trap save EXIT
+source docs/gpu/preamble.sh callN
 V="preln 512 x32 compiled;noble 512 x32 compiled, NOBLE kernel;noble 512 x32 compiled, NOBLE kernel, 8 warps;noble 512 x32 compiled, NOBLE kernel, 32-column blocks"
 timeout 380 python3 -u benchmarks/decode_profile.py --out $R/profile --budget 320 --variants "$V" > $R/profile_log.txt 2>&1
 grep "^\[" $R/profile_log.txt

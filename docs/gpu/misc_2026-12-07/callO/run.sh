@@ -6,11 +6,7 @@
 # layer) stop costing host time, ≈ +3–5% for DiJiang; 0.9× at 1K still needs its kernels ≈ 4 ms faster (its
 # extra over Pre-LN was ≈ 9 ms of 47.7 at 0.807×), so the profile is what this call is for. 4K: ≤ 1.30× is the
 # bound computed from the profile (docs/benchmarks.md), so ≈ 0.85–0.95× is what to expect there.
-R=/tmp/r_callO; rm -rf $R; mkdir -p $R; export PYTHONUNBUFFERED=1
-nvidia-smi > $R/gpu.txt 2>&1
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a $R/gpu.txt
-save() { tar czf $OUT/results.tgz -C $R . ; }
-trap save EXIT
+source docs/gpu/preamble.sh callO
 P="gpt2 preln b16 cudagraphs,gpt2 dijiang_scratch b16 cudagraphs,gpt2-4k preln b4 cudagraphs,gpt2-4k dijiang_scratch b4 cudagraphs"
 timeout 540 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 500 --out $R/steps \
   > $R/steps_log.txt 2>&1
