@@ -315,6 +315,7 @@ class StepRun:
     optimizer: str = "fused"       # "compiled": compiled_adamw_step, else the library's fused AdamW
     cosnet_kernel: str = "never"   # noble.COSNET_KERNEL ("cuda": CosNet through leanformer.ops.cosnet)
     mix_kernel: str = "never"      # shaped.MIX_KERNEL ("cuda": the mix in leanformer.ops.shaped_mix)
+    gated: bool = False            # dijiang.GATED_FLA_TRAINING (DiJiang through fla with one gate per token)
 
 
 CG = "reduce-overhead"
@@ -366,6 +367,8 @@ STEP_PLAN = [  # most wanted first
     StepRun("gpt2 dijiang_scratch b16 cudagraphs", "gpt2", "dijiang_scratch", 16, True, CG),
     StepRun("gpt2-4k preln b4 cudagraphs", "gpt2-4k", "preln", 4, False, CG),
     StepRun("gpt2-4k dijiang_scratch b4 cudagraphs", "gpt2-4k", "dijiang_scratch", 4, True, CG),
+    StepRun("gpt2 dijiang_scratch b16 cudagraphs gated", "gpt2", "dijiang_scratch", 16, True, CG, gated=True),
+    StepRun("gpt2-4k dijiang_scratch b4 cudagraphs gated", "gpt2-4k", "dijiang_scratch", 4, True, CG, gated=True),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]
@@ -411,11 +414,12 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         sizes = {k: (bt.SIZES["tiny"], 32) for k in sizes}
     rows = []
     plan = sorted((p for p in STEP_PLAN if p.label in PLAN), key=lambda p: PLAN.index(p.label)) if PLAN else STEP_PLAN
-    from leanformer.layers import noble, shaped
+    from leanformer.layers import dijiang, noble, shaped
 
     for run_spec in plan:
         label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
         noble.COSNET_KERNEL, shaped.MIX_KERNEL = run_spec.cosnet_kernel, run_spec.mix_kernel
+        dijiang.GATED_FLA_TRAINING = run_spec.gated
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45) - (120 if mode == AT else 0):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
@@ -467,7 +471,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
-    noble.COSNET_KERNEL, shaped.MIX_KERNEL = "never", "never"
+    noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING = "never", "never", False
     result["steps"] = rows
 
 

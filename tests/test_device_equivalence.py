@@ -114,7 +114,7 @@ def test_fla_kernel_matches_our_form_in_the_same_dtype(device, check, form, dtyp
     check(rel_err(theirs, ours), FLA_FP32_TOL if dtype == torch.float32 else TOL[dtype])
 
 
-@pytest.mark.parametrize("form", [f for f in FORMS if f != "fla_gated"])  # fla_gated: fla_chunk's with a gradient
+@pytest.mark.parametrize("form", list(FORMS))
 def test_dijiang_form_float32_gradients_match_float64(device, check, form):
     _needs_form(form, device)
     fq, fk, v, lg, n = _dijiang_inputs(device)
@@ -125,6 +125,33 @@ def test_dijiang_form_float32_gradients_match_float64(device, check, form):
     FORMS[form](*leaves, lg, log_norm=n)[0].backward(g)
     check(max(rel_err(a.grad, b.grad) for a, b in zip(leaves, leaves64)),
           FLA_FP32_TOL if form.startswith("fla") else TOL[torch.float32])
+
+
+def test_dijiang_model_trains_through_gated_fla_as_through_the_default(device, check, monkeypatch):
+    """dijiang.GATED_FLA_TRAINING: a float32 model's loss and every parameter's gradient through fla with one
+    gate per token (its backward three forward passes) against the default route, learnable decay included."""
+    from leanformer.config import TransformerConfig
+    from leanformer.layers import dijiang
+    from leanformer.model import TransformerLM
+
+    _needs_fla(device)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, attention="dijiang", max_seq_len=512)
+    cfg.dijiang.learnable_decay = True
+    model = TransformerLM(cfg).to(device)
+    idx = torch.randint(0, 512, (2, 300), device=device)
+
+    def loss_and_grads(gated: bool):
+        monkeypatch.setattr(dijiang, "GATED_FLA_TRAINING", gated)
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, idx)[1]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ref_loss, ref = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert len(grads) == len(ref)
+    check(max([rel_err(loss, ref_loss)] + [rel_err(a, b) for a, b in zip(grads, ref)]), FLA_FP32_TOL)
 
 
 def test_fla_gated_prompt_continues_from_a_state(device, check):

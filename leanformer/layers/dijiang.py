@@ -276,6 +276,9 @@ FUSED_MAX_LEN = 4096  # auto's default for dijiang.fused_max_len (read at each c
 GATED_FLA_PROMPTS = False  # auto: a prompt with a decoding state (T > 1: a prefill or its chunk) through fla's chunk
 # kernel with one gate per token (dla.fla_gated: no host read, so a CUDA graph can capture it), before the fused
 # kernel, on CUDA when fla imports; off until timed against the fused kernel (prefill_profile.py)
+GATED_FLA_TRAINING = False  # auto: a full pass (training) through fla's kernel with one gate per token (dla.fla_gated:
+# exact, no host read, its backward three forward passes, leanformer.ops.gated_attention), before the fused kernel,
+# on CUDA when fla imports; off until timed against the fused kernel (train_profile.py "… gated")
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the feature dtypes ``auto`` sends to the fused kernel
 FUSED_STEP = True  # a decoding step through the one-kernel fused step when it can run (False: the unfused
 # feature map + recurrent form + GroupNorm); read at each call (a captured CUDA graph keeps the route it was
@@ -367,18 +370,18 @@ class DiJiangAttention(nn.Module):
         dict, empty before the first token), :meth:`fused_step_reason` finds nothing against them, and the
         device is CUDA (mode ``fused``: also the CPU under ``TRITON_INTERPRET=1``); else ``recurrent``, with
         no warning (it is the reference). A prompt with a state (T > 1) runs ``fla_gated`` on CUDA when
-        :data:`GATED_FLA_PROMPTS` is on and fla imports. Otherwise, on CUDA, for bf16/fp16 features (the
-        kernel's float32 runs without tensor cores and was not timed), when Triton imports and the
-        fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d) (:func:`dla.fused_supported`; not
-        considered when they are not given), the fused kernel up to ``fused_max_len`` (None: FUSED_MAX_LEN), for a
-        full pass and for a prompt continuing a state alike. Otherwise a prompt with a state runs ``chunk``;
-        a full pass runs ``parallel`` up to ``parallel_max_len`` (None: 256 tokens on CPU, 1024 on CUDA) and
-        beyond it fla's kernel on CUDA when fla imports, else the fused kernel when it takes the inputs (never
-        the unfused PyTorch chunk form on a GPU that can run it), else ``chunk``. Measured on an H200
-        (docs/benchmarks.md, 2026-12-04; fwd+bwd, B 4, H 12, paper map): the first kernel 3.32 ms against
-        fla's 4.17 at 4K and 7.90 against 4.17 at 8K; today's default (factored) 2.90 against 3.82 at 4K and
-        19.71 against 6.54 at 16K. With the feature-map kernels (H100, 2026-12-05, paper map at 4K): a lone
-        call's wall time 3.54 (fused) against 4.03 ms (fla), but its GPU time 1.39 against 0.75 ms; which of
+        :data:`GATED_FLA_PROMPTS` is on and fla imports, a full pass likewise under :data:`GATED_FLA_TRAINING`.
+        Otherwise, on CUDA, for bf16/fp16 features (the kernel's float32 runs without tensor cores and was not
+        timed), when Triton imports and the fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d)
+        (:func:`dla.fused_supported`; not considered when they are not given), the fused kernel up to
+        ``fused_max_len`` (None: FUSED_MAX_LEN), for a full pass and for a prompt continuing a state alike.
+        Otherwise a prompt with a state runs ``chunk``; a full pass runs ``parallel`` up to ``parallel_max_len``
+        (None: 256 tokens on CPU, 1024 on CUDA) and beyond it fla's kernel on CUDA when fla imports, else the fused
+        kernel when it takes the inputs (never the unfused PyTorch chunk form on a GPU that can run it), else
+        ``chunk``. Measured on an H200 (docs/benchmarks.md, 2026-12-04; fwd+bwd, B 4, H 12, paper map): the first
+        kernel 3.32 ms against fla's 4.17 at 4K and 7.90 against 4.17 at 8K; today's default (factored) 2.90 against
+        3.82 at 4K and 19.71 against 6.54 at 16K. With the feature-map kernels (H100, 2026-12-05, paper map at 4K):
+        a lone call's wall time 3.54 (fused) against 4.03 ms (fla), but its GPU time 1.39 against 0.75 ms; which of
         the two a training step at 4K prefers is not measured yet, so the default stays. Mode ``fla``: its
         recurrent kernel for a step, its chunk kernel otherwise;
         modes ``parallel`` and ``fused`` with a state: ``recurrent`` for a step, else chunk (parallel) or the
@@ -391,7 +394,8 @@ class DiJiangAttention(nn.Module):
                 return "fused_step"
             return "recurrent"
         if mode == "auto":
-            if stateful and T > 1 and GATED_FLA_PROMPTS and device.type == "cuda" and _fla_usable():
+            if (T > 1 and (GATED_FLA_PROMPTS if stateful else GATED_FLA_TRAINING) and device.type == "cuda"
+                    and _fla_usable()):
                 return "fla_gated"
             fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES
                      and dla.fused_supported(q, v) is None)

@@ -27,8 +27,9 @@ Forms (shapes as above; all decays computed from ``i − j`` directly, never as 
   (an exact shift), never through fla's per-token gate ``g``, whose backward fla 0.6.0 refuses on Hopper
   with Triton < 3.7.1. Checked on an H100 against float64 (docs/benchmarks.md, 2026-11-24).
 * :func:`fla_gated` — fla's ``chunk_simple_gla`` forward with that per-token gate after all, g_t = logγ −
-  (n_t − n_{t−1}) ≤ 0 (:mod:`leanformer.ops.token_gates`): exact with no shift and no host read, for a
-  decoding prompt (no gradient; with one it runs :func:`fla_chunk`).
+  (n_t − n_{t−1}) ≤ 0 (:mod:`leanformer.ops.token_gates`): exact with no shift and no host read; its gradient
+  (no initial state) is three more forward passes (:mod:`leanformer.ops.gated_attention`), never fla's
+  refused backward.
 
 Every form has one signature, ``(q, k, v, log_gamma, initial_state=None, log_norm=None,
 initial_log_norm=None) → (o, final_state)`` (``chunk`` adds the keyword ``chunk_size``, ``fused`` the
@@ -47,6 +48,7 @@ import torch
 
 from leanformer.ops import fused_decay_attention as fused_kernel
 from leanformer.ops.constant_decay import PlainKernel, route_decay_gradient, via_constant_decay
+from leanformer.ops.gated_attention import fla_gated_kernel, gated_form
 from leanformer.ops.on_cuda import on_cuda_compiled
 from leanformer.ops.token_gates import via_token_gates
 
@@ -401,34 +403,29 @@ def fla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: 
     return via_constant_decay(_fla_kernel(True), q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
 
 
-@torch.compiler.disable
-def _fla_gated_kernel(q, k, v, g, initial_state):
-    """fla's ``chunk_simple_gla`` with a per-token head-wise gate g (B, H, T) (form (1) of
-    :mod:`leanformer.ops.token_gates`) on our (B, H, T, ·) layout; forward only (see :func:`fla_gated`).
-    torch.compile leaves fla's Python and autotuned kernels to run as they are (a break around the call, which
-    a CUDA graph of the prefill captures all the same)."""
-    if not q.is_cuda:
-        raise RuntimeError(f"dijiang form 'fla_gated' needs CUDA tensors, got device {q.device}; use 'chunk'")
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    o, state = _import_fla()[0](qt, kt, vt, g=g.float().transpose(1, 2).contiguous(), scale=1.0,
-                                initial_state=initial_state.float() if initial_state is not None else None,
-                                output_final_state=True)
-    return o.transpose(1, 2), state
-
-
 def fla_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
               initial_state: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
               initial_log_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fla ``chunk_simple_gla`` with one gate per token (:func:`leanformer.ops.token_gates.via_token_gates`):
-    the log-norm enters as gates ≤ 0, so there is no shift, no range guard and no read back to the host (a
-    decoding prompt can be captured in a CUDA graph). Same arguments and result as :func:`recurrent`. fla's
-    backward through a per-token gate is refused on Hopper with Triton < 3.7.1 (module docstring), so when a
-    gradient is needed this runs :func:`fla_chunk` instead."""
+    """fla ``chunk_simple_gla`` with one gate per token (:mod:`leanformer.ops.token_gates`): the log-norm enters
+    as gates ≤ 0, so there is no shift, no range guard and no read back to the host (a prefill or a training
+    step can be captured in a CUDA graph). Same arguments and result as :func:`recurrent`.
+
+    Without an initial state it is the op ``leanformer::gated_attention`` (:mod:`leanformer.ops.gated_attention`),
+    whose gradient to q, k, v is three more forward passes of fla's kernel (fla's own backward for a per-token
+    gate is refused on Hopper with Triton < 3.7.1); a learnable decay's gradient goes through q and k
+    (:func:`leanformer.ops.constant_decay.route_decay_gradient`). The final state then carries no gradient, nor
+    does ``log_norm`` (DiJiang detaches its normaliser): a gradient wanted through either, or with an initial
+    state, runs :func:`fla_chunk` instead."""
     _check(q, k, v, log_gamma, log_norm)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)):
+    if not q.is_cuda:
+        raise RuntimeError(f"dijiang form 'fla_gated' needs fla and CUDA tensors, got device {q.device}; use 'chunk'")
+    grad = torch.is_grad_enabled()
+    if initial_state is None and not (grad and log_norm is not None and log_norm.requires_grad):
+        return gated_form(q, k, v, log_gamma, log_norm)
+    if grad and any(t is not None and t.requires_grad
+                    for t in (q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)):
         return fla_chunk(q, k, v, log_gamma, initial_state, log_norm, initial_log_norm)
-    return via_token_gates(_fla_gated_kernel, q, k, v, log_gamma.detach(), initial_state, log_norm,
+    return via_token_gates(fla_gated_kernel, q, k, v, log_gamma.detach(), initial_state, log_norm,
                            initial_log_norm)
 
 

@@ -1,0 +1,78 @@
+"""leanformer::gated_attention (leanformer.ops.gated_attention): DiJiang's decayed form with no initial state through
+a gated kernel's forward passes only, its backward three more of them (B1–B3). On the CPU the op runs the PyTorch
+recurrence in place of fla's kernel, so the backward's algebra (the flips and the shifted gates) is checked here in
+float64 against the parallel form, learnable decay included; fla's kernel in it runs on the GPU
+(test_device_equivalence)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanformer.layers.dijiang import running_log_norm
+from leanformer.ops import decayed_linear_attention as dla
+from leanformer.ops.gated_attention import gated_attention, gated_form, reversed_gates
+
+F64 = torch.float64
+
+
+def _inputs(B=2, H=3, T=11, m=5, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, H, T, m, dtype=F64, generator=g)
+    k = torch.rand(B, H, T, m, dtype=F64, generator=g)
+    v = torch.randn(B, H, T, d, dtype=F64, generator=g)
+    lg = torch.log1p(-0.3 * torch.rand(H, dtype=F64, generator=g))
+    n = running_log_norm(3 * torch.randn(B, H, T, dtype=F64, generator=g), lg)
+    return q, k, v, lg, n
+
+
+def test_reversed_gates_sum_to_the_forward_decays():
+    """Σ_{s=i′+1..j′} g′_s = G_i − G_j for i ≥ j (i′ = T−1−i, j′ = T−1−j)."""
+    g = -torch.rand(1, 1, 7, dtype=F64)
+    G, Gr = g.cumsum(-1)[0, 0], reversed_gates(g).cumsum(-1)[0, 0]
+    T = 7
+    for i in range(T):
+        for j in range(i + 1):
+            torch.testing.assert_close(Gr[T - 1 - j] - Gr[T - 1 - i], G[i] - G[j])
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("learnable_decay", [False, True])
+def test_gated_form_equals_the_parallel_form_with_gradients(with_norm, learnable_decay):
+    q, k, v, lg, n = _inputs()
+    n = n if with_norm else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    lg1 = lg.clone().requires_grad_(learnable_decay)
+    ref, S_ref = dla.parallel(*leaves, lg1, log_norm=n)
+    w = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * w).sum(), leaves + ([lg1] if learnable_decay else []))
+    leaves2 = [t.clone().requires_grad_() for t in (q, k, v)]
+    lg2 = lg.clone().requires_grad_(learnable_decay)
+    out, S = gated_form(*leaves2, lg2, n)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(S, S_ref)
+    assert not S.requires_grad
+    grads = torch.autograd.grad((out * w).sum(), leaves2 + ([lg2] if learnable_decay else []))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_gated_attention_op_passes_gradcheck_and_its_fake_matches():
+    q, k, v, lg, n = _inputs(B=1, H=2, T=6, m=3, d=2)
+    g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
+    leaves = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda *x: gated_attention(*x, g)[0], leaves)
+    torch.library.opcheck(gated_attention, (q.detach(), k.detach(), v.detach(), g),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_gated_attention_compiles_without_a_graph_break():
+    q, k, v, lg, n = _inputs(B=1, H=2, T=6, m=4, d=4)
+    g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: gated_attention(q, k, v, g)[0], backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.sum().backward()
+    ref = dla.parallel(q, k, v, lg, log_norm=n)[0]
+    torch.testing.assert_close(out, ref)
