@@ -57,13 +57,21 @@ def test_gated_form_equals_the_parallel_form_with_gradients(with_norm, learnable
         torch.testing.assert_close(a, b)
 
 
-def test_gated_attention_op_passes_gradcheck_and_its_fake_matches():
-    q, k, v, lg, n = _inputs(B=1, H=2, T=6, m=3, d=2)
+@pytest.mark.parametrize("T", [1, 6])
+def test_gated_attention_op_passes_gradcheck_and_opcheck(T):
+    q, k, v, lg, n = _inputs(B=1, H=2, T=T, m=3, d=2)
     g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
     leaves = tuple(t.requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(lambda *x: gated_attention(*x, g)[0], leaves)
-    torch.library.opcheck(gated_attention, (q.detach(), k.detach(), v.detach(), g),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(gated_attention, (*leaves, g))  # schema, fake tensors, autograd registration, AOT
+
+
+def test_the_final_state_carries_no_gradient_and_dtypes_must_match():
+    q, k, v, lg, n = _inputs(T=4)
+    o, S = gated_attention(q.requires_grad_(), k, v, lg[:, None].expand(2, 3, 4))
+    assert o.requires_grad and not S.requires_grad
+    with pytest.raises(ValueError, match="one dtype"):
+        gated_form(q.detach().float(), k, v, lg, n)
 
 
 def test_gated_attention_compiles_without_a_graph_break():

@@ -370,7 +370,8 @@ class DiJiangAttention(nn.Module):
         dict, empty before the first token), :meth:`fused_step_reason` finds nothing against them, and the
         device is CUDA (mode ``fused``: also the CPU under ``TRITON_INTERPRET=1``); else ``recurrent``, with
         no warning (it is the reference). A prompt with a state (T > 1) runs ``fla_gated`` on CUDA when
-        :data:`GATED_FLA_PROMPTS` is on and fla imports, a full pass likewise under :data:`GATED_FLA_TRAINING`.
+        :data:`GATED_FLA_PROMPTS` is on, fla imports and no gradient is recorded; a full pass likewise under
+        :data:`GATED_FLA_TRAINING`.
         Otherwise, on CUDA, for bf16/fp16 features (the kernel's float32 runs without tensor cores and was not
         timed), when Triton imports and the fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d)
         (:func:`dla.fused_supported`; not considered when they are not given), the fused kernel up to
@@ -394,8 +395,9 @@ class DiJiangAttention(nn.Module):
                 return "fused_step"
             return "recurrent"
         if mode == "auto":
-            if (T > 1 and (GATED_FLA_PROMPTS if stateful else GATED_FLA_TRAINING) and device.type == "cuda"
-                    and _fla_usable()):
+            # a prompt with a state only without gradients: the gated route gives its final state none
+            gated = (GATED_FLA_PROMPTS and not torch.is_grad_enabled()) if stateful else GATED_FLA_TRAINING
+            if T > 1 and gated and device.type == "cuda" and _fla_usable():
                 return "fla_gated"
             fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES
                      and dla.fused_supported(q, v) is None)
