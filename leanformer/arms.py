@@ -146,7 +146,7 @@ def unavailable_reason(cfg: TransformerConfig, device: torch.device | None = Non
             return f"needs module {module}, which cannot be imported ({e})"
         if not hasattr(mod, attr):
             return f"needs {module}.{attr}, which does not exist yet"
-    if cfg.attention == "dijiang" and cfg.dijiang.mode == "fla" and device is not None:
+    if cfg.attention == "dijiang" and cfg.dijiang.mode in ("fla", "gated") and device is not None:
         from leanformer.ops.decayed_linear_attention import fla_unavailable_reason
 
         return fla_unavailable_reason(device)

@@ -86,7 +86,8 @@ class DiJiangConfig:
     feature_map: str = "paper"  # paper: D ⊙ exp(T C x) | official: softmax(x C T)
     feature_dim: int | None = None  # m; None = head dim
     learnable_decay: bool = False
-    mode: str = "auto"  # auto | parallel | chunk | recurrent | fla | fused (Triton kernel, CUDA)
+    mode: str = "auto"  # auto | parallel | chunk | recurrent | fla | fused (Triton kernel, CUDA) | gated (fla's
+    # forward kernel with one gate per token, CUDA; its backward three more forward passes: ops/gated_attention.py)
     chunk_size: int = 64
     # auto, a full pass: parallel up to this length, chunk (CUDA: fla's kernel, or the fused one without fla)
     # beyond; None: 256 on CPU, 1024 on CUDA (where the two forms cross: CPU 128-256 tokens, H100 1-2K tokens)
@@ -99,7 +100,7 @@ class DiJiangConfig:
 
     def validate(self) -> None:
         _choice("dijiang.feature_map", self.feature_map, ("paper", "official"))
-        _choice("dijiang.mode", self.mode, ("auto", "parallel", "chunk", "recurrent", "fla", "fused"))
+        _choice("dijiang.mode", self.mode, ("auto", "parallel", "chunk", "recurrent", "fla", "fused", "gated"))
         if self.chunk_size < 1:
             raise ConfigError(f"dijiang.chunk_size={self.chunk_size} must be >= 1")
         for name in ("parallel_max_len", "fused_max_len"):

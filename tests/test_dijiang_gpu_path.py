@@ -299,3 +299,13 @@ def test_auto_sends_prompts_with_a_state_through_gated_fla_when_switched_on(monk
     assert att.form(100, cpu, stateful=False) == "parallel"  # the CPU keeps its route
     monkeypatch.setattr(dj, "_fla_usable", lambda: False)
     assert att.form(4096, cuda, stateful=True) == "chunk"
+
+
+def test_mode_gated_routes_full_passes_and_prompts_without_gradients_to_gated_fla():
+    att = _layer(8, mode="gated")  # the config's validation accepts the mode
+    cuda = torch.device("cuda")
+    assert att.form(300, cuda, stateful=False) == "fla_gated"
+    assert att.form(1, cuda, stateful=True) == "recurrent"
+    assert att.form(300, cuda, stateful=True) == "chunk"  # a gradient would miss the final state
+    with torch.no_grad():
+        assert att.form(300, cuda, stateful=True) == "fla_gated"

@@ -18,6 +18,9 @@ forward + backward to q, k, v (and the mixer's own parameters). Methods:
   (softmax over the features; timed by default on CUDA as ``dijiang_official_fla`` and
   ``dijiang_official_fused``, on request elsewhere). The GroupNorm and gate that follow
   the mixer in the layer are not included (nor are SDPA's output projection and the rest of its layer).
+* ``dijiang_gated`` / ``dijiang_official_gated`` (on request, CUDA with fla): the mix through fla's forward kernel
+  with one gate per token, its backward three more forward passes (mode ``gated``,
+  :mod:`leanformer.ops.gated_attention`): no range check read back to the host.
 
 Inputs are laid out as the model's projections make them: (B, T, H, D) memory viewed as (B, H, T, D).
 
@@ -45,7 +48,8 @@ from leanformer.device import resolve_device
 
 METHODS = ("softmax", "shaped", "dijiang_parallel", "dijiang_chunk", "dijiang_fla")
 OFFICIAL = ("dijiang_official_parallel", "dijiang_official_chunk", "dijiang_official_fla", "dijiang_official_fused")
-ALL_METHODS = METHODS + ("dijiang_fused",) + OFFICIAL
+GATED = ("dijiang_gated", "dijiang_official_gated")  # fla's forward kernel with one gate per token (not timed yet)
+ALL_METHODS = METHODS + ("dijiang_fused",) + OFFICIAL + GATED
 CUDA_DEFAULT_EXTRA = ("dijiang_fused", "dijiang_official_fla", "dijiang_official_fused")  # default on CUDA only
 CPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 GPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)

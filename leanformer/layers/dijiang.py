@@ -384,7 +384,8 @@ class DiJiangAttention(nn.Module):
         3.82 at 4K and 19.71 against 6.54 at 16K. With the feature-map kernels (H100, 2026-12-05, paper map at 4K):
         a lone call's wall time 3.54 (fused) against 4.03 ms (fla), but its GPU time 1.39 against 0.75 ms; which of
         the two a training step at 4K prefers is not measured yet, so the default stays. Mode ``fla``: its
-        recurrent kernel for a step, its chunk kernel otherwise;
+        recurrent kernel for a step, its chunk kernel otherwise; mode ``gated``: ``fla_gated`` for a full pass and
+        for a prompt without gradients (a step: ``recurrent``; a prompt with a state under gradients: ``chunk``);
         modes ``parallel`` and ``fused`` with a state: ``recurrent`` for a step, else chunk (parallel) or the
         fused kernel (fused); mode ``fused`` on inputs the kernel refuses runs ``parallel`` (``chunk`` with a
         state), with a warning."""
@@ -413,6 +414,11 @@ class DiJiangAttention(nn.Module):
             return "fused" if fused else "chunk"
         if mode == "fla":
             return "fla_recurrent" if stateful and T == 1 else "fla_chunk"
+        if mode == "gated":  # a step: the recurrent form; a prompt with a state under gradients: chunk (its
+            # final state would have none through the gated route)
+            if stateful and (T == 1 or torch.is_grad_enabled()):
+                return "recurrent" if T == 1 else "chunk"
+            return "fla_gated"
         if stateful and mode == "parallel":  # a prompt with a state: chunkwise, continuing from it
             return "chunk"
         if mode == "fused" and q is not None and v is not None:
