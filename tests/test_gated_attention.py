@@ -84,3 +84,22 @@ def test_gated_attention_compiles_without_a_graph_break():
     out.sum().backward()
     ref = dla.parallel(q, k, v, lg, log_norm=n)[0]
     torch.testing.assert_close(out, ref)
+
+
+def test_reversed_pass_is_the_anticausal_sum_and_outputs_come_in_fla_layout():
+    """gated_attention_reversed: o_j = Σ_{i≥j} exp(G_i − G_j) (q_j·k_i) v_i, by a double loop; both ops return
+    (B, H, T, d) views of (B, T, H, d) memory, fla's layout."""
+    from leanformer.ops.gated_attention import gated_attention_reversed
+
+    q, k, v, lg, n = _inputs(T=7)
+    g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
+    G = g.cumsum(-1)
+    want = torch.zeros_like(v)
+    for j in range(7):
+        for i in range(j, 7):
+            w = (G[..., i] - G[..., j]).exp()[..., None]
+            want[:, :, j] += w * (q[:, :, j] * k[:, :, i]).sum(-1, keepdim=True) * v[:, :, i]
+    out = gated_attention_reversed(q, k, v, g)
+    torch.testing.assert_close(out, want)
+    B, H, T, d = v.shape
+    assert out.stride() == gated_attention(q, k, v, g)[0].stride() == (T * H * d, d, H * d, 1)

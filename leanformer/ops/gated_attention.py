@@ -15,7 +15,9 @@ gradient is itself a pass of (1), forward in time or backward:
 where "flipped" reverses the time axis and g′_s = g_{T−s} for s ≥ 1 (g′_0 is never used: (1) has no initial
 state), so that Σ_{s=i′+1..j′} g′_s = G_i − G_j for i′ = T−1−i ≤ j′ = T−1−j. Every pass reads and writes only
 through fla's forward kernels, which Hopper runs correctly, and nothing is read back to the host: the op can be
-captured in a CUDA graph and compiled without a break (``leanformer::gated_attention``, a ``custom_op``).
+captured in a CUDA graph and compiled without a break (``leanformer::gated_attention``, a ``custom_op``; the
+reversed passes are ``leanformer::gated_attention_reversed``). The outputs stay in fla's (B, T, H, ·) memory, and
+a reversed pass reverses its inputs in that layout, one copy each, which fla then reads without another.
 
 On the CPU (tests) the op runs :func:`leanformer.ops.token_gates.gated_recurrent` instead of fla, so the backward's
 algebra is checked in float64 against the parallel form there. The final state comes back without a gradient
@@ -34,19 +36,23 @@ from leanformer.ops.token_gates import gated_recurrent, token_gates
 
 
 @torch.compiler.disable  # fla's Python and autotuned kernels run as they are (a traced prompt breaks around them)
-def fla_gated_kernel(q, k, v, g, initial_state):
+def fla_gated_kernel(q, k, v, g, initial_state, reverse: bool = False):
     """fla's ``chunk_simple_gla`` with a per-token head-wise gate g (B, H, T) (form (1) of
     :mod:`leanformer.ops.token_gates`) on our (B, H, T, ·) layout, forward only. q, k (B, H, T, m), v (B, H, T, d)
-    → o (B, H, T, d) in v's dtype, final state (B, H, m, d) float32."""
+    → o (B, H, T, d), a view of (B, T, H, d) memory, in the inputs' dtype; final state (B, H, m, d) float32.
+    ``reverse``: q, k, v and the output reversed in time (g as given: in the reversed order), each in fla's
+    (B, T, H, ·) layout, so that it costs one copy and fla's own contiguity copy none."""
     from leanformer.ops.decayed_linear_attention import _import_fla
 
     if not q.is_cuda:
         raise RuntimeError(f"dijiang form 'fla_gated' needs CUDA tensors, got device {q.device}; use 'chunk'")
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    o, state = _import_fla()[0](qt, kt, vt, g=g.float().transpose(1, 2).contiguous(), scale=1.0,
+    qt, kt, vt, gt = (x.transpose(1, 2) for x in (q, k, v, g.float()))
+    if reverse:  # the gates come in the reversed order already
+        qt, kt, vt = (x.flip(1) for x in (qt, kt, vt))
+    o, state = _import_fla()[0](qt, kt, vt, g=gt.contiguous(), scale=1.0,
                                 initial_state=initial_state.float() if initial_state is not None else None,
                                 output_final_state=True)
-    return o.transpose(1, 2), state
+    return (o.flip(1) if reverse else o).transpose(1, 2), state
 
 
 def reversed_gates(g: torch.Tensor) -> torch.Tensor:
@@ -54,21 +60,59 @@ def reversed_gates(g: torch.Tensor) -> torch.Tensor:
     return torch.cat((torch.zeros_like(g[..., :1]), g.flip(-1)[..., :-1]), dim=-1)
 
 
+def _in_fla_layout(o: torch.Tensor) -> torch.Tensor:
+    """o (B, H, T, d) as a view of (B, T, H, d) memory (the layout fla writes, which the ops return): o itself
+    when it is one already (any dims of size 1 aside, as fake tensors make them), else a copy."""
+    B, H, T, d = o.shape
+    if o.is_contiguous() if H == 1 else o.stride() == (T * H * d, d, H * d, 1):
+        return o
+    return o.new_empty(B, T, H, d).transpose(1, 2).copy_(o)
+
+
+def _run(q, k, v, g, reverse: bool):
+    """(1), or with ``reverse`` flip ∘ (1 with the gates g′ of g) ∘ flip along time: (o in fla's layout, S)."""
+    if reverse:
+        g = reversed_gates(g)
+    if q.is_cuda:
+        o, S = fla_gated_kernel(q, k, v, g, None, reverse=reverse)
+    else:
+        flip = (lambda x: x.flip(2)) if reverse else (lambda x: x)
+        o, S = gated_recurrent(flip(q), flip(k), flip(v), g, None)
+        o = flip(o)
+    return _in_fla_layout(o.to(v.dtype)), S.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
+
+
+def _fake_output(q, v):
+    B, H, T, _ = q.shape
+    return v.new_empty(B, T, H, v.shape[-1]).transpose(1, 2)
+
+
 @torch.library.custom_op("leanformer::gated_attention", mutates_args=())
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(1) for q, k (B, H, T, m), v (B, H, T, d) of one dtype, g (B, H, T) (no gradient) → o (B, H, T, d) in
-    that dtype and the final state (B, H, m, d) in at least float32 (marked non-differentiable): fla on CUDA,
-    the recurrence on the CPU."""
-    o, S = (fla_gated_kernel if q.is_cuda else gated_recurrent)(q, k, v, g, None)
-    return o.to(v.dtype).contiguous(), S.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
+    that dtype, a view of (B, T, H, d) memory (fla's layout: no copy), and the final state (B, H, m, d) in at
+    least float32 (marked non-differentiable): fla on CUDA, the recurrence on the CPU."""
+    return _run(q, k, v, g, reverse=False)
 
 
 @gated_attention.register_fake
 def _(q, k, v, g):
     B, H, T, m = q.shape
-    return (v.new_empty(B, H, T, v.shape[-1]),
-            q.new_empty(B, H, m, v.shape[-1], dtype=torch.promote_types(q.dtype, torch.float32)))
+    return _fake_output(q, v), q.new_empty(B, H, m, v.shape[-1], dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+@torch.library.custom_op("leanformer::gated_attention_reversed", mutates_args=())
+def gated_attention_reversed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B2, B3)'s pass: (1) on q, k, v reversed in time with the gates g′ of ``g`` (:func:`reversed_gates`), its
+    output reversed back: o_j = Σ_{i≥j} exp(G_i − G_j) (q_j·k_i) v_i. Shapes and layout as
+    :func:`gated_attention`'s o; no gradient of its own (it is only a backward's pass)."""
+    return _run(q, k, v, g, reverse=True)[0]
+
+
+@gated_attention_reversed.register_fake
+def _(q, k, v, g):
+    return _fake_output(q, v)
 
 
 def _setup(ctx, inputs, output):
@@ -82,9 +126,8 @@ def _backward(ctx, do, dS):
     q, k, v, g = ctx.saved_tensors
     do = do.to(v.dtype)
     dq = gated_attention(do, v, k, g)[0]
-    gr = reversed_gates(g)
-    dk = gated_attention(v.flip(2), do.flip(2), q.flip(2), gr)[0].flip(2)
-    dv = gated_attention(k.flip(2), q.flip(2), do.flip(2), gr)[0].flip(2)
+    dk = gated_attention_reversed(v, do, q, g)
+    dv = gated_attention_reversed(k, q, do, g)
     return dq.to(q.dtype), dk.to(k.dtype), dv, None
 
 
