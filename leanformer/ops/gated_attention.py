@@ -61,10 +61,10 @@ def reversed_gates(g: torch.Tensor) -> torch.Tensor:
 
 
 def _in_fla_layout(o: torch.Tensor) -> torch.Tensor:
-    """o (B, H, T, d) as a view of (B, T, H, d) memory (the layout fla writes, which the ops return): o itself
-    when it is one already (any dims of size 1 aside, as fake tensors make them), else a copy."""
+    """o (B, H, T, d) as a view of (B, T, H, d) memory (the layout fla writes, which the ops return, with the
+    strides their fake tensors have): o itself when it has those strides already, else a copy."""
     B, H, T, d = o.shape
-    if o.is_contiguous() if H == 1 else o.stride() == (T * H * d, d, H * d, 1):
+    if o.stride() == (T * H * d, d, H * d, 1):
         return o
     return o.new_empty(B, T, H, d).transpose(1, 2).copy_(o)
 
