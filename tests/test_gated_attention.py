@@ -103,3 +103,28 @@ def test_reversed_pass_is_the_anticausal_sum_and_outputs_come_in_fla_layout():
     torch.testing.assert_close(out, want)
     B, H, T, d = v.shape
     assert out.stride() == gated_attention(q, k, v, g)[0].stride() == (T * H * d, d, H * d, 1)
+
+
+def test_the_cuda_branch_lays_out_and_reverses_as_the_cpu_branch(monkeypatch):
+    """fla_gated_kernel (the CUDA branch) with a stand-in for fla's chunk_simple_gla that works in fla's (B, T, H, ·)
+    layout: forward and reversed passes, inputs in the model's (B, T, H, ·) memory and plain (B, H, T, ·), equal
+    the CPU branch's; its outputs are views of (B, T, H, d) memory."""
+    from leanformer.ops import decayed_linear_attention as dla_mod
+    from leanformer.ops.gated_attention import _run, fla_gated_kernel, reversed_gates
+    from leanformer.ops.token_gates import gated_recurrent
+
+    def stand_in(q, k, v, g, scale, initial_state, output_final_state):  # fla's signature, its layout
+        assert scale == 1.0 and g.is_contiguous() and g.shape == q.shape[:3]
+        o, S = gated_recurrent(*(x.transpose(1, 2) for x in (q, k, v, g)), initial_state)
+        return o.transpose(1, 2).contiguous(), (S if output_final_state else None)
+    monkeypatch.setattr(dla_mod, "_import_fla", lambda: (stand_in, None))
+    q, k, v, lg, n = _inputs(T=9)
+    g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
+    bth = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # the model's memory layout
+    for inputs in ((q, k, v), bth):
+        for reverse in (False, True):
+            gates = reversed_gates(g) if reverse else g
+            o, S = fla_gated_kernel(*inputs, gates, None, reverse=reverse, final_state=not reverse)
+            ref = _run(*inputs, g, reverse)[0]
+            torch.testing.assert_close(o, ref)
+            assert o.stride() == ref.stride() and (S is None) == reverse

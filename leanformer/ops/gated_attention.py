@@ -17,7 +17,8 @@ state), so that Σ_{s=i′+1..j′} g′_s = G_i − G_j for i′ = T−1−i �
 through fla's forward kernels, which Hopper runs correctly, and nothing is read back to the host: the op can be
 captured in a CUDA graph and compiled without a break (``leanformer::gated_attention``, a ``custom_op``; the
 reversed passes are ``leanformer::gated_attention_reversed``). The outputs stay in fla's (B, T, H, ·) memory, and
-a reversed pass reverses its inputs in that layout, one copy each, which fla then reads without another.
+a reversed pass reverses its inputs in that layout (one copy each for the model's (B, T, H, ·) tensors, which fla
+then reads without another) and computes no final state.
 
 On the CPU (tests) the op runs :func:`leanformer.ops.token_gates.gated_recurrent` instead of fla, so the backward's
 algebra is checked in float64 against the parallel form there. The final state comes back without a gradient
@@ -36,22 +37,21 @@ from leanformer.ops.token_gates import gated_recurrent, token_gates
 
 
 @torch.compiler.disable  # fla's Python and autotuned kernels run as they are (a traced prompt breaks around them)
-def fla_gated_kernel(q, k, v, g, initial_state, reverse: bool = False):
+def fla_gated_kernel(q, k, v, g, initial_state, reverse: bool = False, final_state: bool = True):
     """fla's ``chunk_simple_gla`` with a per-token head-wise gate g (B, H, T) (form (1) of
     :mod:`leanformer.ops.token_gates`) on our (B, H, T, ·) layout, forward only. q, k (B, H, T, m), v (B, H, T, d)
     → o (B, H, T, d), a view of (B, T, H, d) memory, in the inputs' dtype; final state (B, H, m, d) float32.
     ``reverse``: q, k, v and the output reversed in time (g as given: in the reversed order), each in fla's
-    (B, T, H, ·) layout, so that it costs one copy and fla's own contiguity copy none."""
+    (B, T, H, ·) layout: one copy when the input is (B, T, H, ·) memory, as the model's are, and fla's own
+    contiguity copy none. ``final_state`` False: none is computed (None). Callers send CUDA tensors."""
     from leanformer.ops.decayed_linear_attention import _import_fla
 
-    if not q.is_cuda:
-        raise RuntimeError(f"dijiang form 'fla_gated' needs CUDA tensors, got device {q.device}; use 'chunk'")
     qt, kt, vt, gt = (x.transpose(1, 2) for x in (q, k, v, g.float()))
     if reverse:  # the gates come in the reversed order already
         qt, kt, vt = (x.flip(1) for x in (qt, kt, vt))
     o, state = _import_fla()[0](qt, kt, vt, g=gt.contiguous(), scale=1.0,
                                 initial_state=initial_state.float() if initial_state is not None else None,
-                                output_final_state=True)
+                                output_final_state=final_state)
     return (o.flip(1) if reverse else o).transpose(1, 2), state
 
 
@@ -74,7 +74,9 @@ def _run(q, k, v, g, reverse: bool):
     if reverse:
         g = reversed_gates(g)
     if q.is_cuda:
-        o, S = fla_gated_kernel(q, k, v, g, None, reverse=reverse)
+        o, S = fla_gated_kernel(q, k, v, g, None, reverse=reverse, final_state=not reverse)
+        if S is None:  # a reversed pass: no state asked for
+            return _in_fla_layout(o.to(v.dtype)), None
     else:
         flip = (lambda x: x.flip(2)) if reverse else (lambda x: x)
         o, S = gated_recurrent(flip(q), flip(k), flip(v), g, None)
