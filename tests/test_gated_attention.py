@@ -8,22 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decayed_inputs import decayed_inputs
 
-from leanformer.layers.dijiang import running_log_norm
 from leanformer.ops import decayed_linear_attention as dla
 from leanformer.ops.gated_attention import gated_attention, gated_form, reversed_gates
 
 F64 = torch.float64
-
-
-def _inputs(B=2, H=3, T=11, m=5, d=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(B, H, T, m, dtype=F64, generator=g)
-    k = torch.rand(B, H, T, m, dtype=F64, generator=g)
-    v = torch.randn(B, H, T, d, dtype=F64, generator=g)
-    lg = torch.log1p(-0.3 * torch.rand(H, dtype=F64, generator=g))
-    n = running_log_norm(3 * torch.randn(B, H, T, dtype=F64, generator=g), lg)
-    return q, k, v, lg, n
 
 
 def test_reversed_gates_sum_to_the_forward_decays():
@@ -39,7 +29,7 @@ def test_reversed_gates_sum_to_the_forward_decays():
 @pytest.mark.parametrize("with_norm", [False, True])
 @pytest.mark.parametrize("learnable_decay", [False, True])
 def test_gated_form_equals_the_parallel_form_with_gradients(with_norm, learnable_decay):
-    q, k, v, lg, n = _inputs()
+    q, k, v, lg, n = decayed_inputs(T=11)
     n = n if with_norm else None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     lg1 = lg.clone().requires_grad_(learnable_decay)
@@ -59,7 +49,7 @@ def test_gated_form_equals_the_parallel_form_with_gradients(with_norm, learnable
 
 @pytest.mark.parametrize("T", [1, 6])
 def test_gated_attention_op_passes_gradcheck_and_opcheck(T):
-    q, k, v, lg, n = _inputs(B=1, H=2, T=T, m=3, d=2)
+    q, k, v, lg, n = decayed_inputs(B=1, H=2, T=T, m=3, d=2)
     g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
     leaves = tuple(t.requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(lambda *x: gated_attention(*x, g)[0], leaves)
@@ -67,7 +57,7 @@ def test_gated_attention_op_passes_gradcheck_and_opcheck(T):
 
 
 def test_the_final_state_carries_no_gradient_and_dtypes_must_match():
-    q, k, v, lg, n = _inputs(T=4)
+    q, k, v, lg, n = decayed_inputs(T=4)
     o, S = gated_attention(q.requires_grad_(), k, v, lg[:, None].expand(2, 3, 4))
     assert o.requires_grad and not S.requires_grad
     with pytest.raises(ValueError, match="one dtype"):
@@ -75,7 +65,7 @@ def test_the_final_state_carries_no_gradient_and_dtypes_must_match():
 
 
 def test_gated_attention_compiles_without_a_graph_break():
-    q, k, v, lg, n = _inputs(B=1, H=2, T=6, m=4, d=4)
+    q, k, v, lg, n = decayed_inputs(B=1, H=2, T=6, m=4, d=4)
     g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
     torch._dynamo.reset()
     fn = torch.compile(lambda q, k, v: gated_attention(q, k, v, g)[0], backend="aot_eager", fullgraph=True)
@@ -91,7 +81,7 @@ def test_reversed_pass_is_the_anticausal_sum_and_outputs_come_in_fla_layout():
     (B, H, T, d) views of (B, T, H, d) memory, fla's layout."""
     from leanformer.ops.gated_attention import gated_attention_reversed
 
-    q, k, v, lg, n = _inputs(T=7)
+    q, k, v, lg, n = decayed_inputs(T=7)
     g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
     G = g.cumsum(-1)
     want = torch.zeros_like(v)
@@ -118,7 +108,7 @@ def test_the_cuda_branch_lays_out_and_reverses_as_the_cpu_branch(monkeypatch):
         o, S = gated_recurrent(*(x.transpose(1, 2) for x in (q, k, v, g)), initial_state)
         return o.transpose(1, 2).contiguous(), (S if output_final_state else None)
     monkeypatch.setattr(dla_mod, "_import_fla", lambda: (stand_in, None))
-    q, k, v, lg, n = _inputs(T=9)
+    q, k, v, lg, n = decayed_inputs(T=9)
     g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
     bth = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # the model's memory layout
     for inputs in ((q, k, v), bth):
