@@ -405,8 +405,6 @@ class compiled_adamw_step:  # noqa: N801 - stands in for an optimizer: zero_grad
 def section_steps(device: torch.device, smoke: bool, result: dict, deadline: float) -> None:
     from leanformer.arms import arm_config
     from leanformer.bench import train as bt
-    from leanformer.model import TransformerLM
-    from leanformer.train.optim import build_optimizer
     from leanformer.config import TrainConfig
 
     sizes = {"gpt2": (bt.SIZES["gpt2"], 1024), "gpt2-4k": (bt.SIZES["gpt2"], 4096), "bert": (bt.SIZES["bert"], 128)}
@@ -430,24 +428,11 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         try:
             cfg = arm_config(bt.base_config(sz, seq), arm)
             cfg.noble.compiled_form = run_spec.noble_form
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = TransformerLM(cfg)
+            step = bt.training_step(cfg, device, batch, seq, compile=True, compile_mode=mode)
+            model, run, opt = step.model, step.run, step.optimizer
             row["flops_per_token"] = model.flops_per_token(seq)
             if run_spec.optimizer == "compiled":
-                opt = compiled_adamw_step(model, TrainConfig(lr=1e-4))
-            else:
-                opt = build_optimizer(model, TrainConfig(lr=1e-4))
-            run = torch.compile(model, mode=mode)
-            x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-            y = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-
-            def step(opt=opt, run=run, x=x, y=y):
-                opt.zero_grad(set_to_none=True)
-                with bt.autocast(device):
-                    _, loss = run(x, y)
-                loss.backward()
-                opt.step()
+                opt = step.optimizer = compiled_adamw_step(model, TrainConfig(lr=1e-4))
             t = time.monotonic()
             step()
             row["compile_s"] = time.monotonic() - t

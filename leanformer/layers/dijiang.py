@@ -279,6 +279,14 @@ GATED_FLA_PROMPTS = False  # auto: a prompt with a decoding state (T > 1: a pref
 GATED_FLA_TRAINING = False  # auto: a full pass (training) through fla's kernel with one gate per token (dla.fla_gated:
 # exact, no host read, its backward three forward passes, leanformer.ops.gated_attention), before the fused kernel,
 # on CUDA when fla imports; off until timed against the fused kernel (train_profile.py "… gated")
+
+
+def _gated_takes(stateful: bool) -> bool:
+    """Whether the gated route (dla.fla_gated) may take a pass: a full pass always; a prompt with a state only
+    while no gradient is recorded, since the gated route gives the state it leaves no gradient."""
+    return not (stateful and torch.is_grad_enabled())
+
+
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the feature dtypes ``auto`` sends to the fused kernel
 FUSED_STEP = True  # a decoding step through the one-kernel fused step when it can run (False: the unfused
 # feature map + recurrent form + GroupNorm); read at each call (a captured CUDA graph keeps the route it was
@@ -396,9 +404,8 @@ class DiJiangAttention(nn.Module):
                 return "fused_step"
             return "recurrent"
         if mode == "auto":
-            # a prompt with a state only without gradients: the gated route gives its final state none
-            gated = (GATED_FLA_PROMPTS and not torch.is_grad_enabled()) if stateful else GATED_FLA_TRAINING
-            if T > 1 and gated and device.type == "cuda" and _fla_usable():
+            gated = GATED_FLA_PROMPTS if stateful else GATED_FLA_TRAINING
+            if T > 1 and gated and _gated_takes(stateful) and device.type == "cuda" and _fla_usable():
                 return "fla_gated"
             fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES
                      and dla.fused_supported(q, v) is None)
@@ -414,11 +421,10 @@ class DiJiangAttention(nn.Module):
             return "fused" if fused else "chunk"
         if mode == "fla":
             return "fla_recurrent" if stateful and T == 1 else "fla_chunk"
-        if mode == "gated":  # a step: the recurrent form; a prompt with a state under gradients: chunk (its
-            # final state would have none through the gated route)
-            if stateful and (T == 1 or torch.is_grad_enabled()):
-                return "recurrent" if T == 1 else "chunk"
-            return "fla_gated"
+        if mode == "gated":  # a step: the recurrent form; what the gated route cannot take: chunk
+            if stateful and T == 1:
+                return "recurrent"
+            return "fla_gated" if _gated_takes(stateful) else "chunk"
         if stateful and mode == "parallel":  # a prompt with a state: chunkwise, continuing from it
             return "chunk"
         if mode == "fused" and q is not None and v is not None:

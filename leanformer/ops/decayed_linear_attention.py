@@ -413,9 +413,10 @@ def fla_gated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torc
     Without an initial state it is the op ``leanformer::gated_attention`` (:mod:`leanformer.ops.gated_attention`),
     whose gradient to q, k, v is three more forward passes of fla's kernel (fla's own backward for a per-token
     gate is refused on Hopper with Triton < 3.7.1); a learnable decay's gradient goes through q and k
-    (:func:`leanformer.ops.constant_decay.route_decay_gradient`). The final state then carries no gradient, nor
-    does ``log_norm`` (DiJiang detaches its normaliser): a gradient wanted through either, or with an initial
-    state, runs :func:`fla_chunk` instead."""
+    (:func:`leanformer.ops.constant_decay.route_decay_gradient`). The final state then carries no gradient
+    (:class:`leanformer.layers.dijiang.DiJiangAttention` sends a prompt with a state here only without
+    gradients). A ``log_norm`` that requires grad (DiJiang detaches its normaliser), or a gradient with an
+    initial state, runs :func:`fla_chunk` instead."""
     _check(q, k, v, log_gamma, log_norm)
     if not q.is_cuda:
         raise RuntimeError(f"dijiang form 'fla_gated' needs fla and CUDA tensors, got device {q.device}; use 'chunk'")

@@ -73,15 +73,14 @@ def _run(q, k, v, g, reverse: bool):
     """(1), or with ``reverse`` flip ∘ (1 with the gates g′ of g) ∘ flip along time: (o in fla's layout, S)."""
     if reverse:
         g = reversed_gates(g)
-    if q.is_cuda:
+    if q.is_cuda:  # a reversed pass asks for no final state (None)
         o, S = fla_gated_kernel(q, k, v, g, None, reverse=reverse, final_state=not reverse)
-        if S is None:  # a reversed pass: no state asked for
-            return _in_fla_layout(o.to(v.dtype)), None
     else:
         flip = (lambda x: x.flip(2)) if reverse else (lambda x: x)
         o, S = gated_recurrent(flip(q), flip(k), flip(v), g, None)
         o = flip(o)
-    return _in_fla_layout(o.to(v.dtype)), S.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
+    S = None if S is None else S.to(torch.promote_types(q.dtype, torch.float32)).contiguous()
+    return _in_fla_layout(o.to(v.dtype)), S
 
 
 def _fake_output(q, v):
