@@ -315,7 +315,9 @@ class StepRun:
     optimizer: str = "fused"       # "compiled": compiled_adamw_step, else the library's fused AdamW
     cosnet_kernel: str = "never"   # noble.COSNET_KERNEL ("cuda": CosNet through leanformer.ops.cosnet)
     mix_kernel: str = "never"      # shaped.MIX_KERNEL ("cuda": the mix in leanformer.ops.shaped_mix)
-    gated: bool = False            # dijiang.GATED_FLA_TRAINING (DiJiang through fla with one gate per token)
+    gated: bool = False            # dijiang.GATED_FLA_TRAINING_FROM = 2 (DiJiang through fla with one gate per token)
+    gated_backward: str = "passes"  # gated_attention.BACKWARD ("fla": dk, dv from fla's backward kernels, no flips)
+    logits: bool = False           # the model returns its logits too (every step before 2026-12-07 14:40)
 
 
 CG = "reduce-overhead"
@@ -369,6 +371,14 @@ STEP_PLAN = [  # most wanted first
     StepRun("gpt2-4k dijiang_scratch b4 cudagraphs", "gpt2-4k", "dijiang_scratch", 4, True, CG),
     StepRun("gpt2 dijiang_scratch b16 cudagraphs gated", "gpt2", "dijiang_scratch", 16, True, CG, gated=True),
     StepRun("gpt2-4k dijiang_scratch b4 cudagraphs gated", "gpt2-4k", "dijiang_scratch", 4, True, CG, gated=True),
+    # 2026-12-07 14:40: the steps no longer return the logits (their unused gradient: a 0.50 ms fill and a 1.09 ms
+    # copy at b16, callN3); the gated backward without flips (3.51 ms of 51.89 at 4K, callO)
+    StepRun("gpt2 preln b16 cudagraphs logits", "gpt2", "preln", 16, False, CG, logits=True),
+    StepRun("gpt2 preln b32 cudagraphs logits", "gpt2", "preln", 32, False, CG, logits=True),
+    StepRun("gpt2-4k dijiang_scratch b4 cudagraphs gated flabwd", "gpt2-4k", "dijiang_scratch", 4, True, CG,
+            gated=True, gated_backward="fla"),
+    StepRun("gpt2 dijiang_scratch b16 cudagraphs gated flabwd", "gpt2", "dijiang_scratch", 16, True, CG, gated=True,
+            gated_backward="fla"),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]
@@ -413,11 +423,13 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     rows = []
     plan = sorted((p for p in STEP_PLAN if p.label in PLAN), key=lambda p: PLAN.index(p.label)) if PLAN else STEP_PLAN
     from leanformer.layers import dijiang, noble, shaped
+    from leanformer.ops import gated_attention
 
     for run_spec in plan:
         label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
         noble.COSNET_KERNEL, shaped.MIX_KERNEL = run_spec.cosnet_kernel, run_spec.mix_kernel
-        dijiang.GATED_FLA_TRAINING = run_spec.gated
+        dijiang.GATED_FLA_TRAINING_FROM = 2 if run_spec.gated else None
+        gated_attention.BACKWARD = run_spec.gated_backward
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45) - (120 if mode == AT else 0):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
@@ -429,6 +441,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
             cfg = arm_config(bt.base_config(sz, seq), arm)
             cfg.noble.compiled_form = run_spec.noble_form
             step = bt.training_step(cfg, device, batch, seq, compile=True, compile_mode=mode)
+            step.return_logits = run_spec.logits
             model, run, opt = step.model, step.run, step.optimizer
             row["flops_per_token"] = model.flops_per_token(seq)
             if run_spec.optimizer == "compiled":
@@ -456,7 +469,8 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
-    noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING = "never", "never", False
+    noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM = "never", "never", None
+    gated_attention.BACKWARD = "passes"
     result["steps"] = rows
 
 

@@ -89,20 +89,27 @@ class TransformerLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: DecodeCache | StaticCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) int64 → (logits (B, T, V), mean cross-entropy or None).
 
         ``targets`` (B, T): the token each position predicts (the next one for a causal LM, the original
         token at a masked position for an encoder), ``-100`` where nothing is predicted (ignored).
         With ``cache`` (a :class:`DecodeCache` or a :class:`leanformer.decoding.StaticCache`), ``idx``
         holds only the new tokens; the cache is advanced in place. ``attention_mask``: see :meth:`features`.
+        ``return_logits`` False (with ``targets``): (None, loss), for a training step that reads only the loss.
+        Under ``torch.compile`` the logits are then no output of the graph, so its backward gets no gradient
+        for them: a GPT-2 step at batch 16 otherwise filled a zero (B, T, V) bf16 gradient (0.50 ms) and copied
+        it into the CUDA graph's input (1.09 ms, 1.65 GB) (H100, 2026-12-07 14:15, benchmarks/step_copies.py).
         """
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: without them the logits are all there is to return")
         logits = self.lm_head(self.hidden_states(idx, cache, attention_mask))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids → (B, T, d_model): the final-normed hidden states the LM head reads.

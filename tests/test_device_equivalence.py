@@ -128,7 +128,7 @@ def test_dijiang_form_float32_gradients_match_float64(device, check, form):
 
 
 def test_dijiang_model_trains_through_gated_fla_as_through_the_default(device, check, monkeypatch):
-    """dijiang.GATED_FLA_TRAINING: a float32 model's loss and every parameter's gradient through fla with one
+    """dijiang.GATED_FLA_TRAINING_FROM: a float32 model's loss and every parameter's gradient through fla with one
     gate per token (its backward three forward passes) against the default route, learnable decay included."""
     from leanformer.config import TransformerConfig
     from leanformer.layers import dijiang
@@ -142,7 +142,7 @@ def test_dijiang_model_trains_through_gated_fla_as_through_the_default(device, c
     idx = torch.randint(0, 512, (2, 300), device=device)
 
     def loss_and_grads(gated: bool):
-        monkeypatch.setattr(dijiang, "GATED_FLA_TRAINING", gated)
+        monkeypatch.setattr(dijiang, "GATED_FLA_TRAINING_FROM", 2 if gated else None)
         model.zero_grad(set_to_none=True)
         loss = model(idx, idx)[1]
         loss.backward()
@@ -152,6 +152,25 @@ def test_dijiang_model_trains_through_gated_fla_as_through_the_default(device, c
     loss, grads = loss_and_grads(True)
     assert len(grads) == len(ref)
     check(max([rel_err(loss, ref_loss)] + [rel_err(a, b) for a, b in zip(grads, ref)]), FLA_FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("route", ["passes", "fla"])
+def test_gated_backward_routes_match_float64(device, check, monkeypatch, route, dtype):
+    """The gated form's q, k, v gradients through each backward route (gated_attention.BACKWARD: dk, dv as two
+    reversed forward passes, or from fla's chunk_bwd_dh / chunk_bwd_dv) against the float64 parallel form."""
+    from leanformer.ops import gated_attention
+
+    _needs_fla(device)
+    monkeypatch.setattr(gated_attention, "BACKWARD", route)
+    fq, fk, v, lg, n = _dijiang_inputs(device)
+    g = torch.randn_like(v)
+    leaves64 = [t.double().requires_grad_() for t in (fq, fk, v)]
+    dla.parallel(*leaves64, lg.double(), log_norm=n.double())[0].backward(g.double())
+    leaves = [t.to(dtype).requires_grad_() for t in (fq, fk, v)]
+    dla.fla_gated(*leaves, lg, log_norm=n)[0].backward(g.to(dtype))
+    check(max(rel_err(a.grad, b.grad) for a, b in zip(leaves, leaves64)),
+          FLA_FP32_TOL if dtype == torch.float32 else TOL[dtype])
 
 
 def test_fla_gated_prompt_continues_from_a_state(device, check):

@@ -280,13 +280,16 @@ def test_auto_picks_fla_on_cuda_only(monkeypatch):
     assert att.form(9, cpu, stateful=True) == "fla_chunk"
 
 
-def test_auto_sends_prompts_with_a_state_through_gated_fla_when_switched_on(monkeypatch):
+def test_auto_sends_prompts_with_a_state_through_gated_fla_by_default(monkeypatch):
     import leanformer.layers.dijiang as dj
 
     att = _layer(8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(dj, "_fla_usable", lambda: True)
-    assert att.form(4096, cuda, stateful=True) == "chunk"  # off by default
+    assert dj.GATED_FLA_PROMPTS and dj.GATED_FLA_TRAINING_FROM is None  # the defaults: prompts on, training off
+    monkeypatch.setattr(dj, "GATED_FLA_PROMPTS", False)
+    with torch.no_grad():
+        assert att.form(4096, cuda, stateful=True) == "chunk"
     monkeypatch.setattr(dj, "GATED_FLA_PROMPTS", True)
     assert att.form(4096, cuda, stateful=True) == "chunk"  # gradients recorded: its final state would have none
     with torch.no_grad():
@@ -294,8 +297,9 @@ def test_auto_sends_prompts_with_a_state_through_gated_fla_when_switched_on(monk
         assert att.form(1, cuda, stateful=True) == "recurrent"  # a step keeps the step's route
         assert att.form(4096, cpu, stateful=True) == "chunk"
     assert att.form(4096, cuda, stateful=False) == "fla_chunk"  # a full pass (training) keeps fla_chunk
-    monkeypatch.setattr(dj, "GATED_FLA_TRAINING", True)
-    assert att.form(1024, cuda, stateful=False) == "fla_gated"
+    monkeypatch.setattr(dj, "GATED_FLA_TRAINING_FROM", 2048)
+    assert att.form(2047, cuda, stateful=False) == "fla_chunk"  # shorter than the switch's length
+    assert att.form(2048, cuda, stateful=False) == "fla_gated"
     assert att.form(100, cpu, stateful=False) == "parallel"  # the CPU keeps its route
     monkeypatch.setattr(dj, "_fla_usable", lambda: False)
     assert att.form(4096, cuda, stateful=True) == "chunk"

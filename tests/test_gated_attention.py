@@ -118,3 +118,90 @@ def test_the_cuda_branch_lays_out_and_reverses_as_the_cpu_branch(monkeypatch):
             ref = _run(*inputs, g, reverse)[0]
             torch.testing.assert_close(o, ref)
             assert o.stride() == ref.stride() and (S is None) == reverse
+
+
+def _fla_backward_stand_ins(monkeypatch, chunk: int):
+    """Stand-ins for the fla functions fla_kv_grads imports, in fla's (B, T, H, ·) layout and with the semantics its
+    kernels have (the docstrings of fla.ops.common.chunk_h.chunk_bwd_dh and chunk_o.chunk_bwd_dv): log2 gate sums,
+    chunk states of the later tokens, each chunk's own tokens added in chunk_bwd_dv. The gate sums are global
+    rather than chunk-local: in exact arithmetic every weight the kernels form is the same either way."""
+    import sys
+    import types
+
+    def cumsum(g, chunk_size, scale):
+        assert chunk_size == chunk and g.is_contiguous() and g.dtype == torch.float32
+        return g.double().cumsum(1) * scale
+
+    def bwd_dh(q, k, v, do, h0, dht, scale, g, chunk_size, states_in_fp32):
+        assert h0 is None and dht is None and scale == 1.0 and states_in_fp32 and q.is_contiguous()
+        B, T, H, K = k.shape
+        nt = -(-T // chunk_size)
+        dh = torch.zeros(B, nt, H, K, v.shape[-1], dtype=torch.float64)
+        for t in range(nt):
+            last = min(T, (t + 1) * chunk_size) - 1
+            w = torch.exp2(g[:, last + 1:] - g[:, last:last + 1])  # (B, later, H)
+            dh[:, t] = torch.einsum("bih,bihk,bihv->bhkv", w, q[:, last + 1:].double(), do[:, last + 1:].double())
+        return dh.float(), None
+
+    def bwd_dv(q, k, do, dh, g, scale, chunk_size):
+        assert scale == 1.0 and do.is_contiguous()
+        B, T, H, _ = k.shape
+        dv = torch.zeros(do.shape, dtype=torch.float64)
+        for j in range(T):
+            t = j // chunk_size
+            last = min(T, (t + 1) * chunk_size) - 1
+            own = slice(j, last + 1)
+            w = torch.exp2(g[:, own] - g[:, j:j + 1]) * torch.einsum("bhk,bihk->bih", k[:, j].double(),
+                                                                      q[:, own].double())
+            dv[:, j] = torch.einsum("bih,bihv->bhv", w, do[:, own].double())
+            dv[:, j] += torch.exp2(g[:, last] - g[:, j])[..., None] * torch.einsum(
+                "bhk,bhkv->bhv", k[:, j].double(), dh[:, t].double())
+        return dv.to(do.dtype)
+
+    names = ["fla", "fla.ops", "fla.ops.common", "fla.ops.common.chunk_h", "fla.ops.common.chunk_o", "fla.ops.utils",
+             "fla.ops.utils.constant"]
+    mods = {n: types.ModuleType(n) for n in names}
+    mods["fla.ops.common.chunk_h"].chunk_bwd_dh = bwd_dh
+    mods["fla.ops.common.chunk_o"].chunk_bwd_dv = bwd_dv
+    mods["fla.ops.utils"].chunk_local_cumsum = cumsum
+    mods["fla.ops.utils.constant"].RCP_LN2 = 1.4426950216
+    for n, m in mods.items():
+        monkeypatch.setitem(sys.modules, n, m)
+
+
+def test_fla_backward_route_gives_the_reversed_passes_gradients(monkeypatch):
+    """fla_kv_grads (BACKWARD "fla") on stand-ins with fla's kernels' semantics: dk, dv equal the two reversed
+    passes' (the roles (q, k, v, do) := (do, v, q, q) give dk), with T spanning three chunks and a ragged tail, in
+    the model's (B, T, H, ·) memory; its outputs are views of (B, T, H, ·) memory. The custom op passes opcheck."""
+    from leanformer.ops import gated_attention as ga
+
+    monkeypatch.setattr(ga, "FLA_CHUNK", 4)
+    _fla_backward_stand_ins(monkeypatch, chunk=4)
+    q, k, v, lg, n = decayed_inputs(T=11)
+    g = lg[:, None] - n.diff(dim=-1, prepend=n[..., :1])
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    do = torch.randn_like(v)
+    dk, dv = ga.fla_kv_grads(q, k, v, g, do)
+    torch.testing.assert_close(dk, ga.gated_attention_reversed(v, do, q, g))
+    torch.testing.assert_close(dv, ga.gated_attention_reversed(k, q, do, g))
+    B, H, T, d = v.shape
+    assert dv.stride() == (T * H * d, d, H * d, 1)
+    torch.library.opcheck(ga.gated_attention_kv_grads, (q, k, v, g, do))
+
+
+def test_both_backward_routes_give_the_parallel_forms_gradients(monkeypatch):
+    """BACKWARD "passes" and "fla" (the CPU runs the op's reversed recurrences for both) against the parallel form
+    in float64, learnable decay included."""
+    from leanformer.ops import gated_attention as ga
+
+    q, k, v, lg, n = decayed_inputs(T=9)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, lg)]
+    ref = dla.parallel(*leaves, log_norm=n)[0]
+    w = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * w).sum(), leaves)
+    for route in ("passes", "fla"):
+        monkeypatch.setattr(ga, "BACKWARD", route)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, lg)]
+        got = torch.autograd.grad((gated_form(*leaves, n)[0] * w).sum(), leaves)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)

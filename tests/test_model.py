@@ -45,6 +45,42 @@ def test_loss_and_shapes():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_loss_without_logits_equals_the_loss_with_them_and_leaves_them_out_of_a_compiled_graph():
+    """return_logits=False: (None, the same loss, the same gradients) in float64, and a compiled graph with no
+    (B, T, V) output (so its backward gets no zero gradient for the logits); without targets, a named error."""
+    torch.manual_seed(0)
+    model = TransformerLM(tiny()).double()
+    idx = torch.randint(0, 61, (2, 9))
+    grads = []
+    for keep in (True, False):
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx, idx, return_logits=keep)
+        assert (logits is None) != keep
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="return_logits=False needs targets"):
+        model(idx, return_logits=False)
+
+    outputs = []
+
+    def record_outputs(gm, example_inputs):  # a dynamo backend: note the graph's output shapes, run it eagerly
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        leaves = out if isinstance(out, (tuple, list)) else (out,)
+        outputs.extend(tuple(n.meta["example_value"].shape) for n in leaves if isinstance(n, torch.fx.Node))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=record_outputs, fullgraph=True)(idx, idx, return_logits=False)
+    assert outputs and (2, 9, 61) not in outputs, outputs
+    outputs.clear()
+    torch._dynamo.reset()
+    torch.compile(model, backend=record_outputs, fullgraph=True)(idx, idx)
+    assert (2, 9, 61) in outputs, outputs  # the check sees logits where they are returned
+    torch._dynamo.reset()
+
+
 def test_generate_greedy_matches_argmax_of_full_forward():
     torch.manual_seed(1)
     model = TransformerLM(tiny()).double().eval()

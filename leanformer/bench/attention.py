@@ -48,7 +48,8 @@ from leanformer.device import resolve_device
 
 METHODS = ("softmax", "shaped", "dijiang_parallel", "dijiang_chunk", "dijiang_fla")
 OFFICIAL = ("dijiang_official_parallel", "dijiang_official_chunk", "dijiang_official_fla", "dijiang_official_fused")
-GATED = ("dijiang_gated", "dijiang_official_gated")  # fla's forward kernel with one gate per token (not timed yet)
+GATED = ("dijiang_gated", "dijiang_official_gated")  # fla's forward kernel with one gate per token (H100 2026-12-07:
+# 5.93 and 4.77 ms at 4K, a lone call, against SDPA's 1.61; docs/gpu/misc_2026-12-07/callP)
 ALL_METHODS = METHODS + ("dijiang_fused",) + OFFICIAL + GATED
 CUDA_DEFAULT_EXTRA = ("dijiang_fused", "dijiang_official_fla", "dijiang_official_fused")  # default on CUDA only
 CPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)

@@ -110,18 +110,20 @@ def autocast(device: torch.device):
 @dataclass
 class TrainingStep:
     """One model's training step on a fixed batch: ``step()`` zeroes the gradients, runs ``run(x, y)`` under bf16
-    autocast on CUDA, backpropagates and steps the optimizer; it returns the loss (detached)."""
+    autocast on CUDA, backpropagates and steps the optimizer; it returns the loss (detached). ``return_logits``:
+    the model also returns its logits (as every step did before 2026-12-07; for timing the difference)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     run: torch.nn.Module  # the model, or torch.compile of it
     x: torch.Tensor       # (B, T) token ids
     y: torch.Tensor       # (B, T) targets
+    return_logits: bool = False
 
     def __call__(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.x.device):
-            _, loss = self.run(self.x, self.y)
+            _, loss = self.run(self.x, self.y, return_logits=self.return_logits)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -169,7 +171,7 @@ def measure_arm(cfg: TransformerConfig, device: torch.device, batch: int, seq_le
                     + optimizer_state_tensors(opt))
         try:
             with mem, autocast(device):
-                _, loss = run(x, y)
+                _, loss = run(x, y, return_logits=False)  # as the timed step runs it
             del loss
         except Exception:  # noqa: BLE001 - hooks under torch.compile: fall back to the static part
             mem.peak_bytes = mem.base_bytes = sum(mem._accounted.values())
@@ -213,7 +215,7 @@ def compiled_vs_eager_losses(arm: str, size: str, device: torch.device, steps: i
             xb = torch.randint(0, cfg.vocab_size, (sz.batch, sz.seq_len + 1), generator=gen).to(device)
             opt.zero_grad(set_to_none=True)
             with autocast(device):
-                _, loss = run(xb[:, :-1], xb[:, 1:])
+                _, loss = run(xb[:, :-1], xb[:, 1:], return_logits=False)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))

@@ -273,12 +273,19 @@ def _fla_usable() -> bool:
 
 
 FUSED_MAX_LEN = 4096  # auto's default for dijiang.fused_max_len (read at each call: a benchmark may change it)
-GATED_FLA_PROMPTS = False  # auto: a prompt with a decoding state (T > 1: a prefill or its chunk) through fla's chunk
+GATED_FLA_PROMPTS = True  # auto: a prompt with a decoding state (T > 1: a prefill or its chunk) through fla's chunk
 # kernel with one gate per token (dla.fla_gated: no host read, so a CUDA graph can capture it), before the fused
-# kernel, on CUDA when fla imports; off until timed against the fused kernel (prefill_profile.py)
-GATED_FLA_TRAINING = False  # auto: a full pass (training) through fla's kernel with one gate per token (dla.fla_gated:
-# exact, no host read, its backward three forward passes, leanformer.ops.gated_attention), before the fused kernel,
-# on CUDA when fla imports; off until timed against the fused kernel (train_profile.py "… gated")
+# kernel, on CUDA when fla imports. On since its first timing (H100, 2026-12-07 13:56, prefill_profile.py, GPT-2
+# DiJiang, an 8K prompt in one chunk, replayed from a CUDA graph): 9.1 ms eager and 6.2 compiled whole, against the
+# fused kernel's 11.5 and 8.5-8.9 (11:18-11:21) and softmax's 6.7 compiled whole in the same call
+# (docs/gpu/misc_2026-12-07/callM); fla's gated forward matched float64 there (float32)
+GATED_FLA_TRAINING_FROM: int | None = None  # auto: a full pass (training) of at least this many tokens through fla's
+# kernel with one gate per token (dla.fla_gated: exact, no host read, its backward three forward passes,
+# leanformer.ops.gated_attention), before the fused kernel, on CUDA when fla imports; None: never. Timed on an H100
+# (2026-12-07 14:02, train_profile.py, GPT-2 DiJiang under CUDA graphs, docs/gpu/misc_2026-12-07/callO): 0.964x the
+# fused kernel's tokens/s at seq 1024 (50.43 against 48.60 ms), 1.102x at seq 4096 (51.89 against 57.19), so 4096
+# is where it would start; it stays None until its gradients are checked on the GPU (that call's test ran out of
+# time before the gated cases)
 
 
 def _gated_takes(stateful: bool) -> bool:
@@ -378,8 +385,8 @@ class DiJiangAttention(nn.Module):
         dict, empty before the first token), :meth:`fused_step_reason` finds nothing against them, and the
         device is CUDA (mode ``fused``: also the CPU under ``TRITON_INTERPRET=1``); else ``recurrent``, with
         no warning (it is the reference). A prompt with a state (T > 1) runs ``fla_gated`` on CUDA when
-        :data:`GATED_FLA_PROMPTS` is on, fla imports and no gradient is recorded; a full pass likewise under
-        :data:`GATED_FLA_TRAINING`.
+        :data:`GATED_FLA_PROMPTS` is on, fla imports and no gradient is recorded; a full pass of at least
+        :data:`GATED_FLA_TRAINING_FROM` tokens likewise.
         Otherwise, on CUDA, for bf16/fp16 features (the kernel's float32 runs without tensor cores and was not
         timed), when Triton imports and the fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d)
         (:func:`dla.fused_supported`; not considered when they are not given), the fused kernel up to
@@ -404,7 +411,8 @@ class DiJiangAttention(nn.Module):
                 return "fused_step"
             return "recurrent"
         if mode == "auto":
-            gated = GATED_FLA_PROMPTS if stateful else GATED_FLA_TRAINING
+            gated = GATED_FLA_PROMPTS if stateful else (GATED_FLA_TRAINING_FROM is not None
+                                                        and T >= GATED_FLA_TRAINING_FROM)
             if T > 1 and gated and _gated_takes(stateful) and device.type == "cuda" and _fla_usable():
                 return "fla_gated"
             fused = (device.type == "cuda" and q is not None and v is not None and q.dtype in HALF_DTYPES

@@ -20,6 +20,17 @@ reversed passes are ``leanformer::gated_attention_reversed``). The outputs stay 
 a reversed pass reverses its inputs in that layout (one copy each for the model's (B, T, H, ·) tensors, which fla
 then reads without another) and computes no final state.
 
+:data:`BACKWARD` ``"fla"`` (off until timed) takes dk and dv instead from fla's own backward kernels, which Hopper
+runs correctly (only ``chunk_bwd_dqkwg``, which computes dq, dk and the gate's gradient together, is refused):
+``chunk_bwd_dh`` sums the later tokens into a state per chunk, backward in time, and ``chunk_bwd_dv`` adds the
+chunk's own tokens. With the roles of (B3) they give dv; with (q, k, do) := (do, v, q) they give dk (B2):
+
+    dv_j = Σ_{i≥j} exp(G_i − G_j) (k_j·q_i) do_i,   dk_j = Σ_{i≥j} exp(G_i − G_j) (v_j·do_i) q_i
+
+so no tensor is reversed (the reversed passes' flips took 3.5 of a 51.9 ms GPT-2 step at seq 4096, H100,
+2026-12-07 14:08, docs/gpu/misc_2026-12-07/callO), and the states between chunks stay float32 as in fla's
+backward (``leanformer::gated_attention_kv_grads``).
+
 On the CPU (tests) the op runs :func:`leanformer.ops.token_gates.gated_recurrent` instead of fla, so the backward's
 algebra is checked in float64 against the parallel form there. The final state comes back without a gradient
 (training never reads it). In bf16 the passes keep fla's between-chunk states in bf16 (fla's own backward keeps
@@ -34,6 +45,11 @@ import torch
 
 from leanformer.ops.constant_decay import route_decay_gradient
 from leanformer.ops.token_gates import gated_recurrent, token_gates
+
+BACKWARD = "passes"  # dk, dv as two reversed forward passes ("passes", timed: docs/benchmarks.md) or from fla's own
+# backward kernels with no reversal ("fla", :func:`gated_attention_kv_grads`; off until checked and timed on the GPU).
+# The CPU runs both as the reversed recurrences. Read at each backward.
+FLA_CHUNK = 64  # fla's chunk length (its chunk_simple_gla default), for the backward kernels' chunk-local gate sums
 
 
 @torch.compiler.disable  # fla's Python and autotuned kernels run as they are (a traced prompt breaks around them)
@@ -122,13 +138,59 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])  # the final state: no gradient flows back through it
 
 
+@torch.compiler.disable  # fla's Python and autotuned kernels run as they are
+def fla_kv_grads(q, k, v, g, do):
+    """(B2, B3) by fla's backward kernels on CUDA tensors in our (B, H, T, ·) layout: q, k (B, H, T, m), v and do
+    (B, H, T, d) of one 16- or 32-bit dtype, g (B, H, T) → (dk, dv), views of (B, T, H, ·) memory in that dtype.
+    ``chunk_bwd_dh(q, k, v, do)`` accumulates, backward in time, the chunk states Σ_{i later} exp(G_i − G_last)
+    q_iᵀ do_i (float32); ``chunk_bwd_dv(q, k, do, dh)`` gives Σ_{i≥j} exp(G_i − G_j) (k_j·q_i) do_i from them and
+    the chunk's own tokens. dk is the same with (q, k, v, do) := (do, v, q, q)."""
+    from fla.ops.common.chunk_h import chunk_bwd_dh
+    from fla.ops.common.chunk_o import chunk_bwd_dv
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    qt, kt, vt, dot = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))  # (B, T, H, ·): no copy for ours
+    gc = chunk_local_cumsum(g.transpose(1, 2).float().contiguous(), chunk_size=FLA_CHUNK, scale=RCP_LN2)
+
+    def later_terms(q_, k_, v_, do_):  # Σ_{i≥j} exp(G_i − G_j) (k_j·q_i) do_i, the shape of do_
+        dh, _ = chunk_bwd_dh(q=q_, k=k_, v=v_, do=do_, h0=None, dht=None, scale=1.0, g=gc, chunk_size=FLA_CHUNK,
+                             states_in_fp32=True)
+        return chunk_bwd_dv(q=q_, k=k_, do=do_, dh=dh, g=gc, scale=1.0, chunk_size=FLA_CHUNK)
+
+    dv = later_terms(qt, kt, vt, dot)
+    dk = later_terms(dot, vt, qt, qt)
+    return dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+@torch.library.custom_op("leanformer::gated_attention_kv_grads", mutates_args=())
+def gated_attention_kv_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                             do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B2, B3): dk (B, H, T, m) and dv (B, H, T, d) of (1) for the output gradient do (B, H, T, d), in do's
+    dtype, views of (B, T, H, ·) memory: fla's backward kernels on CUDA (:func:`fla_kv_grads`), the two
+    reversed recurrences on the CPU."""
+    if q.is_cuda:
+        dk, dv = fla_kv_grads(q, k, v, g, do)
+        return _in_fla_layout(dk), _in_fla_layout(dv)
+    return _run(v, do, q, g, reverse=True)[0], _run(k, q, do, g, reverse=True)[0]
+
+
+@gated_attention_kv_grads.register_fake
+def _(q, k, v, g, do):
+    B, H, T, m = q.shape
+    return do.new_empty(B, T, H, m).transpose(1, 2), _fake_output(q, do)
+
+
 def _backward(ctx, do, dS):
     """(B1)–(B3); the final state's gradient ``dS`` is not propagated (the op's docstring)."""
     q, k, v, g = ctx.saved_tensors
     do = do.to(v.dtype)
     dq = gated_attention(do, v, k, g)[0]
-    dk = gated_attention_reversed(v, do, q, g)
-    dv = gated_attention_reversed(k, q, do, g)
+    if BACKWARD == "fla":
+        dk, dv = gated_attention_kv_grads(q, k, v, g, do)
+    else:
+        dk = gated_attention_reversed(v, do, q, g)
+        dv = gated_attention_reversed(k, q, do, g)
     return dq.to(q.dtype), dk.to(k.dtype), dv, None
 
 

@@ -142,10 +142,11 @@ class Trainer:
         return nullcontext
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tc = self.cfg.train
+        distill = self.teacher is not None and tc.distill_weight > 0
         with self.autocast():
-            logits, loss = self.wrapped(x, y)
-            tc = self.cfg.train
-            if self.teacher is not None and tc.distill_weight > 0:
+            logits, loss = self.wrapped(x, y, return_logits=distill)  # no logits: no zero gradient for them
+            if distill:
                 with torch.no_grad():
                     t_logits, _ = self.teacher(x)
                 tau = tc.distill_temperature
@@ -175,7 +176,7 @@ class Trainer:
         losses = []
         for x, y in self.val:
             with self.autocast():
-                _, loss = self.wrapped(x.to(self.device), y.to(self.device))
+                _, loss = self.wrapped(x.to(self.device), y.to(self.device), return_logits=False)
             losses.append(loss.float())
         self.model.train()
         return {"val_loss": dist_utils.mean_across_ranks(torch.stack(losses).mean(), self.ctx).item()}
