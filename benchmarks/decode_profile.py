@@ -125,6 +125,13 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
      {"leanformer.ops.skinny_linear.NUM_WARPS": 8}),
     ("noble 512 x32 compiled, NOBLE kernel, 32-column blocks", "noble_fused", 512, 32, True,
      {"leanformer.ops.skinny_linear.BLOCK_N": 32}),
+    # NOBLE's layers with a long K (the MLP's down product, 3072 -> 768) split along K as Pre-LN's plain product is:
+    # partial products of [W; W_down], then one kernel for the sums and the branch (noble_decode.SPLIT_K); at batch
+    # 32 each NOBLE launch took 11.73 µs against Pre-LN's 4.99 (H100 2026-12-07 14:13, callN2)
+    ("noble 512 x32 compiled, NOBLE kernel, split K", "noble_fused", 512, 32, True,
+     {"leanformer.ops.noble_decode.SPLIT_K": True}),
+    ("noble 512 x1 compiled, NOBLE kernel, split K", "noble_fused", 512, 1, True,
+     {"leanformer.ops.noble_decode.SPLIT_K": True}),
     # last: its programs wait for each other (a hang would stop the variants after it)
     ("noble 512 x1 compiled, NOBLE kernel, shared z, GELU in kernel", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **NOBLE_ACT, **{"leanformer.ops.noble_decode.SHARED_Z": True})),

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode; 'eager' for none")
     p.add_argument("--out", default="step_copies_out")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager")
+    p.add_argument("--logits", action="store_true",
+                   help="the model returns its logits too, as every step did before 2026-12-07 14:40 (their unused "
+                        "gradient: a fill and a copy the size of the logits)")
     args = p.parse_args(argv)
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "eager" if args.smoke else args.mode
     step = training_step(arm_config(base_config(size, max_seq_len=seq), args.arm), device, args.batch, seq,
                          compile=mode != "eager", compile_mode=None if mode in ("eager", "default") else mode)
+    step.return_logits = args.logits
     model = step.model
 
     for _ in range(4):  # compile, record the graphs, warm

@@ -118,6 +118,12 @@ def cases():
             noble_ptrs, (), meta
         yield f"NOBLE decoding layers grouped (bf16, r 32, prefetch and GELU={prefetch})", \
             noble_decode.noble_decode_grouped_kernel, dict(noble_ptrs, OFFS="*i32"), (), meta
+    yield "NOBLE decoding layer split along K: partials (bf16, r 32)", noble_decode.noble_partials_kernel, \
+        dict(X=bf, W=bf, WD=bf, P=f32), (), dict(R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True,
+                                                 INTERPRET=False)
+    yield "NOBLE decoding layer split along K: finish (bf16, r 32, GELU)", noble_decode.noble_finish_kernel, \
+        dict(P=f32, **{name: bf for name in ("Bias", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}), (), \
+        dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, INTERPRET=False, ACT=1)
     yield "NOBLE decoding layers, shared z (bf16, r 32, GELU)", noble_decode.noble_decode_shared_kernel, \
         dict(noble_ptrs, OFFS="*i32", Z=bf, SYNC="*i32"), (), \
         dict(HAS_BIAS=True, R=32, RZ=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1)

@@ -158,12 +158,14 @@ def test_dijiang_model_trains_through_gated_fla_as_through_the_default(device, c
 @pytest.mark.parametrize("route", ["passes", "fla"])
 def test_gated_backward_routes_match_float64(device, check, monkeypatch, route, dtype):
     """The gated form's q, k, v gradients through each backward route (gated_attention.BACKWARD: dk, dv as two
-    reversed forward passes, or from fla's chunk_bwd_dh / chunk_bwd_dv) against the float64 parallel form."""
+    reversed forward passes, or from fla's chunk_bwd_dh / chunk_bwd_dv) against the float64 parallel form, with
+    48 features against v's 64 (the dk call swaps fla's K and V)."""
     from leanformer.ops import gated_attention
 
     _needs_fla(device)
     monkeypatch.setattr(gated_attention, "BACKWARD", route)
     fq, fk, v, lg, n = _dijiang_inputs(device)
+    fq, fk = fq[..., :48].contiguous(), fk[..., :48].contiguous()
     g = torch.randn_like(v)
     leaves64 = [t.double().requires_grad_() for t in (fq, fk, v)]
     dla.parallel(*leaves64, lg.double(), log_norm=n.double())[0].backward(g.double())

@@ -133,7 +133,8 @@ def _fla_backward_stand_ins(monkeypatch, chunk: int):
         return g.double().cumsum(1) * scale
 
     def bwd_dh(q, k, v, do, h0, dht, scale, g, chunk_size, states_in_fp32):
-        assert h0 is None and dht is None and scale == 1.0 and states_in_fp32 and q.is_contiguous()
+        assert h0 is None and dht is None and scale == 1.0 and states_in_fp32 and chunk_size == chunk
+        assert all(x.is_contiguous() for x in (q, k, v, do, g))
         B, T, H, K = k.shape
         nt = -(-T // chunk_size)
         dh = torch.zeros(B, nt, H, K, v.shape[-1], dtype=torch.float64)
@@ -144,7 +145,7 @@ def _fla_backward_stand_ins(monkeypatch, chunk: int):
         return dh.float(), None
 
     def bwd_dv(q, k, do, dh, g, scale, chunk_size):
-        assert scale == 1.0 and do.is_contiguous()
+        assert scale == 1.0 and chunk_size == chunk and all(x.is_contiguous() for x in (q, k, do, dh, g))
         B, T, H, _ = k.shape
         dv = torch.zeros(do.shape, dtype=torch.float64)
         for j in range(T):
@@ -205,3 +206,37 @@ def test_both_backward_routes_give_the_parallel_forms_gradients(monkeypatch):
         got = torch.autograd.grad((gated_form(*leaves, n)[0] * w).sum(), leaves)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+
+
+def test_the_backward_route_is_part_of_what_a_compiled_graph_is_traced_with(monkeypatch):
+    """BACKWARD is read at the forward (gated_form) and passed to the op, so a compiled function recompiles when it
+    changes and each graph's backward runs its own route's op (a global read only inside the backward would be
+    traced once and cached); an odd feature dim in a 16-bit dtype keeps the reversed passes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from leanformer.ops import gated_attention as ga
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, lg, n = decayed_inputs(B=1, H=2, T=6, m=4, d=4)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: gated_form(q, k, v, lg, n)[0], backend="aot_eager")
+    for route, op in (("passes", "leanformer.gated_attention_reversed"), ("fla", "leanformer.gated_attention_kv_grads"),
+                      ("passes", "leanformer.gated_attention_reversed")):
+        monkeypatch.setattr(ga, "BACKWARD", route)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        with OpNames() as seen:
+            out.sum().backward()
+        assert op in seen.names, (route, seen.names)
+    torch._dynamo.reset()
+    monkeypatch.setattr(ga, "BACKWARD", "fla")
+    assert ga.fla_backward_takes(q.float(), v.float())
+    assert not ga.fla_backward_takes(q[..., :3].bfloat16(), v.bfloat16())  # fla's chunk_bwd_dv refuses odd dims

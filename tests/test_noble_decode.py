@@ -2,7 +2,8 @@
 float64 and the layer's eager forward, its refusals, and a decoding copy of a NOBLE model that decodes the
 same tokens through it; an attention's q, k, v (and gate) NOBLE layers in one launch
 (:func:`leanformer.layers.fused_inputs.fuse_noble_linears`): bitwise the single-layer kernel's, following
-its parameters, refusing what it cannot run.
+its parameters, refusing what it cannot run; the split-K route (nd.SPLIT_K): the one-launch kernel's result but
+for the float32 K-sum's association, off by default, one graph under torch.compile.
 
 Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
@@ -441,3 +442,163 @@ def test_compiled_step_with_shared_z(monkeypatch):
         dec.step()
     assert torch.equal(decs[0].tokens, decs[1].tokens) and torch.equal(decs[0].logits, decs[1].logits)
     assert all(int(b.abs().sum()) == 0 for n, b in fast.named_buffers() if n.endswith("_sync"))
+
+
+# ---------------------------------------------------------------------------------------------- split K
+def _count_launches(monkeypatch):
+    """The names of the single-layer ops noble_linear calls from now on (one-launch, or split: partials, finish)."""
+    calls = []
+    for name in ("_noble_op", "_partials_op", "_finish_op", "_noble_shared_op"):
+        real = getattr(nd, name)
+        monkeypatch.setattr(nd, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+def _both_routes(layer, x, monkeypatch, activation=None):
+    """noble_linear's output with SPLIT_K off and on (ROUTE "always")."""
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    out = []
+    for on in (False, True):
+        monkeypatch.setattr(nd, "SPLIT_K", on)
+        with torch.no_grad():
+            out.append(nd.noble_linear(layer, x, activation=activation))
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_split_k_equals_the_one_launch_kernel_and_float64(dtype, bias, monkeypatch):
+    """K 2520 (GPT-2's MLP down, 3072, scaled to the interpreter): bf16's 10 tiles of 256 in 4 parts (3, 3, 3, 1
+    tiles), float32's 20 of 128 in 7 (the last 2), the last tile partial; N 40 (a partial column block), r 32 (two
+    blocks of W_down's rows), M 1, 7, 32. Only the float32 K-sum's association differs from the one-launch
+    kernel: float32 within 1e-5 of it, bf16 within an ulp and equal on ≥ 95% of elements; against float64 as
+    that kernel is (test_kernel_equals_the_layer_and_float64's bounds)."""
+    K, N = 2520, 40
+    layer = _layer(K, N, bias=bias, seed=6)
+    exact = copy.deepcopy(layer).double().forward_reference
+    layer = layer.to(DEV, dtype)
+    assert [sl.split_count(rows, N, K, dtype) for rows in (1, 7, 32)] == [4 if dtype == torch.bfloat16 else 7] * 3
+    calls = _count_launches(monkeypatch)
+    for rows in (1, 7, 32):
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+        ref = exact(x.double())
+        one, split = _both_routes(layer, x.to(DEV, dtype), monkeypatch)
+        assert split.shape == (rows, N) and split.dtype == dtype
+        err = float((split.double().cpu() - ref).abs().max() / ref.abs().max())
+        if dtype == torch.float32:
+            torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
+            assert err <= 2e-6, rows
+        else:
+            torch.testing.assert_close(split, one, rtol=1e-2, atol=1e-2)
+            assert float((split == one).float().mean()) >= 0.95, rows
+            assert err <= 2 ** -7, rows
+    assert calls == ["_noble_op", "_partials_op", "_finish_op"] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_split_k_partials_and_the_activation_in_its_epilogue(dtype, monkeypatch):
+    """5 rows, r 16 with BLOCK_N 64 (W_down's rows fill a quarter of their column block): the partials are
+    [W; W_down]'s products over the parts of K (their sum within float32 rounding of float64's), and GELU in the
+    finishing launch's epilogue is as in the one-launch kernel's."""
+    monkeypatch.setattr(sl, "BLOCK_N", 64)
+    layer = _layer(1800, 72, rank=16, seed=7).to(DEV, dtype)
+    x = torch.randn(5, 1800, generator=torch.Generator().manual_seed(8)).to(DEV, dtype)
+    splits = sl.split_count(5, 72, 1800, dtype)
+    assert splits == (3 if dtype == torch.bfloat16 else 5)  # 8 tiles of 256 (3, 3, 2); 15 of 128
+    parts = nd._partials_op(x, layer.weight, layer.down.weight, splits)
+    assert parts.shape == (splits, 5, 72 + 16) and parts.dtype == torch.float32
+    want = x.double() @ torch.cat([layer.weight, layer.down.weight]).double().T
+    torch.testing.assert_close(parts.double().sum(0), want, rtol=1e-5, atol=1e-5)
+    calls = _count_launches(monkeypatch)
+    one, split = _both_routes(layer, x, monkeypatch, activation="gelu")
+    assert calls == ["_noble_op", "_partials_op", "_finish_op"]
+    if dtype == torch.float32:
+        torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(split, one, rtol=1e-2, atol=1e-2)
+        assert float((split == one).float().mean()) >= 0.95
+
+
+def test_split_k_at_gpt2s_mlp_down(monkeypatch):
+    """GPT-2's 3072 → 768 (r 32, bf16, 8 rows: 48 column blocks, 12 tiles in 4 parts) by the split route: the
+    layer's eager recipe (CosNet in float32) on ≥ 95% of elements, as close to float64 as bf16 allows."""
+    K, N = 3072, 768
+    layer = _layer(K, N, seed=9)
+    x = torch.randn(8, K, generator=torch.Generator().manual_seed(10))
+    ref = copy.deepcopy(layer).double().forward_reference(x.double())
+    layer, xx = layer.to(DEV, torch.bfloat16), x.to(DEV, torch.bfloat16)
+    assert sl.split_count(8, N, K, torch.bfloat16) == 4
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    monkeypatch.setattr(nd, "SPLIT_K", True)
+    calls = _count_launches(monkeypatch)
+    with torch.no_grad():
+        y = nd.noble_linear(layer, xx)
+        recipe = _layer_with_float32_cosnet(layer, xx)
+    assert calls == ["_partials_op", "_finish_op"]
+    assert float((y == recipe).float().mean()) >= 0.95
+    assert float((y.double().cpu() - ref).abs().max() / ref.abs().max()) <= 2 ** -7
+
+
+def test_split_k_off_or_not_split_changes_nothing(monkeypatch):
+    """SPLIT_K is off by default, and then a layer that it would split runs the one launch as before; on, a layer
+    whose plain product is not split (a short K, or skinny_linear.SPLIT_K None) still does, and so do the
+    shared-z and grouped kernels, which it never takes."""
+    assert nd.SPLIT_K is False
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    layer = _layer(1024, 40).to(DEV)  # float32: 8 tiles of 128, 3 parts
+    short = _layer(200, 40).to(DEV)
+    x = torch.randn(3, 1024, device=DEV)
+    assert sl.split_count(3, 40, 1024, torch.float32) == 3 and sl.split_count(3, 40, 200, torch.float32) == 1
+    calls = _count_launches(monkeypatch)
+    with torch.no_grad():
+        before = nd.noble_linear(layer, x)
+        assert calls == ["_noble_op"]
+        monkeypatch.setattr(nd, "SPLIT_K", True)
+        calls.clear()
+        nd.noble_linear(short, x[:, :200])
+        monkeypatch.setattr(sl, "SPLIT_K", None)
+        assert torch.equal(nd.noble_linear(layer, x), before)
+        assert calls == ["_noble_op", "_noble_op"]
+        monkeypatch.setattr(sl, "SPLIT_K", "auto")
+        layer.register_buffer("decode_sync", torch.zeros(3, dtype=torch.int32, device=DEV), persistent=False)
+        layer.register_buffer("decode_offsets", torch.tensor([0, 40], dtype=torch.int32, device=DEV),
+                              persistent=False)
+        monkeypatch.setattr(nd, "SHARED_Z", True)
+        calls.clear()
+        nd.noble_linear(layer, x)
+        assert calls == ["_noble_shared_op"]
+    monkeypatch.setattr(nd, "SHARED_Z", False)
+    m, names, _ = _attention((16, 32, 16), K=1024)
+    assert sl.split_count(3, 64, 1024, torch.float32) > 1
+    ys, launches = _grouped(m, x, names, monkeypatch)
+    assert launches == 1 and calls == ["_noble_shared_op"]
+    monkeypatch.setattr(nd, "SPLIT_K", False)  # each layer's one launch, as the grouped one computes them
+    assert all(torch.equal(y, ref) for y, ref in zip(ys, _each(m, x, names)))
+
+
+def test_split_k_compiles_into_one_graph(monkeypatch):
+    """Under torch.compile (AOT autograd, fullgraph: no graph break) both launches are ops of the graph (under the
+    interpreter, opaque custom ops; on CUDA, triton_ops traced to their kernels), and the compiled layer gives
+    the eager split route's bits."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    layer = _layer(1024, 40, seed=11).to(DEV)
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(12)).to(DEV)
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    monkeypatch.setattr(nd, "SPLIT_K", True)
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = nd.noble_linear(layer, x, activation="gelu")
+        compiled = torch.compile(lambda t: nd.noble_linear(layer, t, activation="gelu"),
+                                 backend=aot_autograd(fw_compiler=record), fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    if DEV.type == "cpu":
+        assert [t for t in targets if t.startswith("leanformer.")] == ["leanformer.noble_decode_partials.default",
+                                                                      "leanformer.noble_decode_finish.default"]

@@ -18,6 +18,11 @@ C, W2, P2 (G, R) and MM (G, R, R) its CosNet at row g. The grid is (G, column bl
 program (g, j) computes group g's z and its columns ``OFFS[g] + j·BLOCK_N ...`` below ``OFFS[g + 1]`` (a
 narrower group's last programs store nothing) with the single-layer kernel's body (:func:`_noble_columns`):
 each column is computed as that kernel computes it (bit for bit equal under the interpreter, tested).
+
+The split-K route (:data:`leanformer.ops.noble_decode.SPLIT_K`) is two launches: ``noble_partials_kernel``
+writes float32 partial products of W's columns and W_down's rows over S parts of K (grid (column blocks of
+both, S): a long K on few column blocks runs on S times more programs), and ``noble_finish_kernel`` sums them
+per output column block and runs the single-layer kernel's epilogue (:func:`_branch_and_store`).
 """
 
 import triton
@@ -46,9 +51,7 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
     m_ok = offs_m < M
     r_ok = offs_r < R
     if PREFETCH:
-        w1, p1, m, c, w2, p2 = _load_params(W1, P1, MM, C, W2, P2, R)
-        bd = tl.load(BD + offs_r).to(tl.float32)
-        wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
+        w1, p1, m, c, w2, p2, bd, wu = _epilogue_loads(BD, W1, P1, MM, C, W2, P2, WU, offs_n, n_ok, sun, sur, R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -61,11 +64,20 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     main = _round(acc, dt)
     if not PREFETCH:
-        w1, p1, m, c, w2, p2 = _load_params(W1, P1, MM, C, W2, P2, R)
-        bd = tl.load(BD + offs_r).to(tl.float32)
-        wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
+        w1, p1, m, c, w2, p2, bd, wu = _epilogue_loads(BD, W1, P1, MM, C, W2, P2, WU, offs_n, n_ok, sun, sur, R)
     _branch_and_store(main, _round(acc_z + bd[None, :], dt), w1, p1, m, c, w2, p2, wu, Y, offs_m, m_ok, offs_n, n_ok,
                       sym, syn, ACT, INTERPRET)
+
+
+@triton.jit
+def _epilogue_loads(BD, W1, P1, MM, C, W2, P2, WU, offs_n, n_ok, sun, sur, R: tl.constexpr):
+    """What the epilogue reads besides the products: CosNet's parameters (float32, :func:`_load_params`), b_down
+    (R,) in float32 and W_up's (BLOCK_N, R) slice for columns ``offs_n`` (zero where not ``n_ok``)."""
+    offs_r = tl.arange(0, R)
+    w1, p1, m, c, w2, p2 = _load_params(W1, P1, MM, C, W2, P2, R)
+    bd = tl.load(BD + offs_r).to(tl.float32)
+    wu = tl.load(WU + offs_n[:, None] * sun + offs_r[None, :] * sur, mask=n_ok[:, None], other=0.0)
+    return w1, p1, m, c, w2, p2, bd, wu
 
 
 @triton.jit
@@ -179,3 +191,70 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
     if finished == G * parts + G * BLOCKS - 1:  # the last program: zero SYNC for the next launch
         slots = tl.arange(0, 16)
         tl.store(SYNC + slots, tl.zeros((16,), dtype=tl.int32), mask=slots < G + 2)
+
+
+@triton.jit
+def _partial_columns(X, W, P, rows, rows_ok, cols, pid_s, k_lo, k_len, M, sxm, sxk, swr, swk, sps, spm, spn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+    """``P[s, :, cols] = x[:, K_s] W[rows, K_s]ᵀ`` (float32, not rounded) for K_s = [k_lo, k_lo + k_len): rows
+    (BLOCK_N,) of W (``rows_ok``: W's rows), cols (BLOCK_N,) the columns of P they fill."""
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    acc = _product_tile(X + k_lo * sxk, W + k_lo * swk, W, offs_m, m_ok, rows, rows_ok, k_len, sxm, sxk, swr, swk,
+                        False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
+    tl.store(P + pid_s * sps + offs_m[:, None] * spm + cols[None, :] * spn, acc,
+             mask=m_ok[:, None] & rows_ok[None, :])
+
+
+@triton.jit
+def noble_partials_kernel(X, W, WD, P, M, N, K, K_SPLIT, sxm, sxk, swn, swk, sdr, sdk, sps, spm, spn,
+                          R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """The split-K route's first launch: float32 partial products of the stacked rows [W; W_down] over parts of
+    K, ``P[s] = x[:, K_s] [W; W_down][:, K_s]ᵀ`` (P: (S, M, N + R)), K_s = [s·K_SPLIT, min(K, (s+1)·K_SPLIT)).
+    Grid (cdiv(N, BLOCK_N) + cdiv(R, BLOCK_N), S): program (j, s) takes W's columns ``j·BLOCK_N ...`` for the
+    first cdiv(N, BLOCK_N) blocks, W_down's rows (P's columns N ...) for the last ones, so neither weight is
+    copied into a stacked one. As :func:`leanformer.ops._skinny_linear_kernel.skinny_partials_kernel`: K_SPLIT
+    is whole BLOCK_K tiles, so ``EVEN_K`` (K a multiple of BLOCK_K) leaves every part unmasked along K."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    k_lo = pid_s * K_SPLIT
+    k_len = tl.minimum(K - k_lo, K_SPLIT)
+    main_blocks = tl.cdiv(N, BLOCK_N)
+    if pid_n < main_blocks:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _partial_columns(X, W, P, offs_n, offs_n < N, offs_n, pid_s, k_lo, k_len, M, sxm, sxk, swn, swk,
+                         sps, spm, spn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
+    else:
+        offs_r = (pid_n - main_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _partial_columns(X, WD, P, offs_r, offs_r < R, N + offs_r, pid_s, k_lo, k_len, M, sxm, sxk, sdr, sdk,
+                         sps, spm, spn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
+
+
+@triton.jit
+def noble_finish_kernel(P, Bias, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, S, sps, spm, spn, sun, sur, sym, syn,
+                        HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        INTERPRET: tl.constexpr, ACT: tl.constexpr):
+    """The split-K route's second launch: one program per ``BLOCK_N`` output columns sums the S partials
+    (:func:`noble_partials_kernel`'s P (S, M, N + R), in order s = 0, 1, …) of its main columns and of all R
+    columns of z (every program sums z again: R ≤ 128 columns of a few rows), then finishes as
+    :func:`_noble_columns` does after its K loop: bias, rounding, CosNet, the branch, the sum, ``ACT``. The
+    only difference from the one-launch kernel is where the float32 K-sum is re-associated (at the parts)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_z = N + tl.arange(0, R)  # z's columns in P
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for s in range(0, S):
+        part = P + s * sps + offs_m[:, None] * spm
+        acc += tl.load(part + offs_n[None, :] * spn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_z += tl.load(part + offs_z[None, :] * spn, mask=m_ok[:, None], other=0.0)
+    w1, p1, m, c, w2, p2, bd, wu = _epilogue_loads(BD, W1, P1, MM, C, W2, P2, WU, offs_n, n_ok, sun, sur, R)
+    dt = Y.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    _branch_and_store(_round(acc, dt), _round(acc_z + bd[None, :], dt), w1, p1, m, c, w2, p2, wu, Y, offs_m, m_ok,
+                      offs_n, n_ok, sym, syn, ACT, INTERPRET)

@@ -48,7 +48,8 @@ from leanformer.ops.token_gates import gated_recurrent, token_gates
 
 BACKWARD = "passes"  # dk, dv as two reversed forward passes ("passes", timed: docs/benchmarks.md) or from fla's own
 # backward kernels with no reversal ("fla", :func:`gated_attention_kv_grads`; off until checked and timed on the GPU).
-# The CPU runs both as the reversed recurrences. Read at each backward.
+# The CPU runs both as the reversed recurrences. Read by gated_form at each forward (so torch.compile guards on it)
+# and passed to the op as its ``fla_backward`` argument.
 FLA_CHUNK = 64  # fla's chunk length (its chunk_simple_gla default), for the backward kernels' chunk-local gate sums
 
 
@@ -105,16 +106,19 @@ def _fake_output(q, v):
 
 
 @torch.library.custom_op("leanformer::gated_attention", mutates_args=())
-def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                    fla_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(1) for q, k (B, H, T, m), v (B, H, T, d) of one dtype, g (B, H, T) (no gradient) → o (B, H, T, d) in
     that dtype, a view of (B, T, H, d) memory (fla's layout: no copy), and the final state (B, H, m, d) in at
-    least float32 (marked non-differentiable): fla on CUDA, the recurrence on the CPU."""
+    least float32 (marked non-differentiable): fla on CUDA, the recurrence on the CPU. ``fla_backward``: the
+    gradient's dk, dv from fla's backward kernels (:func:`gated_attention_kv_grads`) instead of two reversed
+    passes; an argument of the op, not a global read in its backward, so a compiled graph (and the AOTAutograd
+    cache) keeps the route it was traced with apart from the other."""
     return _run(q, k, v, g, reverse=False)
 
 
 @gated_attention.register_fake
-def _(q, k, v, g):
+def _(q, k, v, g, fla_backward=False):
     B, H, T, m = q.shape
     return _fake_output(q, v), q.new_empty(B, H, m, v.shape[-1], dtype=torch.promote_types(q.dtype, torch.float32))
 
@@ -133,8 +137,9 @@ def _(q, k, v, g):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, g = inputs
+    q, k, v, g, *route = inputs
     ctx.save_for_backward(q, k, v, g)
+    ctx.fla_backward = bool(route and route[0])
     ctx.mark_non_differentiable(output[1])  # the final state: no gradient flows back through it
 
 
@@ -178,7 +183,7 @@ def gated_attention_kv_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 @gated_attention_kv_grads.register_fake
 def _(q, k, v, g, do):
     B, H, T, m = q.shape
-    return do.new_empty(B, T, H, m).transpose(1, 2), _fake_output(q, do)
+    return q.new_empty(B, T, H, m).transpose(1, 2), _fake_output(q, do)
 
 
 def _backward(ctx, do, dS):
@@ -186,12 +191,12 @@ def _backward(ctx, do, dS):
     q, k, v, g = ctx.saved_tensors
     do = do.to(v.dtype)
     dq = gated_attention(do, v, k, g)[0]
-    if BACKWARD == "fla":
+    if ctx.fla_backward:
         dk, dv = gated_attention_kv_grads(q, k, v, g, do)
     else:
         dk = gated_attention_reversed(v, do, q, g)
         dv = gated_attention_reversed(k, q, do, g)
-    return dq.to(q.dtype), dk.to(k.dtype), dv, None
+    return dq.to(q.dtype), dk.to(k.dtype), dv, None, None
 
 
 gated_attention.register_autograd(_backward, setup_context=_setup)
@@ -206,5 +211,12 @@ def gated_form(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: tor
         raise ValueError(f"q, k and v must share one dtype for the gated kernel, got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, _, _ = route_decay_gradient(q, k, log_gamma, None)
     g = token_gates(log_gamma.detach(), q.shape[:3], None if log_norm is None else log_norm.detach())
-    o, S = gated_attention(q, k, v, g)
+    o, S = gated_attention(q, k, v, g, fla_backward_takes(q, v))
     return o, S.detach()
+
+
+def fla_backward_takes(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the gradient of a pass on q (..., m), v (..., d) takes dk, dv from fla's backward kernels: under
+    :data:`BACKWARD` "fla", unless fla's ``chunk_bwd_dv`` would refuse them (an odd m or d in a 16-bit dtype)."""
+    odd = q.shape[-1] % 2 or v.shape[-1] % 2
+    return BACKWARD == "fla" and not (odd and q.dtype.itemsize == 2)

@@ -29,6 +29,17 @@ With :data:`SHARED_Z` (off, not timed) both go through ``leanformer::noble_decod
 layer by a few programs that the column programs wait for (``noble_decode_shared_kernel``), instead of by every
 program; it needs the layer's (or group's) ``sync`` and ``offsets`` buffers, which
 :func:`leanformer.decoding.decoding_copy` and :func:`leanformer.layers.fused_inputs.fuse_noble_linears` make.
+
+With :data:`SPLIT_K` (off until timed) the single-layer op (with or without the activation; not the grouped or
+shared-z kernels) runs a layer whose plain product :mod:`leanformer.ops.skinny_linear` would split along K
+(``split_count`` > 1: GPT-2's MLP down, 3072 → 768) as two launches: ``leanformer::noble_decode_partials``,
+float32 partial products of W's columns and W_down's rows over S parts of K (S times the programs, each with S
+times fewer K tiles), then ``leanformer::noble_decode_finish``, their sums and the one-launch kernel's epilogue.
+The result differs only in where the float32 K-sum is re-associated. Why: in GPT-2's decoding step at batch 32
+(compiled, CUDA graphs) ``noble_decode_kernel`` averaged 11.73 µs a launch (36 per step) against 4.99 µs for
+Pre-LN's ``skinny_linear_kernel``, whose 3072 → 768 product is split; the NOBLE kernel runs that layer's 12 K
+tiles serially on 48 programs, and halving its column blocks changed nothing, so recomputing z is not the cost
+(H100, 2026-12-07 14:13, docs/gpu/misc_2026-12-07/callN2).
 """
 
 from __future__ import annotations
@@ -53,6 +64,9 @@ SHARED_Z = False  # z = x W_downᵀ computed once per layer by a few programs of
 GROUPED = True  # a decoding copy's q, k, v NOBLE layers in one launch (noble_group_linear, through
 # leanformer.layers.fused_inputs.project_inputs); False: each layer's own launch (for timing the difference).
 # Timed on an H100 (2026-12-07 02:23, GPT-2 NOBLE 512 x 1 compiled): 0.751 -> 0.633 ms per step, 162 -> 138 kernels
+SPLIT_K = False  # the single-layer op (noble_linear, with or without its activation) as two launches, split-K
+# partial products of [W; W_down] then their sums and the epilogue, where the plain product of its shape is split
+# (skinny_linear.split_count > 1: GPT-2's MLP down, 3072 -> 768); off until timed
 
 
 def noble_supported(layer, x: torch.Tensor) -> str | None:
@@ -129,6 +143,81 @@ def _noble_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, None, weight.shape[0], act)
 
 
+# ---------------------------------------------------------------------------------------------- split K
+def _split_count(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The K parts of the single-layer op under :data:`SPLIT_K`: those of the plain few-row product of the
+    layer's main shape (:func:`leanformer.ops.skinny_linear.split_count`, so its switch and rule hold here too),
+    or 1 (one launch) when SPLIT_K is off."""
+    if not SPLIT_K:
+        return 1
+    K = x.shape[-1]
+    return skinny_linear.split_count(x.numel() // K, weight.shape[0], K, x.dtype)
+
+
+def _new_partials(x, weight, wd, splits):
+    return x.new_empty(splits, x.numel() // x.shape[-1], weight.shape[0] + wd.shape[0], dtype=torch.float32)
+
+
+@_register("leanformer::noble_decode_partials", _new_partials)
+def _partials_op(x: torch.Tensor, weight: torch.Tensor, wd: torch.Tensor, splits: int) -> torch.Tensor:
+    """x (..., K), W (N, K), W_down (R, K) → (splits, M, N + R) float32 partial products of [W; W_down] over
+    ``splits`` parts of K (:func:`leanformer.ops._noble_decode_kernel.noble_partials_kernel`), each part whole
+    BLOCK_K tiles of the plain product's tiles (``splits`` from :func:`_split_count`: no part empty)."""
+    from leanformer.ops import _noble_decode_kernel as kern
+
+    K, N, R = x.shape[-1], weight.shape[0], wd.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = _new_partials(x, weight, wd, splits)
+    cfg = skinny_linear.launch_config(M, N, K, x.dtype)  # the tiles split_count counted its parts in
+    k_split = _cdiv(_cdiv(K, cfg["BLOCK_K"]), splits) * cfg["BLOCK_K"]
+    meta = {k: v for k, v in cfg.items() if k.isupper()}
+    opts = {} if _interpret() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    with _on_device(x):  # W_down's rows get column blocks of their own (a program reads one weight's tiles)
+        _wrap(kern.noble_partials_kernel)[(_cdiv(N, cfg["BLOCK_N"]) + _cdiv(R, cfg["BLOCK_N"]), splits)](
+            x2, weight, wd, out, M, N, K, k_split, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+            wd.stride(0), wd.stride(1), out.stride(0), out.stride(1), out.stride(2), R=R,
+            EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), **meta, **opts)
+    return out
+
+
+def _new_finished(parts, bias, bd, w1, p1, mw, mb, w2, p2, wu, act):
+    return wu.new_empty(parts.shape[1], wu.shape[0])
+
+
+@_register("leanformer::noble_decode_finish", _new_finished)
+def _finish_op(parts: torch.Tensor, bias: torch.Tensor | None, bd: torch.Tensor, w1: torch.Tensor,
+               p1: torch.Tensor, mw: torch.Tensor, mb: torch.Tensor, w2: torch.Tensor, p2: torch.Tensor,
+               wu: torch.Tensor, act: int) -> torch.Tensor:
+    """(S, M, N + R) float32 partials (:func:`_partials_op`) → the layer's (M, N) output in W_up's dtype (the
+    layer's): their sums, then the single-layer kernel's epilogue
+    (:func:`leanformer.ops._noble_decode_kernel.noble_finish_kernel`)."""
+    from leanformer.ops import _noble_decode_kernel as kern
+
+    S, M, N, R = parts.shape[0], parts.shape[1], wu.shape[0], mw.shape[-1]
+    out = _new_finished(parts, bias, bd, w1, p1, mw, mb, w2, p2, wu, act)
+    # the one-launch kernel's rows and column blocks (BLOCK_N follows N alone: the K given is only a placeholder)
+    cfg = skinny_linear.launch_config(M, N, R, wu.dtype, extra_rows=R)
+    opts = {} if _interpret() else {"num_warps": cfg["num_warps"]}
+    with _on_device(parts):
+        _wrap(kern.noble_finish_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](
+            parts, bias if bias is not None else wu, bd, w1, p1, mw, mb, w2, p2, wu, out, M, N, S,
+            parts.stride(0), parts.stride(1), parts.stride(2), wu.stride(0), wu.stride(1), out.stride(0),
+            out.stride(1), HAS_BIAS=bias is not None, R=R, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            INTERPRET=_interpret(), ACT=act, **opts)
+    return out
+
+
+def _noble_split(layer, x: torch.Tensor, act: int, splits: int) -> torch.Tensor:
+    """``layer(x)`` (then ``act``) as two launches: the partial products over ``splits`` parts of K, then
+    their sums and the epilogue; x (..., K) → (..., N)."""
+    cos = layer.act
+    parts = _partials_op(x, layer.weight, layer.down.weight, splits)
+    y = _finish_op(parts, layer.bias, layer.down.bias, cos.omega1, cos.phi1, cos.M.weight, cos.M.bias, cos.omega2,
+                   cos.phi2, layer.up.weight, act)
+    return y.view(*x.shape[:-1], layer.out_features)
+
+
 # ---------------------------------------------------------------------------------------------- shared z
 def _new_shared_output(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, sync, width, act):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
@@ -193,6 +282,9 @@ def noble_linear(layer, x: torch.Tensor, activation: str | None = None) -> torch
         return _noble_shared_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, cos.omega1,
                                 cos.phi1, cos.M.weight, cos.M.bias, cos.omega2, cos.phi2, layer.up.weight, offsets,
                                 sync, layer.out_features, code)
+    splits = _split_count(x, layer.weight)
+    if splits > 1:
+        return _noble_split(layer, x, code, splits)
     return _noble_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, cos.omega1, cos.phi1,
                      cos.M.weight, cos.M.bias, cos.omega2, cos.phi2, layer.up.weight, code)
 

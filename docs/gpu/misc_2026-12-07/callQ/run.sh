@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Prepared 2026-12-07 14:50 UTC, tree after debe94a. ≈ 8 min.
+# (0) GPU pytest of the gated route, 300 s (callM/callO gave 90-100 s and fla's autotuning of each kernel, per dtype
+#     and shape, cut them after their first CUDA case): fla's gated forward in float32 and bf16, both backward routes
+#     (gated_attention.BACKWARD "passes" and "fla": dk, dv from fla's chunk_bwd_dh/chunk_bwd_dv) against float64, a
+#     model's loss and gradients gated vs the default route, a gated prompt continued from a state, the model's
+#     decoding with gated prompts (now the default), the prefill graph's replays. Expected: all pass; if "fla" fails,
+#     BACKWARD stays "passes".
+# (1) train_profile: Pre-LN b16 under CUDA graphs with and without the logits returned (issue #13). Expected: the
+#     0.50 ms bf16 fill and the 1.09 ms copy of the logits' unused gradient gone without them (callO, callN3):
+#     ≈ 39.8 → 38.2 ms per step (+4% tokens/s).
+source docs/gpu/preamble.sh callQ
+timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device_equivalence.py tests/test_decoding.py \
+  -k "gated or prefill_graph_replays" > $R/pytest_log.txt 2>&1
+tail -6 $R/pytest_log.txt
+save
+P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs logits"
+timeout 200 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 180 --out $R/steps \
+  > $R/steps_log.txt 2>&1
+grep "^\[" $R/steps_log.txt | tail -3
