@@ -31,8 +31,8 @@ from leanformer.bench.variants import chosen_variants
 BEFORE_2026_12_07 = {"leanformer.ops.eager_op.EAGER_FAST_PATH": False,  # every op through the dispatcher,
                      "leanformer.ops.decayed_linear_attention.COMPILE_BOUNDARY_ON_CUDA": False,  # eager boundary
                      "leanformer.layers.dijiang.COMPILE_NORMALISER_ON_CUDA": False}  # and eager normaliser
-GATED = {"leanformer.layers.dijiang.GATED_FLA_PROMPTS": True}  # the default since 2026-12-07 14:30; a variant
-# without it runs the ungated route (run_variant switches it off), so each label keeps the meaning it was timed with
+GATED = {"leanformer.layers.dijiang.GATED_FLA_PROMPTS": "always"}  # a variant without it runs the ungated route
+# (run_variant switches it to "never"), so each label keeps the meaning it was timed with
 VARIANTS = [  # (label, arm, prompt tokens, prefill chunk, dijiang FUSED_MAX_LEN or None, module switches,
     #            the prefill's form, a key of PREFILL_FORMS)
     ("preln 8K chunk 4096", "preln", 8192, 4096, None, {}, False),
@@ -86,7 +86,7 @@ def run_variant(label, arm, tokens, chunk, fused_max_len, extra, compile_prefill
     size = get_size("tiny" if smoke else "gpt2")
     if smoke:
         tokens, chunk = 64, min(chunk, 32)
-    switches = {"leanformer.layers.dijiang.GATED_FLA_PROMPTS": False, **extra}
+    switches = {"leanformer.layers.dijiang.GATED_FLA_PROMPTS": "never", **extra}
     if fused_max_len:
         switches["leanformer.layers.dijiang.FUSED_MAX_LEN"] = fused_max_len
     torch._dynamo.reset()  # each variant compiles afresh (a compiled prefill's graphs stay under the recompile limit)

@@ -409,9 +409,12 @@ class StaticDecoder:
         if self.cache.pos + T > self.capacity:
             raise ValueError(f"prompt of {T} tokens (after {self.cache.pos} cached) exceeds the static "
                              f"cache's capacity of {self.capacity} tokens")
+        from leanformer.layers.dijiang import replayed_prompts  # (dijiang imports this module)
+
         with self._ctx():
             if self.prefill_graph and self.cache.pos == 0:
-                h = self._prefill_replayed(prompt)
+                with replayed_prompts():  # DiJiang's prompt through fla's gated kernel (dijiang.GATED_FLA_PROMPTS)
+                    h = self._prefill_replayed(prompt)
             else:
                 h = self._prefill_chunks(prompt)
             logits, nxt = self._head_and_choice(h)

@@ -240,7 +240,8 @@ def test_prefill_graph_replays_equal_a_fresh_prefill(arm, monkeypatch):
     """prefill_graph: the first prompt of a length runs as usual, the second is captured, the third replayed
     (two lengths, one of them a single token); each gives a fresh decoder's logits, cache and next steps.
     "-bf16-copy": the bf16 decoding copy, whose DiJiang prefill runs the GPU's kernels; "-bf16-gated": its
-    graphed prompts through fla's per-token gates (dijiang.GATED_FLA_PROMPTS), the fresh decoder's not."""
+    graphed prompts through fla's per-token gates (dijiang.GATED_FLA_PROMPTS "replayed", the default), the fresh
+    decoder's not."""
     from leanformer.layers import dijiang
     from leanformer.ops import decayed_linear_attention as dla
 
@@ -261,9 +262,9 @@ def test_prefill_graph_replays_equal_a_fresh_prefill(arm, monkeypatch):
             prompt = torch.randint(0, V, (2, T), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
             fresh = StaticDecoder(model, 2, capacity=capacity, graph="none", prefill_chunk=chunk)
             dec.restart()
-            monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", gated)
-            ours = dec.prefill(prompt)
-            monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", False)
+            monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", "replayed" if gated else "never")  # "replayed": the
+            ours = dec.prefill(prompt)  # default, which takes the graphed decoder's prompts (warm-ups included)
+            monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", "never")
             torch.testing.assert_close(ours, fresh.prefill(prompt), rtol=tol, atol=tol)
             _assert_same_state(dec.cache, fresh.cache, tol)
             dec.capture()

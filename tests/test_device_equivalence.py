@@ -199,7 +199,7 @@ def test_dijiang_model_decoding_matches_its_full_forward(device, check, mode, mo
     if mode in ("fla", "gated"):
         _needs_fla(device)
     if mode == "gated":
-        monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", True)
+        monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", "always")
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, attention="dijiang")
     cfg.dijiang.mode = "auto" if mode == "gated" else mode

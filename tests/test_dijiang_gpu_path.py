@@ -286,11 +286,19 @@ def test_auto_sends_prompts_with_a_state_through_gated_fla_by_default(monkeypatc
     att = _layer(8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(dj, "_fla_usable", lambda: True)
-    assert dj.GATED_FLA_PROMPTS and dj.GATED_FLA_TRAINING_FROM is None  # the defaults: prompts on, training off
-    monkeypatch.setattr(dj, "GATED_FLA_PROMPTS", False)
+    assert dj.GATED_FLA_PROMPTS == "replayed" and dj.GATED_FLA_TRAINING_FROM is None  # the defaults
     with torch.no_grad():
+        assert att.form(4096, cuda, stateful=True) == "chunk"  # an eager prompt: fla's Python costs host time
+        with dj.replayed_prompts():  # a prompt a CUDA graph replays
+            assert att.form(4096, cuda, stateful=True) == "fla_gated"
         assert att.form(4096, cuda, stateful=True) == "chunk"
-    monkeypatch.setattr(dj, "GATED_FLA_PROMPTS", True)
+        monkeypatch.setattr(dj, "GATED_FLA_PROMPTS", "never")
+        with dj.replayed_prompts():
+            assert att.form(4096, cuda, stateful=True) == "chunk"
+        monkeypatch.setattr(dj, "GATED_FLA_PROMPTS", "bogus")
+        with pytest.raises(ValueError, match="GATED_FLA_PROMPTS='bogus'"):
+            att.form(4096, cuda, stateful=True)
+    monkeypatch.setattr(dj, "GATED_FLA_PROMPTS", "always")
     assert att.form(4096, cuda, stateful=True) == "chunk"  # gradients recorded: its final state would have none
     with torch.no_grad():
         assert att.form(4096, cuda, stateful=True) == "fla_gated"

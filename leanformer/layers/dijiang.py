@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -273,12 +273,37 @@ def _fla_usable() -> bool:
 
 
 FUSED_MAX_LEN = 4096  # auto's default for dijiang.fused_max_len (read at each call: a benchmark may change it)
-GATED_FLA_PROMPTS = True  # auto: a prompt with a decoding state (T > 1: a prefill or its chunk) through fla's chunk
-# kernel with one gate per token (dla.fla_gated: no host read, so a CUDA graph can capture it), before the fused
-# kernel, on CUDA when fla imports. On since its first timing (H100, 2026-12-07 13:56, prefill_profile.py, GPT-2
-# DiJiang, an 8K prompt in one chunk, replayed from a CUDA graph): 9.1 ms eager and 6.2 compiled whole, against the
-# fused kernel's 11.5 and 8.5-8.9 (11:18-11:21) and softmax's 6.7 compiled whole in the same call
-# (docs/gpu/misc_2026-12-07/callM); fla's gated forward matched float64 there (float32)
+GATED_FLA_PROMPTS = "replayed"  # auto: which prompts with a decoding state (T > 1: a prefill or its chunk) go through
+# fla's chunk kernel with one gate per token (dla.fla_gated: no host read, so a CUDA graph can capture it) before the
+# fused kernel, on CUDA when fla imports: "always", "never", or "replayed": those inside replayed_prompts(), which
+# leanformer.decoding.StaticDecoder opens around a prefill it replays from a CUDA graph (prefill_graph=True).
+# Timed on an H100 (2026-12-07 13:56, prefill_profile.py, GPT-2 DiJiang, an 8K prompt in one chunk,
+# docs/gpu/misc_2026-12-07/callM): replayed from a graph 9.1 ms eager and 6.2 compiled whole, against the fused
+# kernel's 11.5 and 8.5-8.9 (11:18-11:21) and softmax's 6.7 compiled whole in the same call; but run eagerly without
+# a graph 50.4 ms of wall time (8.9 of kernels: fla's Python per call) against the fused kernel's 21.5. fla's gated
+# forward matched float64 there (float32)
+_REPLAYED_PROMPTS = False  # set by replayed_prompts(): the prompts run now are captured in a CUDA graph
+
+
+@contextmanager
+def replayed_prompts(on: bool = True):
+    """Within it (``on``), auto sends prompts with a state through fla's gated kernel under
+    :data:`GATED_FLA_PROMPTS` "replayed": a prefill that a CUDA graph replays pays no host time for fla's Python,
+    which an eager prefill does. The warm-up prefills before a capture run inside it too, so fla's kernels are
+    compiled and autotuned before the capture."""
+    global _REPLAYED_PROMPTS
+    before, _REPLAYED_PROMPTS = _REPLAYED_PROMPTS, bool(on)
+    try:
+        yield
+    finally:
+        _REPLAYED_PROMPTS = before
+
+
+def _gated_prompts() -> bool:
+    """Whether auto's prompts with a state take the gated route now (:data:`GATED_FLA_PROMPTS`)."""
+    if GATED_FLA_PROMPTS not in ("always", "never", "replayed"):
+        raise ValueError(f"dijiang.GATED_FLA_PROMPTS={GATED_FLA_PROMPTS!r}: choose 'always', 'never' or 'replayed'")
+    return GATED_FLA_PROMPTS == "always" or (GATED_FLA_PROMPTS == "replayed" and _REPLAYED_PROMPTS)
 GATED_FLA_TRAINING_FROM: int | None = None  # auto: a full pass (training) of at least this many tokens through fla's
 # kernel with one gate per token (dla.fla_gated: exact, no host read, its backward three forward passes,
 # leanformer.ops.gated_attention), before the fused kernel, on CUDA when fla imports; None: never. Timed on an H100
@@ -385,8 +410,8 @@ class DiJiangAttention(nn.Module):
         dict, empty before the first token), :meth:`fused_step_reason` finds nothing against them, and the
         device is CUDA (mode ``fused``: also the CPU under ``TRITON_INTERPRET=1``); else ``recurrent``, with
         no warning (it is the reference). A prompt with a state (T > 1) runs ``fla_gated`` on CUDA when
-        :data:`GATED_FLA_PROMPTS` is on, fla imports and no gradient is recorded; a full pass of at least
-        :data:`GATED_FLA_TRAINING_FROM` tokens likewise.
+        :data:`GATED_FLA_PROMPTS` sends it there (:func:`replayed_prompts`), fla imports and no gradient is
+        recorded; a full pass of at least :data:`GATED_FLA_TRAINING_FROM` tokens likewise.
         Otherwise, on CUDA, for bf16/fp16 features (the kernel's float32 runs without tensor cores and was not
         timed), when Triton imports and the fused kernel takes ``q`` (B, H, T, m) and ``v`` (B, H, T, d)
         (:func:`dla.fused_supported`; not considered when they are not given), the fused kernel up to
@@ -411,7 +436,7 @@ class DiJiangAttention(nn.Module):
                 return "fused_step"
             return "recurrent"
         if mode == "auto":
-            gated = GATED_FLA_PROMPTS if stateful else (GATED_FLA_TRAINING_FROM is not None
+            gated = _gated_prompts() if stateful else (GATED_FLA_TRAINING_FROM is not None
                                                         and T >= GATED_FLA_TRAINING_FROM)
             if T > 1 and gated and _gated_takes(stateful) and device.type == "cuda" and _fla_usable():
                 return "fla_gated"
