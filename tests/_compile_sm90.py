@@ -27,16 +27,28 @@ from leanformer.ops import _skinny_linear_kernel as skinny
 TARGET = GPUTarget("cuda", 90, 32)
 
 
+SHARED_MEMORY = 232_448  # bytes a block may use on an H100 (sm_90)
+
+
 def compile_kernel(fn, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, float_type: str):
     """Every argument of ``fn``: a pointer type from ``pointers``, ``float_type`` for ``floats``, a constexpr
-    value from ``constexprs``, else i64 (how Inductor declares a Python int it cannot specialise)."""
+    value from ``constexprs``, else i64 (how Inductor declares a Python int it cannot specialise). ``constexprs``
+    may carry ``num_stages`` (the launch's pipeline depth, an option rather than an argument) and ``divisible``:
+    the arguments a launch hints as multiples of 16 (with them Triton pipelines the loads, as at run time); the
+    compiled kernel must fit in SHARED_MEMORY."""
+    constexprs = dict(constexprs)
+    options = {"num_stages": constexprs.pop("num_stages")} if "num_stages" in constexprs else {}
+    divisible = constexprs.pop("divisible", ())
     names = fn.arg_names
     sig = {}
     for n in names:
         sig[n] = (pointers.get(n) or (float_type if n in floats else None)
                   or ("constexpr" if n in constexprs else "i64"))
-    src = ASTSource(fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    triton.compile(src, target=TARGET)
+    src = ASTSource(fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    kernel = triton.compile(src, target=TARGET, options=options)
+    if kernel.metadata.shared > SHARED_MEMORY:
+        raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory; an H100 block has {SHARED_MEMORY}")
 
 
 def cases():
@@ -118,9 +130,12 @@ def cases():
             noble_ptrs, (), meta
         yield f"NOBLE decoding layers grouped (bf16, r 32, prefetch and GELU={prefetch})", \
             noble_decode.noble_decode_grouped_kernel, dict(noble_ptrs, OFFS="*i32"), (), meta
-    yield "NOBLE decoding layer split along K: partials (bf16, r 32)", noble_decode.noble_partials_kernel, \
-        dict(X=bf, W=bf, WD=bf, P=f32), (), dict(R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True,
-                                                 INTERPRET=False)
+    # as launched: unit strides along K specialised to 1 (so the K loop is pipelined) and launch_config's stages
+    # for its widest tiles at 32 rows (a kernel with two K loops needed twice the budget: a review, 2026-12-07)
+    yield "NOBLE decoding layer split along K: partials (bf16, r 32, 32 rows, 4 stages)", \
+        noble_decode.noble_partials_kernel, dict(X=bf, W=bf, WD=bf, P=f32), (), \
+        dict(R=32, BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, EVEN_K=True, INTERPRET=False, sxk=1, swk=1, spn=1,
+             num_stages=4, divisible=("X", "W", "WD", "P", "sxm", "swn", "sdr", "sps", "spm", "K", "K_SPLIT", "N"))
     yield "NOBLE decoding layer split along K: finish (bf16, r 32, GELU)", noble_decode.noble_finish_kernel, \
         dict(P=f32, **{name: bf for name in ("Bias", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}), (), \
         dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, INTERPRET=False, ACT=1)

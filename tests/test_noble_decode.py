@@ -36,6 +36,8 @@ def _layer(K, N, rank=32, bias=True, seed=0, **kw):
         layer.up.weight.normal_(0.0, 0.3)  # the paper's zero-initialised W_up would hide the branch
         if bias:
             layer.bias.normal_(0.0, 0.5)
+        if layer.down.bias is not None:  # the paper's zero b_down would hide a kernel that drops or misplaces it
+            layer.down.bias.normal_(0.0, 0.5)
     return layer.requires_grad_(False)
 
 

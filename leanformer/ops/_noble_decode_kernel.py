@@ -194,42 +194,37 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
 
 
 @triton.jit
-def _partial_columns(X, W, P, rows, rows_ok, cols, pid_s, k_lo, k_len, M, sxm, sxk, swr, swk, sps, spm, spn,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     INTERPRET: tl.constexpr):
-    """``P[s, :, cols] = x[:, K_s] W[rows, K_s]ᵀ`` (float32, not rounded) for K_s = [k_lo, k_lo + k_len): rows
-    (BLOCK_N,) of W (``rows_ok``: W's rows), cols (BLOCK_N,) the columns of P they fill."""
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    acc = _product_tile(X + k_lo * sxk, W + k_lo * swk, W, offs_m, m_ok, rows, rows_ok, k_len, sxm, sxk, swr, swk,
-                        False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
-    tl.store(P + pid_s * sps + offs_m[:, None] * spm + cols[None, :] * spn, acc,
-             mask=m_ok[:, None] & rows_ok[None, :])
-
-
-@triton.jit
-def noble_partials_kernel(X, W, WD, P, M, N, K, K_SPLIT, sxm, sxk, swn, swk, sdr, sdk, sps, spm, spn,
+def noble_partials_kernel(X, W, WD, P, M, N, K, K_SPLIT, sxm, sxk, swn, swk, sdr, sps, spm, spn,
                           R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
     """The split-K route's first launch: float32 partial products of the stacked rows [W; W_down] over parts of
     K, ``P[s] = x[:, K_s] [W; W_down][:, K_s]ᵀ`` (P: (S, M, N + R)), K_s = [s·K_SPLIT, min(K, (s+1)·K_SPLIT)).
     Grid (cdiv(N, BLOCK_N) + cdiv(R, BLOCK_N), S): program (j, s) takes W's columns ``j·BLOCK_N ...`` for the
     first cdiv(N, BLOCK_N) blocks, W_down's rows (P's columns N ...) for the last ones, so neither weight is
-    copied into a stacked one. As :func:`leanformer.ops._skinny_linear_kernel.skinny_partials_kernel`: K_SPLIT
-    is whole BLOCK_K tiles, so ``EVEN_K`` (K a multiple of BLOCK_K) leaves every part unmasked along K."""
+    copied into a stacked one. Selects pick only scalars (a base pointer, strides, rows), so the program has one
+    K loop: two loops, one per branch, would each reserve pipeline buffers, twice the shared memory that
+    ``skinny_linear.launch_config`` budgets (a review compiled both for sm_90, 2026-12-07). As
+    :func:`leanformer.ops._skinny_linear_kernel.skinny_partials_kernel`: K_SPLIT is whole BLOCK_K tiles, so
+    ``EVEN_K`` (K a multiple of BLOCK_K) leaves every part unmasked along K. W and W_down share their stride
+    along K, ``swk`` (1 for both as the op passes them), so Triton keeps it a constant: the loads stay vectorised."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     k_lo = pid_s * K_SPLIT
     k_len = tl.minimum(K - k_lo, K_SPLIT)
     main_blocks = tl.cdiv(N, BLOCK_N)
-    if pid_n < main_blocks:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _partial_columns(X, W, P, offs_n, offs_n < N, offs_n, pid_s, k_lo, k_len, M, sxm, sxk, swn, swk,
-                         sps, spm, spn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
-    else:
-        offs_r = (pid_n - main_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        _partial_columns(X, WD, P, offs_r, offs_r < R, N + offs_r, pid_s, k_lo, k_len, M, sxm, sxk, sdr, sdk,
-                         sps, spm, spn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
+    main = pid_n < main_blocks  # W's columns; else W_down's rows, P's columns N ... (selects: no branch types)
+    base = tl.where(main, W, WD)
+    srow = tl.where(main, swn, sdr)
+    limit = tl.where(main, N, R)
+    col0 = tl.where(main, 0, N)
+    rows = tl.where(main, pid_n, pid_n - main_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ok = rows < limit
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    acc = _product_tile(X + k_lo * sxk, base + k_lo * swk, base, offs_m, m_ok, rows, rows_ok, k_len, sxm, sxk,
+                        srow, swk, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRET)
+    tl.store(P + pid_s * sps + offs_m[:, None] * spm + (col0 + rows)[None, :] * spn, acc,
+             mask=m_ok[:, None] & rows_ok[None, :])
 
 
 @triton.jit

@@ -35,7 +35,8 @@ shared-z kernels) runs a layer whose plain product :mod:`leanformer.ops.skinny_l
 (``split_count`` > 1: GPT-2's MLP down, 3072 → 768) as two launches: ``leanformer::noble_decode_partials``,
 float32 partial products of W's columns and W_down's rows over S parts of K (S times the programs, each with S
 times fewer K tiles), then ``leanformer::noble_decode_finish``, their sums and the one-launch kernel's epilogue.
-The result differs only in where the float32 K-sum is re-associated. Why: in GPT-2's decoding step at batch 32
+The result differs only in where the float32 K-sum is re-associated. It splits eagerly too (its second launch is
+the sum; the plain product splits only under ``torch.compile``, where Inductor fuses its sum). Why: in GPT-2's decoding step at batch 32
 (compiled, CUDA graphs) ``noble_decode_kernel`` averaged 11.73 µs a launch (36 per step) against 4.99 µs for
 Pre-LN's ``skinny_linear_kernel``, whose 3072 → 768 product is split; the NOBLE kernel runs that layer's 12 K
 tiles serially on 48 programs, and halving its column blocks changed nothing, so recomputing z is not the cost
@@ -168,6 +169,7 @@ def _partials_op(x: torch.Tensor, weight: torch.Tensor, wd: torch.Tensor, splits
     K, N, R = x.shape[-1], weight.shape[0], wd.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
+    weight, wd = (w if w.stride(1) == 1 else w.contiguous() for w in (weight, wd))  # one K stride for both: 1
     out = _new_partials(x, weight, wd, splits)
     cfg = skinny_linear.launch_config(M, N, K, x.dtype)  # the tiles split_count counted its parts in
     k_split = _cdiv(_cdiv(K, cfg["BLOCK_K"]), splits) * cfg["BLOCK_K"]
@@ -176,7 +178,7 @@ def _partials_op(x: torch.Tensor, weight: torch.Tensor, wd: torch.Tensor, splits
     with _on_device(x):  # W_down's rows get column blocks of their own (a program reads one weight's tiles)
         _wrap(kern.noble_partials_kernel)[(_cdiv(N, cfg["BLOCK_N"]) + _cdiv(R, cfg["BLOCK_N"]), splits)](
             x2, weight, wd, out, M, N, K, k_split, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-            wd.stride(0), wd.stride(1), out.stride(0), out.stride(1), out.stride(2), R=R,
+            wd.stride(0), out.stride(0), out.stride(1), out.stride(2), R=R,
             EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(), **meta, **opts)
     return out
 
