@@ -318,6 +318,7 @@ class StepRun:
     gated: bool = False            # dijiang.GATED_FLA_TRAINING_FROM = 2 (DiJiang through fla with one gate per token)
     gated_backward: str = "passes"  # gated_attention.BACKWARD ("fla": dk, dv from fla's backward kernels, no flips)
     logits: bool = False           # the model returns its logits too (every step before 2026-12-07 14:40)
+    fused_loss: bool = False       # linear_cross_entropy.FUSED: the head and the loss in chunks, never whole logits
 
 
 CG = "reduce-overhead"
@@ -377,6 +378,8 @@ STEP_PLAN = [  # most wanted first
     StepRun("gpt2 preln b32 cudagraphs logits", "gpt2", "preln", 32, False, CG, logits=True),
     StepRun("gpt2-4k dijiang_scratch b4 cudagraphs gated flabwd", "gpt2-4k", "dijiang_scratch", 4, True, CG,
             gated=True, gated_backward="fla"),
+    StepRun("gpt2 preln b16 cudagraphs fusedloss", "gpt2", "preln", 16, True, CG, fused_loss=True),
+    StepRun("gpt2 preln b32 cudagraphs fusedloss", "gpt2", "preln", 32, False, CG, fused_loss=True),
     StepRun("gpt2 dijiang_scratch b16 cudagraphs gated flabwd", "gpt2", "dijiang_scratch", 16, True, CG, gated=True,
             gated_backward="fla"),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
@@ -423,13 +426,14 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     rows = []
     plan = sorted((p for p in STEP_PLAN if p.label in PLAN), key=lambda p: PLAN.index(p.label)) if PLAN else STEP_PLAN
     from leanformer.layers import dijiang, noble, shaped
-    from leanformer.ops import gated_attention
+    from leanformer.ops import gated_attention, linear_cross_entropy
 
     for run_spec in plan:
         label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
         noble.COSNET_KERNEL, shaped.MIX_KERNEL = run_spec.cosnet_kernel, run_spec.mix_kernel
         dijiang.GATED_FLA_TRAINING_FROM = 2 if run_spec.gated else None
         gated_attention.BACKWARD = run_spec.gated_backward
+        linear_cross_entropy.FUSED = run_spec.fused_loss
         if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45) - (120 if mode == AT else 0):
             rows.append({"label": label, "status": "skipped (time budget)"})
             log(f"{label}: skipped (time budget)")
@@ -470,7 +474,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
             torch.cuda.empty_cache()
         rows.append(row)
     noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM = "never", "never", None
-    gated_attention.BACKWARD = "passes"
+    gated_attention.BACKWARD, linear_cross_entropy.FUSED = "passes", False
     result["steps"] = rows
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from leanformer.config import TransformerConfig
 from leanformer.decoding import StaticCache, StaticDecoder, check_sampling, sample_next
 from leanformer.layers.norms import make_norm
+from leanformer.ops import linear_cross_entropy
 from leanformer.registry import attention_spec, build_block
 
 _RESIDUAL_OUTPUTS = ("attn.o", "mlp.ffn_out")
@@ -104,6 +105,10 @@ class TransformerLM(nn.Module):
         """
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: without them the logits are all there is to return")
+        if not return_logits and linear_cross_entropy.FUSED and type(self.lm_head) is nn.Linear:
+            h = self.hidden_states(idx, cache, attention_mask)  # the logits in chunks, never whole
+            loss = linear_cross_entropy.linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets)
+            return None, loss.float()  # float32, as the plain route's
         logits = self.lm_head(self.hidden_states(idx, cache, attention_mask))
         loss = None
         if targets is not None:

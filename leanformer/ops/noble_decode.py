@@ -36,11 +36,11 @@ shared-z kernels) runs a layer whose plain product :mod:`leanformer.ops.skinny_l
 float32 partial products of W's columns and W_down's rows over S parts of K (S times the programs, each with S
 times fewer K tiles), then ``leanformer::noble_decode_finish``, their sums and the one-launch kernel's epilogue.
 The result differs only in where the float32 K-sum is re-associated. It splits eagerly too (its second launch is
-the sum; the plain product splits only under ``torch.compile``, where Inductor fuses its sum). Why: in GPT-2's decoding step at batch 32
-(compiled, CUDA graphs) ``noble_decode_kernel`` averaged 11.73 µs a launch (36 per step) against 4.99 µs for
-Pre-LN's ``skinny_linear_kernel``, whose 3072 → 768 product is split; the NOBLE kernel runs that layer's 12 K
-tiles serially on 48 programs, and halving its column blocks changed nothing, so recomputing z is not the cost
-(H100, 2026-12-07 14:13, docs/gpu/misc_2026-12-07/callN2).
+the sum; the plain product splits only under ``torch.compile``, where Inductor fuses its sum). Why: in GPT-2's
+decoding step at batch 32 (compiled, CUDA graphs) ``noble_decode_kernel`` averaged 11.73 µs a launch (36 per
+step) against 4.99 µs for Pre-LN's ``skinny_linear_kernel``, whose 3072 → 768 product is split; the NOBLE kernel
+runs that layer's 12 K tiles serially on 48 programs, and halving its column blocks changed nothing, so recomputing
+z is not the cost (H100, 2026-12-07 14:13, docs/gpu/misc_2026-12-07/callN2).
 """
 
 from __future__ import annotations

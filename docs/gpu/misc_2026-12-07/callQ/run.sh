@@ -8,13 +8,16 @@
 #     BACKWARD stays "passes".
 # (1) train_profile: Pre-LN b16 under CUDA graphs with and without the logits returned (issue #13). Expected: the
 #     0.50 ms bf16 fill and the 1.09 ms copy of the logits' unused gradient gone without them (callO, callN3):
-#     ≈ 39.8 → 38.2 ms per step (+4% tokens/s).
+#     ≈ 39.8 → 38.2 ms per step (+4% tokens/s). Then the head and the loss in chunks of 4,096 tokens
+#     (linear_cross_entropy.FUSED, added 15:10): the log-softmax kernels' 2.84 ms become ≈ 4.9 GB of element-wise
+#     traffic (≈ 1.7 ms) plus ≈ 0.4 ms of float32 dW sums: ≈ 37.5 ms, if Inductor fuses each chunk's softmax
+#     and gradient into one or two kernels; profiled, so the kernels that cost are named.
 source docs/gpu/preamble.sh callQ
 timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device_equivalence.py tests/test_decoding.py \
   -k "gated or prefill_graph_replays" > $R/pytest_log.txt 2>&1
 tail -6 $R/pytest_log.txt
 save
-P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs logits"
-timeout 200 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 180 --out $R/steps \
+P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs logits,gpt2 preln b16 cudagraphs fusedloss"
+timeout 260 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 240 --out $R/steps \
   > $R/steps_log.txt 2>&1
 grep "^\[" $R/steps_log.txt | tail -3

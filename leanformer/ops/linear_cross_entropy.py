@@ -1,0 +1,94 @@
+"""The LM head's product and the mean cross-entropy over tokens in chunks, with their gradients taken in the
+forward pass, so the (N, V) logits never exist whole.
+
+    loss = 1/n Σ_t [lse(z_t) − z_t[y_t]],  z_t = W h_t + b,  n = #{t : y_t ≠ −100}
+    ∂loss/∂z_t = (softmax(z_t) − e_{y_t}) / n,   ∂h_t = W ᵀ∂z_t,   ∂W = Σ_t ∂z_t h_tᵀ,   ∂b = Σ_t ∂z_t
+
+A training step that reads only the loss stores the logits in bf16 (1.65 GB at GPT-2's vocabulary and 16,384
+tokens), their float32 log-softmax pass reads them, and the backward writes a gradient of the same size: at batch
+16 the fused log-softmax forward and backward kernels took 1.10 and 1.74 ms of a 39.8 ms step (H100, 2026-12-07,
+docs/gpu/misc_2026-12-07/callO). Here each chunk of :data:`CHUNK_TOKENS` tokens computes its logits, its share of
+the loss and its gradient z̄ at once, turns z̄ into ∂h and adds its ∂W, ∂b, and lets the logits go; the backward
+only scales the stored gradients by the loss's gradient (the loss is the graph's last node in a training step).
+The products are those of the plain route (the head's forward, its input gradient, its weight gradient), in the
+dtype autocast gives them; ∂W and ∂b add up in float32 across chunks.
+
+:data:`FUSED` (off until timed) makes :meth:`leanformer.model.TransformerLM.forward` take this route when it returns
+no logits and its head is a plain ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FUSED = False  # TransformerLM's loss through linear_cross_entropy when it returns no logits; off until timed
+CHUNK_TOKENS = 4096  # tokens per chunk: float32 logits of 4,096 × 50,304 take 824 MB
+IGNORE_INDEX = -100
+
+
+def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    """One chunk: h (n, C), targets (n,) → (logits (n, V) in float32 or wider, the loss terms lse − z[y] (n,)
+    with 0 where the target is ignored, the mask of kept targets (n,))."""
+    logits = F.linear(h, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    kept = targets != IGNORE_INDEX
+    picked = logits.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    return logits, (torch.logsumexp(logits, -1) - picked) * kept, kept
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """h (N, C), weight (V, C), bias (V,) or None, targets (N,) int64 → the mean loss over kept targets (a 0-d
+    float32 tensor); the gradients come from the forward pass (the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_tokens):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = torch.promote_types(weight.dtype, torch.float32)  # the loss's and the sums' dtype
+        inv_n = 1.0 / (targets != IGNORE_INDEX).sum().to(acc)
+        loss = h.new_zeros((), dtype=acc)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        for s in range(0, h.shape[0], chunk_tokens):
+            hc, tc = h[s:s + chunk_tokens], targets[s:s + chunk_tokens]
+            logits, terms, kept = _chunk_terms(hc, weight, bias, tc)
+            loss = loss + terms.sum()
+            g = torch.softmax(logits, -1)  # z̄ = (softmax − e_y) · kept / n, float32
+            g = g.scatter_add(1, tc.clamp_min(0)[:, None], -torch.ones_like(g[:, :1]))
+            g = g * (kept.to(g.dtype) * inv_n)[:, None]
+            gw = g.to(weight.dtype)  # the plain route's gradient of the logits, in their dtype (autocast: bf16)
+            if need_h:
+                grad_h[s:s + chunk_tokens] = (gw @ weight).to(h.dtype)
+            if need_w:
+                grad_w += (gw.t() @ hc).to(acc)
+            if need_b:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss * inv_n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = ctx.saved_tensors  # ∂h, ∂W, ∂b of the mean loss (None where not needed)
+        return (*((None if t is None else (t * grad_loss).to(dt)) for t, dt in zip(grads, ctx.dtypes)), None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         chunk_tokens: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight, bias).float(), targets, ignore_index=-100)`` in chunks of
+    ``chunk_tokens`` (None: :data:`CHUNK_TOKENS`) tokens: h (..., C), targets (...) → the mean loss (0-d float32).
+    Its gradients are computed with the loss (the module docstring), unless none is needed (no grad mode, or no
+    input requires one): then only the loss, still chunk by chunk."""
+    chunk = chunk_tokens or CHUNK_TOKENS
+    if chunk < 1:
+        raise ValueError(f"chunk_tokens={chunk} must be >= 1")
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(f"h {tuple(h.shape)} and targets {tuple(targets.shape)} must share their leading shape")
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
+    if wants_grad:
+        return _LinearCrossEntropy.apply(h2, weight, bias, t2, chunk)
+    total = sum(_chunk_terms(h2[s:s + chunk], weight, bias, t2[s:s + chunk])[1].sum()
+                for s in range(0, h2.shape[0], chunk))
+    return total / (t2 != IGNORE_INDEX).sum().float()

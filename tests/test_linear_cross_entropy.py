@@ -1,0 +1,101 @@
+"""leanformer.ops.linear_cross_entropy: the LM head and the mean cross-entropy in chunks, gradients taken in the
+forward pass, against F.cross_entropy(F.linear(...)) in float64; the model's loss through it (FUSED)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanformer import TransformerConfig, TransformerLM
+from leanformer.ops import linear_cross_entropy as lce
+
+F64 = torch.float64
+
+
+def _inputs(N=37, C=6, V=11, bias=True, ignored=(3, 4, 20)):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, C, dtype=F64, generator=g)
+    w = torch.randn(V, C, dtype=F64, generator=g)
+    b = torch.randn(V, dtype=F64, generator=g) if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[list(ignored)] = -100
+    return h, w, b, y
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk", [1, 5, 37, 100])
+def test_loss_and_gradients_equal_the_plain_route_in_float64(bias, chunk):
+    """Chunks of 1, of 5 (a ragged last one), the whole and more; ignored targets; ∂h, ∂W, ∂b and a scaled
+    upstream gradient (the loss times 3)."""
+    h, w, b, y = _inputs(bias=bias)
+    leaves = [t.clone().requires_grad_() for t in (h, w) + ((b,) if bias else ())]
+    ref = F.cross_entropy(F.linear(leaves[0], leaves[1], leaves[2] if bias else None), y, ignore_index=-100)
+    want = torch.autograd.grad(3 * ref, leaves)
+    leaves2 = [t.clone().requires_grad_() for t in (h, w) + ((b,) if bias else ())]
+    loss = lce.linear_cross_entropy(leaves2[0], leaves2[1], leaves2[2] if bias else None, y, chunk_tokens=chunk)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for a, e in zip(torch.autograd.grad(3 * loss, leaves2), want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_only_the_gradients_asked_for_and_the_loss_alone_without_grad():
+    h, w, b, y = _inputs()
+    wl = w.clone().requires_grad_()
+    loss = lce.linear_cross_entropy(h, wl, b, y, chunk_tokens=8)  # h and b need none
+    (gw,) = torch.autograd.grad(loss, [wl])
+    ref_w = w.clone().requires_grad_()
+    torch.testing.assert_close(gw, torch.autograd.grad(F.cross_entropy(F.linear(h, ref_w, b), y), [ref_w])[0])
+    with torch.no_grad():
+        torch.testing.assert_close(lce.linear_cross_entropy(h, wl, b, y, chunk_tokens=8),
+                                   F.cross_entropy(F.linear(h, w, b), y), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_inputs_are_named():
+    h, w, b, y = _inputs()
+    with pytest.raises(ValueError, match="chunk_tokens=-1"):
+        lce.linear_cross_entropy(h, w, b, y, chunk_tokens=-1)
+    with pytest.raises(ValueError, match="leading shape"):
+        lce.linear_cross_entropy(h, w, b, y[:-1])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_models_loss_and_gradients_through_it_equal_the_plain_route(tied, monkeypatch):
+    """TransformerLM with FUSED and return_logits=False: the same loss and parameter gradients, tied embeddings
+    included (a float64 model: the plain route's loss is float32, so float32's tolerance); with return_logits the
+    plain route still runs (the logits are returned)."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, tie_embeddings=tied)
+    model = TransformerLM(cfg).double()
+    idx = torch.randint(0, 61, (3, 17))
+    tgt = idx.roll(-1, 1)
+    tgt[:, -1] = -100
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(lce, "FUSED", fused)
+        monkeypatch.setattr(lce, "CHUNK_TOKENS", 10)
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx, tgt, return_logits=False)
+        assert logits is None
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for a, e in zip(*runs):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    assert model(idx, tgt)[0].shape == (3, 17, 61)
+
+
+def test_it_compiles_into_one_graph():
+    h, w, b, y = _inputs()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda h, w: lce.linear_cross_entropy(h, w, b, y, chunk_tokens=8), backend="aot_eager",
+                       fullgraph=True)
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(hl, wl)
+    loss.backward()
+    ref_h, ref_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.cross_entropy(F.linear(ref_h, ref_w, b), y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hl.grad, ref_h.grad)
+    torch.testing.assert_close(wl.grad, ref_w.grad)
+    torch._dynamo.reset()
