@@ -105,7 +105,9 @@ class TransformerLM(nn.Module):
         """
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: without them the logits are all there is to return")
-        if not return_logits and linear_cross_entropy.FUSED and type(self.lm_head) is nn.Linear:
+        head = self.lm_head
+        if (not return_logits and linear_cross_entropy.FUSED and type(head) is nn.Linear
+                and not head._forward_pre_hooks and not head._forward_hooks):  # its weight as the forward reads it
             h = self.hidden_states(idx, cache, attention_mask)  # the logits in chunks, never whole
             loss = linear_cross_entropy.linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets)
             return None, loss.float()  # float32, as the plain route's

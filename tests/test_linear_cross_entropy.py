@@ -51,6 +51,38 @@ def test_only_the_gradients_asked_for_and_the_loss_alone_without_grad():
                                    F.cross_entropy(F.linear(h, w, b), y), rtol=1e-12, atol=1e-12)
 
 
+def test_no_kept_target_gives_the_plain_routes_nan_loss_and_zero_gradients():
+    h, w, b, y = _inputs()
+    y[:] = -100
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = lce.linear_cross_entropy(*leaves, y, chunk_tokens=8)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in leaves)
+
+
+def test_under_bf16_autocast_it_rounds_as_the_plain_route():
+    """CPU bf16 autocast, float32 h and weight: the same loss; ∂h and ∂W within bf16 rounding of the plain route's
+    (∂W adds each chunk's bf16 product in float32 instead of rounding one product)."""
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(300, 64, generator=g), torch.randn(500, 64, generator=g) * 0.1
+    y = torch.randint(0, 500, (300,), generator=g)
+    runs = []
+    for fused in (False, True):
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = lce.linear_cross_entropy(hl, wl, None, y, chunk_tokens=128)
+            else:
+                loss = F.cross_entropy(F.linear(hl, wl).float(), y)
+        loss.backward()
+        runs.append((loss.detach(), hl.grad, wl.grad))
+    (l0, h0, w0), (l1, h1, w1) = runs
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for ours, plain in ((h1, h0), (w1, w0)):  # a bf16 rounding's worth of the largest entry
+        assert float((ours - plain).abs().max() / plain.abs().max()) < 8e-3
+
+
 def test_bad_inputs_are_named():
     h, w, b, y = _inputs()
     with pytest.raises(ValueError, match="chunk_tokens=-1"):
@@ -89,13 +121,15 @@ def test_it_compiles_into_one_graph():
     torch._dynamo.reset()
     fn = torch.compile(lambda h, w: lce.linear_cross_entropy(h, w, b, y, chunk_tokens=8), backend="aot_eager",
                        fullgraph=True)
-    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fn(hl, wl)
-    loss.backward()
-    ref_h, ref_w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    ref = F.cross_entropy(F.linear(ref_h, ref_w, b), y)
-    ref.backward()
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(hl.grad, ref_h.grad)
-    torch.testing.assert_close(wl.grad, ref_w.grad)
-    torch._dynamo.reset()
+    try:
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(hl, wl)
+        loss.backward()
+        ref_h, ref_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = F.cross_entropy(F.linear(ref_h, ref_w, b), y)
+        ref.backward()
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(hl.grad, ref_h.grad)
+        torch.testing.assert_close(wl.grad, ref_w.grad)
+    finally:
+        torch._dynamo.reset()

@@ -11,7 +11,9 @@ docs/gpu/misc_2026-12-07/callO). Here each chunk of :data:`CHUNK_TOKENS` tokens 
 the loss and its gradient z̄ at once, turns z̄ into ∂h and adds its ∂W, ∂b, and lets the logits go; the backward
 only scales the stored gradients by the loss's gradient (the loss is the graph's last node in a training step).
 The products are those of the plain route (the head's forward, its input gradient, its weight gradient), in the
-dtype autocast gives them; ∂W and ∂b add up in float32 across chunks.
+dtype autocast gives them; ∂W and ∂b add up in float32 across chunks. For float32 and bf16 training: under float16
+with a loss scaler, z̄ (≈ 1/n) would underflow before the scale reaches it. Targets are class ids or −100 (another
+negative id counts as class 0 here, where the plain route raises). No double backward (∂h carries no graph).
 
 :data:`FUSED` (off until timed) makes :meth:`leanformer.model.TransformerLM.forward` take this route when it returns
 no logits and its head is a plain ``nn.Linear``.
@@ -54,10 +56,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, tc = h[s:s + chunk_tokens], targets[s:s + chunk_tokens]
             logits, terms, kept = _chunk_terms(hc, weight, bias, tc)
             loss = loss + terms.sum()
-            g = torch.softmax(logits, -1)  # z̄ = (softmax − e_y) · kept / n, float32
-            g = g.scatter_add(1, tc.clamp_min(0)[:, None], -torch.ones_like(g[:, :1]))
-            g = g * (kept.to(g.dtype) * inv_n)[:, None]
-            gw = g.to(weight.dtype)  # the plain route's gradient of the logits, in their dtype (autocast: bf16)
+            # z̄ = (softmax − e_y) · kept / n in float32; the one-hot as a comparison, not a scatter, so Inductor
+            # fuses it with the softmax and the cast into one kernel (a scatter kept a float32 (n, V) buffer); an
+            # ignored target (−100) matches no column, and its row is zeroed by where(), not by 0 · 1/n (with no
+            # kept target at all, 1/n is inf: the loss is nan as the plain route's, the gradients 0 as its)
+            g = torch.softmax(logits, -1)
+            g = g - (torch.arange(g.shape[1], device=g.device)[None] == tc[:, None]).to(g.dtype)
+            g = g * torch.where(kept, inv_n, 0.0)[:, None]
+            gw = g.to(weight.dtype)  # the products then take it as the plain route's (autocast rounds it to bf16)
             if need_h:
                 grad_h[s:s + chunk_tokens] = (gw @ weight).to(h.dtype)
             if need_w:
