@@ -31,6 +31,24 @@ def _kernel_launches_name_every_constexpr():
     patch.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_config_per_autotuned_kernel():
+    """On CUDA each autotuned Triton kernel (fla's) runs the first of its configs that survive its own pruning,
+    instead of compiling and timing every one: the tests check values, not speed. fla's backward kernels offer up
+    to 192 configs each, and their first use in GPU tests ran past 100 s (H100, 2026-12-07 15:16,
+    docs/gpu/misc_2026-12-07/callT). ``LEANFORMER_FULL_AUTOTUNE=1`` keeps Triton's own search."""
+    if not torch.cuda.is_available() or os.environ.get("LEANFORMER_FULL_AUTOTUNE") == "1":
+        yield
+        return
+    from triton.runtime.autotuner import Autotuner
+
+    prune = Autotuner.prune_configs
+    patch = pytest.MonkeyPatch()
+    patch.setattr(Autotuner, "prune_configs", lambda self, kwargs: prune(self, kwargs)[:1])
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def _session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("leanformer_cache")

@@ -5,7 +5,8 @@
 #     (gated_attention.BACKWARD "passes" and "fla": dk, dv from fla's chunk_bwd_dh/chunk_bwd_dv) against float64, a
 #     model's loss and gradients gated vs the default route, a gated prompt continued from a state, the model's
 #     decoding with gated prompts (now the default), the prefill graph's replays. Expected: all pass; if "fla" fails,
-#     BACKWARD stays "passes".
+#     BACKWARD stays "passes". (Added 15:25: tests/conftest.py now gives each of fla's autotuned kernels its first
+#     config on CUDA, so these tests no longer compile fla's up to 192 configs per kernel; expected well under 300 s.)
 # (1) train_profile: Pre-LN b16 under CUDA graphs with and without the logits returned (issue #13). Expected: the
 #     0.50 ms bf16 fill and the 1.09 ms copy of the logits' unused gradient gone without them (callO, callN3):
 #     ≈ 39.8 → 38.2 ms per step (+4% tokens/s). Then the head and the loss in chunks of 4,096 tokens
