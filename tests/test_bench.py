@@ -141,6 +141,7 @@ def test_bench_decode_kernels_option_sets_and_restores_switches(tmp_path, monkey
     for bad, message in (("argmax", "name=choice"), ("warp=on", "name=choice"), ("pdl=maybe", "choose off, on")):
         with pytest.raises(ConfigError, match=message):
             ks.parse_kernels(bad)
+    assert ks.parse_kernels("noble-k=split") == {"leanformer.ops.noble_decode.SPLIT_K": True}
 
 
 def test_expand_cache_replicates_rows():
