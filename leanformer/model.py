@@ -109,9 +109,9 @@ class TransformerLM(nn.Module):
         if (not return_logits and linear_cross_entropy.FUSED and type(head) is nn.Linear
                 and not head._forward_pre_hooks and not head._forward_hooks):  # its weight as the forward reads it
             h = self.hidden_states(idx, cache, attention_mask)  # the logits in chunks, never whole
-            loss = linear_cross_entropy.linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets)
+            loss = linear_cross_entropy.linear_cross_entropy(h, head.weight, head.bias, targets)
             return None, loss.float()  # float32, as the plain route's
-        logits = self.lm_head(self.hidden_states(idx, cache, attention_mask))
+        logits = head(self.hidden_states(idx, cache, attention_mask))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
