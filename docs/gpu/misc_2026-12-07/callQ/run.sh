@@ -13,6 +13,9 @@
 #     (linear_cross_entropy.FUSED, added 15:10): the log-softmax kernels' 2.84 ms become ≈ 4.9 GB of element-wise
 #     traffic (≈ 1.7 ms) plus ≈ 0.4 ms of float32 dW sums: ≈ 37.5 ms, if Inductor fuses each chunk's softmax
 #     and gradient into one or two kernels; profiled, so the kernels that cost are named.
+# (3) added 16:30: each run also times 5 steps per synchronisation (back-to-back ms). callO's Pre-LN b16 step was
+#     39.83 ms for 37.05 ms of kernels: if the 2.8 ms gap is the host's work before each synchronised step's first
+#     kernel, back to back is ≈ 37-38 ms; if it stays ≈ 39.8, the gaps are inside the step.
 source docs/gpu/preamble.sh callQ
 timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_device_equivalence.py tests/test_decoding.py \
   -k "gated or prefill_graph_replays" > $R/pytest_log.txt 2>&1
