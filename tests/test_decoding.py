@@ -225,7 +225,7 @@ def _assert_same_state(cache: StaticCache, ref: StaticCache, tol: float) -> None
     for (_, key, a), (_, _, b) in zip(got, want):
         if key in KV_KEYS:
             a, b = a[:, :, :cache.pos], b[:, :, :cache.pos]
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=key)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_prefill_graph_needs_cuda():
