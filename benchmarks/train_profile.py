@@ -429,6 +429,8 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     from leanformer.layers import dijiang, noble, shaped
     from leanformer.ops import gated_attention, linear_cross_entropy
 
+    defaults = (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
+                linear_cross_entropy.FUSED)
     for run_spec in plan:
         label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
         noble.COSNET_KERNEL, shaped.MIX_KERNEL = run_spec.cosnet_kernel, run_spec.mix_kernel
@@ -479,8 +481,8 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
-    noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM = "never", "never", None
-    gated_attention.BACKWARD, linear_cross_entropy.FUSED = "passes", False
+    (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
+     linear_cross_entropy.FUSED) = defaults
     result["steps"] = rows
 
 
@@ -500,7 +502,10 @@ def markdown(result: dict) -> str:
         def key(r: dict) -> tuple:
             return r["label"].split()[0], r["batch"], r.get("mode")
 
-        base = {key(r): r for r in result["steps"] if r.get("status") == "ok" and r["arm"] == "preln"}
+        base: dict = {}  # the first Pre-LN run of each size, batch and mode (a later variant of it is not the base)
+        for r in result["steps"]:
+            if r.get("status") == "ok" and r["arm"] == "preln":
+                base.setdefault(key(r), r)
         for r in result["steps"]:
             if r.get("status") != "ok":
                 out.append(f"| {r['label']} | {r.get('status')} | | | | | | | | | | | |")

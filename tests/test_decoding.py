@@ -216,15 +216,23 @@ def test_restarted_decoder_takes_a_new_prompt_as_a_fresh_one(arm):
         _assert_same_state(dec.cache, fresh.cache, tol)
 
 
-def _assert_same_state(cache: StaticCache, ref: StaticCache, tol: float) -> None:
+def _assert_same_state(cache: StaticCache, ref: StaticCache, tol: float, states_by_norm: bool = False) -> None:
     """Every cached tensor equal to the reference's: K/V up to the position (slots past it are rewritten
-    before they are read), the running states (DiJiang's S and n, shaped attention's sum) whole."""
+    before they are read), the running states (DiJiang's S and n, shaped attention's sum) whole.
+    ``states_by_norm``: the running states within ``tol`` of their largest entry (max |a − b| ≤ tol · max |b|),
+    not entry by entry: fla's chunk kernel rounds the decayed values to bf16 before its state product, and on an
+    H100 3 of 512 entries of a bf16 copy's S after a 150-token gated prompt were off by up to 0.034, where the
+    entry-wise tolerance allows 0.02 + 0.02 |b| (2026-12-07, docs/gpu/misc_2026-12-07/callU)."""
     assert cache.pos == ref.pos
     got, want = list(cache.tensors()), list(ref.tensors())
     assert [key for _, key, _ in got] == [key for _, key, _ in want]
     for (_, key, a), (_, _, b) in zip(got, want):
         if key in KV_KEYS:
             a, b = a[:, :, :cache.pos], b[:, :, :cache.pos]
+        elif states_by_norm:
+            err, scale = float((a.double() - b.double()).abs().max()), float(b.double().abs().max())
+            assert err <= tol * scale, f"{key}: max |difference| {err:.3g} > {tol} × max |ref| {scale:.3g}"
+            continue
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
@@ -266,7 +274,7 @@ def test_prefill_graph_replays_equal_a_fresh_prefill(arm, monkeypatch):
             ours = dec.prefill(prompt)  # default, which takes the graphed decoder's prompts (warm-ups included)
             monkeypatch.setattr(dijiang, "GATED_FLA_PROMPTS", "never")
             torch.testing.assert_close(ours, fresh.prefill(prompt), rtol=tol, atol=tol)
-            _assert_same_state(dec.cache, fresh.cache, tol)
+            _assert_same_state(dec.cache, fresh.cache, tol, states_by_norm=gated)
             dec.capture()
             for _ in range(3):
                 dec.step()

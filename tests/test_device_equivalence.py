@@ -153,7 +153,9 @@ def test_dijiang_model_trains_through_gated_fla_as_through_the_default(device, c
     assert grads.keys() == ref.keys()
     errs = {"loss": rel_err(loss, ref_loss), **{n: rel_err(grads[n], ref[n]) for n in ref}}
     print("largest relative errors:", sorted(errs.items(), key=lambda kv: -kv[1])[:5])  # shown when it fails
-    check(max(errs.values()), FLA_FP32_TOL)
+    # two routes, each within FLA_FP32_TOL of float64 op by op (TF32 products), so twice that between them: on an
+    # H100 the largest was a q projection's gradient, 5.52e-3 (2026-12-07, docs/gpu/misc_2026-12-07/callU)
+    check(max(errs.values()), 2 * FLA_FP32_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -542,10 +542,11 @@ def test_split_k_at_gpt2s_mlp_down(monkeypatch):
 
 
 def test_split_k_off_or_not_split_changes_nothing(monkeypatch):
-    """SPLIT_K is off by default, and then a layer that it would split runs the one launch as before; on, a layer
-    whose plain product is not split (a short K, or skinny_linear.SPLIT_K None) still does, and so do the
-    shared-z and grouped kernels, which it never takes."""
-    assert nd.SPLIT_K is False
+    """SPLIT_K is on by default (since its H100 timing); off, a layer that it would split runs the one launch as
+    before; on, a layer whose plain product is not split (a short K, or skinny_linear.SPLIT_K None) still does,
+    and so do the shared-z and grouped kernels, which it never takes."""
+    assert nd.SPLIT_K is True
+    monkeypatch.setattr(nd, "SPLIT_K", False)
     monkeypatch.setattr(nd, "ROUTE", "always")
     layer = _layer(1024, 40).to(DEV)  # float32: 8 tiles of 128, 3 parts
     short = _layer(200, 40).to(DEV)

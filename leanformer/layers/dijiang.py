@@ -304,13 +304,13 @@ def _gated_prompts() -> bool:
     if GATED_FLA_PROMPTS not in ("always", "never", "replayed"):
         raise ValueError(f"dijiang.GATED_FLA_PROMPTS={GATED_FLA_PROMPTS!r}: choose 'always', 'never' or 'replayed'")
     return GATED_FLA_PROMPTS == "always" or (GATED_FLA_PROMPTS == "replayed" and _REPLAYED_PROMPTS)
-GATED_FLA_TRAINING_FROM: int | None = None  # auto: a full pass (training) of at least this many tokens through fla's
-# kernel with one gate per token (dla.fla_gated: exact, no host read, its backward three forward passes,
-# leanformer.ops.gated_attention), before the fused kernel, on CUDA when fla imports; None: never. Timed on an H100
-# (2026-12-07 14:02, train_profile.py, GPT-2 DiJiang under CUDA graphs, docs/gpu/misc_2026-12-07/callO): 0.964x the
-# fused kernel's tokens/s at seq 1024 (50.43 against 48.60 ms), 1.102x at seq 4096 (51.89 against 57.19), so 4096
-# is where it would start; it stays None until its gradients are checked on the GPU (that call's test ran out of
-# time before the gated cases)
+GATED_FLA_TRAINING_FROM: int | None = 4096  # auto: a full pass (training) of at least this many tokens through fla's
+# kernel with one gate per token (dla.fla_gated: exact, no host read, leanformer.ops.gated_attention), before the
+# fused kernel, on CUDA when fla imports; None: never. Timed on an H100 (train_profile.py, GPT-2 DiJiang compiled
+# under CUDA graphs): 0.964x the fused kernel's tokens/s at seq 1024 (50.43 against 48.60 ms), 1.102x at seq 4096
+# (51.89 against 57.19; 2026-12-07 14:02, docs/gpu/misc_2026-12-07/callO); with gated_attention.BACKWARD "fla" the
+# 4K step took 46.63 ms, 0.965x Pre-LN's (16:41, callR). 4096 since its gradients passed on the H100 (q, k, v against
+# float64, callQ; a model's gradients against the fused route within 5.5e-3 in float32, TF32 in both, callU)
 
 
 def _gated_takes(stateful: bool) -> bool:

@@ -20,8 +20,9 @@ reversed passes are ``leanformer::gated_attention_reversed``). The outputs stay 
 a reversed pass reverses its inputs in that layout (one copy each for the model's (B, T, H, ·) tensors, which fla
 then reads without another) and computes no final state.
 
-:data:`BACKWARD` ``"fla"`` (off until timed) takes dk and dv instead from fla's own backward kernels, which Hopper
-runs correctly (only ``chunk_bwd_dqkwg``, which computes dq, dk and the gate's gradient together, is refused):
+:data:`BACKWARD` ``"fla"`` (the default since its H100 check and timing) takes dk and dv instead from fla's
+own backward kernels, which Hopper runs correctly (only ``chunk_bwd_dqkwg``, which computes dq, dk and the
+gate's gradient together, is refused):
 ``chunk_bwd_dh`` sums the later tokens into a state per chunk, backward in time, and ``chunk_bwd_dv`` adds the
 chunk's own tokens. With the roles of (B3) they give dv; with (q, k, do) := (do, v, q) they give dk (B2):
 
@@ -46,8 +47,10 @@ import torch
 from leanformer.ops.constant_decay import route_decay_gradient
 from leanformer.ops.token_gates import gated_recurrent, token_gates
 
-BACKWARD = "passes"  # dk, dv as two reversed forward passes ("passes", timed: docs/benchmarks.md) or from fla's own
-# backward kernels with no reversal ("fla", :func:`gated_attention_kv_grads`; off until checked and timed on the GPU).
+BACKWARD = "fla"  # dk, dv from fla's own backward kernels with no reversal ("fla", :func:`gated_attention_kv_grads`) or
+# as two reversed forward passes ("passes"). "fla" since its GPU check and timing (H100, 2026-12-07 16:37-16:45: q, k, v
+# gradients against float64 in float32 and bf16 passed, docs/gpu/misc_2026-12-07/callQ; GPT-2 DiJiang at seq 4096 b 4
+# under CUDA graphs 46.63 against 49.54 ms per step, the ATen flips gone, docs/gpu/misc_2026-12-07/callR).
 # The CPU runs both as the reversed recurrences. Read by gated_form at each forward (so torch.compile guards on it)
 # and passed to the op as its ``fla_backward`` argument.
 FLA_CHUNK = 64  # fla's chunk length (its chunk_simple_gla default), for the backward kernels' chunk-local gate sums

@@ -30,7 +30,7 @@ layer by a few programs that the column programs wait for (``noble_decode_shared
 program; it needs the layer's (or group's) ``sync`` and ``offsets`` buffers, which
 :func:`leanformer.decoding.decoding_copy` and :func:`leanformer.layers.fused_inputs.fuse_noble_linears` make.
 
-With :data:`SPLIT_K` (off until timed) the single-layer op (with or without the activation; not the grouped or
+With :data:`SPLIT_K` (on since its timing) the single-layer op (with or without the activation; not the grouped or
 shared-z kernels) runs a layer whose plain product :mod:`leanformer.ops.skinny_linear` would split along K
 (``split_count`` > 1: GPT-2's MLP down, 3072 → 768) as two launches: ``leanformer::noble_decode_partials``,
 float32 partial products of W's columns and W_down's rows over S parts of K (S times the programs, each with S
@@ -65,9 +65,11 @@ SHARED_Z = False  # z = x W_downᵀ computed once per layer by a few programs of
 GROUPED = True  # a decoding copy's q, k, v NOBLE layers in one launch (noble_group_linear, through
 # leanformer.layers.fused_inputs.project_inputs); False: each layer's own launch (for timing the difference).
 # Timed on an H100 (2026-12-07 02:23, GPT-2 NOBLE 512 x 1 compiled): 0.751 -> 0.633 ms per step, 162 -> 138 kernels
-SPLIT_K = False  # the single-layer op (noble_linear, with or without its activation) as two launches, split-K
+SPLIT_K = True  # the single-layer op (noble_linear, with or without its activation) as two launches, split-K
 # partial products of [W; W_down] then their sums and the epilogue, where the plain product of its shape is split
-# (skinny_linear.split_count > 1: GPT-2's MLP down, 3072 -> 768); off until timed
+# (skinny_linear.split_count > 1: GPT-2's MLP down, 3072 -> 768). On since its timing (H100, 2026-12-07 16:47,
+# decode_profile.py, GPT-2 NOBLE at 512, compiled, CUDA graph): 1.097 -> 1.040 ms per step at batch 32, 0.611 ->
+# 0.593 at batch 1, the same tokens (docs/gpu/misc_2026-12-07/callS)
 
 
 def noble_supported(layer, x: torch.Tensor) -> str | None:
