@@ -1,4 +1,5 @@
-"""What the device-to-device copies of a compiled training step are: their bytes, time and the host op that made each.
+"""What the device-to-device copies of a compiled training step are: their bytes, time and the host op that made each;
+and where the GPU idles inside the step.
 
 Issue #13: the Pre-LN GPT-2 step under CUDA graphs (``reduce-overhead``) spends 1.11 ms of its 38.56 in 16
 ``Memcpy DtoD`` per step (H100, 2026-12-07 11:24, ``train_profile.py``, docs/gpu/misc_2026-12-07/callJ), about
@@ -6,6 +7,11 @@ Issue #13: the Pre-LN GPT-2 step under CUDA graphs (``reduce-overhead``) spends 
 warm step of an arm (GPT-2 small, seq 1024, bf16 autocast, fused AdamW, as ``bench train``), exports the trace and
 lists each copy with the innermost host operator around the runtime call that issued it, so the copy can be
 named before anything is changed.
+
+The idle gaps: the Pre-LN GPT-2 b16 step under CUDA graphs took 37.09 ms for 34.83 ms of profiled GPU activity,
+and timed five steps per synchronisation it took the same (H100, 2026-12-07 16:37, docs/gpu/misc_2026-12-07/callQ),
+so the 2.3 ms are gaps inside the step. The script lists the largest, with the GPU activity on each side and the
+host op that issued the one after it.
 
     python3 benchmarks/step_copies.py --arm preln --batch 16 --mode reduce-overhead --out OUT
     python3 benchmarks/step_copies.py --smoke --out OUT        # CPU: tiny model, eager (checks the parsing)
@@ -22,25 +28,61 @@ from pathlib import Path
 import torch
 
 
+GPU_ACTIVITY = ("kernel", "gpu_memcpy", "gpu_memset")  # the trace categories of work on the device
+
+
+class _Issuers:
+    """The innermost CPU operator (``cpu_op``) of the issuing thread that encloses a GPU event's runtime call (by
+    the correlation id), for the events of one chrome trace (torch.profiler's export)."""
+
+    def __init__(self, events: list[dict]) -> None:
+        self.runtime = {e["args"]["correlation"]: e for e in events
+                        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+        self.ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+
+    def __call__(self, gpu_event: dict) -> str | None:
+        call = self.runtime.get(gpu_event.get("args", {}).get("correlation"))
+        if call is None:
+            return None
+        around = [o for o in self.ops
+                  if o.get("tid") == call.get("tid") and o["ts"] <= call["ts"] <= o["ts"] + o["dur"]]
+        return min(around, key=lambda o: o["dur"])["name"] if around else None
+
+
 def copies_in_trace(trace: dict) -> list[dict]:
-    """Every GPU memcpy/memset of a chrome trace (torch.profiler's export) with its bytes, µs and the innermost
-    CPU operator (``cpu_op``) of the issuing thread that encloses its runtime call (by the correlation id)."""
+    """Every GPU memcpy/memset of a chrome trace (torch.profiler's export) with its bytes, µs and the host
+    operator that issued it (:class:`_Issuers`)."""
     events = trace.get("traceEvents", [])
-    runtime = {e["args"]["correlation"]: e for e in events
-               if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
-    out = []
-    for e in events:
-        if e.get("cat") not in ("gpu_memcpy", "gpu_memset"):
-            continue
-        call = runtime.get(e.get("args", {}).get("correlation"))
-        owner = None
-        if call is not None:
-            around = [o for o in ops if o.get("tid") == call.get("tid") and o["ts"] <= call["ts"] <= o["ts"] + o["dur"]]
-            owner = min(around, key=lambda o: o["dur"])["name"] if around else None
-        out.append({"name": e.get("name"), "bytes": e.get("args", {}).get("bytes"), "us": e.get("dur"),
-                    "issued_in": owner})
-    return out
+    issuer = _Issuers(events)
+    return [{"name": e.get("name"), "bytes": e.get("args", {}).get("bytes"), "us": e.get("dur"),
+             "issued_in": issuer(e)}
+            for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset")]
+
+
+def gaps_in_trace(trace: dict, limit: int = 20) -> dict:
+    """Where the device idles between its first and last activity (kernels, copies, fills) of a chrome trace:
+    ``span_us``, ``busy_us`` (the union of the activities' intervals, all streams together), ``idle_us``, and the
+    ``limit`` longest gaps, each with its µs, the activity that ended last before it (``after``), the one that
+    starts it (``before``) and the host op that issued that one (``issued_in``)."""
+    events = trace.get("traceEvents", [])
+    work = sorted((e for e in events if e.get("cat") in GPU_ACTIVITY and "dur" in e), key=lambda e: e["ts"])
+    if not work:
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": []}
+    issuer = _Issuers(events)
+    gaps, busy = [], 0.0
+    start, end, last = work[0]["ts"], work[0]["ts"] + work[0]["dur"], work[0]
+    for e in work[1:]:
+        if e["ts"] > end:
+            busy += end - start
+            gaps.append({"us": e["ts"] - end, "after": last.get("name"), "before": e.get("name"),
+                         "issued_in": issuer(e)})
+            start = e["ts"]
+        if e["ts"] + e["dur"] >= end:
+            end, last = e["ts"] + e["dur"], e
+    busy += end - start
+    span = end - work[0]["ts"]
+    gaps.sort(key=lambda g: -g["us"])
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "gaps": gaps[:limit]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
     prof.export_chrome_trace(str(out / "trace.json"))
-    copies = copies_in_trace(json.loads((out / "trace.json").read_text()))
+    trace = json.loads((out / "trace.json").read_text())
+    copies, gaps = copies_in_trace(trace), gaps_in_trace(trace)
     (out / "trace.json").unlink()  # large; the table below is what is kept
     by_owner = Counter()
     for c in copies:
         by_owner[(c["name"], c["issued_in"])] += c["us"] or 0
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "arm": args.arm, "batch": args.batch,
               "mode": mode, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "copies": copies,
+              "torch": torch.__version__, "copies": copies, "gaps": gaps,
               "params_bytes_fp32": sum(p.numel() * 4 for p in model.parameters())}
     (out / "step_copies.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Copies in one {args.arm} step ({result['device']}, {mode}, batch {args.batch}, {result['date']})", "",
@@ -98,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {name} | `{owner}` | {us:.0f} |" for (name, owner), us in by_owner.most_common(20)]
     lines += ["", "| copy | bytes | µs | issued in |", "|---|---:|---:|---|"]
     lines += [f"| {c['name']} | {c['bytes']} | {c['us']} | `{c['issued_in']}` |" for c in copies[:60]]
+    lines += ["", f"## Idle gaps: {gaps['idle_us']:.0f} µs of a {gaps['span_us']:.0f} µs span "
+                  f"(device busy {gaps['busy_us']:.0f} µs)", "",
+              "| µs | after | before | issued in |", "|---:|---|---|---|"]
+    lines += [f"| {g['us']:.0f} | `{(g['after'] or '')[:60]}` | `{(g['before'] or '')[:60]}` | `{g['issued_in']}` |"
+              for g in gaps["gaps"]]
     (out / "step_copies.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:12 + len(by_owner)]))
+    gap_lines = lines[lines.index(next(x for x in lines if x.startswith("## Idle gaps"))):]
+    print("\n".join(lines[:6 + min(20, len(by_owner))] + [""] + gap_lines[:14]))
     return 0
 
 

@@ -378,9 +378,10 @@ def test_profiling_scripts_choose_variants_by_label(capsys):
     assert "unknown labels ['nope']" in capsys.readouterr().err
 
 
-def test_step_copies_names_the_op_that_issued_each_copy(tmp_path):
+def test_step_copies_names_the_op_that_issued_each_copy_and_the_idle_gaps(tmp_path):
     """benchmarks/step_copies.py: each GPU copy of a (synthetic) trace gets its bytes, time and the innermost
-    host op around the runtime call with its correlation id; the script's CPU smoke run writes its table."""
+    host op around the runtime call with its correlation id; the device's idle gaps, longest first, with the
+    activities around each; the script's CPU smoke run writes both tables."""
     import importlib.util
     from pathlib import Path
 
@@ -400,5 +401,14 @@ def test_step_copies_names_the_op_that_issued_each_copy(tmp_path):
     copies = mod.copies_in_trace(trace)
     assert copies == [{"name": "Memcpy DtoD", "bytes": 4096, "us": 70, "issued_in": "aten::copy_"},
                       {"name": "Memcpy DtoD", "bytes": 64, "us": 9, "issued_in": "Optimizer.step"}]
+    # the idle gaps between the device's activities, all streams together: a kernel overlapping the first copy
+    # (another stream) moves that interval's end to 280
+    trace["traceEvents"].append({"cat": "kernel", "name": "k2", "ts": 260, "dur": 20, "args": {}})
+    gaps = mod.gaps_in_trace(trace)
+    assert (gaps["span_us"], gaps["busy_us"], gaps["idle_us"]) == (209, 98, 111)
+    assert gaps["gaps"] == [{"us": 91, "after": "Memcpy DtoD", "before": "gemm", "issued_in": None},
+                            {"us": 20, "after": "k2", "before": "Memcpy DtoD", "issued_in": "Optimizer.step"}]
+    assert mod.gaps_in_trace({"traceEvents": []})["gaps"] == []
     _run_benchmark_script(tmp_path, "step_copies.py", "--smoke", "--batch", "2")
-    assert (tmp_path / "step_copies.md").read_text().startswith("# Copies in one preln step")
+    md = (tmp_path / "step_copies.md").read_text()
+    assert md.startswith("# Copies in one preln step") and "## Idle gaps:" in md
