@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-07 17:35 UTC. ≈ 8 min. train_profile.py --sections steps, GPT-2 small b16 seq 1024 under CUDA
+# Prepared 2026-12-07 17:05 UTC. ≈ 8 min. train_profile.py --sections steps, GPT-2 small b16 seq 1024 under CUDA
 # graphs, the steps returning no logits (the default since 14:40):
 # - DiJiang by the fused kernel and through the gated route with fla's backward kernels (the default from 4,096
 #   tokens since 17:00). At 1K with the reversed passes the gated route was 0.964x the fused kernel (14:02); fla's
