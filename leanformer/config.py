@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A config value or key that cannot work; the message names it and what would be valid."""
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compile_mode
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs on CUDA
+
+
 def _choice(name: str, value: Any, valid: tuple | list) -> None:
     if value not in valid:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
@@ -255,6 +259,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA) | float32 | bfloat16
     compile: bool | str = "auto"  # auto: torch.compile on CUDA, eager on CPU | true | false
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs: GPT-2 small's Pre-LN step 1.04x faster, NOBLE's
+    # 1.45x, H100, docs/benchmarks.md; one process, grad_accum 1) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     peak_flops: float | None = None  # FLOP/s; None: looked up for known GPUs
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
     distill_weight: float = 0.0  # KL to a teacher's logits (DiJiang conversion)
@@ -288,6 +295,11 @@ class TrainConfig:
             raise ConfigError(f"train.mask_rate={self.mask_rate} must be in (0, 1)")
         if self.compile not in (True, False, "auto"):
             raise ConfigError(f"train.compile={self.compile!r} is not valid; choose auto, true or false")
+        _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        if self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
+            raise ConfigError(f"train.compile_mode={self.compile_mode} replays CUDA graphs, whose outputs the next "
+                              f"replay overwrites, so train.grad_accum={self.grad_accum} cannot add micro-batches' "
+                              "gradients under it here: set train.grad_accum=1 or train.compile_mode=default")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         return self

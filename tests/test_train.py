@@ -164,3 +164,28 @@ def test_cli_rejects_data_with_more_token_ids_than_the_vocabulary(tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "the data has 64 token ids but model.vocab_size is 32" in err and "\n" not in err.strip()
+
+
+def test_compile_mode_reaches_torch_compile_and_refuses_what_cuda_graphs_cannot_run(monkeypatch):
+    """train.compile_mode: torch.compile's mode (None for "default"); a CUDA-graph mode refuses gradient
+    accumulation (a replay overwrites the last one's outputs) in the config, and several processes in the trainer;
+    a bad mode names the choices."""
+    from leanformer.config import ConfigError
+    from leanformer.train import loop
+
+    assert TrainConfig().compile_mode == "default"
+    seen = []
+    monkeypatch.setattr(loop.torch, "compile", lambda fn, mode=None: seen.append(mode) or fn)
+    for mode, expected in (("default", None), ("reduce-overhead", "reduce-overhead"),
+                           ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")):
+        cfg = run_cfg(steps=1, compile=True, compile_mode=mode)
+        Trainer(cfg, random_data(), out_dir=None).fit()
+        assert seen[-1] == expected
+    with pytest.raises(ConfigError, match="train.compile_mode=reduce-overhead replays CUDA graphs.*"
+                                          "train.grad_accum=2 cannot"):
+        TrainConfig(compile_mode="reduce-overhead", grad_accum=2).validate()
+    with pytest.raises(ConfigError, match="train.compile_mode='fast' is not valid"):
+        TrainConfig(compile_mode="fast").validate()
+    monkeypatch.setattr(loop.dist_utils, "context", lambda: loop.dist_utils.DistContext(rank=0, world_size=2))
+    with pytest.raises(ConfigError, match="runs in one process here, not 2"):
+        Trainer(run_cfg(steps=1, compile=True, compile_mode="reduce-overhead"), random_data(), out_dir=None)

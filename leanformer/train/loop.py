@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from leanformer.config import ConfigError, RunConfig
+from leanformer.config import CUDA_GRAPH_MODES, ConfigError, RunConfig
 from leanformer.device import resolve_device
 from leanformer.model import TransformerLM
 from leanformer.train import distributed as dist_utils
@@ -118,7 +118,10 @@ class Trainer:
         enable_fast_matmul(self.device)
         self.compiled = compile_enabled(tc.compile, self.device)
         if self.compiled:  # the whole model (forward + loss) is one graph: no graph breaks (GPU check)
-            self.wrapped = torch.compile(self.wrapped)
+            if tc.compile_mode in CUDA_GRAPH_MODES and self.ctx.world_size > 1:
+                raise ConfigError(f"train.compile_mode={tc.compile_mode} (CUDA graphs) runs in one process here, "
+                                  f"not {self.ctx.world_size}: use train.compile_mode=default under torchrun")
+            self.wrapped = torch.compile(self.wrapped, mode=None if tc.compile_mode == "default" else tc.compile_mode)
 
     # ------------------------------------------------------------------ pieces
     def _add_mask_token(self, data, model: TransformerLM | None):
@@ -177,7 +180,7 @@ class Trainer:
         for x, y in self.val:
             with self.autocast():
                 _, loss = self.wrapped(x.to(self.device), y.to(self.device), return_logits=False)
-            losses.append(loss.float())
+            losses.append(loss.detach().to(torch.float32, copy=True))  # a CUDA graph's next replay reuses its output
         self.model.train()
         return {"val_loss": dist_utils.mean_across_ranks(torch.stack(losses).mean(), self.ctx).item()}
 
