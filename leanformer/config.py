@@ -259,8 +259,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA) | float32 | bfloat16
     compile: bool | str = "auto"  # auto: torch.compile on CUDA, eager on CPU | true | false
-    # torch.compile's mode: default | reduce-overhead (CUDA graphs: GPT-2 small's Pre-LN step 1.04x faster, NOBLE's
-    # 1.45x, H100, docs/benchmarks.md; one process, grad_accum 1) | max-autotune | max-autotune-no-cudagraphs
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs; one process, grad_accum 1: bench's GPT-2 small
+    # step b16 on an H100, 2026-12-05, Pre-LN 39.42 -> 39.25 ms, NOBLE kcat 90.44 -> 54.75, docs/benchmarks.md)
+    # | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
     peak_flops: float | None = None  # FLOP/s; None: looked up for known GPUs
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)

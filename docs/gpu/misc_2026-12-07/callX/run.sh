@@ -2,9 +2,9 @@
 # Prepared 2026-12-07 17:30 UTC. ≈ 4 min. train.compile_mode (added 17:25): the trainer (`leanformer train`, config
 # gpt2_small, the built-in corpus) 40 steps with torch.compile's default mode and with reduce-overhead (CUDA graphs),
 # one process, grad_accum 1. Expected: the same losses within bf16 noise (the same seed and batches), and tokens/s
-# about as bench's ratio at this config (Pre-LN b16: 39.83 ms under CUDA graphs against 38.56... per step; at b 32
-# the trainer's step also clips gradients and reads the loss). If both hold, reduce-overhead becomes the default on
-# CUDA for one process.
+# within a few % of each other (bench's Pre-LN GPT-2 step b16 took 39.42 ms in default mode and 39.25 with CUDA
+# graphs, H100 2026-12-05; the trainer's step adds gradient clipping and a loss read). If both hold, the mode is
+# safe to offer for NOBLE, whose step CUDA graphs shortened 1.65x in bench (kcat, 90.44 -> 54.75 ms).
 source docs/gpu/preamble.sh callX
 for mode in default reduce-overhead; do
   timeout 170 python3 -m leanformer train --config gpt2_small --out /tmp/train_$mode --no-resume \
