@@ -280,6 +280,8 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     monkeypatch.setattr(dijiang_layer, "_fla_usable", lambda: False)
     assert att.form(4097, cuda, False, q, q) == "fused"  # beyond the limit without fla: still the kernel
     monkeypatch.setattr(dijiang_layer, "_fla_usable", lambda: True)
+    assert att.form(4096, cuda, False, q, q) == "fla_gated"  # a full pass from GATED_FLA_TRAINING_FROM (4096)
+    monkeypatch.setattr(dijiang_layer, "GATED_FLA_TRAINING_FROM", None)  # below: the choices without that route
     assert att.form(4097, cuda, False, q, q) == "fla_chunk"
     assert att.form(4096, cuda, True, q, q) == "fused"  # a prompt continuing a decoding state
     assert att.form(4097, cuda, True, q, q) == "chunk"
