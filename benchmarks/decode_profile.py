@@ -33,7 +33,8 @@ COSNET_ON = {"leanformer.layers.noble.COSNET_KERNEL": "cuda"}
 MIX_ON = {"leanformer.layers.shaped.COMPILE_STEP_MIX": True}
 SKINNY_ON = {"leanformer.ops.skinny_linear.ROUTE": "cuda"}  # the default since 2026-12-06
 SKINNY_OFF = {"leanformer.ops.skinny_linear.ROUTE": "never"}
-NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda"}  # the default since 2026-12-06 23:50
+NOBLE_ON = {"leanformer.ops.noble_decode.ROUTE": "cuda",  # the default since 2026-12-06 23:50, one launch per
+            "leanformer.ops.noble_decode.SPLIT_K": False}  # layer as labelled (split K: the default since 17:00)
 NOBLE_OFF = {"leanformer.ops.noble_decode.ROUTE": "never"}  # the layer's own ops (labels without "NOBLE kernel")
 NOBLE_UNGROUPED = {"leanformer.ops.noble_decode.GROUPED": False}  # q, k, v NOBLE layers one launch each
 NOBLE_PREFETCH = {"leanformer.ops.noble_decode.PREFETCH": True}  # the kernel's epilogue loads before its K loop
@@ -120,18 +121,18 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
     # recomputes z = x W_downᵀ for half as many columns: the redundancy that grows with the batch); those two
     # switches reach the step's plain few-row products too
     ("preln 512 x32 compiled", "preln", 512, 32, True, {}),
-    ("noble 512 x32 compiled, NOBLE kernel", "noble_fused", 512, 32, True, {}),
+    ("noble 512 x32 compiled, NOBLE kernel", "noble_fused", 512, 32, True, NOBLE_ON),
     ("noble 512 x32 compiled, NOBLE kernel, 8 warps", "noble_fused", 512, 32, True,
-     {"leanformer.ops.skinny_linear.NUM_WARPS": 8}),
+     dict(NOBLE_ON, **{"leanformer.ops.skinny_linear.NUM_WARPS": 8})),
     ("noble 512 x32 compiled, NOBLE kernel, 32-column blocks", "noble_fused", 512, 32, True,
-     {"leanformer.ops.skinny_linear.BLOCK_N": 32}),
+     dict(NOBLE_ON, **{"leanformer.ops.skinny_linear.BLOCK_N": 32})),
     # NOBLE's layers with a long K (the MLP's down product, 3072 -> 768) split along K as Pre-LN's plain product is:
     # partial products of [W; W_down], then one kernel for the sums and the branch (noble_decode.SPLIT_K); at batch
     # 32 each NOBLE launch took 11.73 µs against Pre-LN's 4.99 (H100 2026-12-07 14:13, callN2)
     ("noble 512 x32 compiled, NOBLE kernel, split K", "noble_fused", 512, 32, True,
-     {"leanformer.ops.noble_decode.SPLIT_K": True}),
+     dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True})),
     ("noble 512 x1 compiled, NOBLE kernel, split K", "noble_fused", 512, 1, True,
-     {"leanformer.ops.noble_decode.SPLIT_K": True}),
+     dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True})),
     # last: its programs wait for each other (a hang would stop the variants after it)
     ("noble 512 x1 compiled, NOBLE kernel, shared z, GELU in kernel", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **NOBLE_ACT, **{"leanformer.ops.noble_decode.SHARED_Z": True})),

@@ -61,9 +61,11 @@ def copies_in_trace(trace: dict) -> list[dict]:
 
 def gaps_in_trace(trace: dict, limit: int = 20) -> dict:
     """Where the device idles between its first and last activity (kernels, copies, fills) of a chrome trace:
-    ``span_us``, ``busy_us`` (the union of the activities' intervals, all streams together), ``idle_us``, and the
-    ``limit`` longest gaps, each with its µs, the activity that ended last before it (``after``), the one that
-    starts it (``before``) and the host op that issued that one (``issued_in``)."""
+    ``span_us``, ``busy_us`` (the union of the activities' intervals, every stream and device of the trace
+    together: one GPU here), ``idle_us``, and the ``limit`` longest gaps, each with its µs, its start ``ts`` (the
+    trace's clock), the activity that ended last before it (``after``), the one that starts it (``before``) and
+    the host op that issued that one (``issued_in``; for a kernel of a replayed CUDA graph, the op around the
+    graph's launch)."""
     events = trace.get("traceEvents", [])
     work = sorted((e for e in events if e.get("cat") in GPU_ACTIVITY and "dur" in e), key=lambda e: e["ts"])
     if not work:
@@ -74,15 +76,17 @@ def gaps_in_trace(trace: dict, limit: int = 20) -> dict:
     for e in work[1:]:
         if e["ts"] > end:
             busy += end - start
-            gaps.append({"us": e["ts"] - end, "after": last.get("name"), "before": e.get("name"),
-                         "issued_in": issuer(e)})
+            gaps.append({"us": e["ts"] - end, "ts": end, "after": last.get("name"), "before": e.get("name"),
+                         "event": e})
             start = e["ts"]
         if e["ts"] + e["dur"] >= end:
             end, last = e["ts"] + e["dur"], e
     busy += end - start
     span = end - work[0]["ts"]
-    gaps.sort(key=lambda g: -g["us"])
-    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "gaps": gaps[:limit]}
+    gaps = sorted(gaps, key=lambda g: -g["us"])[:limit]
+    for g in gaps:  # the issuing op only for the gaps kept (a scan of the host ops each)
+        g["issued_in"] = issuer(g.pop("event"))
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "gaps": gaps}
 
 
 def main(argv: list[str] | None = None) -> int:

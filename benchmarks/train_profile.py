@@ -23,7 +23,7 @@ import argparse
 import json
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -387,6 +387,8 @@ STEP_PLAN = [  # most wanted first
 ]
 
 
+SWITCHES = ("noble_form", "optimizer", "cosnet_kernel", "mix_kernel", "gated", "gated_backward", "logits",
+            "fused_loss")  # StepRun's switches: a Pre-LN run with all at their defaults is its shape's base row
 BURST = 5  # steps per timed call in the back-to-back timing (one synchronisation per BURST steps)
 PLAN: list[str] = []  # --plan: the STEP_PLAN labels to run, in this order (empty: all)
 
@@ -431,58 +433,62 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
 
     defaults = (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
                 linear_cross_entropy.FUSED)
-    for run_spec in plan:
-        label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
-        noble.COSNET_KERNEL, shaped.MIX_KERNEL = run_spec.cosnet_kernel, run_spec.mix_kernel
-        dijiang.GATED_FLA_TRAINING_FROM = 2 if run_spec.gated else None
-        gated_attention.BACKWARD = run_spec.gated_backward
-        linear_cross_entropy.FUSED = run_spec.fused_loss
-        if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45) - (120 if mode == AT else 0):
-            rows.append({"label": label, "status": "skipped (time budget)"})
-            log(f"{label}: skipped (time budget)")
-            continue
-        sz, seq = sizes[size]
-        batch = 2 if smoke else batch
-        row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode}
-        try:
-            cfg = arm_config(bt.base_config(sz, seq), arm)
-            cfg.noble.compiled_form = run_spec.noble_form
-            step = bt.training_step(cfg, device, batch, seq, compile=True, compile_mode=mode)
-            step.return_logits = run_spec.logits
-            model, run, opt = step.model, step.run, step.optimizer
-            row["flops_per_token"] = model.flops_per_token(seq)
-            if run_spec.optimizer == "compiled":
-                opt = step.optimizer = compiled_adamw_step(model, TrainConfig(lr=1e-4))
-            t = time.monotonic()
-            step()
-            row["compile_s"] = time.monotonic() - t
+    try:
+        for run_spec in plan:
+            label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
+            noble.COSNET_KERNEL, shaped.MIX_KERNEL = run_spec.cosnet_kernel, run_spec.mix_kernel
+            dijiang.GATED_FLA_TRAINING_FROM = 2 if run_spec.gated else None
+            gated_attention.BACKWARD = run_spec.gated_backward
+            linear_cross_entropy.FUSED = run_spec.fused_loss
+            if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45) - (120 if mode == AT else 0):
+                rows.append({"label": label, "status": "skipped (time budget)"})
+                log(f"{label}: skipped (time budget)")
+                continue
+            sz, seq = sizes[size]
+            batch = 2 if smoke else batch
+            row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode,
+                   "plain": all(getattr(run_spec, f.name) == f.default for f in fields(StepRun) if f.name in SWITCHES)}
+            try:
+                cfg = arm_config(bt.base_config(sz, seq), arm)
+                cfg.noble.compiled_form = run_spec.noble_form
+                step = bt.training_step(cfg, device, batch, seq, compile=True, compile_mode=mode)
+                step.return_logits = run_spec.logits
+                model, run, opt = step.model, step.run, step.optimizer
+                row["flops_per_token"] = model.flops_per_token(seq)
+                if run_spec.optimizer == "compiled":
+                    opt = step.optimizer = compiled_adamw_step(model, TrainConfig(lr=1e-4))
+                t = time.monotonic()
+                step()
+                row["compile_s"] = time.monotonic() - t
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                ms = bench(step, device, warmup=3, repeats=15)
+                row["step_ms"] = ms
+                row["tokens_per_s"] = batch * seq / ms * 1e3
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+                # BURST steps with one synchronisation: the step's time once the host runs ahead of the GPU (each timed
+                # step above starts on an idle GPU, so the host's work before its first kernel counts in it; here that
+                # lead-in counts once per BURST steps)
+                burst_ms = bench(lambda s=step: [s() for _ in range(BURST)], device, warmup=1, repeats=4)
+                row["back_to_back_ms"] = burst_ms / BURST
+                if run_spec.profile:
+                    row["kernel_totals"] = {}
+                    row["kernels"] = top_kernels(step, device, limit=40, totals=row["kernel_totals"])
+                row["status"] = "ok"
+                log(f"{label}: {ms:.2f} ms/step ({row['back_to_back_ms']:.2f} back to back), "
+                    f"{row['tokens_per_s']:,.0f} tok/s, compile {row['compile_s']:.0f} s, "
+                    f"peak {row['peak_mem_gib']} GiB")
+                del model, opt, run
+            except Exception as e:  # noqa: BLE001
+                row["status"] = f"failed: {type(e).__name__}: {e}"[:300]
+                traceback.print_exc(limit=4)
+            torch._dynamo.reset()
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            ms = bench(step, device, warmup=3, repeats=15)
-            row["step_ms"] = ms
-            row["tokens_per_s"] = batch * seq / ms * 1e3
-            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            # BURST steps with one synchronisation: the step's time once the host runs ahead of the GPU (each timed
-            # step above starts on an idle GPU, so the host's work before its first kernel counts in it)
-            burst_ms = bench(lambda s=step: [s() for _ in range(BURST)], device, warmup=1, repeats=4)
-            row["back_to_back_ms"] = burst_ms / BURST
-            if run_spec.profile:
-                row["kernel_totals"] = {}
-                row["kernels"] = top_kernels(step, device, limit=40, totals=row["kernel_totals"])
-            row["status"] = "ok"
-            log(f"{label}: {ms:.2f} ms/step ({row['back_to_back_ms']:.2f} back to back), "
-                f"{row['tokens_per_s']:,.0f} tok/s, compile {row['compile_s']:.0f} s, "
-                f"peak {row['peak_mem_gib']} GiB")
-            del model, opt, run
-        except Exception as e:  # noqa: BLE001
-            row["status"] = f"failed: {type(e).__name__}: {e}"[:300]
-            traceback.print_exc(limit=4)
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rows.append(row)
-    (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
-     linear_cross_entropy.FUSED) = defaults
+                torch.cuda.empty_cache()
+            rows.append(row)
+    finally:  # the module switches as they were, whatever happened
+        (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
+         linear_cross_entropy.FUSED) = defaults
     result["steps"] = rows
 
 
@@ -502,10 +508,10 @@ def markdown(result: dict) -> str:
         def key(r: dict) -> tuple:
             return r["label"].split()[0], r["batch"], r.get("mode")
 
-        base: dict = {}  # the first Pre-LN run of each size, batch and mode (a later variant of it is not the base)
-        for r in result["steps"]:
-            if r.get("status") == "ok" and r["arm"] == "preln":
-                base.setdefault(key(r), r)
+        base: dict = {}  # the first plain Pre-LN run (no switch set) of each size, batch and mode, else the first
+        for r in sorted((r for r in result["steps"] if r.get("status") == "ok" and r["arm"] == "preln"),
+                        key=lambda r: not r.get("plain", True)):
+            base.setdefault(key(r), r)
         for r in result["steps"]:
             if r.get("status") != "ok":
                 out.append(f"| {r['label']} | {r.get('status')} | | | | | | | | | | | |")

@@ -297,10 +297,6 @@ class TrainConfig:
         if self.compile not in (True, False, "auto"):
             raise ConfigError(f"train.compile={self.compile!r} is not valid; choose auto, true or false")
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
-        if self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum > 1:
-            raise ConfigError(f"train.compile_mode={self.compile_mode} replays CUDA graphs, whose outputs the next "
-                              f"replay overwrites, so train.grad_accum={self.grad_accum} cannot add micro-batches' "
-                              "gradients under it here: set train.grad_accum=1 or train.compile_mode=default")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0")
         return self

@@ -406,8 +406,9 @@ def test_step_copies_names_the_op_that_issued_each_copy_and_the_idle_gaps(tmp_pa
     trace["traceEvents"].append({"cat": "kernel", "name": "k2", "ts": 260, "dur": 20, "args": {}})
     gaps = mod.gaps_in_trace(trace)
     assert (gaps["span_us"], gaps["busy_us"], gaps["idle_us"]) == (209, 98, 111)
-    assert gaps["gaps"] == [{"us": 91, "after": "Memcpy DtoD", "before": "gemm", "issued_in": None},
-                            {"us": 20, "after": "k2", "before": "Memcpy DtoD", "issued_in": "Optimizer.step"}]
+    assert gaps["gaps"] == [{"us": 91, "ts": 309, "after": "Memcpy DtoD", "before": "gemm", "issued_in": None},
+                            {"us": 20, "ts": 280, "after": "k2", "before": "Memcpy DtoD",
+                             "issued_in": "Optimizer.step"}]
     assert mod.gaps_in_trace({"traceEvents": []})["gaps"] == []
     _run_benchmark_script(tmp_path, "step_copies.py", "--smoke", "--batch", "2")
     md = (tmp_path / "step_copies.md").read_text()

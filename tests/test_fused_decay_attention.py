@@ -271,6 +271,7 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     q = torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16)
     monkeypatch.setattr(dla, "fused_supported", lambda q, v: None)
+    monkeypatch.setattr(dijiang_layer, "GATED_FLA_TRAINING_FROM", None)  # the choices without the gated route
     assert att.form(4096, cuda, False, q, q) == "fused"
     q32 = q.float()  # float32 features: the kernel's IEEE products were not timed; auto keeps parallel
     assert att.form(1024, cuda, False, q32, q32) == "parallel"
@@ -280,8 +281,9 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     monkeypatch.setattr(dijiang_layer, "_fla_usable", lambda: False)
     assert att.form(4097, cuda, False, q, q) == "fused"  # beyond the limit without fla: still the kernel
     monkeypatch.setattr(dijiang_layer, "_fla_usable", lambda: True)
-    assert att.form(4096, cuda, False, q, q) == "fla_gated"  # a full pass from GATED_FLA_TRAINING_FROM (4096)
-    monkeypatch.setattr(dijiang_layer, "GATED_FLA_TRAINING_FROM", None)  # below: the choices without that route
+    monkeypatch.setattr(dijiang_layer, "GATED_FLA_TRAINING_FROM", 4096)  # the default: a full pass from 4096 tokens
+    assert att.form(4096, cuda, False, q, q) == "fla_gated"
+    monkeypatch.setattr(dijiang_layer, "GATED_FLA_TRAINING_FROM", None)
     assert att.form(4097, cuda, False, q, q) == "fla_chunk"
     assert att.form(4096, cuda, True, q, q) == "fused"  # a prompt continuing a decoding state
     assert att.form(4097, cuda, True, q, q) == "chunk"

@@ -167,9 +167,9 @@ def test_cli_rejects_data_with_more_token_ids_than_the_vocabulary(tmp_path, caps
 
 
 def test_compile_mode_reaches_torch_compile_and_refuses_what_cuda_graphs_cannot_run(monkeypatch):
-    """train.compile_mode: torch.compile's mode (None for "default"); a CUDA-graph mode refuses gradient
-    accumulation (a replay overwrites the last one's outputs) in the config, and several processes in the trainer;
-    a bad mode names the choices."""
+    """train.compile_mode: torch.compile's mode (None for "default"); compiled on CUDA, a CUDA-graph mode refuses
+    gradient accumulation (a replay overwrites the last one's outputs) and several processes, before the trainer
+    writes anything; a bad mode names the choices."""
     from leanformer.config import ConfigError
     from leanformer.train import loop
 
@@ -181,11 +181,19 @@ def test_compile_mode_reaches_torch_compile_and_refuses_what_cuda_graphs_cannot_
         cfg = run_cfg(steps=1, compile=True, compile_mode=mode)
         Trainer(cfg, random_data(), out_dir=None).fit()
         assert seen[-1] == expected
-    with pytest.raises(ConfigError, match="train.compile_mode=reduce-overhead replays CUDA graphs.*"
-                                          "train.grad_accum=2 cannot"):
-        TrainConfig(compile_mode="reduce-overhead", grad_accum=2).validate()
     with pytest.raises(ConfigError, match="train.compile_mode='fast' is not valid"):
         TrainConfig(compile_mode="fast").validate()
-    monkeypatch.setattr(loop.dist_utils, "context", lambda: loop.dist_utils.DistContext(rank=0, world_size=2))
-    with pytest.raises(ConfigError, match="runs in one process here, not 2"):
-        Trainer(run_cfg(steps=1, compile=True, compile_mode="reduce-overhead"), random_data(), out_dir=None)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    graphs = TrainConfig(compile_mode="reduce-overhead", grad_accum=2)
+    assert loop.cuda_graph_refusal(graphs, cuda, 1).startswith(
+        "train.compile_mode=reduce-overhead replays CUDA graphs, whose outputs the next replay overwrites, so "
+        "train.grad_accum=2 cannot")
+    assert loop.cuda_graph_refusal(graphs, cpu, 1) is None  # no CUDA graphs on the CPU
+    assert loop.cuda_graph_refusal(TrainConfig(compile_mode="max-autotune", compile=False), cuda, 2) is None
+    assert "runs in one process here, not 2" in loop.cuda_graph_refusal(TrainConfig(compile_mode="max-autotune"),
+                                                                          cuda, 2)
+    assert loop.cuda_graph_refusal(TrainConfig(compile_mode="max-autotune-no-cudagraphs", grad_accum=2), cuda, 2) \
+        is None
+    monkeypatch.setattr(loop, "resolve_device", lambda _: cuda)  # the refusal comes first, before the model moves
+    with pytest.raises(ConfigError, match="train.grad_accum=2 cannot"):
+        Trainer(run_cfg(steps=1, compile_mode="reduce-overhead", grad_accum=2), random_data(), out_dir=None)

@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(Inductor times Triton matrix products against cuBLAS and fuses epilogues into them)")
     d.add_argument("--kernels", default=None,
                    help="the step's kernels for this run, name=choice comma-separated (default first): "
-                        "products=triton|cublas, tiles=wide|narrow, noble=triton|eager, noble-k=whole|split, "
+                        "products=triton|cublas, tiles=wide|narrow, noble=triton|eager, noble-k=split|whole, "
                         "norms=apart|in-products, "
                         "step=two-pass|single, argmax=two-pass|one-pass|in-head, pdl=off|on "
                         "(leanformer/bench/kernel_switches.py)")

@@ -12,7 +12,7 @@ products   few-row products: ``leanformer.ops.skinny_linear.ROUTE``     triton, 
 tiles      their tiles for ≤ 16 rows: ``skinny_linear.TILES``           wide, narrow
 split      long-K products in parts: ``skinny_linear.SPLIT_K``          auto, off
 noble      NOBLE's one-kernel layer: ``leanformer.ops.noble_decode``    triton, eager
-noble-k    its long-K layers in parts: ``noble_decode.SPLIT_K``         whole, split
+noble-k    its long-K layers in parts: ``noble_decode.SPLIT_K``         split, whole
 norms      Pre-LN's norms and residuals in the products (norm_linear)  apart, in-products
 step       DiJiang's step kernel: ``fused_decay_step.SINGLE_PASS``      two-pass, single
 argmax     greedy choice: ``leanformer.decoding``'s argmax switches    two-pass, one-pass, in-head
@@ -37,8 +37,8 @@ KERNEL_CHOICES: dict[str, dict[str, dict[str, object]]] = {  # name -> choice ->
               "off": {"leanformer.ops.skinny_linear.SPLIT_K": None}},
     "noble": {"triton": {"leanformer.ops.noble_decode.ROUTE": "cuda"},
               "eager": {"leanformer.ops.noble_decode.ROUTE": "never"}},
-    "noble-k": {"whole": {"leanformer.ops.noble_decode.SPLIT_K": False},
-                "split": {"leanformer.ops.noble_decode.SPLIT_K": True}},
+    "noble-k": {"split": {"leanformer.ops.noble_decode.SPLIT_K": True},
+                "whole": {"leanformer.ops.noble_decode.SPLIT_K": False}},
     "norms": {"apart": {"leanformer.ops.norm_linear.ROUTE": "never"},
               "in-products": {"leanformer.ops.norm_linear.ROUTE": "cuda"}},
     "step": {"two-pass": {"leanformer.ops.fused_decay_step.SINGLE_PASS": False},

@@ -46,6 +46,24 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
+def cuda_graph_refusal(tc, device: torch.device, world_size: int) -> str | None:
+    """Why the trainer cannot run ``train.compile_mode`` (a :data:`CUDA_GRAPH_MODES` mode, compiled on CUDA), or
+    None. A replay reuses the memory of the last replay's outputs, the parameters' gradients among them (they
+    become ``.grad``; ``zero_grad(set_to_none=True)`` drops them before the next step's replay), so gradient
+    accumulation would add into overwritten memory (torch's cudagraph_trees names this case; pytorch/pytorch
+    #169545); several processes are not tested here."""
+    if tc.compile_mode not in CUDA_GRAPH_MODES or not compile_enabled(tc.compile, device) or device.type != "cuda":
+        return None
+    if tc.grad_accum > 1:
+        return (f"train.compile_mode={tc.compile_mode} replays CUDA graphs, whose outputs the next replay "
+                f"overwrites, so train.grad_accum={tc.grad_accum} cannot add micro-batches' gradients under it: "
+                "set train.grad_accum=1 or train.compile_mode=default")
+    if world_size > 1:
+        return (f"train.compile_mode={tc.compile_mode} (CUDA graphs) runs in one process here, not {world_size}: "
+                "use train.compile_mode=default under torchrun")
+    return None
+
+
 def enable_fast_matmul(device: torch.device) -> None:
     """TF32 for float32 matrix products and convolutions on CUDA (bf16 autocast is unaffected)."""
     if device.type == "cuda":
@@ -75,6 +93,9 @@ class Trainer:
         tc = self.cfg.train
         self.ctx = dist_utils.context()
         self.device = resolve_device(tc.device) if not self.ctx.enabled else self.ctx.device
+        refusal = cuda_graph_refusal(tc, self.device, self.ctx.world_size)
+        if refusal is not None:  # before anything is written or resumed
+            raise ConfigError(refusal)
         self.objective = self.cfg.objective  # clm | mlm
         self.masking: MaskingRule | None = None
         if self.objective == "mlm":
@@ -118,9 +139,6 @@ class Trainer:
         enable_fast_matmul(self.device)
         self.compiled = compile_enabled(tc.compile, self.device)
         if self.compiled:  # the whole model (forward + loss) is one graph: no graph breaks (GPU check)
-            if tc.compile_mode in CUDA_GRAPH_MODES and self.ctx.world_size > 1:
-                raise ConfigError(f"train.compile_mode={tc.compile_mode} (CUDA graphs) runs in one process here, "
-                                  f"not {self.ctx.world_size}: use train.compile_mode=default under torchrun")
             self.wrapped = torch.compile(self.wrapped, mode=None if tc.compile_mode == "default" else tc.compile_mode)
 
     # ------------------------------------------------------------------ pieces
