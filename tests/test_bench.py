@@ -316,6 +316,19 @@ def test_skinny_linear_script_checks_its_kernel_on_the_cpu(tmp_path):
     assert rows and all(r["kernel_equal_rounded"] >= 0.99 and r["kernel_rel_err"] < 1e-2 for r in rows)
 
 
+def test_noble_decode_script_checks_its_variants_on_the_cpu(tmp_path):
+    """benchmarks/noble_decode_gpu.py --cpu-smoke: the NOBLE kernel against float64 and each timed variant run once
+    under Triton's interpreter, and the report written."""
+    import json
+
+    pytest.importorskip("triton")
+    _run_benchmark_script(tmp_path, "noble_decode_gpu.py", "--cpu-smoke", interpret=True)
+    rows = json.loads((tmp_path / "noble_decode.json").read_text())["rows"]
+    assert [(r["M"], r["status"]) for r in rows] == [(1, "ok"), (3, "ok")]
+    assert all(r["rel_err"] < 1e-2 for r in rows)  # bf16 against float64
+    assert "| NOBLE − plain N+R |" in (tmp_path / "noble_decode.md").read_text()
+
+
 def test_failure_status_is_one_table_cell():
     """A CUDA error's message spans lines; the row's status must stay one markdown cell."""
     from leanformer.bench.memory import failure_status
