@@ -319,6 +319,8 @@ class StepRun:
     gated_backward: str = "passes"  # gated_attention.BACKWARD ("fla": dk, dv from fla's backward kernels, no flips)
     logits: bool = False           # the model returns its logits too (every step before 2026-12-07 14:40)
     fused_loss: bool = False       # linear_cross_entropy.FUSED: the head and the loss in chunks, never whole logits
+    ce_kernel: str = "cuda"        # linear_cross_entropy.KERNEL ("never": each chunk by PyTorch's ops in float32)
+    loss_chunk: int = 4096         # linear_cross_entropy.CHUNK_TOKENS
 
 
 CG = "reduce-overhead"
@@ -382,13 +384,22 @@ STEP_PLAN = [  # most wanted first
     StepRun("gpt2 preln b32 cudagraphs fusedloss", "gpt2", "preln", 32, False, CG, fused_loss=True),
     StepRun("gpt2 dijiang_scratch b16 cudagraphs gated flabwd", "gpt2", "dijiang_scratch", 16, True, CG, gated=True,
             gated_backward="fla"),
+    # 17:45: each chunk's loss and gradient by one Triton kernel in bf16 (linear_cross_entropy.KERNEL, the default
+    # since; the fusedloss runs above took PyTorch's float32 ops), in chunks of 4,096 tokens or the whole batch
+    StepRun("gpt2 preln b16 cudagraphs fusedloss torchce", "gpt2", "preln", 16, False, CG, fused_loss=True,
+            ce_kernel="never"),
+    StepRun("gpt2 preln b16 cudagraphs fusedloss whole", "gpt2", "preln", 16, True, CG, fused_loss=True,
+            loss_chunk=1 << 20),
+    StepRun("gpt2 preln b32 cudagraphs fusedloss whole", "gpt2", "preln", 32, False, CG, fused_loss=True,
+            loss_chunk=1 << 20),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]
 
 
+# StepRun's switches: a Pre-LN run with all of them at their defaults is its shape's base row
 SWITCHES = ("noble_form", "optimizer", "cosnet_kernel", "mix_kernel", "gated", "gated_backward", "logits",
-            "fused_loss")  # StepRun's switches: a Pre-LN run with all at their defaults is its shape's base row
+            "fused_loss", "ce_kernel", "loss_chunk")
 BURST = 5  # steps per timed call in the back-to-back timing (one synchronisation per BURST steps)
 PLAN: list[str] = []  # --plan: the STEP_PLAN labels to run, in this order (empty: all)
 
@@ -432,7 +443,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
     from leanformer.ops import gated_attention, linear_cross_entropy
 
     defaults = (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
-                linear_cross_entropy.FUSED)
+                linear_cross_entropy.FUSED, linear_cross_entropy.KERNEL, linear_cross_entropy.CHUNK_TOKENS)
     try:
         for run_spec in plan:
             label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
@@ -440,6 +451,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
             dijiang.GATED_FLA_TRAINING_FROM = 2 if run_spec.gated else None
             gated_attention.BACKWARD = run_spec.gated_backward
             linear_cross_entropy.FUSED = run_spec.fused_loss
+            linear_cross_entropy.KERNEL, linear_cross_entropy.CHUNK_TOKENS = run_spec.ce_kernel, run_spec.loss_chunk
             if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45) - (120 if mode == AT else 0):
                 rows.append({"label": label, "status": "skipped (time budget)"})
                 log(f"{label}: skipped (time budget)")
@@ -488,7 +500,7 @@ def section_steps(device: torch.device, smoke: bool, result: dict, deadline: flo
             rows.append(row)
     finally:  # the module switches as they were, whatever happened
         (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
-         linear_cross_entropy.FUSED) = defaults
+         linear_cross_entropy.FUSED, linear_cross_entropy.KERNEL, linear_cross_entropy.CHUNK_TOKENS) = defaults
     result["steps"] = rows
 
 

@@ -1,5 +1,6 @@
 """leanformer.ops.linear_cross_entropy: the LM head and the mean cross-entropy in chunks, gradients taken in the
-forward pass, against F.cross_entropy(F.linear(...)) in float64; the model's loss through it (FUSED)."""
+forward pass, against F.cross_entropy(F.linear(...)) in float64; the model's loss through it (FUSED); each chunk's
+loss and gradient by the Triton kernel (KERNEL, under Triton's interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,52 @@ def test_under_bf16_autocast_it_rounds_as_the_plain_route():
         assert float((ours - plain).abs().max() / plain.abs().max()) < 8e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("V,block", [(11, 4096), (300, 64)], ids=["one-block", "ragged-blocks"])
+def test_the_kernel_route_equals_float64(dtype, V, block, monkeypatch):
+    """KERNEL "always" (the CPU under TRITON_INTERPRET=1): loss, ∂h, ∂W, ∂b against the float64 plain route, the
+    kernel reading the logits in their dtype (a row in one block, or in blocks of 64 with a ragged last one),
+    ignored targets, chunks of 5 (ragged) and a scaled upstream gradient; float32 within float32 rounding,
+    bf16 (h, W, b in bf16: logits and z̄ rounded to bf16) within bf16's."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(lce, "KERNEL", "always")
+    monkeypatch.setattr(lce, "BLOCK_V", block)
+    h, w, b, y = _inputs(V=V)
+    h, w, b = h * 2, w * 2, b  # logits of a few units: a softmax far from uniform
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    ref = F.cross_entropy(F.linear(*leaves), y, ignore_index=-100)
+    want = torch.autograd.grad(3 * ref, leaves)
+    ours = [t.to(dtype).requires_grad_() for t in (h, w, b)]
+    loss = lce.linear_cross_entropy(*ours, y, chunk_tokens=5)
+    got = torch.autograd.grad(3 * loss, ours)
+    tol = 2e-6 if dtype == torch.float32 else 1.5e-2  # bf16: the plain route in bf16 is 1.0-1.2e-2 off here
+    assert abs(float(loss.detach()) - float(ref.detach())) <= tol * abs(float(ref.detach()))
+    for a, e in zip(got, want):
+        assert a.dtype == dtype
+        assert float((a.double() - e).abs().max() / e.abs().max()) <= tol
+
+
+def test_the_kernel_route_with_no_kept_target_and_its_refusals(monkeypatch):
+    """No kept target: the plain route's nan loss and zero gradients through the kernel too; a bad KERNEL value is
+    named; "cuda" leaves CPU tensors to PyTorch's ops; float64 logits (no kernel dtype) go there too."""
+    pytest.importorskip("triton")
+    h, w, b, y = _inputs()
+    y[:] = -100
+    monkeypatch.setattr(lce, "KERNEL", "always")
+    leaves = [t.float().requires_grad_() for t in (h, w, b)]
+    loss = lce.linear_cross_entropy(*leaves, y, chunk_tokens=8)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in leaves)
+    assert lce._kernel_takes(torch.zeros(2, 3)) and not lce._kernel_takes(torch.zeros(2, 3, dtype=F64))
+    assert not lce._kernel_takes(torch.zeros(3, 2).t())  # columns not contiguous
+    monkeypatch.setattr(lce, "KERNEL", "cuda")
+    assert not lce._kernel_takes(torch.zeros(2, 3))
+    monkeypatch.setattr(lce, "KERNEL", "gpu")
+    with pytest.raises(ValueError, match="KERNEL='gpu': choose 'cuda', 'always' or 'never'"):
+        lce._kernel_takes(torch.zeros(2, 3))
+
+
 def test_bad_inputs_are_named():
     h, w, b, y = _inputs()
     with pytest.raises(ValueError, match="chunk_tokens=-1"):
@@ -118,6 +165,28 @@ def test_the_models_loss_and_gradients_through_it_equal_the_plain_route(tied, mo
 
 def test_it_compiles_into_one_graph():
     h, w, b, y = _inputs()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda h, w: lce.linear_cross_entropy(h, w, b, y, chunk_tokens=8), backend="aot_eager",
+                       fullgraph=True)
+    try:
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(hl, wl)
+        loss.backward()
+        ref_h, ref_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = F.cross_entropy(F.linear(ref_h, ref_w, b), y)
+        ref.backward()
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(hl.grad, ref_h.grad)
+        torch.testing.assert_close(wl.grad, ref_w.grad)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_kernel_route_compiles_into_one_graph(monkeypatch):
+    """KERNEL "always": the op (a triton_op) inside the autograd.Function traces into one graph with no break."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(lce, "KERNEL", "always")
+    h, w, b, y = (t.float() if t.is_floating_point() else t for t in _inputs())
     torch._dynamo.reset()
     fn = torch.compile(lambda h, w: lce.linear_cross_entropy(h, w, b, y, chunk_tokens=8), backend="aot_eager",
                        fullgraph=True)

@@ -24,15 +24,53 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FUSED = False  # TransformerLM's loss through linear_cross_entropy when it returns no logits; off until timed
-CHUNK_TOKENS = 4096  # tokens per chunk: float32 logits of 4,096 × 50,304 take 824 MB
+from leanformer.ops.fused_decay_attention import _interpret, _on_device, _register, _wrap, kernel_reason
+
+FUSED = False  # TransformerLM's loss through linear_cross_entropy when it returns no logits; off: slower when timed
+# with PyTorch's ops for each chunk (H100, 2026-12-07 16:38/16:46: 0.957x at b 16, 0.966x at b 32, 1.09 ms more of
+# Inductor's kernels, docs/gpu/misc_2026-12-07/callQ, callR); KERNEL's route is not timed yet
+CHUNK_TOKENS = 4096  # tokens per chunk: float32 logits of 4,096 × 50,304 take 824 MB (412 MB in bf16 by KERNEL)
 IGNORE_INDEX = -100
+KERNEL = "cuda"  # each chunk's loss terms and logits' gradient by one Triton kernel in the logits' dtype (two passes
+# over each row: :mod:`leanformer.ops._cross_entropy_kernel`): "cuda" on CUDA tensors; "always" also CPU tensors
+# under TRITON_INTERPRET=1 (tests); "never": PyTorch's ops in float32 (softmax, one-hot, scale)
+BLOCK_V = 4096  # the kernel's columns per step of its loops over a row
 
 
-def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-    """One chunk: h (n, C), targets (n,) → (logits (n, V) in float32 or wider, the loss terms lse − z[y] (n,)
+def _kernel_takes(logits: torch.Tensor) -> bool:
+    """Whether :data:`KERNEL` computes this chunk: its route, a dtype and device every kernel of ours takes, and
+    rows with unit column stride."""
+    if KERNEL not in ("cuda", "always", "never"):
+        raise ValueError(f"linear_cross_entropy.KERNEL={KERNEL!r}: choose 'cuda', 'always' or 'never'")
+    if KERNEL == "never" or (KERNEL == "cuda" and not logits.is_cuda):
+        return False
+    return kernel_reason(logits.device, logits.dtype, ()) is None and logits.stride(1) == 1
+
+
+def _new_grad(logits: torch.Tensor, targets: torch.Tensor, inv_n: torch.Tensor):
+    return torch.empty_like(logits), logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@_register("leanformer::cross_entropy_grad", _new_grad)
+def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor,
+                        inv_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (n, V), targets (n,) int64, inv_n () float32 (1 / the kept targets of the whole batch) → (z̄ (n, V) in
+    the logits' dtype, the loss terms lse − z[y] (n,) float32, 0 where the target is ignored)."""
+    from leanformer.ops import _cross_entropy_kernel as kern
+
+    n, V = logits.shape
+    grad, terms = _new_grad(logits, targets, inv_n)
+    opts = {} if _interpret() else {"num_warps": 8}
+    with _on_device(logits):
+        _wrap(kern.cross_entropy_grad_kernel)[(n,)](
+            logits, targets, inv_n, grad, terms, V, logits.stride(0), grad.stride(0), IGNORE=IGNORE_INDEX,
+            BLOCK_V=min(BLOCK_V, 1 << max(V - 1, 1).bit_length()), **opts)
+    return grad, terms
+
+
+def _promoted_terms(logits: torch.Tensor, targets: torch.Tensor):
+    """One chunk's logits (n, V), targets (n,) → (logits in float32 or wider, the loss terms lse − z[y] (n,)
     with 0 where the target is ignored, the mask of kept targets (n,))."""
-    logits = F.linear(h, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     kept = targets != IGNORE_INDEX
     picked = logits.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
@@ -54,22 +92,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         for s in range(0, h.shape[0], chunk_tokens):
             hc, tc = h[s:s + chunk_tokens], targets[s:s + chunk_tokens]
-            logits, terms, kept = _chunk_terms(hc, weight, bias, tc)
+            logits = F.linear(hc, weight, bias)
+            if _kernel_takes(logits):  # z̄ in the logits' dtype (bf16 under autocast: what the products take)
+                gw, terms = _cross_entropy_grad(logits, tc, inv_n)
+                g = gw
+            else:
+                logits, terms, kept = _promoted_terms(logits, tc)
+                # z̄ = (softmax − e_y) · kept / n in float32; the one-hot as a comparison, not a scatter, so
+                # Inductor fuses it with the softmax and the cast into one kernel (a scatter kept a float32 (n, V)
+                # buffer); an ignored target (−100) matches no column, and its row is zeroed by where(), not by
+                # 0 · 1/n (with no kept target at all, 1/n is inf: the loss is nan as the plain route's, the
+                # gradients 0 as its)
+                g = torch.softmax(logits, -1)
+                g = g - (torch.arange(g.shape[1], device=g.device)[None] == tc[:, None]).to(g.dtype)
+                g = g * torch.where(kept, inv_n, 0.0)[:, None]
+                gw = g.to(weight.dtype)  # the products take it as the plain route's (autocast rounds it to bf16)
             loss = loss + terms.sum()
-            # z̄ = (softmax − e_y) · kept / n in float32; the one-hot as a comparison, not a scatter, so Inductor
-            # fuses it with the softmax and the cast into one kernel (a scatter kept a float32 (n, V) buffer); an
-            # ignored target (−100) matches no column, and its row is zeroed by where(), not by 0 · 1/n (with no
-            # kept target at all, 1/n is inf: the loss is nan as the plain route's, the gradients 0 as its)
-            g = torch.softmax(logits, -1)
-            g = g - (torch.arange(g.shape[1], device=g.device)[None] == tc[:, None]).to(g.dtype)
-            g = g * torch.where(kept, inv_n, 0.0)[:, None]
-            gw = g.to(weight.dtype)  # the products then take it as the plain route's (autocast rounds it to bf16)
             if need_h:
                 grad_h[s:s + chunk_tokens] = (gw @ weight).to(h.dtype)
             if need_w:
                 grad_w += (gw.t() @ hc).to(acc)
             if need_b:
-                grad_b += g.sum(0)
+                grad_b += g.sum(0, dtype=acc)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss * inv_n
@@ -95,6 +139,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     if wants_grad:
         return _LinearCrossEntropy.apply(h2, weight, bias, t2, chunk)
-    total = sum(_chunk_terms(h2[s:s + chunk], weight, bias, t2[s:s + chunk])[1].sum()
+    total = sum(_promoted_terms(F.linear(h2[s:s + chunk], weight, bias), t2[s:s + chunk])[1].sum()
                 for s in range(0, h2.shape[0], chunk))
     return total / (t2 != IGNORE_INDEX).sum().float()

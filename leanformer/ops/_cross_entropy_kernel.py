@@ -1,0 +1,48 @@
+"""The Triton kernel of :mod:`leanformer.ops.linear_cross_entropy`: one row's cross-entropy and its logits' gradient.
+
+Imported only by that module, on its first call (Triton needed only when the kernel runs); at module level
+because Triton's interpreter runs a kernel's source again with its module's globals.
+
+One program per row z (V,) of the logits, in their dtype, with target y and the mean's 1/n (a device scalar, so
+nothing is read back to the host):
+
+    lse = log Σ_v exp(z_v)         (a first pass over z: a running maximum and sum per lane, in float32)
+    loss term = lse − z_y          (0 where y is the ignored id)
+    z̄_v = (exp(z_v − lse) − [v = y]) / n     (a second pass, written in z's dtype; 0 for an ignored row)
+
+The second pass reads the row again (100 KB at GPT-2's vocabulary in bf16), mostly from L2, right after the
+first: the logits are read about once and their gradient written once, where PyTorch's log-softmax forward and
+backward kernels read the logits twice and write the gradient (module docstring of the op).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cross_entropy_grad_kernel(L, T, INV_N, G, LOSS, V, sl, sg, IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """L (n, V) logits (row stride ``sl``, unit column stride), T (n,) int64 targets, INV_N () float32 → G (n, V)
+    the gradient of the mean loss in L's dtype (row stride ``sg``), LOSS (n,) float32 the rows' loss terms."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_V)
+    # the running maximum starts finite, so a lane that never sees a column (-inf) adds exp(-inf) = 0, not NaN
+    m = tl.full((BLOCK_V,), -1e30, tl.float32)
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(L + row * sl + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m = m_new
+    top = tl.max(m, axis=0)
+    lse = top + tl.log(tl.sum(s * tl.exp(m - top), axis=0))
+    y = tl.load(T + row)
+    kept = y != IGNORE
+    picked = tl.load(L + row * sl + tl.where(kept, y, 0)).to(tl.float32)
+    tl.store(LOSS + row, tl.where(kept, lse - picked, 0.0))
+    scale = tl.where(kept, tl.load(INV_N), 0.0)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(L + row * sl + cols, mask=cols < V, other=0.0).to(tl.float32)
+        g = (tl.exp(z - lse) - (cols == y).to(tl.float32)) * scale
+        tl.store(G + row * sg + cols, g.to(G.dtype.element_ty), mask=cols < V)
