@@ -20,25 +20,29 @@ import triton.language as tl
 
 
 @triton.jit
-def cross_entropy_grad_kernel(L, T, INV_N, G, LOSS, V, sl, sg, IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """L (n, V) logits (row stride ``sl``, unit column stride), T (n,) int64 targets, INV_N () float32 → G (n, V)
-    the gradient of the mean loss in L's dtype (row stride ``sg``), LOSS (n,) float32 the rows' loss terms."""
+def cross_entropy_grad_kernel(L, T, INV_N, G, LOSS, V, sl, st, sg, IGNORE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """L (n, V) logits (row stride ``sl``, unit column stride), T (n,) int64 targets (stride ``st``), INV_N ()
+    float32 → G (n, V) the gradient of the mean loss in L's dtype (row stride ``sg``), LOSS (n,) float32 the rows'
+    loss terms. A negative target other than IGNORE counts as class 0 (as the PyTorch route of the op's module);
+    one ≥ V is the caller's error (F.cross_entropy raises) and is read as V − 1, never outside the row."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
-    # the running maximum starts finite, so a lane that never sees a column (-inf) adds exp(-inf) = 0, not NaN
+    # a running maximum and sum per lane, one exp per element: the smaller of (m, z) relative to the larger. m starts
+    # finite, so a lane that never sees a column (z = -inf) adds exp(-inf) = 0, not NaN
     m = tl.full((BLOCK_V,), -1e30, tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         z = tl.load(L + row * sl + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, z)
-        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
-        m = m_new
+        e = tl.exp(tl.minimum(m, z) - tl.maximum(m, z))
+        s = tl.where(z > m, s * e + 1.0, s + e)
+        m = tl.maximum(m, z)
     top = tl.max(m, axis=0)
     lse = top + tl.log(tl.sum(s * tl.exp(m - top), axis=0))
-    y = tl.load(T + row)
+    y = tl.load(T + row * st)
     kept = y != IGNORE
-    picked = tl.load(L + row * sl + tl.where(kept, y, 0)).to(tl.float32)
+    y = tl.minimum(tl.maximum(y, 0), V - 1)
+    picked = tl.load(L + row * sl + y).to(tl.float32)
     tl.store(LOSS + row, tl.where(kept, lse - picked, 0.0))
     scale = tl.where(kept, tl.load(INV_N), 0.0)
     for v0 in range(0, V, BLOCK_V):

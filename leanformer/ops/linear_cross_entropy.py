@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from leanformer.ops.fused_decay_attention import _interpret, _on_device, _register, _wrap, kernel_reason
+from leanformer.ops.fused_decay_attention import (_interpret, _on_device, _register, _triton_import_error, _wrap,
+                                                  kernel_reason)
 
 FUSED = False  # TransformerLM's loss through linear_cross_entropy when it returns no logits; off: slower when timed
 # with PyTorch's ops for each chunk (H100, 2026-12-07 16:38/16:46: 0.957x at b 16, 0.966x at b 32, 1.09 ms more of
@@ -38,13 +39,14 @@ BLOCK_V = 4096  # the kernel's columns per step of its loops over a row
 
 
 def _kernel_takes(logits: torch.Tensor) -> bool:
-    """Whether :data:`KERNEL` computes this chunk: its route, a dtype and device every kernel of ours takes, and
-    rows with unit column stride."""
+    """Whether :data:`KERNEL` computes this chunk: its route, Triton importing, a device every kernel of ours takes,
+    float32 or bf16 logits (float16's z̄ ≈ p/n would underflow before ∂b sums it), rows with unit column stride."""
     if KERNEL not in ("cuda", "always", "never"):
         raise ValueError(f"linear_cross_entropy.KERNEL={KERNEL!r}: choose 'cuda', 'always' or 'never'")
-    if KERNEL == "never" or (KERNEL == "cuda" and not logits.is_cuda):
+    if KERNEL == "never" or (KERNEL == "cuda" and not logits.is_cuda) or _triton_import_error() is not None:
         return False
-    return kernel_reason(logits.device, logits.dtype, ()) is None and logits.stride(1) == 1
+    return (logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(1) == 1
+            and kernel_reason(logits.device, logits.dtype, ()) is None)
 
 
 def _new_grad(logits: torch.Tensor, targets: torch.Tensor, inv_n: torch.Tensor):
@@ -63,7 +65,8 @@ def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor,
     opts = {} if _interpret() else {"num_warps": 8}
     with _on_device(logits):
         _wrap(kern.cross_entropy_grad_kernel)[(n,)](
-            logits, targets, inv_n, grad, terms, V, logits.stride(0), grad.stride(0), IGNORE=IGNORE_INDEX,
+            logits, targets, inv_n, grad, terms, V, logits.stride(0), targets.stride(0), grad.stride(0),
+            IGNORE=IGNORE_INDEX,
             BLOCK_V=min(BLOCK_V, 1 << max(V - 1, 1).bit_length()), **opts)
     return grad, terms
 
@@ -100,11 +103,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits, terms, kept = _promoted_terms(logits, tc)
                 # z̄ = (softmax − e_y) · kept / n in float32; the one-hot as a comparison, not a scatter, so
                 # Inductor fuses it with the softmax and the cast into one kernel (a scatter kept a float32 (n, V)
-                # buffer); an ignored target (−100) matches no column, and its row is zeroed by where(), not by
-                # 0 · 1/n (with no kept target at all, 1/n is inf: the loss is nan as the plain route's, the
-                # gradients 0 as its)
+                # buffer); a negative id is class 0 as in the loss terms, an ignored target's (−100) row is zeroed
+                # by where(), not by 0 · 1/n (with no kept target at all, 1/n is inf: the loss is nan as the plain
+                # route's, the gradients 0 as its)
                 g = torch.softmax(logits, -1)
-                g = g - (torch.arange(g.shape[1], device=g.device)[None] == tc[:, None]).to(g.dtype)
+                g = g - (torch.arange(g.shape[1], device=g.device)[None] == tc.clamp_min(0)[:, None]).to(g.dtype)
                 g = g * torch.where(kept, inv_n, 0.0)[:, None]
                 gw = g.to(weight.dtype)  # the products take it as the plain route's (autocast rounds it to bf16)
             loss = loss + terms.sum()
