@@ -12,6 +12,13 @@ from leanformer import TransformerConfig, TransformerLM
 from leanformer.ops import linear_cross_entropy as lce
 
 F64 = torch.float64
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the kernel's tests: the GPU where there is one
+
+
+def _no_tf32(monkeypatch) -> None:
+    """float32 products in float32 on the GPU (another test may have turned TF32 on for the process)."""
+    if DEV.type == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def _inputs(N=37, C=6, V=11, bias=True, ignored=(3, 4, 20)):
@@ -87,15 +94,17 @@ def test_under_bf16_autocast_it_rounds_as_the_plain_route():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("V,block", [(11, 4096), (300, 64)], ids=["one-block", "ragged-blocks"])
 def test_the_kernel_route_equals_float64(dtype, V, block, monkeypatch):
-    """KERNEL "always" (the CPU under TRITON_INTERPRET=1): loss, ∂h, ∂W, ∂b against the float64 plain route, the
-    kernel reading the logits in their dtype (a row in one block, or in blocks of 64 with a ragged last one),
-    ignored targets, chunks of 5 (ragged) and a scaled upstream gradient; float32 within float32 rounding,
-    bf16 (h, W, b in bf16: logits and z̄ rounded to bf16) within bf16's."""
+    """KERNEL "always" (on the GPU, or the CPU under TRITON_INTERPRET=1): loss, ∂h, ∂W, ∂b against the float64
+    plain route, the kernel reading the logits in their dtype (a row in one block, or in blocks of 64 with a ragged
+    last one), ignored targets, chunks of 5 (ragged) and a scaled upstream gradient; float32 within float32
+    rounding (no TF32), bf16 (h, W, b in bf16: logits and z̄ rounded to bf16) within bf16's."""
     pytest.importorskip("triton")
     monkeypatch.setattr(lce, "KERNEL", "always")
     monkeypatch.setattr(lce, "BLOCK_V", block)
-    h, w, b, y = _inputs(V=V)
+    _no_tf32(monkeypatch)
+    h, w, b, y = (t.to(DEV) for t in _inputs(V=V))
     h, w, b = h * 2, w * 2, b  # logits of a few units: a softmax far from uniform
+    assert lce._kernel_takes(torch.empty(1, V, device=DEV, dtype=dtype))  # the route under test is the kernel
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
     ref = F.cross_entropy(F.linear(*leaves), y, ignore_index=-100)
     want = torch.autograd.grad(3 * ref, leaves)
@@ -184,10 +193,13 @@ def test_it_compiles_into_one_graph():
 
 
 def test_the_kernel_route_compiles_into_one_graph(monkeypatch):
-    """KERNEL "always": the op (a triton_op) inside the autograd.Function traces into one graph with no break."""
+    """KERNEL "always" (the GPU where there is one): the op inside the autograd.Function traces into one graph with
+    no break, and gives the plain route's loss and gradients."""
     pytest.importorskip("triton")
     monkeypatch.setattr(lce, "KERNEL", "always")
-    h, w, b, y = (t.float() if t.is_floating_point() else t for t in _inputs())
+    _no_tf32(monkeypatch)
+    h, w, b, y = ((t.float() if t.is_floating_point() else t).to(DEV) for t in _inputs())
+    assert lce._kernel_takes(torch.empty(1, w.shape[0], device=DEV))
     torch._dynamo.reset()
     fn = torch.compile(lambda h, w: lce.linear_cross_entropy(h, w, b, y, chunk_tokens=8), backend="aot_eager",
                        fullgraph=True)
@@ -211,10 +223,12 @@ def test_the_kernel_reads_strided_targets_and_negative_ids_as_the_pytorch_route(
     vocabularies of 1, 2 and 7 (blocks of 2 to 8 lanes, mostly masked): the kernel route's loss and gradients
     equal the PyTorch route's in float32."""
     pytest.importorskip("triton")
+    _no_tf32(monkeypatch)
     g = torch.Generator().manual_seed(2)
-    h, w = torch.randn(2, 4, 5, generator=g), torch.randn(V, 5, generator=g)
-    y = torch.randint(0, V, (2, 4, 2), generator=g)[..., 0]  # stride 2 along the last dim
+    h, w = torch.randn(2, 4, 5, generator=g).to(DEV), torch.randn(V, 5, generator=g).to(DEV)
+    y = torch.randint(0, V, (2, 4, 2), generator=g).to(DEV)[..., 0]  # stride 2 along the last dim
     y[0, 1], y[1, 2] = -1, -100
+    assert y.stride() != y.contiguous().stride()
     runs = []
     for route in ("never", "always"):
         monkeypatch.setattr(lce, "KERNEL", route)
