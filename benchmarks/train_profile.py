@@ -322,6 +322,17 @@ class StepRun:
     ce_kernel: str = "cuda"        # linear_cross_entropy.KERNEL ("never": each chunk by PyTorch's ops in float32)
     loss_chunk: int = 4096         # linear_cross_entropy.CHUNK_TOKENS
 
+    def switches(self) -> dict[str, object]:
+        """The module switches this run sets (dotted paths, for :func:`leanformer.bench.kernel_switches.switches_set`;
+        the gated route is off in a run without ``gated``, whatever the module's default)."""
+        ops, layers = "leanformer.ops.", "leanformer.layers."
+        return {layers + "noble.COSNET_KERNEL": self.cosnet_kernel, layers + "shaped.MIX_KERNEL": self.mix_kernel,
+                layers + "dijiang.GATED_FLA_TRAINING_FROM": 2 if self.gated else None,
+                ops + "gated_attention.BACKWARD": self.gated_backward,
+                ops + "linear_cross_entropy.FUSED": self.fused_loss,
+                ops + "linear_cross_entropy.KERNEL": self.ce_kernel,
+                ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk}
+
 
 CG = "reduce-overhead"
 AT = "max-autotune"  # CUDA graphs too
@@ -429,78 +440,74 @@ class compiled_adamw_step:  # noqa: N801 - stands in for an optimizer: zero_grad
         self._step()
 
 
-def section_steps(device: torch.device, smoke: bool, result: dict, deadline: float) -> None:
+def _time_step(run_spec: StepRun, sz, seq: int, device: torch.device, smoke: bool) -> dict:
+    """One compiled training step of ``run_spec`` (its switches already set), timed and, if asked, profiled: its
+    result row (``status`` "ok", or "failed: ..." with the error)."""
     from leanformer.arms import arm_config
     from leanformer.bench import train as bt
     from leanformer.config import TrainConfig
+
+    label, arm, mode = run_spec.label, run_spec.arm, run_spec.mode
+    batch = 2 if smoke else run_spec.batch
+    row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode,
+           "plain": all(getattr(run_spec, f.name) == f.default for f in fields(StepRun) if f.name in SWITCHES)}
+    try:
+        cfg = arm_config(bt.base_config(sz, seq), arm)
+        cfg.noble.compiled_form = run_spec.noble_form
+        step = bt.training_step(cfg, device, batch, seq, compile=True, compile_mode=mode)
+        step.return_logits = run_spec.logits
+        model, run, opt = step.model, step.run, step.optimizer
+        row["flops_per_token"] = model.flops_per_token(seq)
+        if run_spec.optimizer == "compiled":
+            opt = step.optimizer = compiled_adamw_step(model, TrainConfig(lr=1e-4))
+        t = time.monotonic()
+        step()
+        row["compile_s"] = time.monotonic() - t
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ms = bench(step, device, warmup=3, repeats=15)
+        row["step_ms"] = ms
+        row["tokens_per_s"] = batch * seq / ms * 1e3
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        # BURST steps with one synchronisation: the step's time once the host runs ahead of the GPU (each timed
+        # step above starts on an idle GPU, so the host's work before its first kernel counts in it; here that
+        # lead-in counts once per BURST steps)
+        burst_ms = bench(lambda s=step: [s() for _ in range(BURST)], device, warmup=1, repeats=4)
+        row["back_to_back_ms"] = burst_ms / BURST
+        if run_spec.profile:
+            row["kernel_totals"] = {}
+            row["kernels"] = top_kernels(step, device, limit=40, totals=row["kernel_totals"])
+        row["status"] = "ok"
+        log(f"{label}: {ms:.2f} ms/step ({row['back_to_back_ms']:.2f} back to back), "
+            f"{row['tokens_per_s']:,.0f} tok/s, compile {row['compile_s']:.0f} s, "
+            f"peak {row['peak_mem_gib']} GiB")
+        del model, opt, run
+    except Exception as e:  # noqa: BLE001
+        row["status"] = f"failed: {type(e).__name__}: {e}"[:300]
+        traceback.print_exc(limit=4)
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def section_steps(device: torch.device, smoke: bool, result: dict, deadline: float) -> None:
+    from leanformer.bench import train as bt
+    from leanformer.bench.kernel_switches import switches_set
 
     sizes = {"gpt2": (bt.SIZES["gpt2"], 1024), "gpt2-4k": (bt.SIZES["gpt2"], 4096), "bert": (bt.SIZES["bert"], 128)}
     if smoke:
         sizes = {k: (bt.SIZES["tiny"], 32) for k in sizes}
     rows = []
     plan = sorted((p for p in STEP_PLAN if p.label in PLAN), key=lambda p: PLAN.index(p.label)) if PLAN else STEP_PLAN
-    from leanformer.layers import dijiang, noble, shaped
-    from leanformer.ops import gated_attention, linear_cross_entropy
-
-    defaults = (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
-                linear_cross_entropy.FUSED, linear_cross_entropy.KERNEL, linear_cross_entropy.CHUNK_TOKENS)
-    try:
-        for run_spec in plan:
-            label, size, arm, batch, mode = run_spec.label, run_spec.size, run_spec.arm, run_spec.batch, run_spec.mode
-            noble.COSNET_KERNEL, shaped.MIX_KERNEL = run_spec.cosnet_kernel, run_spec.mix_kernel
-            dijiang.GATED_FLA_TRAINING_FROM = 2 if run_spec.gated else None
-            gated_attention.BACKWARD = run_spec.gated_backward
-            linear_cross_entropy.FUSED = run_spec.fused_loss
-            linear_cross_entropy.KERNEL, linear_cross_entropy.CHUNK_TOKENS = run_spec.ce_kernel, run_spec.loss_chunk
-            if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45) - (120 if mode == AT else 0):
-                rows.append({"label": label, "status": "skipped (time budget)"})
-                log(f"{label}: skipped (time budget)")
-                continue
-            sz, seq = sizes[size]
-            batch = 2 if smoke else batch
-            row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode,
-                   "plain": all(getattr(run_spec, f.name) == f.default for f in fields(StepRun) if f.name in SWITCHES)}
-            try:
-                cfg = arm_config(bt.base_config(sz, seq), arm)
-                cfg.noble.compiled_form = run_spec.noble_form
-                step = bt.training_step(cfg, device, batch, seq, compile=True, compile_mode=mode)
-                step.return_logits = run_spec.logits
-                model, run, opt = step.model, step.run, step.optimizer
-                row["flops_per_token"] = model.flops_per_token(seq)
-                if run_spec.optimizer == "compiled":
-                    opt = step.optimizer = compiled_adamw_step(model, TrainConfig(lr=1e-4))
-                t = time.monotonic()
-                step()
-                row["compile_s"] = time.monotonic() - t
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                ms = bench(step, device, warmup=3, repeats=15)
-                row["step_ms"] = ms
-                row["tokens_per_s"] = batch * seq / ms * 1e3
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-                # BURST steps with one synchronisation: the step's time once the host runs ahead of the GPU (each timed
-                # step above starts on an idle GPU, so the host's work before its first kernel counts in it; here that
-                # lead-in counts once per BURST steps)
-                burst_ms = bench(lambda s=step: [s() for _ in range(BURST)], device, warmup=1, repeats=4)
-                row["back_to_back_ms"] = burst_ms / BURST
-                if run_spec.profile:
-                    row["kernel_totals"] = {}
-                    row["kernels"] = top_kernels(step, device, limit=40, totals=row["kernel_totals"])
-                row["status"] = "ok"
-                log(f"{label}: {ms:.2f} ms/step ({row['back_to_back_ms']:.2f} back to back), "
-                    f"{row['tokens_per_s']:,.0f} tok/s, compile {row['compile_s']:.0f} s, "
-                    f"peak {row['peak_mem_gib']} GiB")
-                del model, opt, run
-            except Exception as e:  # noqa: BLE001
-                row["status"] = f"failed: {type(e).__name__}: {e}"[:300]
-                traceback.print_exc(limit=4)
-            torch._dynamo.reset()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            rows.append(row)
-    finally:  # the module switches as they were, whatever happened
-        (noble.COSNET_KERNEL, shaped.MIX_KERNEL, dijiang.GATED_FLA_TRAINING_FROM, gated_attention.BACKWARD,
-         linear_cross_entropy.FUSED, linear_cross_entropy.KERNEL, linear_cross_entropy.CHUNK_TOKENS) = defaults
+    for run_spec in plan:
+        label, arm, mode = run_spec.label, run_spec.arm, run_spec.mode
+        if time.monotonic() > deadline - (110 if arm.startswith("noble") else 45) - (120 if mode == AT else 0):
+            rows.append({"label": label, "status": "skipped (time budget)"})
+            log(f"{label}: skipped (time budget)")
+            continue
+        with switches_set(run_spec.switches()):  # restored after the run, whatever happens
+            rows.append(_time_step(run_spec, *sizes[run_spec.size], device, smoke))
     result["steps"] = rows
 
 
