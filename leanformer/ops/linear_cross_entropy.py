@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from leanformer.ops.fused_decay_attention import (_interpret, _on_device, _register, _triton_import_error, _wrap,
                                                   kernel_reason)
+from leanformer.ops.on_cuda import kernel_switch_allows
 
 FUSED = False  # TransformerLM's loss through linear_cross_entropy when it returns no logits; off: slower when timed
 # with PyTorch's ops for each chunk (H100, 2026-12-07 16:38/16:46: 0.957x at b 16, 0.966x at b 32, 1.09 ms more of
@@ -41,9 +42,7 @@ BLOCK_V = 4096  # the kernel's columns per step of its loops over a row
 def _kernel_takes(logits: torch.Tensor) -> bool:
     """Whether :data:`KERNEL` computes this chunk: its route, Triton importing, a device every kernel of ours takes,
     float32 or bf16 logits (float16's z̄ ≈ p/n would underflow before ∂b sums it), rows with unit column stride."""
-    if KERNEL not in ("cuda", "always", "never"):
-        raise ValueError(f"linear_cross_entropy.KERNEL={KERNEL!r}: choose 'cuda', 'always' or 'never'")
-    if KERNEL == "never" or (KERNEL == "cuda" and not logits.is_cuda) or _triton_import_error() is not None:
+    if not kernel_switch_allows("linear_cross_entropy.KERNEL", KERNEL, logits) or _triton_import_error() is not None:
         return False
     return (logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(1) == 1
             and kernel_reason(logits.device, logits.dtype, ()) is None)
