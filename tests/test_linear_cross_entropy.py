@@ -173,33 +173,18 @@ def test_the_models_loss_and_gradients_through_it_equal_the_plain_route(tied, mo
     assert model(idx, tgt)[0].shape == (3, 17, 61)
 
 
-def test_it_compiles_into_one_graph():
+@pytest.mark.parametrize("route", ["never", "always"], ids=["pytorch-ops", "kernel"])
+def test_it_compiles_into_one_graph(route, monkeypatch):
+    """The autograd.Function traces into one graph with no break and gives the plain route's loss and gradients:
+    float64 on the CPU by PyTorch's ops, and float32 through the kernel (KERNEL "always": the GPU where there is
+    one, else the CPU under TRITON_INTERPRET=1)."""
+    monkeypatch.setattr(lce, "KERNEL", route)
     h, w, b, y = _inputs()
-    torch._dynamo.reset()
-    fn = torch.compile(lambda h, w: lce.linear_cross_entropy(h, w, b, y, chunk_tokens=8), backend="aot_eager",
-                       fullgraph=True)
-    try:
-        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss = fn(hl, wl)
-        loss.backward()
-        ref_h, ref_w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        ref = F.cross_entropy(F.linear(ref_h, ref_w, b), y)
-        ref.backward()
-        torch.testing.assert_close(loss, ref)
-        torch.testing.assert_close(hl.grad, ref_h.grad)
-        torch.testing.assert_close(wl.grad, ref_w.grad)
-    finally:
-        torch._dynamo.reset()
-
-
-def test_the_kernel_route_compiles_into_one_graph(monkeypatch):
-    """KERNEL "always" (the GPU where there is one): the op inside the autograd.Function traces into one graph with
-    no break, and gives the plain route's loss and gradients."""
-    pytest.importorskip("triton")
-    monkeypatch.setattr(lce, "KERNEL", "always")
-    _no_tf32(monkeypatch)
-    h, w, b, y = ((t.float() if t.is_floating_point() else t).to(DEV) for t in _inputs())
-    assert lce._kernel_takes(torch.empty(1, w.shape[0], device=DEV))
+    if route == "always":
+        pytest.importorskip("triton")
+        _no_tf32(monkeypatch)
+        h, w, b, y = ((t.float() if t.is_floating_point() else t).to(DEV) for t in (h, w, b, y))
+        assert lce._kernel_takes(torch.empty(1, w.shape[0], device=DEV))
     torch._dynamo.reset()
     fn = torch.compile(lambda h, w: lce.linear_cross_entropy(h, w, b, y, chunk_tokens=8), backend="aot_eager",
                        fullgraph=True)
