@@ -277,6 +277,11 @@ def test_prefill_graph_replays_equal_a_fresh_prefill(arm, monkeypatch):
             _assert_same_state(dec.cache, fresh.cache, tol, states_by_norm=gated)
             dec.capture()
             for _ in range(3):
+                # both feed the fresh decoder's greedy choice: logits within tolerance may still break a near tie
+                # differently (callV of 2026-12-07: after a gated bf16 prompt, 49 of 194 logits off by up to 0.75
+                # three steps later, the prompt's logits and states within tolerance), and one other token
+                # changes every logit after it
+                dec.ids.copy_(fresh.ids)
                 dec.step()
                 fresh.step()
             torch.testing.assert_close(dec.logits, fresh.logits, rtol=10 * tol, atol=10 * tol)

@@ -267,8 +267,9 @@ def test_auto_picks_fla_on_cuda_only(monkeypatch):
     att = _layer(8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(dj, "_fla_usable", lambda: True)
-    assert att.form(4096, cuda, stateful=False) == "fla_gated"  # GATED_FLA_TRAINING_FROM, 4096 by default
-    assert att.form(4095, cuda, stateful=False) == "fla_chunk"
+    assert att.form(1024, cuda, stateful=False) == "fla_gated"  # GATED_FLA_TRAINING_FROM, 1024 by default
+    assert att.form(1023, cuda, stateful=False) == "parallel"
+    assert att.form(4096, cuda, stateful=False) == "fla_gated"
     monkeypatch.setattr(dj, "GATED_FLA_TRAINING_FROM", None)
     assert att.form(4096, cuda, stateful=False) == "fla_chunk"
     assert att.form(1024, cuda, stateful=False) == "parallel"
@@ -289,7 +290,7 @@ def test_auto_sends_prompts_with_a_state_through_gated_fla_by_default(monkeypatc
     att = _layer(8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(dj, "_fla_usable", lambda: True)
-    assert dj.GATED_FLA_PROMPTS == "replayed" and dj.GATED_FLA_TRAINING_FROM == 4096  # the defaults
+    assert dj.GATED_FLA_PROMPTS == "replayed" and dj.GATED_FLA_TRAINING_FROM == 1024  # the defaults
     with torch.no_grad():
         assert att.form(4096, cuda, stateful=True) == "chunk"  # an eager prompt: fla's Python costs host time
         with dj.replayed_prompts():  # a prompt a CUDA graph replays
@@ -307,8 +308,8 @@ def test_auto_sends_prompts_with_a_state_through_gated_fla_by_default(monkeypatc
         assert att.form(4096, cuda, stateful=True) == "fla_gated"
         assert att.form(1, cuda, stateful=True) == "recurrent"  # a step keeps the step's route
         assert att.form(4096, cpu, stateful=True) == "chunk"
-    assert att.form(4096, cuda, stateful=False) == "fla_gated"  # a full pass (training) from 4096 tokens
-    assert att.form(4095, cuda, stateful=False) == "fla_chunk"
+    assert att.form(1024, cuda, stateful=False) == "fla_gated"  # a full pass (training) from 1024 tokens
+    assert att.form(1023, cuda, stateful=False) == "parallel"
     monkeypatch.setattr(dj, "GATED_FLA_TRAINING_FROM", 2048)
     assert att.form(2047, cuda, stateful=False) == "fla_chunk"  # shorter than the switch's length
     assert att.form(2048, cuda, stateful=False) == "fla_gated"

@@ -281,7 +281,7 @@ def test_auto_picks_fused_on_cuda_only(monkeypatch):
     monkeypatch.setattr(dijiang_layer, "_fla_usable", lambda: False)
     assert att.form(4097, cuda, False, q, q) == "fused"  # beyond the limit without fla: still the kernel
     monkeypatch.setattr(dijiang_layer, "_fla_usable", lambda: True)
-    monkeypatch.setattr(dijiang_layer, "GATED_FLA_TRAINING_FROM", 4096)  # the default: a full pass from 4096 tokens
+    monkeypatch.setattr(dijiang_layer, "GATED_FLA_TRAINING_FROM", 4096)  # a full pass from 4096 tokens
     assert att.form(4096, cuda, False, q, q) == "fla_gated"
     monkeypatch.setattr(dijiang_layer, "GATED_FLA_TRAINING_FROM", None)
     assert att.form(4097, cuda, False, q, q) == "fla_chunk"

@@ -304,13 +304,15 @@ def _gated_prompts() -> bool:
     if GATED_FLA_PROMPTS not in ("always", "never", "replayed"):
         raise ValueError(f"dijiang.GATED_FLA_PROMPTS={GATED_FLA_PROMPTS!r}: choose 'always', 'never' or 'replayed'")
     return GATED_FLA_PROMPTS == "always" or (GATED_FLA_PROMPTS == "replayed" and _REPLAYED_PROMPTS)
-GATED_FLA_TRAINING_FROM: int | None = 4096  # auto: a full pass (training) of at least this many tokens through fla's
+GATED_FLA_TRAINING_FROM: int | None = 1024  # auto: a full pass (training) of at least this many tokens through fla's
 # kernel with one gate per token (dla.fla_gated: exact, no host read, leanformer.ops.gated_attention), before the
-# fused kernel, on CUDA when fla imports; None: never. Timed on an H100 (train_profile.py, GPT-2 DiJiang compiled
-# under CUDA graphs): 0.964x the fused kernel's tokens/s at seq 1024 (50.43 against 48.60 ms), 1.102x at seq 4096
-# (51.89 against 57.19; 2026-12-07 14:02, docs/gpu/misc_2026-12-07/callO); with gated_attention.BACKWARD "fla" the
-# 4K step took 46.63 ms, 0.965x Pre-LN's (16:41, callR). 4096 since its gradients passed on the H100 (q, k, v against
-# float64, callQ; a model's gradients against the fused route within 5.5e-3 in float32, TF32 in both, callU)
+# fused kernel, on CUDA when fla imports; None: never. Timed on an H100 (train_profile.py, GPT-2 DiJiang b16 compiled
+# under CUDA graphs): with the reversed backward passes 0.964x the fused kernel's tokens/s at seq 1024, 1.102x at
+# seq 4096 (2026-12-07 14:02, docs/gpu/misc_2026-12-07/callO); with gated_attention.BACKWARD "fla" the 4K step took
+# 46.63 ms, 0.965x Pre-LN's (16:41, callR), and at seq 1024 45.42 against the fused kernel's 45.90 ms, 1.011x (44.59
+# against 45.09 back to back, 1.011x; 18:54, callW), for a compile of 188 s against 98 (fla's autotuning). Its
+# gradients passed on the H100 (q, k, v against float64, callQ; a model's against the fused route within 5.5e-3 in
+# float32, TF32 in both, callU)
 
 
 def _gated_takes(stateful: bool) -> bool:

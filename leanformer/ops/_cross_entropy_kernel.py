@@ -11,7 +11,7 @@ nothing is read back to the host):
     z̄_v = (exp(z_v − lse) − [v = y]) / n     (a second pass, written in z's dtype; 0 for an ignored row)
 
 The second pass reads the row again (100 KB at GPT-2's vocabulary in bf16), mostly from L2, right after the
-first: the logits are read about once and their gradient written once, where PyTorch's log-softmax forward and
+first, and writes z̄ over it: the logits are read about once and their gradient written once into their buffer, where PyTorch's log-softmax forward and
 backward kernels read the logits twice and write the gradient (module docstring of the op).
 """
 
@@ -24,7 +24,9 @@ def cross_entropy_grad_kernel(L, T, INV_N, G, LOSS, V, sl, st, sg, IGNORE: tl.co
     """L (n, V) logits (row stride ``sl``, unit column stride), T (n,) int64 targets (stride ``st``), INV_N ()
     float32 → G (n, V) the gradient of the mean loss in L's dtype (row stride ``sg``), LOSS (n,) float32 the rows'
     loss terms. A negative target other than IGNORE counts as class 0 (as the PyTorch route of the op's module);
-    one ≥ V is the caller's error (F.cross_entropy raises) and is read as V − 1, never outside the row."""
+    one ≥ V is the caller's error (F.cross_entropy raises) and is read as V − 1, never outside the row.
+    G may be L (the op writes in place): each block of the second pass is read before the same program writes it,
+    and z[y] is read before that pass."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
     # a running maximum and sum per lane, one exp per element: the smaller of (m, z) relative to the larger. m starts
