@@ -11,8 +11,9 @@ nothing is read back to the host):
     z̄_v = (exp(z_v − lse) − [v = y]) / n     (a second pass, written in z's dtype; 0 for an ignored row)
 
 The second pass reads the row again (100 KB at GPT-2's vocabulary in bf16), mostly from L2, right after the
-first, and writes z̄ over it: the logits are read about once and their gradient written once into their buffer, where PyTorch's log-softmax forward and
-backward kernels read the logits twice and write the gradient (module docstring of the op).
+first, and writes z̄ over it: the logits are read about once and their gradient written once into their buffer,
+where PyTorch's log-softmax forward and backward kernels read the logits twice and write the gradient (module
+docstring of the op).
 """
 
 import triton
