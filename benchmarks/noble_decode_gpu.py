@@ -9,9 +9,15 @@ times, per launch, in one CUDA graph of ``--calls`` launches (:func:`skinny_line
 * ``plain N``: ``skinny_linear`` of W (the Pre-LN layer);
 * ``plain N+R``: ``skinny_linear`` of [W; W_down]: the main product and z's columns once each, no epilogue;
 * ``NOBLE``: ``noble_decode.noble_linear`` (every program recomputes z, then CosNet and the up product);
-* ``NOBLE, BLOCK_N b``: the same with b-column blocks (fewer programs, so fewer recomputations of z).
+* ``NOBLE, BLOCK_N b``: the same with b-column blocks (fewer programs, so fewer recomputations of z);
+* ``two launches``: the split-K route with one part (``noble_decode._noble_split``, S = 1): z once, by column
+  blocks of its own beside W's (``partials``: float32 [x Wᵀ, x W_downᵀ]), then the epilogue for each output
+  column block (``finish``: the sum of the parts, CosNet, the up product, the sum), each also timed alone.
 
 NOBLE − plain N+R is then z's recomputation plus the epilogue; the rank and the block width tell the two apart.
+The H100 call of 2026-12-07 18:59 (docs/gpu/misc_2026-12-07/callY) found it growing with the rank at 32 rows (2.6,
+5.3, 9.7 µs at r 16, 32, 64) and wider blocks slower, so the two-launch columns ask whether z once plus an
+epilogue of its own beats every program's z and epilogue.
 Each NOBLE result is checked against the layer in float64 (max error over max |y|).
 
     PYTHONPATH=$PWD:$PWD/benchmarks python3 benchmarks/noble_decode_gpu.py --out $OUT
@@ -85,7 +91,14 @@ def main(argv=None) -> int:
         b_bd = torch.cat([layer.bias, layer.down.bias])
         variants = {"plain N": lambda x=x, m=layer: sl.skinny_linear(x, m.weight, m.bias),
                     "plain N+R": lambda x=x, w=w_wd, b=b_bd: sl.skinny_linear(x, w, b),
-                    "NOBLE": lambda x=x, m=layer: nd.noble_linear(m, x)}
+                    "NOBLE": lambda x=x, m=layer: nd.noble_linear(m, x),
+                    "two launches": lambda x=x, m=layer: nd._noble_split(m, x, 0, 1)}
+        parts = nd._partials_op(x, layer.weight, layer.down.weight, 1)
+        cos = layer.act
+        variants["partials"] = lambda x=x, m=layer: nd._partials_op(x, m.weight, m.down.weight, 1)
+        variants["finish"] = lambda p=parts, m=layer, c=cos: nd._finish_op(
+            p, m.bias, m.down.bias, c.omega1, c.phi1, c.M.weight, c.M.bias, c.omega2, c.phi2, m.up.weight, 0)
+        row["two_launch_rel_err"] = float((variants["two launches"]().double() - ref).abs().max() / ref.abs().max())
         times = {}
         if smoke:  # each variant once (no timing without CUDA), so an API drift shows here, not in a device call
             assert all(fn() is not None for fn in variants.values())
@@ -111,7 +124,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "noble_decode.json").write_text(json.dumps(result, indent=1))
-    names = ["plain N", "plain N+R", "NOBLE"] + [f"NOBLE, BLOCK_N {b}" for b in BLOCKS]
+    names = (["plain N", "plain N+R", "NOBLE"] + [f"NOBLE, BLOCK_N {b}" for b in BLOCKS]
+             + ["two launches", "partials", "finish"])
     lines = [f"# One NOBLE decoding launch against plain few-row products ({result['meta']['device']}, "
              f"{result['meta']['date']})", "", f"`{result['meta']['command']}`; µs per launch in a CUDA graph", "",
              "| shape | M | R | " + " | ".join(names) + " | NOBLE − plain N+R | heuristic BLOCK_N | max err / max |",
