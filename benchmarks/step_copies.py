@@ -39,14 +39,27 @@ class _Issuers:
         self.runtime = {e["args"]["correlation"]: e for e in events
                         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
         self.ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+        self.frames = [e for e in events if e.get("cat") == "python_function" and "dur" in e]
 
-    def __call__(self, gpu_event: dict) -> str | None:
+    def _around(self, gpu_event: dict, host: list[dict]) -> list[dict]:
+        """The host events of ``host`` on the issuing thread that enclose the GPU event's runtime call, innermost
+        first."""
         call = self.runtime.get(gpu_event.get("args", {}).get("correlation"))
         if call is None:
-            return None
-        around = [o for o in self.ops
-                  if o.get("tid") == call.get("tid") and o["ts"] <= call["ts"] <= o["ts"] + o["dur"]]
-        return min(around, key=lambda o: o["dur"])["name"] if around else None
+            return []
+        tid, ts = call.get("tid"), call["ts"]
+        return sorted((o for o in host if o.get("tid") == tid and o["ts"] <= ts <= o["ts"] + o["dur"]),
+                      key=lambda o: o["dur"])
+
+    def __call__(self, gpu_event: dict) -> str | None:
+        around = self._around(gpu_event, self.ops)
+        return around[0]["name"] if around else None
+
+    def python(self, gpu_event: dict, depth: int = 3) -> str | None:
+        """The ``depth`` innermost Python frames around the issuing call (a trace recorded ``with_stack``),
+        innermost first, joined by " < "; None without them."""
+        around = self._around(gpu_event, self.frames)
+        return " < ".join(f["name"] for f in around[:depth]) or None
 
 
 def copies_in_trace(trace: dict) -> list[dict]:
@@ -55,7 +68,7 @@ def copies_in_trace(trace: dict) -> list[dict]:
     events = trace.get("traceEvents", [])
     issuer = _Issuers(events)
     return [{"name": e.get("name"), "bytes": e.get("args", {}).get("bytes"), "us": e.get("dur"),
-             "issued_in": issuer(e)}
+             "issued_in": issuer(e), "python": issuer.python(e)}
             for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset")]
 
 
@@ -85,7 +98,8 @@ def gaps_in_trace(trace: dict, limit: int = 20) -> dict:
     span = end - work[0]["ts"]
     gaps = sorted(gaps, key=lambda g: -g["us"])[:limit]
     for g in gaps:  # the issuing op only for the gaps kept (a scan of the host ops each)
-        g["issued_in"] = issuer(g.pop("event"))
+        e = g.pop("event")
+        g["issued_in"], g["python"] = issuer(e), issuer.python(e)
     return {"span_us": span, "busy_us": busy, "idle_us": span - busy, "gaps": gaps}
 
 
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_stack=True) as prof:  # the Python frames name a copy's origin
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "trace.json").unlink()  # large; the table below is what is kept
     by_owner = Counter()
     for c in copies:
-        by_owner[(c["name"], c["issued_in"])] += c["us"] or 0
+        by_owner[(c["name"], c["issued_in"], c["python"])] += c["us"] or 0
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "arm": args.arm, "batch": args.batch,
               "mode": mode, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "copies": copies, "gaps": gaps,
@@ -141,15 +155,16 @@ def main(argv: list[str] | None = None) -> int:
              f"{len(copies)} copies, {sum(c['us'] or 0 for c in copies):.0f} µs, "
              f"{sum(c['bytes'] or 0 for c in copies) / 1e6:.1f} MB; "
              f"float32 weights {result['params_bytes_fp32'] / 1e6:.1f} MB",
-             "", "| copy | issued in | µs |", "|---|---|---:|"]
-    lines += [f"| {name} | `{owner}` | {us:.0f} |" for (name, owner), us in by_owner.most_common(20)]
+             "", "| copy | issued in | Python frames (innermost first) | µs |", "|---|---|---|---:|"]
+    lines += [f"| {name} | `{owner}` | `{frames}` | {us:.0f} |"
+              for (name, owner, frames), us in by_owner.most_common(20)]
     lines += ["", "| copy | bytes | µs | issued in |", "|---|---:|---:|---|"]
     lines += [f"| {c['name']} | {c['bytes']} | {c['us']} | `{c['issued_in']}` |" for c in copies[:60]]
     lines += ["", f"## Idle gaps: {gaps['idle_us']:.0f} µs of a {gaps['span_us']:.0f} µs span "
                   f"(device busy {gaps['busy_us']:.0f} µs)", "",
-              "| µs | after | before | issued in |", "|---:|---|---|---|"]
-    lines += [f"| {g['us']:.0f} | `{(g['after'] or '')[:60]}` | `{(g['before'] or '')[:60]}` | `{g['issued_in']}` |"
-              for g in gaps["gaps"]]
+              "| µs | after | before | issued in | Python frames |", "|---:|---|---|---|---|"]
+    lines += [f"| {g['us']:.0f} | `{(g['after'] or '')[:60]}` | `{(g['before'] or '')[:60]}` | `{g['issued_in']}` "
+              f"| `{g['python']}` |" for g in gaps["gaps"]]
     (out / "step_copies.md").write_text("\n".join(lines) + "\n")
     gap_lines = lines[lines.index(next(x for x in lines if x.startswith("## Idle gaps"))):]
     print("\n".join(lines[:6 + min(20, len(by_owner))] + [""] + gap_lines[:14]))

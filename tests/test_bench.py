@@ -393,8 +393,8 @@ def test_profiling_scripts_choose_variants_by_label(capsys):
 
 def test_step_copies_names_the_op_that_issued_each_copy_and_the_idle_gaps(tmp_path):
     """benchmarks/step_copies.py: each GPU copy of a (synthetic) trace gets its bytes, time and the innermost
-    host op around the runtime call with its correlation id; the device's idle gaps, longest first, with the
-    activities around each; the script's CPU smoke run writes both tables."""
+    host op and Python frames around the runtime call with its correlation id; the device's idle gaps, longest
+    first, with the activities around each; the script's CPU smoke run writes both tables."""
     import importlib.util
     from pathlib import Path
 
@@ -405,6 +405,9 @@ def test_step_copies_names_the_op_that_issued_each_copy_and_the_idle_gaps(tmp_pa
     trace = {"traceEvents": [
         {"cat": "cpu_op", "name": "aten::copy_", "ts": 10, "dur": 5, "tid": 1},
         {"cat": "cpu_op", "name": "Optimizer.step", "ts": 0, "dur": 100, "tid": 1},
+        {"cat": "python_function", "name": "torch/optim/adamw.py(10): step", "ts": 0, "dur": 100, "tid": 1},
+        {"cat": "python_function", "name": "bench/train.py(5): __call__", "ts": 0, "dur": 120, "tid": 1},
+        {"cat": "python_function", "name": "other_thread.py(1): f", "ts": 0, "dur": 90, "tid": 2},
         {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 12, "dur": 1, "tid": 1, "args": {"correlation": 7}},
         {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 50, "dur": 1, "tid": 1, "args": {"correlation": 8}},
         {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 200, "dur": 70, "args": {"correlation": 7, "bytes": 4096}},
@@ -412,16 +415,18 @@ def test_step_copies_names_the_op_that_issued_each_copy_and_the_idle_gaps(tmp_pa
         {"cat": "kernel", "name": "gemm", "ts": 400, "dur": 9, "args": {"correlation": 9}},
     ]}
     copies = mod.copies_in_trace(trace)
-    assert copies == [{"name": "Memcpy DtoD", "bytes": 4096, "us": 70, "issued_in": "aten::copy_"},
-                      {"name": "Memcpy DtoD", "bytes": 64, "us": 9, "issued_in": "Optimizer.step"}]
+    frames = "torch/optim/adamw.py(10): step < bench/train.py(5): __call__"  # innermost first, the issuing thread's
+    assert copies == [{"name": "Memcpy DtoD", "bytes": 4096, "us": 70, "issued_in": "aten::copy_", "python": frames},
+                      {"name": "Memcpy DtoD", "bytes": 64, "us": 9, "issued_in": "Optimizer.step", "python": frames}]
     # the idle gaps between the device's activities, all streams together: a kernel overlapping the first copy
     # (another stream) moves that interval's end to 280
     trace["traceEvents"].append({"cat": "kernel", "name": "k2", "ts": 260, "dur": 20, "args": {}})
     gaps = mod.gaps_in_trace(trace)
     assert (gaps["span_us"], gaps["busy_us"], gaps["idle_us"]) == (209, 98, 111)
-    assert gaps["gaps"] == [{"us": 91, "ts": 309, "after": "Memcpy DtoD", "before": "gemm", "issued_in": None},
+    assert gaps["gaps"] == [{"us": 91, "ts": 309, "after": "Memcpy DtoD", "before": "gemm", "issued_in": None,
+                             "python": None},
                             {"us": 20, "ts": 280, "after": "k2", "before": "Memcpy DtoD",
-                             "issued_in": "Optimizer.step"}]
+                             "issued_in": "Optimizer.step", "python": frames}]
     assert mod.gaps_in_trace({"traceEvents": []})["gaps"] == []
     _run_benchmark_script(tmp_path, "step_copies.py", "--smoke", "--batch", "2")
     md = (tmp_path / "step_copies.md").read_text()
