@@ -321,6 +321,7 @@ class StepRun:
     fused_loss: bool = False       # linear_cross_entropy.FUSED: the head and the loss in chunks, never whole logits
     ce_kernel: str = "cuda"        # linear_cross_entropy.KERNEL ("never": each chunk by PyTorch's ops in float32)
     loss_chunk: int = 4096         # linear_cross_entropy.CHUNK_TOKENS
+    pos: str = "rope"              # model.pos; "learned": GPT-2's own positions (llm.c's model), no rotary kernels
 
     def switches(self) -> dict[str, object]:
         """The module switches this run sets (dotted paths, for :func:`leanformer.bench.kernel_switches.switches_set`;
@@ -403,6 +404,11 @@ STEP_PLAN = [  # most wanted first
             loss_chunk=1 << 20),
     StepRun("gpt2 preln b32 cudagraphs fusedloss whole", "gpt2", "preln", 32, False, CG, fused_loss=True,
             loss_chunk=1 << 20),
+    # 19:20: GPT-2's learned positions instead of RoPE (the model llm.c's 468K tokens/s per H100 is for; the
+    # rotary kernels took ≈ 1.7 ms of the b16 step's 34.6 ms of kernels at 18:55, callZ)
+    StepRun("gpt2 preln b16 cudagraphs learnedpos", "gpt2", "preln", 16, True, CG, pos="learned"),
+    StepRun("gpt2 preln b32 cudagraphs fusedloss whole learnedpos", "gpt2", "preln", 32, False, CG, fused_loss=True,
+            loss_chunk=1 << 20, pos="learned"),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]
@@ -410,7 +416,7 @@ STEP_PLAN = [  # most wanted first
 
 # StepRun's switches: a Pre-LN run with all of them at their defaults is its shape's base row
 SWITCHES = ("noble_form", "optimizer", "cosnet_kernel", "mix_kernel", "gated", "gated_backward", "logits",
-            "fused_loss", "ce_kernel", "loss_chunk")
+            "fused_loss", "ce_kernel", "loss_chunk", "pos")
 BURST = 5  # steps per timed call in the back-to-back timing (one synchronisation per BURST steps)
 PLAN: list[str] = []  # --plan: the STEP_PLAN labels to run, in this order (empty: all)
 
@@ -454,6 +460,7 @@ def _time_step(run_spec: StepRun, sz, seq: int, device: torch.device, smoke: boo
     try:
         cfg = arm_config(bt.base_config(sz, seq), arm)
         cfg.noble.compiled_form = run_spec.noble_form
+        cfg.pos = run_spec.pos
         step = bt.training_step(cfg, device, batch, seq, compile=True, compile_mode=mode)
         step.return_logits = run_spec.logits
         model, run, opt = step.model, step.run, step.optimizer
