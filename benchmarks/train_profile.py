@@ -322,6 +322,7 @@ class StepRun:
     ce_kernel: str = "cuda"        # linear_cross_entropy.KERNEL ("never": each chunk by PyTorch's ops in float32)
     loss_chunk: int = 4096         # linear_cross_entropy.CHUNK_TOKENS
     pos: str = "rope"              # model.pos; "learned": GPT-2's own positions (llm.c's model), no rotary kernels
+    ce_rows: int | None = None     # linear_cross_entropy.ROW_PROGRAMS_PER_SM (None: one kernel program per row)
 
     def switches(self) -> dict[str, object]:
         """The module switches this run sets (dotted paths, for :func:`leanformer.bench.kernel_switches.switches_set`;
@@ -332,7 +333,8 @@ class StepRun:
                 ops + "gated_attention.BACKWARD": self.gated_backward,
                 ops + "linear_cross_entropy.FUSED": self.fused_loss,
                 ops + "linear_cross_entropy.KERNEL": self.ce_kernel,
-                ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk}
+                ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk,
+                ops + "linear_cross_entropy.ROW_PROGRAMS_PER_SM": self.ce_rows}
 
 
 CG = "reduce-overhead"
@@ -409,6 +411,12 @@ STEP_PLAN = [  # most wanted first
     StepRun("gpt2 preln b16 cudagraphs learnedpos", "gpt2", "preln", 16, True, CG, pos="learned"),
     StepRun("gpt2 preln b32 cudagraphs fusedloss whole learnedpos", "gpt2", "preln", 32, False, CG, fused_loss=True,
             loss_chunk=1 << 20, pos="learned"),
+    # 19:25: the loss kernel with 2 or 4 programs per SM looping over rows (fewer rows in flight: the second read
+    # of each row from L2), the whole batch
+    StepRun("gpt2 preln b16 cudagraphs fusedloss whole rows2", "gpt2", "preln", 16, True, CG, fused_loss=True,
+            loss_chunk=1 << 20, ce_rows=2),
+    StepRun("gpt2 preln b16 cudagraphs fusedloss whole rows4", "gpt2", "preln", 16, False, CG, fused_loss=True,
+            loss_chunk=1 << 20, ce_rows=4),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]
@@ -416,7 +424,7 @@ STEP_PLAN = [  # most wanted first
 
 # StepRun's switches: a Pre-LN run with all of them at their defaults is its shape's base row
 SWITCHES = ("noble_form", "optimizer", "cosnet_kernel", "mix_kernel", "gated", "gated_backward", "logits",
-            "fused_loss", "ce_kernel", "loss_chunk", "pos")
+            "fused_loss", "ce_kernel", "loss_chunk", "pos", "ce_rows")
 BURST = 5  # steps per timed call in the back-to-back timing (one synchronisation per BURST steps)
 PLAN: list[str] = []  # --plan: the STEP_PLAN labels to run, in this order (empty: all)
 

@@ -91,16 +91,19 @@ def test_under_bf16_autocast_it_rounds_as_the_plain_route():
         assert float((ours - plain).abs().max() / plain.abs().max()) < 8e-3
 
 
+@pytest.mark.parametrize("programs", [None, 1], ids=["program-per-row", "rows-looped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("V,block", [(11, 4096), (300, 64)], ids=["one-block", "ragged-blocks"])
-def test_the_kernel_route_equals_float64(dtype, V, block, monkeypatch):
+def test_the_kernel_route_equals_float64(dtype, V, block, programs, monkeypatch):
     """KERNEL "always" (on the GPU, or the CPU under TRITON_INTERPRET=1): loss, ∂h, ∂W, ∂b against the float64
     plain route, the kernel reading the logits in their dtype (a row in one block, or in blocks of 64 with a ragged
     last one), ignored targets, chunks of 5 (ragged) and a scaled upstream gradient; float32 within float32
-    rounding (no TF32), bf16 (h, W, b in bf16: logits and z̄ rounded to bf16) within bf16's."""
+    rounding (no TF32), bf16 (h, W, b in bf16: logits and z̄ rounded to bf16) within bf16's. "rows-looped":
+    ROW_PROGRAMS_PER_SM 1, so on the CPU one program takes each chunk's rows in turn."""
     pytest.importorskip("triton")
     monkeypatch.setattr(lce, "KERNEL", "always")
     monkeypatch.setattr(lce, "BLOCK_V", block)
+    monkeypatch.setattr(lce, "ROW_PROGRAMS_PER_SM", programs)
     _no_tf32(monkeypatch)
     h, w, b, y = (t.to(DEV) for t in _inputs(V=V))
     h, w, b = h * 2, w * 2, b  # logits of a few units: a softmax far from uniform

@@ -37,6 +37,11 @@ KERNEL = "cuda"  # each chunk's loss terms and logits' gradient by one Triton ke
 # over each row: :mod:`leanformer.ops._cross_entropy_kernel`): "cuda" on CUDA tensors; "always" also CPU tensors
 # under TRITON_INTERPRET=1 (tests); "never": PyTorch's ops in float32 (softmax, one-hot, scale)
 BLOCK_V = 4096  # the kernel's columns per step of its loops over a row
+ROW_PROGRAMS_PER_SM: int | None = None  # the kernel's grid: this many programs per SM, each taking every
+# (programs)-th row, so fewer rows are read at once and each row's second read may come from L2; None: one program
+# per row. Not timed: at b16 the kernel read 1.65 GB twice and wrote it once in 1.625 ms, 3.05 TB/s, as if both
+# reads came from HBM (H100, 2026-12-07 18:55, docs/gpu/misc_2026-12-07/callZ); with one program per row, up to
+# ≈ 1,000 rows of 100 KB are in flight against a 50 MB L2
 
 
 def _kernel_takes(logits: torch.Tensor) -> bool:
@@ -64,9 +69,13 @@ def _cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, inv_n: tor
     n, V = logits.shape
     terms = _new_terms(logits, targets, inv_n)
     opts = {} if _interpret() else {"num_warps": 8}
+    programs = n
+    if ROW_PROGRAMS_PER_SM is not None:  # the interpreter (CPU tensors) counts as one SM
+        sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
+        programs = max(1, min(n, ROW_PROGRAMS_PER_SM * sms))
     with _on_device(logits):
-        _wrap(kern.cross_entropy_grad_kernel)[(n,)](
-            logits, targets, inv_n, logits, terms, V, logits.stride(0), targets.stride(0), logits.stride(0),
+        _wrap(kern.cross_entropy_grad_kernel)[(programs,)](
+            logits, targets, inv_n, logits, terms, n, V, logits.stride(0), targets.stride(0), logits.stride(0),
             IGNORE=IGNORE_INDEX,
             BLOCK_V=min(BLOCK_V, 1 << max(V - 1, 1).bit_length()), **opts)
     return terms
