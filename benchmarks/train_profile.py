@@ -318,7 +318,8 @@ class StepRun:
     gated: bool = False            # dijiang.GATED_FLA_TRAINING_FROM = 2 (DiJiang through fla with one gate per token)
     gated_backward: str = "passes"  # gated_attention.BACKWARD ("fla": dk, dv from fla's backward kernels, no flips)
     logits: bool = False           # the model returns its logits too (every step before 2026-12-07 14:40)
-    fused_loss: bool = False       # linear_cross_entropy.FUSED: the head and the loss in chunks, never whole logits
+    fused_loss: bool = False       # linear_cross_entropy.FUSED "always" (else "never"): the head and loss in chunks
+    # (the library's default since 19:30 on CUDA, with loss_chunk 32768; the base rows keep the plain route)
     ce_kernel: str = "cuda"        # linear_cross_entropy.KERNEL ("never": each chunk by PyTorch's ops in float32)
     loss_chunk: int = 4096         # linear_cross_entropy.CHUNK_TOKENS
     pos: str = "rope"              # model.pos; "learned": GPT-2's own positions (llm.c's model), no rotary kernels
@@ -331,7 +332,7 @@ class StepRun:
         return {layers + "noble.COSNET_KERNEL": self.cosnet_kernel, layers + "shaped.MIX_KERNEL": self.mix_kernel,
                 layers + "dijiang.GATED_FLA_TRAINING_FROM": 2 if self.gated else None,
                 ops + "gated_attention.BACKWARD": self.gated_backward,
-                ops + "linear_cross_entropy.FUSED": self.fused_loss,
+                ops + "linear_cross_entropy.FUSED": "always" if self.fused_loss else "never",
                 ops + "linear_cross_entropy.KERNEL": self.ce_kernel,
                 ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk,
                 ops + "linear_cross_entropy.ROW_PROGRAMS_PER_SM": self.ce_rows}

@@ -19,6 +19,7 @@ from leanformer.config import TransformerConfig
 from leanformer.decoding import StaticCache, StaticDecoder, check_sampling, sample_next
 from leanformer.layers.norms import make_norm
 from leanformer.ops import linear_cross_entropy
+from leanformer.ops.on_cuda import kernel_switch_allows
 from leanformer.registry import attention_spec, build_block
 
 _RESIDUAL_OUTPUTS = ("attn.o", "mlp.ffn_out")
@@ -106,7 +107,8 @@ class TransformerLM(nn.Module):
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: without them the logits are all there is to return")
         head = self.lm_head
-        if (not return_logits and linear_cross_entropy.FUSED and type(head) is nn.Linear
+        if (not return_logits and type(head) is nn.Linear
+                and kernel_switch_allows("linear_cross_entropy.FUSED", linear_cross_entropy.FUSED, head.weight)
                 and not head._forward_pre_hooks and not head._forward_hooks):  # its weight as the forward reads it
             h = self.hidden_states(idx, cache, attention_mask)  # the logits in chunks, never whole
             loss = linear_cross_entropy.linear_cross_entropy(h, head.weight, head.bias, targets)

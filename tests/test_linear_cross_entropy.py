@@ -157,7 +157,8 @@ def test_bad_inputs_are_named():
 def test_the_models_loss_and_gradients_through_it_equal_the_plain_route(tied, monkeypatch):
     """TransformerLM with FUSED and return_logits=False: the same loss and parameter gradients, tied embeddings
     included (a float64 model: the plain route's loss is float32, so float32's tolerance); with return_logits the
-    plain route still runs (the logits are returned)."""
+    plain route still runs (the logits are returned); FUSED "cuda" (the default) leaves a CPU model on the plain
+    route."""
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, tie_embeddings=tied)
     model = TransformerLM(cfg).double()
@@ -165,7 +166,7 @@ def test_the_models_loss_and_gradients_through_it_equal_the_plain_route(tied, mo
     tgt = idx.roll(-1, 1)
     tgt[:, -1] = -100
     runs = []
-    for fused in (False, True):
+    for fused in ("never", "always"):
         monkeypatch.setattr(lce, "FUSED", fused)
         monkeypatch.setattr(lce, "CHUNK_TOKENS", 10)
         model.zero_grad(set_to_none=True)
@@ -176,6 +177,13 @@ def test_the_models_loss_and_gradients_through_it_equal_the_plain_route(tied, mo
     for a, e in zip(*runs):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     assert model(idx, tgt)[0].shape == (3, 17, 61)
+    monkeypatch.setattr(lce, "FUSED", "cuda")
+
+    def refused(*args, **kwargs):
+        raise AssertionError("FUSED 'cuda' sent a CPU model's loss through linear_cross_entropy")
+
+    monkeypatch.setattr(lce, "linear_cross_entropy", refused)
+    assert model(idx, tgt, return_logits=False)[1] is not None
 
 
 @pytest.mark.parametrize("route", ["never", "always"], ids=["pytorch-ops", "kernel"])

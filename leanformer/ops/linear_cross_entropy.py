@@ -15,8 +15,8 @@ dtype autocast gives them; ∂W and ∂b add up in float32 across chunks. For fl
 with a loss scaler, z̄ (≈ 1/n) would underflow before the scale reaches it. Targets are class ids or −100 (another
 negative id counts as class 0 here, where the plain route raises). No double backward (∂h carries no graph).
 
-:data:`FUSED` (off until timed) makes :meth:`leanformer.model.TransformerLM.forward` take this route when it returns
-no logits and its head is a plain ``nn.Linear``.
+:data:`FUSED` ("cuda": on CUDA since its timing) makes :meth:`leanformer.model.TransformerLM.forward` take this
+route when it returns no logits and its head is a plain ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,14 @@ from leanformer.ops.fused_decay_attention import (_interpret, _on_device, _regis
                                                   kernel_reason)
 from leanformer.ops.on_cuda import kernel_switch_allows
 
-FUSED = False  # TransformerLM's loss through linear_cross_entropy when it returns no logits; off: slower when timed
-# with PyTorch's ops for each chunk (H100, 2026-12-07 16:38/16:46: 0.957x at b 16, 0.966x at b 32, 1.09 ms more of
-# Inductor's kernels, docs/gpu/misc_2026-12-07/callQ, callR); KERNEL's route is not timed yet
-CHUNK_TOKENS = 4096  # tokens per chunk: float32 logits of 4,096 × 50,304 take 824 MB (412 MB in bf16 by KERNEL)
+FUSED = "cuda"  # TransformerLM's loss through linear_cross_entropy when it returns no logits: "cuda" for a model on
+# CUDA (the default), "always" also on the CPU, "never" not. On CUDA since timed with KERNEL's in-place gradient, the
+# whole batch in one chunk (H100, 2026-12-07 19:21, train_profile.py, GPT-2 Pre-LN b32 under CUDA graphs: 68.30
+# against 69.52 ms, 1.018x, peak memory 0.998x; docs/gpu/misc_2026-12-07/callAA). By PyTorch's float32 ops each
+# chunk was slower (0.957x at b16, 16:38, callQ), so the CPU, where KERNEL does not run, keeps the plain route
+CHUNK_TOKENS = 32768  # tokens per chunk: a GPT-2 batch of 32 x 1024 in one (timed fastest: 1.009x at b16 against
+# chunks of 4,096, 18:55, callZ); its bf16 logits take 3.3 GB at GPT-2's vocabulary, as the plain step's do, the
+# gradient written over them by KERNEL (float32 logits by PyTorch's ops: 6.6 GB)
 IGNORE_INDEX = -100
 KERNEL = "cuda"  # each chunk's loss terms and logits' gradient by one Triton kernel in the logits' dtype (two passes
 # over each row: :mod:`leanformer.ops._cross_entropy_kernel`): "cuda" on CUDA tensors; "always" also CPU tensors
