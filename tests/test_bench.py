@@ -67,6 +67,20 @@ def test_bench_train_tiny(tmp_path):
     assert "FLOP-limit × preln" in md and "realised" in md
 
 
+def test_bench_train_with_gpt2s_learned_positions(tmp_path):
+    """--pos learned: every arm with a learned position table (GPT-2's own; one more (T, d) parameter than RoPE's
+    run of the same arm), recorded in the settings."""
+    params = {}
+    for pos in ("rope", "learned"):
+        out = tmp_path / pos
+        assert main(["bench", "train", "--size", "tiny", "--arms", "preln", "--pos", pos, "--repeats", "1",
+                     "--warmup", "0", "--out", str(out), *CPU]) == 0
+        data = _load(out, "train")
+        assert data["settings"]["pos"] == pos and data["results"][0]["status"] == "ok"
+        params[pos] = data["results"][0]["params"]
+    assert params["learned"] - params["rope"] == 32 * 32  # tiny: seq 32, d_model 32
+
+
 def test_bench_attention_tiny(tmp_path):
     out = tmp_path / "attn"
     rc = main(["bench", "attention", "--lengths", "32,64", "--heads", "2", "--head-dim", "16",

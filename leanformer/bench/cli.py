@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--eager", action="store_true", default=None,
                    help="also time the eager arms (default: on CPU, or when --compile is given)")
     t.add_argument("--compile-arms", default=None, help="arms to compile with --compile (default: the arms run)")
+    t.add_argument("--pos", default="rope", choices=("rope", "learned", "none"),
+                   help="every arm's positions: rope (default), learned (GPT-2's own, as llm.c's model), none")
     t.add_argument("--peak-flops", type=float, default=None,
                    help="peak FLOP/s for MFU (default: the table of known GPUs; none on CPU)")
     t.set_defaults(func=run_train)
@@ -145,7 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
     return _run(args, lambda device: run_train_bench(
         size=args.size, arms=args.arms, seq_len=args.seq_len, batch=args.batch,
         compile=args.compile, eager=args.eager, compile_arms=args.compile_arms, compile_mode=args.compile_mode,
-        device=device,
+        pos=args.pos, device=device,
         warmup=3 if args.warmup is None else args.warmup,
         repeats=args.repeats, peak_flops=args.peak_flops, time_budget=args.time_budget,
         command=command_line("leanformer bench train", args)))

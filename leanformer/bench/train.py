@@ -66,10 +66,11 @@ def get_size(name: str) -> Size:
     return SIZES[name]
 
 
-def base_config(size: Size, max_seq_len: int) -> TransformerConfig:
-    """The ``preln`` baseline at ``size``: GPT-2 shape, RoPE, LayerNorm, GELU, no biases, tied head."""
+def base_config(size: Size, max_seq_len: int, pos: str = "rope") -> TransformerConfig:
+    """The ``preln`` baseline at ``size``: GPT-2 shape, LayerNorm, GELU, no biases, tied head, positions ``pos``
+    (RoPE by default; "learned": GPT-2's own, the model of llm.c's figures; "none")."""
     return TransformerConfig(vocab_size=size.vocab_size, d_model=size.d_model, n_layers=size.n_layers,
-                             n_heads=size.n_heads, max_seq_len=max_seq_len)
+                             n_heads=size.n_heads, max_seq_len=max_seq_len, pos=pos)
 
 
 # ---------------------------------------------------------------------------------------------- arms
@@ -234,14 +235,15 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
                     device: torch.device | None = None, warmup: int = 3, repeats: int = 10,
                     peak_flops: float | None = None, time_budget: float | None = None,
                     max_seconds_per_arm: float | None = None, compile_reserve_s: float = 45.0,
-                    compile_mode: str | None = None,
+                    compile_mode: str | None = None, pos: str = "rope",
                     command: str = "leanformer bench train") -> Report:
     """Run every arm (eager, then compiled when ``compile``) and return the :class:`Report`.
 
     ``time_budget`` (seconds): an arm not started when it is spent is "skipped (time budget)"; a compiled
     arm also needs ``compile_reserve_s`` left (its compilation alone takes that long at GPT-2 scale).
     ``compile=None`` (auto): compiled arms on CUDA, none on CPU; ``eager=None``: eager arms unless
-    ``compile`` was chosen automatically (so on CUDA only the compiled arms run by default).
+    ``compile`` was chosen automatically (so on CUDA only the compiled arms run by default). ``pos``: every
+    arm's positions (:func:`base_config`).
     """
     from leanformer.train.loop import enable_fast_matmul
     from leanformer.train.mfu import peak_flops_for
@@ -261,7 +263,8 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
     compiled = (parse_arms(compile_arms) if compile_arms else names) if compile else []
     enable_fast_matmul(device)
     peak = peak_flops if peak_flops is not None else peak_flops_for(device)
-    base = base_config(sz, max_seq_len=seq_len)
+    base = base_config(sz, max_seq_len=seq_len, pos=pos)
+    base.validate()  # a bad --pos is named here, before any arm runs
     meta = run_metadata(device, command)
     deadline = time.monotonic() + time_budget if time_budget else None
     report_name = "train" if size != "bert" else "train_bert"  # its files
@@ -296,7 +299,7 @@ def run_train_bench(*, size: str = "cpu", arms: str | list[str] | None = None, s
         title=f"Training step: size {size}, seq {seq_len}, batch {batch}",
         meta=meta, rows=rows, columns=TRAIN_COLUMNS, plot=plot_train,
         settings={"size": size, "model": vars(sz), "seq_len": seq_len, "batch": batch, "warmup": warmup,
-                  "repeats": repeats, "compile": compile, "compile_mode": compile_mode, "peak_flops": peak,
+                  "repeats": repeats, "compile": compile, "compile_mode": compile_mode, "pos": pos, "peak_flops": peak,
                   "dtype": "bf16 autocast" if device.type == "cuda" else "float32"},
         notes=[
             "one step = zero_grad + forward + cross-entropy + backward + AdamW step; median of the timed "
