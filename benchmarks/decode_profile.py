@@ -133,6 +133,13 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
      dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True})),
     ("noble 512 x1 compiled, NOBLE kernel, split K", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True})),
+    # every single-layer NOBLE launch (o, MLP up with its GELU, MLP down) as z once in its own column blocks, then
+    # the epilogue (noble_decode.Z_APART): one NOBLE launch's time over [W; W_down]'s plain product grew with the
+    # rank at 32 rows (2.6, 5.3, 9.7 µs at r 16, 32, 64; H100 2026-12-07 19:02, callY)
+    ("noble 512 x32 compiled, NOBLE kernel, split K, z apart", "noble_fused", 512, 32, True,
+     dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True, "leanformer.ops.noble_decode.Z_APART": True})),
+    ("noble 512 x1 compiled, NOBLE kernel, split K, z apart", "noble_fused", 512, 1, True,
+     dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True, "leanformer.ops.noble_decode.Z_APART": True})),
     # last: its programs wait for each other (a hang would stop the variants after it)
     ("noble 512 x1 compiled, NOBLE kernel, shared z, GELU in kernel", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **NOBLE_ACT, **{"leanformer.ops.noble_decode.SHARED_Z": True})),

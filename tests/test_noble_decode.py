@@ -605,3 +605,23 @@ def test_split_k_compiles_into_one_graph(monkeypatch):
     if DEV.type == "cpu":
         assert [t for t in targets if t.startswith("leanformer.")] == ["leanformer.noble_decode_partials.default",
                                                                       "leanformer.noble_decode_finish.default"]
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_z_apart_sends_every_single_layer_through_the_two_launches(activation, monkeypatch):
+    """Z_APART: a layer whose plain product is not split (K 200) also runs as partials (one part) and the finishing
+    launch, with the one-launch kernel's result (float32: the same K-sum order within one part, so within 1e-6),
+    the activation in the finishing launch's epilogue; off (the default), the one launch."""
+    assert nd.Z_APART is False
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    layer = _layer(200, 40).to(DEV)
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(11)).to(DEV)
+    assert sl.split_count(3, 40, 200, torch.float32) == 1
+    calls = _count_launches(monkeypatch)
+    with torch.no_grad():
+        one = nd.noble_linear(layer, x, activation=activation)
+        monkeypatch.setattr(nd, "Z_APART", True)
+        apart = nd.noble_linear(layer, x, activation=activation)
+    assert calls == ["_noble_op", "_partials_op", "_finish_op"]
+    torch.testing.assert_close(apart, one, rtol=1e-6, atol=1e-6)
+

@@ -32,7 +32,8 @@ program; it needs the layer's (or group's) ``sync`` and ``offsets`` buffers, whi
 
 With :data:`SPLIT_K` (on since its timing) the single-layer op (with or without the activation; not the grouped or
 shared-z kernels) runs a layer whose plain product :mod:`leanformer.ops.skinny_linear` would split along K
-(``split_count`` > 1: GPT-2's MLP down, 3072 → 768) as two launches: ``leanformer::noble_decode_partials``,
+(``split_count`` > 1: GPT-2's MLP down, 3072 → 768), and with :data:`Z_APART` (off, not timed in a step) every
+layer it takes, as two launches: ``leanformer::noble_decode_partials``,
 float32 partial products of W's columns and W_down's rows over S parts of K (S times the programs, each with S
 times fewer K tiles), then ``leanformer::noble_decode_finish``, their sums and the one-launch kernel's epilogue.
 The result differs only in where the float32 K-sum is re-associated. It splits eagerly too (its second launch is
@@ -70,6 +71,11 @@ SPLIT_K = True  # the single-layer op (noble_linear, with or without its activat
 # (skinny_linear.split_count > 1: GPT-2's MLP down, 3072 -> 768). On since its timing (H100, 2026-12-07 16:47,
 # decode_profile.py, GPT-2 NOBLE at 512, compiled, CUDA graph): 1.097 -> 1.040 ms per step at batch 32, 0.611 ->
 # 0.593 at batch 1, the same tokens (docs/gpu/misc_2026-12-07/callS)
+Z_APART = False  # every single-layer op (noble_linear) as those two launches, one part of K where the plain product
+# is not split: z once, by column blocks of its own, then the epilogue per output column block. Not timed in a
+# step. Why: one NOBLE launch's time over the plain product of [W; W_down] grew with the rank at 32 rows (2.6, 5.3,
+# 9.7 µs at r 16, 32, 64), while z's columns cost the plain product nothing, and wider column blocks were slower
+# (H100, 2026-12-07 19:02, benchmarks/noble_decode_gpu.py, docs/gpu/misc_2026-12-07/callY)
 
 
 def noble_supported(layer, x: torch.Tensor) -> str | None:
@@ -287,7 +293,7 @@ def noble_linear(layer, x: torch.Tensor, activation: str | None = None) -> torch
                                 cos.phi1, cos.M.weight, cos.M.bias, cos.omega2, cos.phi2, layer.up.weight, offsets,
                                 sync, layer.out_features, code)
     splits = _split_count(x, layer.weight)
-    if splits > 1:
+    if splits > 1 or Z_APART:
         return _noble_split(layer, x, code, splits)
     return _noble_op(x, layer.weight, layer.bias, layer.down.weight, layer.down.bias, cos.omega1, cos.phi1,
                      cos.M.weight, cos.M.bias, cos.omega2, cos.phi2, layer.up.weight, code)
