@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Prepared 2026-12-07 19:45 UTC. ≈ 7 min. Issue #13.
+# (0) GPU pytest of what changed after callZ: the loss kernel writing z̄ over the logits, its programs looping over
+#     rows (ROW_PROGRAMS_PER_SM), FUSED "cuda" with the model (float64 checks on the GPU). Expected: all pass.
+# (1) train_profile.py, GPT-2 small b16 under CUDA graphs: the plain step; the in-place loss kernel on the whole batch
+#     (the library's default on CUDA since 19:30) with one program per row and with 2 and 4 programs per SM looping
+#     over rows; the same with GPT-2's learned positions. The kernel took 1.625 ms at b16 (callZ, before in place):
+#     1.65 GB read twice and written once at 3.05 TB/s. If the second read came from L2 with fewer rows in flight,
+#     ≈ 1.1 ms: expected rows2 ≈ 0.4-0.5 ms faster than one program per row, or slower if the kernel is latency-bound.
+#     Learned positions: ≈ 1.5 ms faster than RoPE at b16 (the rotary kernels ≈ 1.7 ms, callZ).
+# (2) step_copies.py, with the Python frames around each copy and gap: which host code makes the 9 pageable
+#     host-to-device copies at the step's start (≈ 0.6 ms of idle, callV).
+source docs/gpu/preamble.sh callAC
+timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_cross_entropy.py > $R/pytest_log.txt 2>&1
+tail -3 $R/pytest_log.txt
+save
+P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs fusedloss whole,gpt2 preln b16 cudagraphs fusedloss whole rows2,gpt2 preln b16 cudagraphs fusedloss whole rows4,gpt2 preln b16 cudagraphs learnedpos"
+timeout 260 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 240 --out $R/steps \
+  > $R/steps_log.txt 2>&1
+grep "^\[" $R/steps_log.txt | tail -5
+save
+timeout 90 python3 -u benchmarks/step_copies.py --arm preln --batch 16 --mode reduce-overhead --out $R/copies \
+  > $R/copies_log.txt 2>&1
+tail -16 $R/copies_log.txt
