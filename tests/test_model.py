@@ -139,6 +139,27 @@ def test_rotary_tables_kept_between_calls_equal_fresh_ones():
     torch.testing.assert_close(a, b)
 
 
+def test_a_compiled_step_takes_no_cpu_tensor_for_its_rotary_tables():
+    """Under torch.compile the tables are built inside the graph from the frequencies as constants: no layer's CPU
+    ``inv_freq`` tensor is a graph input (on a GPU each was copied to the device at every step: pageable host-to-
+    device copies at the step's start, docs/benchmarks.md, callV's idle gaps), and the loss is the eager one."""
+    torch.manual_seed(0)
+    model = TransformerLM(tiny()).double()
+    idx = torch.randint(0, 61, (2, 9))
+    inputs = []
+
+    def record_inputs(gm, example_inputs):  # a dynamo backend: note the graph's tensor inputs, run it eagerly
+        inputs.extend((n.name, n.meta["example_value"].device) for n in gm.graph.nodes if n.op == "placeholder"
+                      and isinstance(n.meta.get("example_value"), torch.Tensor))
+        return gm.forward
+
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend=record_inputs, fullgraph=True)(idx, idx, return_logits=False)[1]
+    torch._dynamo.reset()
+    assert inputs and not [name for name, _ in inputs if "inv_freq" in name], inputs
+    torch.testing.assert_close(loss, model(idx, idx, return_logits=False)[1], rtol=1e-12, atol=1e-12)
+
+
 def test_bad_input_shapes_are_named():
     model = TransformerLM(tiny())
     with pytest.raises(ValueError, match=r"idx must be \(B, T\) integer token ids, got shape \(7,\)"):

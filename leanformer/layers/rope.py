@@ -48,7 +48,10 @@ class Rotary(nn.Module):
         with torch.device("cpu"):
             inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim))
             self.inv_freq = scale_frequencies(inv_freq, scaling)
-        self._freq_key = hash(tuple(self.inv_freq.tolist()))  # layers with equal tables share them per step
+        # the frequencies as Python floats: compiled code builds its tables from them (a constant of the graph),
+        # not from the CPU tensor, which a compiled graph took as an input and copied to the GPU at every step
+        self._inv_freq_values = tuple(self.inv_freq.tolist())
+        self._freq_key = hash(self._inv_freq_values)  # layers with equal tables share them per step
         self._tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (positions, cos, sin)
         self._reserved = 0
 
@@ -76,7 +79,11 @@ class Rotary(nn.Module):
     def _fresh(self, start: int, end: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``(end − start, rotary_dim)`` for positions ``start .. end−1``, computed in float64."""
         pos = torch.arange(start, end, device=device, dtype=torch.float64)
-        freqs = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
+        if torch.compiler.is_compiling():  # a constant on the device, not a graph input on the CPU (see __init__)
+            inv_freq = torch.tensor(self._inv_freq_values, device=device, dtype=torch.float64)
+        else:
+            inv_freq = self.inv_freq.to(device=device, dtype=torch.float64)
+        freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

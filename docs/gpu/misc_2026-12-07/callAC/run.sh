@@ -8,8 +8,10 @@
 #     1.65 GB read twice and written once at 3.05 TB/s. If the second read came from L2 with fewer rows in flight,
 #     ≈ 1.1 ms: expected rows2 ≈ 0.4-0.5 ms faster than one program per row, or slower if the kernel is latency-bound.
 #     Learned positions: ≈ 1.5 ms faster than RoPE at b16 (the rotary kernels ≈ 1.7 ms, callZ).
-# (2) step_copies.py, with the Python frames around each copy and gap: which host code makes the 9 pageable
-#     host-to-device copies at the step's start (≈ 0.6 ms of idle, callV).
+# (2) step_copies.py, with the Python frames around each copy and gap: whether the pageable host-to-device copies at
+#     the step's start (≈ 0.6 ms of idle, callV) are gone now that compiled code builds the rotary tables from
+#     constants (each layer's CPU inv_freq was a graph input, found on the CPU at 19:35); if some remain, which host
+#     code makes them. The plain b16 step in (1) is then expected ≈ 0.5 ms faster than callZ's 37.09 ms.
 source docs/gpu/preamble.sh callAC
 timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_linear_cross_entropy.py > $R/pytest_log.txt 2>&1
 tail -3 $R/pytest_log.txt
