@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logits", action="store_true",
                    help="the model returns its logits too, as every step did before 2026-12-07 14:40 (their unused "
                         "gradient: a fill and a copy the size of the logits)")
+    p.add_argument("--python-frames", action="store_true",
+                   help="record the Python frames around each copy and gap (with_stack: it adds host time, so the "
+                        "gaps then include the tracing's own)")
     args = p.parse_args(argv)
     from torch.profiler import ProfilerActivity, profile
 
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with profile(activities=acts, with_stack=True) as prof:  # the Python frames name a copy's origin
+    with profile(activities=acts, with_stack=args.python_frames) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -467,9 +467,8 @@ def _time_step(run_spec: StepRun, sz, seq: int, device: torch.device, smoke: boo
     row = {"label": label, "arm": arm, "batch": batch, "seq_len": seq, "mode": mode,
            "plain": all(getattr(run_spec, f.name) == f.default for f in fields(StepRun) if f.name in SWITCHES)}
     try:
-        cfg = arm_config(bt.base_config(sz, seq), arm)
+        cfg = arm_config(bt.base_config(sz, seq, pos=run_spec.pos), arm)  # validated with its positions
         cfg.noble.compiled_form = run_spec.noble_form
-        cfg.pos = run_spec.pos
         step = bt.training_step(cfg, device, batch, seq, compile=True, compile_mode=mode)
         step.return_logits = run_spec.logits
         model, run, opt = step.model, step.run, step.optimizer

@@ -109,6 +109,7 @@ class TransformerLM(nn.Module):
         head = self.lm_head
         if (not return_logits and type(head) is nn.Linear
                 and kernel_switch_allows("linear_cross_entropy.FUSED", linear_cross_entropy.FUSED, head.weight)
+                and linear_cross_entropy.fused_dtype_ok(head.weight)
                 and not head._forward_pre_hooks and not head._forward_hooks):  # its weight as the forward reads it
             h = self.hidden_states(idx, cache, attention_mask)  # the logits in chunks, never whole
             loss = linear_cross_entropy.linear_cross_entropy(h, head.weight, head.bias, targets)

@@ -184,6 +184,11 @@ def test_the_models_loss_and_gradients_through_it_equal_the_plain_route(tied, mo
 
     monkeypatch.setattr(lce, "linear_cross_entropy", refused)
     assert model(idx, tgt, return_logits=False)[1] is not None
+    monkeypatch.setattr(lce, "FUSED", "always")  # float16: the plain route (z̄ ≈ p/n would underflow)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert model.float()(idx, tgt, return_logits=False)[1] is not None
+    assert not lce.fused_dtype_ok(torch.zeros(1, dtype=torch.float16))
+    assert lce.fused_dtype_ok(torch.zeros(1)) and lce.fused_dtype_ok(torch.zeros(1, device="meta"))
 
 
 @pytest.mark.parametrize("route", ["never", "always"], ids=["pytorch-ops", "kernel"])

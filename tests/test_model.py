@@ -163,7 +163,7 @@ def test_a_compiled_step_takes_no_cpu_tensor_for_its_rotary_tables():
 def test_compiled_rotary_tables_equal_the_eager_ones_to_float32_rounding():
     """Under torch.compile a float32 (or bf16) table is the cos and sin in float32 of the angle reduced modulo 2π in
     float64: within 1e-6 of the float64 table up to 32K positions (the eager tables: float64, then rounded); a
-    float64 table stays exact."""
+    float64 table stays exact; the tables kept for decoding stay the float64 ones rounded, compiled or not."""
     from leanformer.layers.rope import Rotary
 
     for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-13)):
@@ -174,6 +174,15 @@ def test_compiled_rotary_tables_equal_the_eager_ones_to_float32_rounding():
         assert cos.dtype == dtype
         for got, want in ((cos, ref_cos), (sin, ref_sin)):
             assert float((got.double() - want).abs().max()) <= tol
+    # tables kept for decoding (reserve()) are the float64 ones rounded, even when a compiled call builds them
+    kept, eager = Rotary(64), Rotary(64)
+    for r in (kept, eager):
+        r.reserve(4096)
+    torch._dynamo.reset()
+    torch.compile(lambda: kept.cos_sin(0, 1, "cpu", torch.float32), fullgraph=True)()
+    eager.cos_sin(0, 1, "cpu", torch.float32)
+    assert kept._tables[0] == eager._tables[0] and all(torch.equal(a, b) for a, b in zip(kept._tables[1:],
+                                                                                      eager._tables[1:]))
     torch._dynamo.reset()
 
 

@@ -69,23 +69,24 @@ class Rotary(nn.Module):
         end = max(start + length, self._reserved)
         if torch.compiler.is_compiling() and not self._reserved:
             # training under torch.compile: built inside the graph (storing it would make dynamo recompile)
-            return self._fresh(start, start + length, device, dtype)
+            return self._fresh(start, start + length, device, dtype, reduced=dtype != torch.float64)
         cached = self._tables
         if cached is None or cached[0] < end or cached[1].device != torch.device(device) or cached[1].dtype != dtype:
             size = max(end, 2 * cached[0] if cached is not None else 0, 256)
             cached = self._tables = (size, *self._fresh(0, size, device, dtype))
         return cached[1][start:start + length], cached[2][start:start + length]
 
-    def _fresh(self, start: int, end: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``(end − start, rotary_dim)`` for positions ``start .. end−1``, computed in float64."""
+    def _fresh(self, start: int, end: int, device, dtype, reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``(end − start, rotary_dim)`` for positions ``start .. end−1``, computed in float64; with
+        ``reduced``, cos and sin in float32 of the angle reduced modulo 2π in float64 (within ≈ 5e-7 of float64's):
+        only for tables built inside a compiled training graph, never for the kept ones decoding reads."""
         pos = torch.arange(start, end, device=device, dtype=torch.float64)
-        compiling = torch.compiler.is_compiling()
-        if compiling:  # a constant on the device, not a graph input on the CPU (see __init__)
+        if torch.compiler.is_compiling():  # a constant on the device, not a graph input on the CPU (see __init__)
             inv_freq = torch.tensor(self._inv_freq_values, device=device, dtype=torch.float64)
         else:
             inv_freq = self.inv_freq.to(device=device, dtype=torch.float64)
         freqs = torch.outer(pos, inv_freq)
-        if compiling and dtype != torch.float64:
+        if reduced:
             # Inductor may fuse the tables into each rotation, one cos and sin per element of q and k: float32 ones
             # after reducing the angle modulo 2π in float64 (within ≈ 5e-7 of the float64 table; bf16's ulp is 8e-3)
             freqs = torch.remainder(freqs, 2 * math.pi).float()

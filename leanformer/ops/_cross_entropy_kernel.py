@@ -27,27 +27,31 @@ def cross_entropy_grad_kernel(L, T, INV_N, G, LOSS, N, V, sl, st, sg, IGNORE: tl
     loss terms. A negative target other than IGNORE counts as class 0 (as the PyTorch route of the op's module);
     one ≥ V is the caller's error (F.cross_entropy raises) and is read as V − 1, never outside the row.
     The grid's programs take rows pid, pid + programs, ... (one row each when the grid has N programs).
-    G may be L (the op writes in place): each block of the second pass is read before the same program writes it,
-    and z[y] is read before that pass."""
+    G may be L (the op writes in place): each element of the second pass is loaded and stored by the same thread,
+    and z[y] is taken in the first pass (a lane's copy, summed with the reductions), never read after it."""
     offs = tl.arange(0, BLOCK_V)
     for i in range(tl.program_id(0), N, tl.num_programs(0)):  # rows pid, pid + programs, ...
         row = tl.cast(i, tl.int64)
+        y = tl.load(T + row * st)
+        kept = y != IGNORE
+        y = tl.minimum(tl.maximum(y, 0), V - 1)
         # a running maximum and sum per lane, one exp per element: the smaller of (m, z) relative to the larger. m
-        # starts finite, so a lane that never sees a column (z = -inf) adds exp(-inf) = 0, not NaN
+        # starts finite, so a lane that never sees a column (z = -inf) adds exp(-inf) = 0, not NaN. z[y] is kept by
+        # the lane that reads it and summed with the reductions, not read again: in place, another warp may have
+        # written z̄ over it by then (a scalar load after the reductions has no barrier before the second pass)
         m = tl.full((BLOCK_V,), -1e30, tl.float32)
         s = tl.zeros((BLOCK_V,), tl.float32)
+        pk = tl.zeros((BLOCK_V,), tl.float32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             z = tl.load(L + row * sl + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             e = tl.exp(tl.minimum(m, z) - tl.maximum(m, z))
             s = tl.where(z > m, s * e + 1.0, s + e)
             m = tl.maximum(m, z)
+            pk = tl.where(cols == y, z, pk)
         top = tl.max(m, axis=0)
         lse = top + tl.log(tl.sum(s * tl.exp(m - top), axis=0))
-        y = tl.load(T + row * st)
-        kept = y != IGNORE
-        y = tl.minimum(tl.maximum(y, 0), V - 1)
-        picked = tl.load(L + row * sl + y).to(tl.float32)
+        picked = tl.sum(pk, axis=0)
         tl.store(LOSS + row, tl.where(kept, lse - picked, 0.0))
         scale = tl.where(kept, tl.load(INV_N), 0.0)
         for v0 in range(0, V, BLOCK_V):

@@ -48,6 +48,18 @@ ROW_PROGRAMS_PER_SM: int | None = None  # the kernel's grid: this many programs 
 # ≈ 1,000 rows of 100 KB are in flight against a 50 MB L2
 
 
+def fused_dtype_ok(weight: torch.Tensor) -> bool:
+    """Whether the route suits the head's dtype: not float16 weights, nor autocast to float16 on their device,
+    where z̄ ≈ p/n (n: the batch's tokens) would underflow in the products' inputs (the module docstring)."""
+    if weight.dtype == torch.float16:
+        return False
+    kind = weight.device.type
+    try:
+        return not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return True
+
+
 def _kernel_takes(logits: torch.Tensor) -> bool:
     """Whether :data:`KERNEL` computes this chunk: its route, Triton importing, a device every kernel of ours takes,
     float32 or bf16 logits (float16's z̄ ≈ p/n would underflow before ∂b sums it), rows with unit column stride."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-07 19:45 UTC. ≈ 7 min. Issue #13.
+# Prepared 2026-12-07 19:45 UTC. ≈ 8 min. Issue #13.
 # (0) GPU pytest of what changed after callZ: the loss kernel writing z̄ over the logits, its programs looping over
 #     rows (ROW_PROGRAMS_PER_SM), FUSED "cuda" with the model (float64 checks on the GPU). Expected: all pass.
 # (1) train_profile.py, GPT-2 small b16 under CUDA graphs: the plain step; the in-place loss kernel on the whole batch
@@ -8,7 +8,7 @@
 #     1.65 GB read twice and written once at 3.05 TB/s. If the second read came from L2 with fewer rows in flight,
 #     ≈ 1.1 ms: expected rows2 ≈ 0.4-0.5 ms faster than one program per row, or slower if the kernel is latency-bound.
 #     Learned positions: ≈ 1.5 ms faster than RoPE at b16 (the rotary kernels ≈ 1.7 ms, callZ).
-# (2) step_copies.py, with the Python frames around each copy and gap: whether the pageable host-to-device copies at
+# (2) step_copies.py, then again with the Python frames around each copy and gap (--python-frames): whether the pageable host-to-device copies at
 #     the step's start (≈ 0.6 ms of idle, callV) are gone now that compiled code builds the rotary tables from
 #     constants (each layer's CPU inv_freq was a graph input, found on the CPU at 19:35); if some remain, which host
 #     code makes them. The plain b16 step in (1) is then expected ≈ 0.5 ms faster than callZ's 37.09 ms.
@@ -24,3 +24,7 @@ save
 timeout 90 python3 -u benchmarks/step_copies.py --arm preln --batch 16 --mode reduce-overhead --out $R/copies \
   > $R/copies_log.txt 2>&1
 tail -16 $R/copies_log.txt
+save
+timeout 90 python3 -u benchmarks/step_copies.py --arm preln --batch 16 --mode reduce-overhead --python-frames \
+  --out $R/copies_frames > $R/copies_frames_log.txt 2>&1
+tail -8 $R/copies_frames_log.txt
