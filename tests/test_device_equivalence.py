@@ -5,7 +5,8 @@ Each check records its error (max |out − ref| / max |ref|) and tolerance as JU
 ``benchmarks/gpu_check.py`` tabulates: DiJiang's parallel / chunk / recurrent forms (and fla's kernels,
 CUDA + fla only; our fused Triton kernel, CUDA or Triton's interpreter), forward and gradients; DiJiang's
 cached decoding against its full forward; NOBLE's fused and plain products; shaped attention's fast form
-against its materialised reference.
+against its materialised reference; the training head and loss through its Triton kernel; the rotary tables a
+compiled graph builds.
 """
 
 from __future__ import annotations
@@ -319,3 +320,46 @@ def test_attention_bench_graph_replay_gives_the_eager_gradients(device, check, m
     torch.cuda.synchronize()
     replayed = [results[0], *(x.grad for x in leaves[:3])]
     check(max(rel_err(a, b) for a, b in zip(replayed, eager)), 3e-3)  # atomics in some backward passes
+
+
+# ---------------------------------------------------------------------------- the training head and loss
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_head_and_loss_kernel_match_float64(device, check, dtype, monkeypatch):
+    """linear_cross_entropy through its Triton kernel (KERNEL "always": the GPU's, or the interpreter), the gradient
+    written over the logits: the loss, ∂h and ∂W against the float64 plain route. On CUDA at GPT-2's vocabulary,
+    with half the targets below the kernel's first column block (ids < 4,096: where a read of z[y] after the
+    reductions raced with other warps' writes of z̄ before 2026-12-07 19:45) and some ignored."""
+    pytest.importorskip("triton")
+    from leanformer.ops import linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "KERNEL", "always")
+    N, C, V = (2048, 256, 50304) if device.type == "cuda" else (48, 32, 700)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, C, generator=g, dtype=torch.float64).to(device)
+    w = (torch.randn(V, C, generator=g, dtype=torch.float64) / C ** 0.5).to(device)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[: N // 2] = torch.randint(0, min(V, 4096) // 8, (N // 2,), generator=g)
+    y[::7] = -100
+    y = y.to(device)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(hh @ ww.T, y, ignore_index=-100)
+    ref.backward()
+    h2, w2 = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    assert lce._kernel_takes(torch.empty(1, V, device=device, dtype=dtype))
+    loss = lce.linear_cross_entropy(h2, w2, None, y, chunk_tokens=N // 2)
+    loss.backward()
+    err = max(abs(float(loss) - float(ref)) / float(ref), rel_err(h2.grad, hh.grad), rel_err(w2.grad, ww.grad))
+    check(err, TOL[dtype])
+
+
+def test_compiled_rotary_tables_match_float64(device, check):
+    """The tables a compiled training graph builds for float32 (cos and sin in float32 of the angle reduced modulo
+    2π in float64), on the device, up to 32K positions, against float64's."""
+    from leanformer.layers.rope import Rotary
+
+    rot = Rotary(64)
+    torch._dynamo.reset()
+    cos, sin = torch.compile(lambda: rot.cos_sin(0, 32768, device, torch.float32), fullgraph=True)()
+    torch._dynamo.reset()
+    ref_cos, ref_sin = Rotary(64)._fresh(0, 32768, device, torch.float64)
+    check(max(float((cos.double() - ref_cos).abs().max()), float((sin.double() - ref_sin).abs().max())), 1e-6)
