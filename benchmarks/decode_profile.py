@@ -140,6 +140,13 @@ VARIANTS = [  # (label, arm, context, batch, compile: False, True or a torch.com
      dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True, "leanformer.ops.noble_decode.Z_APART": True})),
     ("noble 512 x1 compiled, NOBLE kernel, split K, z apart", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True, "leanformer.ops.noble_decode.Z_APART": True})),
+    # CosNet's r x r product in the NOBLE epilogue on tensor cores (noble_decode.COSNET_PRECISION "tf32")
+    ("noble 512 x32 compiled, NOBLE kernel, split K, tf32 CosNet", "noble_fused", 512, 32, True,
+     dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True,
+                       "leanformer.ops.noble_decode.COSNET_PRECISION": "tf32"})),
+    ("noble 512 x1 compiled, NOBLE kernel, split K, tf32 CosNet", "noble_fused", 512, 1, True,
+     dict(NOBLE_ON, **{"leanformer.ops.noble_decode.SPLIT_K": True,
+                       "leanformer.ops.noble_decode.COSNET_PRECISION": "tf32"})),
     # last: its programs wait for each other (a hang would stop the variants after it)
     ("noble 512 x1 compiled, NOBLE kernel, shared z, GELU in kernel", "noble_fused", 512, 1, True,
      dict(NOBLE_ON, **NOBLE_ACT, **{"leanformer.ops.noble_decode.SHARED_Z": True})),

@@ -12,7 +12,9 @@ times, per launch, in one CUDA graph of ``--calls`` launches (:func:`skinny_line
 * ``NOBLE, BLOCK_N b``: the same with b-column blocks (fewer programs, so fewer recomputations of z);
 * ``two launches``: the split-K route with one part (``noble_decode._noble_split``, S = 1): z once, by column
   blocks of its own beside W's (``partials``: float32 [x Wᵀ, x W_downᵀ]), then the epilogue for each output
-  column block (``finish``: the sum of the parts, CosNet, the up product, the sum), each also timed alone.
+  column block (``finish``: the sum of the parts, CosNet, the up product, the sum), each also timed alone;
+* ``..., tf32 CosNet``: the one- and two-launch routes with CosNet's r × r product on tensor cores
+  (``noble_decode.COSNET_PRECISION`` "tf32"; "ieee", the default, runs it on FMAs in every program).
 
 NOBLE − plain N+R is then z's recomputation plus the epilogue; the rank and the block width tell the two apart.
 The H100 call of 2026-12-07 18:59 (docs/gpu/misc_2026-12-07/callY) found it growing with the rank at 32 rows (2.6,
@@ -107,6 +109,14 @@ def main(argv=None) -> int:
 
             for name, fn in variants.items():
                 times[name] = graph_time_per_call(fn, args.calls, args.replays)
+            for name in ("NOBLE", "two launches"):  # the epilogue's r x r CosNet product on tensor cores
+                nd.COSNET_PRECISION = "tf32"
+                try:
+                    times[f"{name}, tf32 CosNet"] = graph_time_per_call(variants[name], args.calls, args.replays)
+                except Exception as e:  # noqa: BLE001 - reported, not fatal
+                    times[f"{name}, tf32 CosNet"] = f"failed: {type(e).__name__}: {e}"[:120]
+                finally:
+                    nd.COSNET_PRECISION = "ieee"
             for block in BLOCKS:
                 sl.BLOCK_N = block
                 try:
@@ -125,7 +135,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "noble_decode.json").write_text(json.dumps(result, indent=1))
     names = (["plain N", "plain N+R", "NOBLE"] + [f"NOBLE, BLOCK_N {b}" for b in BLOCKS]
-             + ["two launches", "partials", "finish"])
+             + ["two launches", "partials", "finish", "NOBLE, tf32 CosNet", "two launches, tf32 CosNet"])
     lines = [f"# One NOBLE decoding launch against plain few-row products ({result['meta']['device']}, "
              f"{result['meta']['date']})", "", f"`{result['meta']['command']}`; µs per launch in a CUDA graph", "",
              "| shape | M | R | " + " | ".join(names) + " | NOBLE − plain N+R | heuristic BLOCK_N | max err / max |",

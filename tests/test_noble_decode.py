@@ -625,3 +625,26 @@ def test_z_apart_sends_every_single_layer_through_the_two_launches(activation, m
     assert calls == ["_noble_op", "_partials_op", "_finish_op"]
     torch.testing.assert_close(apart, one, rtol=1e-6, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("route", ["one-launch", "two-launch"])
+def test_cosnet_precision_switch(route, monkeypatch):
+    """COSNET_PRECISION "tf32": the epilogue's r × r product on tensor cores, the output within 5e-3 of float64's
+    (on the GPU; the interpreter's products are float32 either way, so there it equals "ieee"); another value is
+    named."""
+    monkeypatch.setattr(nd, "ROUTE", "always")
+    monkeypatch.setattr(nd, "Z_APART", route == "two-launch")
+    layer = _layer(200, 40).to(DEV)
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(12))
+    ref = copy.deepcopy(layer).double().cpu().forward_reference(x.double())
+    x = x.to(DEV)
+    with torch.no_grad():
+        ieee = nd.noble_linear(layer, x)
+        monkeypatch.setattr(nd, "COSNET_PRECISION", "tf32")
+        tf32 = nd.noble_linear(layer, x)
+        assert float((tf32.double().cpu() - ref).abs().max() / ref.abs().max()) <= 5e-3
+        if DEV.type == "cpu":
+            assert torch.equal(tf32, ieee)
+        monkeypatch.setattr(nd, "COSNET_PRECISION", "fp8")
+        with pytest.raises(ValueError, match=r"COSNET_PRECISION='fp8' must be one of \('ieee', 'tf32'\)"):
+            nd.noble_linear(layer, x)

@@ -39,11 +39,11 @@ def _rows(Z, stride_z, N, R: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _cosnet(z, w1, p1, m, c, w2, p2):
+def _cosnet(z, w1, p1, m, c, w2, p2, PRECISION: tl.constexpr):
     """CosNet on float32 z (rows, R): cos(ω2 (cos(ω1 z + φ1) Mᵀ + c) + φ2), float32 (also the NOBLE decoding
-    kernels' branch)."""
+    kernels' branch); ``PRECISION``: the R × R product's ("ieee": float32 by FMAs; "tf32": tensor cores)."""
     h = tl.cos(z * w1[None, :] + p1[None, :])
-    u = tl.dot(h, tl.trans(m), input_precision="ieee") + c[None, :]
+    u = tl.dot(h, tl.trans(m), input_precision=PRECISION) + c[None, :]
     return tl.cos(u * w2[None, :] + p2[None, :])
 
 
@@ -53,7 +53,7 @@ def cosnet_fwd_kernel(Z, W1, P1, M, C, W2, P2, S, stride_z, stride_s, N,
     """s = cos(ω2 (cos(ω1 z + φ1) Mᵀ + c) + φ2) for BLOCK_N rows of z (N, R); s in S's dtype."""
     rows, cols, mask, z = _rows(Z, stride_z, N, R, BLOCK_N)
     w1, p1, m, c, w2, p2 = _load_params(W1, P1, M, C, W2, P2, R)
-    s = _cosnet(z, w1, p1, m, c, w2, p2)
+    s = _cosnet(z, w1, p1, m, c, w2, p2, "ieee")
     tl.store(S + rows[:, None] * stride_s + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
 
 

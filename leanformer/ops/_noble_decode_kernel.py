@@ -39,7 +39,7 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
                    HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-                   PREFETCH: tl.constexpr, ACT: tl.constexpr):
+                   PREFETCH: tl.constexpr, ACT: tl.constexpr, COS_PRECISION: tl.constexpr):
     """One layer's output columns ``offs_n`` (BLOCK_N,) for every row of x (``n_ok``: the layer's columns).
     ``PREFETCH``: the epilogue's loads (CosNet's parameters, b_down and this program's (BLOCK_N, R) slice of
     W_up) are issued before the K loop, so their latency hides behind it instead of following it; the values
@@ -66,7 +66,7 @@ def _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_
     if not PREFETCH:
         w1, p1, m, c, w2, p2, bd, wu = _epilogue_loads(BD, W1, P1, MM, C, W2, P2, WU, offs_n, n_ok, sun, sur, R)
     _branch_and_store(main, _round(acc_z + bd[None, :], dt), w1, p1, m, c, w2, p2, wu, Y, offs_m, m_ok, offs_n, n_ok,
-                      sym, syn, ACT, INTERPRET)
+                      sym, syn, ACT, INTERPRET, COS_PRECISION)
 
 
 @triton.jit
@@ -82,12 +82,12 @@ def _epilogue_loads(BD, W1, P1, MM, C, W2, P2, WU, offs_n, n_ok, sun, sur, R: tl
 
 @triton.jit
 def _branch_and_store(main, z, w1, p1, m, c, w2, p2, wu, Y, offs_m, m_ok, offs_n, n_ok, sym, syn,
-                      ACT: tl.constexpr, INTERPRET: tl.constexpr):
+                      ACT: tl.constexpr, INTERPRET: tl.constexpr, COS_PRECISION: tl.constexpr):
     """The layer's output from its rounded main product (BLOCK_M, BLOCK_N) and its rounded z (BLOCK_M, R), both
     float32: CosNet (float32, rounded once), the branch ``s W_upᵀ`` (rounded), their sum (rounded), ``ACT``'s
     activation (rounded again), stored to Y."""
     dt = Y.dtype.element_ty
-    s = _round(_cosnet(z, w1, p1, m, c, w2, p2), dt)  # CosNet's output in the layer's dtype
+    s = _round(_cosnet(z, w1, p1, m, c, w2, p2, COS_PRECISION), dt)  # CosNet's output in the layer's dtype
     branch = _round(mm(s.to(dt), tl.trans(wu), "ieee", INTERPRET), dt)  # up(s)
     y = _round(main + branch, dt)
     if ACT != 0:
@@ -100,11 +100,11 @@ def noble_decode_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, 
                         sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn,
                         HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
-                        PREFETCH: tl.constexpr = False, ACT: tl.constexpr = 0):
+                        PREFETCH: tl.constexpr = False, ACT: tl.constexpr = 0, COS_PRECISION: tl.constexpr = "ieee"):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     _noble_columns(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y, M, K, offs_n, offs_n < N,
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
-                   EVEN_K, INTERPRET, PREFETCH, ACT)
+                   EVEN_K, INTERPRET, PREFETCH, ACT, COS_PRECISION)
 
 
 @triton.jit
@@ -113,13 +113,13 @@ def noble_decode_grouped_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y
                                 HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                                 INTERPRET: tl.constexpr, PREFETCH: tl.constexpr = False,
-                                ACT: tl.constexpr = 0):
+                                ACT: tl.constexpr = 0, COS_PRECISION: tl.constexpr = "ieee"):
     g = tl.program_id(0)
     offs_n = tl.load(OFFS + g) + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     _noble_columns(X, W, Bias, WD + g * R * sdr, BD + g * R, W1 + g * R, P1 + g * R, MM + g * R * R, C + g * R,
                    W2 + g * R, P2 + g * R, WU, Y, M, K, offs_n, offs_n < tl.load(OFFS + g + 1),
                    sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, HAS_BIAS, R, BLOCK_M, BLOCK_N, BLOCK_K,
-                   EVEN_K, INTERPRET, PREFETCH, ACT)
+                   EVEN_K, INTERPRET, PREFETCH, ACT, COS_PRECISION)
 
 
 @triton.jit
@@ -127,7 +127,8 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
                                sxm, sxk, swn, swk, sdr, sdk, sun, sur, sym, syn, szm,
                                HAS_BIAS: tl.constexpr, R: tl.constexpr, RZ: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                               INTERPRET: tl.constexpr, ACT: tl.constexpr = 0):
+                               INTERPRET: tl.constexpr, ACT: tl.constexpr = 0,
+                               COS_PRECISION: tl.constexpr = "ieee"):
     """G layers (one for the single-layer op) with z computed once per layer instead of once per program.
 
     SYNC (G + 2,) int32, zero at launch: a ready count per layer, a ticket and a count of finished programs.
@@ -185,7 +186,7 @@ def noble_decode_shared_kernel(X, W, Bias, WD, BD, W1, P1, MM, C, W2, P2, WU, Y,
         z = tl.load(Z + offs_m[:, None] * szm + (g * R + offs_r)[None, :], mask=m_ok[:, None], other=0.0,
                     cache_modifier=".cg").to(tl.float32)  # from L2: written by other programs of this launch
         _branch_and_store(main, z, w1, p1, m, cc, w2, p2, wu, Y, offs_m, m_ok, offs_n, n_ok, sym, syn, ACT,
-                          INTERPRET)
+                          INTERPRET, COS_PRECISION)
     tl.debug_barrier()  # the program's work (its reads of SYNC included) before it counts itself finished
     finished = tl.atomic_add(SYNC + G + 1, 1, sem="acq_rel")
     if finished == G * parts + G * BLOCKS - 1:  # the last program: zero SYNC for the next launch
@@ -230,7 +231,7 @@ def noble_partials_kernel(X, W, WD, P, M, N, K, K_SPLIT, sxm, sxk, swn, swk, sdr
 @triton.jit
 def noble_finish_kernel(P, Bias, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, S, sps, spm, spn, sun, sur, sym, syn,
                         HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        INTERPRET: tl.constexpr, ACT: tl.constexpr):
+                        INTERPRET: tl.constexpr, ACT: tl.constexpr, COS_PRECISION: tl.constexpr = "ieee"):
     """The split-K route's second launch: one program per ``BLOCK_N`` output columns sums the S partials
     (:func:`noble_partials_kernel`'s P (S, M, N + R), in order s = 0, 1, …) of its main columns and of all R
     columns of z (every program sums z again: R ≤ 128 columns of a few rows), then finishes as
@@ -252,4 +253,4 @@ def noble_finish_kernel(P, Bias, BD, W1, P1, MM, C, W2, P2, WU, Y, M, N, S, sps,
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     _branch_and_store(_round(acc, dt), _round(acc_z + bd[None, :], dt), w1, p1, m, c, w2, p2, wu, Y, offs_m, m_ok,
-                      offs_n, n_ok, sym, syn, ACT, INTERPRET)
+                      offs_n, n_ok, sym, syn, ACT, INTERPRET, COS_PRECISION)

@@ -76,6 +76,12 @@ Z_APART = False  # every single-layer op (noble_linear) as those two launches, o
 # step. Why: one NOBLE launch's time over the plain product of [W; W_down] grew with the rank at 32 rows (2.6, 5.3,
 # 9.7 µs at r 16, 32, 64), while z's columns cost the plain product nothing, and wider column blocks were slower
 # (H100, 2026-12-07 19:02, benchmarks/noble_decode_gpu.py, docs/gpu/misc_2026-12-07/callY)
+COSNET_PRECISION = "ieee"  # the epilogue's CosNet r x r product: "ieee" (float32 by FMAs, as the layer's own
+# CosNet kernel), "tf32" (tensor cores: float32 inputs rounded to 10-bit mantissas; CosNet's output is then rounded
+# to the layer's dtype). Not timed. Why: one launch's time over [W; W_down]'s plain product grew with the rank at
+# 32 rows (2.6, 5.3, 9.7 µs at r 16, 32, 64; H100 2026-12-07 19:02, callY), as an r x r float32 product on FMAs
+# per program would
+COSNET_PRECISIONS = ("ieee", "tf32")
 
 
 def noble_supported(layer, x: torch.Tensor) -> str | None:
@@ -135,7 +141,7 @@ def _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width,
     strides = (x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), wd.stride(0), wd.stride(1),
                wu.stride(0), wu.stride(1), out.stride(0), out.stride(1))
     consts = dict(HAS_BIAS=bias is not None, R=R, EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(),
-                  PREFETCH=bool(PREFETCH), ACT=act, **meta, **opts)
+                  PREFETCH=bool(PREFETCH), ACT=act, COS_PRECISION=_cosnet_precision(), **meta, **opts)
     with _on_device(x):
         if offsets is None:
             _wrap(kern.noble_decode_kernel)[(_cdiv(N, cfg["BLOCK_N"]),)](*tensors, M, N, K, *strides, **consts)
@@ -143,6 +149,12 @@ def _launch(x, weight, bias, wd, bd, w1, p1, mw, mb, w2, p2, wu, offsets, width,
             _wrap(kern.noble_decode_grouped_kernel)[(mw.shape[0], _cdiv(width, cfg["BLOCK_N"]))](
                 *tensors, offsets, M, K, *strides, **consts)
     return out.view(*x.shape[:-1], N)
+
+
+def _cosnet_precision() -> str:
+    if COSNET_PRECISION not in COSNET_PRECISIONS:
+        raise ValueError(f"noble_decode.COSNET_PRECISION={COSNET_PRECISION!r} must be one of {COSNET_PRECISIONS}")
+    return "ieee" if _interpret() else COSNET_PRECISION  # the interpreter's products are float32 either way
 
 
 @_register("leanformer::noble_decode", _new_output)
@@ -214,7 +226,7 @@ def _finish_op(parts: torch.Tensor, bias: torch.Tensor | None, bd: torch.Tensor,
             parts, bias if bias is not None else wu, bd, w1, p1, mw, mb, w2, p2, wu, out, M, N, S,
             parts.stride(0), parts.stride(1), parts.stride(2), wu.stride(0), wu.stride(1), out.stride(0),
             out.stride(1), HAS_BIAS=bias is not None, R=R, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            INTERPRET=_interpret(), ACT=act, **opts)
+            INTERPRET=_interpret(), ACT=act, COS_PRECISION=_cosnet_precision(), **opts)
     return out
 
 
@@ -262,7 +274,7 @@ def _noble_shared_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             sync, M, K, G, cfg["blocks"], x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
             wd.stride(0), wd.stride(1), wu.stride(0), wu.stride(1), out.stride(0), out.stride(1), z.stride(0),
             HAS_BIAS=bias is not None, R=R, RZ=16, EVEN_K=K % cfg["BLOCK_K"] == 0, INTERPRET=_interpret(),
-            ACT=act, **meta, **opts)
+            ACT=act, COS_PRECISION=_cosnet_precision(), **meta, **opts)
     return out.view(*x.shape[:-1], N)
 
 
