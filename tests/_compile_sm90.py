@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from leanformer.ops import _cosnet_kernels as cosnet
+from leanformer.ops import _cross_entropy_kernel as cross_entropy
 from leanformer.ops import _feature_map_kernels as features
 from leanformer.ops import _fused_decay_kernels as attn
 from leanformer.ops import _fused_decay_step_kernel as step
@@ -94,6 +95,9 @@ def cases():
             yield f"feature map backward (softmax={softmax}, x {x_type})", features.features_bwd_kernel, \
                 feat_ptr, (), dict(base, SOFTMAX=softmax)
 
+    yield "cross-entropy loss terms and gradient, in place (bf16 logits, GPT-2's vocabulary block)", \
+        cross_entropy.cross_entropy_grad_kernel, dict(L=bf, T="*i64", INV_N=f32, G=bf, LOSS=f32), (), \
+        dict(IGNORE=-100, BLOCK_V=4096)
     params = {name: f32 for name in ("W1", "P1", "M", "C", "W2", "P2", "PART")}
     cos_ptr = dict(params, Z=bf, S=bf, DS=bf, DZ=bf)
     yield "CosNet forward (bf16 z, r 32)", cosnet.cosnet_fwd_kernel, cos_ptr, (), dict(R=32, BLOCK_N=128)
@@ -125,10 +129,11 @@ def cases():
     noble_ptrs = {name: bf for name in ("X", "W", "Bias", "WD", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}
     for prefetch in (False, True):
         meta = dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, INTERPRET=False,
-                    PREFETCH=prefetch, ACT=1 if prefetch else 0)
-        yield f"NOBLE decoding layer (bf16, r 32, prefetch and GELU={prefetch})", noble_decode.noble_decode_kernel, \
+                    PREFETCH=prefetch, ACT=1 if prefetch else 0, COS_PRECISION="tf32" if prefetch else "ieee")
+        yield f"NOBLE decoding layer (bf16, r 32, prefetch, GELU and tf32 CosNet={prefetch})", \
+            noble_decode.noble_decode_kernel, \
             noble_ptrs, (), meta
-        yield f"NOBLE decoding layers grouped (bf16, r 32, prefetch and GELU={prefetch})", \
+        yield f"NOBLE decoding layers grouped (bf16, r 32, prefetch, GELU and tf32 CosNet={prefetch})", \
             noble_decode.noble_decode_grouped_kernel, dict(noble_ptrs, OFFS="*i32"), (), meta
     # as launched: unit strides along K specialised to 1 (so the K loop is pipelined) and launch_config's stages
     # for its widest tiles at 32 rows (a kernel with two K loops needed twice the budget: a review, 2026-12-07)
@@ -136,12 +141,14 @@ def cases():
         noble_decode.noble_partials_kernel, dict(X=bf, W=bf, WD=bf, P=f32), (), \
         dict(R=32, BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, EVEN_K=True, INTERPRET=False, sxk=1, swk=1, spn=1,
              num_stages=4, divisible=("X", "W", "WD", "P", "sxm", "swn", "sdr", "sps", "spm", "K", "K_SPLIT", "N"))
-    yield "NOBLE decoding layer split along K: finish (bf16, r 32, GELU)", noble_decode.noble_finish_kernel, \
+    yield "NOBLE decoding layer split along K: finish (bf16, r 32, GELU, tf32 CosNet)", \
+        noble_decode.noble_finish_kernel, \
         dict(P=f32, **{name: bf for name in ("Bias", "BD", "W1", "P1", "MM", "C", "W2", "P2", "WU", "Y")}), (), \
-        dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, INTERPRET=False, ACT=1)
+        dict(HAS_BIAS=True, R=32, BLOCK_M=16, BLOCK_N=16, INTERPRET=False, ACT=1, COS_PRECISION="tf32")
     yield "NOBLE decoding layers, shared z (bf16, r 32, GELU)", noble_decode.noble_decode_shared_kernel, \
         dict(noble_ptrs, OFFS="*i32", Z=bf, SYNC="*i32"), (), \
-        dict(HAS_BIAS=True, R=32, RZ=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1)
+        dict(HAS_BIAS=True, R=32, RZ=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1,
+             COS_PRECISION="ieee")
     mix_ptrs = dict(V=bf, S=bf, DOUT=bf, ALPHA=f32, BETA=f32, GAMMA=f32, OUT=bf, DV=bf, DS=bf, PART=f32,
                     CARRY=f32, X=bf, SUMS=f32)
     for carry in (False, True):
