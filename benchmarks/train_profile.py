@@ -418,6 +418,8 @@ STEP_PLAN = [  # most wanted first
             loss_chunk=1 << 20, ce_rows=2),
     StepRun("gpt2 preln b16 cudagraphs fusedloss whole rows4", "gpt2", "preln", 16, False, CG, fused_loss=True,
             loss_chunk=1 << 20, ce_rows=4),
+    StepRun("gpt2 preln b32 cudagraphs fusedloss whole rows2", "gpt2", "preln", 32, False, CG, fused_loss=True,
+            loss_chunk=1 << 20, ce_rows=2),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]
