@@ -240,3 +240,41 @@ def test_the_kernel_reads_strided_targets_and_negative_ids_as_the_pytorch_route(
         runs.append((loss.detach(), *torch.autograd.grad(loss, leaves)))
     for kernel, torch_ops in zip(runs[1], runs[0]):
         torch.testing.assert_close(kernel, torch_ops, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_the_fused_route_under_ddp_and_fsdp2(mode, monkeypatch, tmp_path):
+    """FUSED "always" with the model wrapped as the trainer wraps it (leanformer.train.distributed: DDP, or FSDP2 on
+    each block and the root), one gloo process: the loss and every parameter's gradient as the plain route's, so the
+    gradients the route returns from its forward reach the wrappers' reductions (on the GPU FUSED is on by
+    default)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = TransformerConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+        idx = torch.randint(0, 61, (3, 17), generator=torch.Generator().manual_seed(0))
+        runs, calls = [], []
+        real = lce.linear_cross_entropy
+        monkeypatch.setattr(lce, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+        for fused in ("never", "always"):
+            monkeypatch.setattr(lce, "FUSED", fused)
+            torch.manual_seed(0)
+            model = TransformerLM(cfg)
+            if mode == "ddp":
+                wrapped = DistributedDataParallel(model)
+            else:
+                for block in model.blocks:
+                    fully_shard(block)
+                wrapped = fully_shard(model)
+            loss = wrapped(idx, idx.roll(-1, 1), return_logits=False)[1]
+            loss.backward()
+            grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+            runs.append([loss.detach()] + grads)
+        assert calls == [1]  # the fused run took the route
+        for a, e in zip(*runs):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
