@@ -3,17 +3,18 @@
 Imported only by that module, on its first call (Triton needed only when the kernel runs); at module level
 because Triton's interpreter runs a kernel's source again with its module's globals.
 
-One program per row z (V,) of the logits, in their dtype, with target y and the mean's 1/n (a device scalar, so
-nothing is read back to the host):
+Each program takes rows z (V,) of the logits (one row each, or every programs-th row: the op's
+``ROW_PROGRAMS_PER_SM``), in their dtype, with target y and the mean's 1/n (a device scalar, so nothing is read
+back to the host):
 
     lse = log Σ_v exp(z_v)         (a first pass over z: a running maximum and sum per lane, in float32)
     loss term = lse − z_y          (0 where y is the ignored id)
     z̄_v = (exp(z_v − lse) − [v = y]) / n     (a second pass, written in z's dtype; 0 for an ignored row)
 
-The second pass reads the row again (100 KB at GPT-2's vocabulary in bf16), mostly from L2, right after the
-first, and writes z̄ over it: the logits are read about once and their gradient written once into their buffer,
-where PyTorch's log-softmax forward and backward kernels read the logits twice and write the gradient (module
-docstring of the op).
+The second pass reads the row again (100 KB at GPT-2's vocabulary in bf16) right after the first and writes z̄ over
+it, where PyTorch's log-softmax forward and backward kernels read the logits twice and write the gradient (module
+docstring of the op). The second read was meant to come from L2; with one program per row it ran as if from HBM
+(1.65 GB read twice and written once in 1.625 ms at b16, H100, 2026-12-07, docs/gpu/misc_2026-12-07/callZ).
 """
 
 import triton
