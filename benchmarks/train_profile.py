@@ -324,6 +324,7 @@ class StepRun:
     loss_chunk: int = 4096         # linear_cross_entropy.CHUNK_TOKENS
     pos: str = "rope"              # model.pos; "learned": GPT-2's own positions (llm.c's model), no rotary kernels
     ce_rows: int | None = None     # linear_cross_entropy.ROW_PROGRAMS_PER_SM (None: one kernel program per row)
+    train_kernel: str = "never"    # noble.TRAIN_KERNEL ("cuda": NOBLE's linears by leanformer.ops.noble_train)
 
     def switches(self) -> dict[str, object]:
         """The module switches this run sets (dotted paths, for :func:`leanformer.bench.kernel_switches.switches_set`;
@@ -335,7 +336,8 @@ class StepRun:
                 ops + "linear_cross_entropy.FUSED": "always" if self.fused_loss else "never",
                 ops + "linear_cross_entropy.KERNEL": self.ce_kernel,
                 ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk,
-                ops + "linear_cross_entropy.ROW_PROGRAMS_PER_SM": self.ce_rows}
+                ops + "linear_cross_entropy.ROW_PROGRAMS_PER_SM": self.ce_rows,
+                layers + "noble.TRAIN_KERNEL": self.train_kernel}
 
 
 CG = "reduce-overhead"
@@ -420,6 +422,15 @@ STEP_PLAN = [  # most wanted first
             loss_chunk=1 << 20, ce_rows=4),
     StepRun("gpt2 preln b32 cudagraphs fusedloss whole rows2", "gpt2", "preln", 32, False, CG, fused_loss=True,
             loss_chunk=1 << 20, ce_rows=2),
+    # 2026-12-07 21:00: NOBLE's linears by the training route (the branch inside two-segment products of our own,
+    # CosNet by its kernels), against the stacked form with the CosNet kernels and Pre-LN, all without logits
+    StepRun("gpt2 noble_fused b16 cudagraphs route", "gpt2", "noble_fused", 16, True, CG, train_kernel="cuda"),
+    StepRun("gpt2 noble_fused b16 cudagraphs cosk fusedloss whole", "gpt2", "noble_fused", 16, True, CG,
+            cosnet_kernel="cuda", fused_loss=True, loss_chunk=1 << 20),
+    StepRun("gpt2 noble_fused b16 cudagraphs route fusedloss whole", "gpt2", "noble_fused", 16, True, CG,
+            train_kernel="cuda", fused_loss=True, loss_chunk=1 << 20),
+    StepRun("gpt2 preln b16 cudagraphs fusedloss whole learnedpos", "gpt2", "preln", 16, False, CG, fused_loss=True,
+            loss_chunk=1 << 20, pos="learned"),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]
@@ -427,7 +438,7 @@ STEP_PLAN = [  # most wanted first
 
 # StepRun's switches: a Pre-LN run with all of them at their defaults is its shape's base row
 SWITCHES = ("noble_form", "optimizer", "cosnet_kernel", "mix_kernel", "gated", "gated_backward", "logits",
-            "fused_loss", "ce_kernel", "loss_chunk", "pos", "ce_rows")
+            "fused_loss", "ce_kernel", "loss_chunk", "pos", "ce_rows", "train_kernel")
 BURST = 5  # steps per timed call in the back-to-back timing (one synchronisation per BURST steps)
 PLAN: list[str] = []  # --plan: the STEP_PLAN labels to run, in this order (empty: all)
 
@@ -632,7 +643,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=320.0)
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--plan", default="", help="comma-separated STEP_PLAN labels to run, in order (default: all)")
+    p.add_argument("--two-segment-configs", default="",
+                   help="two_segment_configs.json of benchmarks/noble_train_gpu.py: the tile shape per product shape")
     args = p.parse_args(argv)
+    if args.two_segment_configs:
+        from leanformer.ops import two_segment_matmul
+
+        for key, tiles in json.loads(Path(args.two_segment_configs).read_text()).items():
+            two_segment_matmul.CONFIGS[tuple(int(v) for v in key.split(","))] = tuple(tiles)
     PLAN[:] = [x.strip() for x in args.plan.split(",") if x.strip()]
     unknown = set(PLAN) - {run.label for run in STEP_PLAN}
     if unknown:

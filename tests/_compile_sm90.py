@@ -24,6 +24,8 @@ from leanformer.ops import _linear_argmax_kernel as head_argmax
 from leanformer.ops import _noble_decode_kernel as noble_decode
 from leanformer.ops import _shaped_mix_kernels as shaped_mix
 from leanformer.ops import _skinny_linear_kernel as skinny
+from leanformer.ops import _two_segment_matmul_kernel as two_segment
+from leanformer.ops.two_segment_matmul import CANDIDATES as TWO_SEGMENT_TILES
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -34,11 +36,12 @@ SHARED_MEMORY = 232_448  # bytes a block may use on an H100 (sm_90)
 def compile_kernel(fn, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, float_type: str):
     """Every argument of ``fn``: a pointer type from ``pointers``, ``float_type`` for ``floats``, a constexpr
     value from ``constexprs``, else i64 (how Inductor declares a Python int it cannot specialise). ``constexprs``
-    may carry ``num_stages`` (the launch's pipeline depth, an option rather than an argument) and ``divisible``:
+    may carry ``num_stages`` and ``num_warps`` (the launch's pipeline depth and warps, options rather than
+    arguments) and ``divisible``:
     the arguments a launch hints as multiples of 16 (with them Triton pipelines the loads, as at run time); the
     compiled kernel must fit in SHARED_MEMORY."""
     constexprs = dict(constexprs)
-    options = {"num_stages": constexprs.pop("num_stages")} if "num_stages" in constexprs else {}
+    options = {key: constexprs.pop(key) for key in ("num_stages", "num_warps") if key in constexprs}
     divisible = constexprs.pop("divisible", ())
     names = fn.arg_names
     sig = {}
@@ -149,6 +152,21 @@ def cases():
         dict(noble_ptrs, OFFS="*i32", Z=bf, SYNC="*i32"), (), \
         dict(HAS_BIAS=True, R=32, RZ=16, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, INTERPRET=False, ACT=1,
              COS_PRECISION="ieee")
+    # NOBLE's training products as launched: bf16, unit strides along K (x, dy, s, dz: sa1k = sa2k = 1; Wᵀ as
+    # B1 in the forward: sb1k = 1), the candidate tile shapes whose pipelined tiles hold ≥ 128 KiB
+    seg_ptrs = dict(A1=bf, B1=bf, A2=bf, B2=bf, Bias=bf, C=bf)
+    for bm, bn, bk, group, warps, stages in (t for t in TWO_SEGMENT_TILES if (t[0] + t[1]) * t[2] * t[5] >= 65536):
+        yield (f"two-segment product (bf16, {bm}x{bn}x{bk}, {warps} warps, {stages} stages)",
+               two_segment.two_segment_matmul_kernel, seg_ptrs, (),
+               dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=32, GROUP_M=group, EVEN_K=True,
+                    EVEN_K2=True, PRECISION="tf32", INTERPRET=False, sa1k=1, sb1k=1, sa2k=1, sb2k=1, scn=1,
+                    num_warps=warps, num_stages=stages,
+                    divisible=("A1", "B1", "A2", "B2", "Bias", "C", "M", "N", "K1", "K2", "sa1m", "sb1n", "sa2m",
+                               "sb2n", "scm")))
+    yield ("two-segment product, backward layout (bf16, W as B1, ragged K2)", two_segment.two_segment_matmul_kernel,
+           seg_ptrs, (), dict(HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_K2=32, GROUP_M=8,
+                              EVEN_K=True, EVEN_K2=False, PRECISION="tf32", INTERPRET=False, sa1k=1, sb1n=1, sa2k=1,
+                              sb2n=1, scn=1, num_warps=8, num_stages=3))
     mix_ptrs = dict(V=bf, S=bf, DOUT=bf, ALPHA=f32, BETA=f32, GAMMA=f32, OUT=bf, DV=bf, DS=bf, PART=f32,
                     CARRY=f32, X=bf, SUMS=f32)
     for carry in (False, True):

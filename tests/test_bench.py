@@ -343,6 +343,22 @@ def test_noble_decode_script_checks_its_variants_on_the_cpu(tmp_path):
     assert "| NOBLE − plain N+R |" in (tmp_path / "noble_decode.md").read_text()
 
 
+def test_noble_train_script_checks_its_products_on_the_cpu(tmp_path):
+    """benchmarks/noble_train_gpu.py --cpu-smoke: the two-segment product against float64 in both directions, the
+    compiled layer by the stacked form and the route (same output), and the tile choice written for train_profile."""
+    import json
+
+    pytest.importorskip("triton")
+    _run_benchmark_script(tmp_path, "noble_train_gpu.py", "--cpu-smoke", interpret=True)
+    result = json.loads((tmp_path / "noble_train.json").read_text())
+    assert [r["direction"] for r in result["products"]] == ["forward", "backward dx"]
+    assert all(r["best_rel_err"] < 1e-5 for r in result["products"])  # float32 on the CPU against float64
+    (layer,) = result["layer"]
+    assert layer["noble route rel diff to stacked"] < 1e-5 and "noble route ms" in layer
+    configs = json.loads((tmp_path / "two_segment_configs.json").read_text())
+    assert set(configs) == {"96,32,64,32", "96,64,32,32"}
+
+
 def test_failure_status_is_one_table_cell():
     """A CUDA error's message spans lines; the row's status must stay one markdown cell."""
     from leanformer.bench.memory import failure_status

@@ -4,9 +4,9 @@ always, CUDA where there is one: ``benchmarks/gpu.sh`` runs this file on the GPU
 Each check records its error (max |out − ref| / max |ref|) and tolerance as JUnit properties, which
 ``benchmarks/gpu_check.py`` tabulates: DiJiang's parallel / chunk / recurrent forms (and fla's kernels,
 CUDA + fla only; our fused Triton kernel, CUDA or Triton's interpreter), forward and gradients; DiJiang's
-cached decoding against its full forward; NOBLE's fused and plain products; shaped attention's fast form
-against its materialised reference; the training head and loss through its Triton kernel; the rotary tables a
-compiled graph builds.
+cached decoding against its full forward; NOBLE's fused and plain products and its training route; shaped
+attention's fast form against its materialised reference; the training head and loss through its Triton
+kernel; the rotary tables a compiled graph builds.
 """
 
 from __future__ import annotations
@@ -221,10 +221,22 @@ def test_dijiang_model_decoding_matches_its_full_forward(device, check, mode, mo
 
 # ---------------------------------------------------------------------------- NOBLE
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
-def test_noble_output_and_gradients_match_float64(device, check, fused, dtype):
-    """Output, dx, dW and dW_down of one NobleLinear with a branch large enough to matter."""
+@pytest.mark.parametrize("fused", [True, False, "route"], ids=["fused", "plain", "route"])
+def test_noble_output_and_gradients_match_float64(device, check, fused, dtype, monkeypatch):
+    """Output, dx, dW and dW_down of one NobleLinear with a branch large enough to matter; "route": the training
+    route of leanformer.ops.noble_train (two-segment products and CosNet kernels; noble.TRAIN_KERNEL)."""
+    from leanformer.layers import noble
     from leanformer.layers.noble import NobleLinear
+
+    if fused == "route":
+        pytest.importorskip("triton")
+        from leanformer.ops.two_segment_matmul import two_segment_supported
+
+        probe = torch.empty(1, 1, device=device)
+        reason = two_segment_supported(probe, probe, probe, probe)
+        if reason is not None:
+            pytest.skip(f"two-segment kernel: {reason}")
+        monkeypatch.setattr(noble, "TRAIN_KERNEL", "always")
 
     d, tokens = (768, 8192) if device.type == "cuda" else (64, 256)
     torch.manual_seed(0)
@@ -233,8 +245,8 @@ def test_noble_output_and_gradients_match_float64(device, check, fused, dtype):
         layer.up.weight.normal_(0, 0.5 / 32 ** 0.5)
     x, g = torch.randn(tokens, d, device=device), torch.randn(tokens, d, device=device)
 
-    def run(fused: bool, dtype: torch.dtype | None, double: bool = False):
-        m = NobleLinear(d, d, bias=True, rank=32, fused=fused).to(device)
+    def run(fused: bool | str, dtype: torch.dtype | None, double: bool = False):
+        m = NobleLinear(d, d, bias=True, rank=32, fused=bool(fused)).to(device)
         m.load_state_dict(layer.state_dict())
         xin = x.clone()
         if double:

@@ -1,0 +1,249 @@
+"""NOBLE's training route on the GPU (issue #13): the two-segment product against cuBLAS, shape by shape, and one
+NOBLE linear's fwd+bwd by the route against the stacked form and a plain ``nn.Linear``.
+
+NOBLE's GPT-2 step is +38–42% over Pre-LN's (H100, 2026-12-07), for +3.8% of FLOPs: the stacked form writes the
+branch's (tokens × d_out) output and reads it back, concatenates [dy, dz] and sums the stacked bias gradient
+(docs/benchmarks.md). :mod:`leanformer.ops.noble_train` puts the branch's up product into the main product's inner
+axis and dz W_down into dx's, through :func:`leanformer.ops.two_segment_matmul.two_segment_matmul`, a Triton
+product of our own. It pays off only if that product runs the main part at cuBLAS's speed, so this measures, at
+16,384 tokens (GPT-2 small, seq 1024 × 16), bf16:
+
+1. ``products``: for each NOBLE layer shape of GPT-2 small (768→768, 768→3072, 3072→768) and each direction
+   (forward ``x Wᵀ + s W_upᵀ + b``; backward ``dy W + dz W_down``): cuBLAS's main product alone (``F.linear`` /
+   ``dy @ W``), cuBLAS's main product plus the rank-32 one as an ``addmm`` (what the work costs by cuBLAS alone),
+   and the two-segment kernel with each tile shape of ``CANDIDATES`` (and K2 = 0: the Triton main product
+   alone). Each kernel result is checked against float64 (max error / max |ref|). The fastest tile shape per
+   shape goes to ``two_segment_configs.json`` (``train_profile.py --two-segment-configs`` reads it).
+2. ``layer``: one NOBLE linear (CosNet, rank 32) fwd+bwd under ``torch.compile``: the stacked form (CosNet
+   kernels), the route, and ``nn.Linear``; the route with the fastest tiles.
+
+Expected (floors): a 16,384 × 768 × 768 product is 19.3 GFLOP, 25 µs at 775 TFLOP/s (the best bf16 rate measured
+here, an 8192³ product), while reading x and writing y (50 MB) takes 17 µs at 3 TB/s; the rank-32 segment adds
+4.2% of the FLOPs at d_in 768, 1.0% at 3072. The route helps if the two-segment kernel is within ≈ 5% of cuBLAS's
+main product: then the forward saves the addmm's (tokens × d_out) read and write, the backward the concatenation.
+
+    PYTHONPATH=$PWD:$PWD/benchmarks python3 benchmarks/noble_train_gpu.py --out $OUT [--budget S]
+    PYTHONPATH=$PWD:$PWD/benchmarks TRITON_INTERPRET=1 python benchmarks/noble_train_gpu.py --cpu-smoke --out DIR
+
+Writes ``noble_train.json``, ``noble_train.md`` and ``two_segment_configs.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+T0 = time.monotonic()
+SHAPES = ((768, 768), (768, 3072), (3072, 768))
+RANK = 32
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+def timed(fn, device: torch.device, repeats: int = 20) -> float:
+    """Median ms of ``fn`` (CUDA events on the GPU, after 3 warm-up calls; one call on the CPU)."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).abs().max() / ref.abs().max())
+
+
+def section_products(device, n, shapes, candidates, budget, result) -> dict:
+    """Time cuBLAS and the two-segment kernel per shape and direction; the best tiles per (M, N, K1, K2)."""
+    from leanformer.ops import two_segment_matmul as ts
+
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows, best = [], {}
+    for d_in, d_out in shapes:
+        g = torch.Generator(device="cpu").manual_seed(d_in + d_out)
+
+        def rand(*shape, scale=1.0, g=g):
+            return (torch.randn(*shape, generator=g) * scale).to(device, dt)
+
+        x, w, b = rand(n, d_in), rand(d_out, d_in, scale=d_in ** -0.5), rand(d_out)
+        s, wu = rand(n, RANK), rand(d_out, RANK, scale=RANK ** -0.5)
+        dy, dz, wd = rand(n, d_out), rand(n, RANK), rand(RANK, d_in, scale=d_in ** -0.5)
+        cases = {  # direction: (A1, B1, A2, B2, bias, cuBLAS main alone, cuBLAS main + rank-r addmm)
+            "forward": (x, w.t(), s, wu.t(), b, lambda x=x, w=w, b=b: F.linear(x, w, b),
+                        lambda x=x, w=w, b=b, s=s, wu=wu: torch.addmm(F.linear(x, w, b), s, wu.t())),
+            "backward dx": (dy, w, dz, wd, None, lambda dy=dy, w=w: dy @ w,
+                            lambda dy=dy, w=w, dz=dz, wd=wd: torch.addmm(dy @ w, dz, wd)),
+        }
+        for direction, (a1, b1, a2, b2, bias, main, main_addmm) in cases.items():
+            if time.monotonic() - T0 > budget:
+                log("budget spent: products cut short")
+                return best
+            ref = a1.double() @ b1.double() + a2.double() @ b2.double() + (bias.double() if bias is not None else 0)
+            M, K1 = a1.shape
+            K2, N = b2.shape
+            row = {"shape": f"{d_in}→{d_out}", "direction": direction, "M": M, "N": N, "K1": K1, "K2": K2,
+                   "cublas_main_ms": timed(main, device), "cublas_main_addmm_ms": timed(main_addmm, device)}
+            row["main_flops"] = 2 * M * N * K1
+            tiles = {}
+            for cand in candidates:
+                ts.CONFIGS[(M, N, K1, K2)] = cand
+                ts.CONFIGS[(M, N, K1, 0)] = cand
+                key = "x".join(map(str, cand))
+                try:
+                    out = ts.two_segment_matmul(a1, b1, a2, b2, bias)
+                    err = rel_err(out, ref)
+                    operands = (a1, b1, a2, b2, bias)
+                    ms = timed(lambda ops=operands: ts.two_segment_matmul(*ops), device)
+                    no_k2 = (a1, b1, a2[:, :0], b2[:0], bias)
+                    ms0 = timed(lambda ops=no_k2: ts.two_segment_matmul(*ops), device)
+                    tiles[key] = {"ms": ms, "k2_0_ms": ms0, "rel_err": err}
+                except Exception as e:  # noqa: BLE001 - a tile shape that does not compile or fit
+                    tiles[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            ts.CONFIGS.pop((M, N, K1, K2), None)
+            ts.CONFIGS.pop((M, N, K1, 0), None)
+            row["tiles"] = tiles
+            timed_tiles = {k: v for k, v in tiles.items() if "ms" in v}
+            if timed_tiles:
+                key = min(timed_tiles, key=lambda k: timed_tiles[k]["ms"])
+                row["best_tiles"], row["best_ms"] = key, timed_tiles[key]["ms"]
+                row["best_k2_0_ms"] = timed_tiles[key]["k2_0_ms"]
+                row["best_rel_err"] = timed_tiles[key]["rel_err"]
+                best[(M, N, K1, K2)] = tuple(int(v) for v in key.split("x"))
+            rows.append(row)
+            log(f"{row['shape']} {direction}: cuBLAS main {row['cublas_main_ms']:.4f}, main+addmm "
+                f"{row['cublas_main_addmm_ms']:.4f}, two-segment best {row.get('best_ms', float('nan')):.4f} "
+                f"({row.get('best_tiles')}, K2=0 {row.get('best_k2_0_ms', float('nan')):.4f}, "
+                f"err {row.get('best_rel_err', float('nan')):.1e})")
+    result["products"] = rows
+    return best
+
+
+def section_layer(device, n, shapes, best, budget, result) -> None:
+    """One NOBLE linear fwd+bwd, compiled: stacked (CosNet kernels) vs the route vs nn.Linear."""
+    from leanformer.layers import noble
+    from leanformer.layers.noble import NobleLinear
+    from leanformer.ops import two_segment_matmul as ts
+
+    ts.CONFIGS.update(best)
+    rows = []
+    for d_in, d_out in shapes:
+        if time.monotonic() - T0 > budget:
+            log("budget spent: layer section cut short")
+            break
+        torch.manual_seed(0)
+        x = torch.randn(n, d_in, device=device, requires_grad=True)
+        gy = torch.randn(n, d_out, device=device)
+        row = {"shape": f"{d_in}→{d_out}", "tokens": n}
+        stacked = NobleLinear(d_in, d_out, rank=RANK)
+        with torch.no_grad():  # a branch that matters, so the two forms' agreement means something
+            stacked.up.weight.normal_(0.0, RANK ** -0.5)
+        variants = {"linear": (torch.nn.Linear(d_in, d_out), "never", "never"),
+                    "noble stacked, CosNet kernels": (stacked, "cuda", "never"),
+                    "noble route": (copy.deepcopy(stacked), "cuda", "cuda")}
+        ref_out = None
+        for name, (layer, cosk, route) in variants.items():
+            noble.COSNET_KERNEL, noble.TRAIN_KERNEL = cosk, route
+            if device.type != "cuda":
+                noble.COSNET_KERNEL, noble.TRAIN_KERNEL = ("always" if v == "cuda" else v for v in (cosk, route))
+            layer.to(device)
+            torch._dynamo.reset()
+            fn = torch.compile(layer)
+            leaves = (x, *layer.parameters())
+
+            def step(fn=fn, leaves=leaves, x=x, gy=gy):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    y = fn(x)
+                return y, torch.autograd.grad(y, leaves, gy.to(y.dtype))
+            try:
+                y, _ = step()
+                if name != "linear":  # the route against the stacked form (same weights: same seed)
+                    ref_out = y.detach() if ref_out is None else ref_out
+                    row[f"{name} rel diff to stacked"] = rel_err(y.detach().float(), ref_out.double())
+                row[f"{name} ms"] = timed(lambda step=step: step(), device)
+            except Exception as e:  # noqa: BLE001
+                row[f"{name} error"] = f"{type(e).__name__}: {e}"[:300]
+        noble.COSNET_KERNEL, noble.TRAIN_KERNEL = "never", "never"
+        rows.append(row)
+        log(f"layer {row['shape']}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in row.items() if k not in ("shape", "tokens")))
+    result["layer"] = rows
+
+
+def write(out: Path, result: dict, best: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "noble_train.json").write_text(json.dumps(result, indent=1))
+    (out / "two_segment_configs.json").write_text(json.dumps({",".join(map(str, k)): v for k, v in best.items()}))
+    lines = [f"# NOBLE's training route on {result['device']}", "", f"{result['when']}, {result['versions']}", "",
+             "## Products, ms (median of 20; bf16)", "",
+             "| shape | direction | cuBLAS main | cuBLAS main + addmm | two-segment best | tiles | K2 = 0 | "
+             "× cuBLAS main | × main + addmm | err |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in result.get("products", []):
+        if "best_ms" not in r:
+            lines.append(f"| {r['shape']} | {r['direction']} | {r['cublas_main_ms']:.4f} | "
+                         f"{r['cublas_main_addmm_ms']:.4f} | failed | | | | | |")
+            continue
+        lines.append(f"| {r['shape']} | {r['direction']} | {r['cublas_main_ms']:.4f} | {r['cublas_main_addmm_ms']:.4f} "
+                     f"| {r['best_ms']:.4f} | {r['best_tiles']} | {r['best_k2_0_ms']:.4f} | "
+                     f"{r['best_ms'] / r['cublas_main_ms']:.3f} | {r['best_ms'] / r['cublas_main_addmm_ms']:.3f} | "
+                     f"{r['best_rel_err']:.1e} |")
+    lines += ["", "## One layer fwd+bwd, compiled, ms", ""]
+    for r in result.get("layer", []):
+        lines.append(f"- {r['shape']}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                                                      for k, v in r.items() if k not in ("shape", "tokens")))
+    (out / "noble_train.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds; sections not started by then are skipped")
+    ap.add_argument("--sections", default="products,layer")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    args = ap.parse_args(argv)
+    from leanformer.ops import two_segment_matmul as ts
+
+    smoke = args.cpu_smoke
+    device = torch.device("cpu" if smoke else "cuda")
+    if not smoke and not torch.cuda.is_available():
+        print("no CUDA device (use --cpu-smoke on the CPU)", file=sys.stderr)
+        return 2
+    n, shapes = (96, ((64, 32),)) if smoke else (16384, SHAPES)
+    candidates = (ts.INTERPRETER_CONFIG,) if smoke else ts.CANDIDATES
+    import triton
+
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "versions": f"torch {torch.__version__}, triton {triton.__version__}", "tokens": n, "rank": RANK}
+    best = {}
+    sections = args.sections.split(",")
+    if "products" in sections:
+        best = section_products(device, n, shapes, candidates, args.budget, result)
+        write(args.out, result, best)
+    if "layer" in sections:
+        section_layer(device, n, shapes, best, args.budget, result)
+    write(args.out, result, best)
+    print((args.out / "noble_train.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

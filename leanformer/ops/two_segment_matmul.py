@@ -1,0 +1,120 @@
+"""One matrix product over two pairs of operands: ``C = A1 B1 + A2 B2 (+ bias)``, read in place.
+
+    A1 (M, K1), B1 (K1, N), A2 (M, K2), B2 (K2, N), bias (N,)  →  C (M, N)
+
+It is ``[A1, A2] [B1; B2]`` without the concatenations: one Triton kernel whose inner loop runs over K1 and then
+K2 (:mod:`leanformer.ops._two_segment_matmul_kernel`). NOBLE's training route
+(:mod:`leanformer.ops.noble_train`) takes it twice per layer:
+
+* forward, ``y = x Wᵀ + σ(z) W_upᵀ + b`` (A1 = x, B1 = Wᵀ, A2 = σ(z), B2 = W_upᵀ): the branch's up product
+  joins the main product's inner axis, so the (tokens × d_out) branch output is never written and read back;
+* backward, ``dx = dy W + dz W_down`` (A1 = dy, B1 = W, A2 = dz, B2 = W_down): the ``[dy, dz]`` concatenation
+  of the stacked form is gone.
+
+Both were full-width passes of the stacked form that cuBLAS alone cannot avoid (docs/benchmarks.md, "Issue #13's
+NOBLE step ≤ +10%: a bound from the bytes"). The op is a ``torch.library`` op registered as
+:mod:`leanformer.ops.fused_decay_attention`'s are, so ``torch.compile`` traces it; it has no autograd of its own
+(NOBLE's route writes the backward).
+
+Tile shapes: :func:`tile_config` (a heuristic, overridden per shape by :data:`CONFIGS`); the interpreter takes
+small tiles. Supported (else :func:`two_segment_supported` says why): CUDA on sm_80+ or the CPU under the
+interpreter; float32, bfloat16 or float16 operands of one dtype; 2-d operands.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanformer.ops.fused_decay_attention import (_cdiv, _interpret, _on_device, _register, _triton_import_error,
+                                                  _wrap, kernel_reason)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for a shape: CONFIGS[(M, N, K1, K2)] when present,
+# else :func:`tile_config`'s choice. benchmarks/noble_train_gpu.py times the candidates of CANDIDATES per shape.
+CONFIGS: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {}
+CANDIDATES = (
+    (128, 256, 64, 8, 8, 3),
+    (256, 128, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 3),
+    (128, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+    (128, 128, 128, 8, 8, 3),
+)
+INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1)
+
+
+def tile_config(M: int, N: int, K1: int, K2: int) -> tuple[int, int, int, int, int, int]:
+    """The tile shape for a product: :data:`CONFIGS`' entry for ``(M, N, K1, K2)``, else 128 × 256 tiles of
+    64 (Triton's matrix-product tutorial's fastest bf16 shape on Hopper), 128 × 128 when N < 256, 64 × 64 when
+    M or N is small; :data:`INTERPRETER_CONFIG` under the interpreter."""
+    if _interpret():
+        return INTERPRETER_CONFIG
+    if (M, N, K1, K2) in CONFIGS:
+        return CONFIGS[(M, N, K1, K2)]
+    if M < 128 or N < 128:
+        return (64, 64, 64, 8, 4, 3)
+    if N < 256:
+        return (128, 128, 64, 8, 8, 3)
+    return CANDIDATES[0]
+
+
+def two_segment_supported(*operands: torch.Tensor) -> str | None:
+    """Why the kernel cannot run these operands (A1, B1, A2, B2), or None when it can."""
+    a1 = operands[0]
+    if any(t.dim() != 2 for t in operands):
+        return "every operand must be 2-d"
+    if any(t.dtype != a1.dtype or t.device != a1.device for t in operands):
+        return "the operands must share one dtype and one device"
+    reason = kernel_reason(a1.device, a1.dtype, ())
+    return reason if reason is not None else _triton_import_error()
+
+
+def _kernel():
+    from leanformer.ops._two_segment_matmul_kernel import two_segment_matmul_kernel
+
+    return two_segment_matmul_kernel
+
+
+def _new_c(a1, b1, a2, b2, bias):
+    return a1.new_empty(a1.shape[0], b1.shape[1])
+
+
+@_register("leanformer::two_segment_matmul", _new_c)
+def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """C (M, N) in A1's dtype; shapes checked by :func:`two_segment_matmul`."""
+    M, K1 = a1.shape
+    K2, N = b2.shape
+    c = _new_c(a1, b1, a2, b2, bias)
+    if M == 0 or N == 0:
+        return c
+    bm, bn, bk, group, warps, stages = tile_config(M, N, K1, K2)
+    bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
+    precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    with _on_device(a1):
+        _wrap(_kernel())[(_cdiv(M, bm) * _cdiv(N, bn),)](
+            a1, b1, a2, b2, bias if bias is not None else c, c, M, N, K1, K2,
+            *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *c.stride(),
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2, GROUP_M=group,
+            EVEN_K=K1 % bk == 0, EVEN_K2=K2 % bk2 == 0, PRECISION=precision, INTERPRET=_interpret(),
+            num_warps=warps, num_stages=stages)
+    return c
+
+
+def two_segment_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a1 @ b1 + a2 @ b2 (+ bias)``: A1 (M, K1), B1 (K1, N), A2 (M, K2), B2 (K2, N), bias (N,) → (M, N) in their
+    dtype (float32 accumulation; K2 may be 0). Any strides (a transposed weight is a view). Raises ValueError
+    naming the problem when the shapes disagree or :func:`two_segment_supported` refuses the operands. Not
+    differentiable by itself."""
+    reason = two_segment_supported(a1, b1, a2, b2)
+    if reason is not None:
+        raise ValueError(f"two_segment_matmul cannot run these operands: {reason}")
+    (M, K1), (K1b, N), (M2, K2), (K2b, N2) = a1.shape, b1.shape, a2.shape, b2.shape
+    if K1b != K1 or K2b != K2 or M2 != M or N2 != N:
+        raise ValueError(f"two_segment_matmul needs A1 (M, K1), B1 (K1, N), A2 (M, K2), B2 (K2, N); got "
+                         f"{tuple(a1.shape)}, {tuple(b1.shape)}, {tuple(a2.shape)}, {tuple(b2.shape)}")
+    if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != a1.dtype or bias.device != a1.device):
+        raise ValueError(f"two_segment_matmul's bias must be ({N},) in the operands' dtype and device; got "
+                         f"{tuple(bias.shape)}, {bias.dtype}, {bias.device}")
+    return _two_segment_op(a1, b1, a2, b2, bias)

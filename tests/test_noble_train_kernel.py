@@ -1,0 +1,235 @@
+"""NOBLE's training route (:mod:`leanformer.ops.noble_train`) and its two-segment product
+(:mod:`leanformer.ops.two_segment_matmul`) against float64 references.
+
+The product: ``A1 B1 + A2 B2 + bias`` at ragged shapes, strided (transposed) operands, an empty second segment, bf16;
+refusals. The route: a NobleLinear's output and the gradient to x and to every parameter against the float64
+two-product form (``forward_reference``), with and without the main bias, multi-axis input; bf16 autocast against
+the stacked form; ``torch.compile`` against eager; what the backward keeps (no (tokens × d_out) tensor); the
+layers it refuses fall back to their own forms.
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), in float32:
+asserted within 1e-5 of float64, relative to the largest reference value.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from leanformer.layers import noble  # noqa: E402
+from leanformer.layers.noble import NobleLinear  # noqa: E402
+from leanformer.ops import noble_train as nt  # noqa: E402
+from leanformer.ops.two_segment_matmul import two_segment_matmul  # noqa: E402
+
+F64 = torch.float64
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FP32_TOL = 1e-5
+
+if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1 (see tests/conftest.py)", allow_module_level=True)
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.detach().double().cpu()
+    return float((out.detach().double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture
+def route(monkeypatch):
+    """NobleLinear takes the training route wherever the kernels run (the CPU under the interpreter)."""
+    monkeypatch.setattr(noble, "TRAIN_KERNEL", "always")
+
+
+# ----------------------------------------------------------------------------------------------- the product
+@pytest.mark.parametrize("m,n,k1,k2", [(70, 50, 100, 32), (64, 64, 64, 16), (33, 17, 5, 3), (10, 96, 64, 0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_two_segment_product_matches_float64(m, n, k1, k2, bias):
+    g = torch.Generator().manual_seed(m + k2)
+    a1, a2 = torch.randn(m, k1, dtype=F64, generator=g), torch.randn(m, k2, dtype=F64, generator=g)
+    b1 = torch.randn(n, k1, dtype=F64, generator=g).t()  # a transposed weight: strides (1, k1)
+    b2 = torch.randn(k2, n, dtype=F64, generator=g)
+    b = torch.randn(n, dtype=F64, generator=g) if bias else None
+    ref = a1 @ b1 + a2 @ b2 + (b if bias else 0)
+    ops = [t.float().to(DEV) if t is not b1 else b1.t().float().to(DEV).t() for t in (a1, b1, a2, b2)]
+    out = two_segment_matmul(*ops, b.float().to(DEV) if bias else None)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert rel(out, ref) < FP32_TOL
+
+
+def test_two_segment_product_in_bf16_rounds_once():
+    g = torch.Generator().manual_seed(3)
+    a1, b1 = torch.randn(40, 64, generator=g), torch.randn(64, 48, generator=g)
+    a2, b2 = torch.randn(40, 32, generator=g), torch.randn(32, 48, generator=g)
+    ops = [t.bfloat16() for t in (a1, b1, a2, b2)]
+    ref = sum(x.double() @ y.double() for x, y in ((ops[0], ops[1]), (ops[2], ops[3])))
+    out = two_segment_matmul(*(t.to(DEV) for t in ops))
+    assert out.dtype == torch.bfloat16
+    assert rel(out, ref) < 2 ** -8  # one rounding of a float32 sum of exact bf16 products
+
+
+def test_two_segment_product_refusals_name_the_problem():
+    a, b = torch.randn(4, 8, device=DEV), torch.randn(8, 5, device=DEV)
+    with pytest.raises(ValueError, match=r"A2 \(M, K2\)"):
+        two_segment_matmul(a, b, torch.randn(3, 2, device=DEV), torch.randn(2, 5, device=DEV))
+    with pytest.raises(ValueError, match="one dtype"):
+        two_segment_matmul(a, b, a.double(), b.double())
+    with pytest.raises(ValueError, match=r"bias must be \(5,\)"):
+        two_segment_matmul(a, b, a, b, torch.randn(4, device=DEV))
+    with pytest.raises(ValueError, match="2-d"):
+        two_segment_matmul(a[None], b, a, b)
+
+
+# ------------------------------------------------------------------------------------------------ the route
+def _layers(d_in=48, d_out=40, r=16, bias=True, seed=0):
+    """A float64 reference layer (its up-projection widened so the branch matters) and a float32 copy."""
+    torch.manual_seed(seed)
+    ref = NobleLinear(d_in, d_out, rank=r, bias=bias, dtype=F64)
+    with torch.no_grad():
+        ref.up.weight.normal_(0, 0.3)
+        if bias:
+            ref.bias.normal_(0, 0.1)
+    return ref, copy.deepcopy(ref).float().to(DEV)
+
+
+def _grads(layer, x, g, reference=False):
+    x = x.detach().requires_grad_()
+    y = layer.forward_reference(x) if reference else layer(x)
+    names = [n for n, _ in layer.named_parameters()]
+    grads = torch.autograd.grad((y.double() * g).sum(), [x] + [p for _, p in layer.named_parameters()])
+    return y, dict(zip(["x"] + names, grads))
+
+
+def _took_route(y: torch.Tensor) -> bool:
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__.startswith("_NobleTrainBackward"):
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("r", [16, 32])
+def test_route_matches_float64_with_every_gradient(route, bias, r):
+    ref, layer = _layers(r=r, bias=bias)
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(3, 7, 48, dtype=F64, generator=gen), torch.randn(3, 7, 40, dtype=F64, generator=gen)
+    y_ref, g_ref = _grads(ref, x, g, reference=True)
+    y, grads = _grads(layer, x.float().to(DEV), g.to(DEV))
+    assert _took_route(y)
+    assert y.shape == (3, 7, 40) and y.dtype == torch.float32
+    assert rel(y, y_ref) < FP32_TOL
+    assert grads.keys() == g_ref.keys()
+    for name in g_ref:
+        assert grads[name].shape == g_ref[name].shape, name
+        assert grads[name].dtype == torch.float32, name
+        assert rel(grads[name], g_ref[name]) < FP32_TOL, name
+
+
+def test_route_under_bf16_autocast_matches_the_stacked_form(monkeypatch):
+    """Both forms cast to bf16 as F.linear does; they agree within bf16 rounding, and parameter gradients
+    come back float32."""
+    _, layer = _layers()
+    x = torch.randn(2, 9, 48, device=DEV)
+    g = torch.randn(2, 9, 40, device=DEV, dtype=F64)
+    out = {}
+    for switch in ("always", "never"):
+        monkeypatch.setattr(noble, "TRAIN_KERNEL", switch)
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            out[switch] = _grads(layer, x, g)
+    (y, grads), (y_ref, g_ref) = out["always"], out["never"]
+    assert _took_route(y) and not _took_route(y_ref)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert rel(y, y_ref) < 2e-2
+    for name in g_ref:
+        assert grads[name].dtype == g_ref[name].dtype, name
+        assert rel(grads[name], g_ref[name]) < 5e-2, name
+
+
+def test_route_compiles_to_the_eager_result(route):
+    _, layer = _layers()
+    x = torch.randn(4, 48, device=DEV)
+    g = torch.randn(4, 40, device=DEV, dtype=F64)
+    y, grads = _grads(layer, x, g)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    y_c, grads_c = _grads(compiled, x, g)
+    assert rel(y_c, y) < 1e-6
+    assert [n.removeprefix("_orig_mod.") for n in grads_c] == list(grads)
+    for (name, a), b in zip(grads.items(), grads_c.values()):
+        assert rel(b, a) < 1e-6, name
+
+
+def test_route_keeps_only_rank_wide_tensors_beside_x(route):
+    """The backward keeps x, z and σ(z) ((N, r) each) and the weights; never a (tokens × d_out) tensor (the stacked
+    form's memory lesson, docs/benchmarks.md "NOBLE's memory")."""
+    _, layer = _layers(d_in=48, d_out=40, r=16)
+    x = torch.randn(64, 48, device=DEV, requires_grad=True)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    activations = [s for s in shapes if s and s[0] == 64]
+    assert sorted(activations) == [(64, 16), (64, 16), (64, 48)]
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(fusion="gate"), "plain sum"),
+    (dict(dropout=0.1), "plain sum"),
+    (dict(activation="silu"), "CosNet"),
+    (dict(rank=48), "power of two"),
+])
+def test_refused_layers_take_their_own_form(route, kwargs, reason):
+    layer = NobleLinear(32, 24, **kwargs).to(DEV).eval()
+    x = torch.randn(5, 32, device=DEV)
+    assert reason in nt.noble_train_reason(layer, x)
+    with pytest.raises(ValueError, match=reason):
+        nt.noble_train_linear(layer, x)
+    y = layer(x)
+    assert not _took_route(y)
+    assert rel(y, layer.forward_reference(x)) < 1e-5
+
+
+def test_route_is_off_by_default_and_on_meta():
+    layer = NobleLinear(32, 24)
+    x = torch.randn(5, 32, requires_grad=True)
+    assert noble.TRAIN_KERNEL == "never" and not _took_route(layer(x))
+    meta = NobleLinear(32, 24, device="meta")
+    assert "CUDA" in nt.noble_train_reason(meta, torch.empty(5, 32, device="meta"))
+
+
+def test_a_noble_model_trains_alike_through_the_route(monkeypatch):
+    """A tiny NOBLE language model: the route's loss and gradients equal the stacked form's (float32, every one of
+    its NOBLE linears on the route)."""
+    from leanformer.arms import arm_config
+    from leanformer.bench.train import SIZES, base_config
+    from leanformer.model import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(arm_config(base_config(SIZES["tiny"], 32), "noble_fused")).to(DEV)
+    tokens = torch.randint(0, SIZES["tiny"].vocab_size, (2, 33), device=DEV)
+    out = {}
+    for switch in ("never", "always"):
+        monkeypatch.setattr(noble, "TRAIN_KERNEL", switch)
+        model.zero_grad()
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:])[1]
+        loss.backward()
+        out[switch] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_ref, g_ref), (loss, grads) = out["never"], out["always"]
+    assert sum(isinstance(m, NobleLinear) for m in model.modules()) >= 4
+    assert rel(loss, loss_ref) < 1e-6
+    for name in g_ref:
+        assert rel(grads[name], g_ref[name]) < 1e-4, name
