@@ -15,7 +15,8 @@ product of our own. It pays off only if that product runs the main part at cuBLA
    alone). Each kernel result is checked against float64 (max error / max |ref|). The fastest tile shape per
    shape goes to ``two_segment_configs.json`` (``train_profile.py --two-segment-configs`` reads it).
 2. ``layer``: one NOBLE linear (CosNet, rank 32) fwd+bwd under ``torch.compile``: the stacked form (CosNet
-   kernels), the route, and ``nn.Linear``; the route with the fastest tiles.
+   kernels), the route (its rank-r products fused with CosNet: ``noble_train.BRANCH`` "fused"; and "separate"),
+   and ``nn.Linear``; the route with the fastest tiles.
 
 Expected (floors): a 16,384 × 768 × 768 product is 19.3 GFLOP, 25 µs at 775 TFLOP/s (the best bf16 rate measured
 here, an 8192³ product), while reading x and writing y (50 MB) takes 17 µs at 3 TB/s; the rank-32 segment adds
@@ -141,6 +142,7 @@ def section_layer(device, n, shapes, best, budget, result) -> None:
     """One NOBLE linear fwd+bwd, compiled: stacked (CosNet kernels) vs the route vs nn.Linear."""
     from leanformer.layers import noble
     from leanformer.layers.noble import NobleLinear
+    from leanformer.ops import noble_train
     from leanformer.ops import two_segment_matmul as ts
 
     ts.CONFIGS.update(best)
@@ -158,10 +160,12 @@ def section_layer(device, n, shapes, best, budget, result) -> None:
             stacked.up.weight.normal_(0.0, RANK ** -0.5)
         variants = {"linear": (torch.nn.Linear(d_in, d_out), "never", "never"),
                     "noble stacked, CosNet kernels": (stacked, "cuda", "never"),
-                    "noble route": (copy.deepcopy(stacked), "cuda", "cuda")}
+                    "noble route": (copy.deepcopy(stacked), "cuda", "cuda"),
+                    "noble route, separate branch": (copy.deepcopy(stacked), "cuda", "cuda")}
         ref_out = None
         for name, (layer, cosk, route) in variants.items():
             noble.COSNET_KERNEL, noble.TRAIN_KERNEL = cosk, route
+            noble_train.BRANCH = "separate" if name.endswith("separate branch") else "fused"
             if device.type != "cuda":
                 noble.COSNET_KERNEL, noble.TRAIN_KERNEL = ("always" if v == "cuda" else v for v in (cosk, route))
             layer.to(device)
@@ -181,7 +185,7 @@ def section_layer(device, n, shapes, best, budget, result) -> None:
                 row[f"{name} ms"] = timed(lambda step=step: step(), device)
             except Exception as e:  # noqa: BLE001
                 row[f"{name} error"] = f"{type(e).__name__}: {e}"[:300]
-        noble.COSNET_KERNEL, noble.TRAIN_KERNEL = "never", "never"
+        noble.COSNET_KERNEL, noble.TRAIN_KERNEL, noble_train.BRANCH = "never", "never", "fused"
         rows.append(row)
         log(f"layer {row['shape']}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in row.items() if k not in ("shape", "tokens")))

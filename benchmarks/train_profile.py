@@ -325,6 +325,7 @@ class StepRun:
     pos: str = "rope"              # model.pos; "learned": GPT-2's own positions (llm.c's model), no rotary kernels
     ce_rows: int | None = None     # linear_cross_entropy.ROW_PROGRAMS_PER_SM (None: one kernel program per row)
     train_kernel: str = "never"    # noble.TRAIN_KERNEL ("cuda": NOBLE's linears by leanformer.ops.noble_train)
+    branch: str = "fused"          # noble_train.BRANCH ("separate": cuBLAS rank-r products, then CosNet's kernels)
 
     def switches(self) -> dict[str, object]:
         """The module switches this run sets (dotted paths, for :func:`leanformer.bench.kernel_switches.switches_set`;
@@ -337,7 +338,7 @@ class StepRun:
                 ops + "linear_cross_entropy.KERNEL": self.ce_kernel,
                 ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk,
                 ops + "linear_cross_entropy.ROW_PROGRAMS_PER_SM": self.ce_rows,
-                layers + "noble.TRAIN_KERNEL": self.train_kernel}
+                layers + "noble.TRAIN_KERNEL": self.train_kernel, ops + "noble_train.BRANCH": self.branch}
 
 
 CG = "reduce-overhead"
@@ -425,6 +426,8 @@ STEP_PLAN = [  # most wanted first
     # 2026-12-07 21:00: NOBLE's linears by the training route (the branch inside two-segment products of our own,
     # CosNet by its kernels), against the stacked form with the CosNet kernels and Pre-LN, all without logits
     StepRun("gpt2 noble_fused b16 cudagraphs route", "gpt2", "noble_fused", 16, True, CG, train_kernel="cuda"),
+    StepRun("gpt2 noble_fused b16 cudagraphs route sepbranch", "gpt2", "noble_fused", 16, False, CG,
+            train_kernel="cuda", branch="separate"),
     StepRun("gpt2 noble_fused b16 cudagraphs cosk fusedloss whole", "gpt2", "noble_fused", 16, True, CG,
             cosnet_kernel="cuda", fused_loss=True, loss_chunk=1 << 20),
     StepRun("gpt2 noble_fused b16 cudagraphs route fusedloss whole", "gpt2", "noble_fused", 16, True, CG,
@@ -438,7 +441,7 @@ STEP_PLAN = [  # most wanted first
 
 # StepRun's switches: a Pre-LN run with all of them at their defaults is its shape's base row
 SWITCHES = ("noble_form", "optimizer", "cosnet_kernel", "mix_kernel", "gated", "gated_backward", "logits",
-            "fused_loss", "ce_kernel", "loss_chunk", "pos", "ce_rows", "train_kernel")
+            "fused_loss", "ce_kernel", "loss_chunk", "pos", "ce_rows", "train_kernel", "branch")
 BURST = 5  # steps per timed call in the back-to-back timing (one synchronisation per BURST steps)
 PLAN: list[str] = []  # --plan: the STEP_PLAN labels to run, in this order (empty: all)
 

@@ -21,6 +21,7 @@ from leanformer.ops import _feature_map_kernels as features
 from leanformer.ops import _fused_decay_kernels as attn
 from leanformer.ops import _fused_decay_step_kernel as step
 from leanformer.ops import _linear_argmax_kernel as head_argmax
+from leanformer.ops import _noble_branch_kernels as noble_branch
 from leanformer.ops import _noble_decode_kernel as noble_decode
 from leanformer.ops import _shaped_mix_kernels as shaped_mix
 from leanformer.ops import _skinny_linear_kernel as skinny
@@ -167,6 +168,13 @@ def cases():
            seg_ptrs, (), dict(HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_K2=32, GROUP_M=8,
                               EVEN_K=True, EVEN_K2=False, PRECISION="tf32", INTERPRET=False, sa1k=1, sb1n=1, sa2k=1,
                               sb2n=1, scn=1, num_warps=8, num_stages=3))
+    branch_meta = dict(R=32, BLOCK_N=32, BLOCK_K=64, EVEN_K=True, PRECISION="tf32", INTERPRET=False, num_warps=4,
+                       num_stages=3)
+    yield "NOBLE training: down product and CosNet (bf16 x, r 32)", noble_branch.down_cosnet_kernel, \
+        dict(params, X=bf, WD=bf, BD=bf, Z=bf, S=bf), (), dict(branch_meta, sxk=1, swk=1)
+    yield "NOBLE training: up product's gradient and CosNet's backward (bf16 dy, r 32)", \
+        noble_branch.up_grad_cosnet_bwd_kernel, dict(params, DY=bf, WU=bf, Z=bf, DZ=bf), (), \
+        dict(branch_meta, sdk=1, swr=1)
     mix_ptrs = dict(V=bf, S=bf, DOUT=bf, ALPHA=f32, BETA=f32, GAMMA=f32, OUT=bf, DV=bf, DS=bf, PART=f32,
                     CARRY=f32, X=bf, SUMS=f32)
     for carry in (False, True):

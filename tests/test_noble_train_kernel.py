@@ -117,9 +117,13 @@ def _took_route(y: torch.Tensor) -> bool:
     return False
 
 
+@pytest.mark.parametrize("branch", nt.BRANCHES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("r", [16, 32])
-def test_route_matches_float64_with_every_gradient(route, bias, r):
+def test_route_matches_float64_with_every_gradient(route, monkeypatch, bias, r, branch):
+    """Both forms of the branch (noble_train.BRANCH: rank-r products fused with CosNet, or cuBLAS then CosNet's
+    kernel); d_in 48 is not a multiple of the fused kernels' 64-wide K tiles, so their tails are masked."""
+    monkeypatch.setattr(nt, "BRANCH", branch)
     ref, layer = _layers(r=r, bias=bias)
     gen = torch.Generator().manual_seed(1)
     x, g = torch.randn(3, 7, 48, dtype=F64, generator=gen), torch.randn(3, 7, 40, dtype=F64, generator=gen)
@@ -132,6 +136,19 @@ def test_route_matches_float64_with_every_gradient(route, bias, r):
     for name in g_ref:
         assert grads[name].shape == g_ref[name].shape, name
         assert grads[name].dtype == torch.float32, name
+        assert rel(grads[name], g_ref[name]) < FP32_TOL, name
+
+
+def test_fused_branch_kernels_at_even_widths_match_float64(route):
+    """d_in and d_out multiples of 64 (the fused kernels' unmasked K loop) and rows past one program's block."""
+    ref, layer = _layers(d_in=128, d_out=64, r=32)
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(70, 128, dtype=F64, generator=gen), torch.randn(70, 64, dtype=F64, generator=gen)
+    y_ref, g_ref = _grads(ref, x, g, reference=True)
+    y, grads = _grads(layer, x.float().to(DEV), g.to(DEV))
+    assert nt.BRANCH == "fused" and _took_route(y)
+    assert rel(y, y_ref) < FP32_TOL
+    for name in g_ref:
         assert rel(grads[name], g_ref[name]) < FP32_TOL, name
 
 

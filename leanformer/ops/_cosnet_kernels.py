@@ -63,6 +63,13 @@ def cosnet_bwd_kernel(Z, DS, W1, P1, M, C, W2, P2, DZ, PART, stride_z, stride_ds
     """dz (N, R) in DZ's dtype and this program's partial parameter gradients, PART[pid] (5 R + R², float32)."""
     rows, cols, mask, z = _rows(Z, stride_z, N, R, BLOCK_N)
     ds = tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    _cosnet_backward(z, ds, W1, P1, M, C, W2, P2, DZ, PART, rows, cols, mask, stride_dz, R)
+
+
+@triton.jit
+def _cosnet_backward(z, ds, W1, P1, M, C, W2, P2, DZ, PART, rows, cols, mask, stride_dz, R: tl.constexpr):
+    """From float32 z and ds (rows, R), zero on masked rows: store dz at ``rows`` and this program's partial
+    parameter gradients at PART[pid] (the module docstring's order)."""
     w1, p1, m, c, w2, p2 = _load_params(W1, P1, M, C, W2, P2, R)
     a1 = z * w1[None, :] + p1[None, :]
     h = tl.cos(a1)

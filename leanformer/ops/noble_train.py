@@ -4,15 +4,14 @@
 
 For x (N, d_in) (leading axes flattened), W (d_out, d_in), W_down (r, d_in), W_up (d_out, r):
 
-    forward   z = x W_downᵀ + b_down                  (N, r)       cuBLAS: one read of x
-              s = σ(z)                                (N, r)       leanformer.ops.cosnet's kernel
+    forward   z = x W_downᵀ + b_down,  s = σ(z)       (N, r)       one launch reading x (noble_branch)
               y = x Wᵀ + s W_upᵀ + b                  (N, d_out)   two_segment_matmul: [x, s] [W, W_up]ᵀ in place
-    backward  ds = dy W_up                            (N, r)       cuBLAS: one read of dy
-              dz, dθ_σ = σ's backward                 (N, r)       leanformer.ops.cosnet's kernel
+    backward  ds = dy W_up,  dz, dθ_σ = σ's backward  (N, r)       one launch reading dy (noble_branch)
               dx = dy W + dz W_down                   (N, d_in)    two_segment_matmul: [dy, dz] [W; W_down] in place
               dW = dyᵀ x,  dW_up = dyᵀ s,  dW_down = dzᵀ x,  db = Σ dy,  db_down = Σ dz
 
-Against Pre-LN's linear this adds four rank-r products (each one read of x or dy: bandwidth-bound) and the
+(:data:`BRANCH` "separate": each rank-r product by cuBLAS, then CosNet's own kernel.) Against Pre-LN's linear
+this adds four rank-r products (each one read of x or dy: bandwidth-bound) and the
 r-wide inner and outer steps of the two main products (the branch's FLOPs). The stacked form
 (:meth:`leanformer.layers.noble.NobleLinear._main_and_down`) also writes the branch's (N, d_out) output and reads
 it back in the next element-wise kernel, concatenates ``[dy, dz]`` in the backward (a copy of dy) and sums the
@@ -28,7 +27,13 @@ from __future__ import annotations
 import torch
 
 from leanformer.ops import cosnet as ck
+from leanformer.ops import noble_branch as nb
 from leanformer.ops.two_segment_matmul import two_segment_matmul, two_segment_supported
+
+
+BRANCH = "fused"  # the rank-r products beside CosNet: "fused" (leanformer.ops.noble_branch: z and σ(z) in one launch
+# reading x, ds and σ's backward in one launch reading dy) or "separate" (a cuBLAS product, then CosNet's kernel)
+BRANCHES = ("fused", "separate")
 
 
 class _NobleTrain(torch.autograd.Function):
@@ -36,9 +41,12 @@ class _NobleTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, wd, bd, wu, omega1, phi1, m, c, omega2, phi2):  # noqa: ANN001, ANN205
-        z = torch.addmm(bd, x, wd.t())
         params = (omega1, phi1, m, c, omega2, phi2)
-        s = ck._cosnet_op(z, *params)
+        if BRANCH == "fused":
+            z, s = nb.down_cosnet(x, wd, bd, *params)
+        else:
+            z = torch.addmm(bd, x, wd.t())
+            s = ck._cosnet_op(z, *params)
         y = two_segment_matmul(x, w.t(), s, wu.t(), b)
         ctx.save_for_backward(x, w, wd, wu, z, s, *params)
         ctx.has_bias = b is not None
@@ -49,7 +57,10 @@ class _NobleTrain(torch.autograd.Function):
         x, w, wd, wu, z, s, *params = ctx.saved_tensors
         r = z.shape[1]
         dy = dy.contiguous()
-        dz, flat = ck._cosnet_bwd_op(z, *params, dy @ wu)
+        if BRANCH == "fused":
+            dz, flat = nb.up_grad_cosnet_bwd(dy, wu, z, *params)
+        else:
+            dz, flat = ck._cosnet_bwd_op(z, *params, dy @ wu)
         dx = two_segment_matmul(dy, w, dz, wd) if ctx.needs_input_grad[0] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         d_omega1, d_phi1, dc, d_omega2, d_phi2, dm = flat.split([r, r, r, r, r, r * r])
