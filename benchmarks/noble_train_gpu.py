@@ -11,9 +11,10 @@ product of our own. It pays off only if that product runs the main part at cuBLA
 1. ``products``: for each NOBLE layer shape of GPT-2 small (768→768, 768→3072, 3072→768) and each direction
    (forward ``x Wᵀ + s W_upᵀ + b``; backward ``dy W + dz W_down``): cuBLAS's main product alone (``F.linear`` /
    ``dy @ W``), cuBLAS's main product plus the rank-32 one as an ``addmm`` (what the work costs by cuBLAS alone),
-   and the two-segment kernel with each tile shape of ``CANDIDATES`` (and K2 = 0: the Triton main product
-   alone). Each kernel result is checked against float64 (max error / max |ref|). The fastest tile shape per
-   shape goes to ``two_segment_configs.json`` (``train_profile.py --two-segment-configs`` reads it).
+   and the two-segment kernel with each tile shape of ``CANDIDATES`` in both loop forms (``ONE_LOOP``), and the
+   fastest again with K2 = 0 (the Triton main product alone). Times per call inside a CUDA graph of 20 calls.
+   Each kernel result is checked against float64 (max error / max |ref|). The fastest tile shape and loop form
+   per shape go to ``two_segment_configs.json`` (``train_profile.py --two-segment-configs`` reads it).
 2. ``layer``: one NOBLE linear (CosNet, rank 32) fwd+bwd under ``torch.compile``: the stacked form (CosNet
    kernels), the route (its rank-r products fused with CosNet: ``noble_train.BRANCH`` "fused"; and "separate"),
    and ``nn.Linear``; the route with the fastest tiles.
@@ -50,22 +51,31 @@ def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
-def timed(fn, device: torch.device, repeats: int = 20) -> float:
-    """Median ms of ``fn`` (CUDA events on the GPU, after 3 warm-up calls; one call on the CPU)."""
+def timed(fn, device: torch.device, calls: int = 20, replays: int = 10) -> float:
+    """Median ms per ``fn()`` with ``calls`` of them back to back in one captured CUDA graph (no host launch time
+    in the figure: a lone call between two events would count the wrapper's and Triton's launch, ≈ 15-20 µs, against
+    kernels of 25-130 µs; review of 2026-12-07); if capture fails, bursts of ``calls`` between two events. One call,
+    wall time, on the CPU."""
     if device.type != "cuda":
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    for _ in range(3):
-        fn()
+    try:
+        from skinny_linear_gpu import graph_time_per_call
+
+        return graph_time_per_call(fn, calls, replays) / 1e3
+    except Exception as e:  # noqa: BLE001 - a step the graph cannot capture: time bursts instead
+        log(f"graph capture failed ({type(e).__name__}: {str(e)[:120]}); timing bursts of {calls}")
+        torch.cuda.synchronize()
     times = []
-    for _ in range(repeats):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
 
 
@@ -99,6 +109,7 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
                 log("budget spent: products cut short")
                 return best
             ref = a1.double() @ b1.double() + a2.double() @ b2.double() + (bias.double() if bias is not None else 0)
+            ref = ref.to(device)
             M, K1 = a1.shape
             K2, N = b2.shape
             row = {"shape": f"{d_in}→{d_out}", "direction": direction, "M": M, "N": N, "K1": K1, "K2": K2,
@@ -106,29 +117,29 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
             row["main_flops"] = 2 * M * N * K1
             tiles = {}
             for cand in candidates:
-                ts.CONFIGS[(M, N, K1, K2)] = cand
-                ts.CONFIGS[(M, N, K1, 0)] = cand
-                key = "x".join(map(str, cand))
-                try:
-                    out = ts.two_segment_matmul(a1, b1, a2, b2, bias)
-                    err = rel_err(out, ref)
-                    operands = (a1, b1, a2, b2, bias)
-                    ms = timed(lambda ops=operands: ts.two_segment_matmul(*ops), device)
-                    no_k2 = (a1, b1, a2[:, :0], b2[:0], bias)
-                    ms0 = timed(lambda ops=no_k2: ts.two_segment_matmul(*ops), device)
-                    tiles[key] = {"ms": ms, "k2_0_ms": ms0, "rel_err": err}
-                except Exception as e:  # noqa: BLE001 - a tile shape that does not compile or fit
-                    tiles[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                for one_loop in (False, True):
+                    config = (*cand[:6], one_loop)
+                    ts.CONFIGS[(M, N, K1, K2)] = config
+                    key = "x".join(map(str, cand[:6])) + (" one loop" if one_loop else "")
+                    try:
+                        out = ts.two_segment_matmul(a1, b1, a2, b2, bias)
+                        operands = (a1, b1, a2, b2, bias)
+                        tiles[key] = {"config": config, "rel_err": rel_err(out, ref),
+                                      "ms": timed(lambda ops=operands: ts.two_segment_matmul(*ops), device)}
+                    except Exception as e:  # noqa: BLE001 - a tile shape that does not compile or fit
+                        tiles[key] = {"config": config, "error": f"{type(e).__name__}: {e}"[:200]}
             ts.CONFIGS.pop((M, N, K1, K2), None)
-            ts.CONFIGS.pop((M, N, K1, 0), None)
             row["tiles"] = tiles
             timed_tiles = {k: v for k, v in tiles.items() if "ms" in v}
             if timed_tiles:
                 key = min(timed_tiles, key=lambda k: timed_tiles[k]["ms"])
                 row["best_tiles"], row["best_ms"] = key, timed_tiles[key]["ms"]
-                row["best_k2_0_ms"] = timed_tiles[key]["k2_0_ms"]
                 row["best_rel_err"] = timed_tiles[key]["rel_err"]
-                best[(M, N, K1, K2)] = tuple(int(v) for v in key.split("x"))
+                best[(M, N, K1, K2)] = timed_tiles[key]["config"]
+                ts.CONFIGS[(M, N, K1, 0)] = timed_tiles[key]["config"]  # the same tiles without the second segment
+                no_k2 = (a1, b1, a2[:, :0], b2[:0], bias)
+                row["best_k2_0_ms"] = timed(lambda ops=no_k2: ts.two_segment_matmul(*ops), device)
+                ts.CONFIGS.pop((M, N, K1, 0), None)
             rows.append(row)
             log(f"{row['shape']} {direction}: cuBLAS main {row['cublas_main_ms']:.4f}, main+addmm "
                 f"{row['cublas_main_addmm_ms']:.4f}, two-segment best {row.get('best_ms', float('nan')):.4f} "
@@ -197,7 +208,7 @@ def write(out: Path, result: dict, best: dict) -> None:
     (out / "noble_train.json").write_text(json.dumps(result, indent=1))
     (out / "two_segment_configs.json").write_text(json.dumps({",".join(map(str, k)): v for k, v in best.items()}))
     lines = [f"# NOBLE's training route on {result['device']}", "", f"{result['when']}, {result['versions']}", "",
-             "## Products, ms (median of 20; bf16)", "",
+             "## Products, ms per call (median of 10 replays of a CUDA graph of 20 calls; bf16)", "",
              "| shape | direction | cuBLAS main | cuBLAS main + addmm | two-segment best | tiles | K2 = 0 | "
              "× cuBLAS main | × main + addmm | err |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in result.get("products", []):
@@ -231,7 +242,7 @@ def main(argv=None) -> int:
         print("no CUDA device (use --cpu-smoke on the CPU)", file=sys.stderr)
         return 2
     n, shapes = (96, ((64, 32),)) if smoke else (16384, SHAPES)
-    candidates = (ts.INTERPRETER_CONFIG,) if smoke else ts.CANDIDATES
+    candidates = (ts.INTERPRETER_CONFIG[:6],) if smoke else ts.CANDIDATES
     import triton
 
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -38,12 +38,13 @@ def compile_kernel(fn, pointers: dict[str, str], floats: tuple[str, ...], conste
     """Every argument of ``fn``: a pointer type from ``pointers``, ``float_type`` for ``floats``, a constexpr
     value from ``constexprs``, else i64 (how Inductor declares a Python int it cannot specialise). ``constexprs``
     may carry ``num_stages`` and ``num_warps`` (the launch's pipeline depth and warps, options rather than
-    arguments) and ``divisible``:
+    arguments), ``expect_ttgir`` (operation names its TTGIR must contain) and ``divisible``:
     the arguments a launch hints as multiples of 16 (with them Triton pipelines the loads, as at run time); the
     compiled kernel must fit in SHARED_MEMORY."""
     constexprs = dict(constexprs)
     options = {key: constexprs.pop(key) for key in ("num_stages", "num_warps") if key in constexprs}
     divisible = constexprs.pop("divisible", ())
+    expect_ttgir = constexprs.pop("expect_ttgir", ())
     names = fn.arg_names
     sig = {}
     for n in names:
@@ -52,6 +53,9 @@ def compile_kernel(fn, pointers: dict[str, str], floats: tuple[str, ...], conste
     src = ASTSource(fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
     kernel = triton.compile(src, target=TARGET, options=options)
+    missing = [op for op in expect_ttgir if op not in kernel.asm["ttgir"]]
+    if missing:
+        raise RuntimeError(f"its TTGIR lacks {missing}")
     if kernel.metadata.shared > SHARED_MEMORY:
         raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory; an H100 block has {SHARED_MEMORY}")
 
@@ -156,18 +160,24 @@ def cases():
     # NOBLE's training products as launched: bf16, unit strides along K (x, dy, s, dz: sa1k = sa2k = 1; Wᵀ as
     # B1 in the forward: sb1k = 1), the candidate tile shapes whose pipelined tiles hold ≥ 128 KiB
     seg_ptrs = dict(A1=bf, B1=bf, A2=bf, B2=bf, Bias=bf, C=bf)
+    # (each of the largest: (BM + BN) BK stages ≥ 64K elements; one loop or two); the TTGIR must show wgmma fed by
+    # asynchronous copies (a matrix kernel without them is on a slower path)
+    wgmma = ("warp_group_dot", "async_copy_global_to_local")
     for bm, bn, bk, group, warps, stages in (t for t in TWO_SEGMENT_TILES if (t[0] + t[1]) * t[2] * t[5] >= 65536):
-        yield (f"two-segment product (bf16, {bm}x{bn}x{bk}, {warps} warps, {stages} stages)",
-               two_segment.two_segment_matmul_kernel, seg_ptrs, (),
-               dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=32, GROUP_M=group, EVEN_K=True,
-                    EVEN_K2=True, PRECISION="tf32", INTERPRET=False, sa1k=1, sb1k=1, sa2k=1, sb2k=1, scn=1,
-                    num_warps=warps, num_stages=stages,
-                    divisible=("A1", "B1", "A2", "B2", "Bias", "C", "M", "N", "K1", "K2", "sa1m", "sb1n", "sa2m",
-                               "sb2n", "scm")))
+        for one_loop in (False, True) if stages == 4 and bn == 256 else (False,):  # one loop: the largest tiles
+            yield (f"two-segment product (bf16, {bm}x{bn}x{bk}, {warps} warps, {stages} stages, one loop={one_loop})",
+                   two_segment.two_segment_matmul_kernel, seg_ptrs, (),
+                   dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=32, GROUP_M=group, EVEN_K=True,
+                        EVEN_K2=True, EVEN_N=True, ONE_LOOP=one_loop, PRECISION="tf32", INTERPRET=False, sa1k=1, sb1k=1,
+                        sa2k=1, sb2k=1, scn=1, num_warps=warps, num_stages=stages, expect_ttgir=wgmma,
+                        divisible=("A1", "B1", "A2", "B2", "Bias", "C", "M", "N", "K1", "K2", "sa1m", "sb1n", "sa2m",
+                                   "sb2n", "scm")))
     yield ("two-segment product, backward layout (bf16, W as B1, ragged K2)", two_segment.two_segment_matmul_kernel,
            seg_ptrs, (), dict(HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_K2=32, GROUP_M=8,
-                              EVEN_K=True, EVEN_K2=False, PRECISION="tf32", INTERPRET=False, sa1k=1, sb1n=1, sa2k=1,
-                              sb2n=1, scn=1, num_warps=8, num_stages=3))
+                              EVEN_K=True, EVEN_K2=False, EVEN_N=False, ONE_LOOP=False, PRECISION="tf32",
+                              INTERPRET=False, sa1k=1, sb1n=1, sa2k=1, sb2n=1, scn=1, num_warps=8, num_stages=3,
+                              expect_ttgir=wgmma, divisible=("A1", "B1", "A2", "B2", "C", "M", "N", "K1", "sa1m",
+                                                             "sb1k", "sa2m", "sb2k", "scm")))
     branch_meta = dict(R=32, BLOCK_N=32, BLOCK_K=64, EVEN_K=True, PRECISION="tf32", INTERPRET=False, num_warps=4,
                        num_stages=3)
     yield "NOBLE training: down product and CosNet (bf16 x, r 32)", noble_branch.down_cosnet_kernel, \

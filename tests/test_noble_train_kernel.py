@@ -46,19 +46,52 @@ def route(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- the product
-@pytest.mark.parametrize("m,n,k1,k2", [(70, 50, 100, 32), (64, 64, 64, 16), (33, 17, 5, 3), (10, 96, 64, 0)])
+@pytest.fixture(params=[False, True], ids=["two-loops", "one-loop"])
+def one_loop(request, monkeypatch):
+    """The kernel's two loop forms (ONE_LOOP), through the configuration the interpreter (or CUDA) launches."""
+    from leanformer.ops import two_segment_matmul as ts
+
+    monkeypatch.setattr(ts, "INTERPRETER_CONFIG", ts.INTERPRETER_CONFIG[:6] + (request.param,))
+    monkeypatch.setattr(ts, "ONE_LOOP", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("m,n,k1,k2", [(70, 50, 100, 32), (64, 64, 64, 16), (33, 17, 5, 3), (10, 96, 64, 0),
+                                       (300, 40, 48, 40)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_two_segment_product_matches_float64(m, n, k1, k2, bias):
+def test_two_segment_product_matches_float64(m, n, k1, k2, bias, one_loop):
+    """Ragged M, N, K1, K2 (tails masked; K2 = 0; K2 > one K2 tile), several groups of row tiles (M 300), B1 a
+    transposed weight (strides (1, K1)) and B2 a column slice of a wider matrix (N-contiguous, row stride > N)."""
     g = torch.Generator().manual_seed(m + k2)
     a1, a2 = torch.randn(m, k1, dtype=F64, generator=g), torch.randn(m, k2, dtype=F64, generator=g)
-    b1 = torch.randn(n, k1, dtype=F64, generator=g).t()  # a transposed weight: strides (1, k1)
-    b2 = torch.randn(k2, n, dtype=F64, generator=g)
+    b1 = torch.randn(n, k1, dtype=F64, generator=g).t()
+    b2 = torch.randn(k2, n + 8, dtype=F64, generator=g)[:, 3:n + 3]
     b = torch.randn(n, dtype=F64, generator=g) if bias else None
     ref = a1 @ b1 + a2 @ b2 + (b if bias else 0)
-    ops = [t.float().to(DEV) if t is not b1 else b1.t().float().to(DEV).t() for t in (a1, b1, a2, b2)]
+    ops = [a1.float().to(DEV), b1.t().float().to(DEV).t(), a2.float().to(DEV),
+           torch.randn(k2, n + 8).to(DEV)[:, 3:n + 3].copy_(b2)]
+    assert ops[1].stride() == (1, k1) and ops[3].stride() == (n + 8, 1)
     out = two_segment_matmul(*ops, b.float().to(DEV) if bias else None)
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert rel(out, ref) < FP32_TOL
+
+
+def test_tile_choice_takes_symbolic_sizes(monkeypatch):
+    """Compiled with dynamic shapes, the op's body sees SymInt sizes: the tile table (a dict) must not hash them
+    (TypeError: unhashable type: non-nested SymInt, found by a review on 2026-12-07)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from leanformer.ops import two_segment_matmul as ts
+
+    monkeypatch.setattr(ts, "_interpret", lambda: False)
+    monkeypatch.setitem(ts.CONFIGS, (300, 200, 64, 32), (64, 64, 64, 8, 4, 3, True))
+
+    def f(x):
+        return x * ts.tile_config(x.shape[0], x.shape[1], 64, 32)[0]
+
+    make_fx(f, tracing_mode="symbolic")(torch.randn(300, 200))
+    assert ts.tile_config(300, 200, 64, 32) == (64, 64, 64, 8, 4, 3, True)
+    assert ts.tile_config(4096, 768, 768, 32)[:2] == (128, 256)
 
 
 def test_two_segment_product_in_bf16_rounds_once():
@@ -120,7 +153,7 @@ def _took_route(y: torch.Tensor) -> bool:
 @pytest.mark.parametrize("branch", nt.BRANCHES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("r", [16, 32])
-def test_route_matches_float64_with_every_gradient(route, monkeypatch, bias, r, branch):
+def test_route_matches_float64_with_every_gradient(route, monkeypatch, bias, r, branch, one_loop):
     """Both forms of the branch (noble_train.BRANCH: rank-r products fused with CosNet, or cuBLAS then CosNet's
     kernel); d_in 48 is not a multiple of the fused kernels' 64-wide K tiles, so their tails are masked."""
     monkeypatch.setattr(nt, "BRANCH", branch)
@@ -150,6 +183,52 @@ def test_fused_branch_kernels_at_even_widths_match_float64(route):
     assert rel(y, y_ref) < FP32_TOL
     for name in g_ref:
         assert rel(grads[name], g_ref[name]) < FP32_TOL, name
+
+
+def test_route_skips_gradients_nobody_asked_for(route):
+    """x without grad and frozen main and up weights: those gradients are None, the others as before."""
+    ref, layer = _layers()
+    gen = torch.Generator().manual_seed(4)
+    x, g = torch.randn(20, 48, dtype=F64, generator=gen), torch.randn(20, 40, dtype=F64, generator=gen)
+    _, g_ref = _grads(ref, x, g, reference=True)
+    layer.weight.requires_grad_(False)
+    layer.up.weight.requires_grad_(False)
+    y = layer(x.float().to(DEV))
+    assert _took_route(y)
+    (y.double() * g.to(DEV)).sum().backward()
+    assert layer.weight.grad is None and layer.up.weight.grad is None
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert rel(p.grad, g_ref[name]) < FP32_TOL, name
+
+
+def test_route_has_no_double_backward_and_stays_off_without_autograd(route):
+    _, layer = _layers()
+    x = torch.randn(6, 48, device=DEV, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gx.sum().backward()
+    with torch.no_grad():
+        assert rel(layer(x), layer.forward_reference(x)) < FP32_TOL  # the stacked form (cuBLAS), not the route
+
+
+def test_route_in_bf16_matches_float64_of_its_rounded_operands(route):
+    """bf16 weights and input (no autocast): the route against float64 computed from the same bf16 values, so
+    only the kernels' own rounding remains (z, s, dz and the outputs in bf16)."""
+    ref, layer = _layers(d_in=64, d_out=64, r=32)
+    layer = layer.to(torch.bfloat16)
+    with torch.no_grad():
+        for (_, p_ref), (_, p) in zip(ref.named_parameters(), layer.named_parameters()):
+            p_ref.copy_(p.double())
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 64, dtype=F64, generator=gen).bfloat16()
+    g = torch.randn(40, 64, dtype=F64, generator=gen)
+    y_ref, g_ref = _grads(ref, x.double(), g, reference=True)
+    y, grads = _grads(layer, x.to(DEV), g.to(DEV))
+    assert _took_route(y) and y.dtype == torch.bfloat16
+    assert rel(y, y_ref) < 1e-2
+    for name in g_ref:
+        assert rel(grads[name], g_ref[name]) < 3e-2, name
 
 
 def test_route_under_bf16_autocast_matches_the_stacked_form(monkeypatch):

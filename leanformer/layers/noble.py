@@ -42,7 +42,8 @@ COSNET_KERNEL = "never"
 # A plain-sum CosNet layer's forward and backward through leanformer.ops.noble_train (the branch's up product
 # inside the main product's inner axis, dz W_down inside dx's product, CosNet by its kernels): "cuda" on CUDA
 # tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the stacked or
-# kcat form; the default until the route is timed on a GPU)
+# kcat form; the default until the route is timed on a GPU). Only with autograd on: a pass without it (evaluation,
+# decoding) keeps the stacked form's cuBLAS products
 TRAIN_KERNEL = "never"
 
 
@@ -391,11 +392,11 @@ class NobleLinear(nn.Module):
             if y is not None:
                 return y
         plain_sum = self.fused and self.gate is None and isinstance(self.drop, nn.Identity)
-        if plain_sum and kernel_switch_allows("TRAIN_KERNEL", TRAIN_KERNEL, x):
+        if plain_sum and torch.is_grad_enabled() and kernel_switch_allows("TRAIN_KERNEL", TRAIN_KERNEL, x):
             from leanformer.ops.noble_train import noble_train_linear, noble_train_reason
 
             if noble_train_reason(self, x) is None:
-                return noble_train_linear(self, x)
+                return noble_train_linear(self, x, checked=True)
         if plain_sum and self.compiled_form == "kcat" and torch.compiler.is_compiling():
             return self.forward_kcat(x)
         main, z = self._main_and_down(x)

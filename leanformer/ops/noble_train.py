@@ -25,6 +25,7 @@ as stored: its kernels read them in float32). Switch: :data:`leanformer.layers.n
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from leanformer.ops import cosnet as ck
 from leanformer.ops import noble_branch as nb
@@ -49,23 +50,31 @@ class _NobleTrain(torch.autograd.Function):
             s = ck._cosnet_op(z, *params)
         y = two_segment_matmul(x, w.t(), s, wu.t(), b)
         ctx.save_for_backward(x, w, wd, wu, z, s, *params)
-        ctx.has_bias = b is not None
+        ctx.has_bias, ctx.branch = b is not None, BRANCH
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):  # noqa: ANN001, ANN205
         x, w, wd, wu, z, s, *params = ctx.saved_tensors
+        need = ctx.needs_input_grad
         r = z.shape[1]
         dy = dy.contiguous()
-        if BRANCH == "fused":
-            dz, flat = nb.up_grad_cosnet_bwd(dy, wu, z, *params)
-        else:
-            dz, flat = ck._cosnet_bwd_op(z, *params, dy @ wu)
-        dx = two_segment_matmul(dy, w, dz, wd) if ctx.needs_input_grad[0] else None
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        with torch.autocast(dy.device.type, enabled=False):  # a backward run inside autocast: the products as stored
+            if ctx.branch == "fused":
+                dz, flat = nb.up_grad_cosnet_bwd(dy, wu, z, *params)
+            else:
+                dz, flat = ck._cosnet_bwd_op(z, *params, dy @ wu)
+            dx = two_segment_matmul(dy, w, dz, wd) if need[0] else None
+            dw = dy.t() @ x if need[1] else None
+            db = dy.sum(0) if ctx.has_bias and need[2] else None
+            dwd = dz.t() @ x if need[3] else None
+            dbd = dz.sum(0) if need[4] else None
+            dwu = dy.t() @ s if need[5] else None
         d_omega1, d_phi1, dc, d_omega2, d_phi2, dm = flat.split([r, r, r, r, r, r * r])
-        d_params = [g.to(p.dtype) for g, p in zip((d_omega1, d_phi1, dm.view(r, r), dc, d_omega2, d_phi2), params)]
-        return (dx, dy.t() @ x, db, dz.t() @ x, dz.sum(0), dy.t() @ s, *d_params)
+        d_params = [g.to(p.dtype) if ok else None for g, p, ok in
+                    zip((d_omega1, d_phi1, dm.view(r, r), dc, d_omega2, d_phi2), params, need[6:])]
+        return (dx, dw, db, dwd, dbd, dwu, *d_params)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -77,10 +86,11 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype on x's device when autocast is on there, else x's dtype."""
+    """Autocast's dtype on x's device when autocast is on there and x is float32 (autocast leaves float64 as it
+    is), else x's dtype."""
     kind = x.device.type
     try:
-        if torch.is_autocast_enabled(kind):
+        if x.dtype == torch.float32 and torch.is_autocast_enabled(kind):
             return torch.get_autocast_dtype(kind)
     except RuntimeError:  # a device type autocast does not know
         pass
@@ -107,10 +117,12 @@ def noble_train_reason(layer, x: torch.Tensor) -> str | None:  # noqa: ANN001 - 
     return two_segment_supported(probe, probe, probe, probe) or ck.cosnet_supported(probe)
 
 
-def noble_train_linear(layer, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a NobleLinear
+def noble_train_linear(layer, x: torch.Tensor, checked: bool = False) -> torch.Tensor:  # noqa: ANN001 - a NobleLinear
     """``layer(x)`` for x (..., d_in) → (..., d_out) through the route (the module docstring), differentiable in x
-    and every parameter of the layer. Raises ValueError naming the reason when :func:`noble_train_reason` gives one."""
-    reason = noble_train_reason(layer, x)
+    and every parameter of the layer (once: no double backward). Raises ValueError naming the reason when
+    :func:`noble_train_reason` gives one (``checked``: the caller has asked it already). The layer's submodules
+    (``down``, ``act``, ``up``) are not called, so hooks on them do not run."""
+    reason = None if checked else noble_train_reason(layer, x)
     if reason is not None:
         raise ValueError(f"NOBLE's training route cannot run this layer: {reason}")
     dt = _compute_dtype(x)

@@ -28,34 +28,38 @@ import torch
 from leanformer.ops.fused_decay_attention import (_cdiv, _interpret, _on_device, _register, _triton_import_error,
                                                   _wrap, kernel_reason)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for a shape: CONFIGS[(M, N, K1, K2)] when present,
-# else :func:`tile_config`'s choice. benchmarks/noble_train_gpu.py times the candidates of CANDIDATES per shape.
-CONFIGS: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {}
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, one_loop) for a shape: CONFIGS[(M, N, K1, K2)] when
+# present, else :func:`tile_config`'s choice. benchmarks/noble_train_gpu.py times each of CANDIDATES with either loop
+# form (one_loop: the kernel's ONE_LOOP) per shape and writes the fastest.
+CONFIGS: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int, bool]] = {}
 CANDIDATES = (
     (128, 256, 64, 8, 8, 3),
+    (128, 256, 64, 8, 8, 4),
     (256, 128, 64, 8, 8, 3),
     (128, 128, 64, 8, 8, 3),
     (128, 128, 64, 8, 4, 4),
-    (128, 64, 64, 8, 4, 4),
-    (64, 128, 64, 8, 4, 4),
     (128, 128, 128, 8, 8, 3),
 )
-INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1)
+ONE_LOOP = False  # the default loop form for shapes without a CONFIGS entry (not yet timed on a GPU)
+INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1, False)  # ONE_LOOP: tests/test_noble_train_kernel.py sets it
 
 
-def tile_config(M: int, N: int, K1: int, K2: int) -> tuple[int, int, int, int, int, int]:
+def tile_config(M, N, K1, K2) -> tuple[int, int, int, int, int, int, bool]:
     """The tile shape for a product: :data:`CONFIGS`' entry for ``(M, N, K1, K2)``, else 128 × 256 tiles of
     64 (Triton's matrix-product tutorial's fastest bf16 shape on Hopper), 128 × 128 when N < 256, 64 × 64 when
-    M or N is small; :data:`INTERPRETER_CONFIG` under the interpreter."""
+    M or N is small; :data:`INTERPRETER_CONFIG` under the interpreter. Sizes may be symbolic (a ``triton_op``
+    traced with dynamic shapes): then the table is not consulted (a SymInt cannot be hashed) and the heuristic's
+    comparisons guard on them."""
     if _interpret():
         return INTERPRETER_CONFIG
-    if (M, N, K1, K2) in CONFIGS:
-        return CONFIGS[(M, N, K1, K2)]
+    key = (M, N, K1, K2)
+    if all(type(v) is int for v in key) and key in CONFIGS:
+        return CONFIGS[key]
     if M < 128 or N < 128:
-        return (64, 64, 64, 8, 4, 3)
+        return (64, 64, 64, 8, 4, 3, ONE_LOOP)
     if N < 256:
-        return (128, 128, 64, 8, 8, 3)
-    return CANDIDATES[0]
+        return (128, 128, 64, 8, 8, 3, ONE_LOOP)
+    return (*CANDIDATES[0], ONE_LOOP)
 
 
 def two_segment_supported(*operands: torch.Tensor) -> str | None:
@@ -88,7 +92,7 @@ def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: to
     c = _new_c(a1, b1, a2, b2, bias)
     if M == 0 or N == 0:
         return c
-    bm, bn, bk, group, warps, stages = tile_config(M, N, K1, K2)
+    bm, bn, bk, group, warps, stages, one_loop = tile_config(M, N, K1, K2)
     bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
     precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     with _on_device(a1):
@@ -96,7 +100,8 @@ def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: to
             a1, b1, a2, b2, bias if bias is not None else c, c, M, N, K1, K2,
             *a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *c.stride(),
             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2, GROUP_M=group,
-            EVEN_K=K1 % bk == 0, EVEN_K2=K2 % bk2 == 0, PRECISION=precision, INTERPRET=_interpret(),
+            EVEN_K=K1 % bk == 0, EVEN_K2=K2 % bk2 == 0, EVEN_N=N % bn == 0, ONE_LOOP=one_loop,
+            PRECISION=precision, INTERPRET=_interpret(),
             num_warps=warps, num_stages=stages)
     return c
 
