@@ -112,6 +112,7 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
             ref = ref.to(device)
             M, K1 = a1.shape
             K2, N = b2.shape
+            layout = ts.b1_layout(b1)
             row = {"shape": f"{d_in}→{d_out}", "direction": direction, "M": M, "N": N, "K1": K1, "K2": K2,
                    "cublas_main_ms": timed(main, device), "cublas_main_addmm_ms": timed(main_addmm, device)}
             row["main_flops"] = 2 * M * N * K1
@@ -119,7 +120,7 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
             for cand in candidates:
                 for one_loop in (False, True):
                     config = (*cand[:6], one_loop)
-                    ts.CONFIGS[(M, N, K1, K2)] = config
+                    ts.CONFIGS[(M, N, K1, K2, layout)] = config
                     key = "x".join(map(str, cand[:6])) + (" one loop" if one_loop else "")
                     try:
                         out = ts.two_segment_matmul(a1, b1, a2, b2, bias)
@@ -128,18 +129,18 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
                                       "ms": timed(lambda ops=operands: ts.two_segment_matmul(*ops), device)}
                     except Exception as e:  # noqa: BLE001 - a tile shape that does not compile or fit
                         tiles[key] = {"config": config, "error": f"{type(e).__name__}: {e}"[:200]}
-            ts.CONFIGS.pop((M, N, K1, K2), None)
+            ts.CONFIGS.pop((M, N, K1, K2, layout), None)
             row["tiles"] = tiles
             timed_tiles = {k: v for k, v in tiles.items() if "ms" in v}
             if timed_tiles:
                 key = min(timed_tiles, key=lambda k: timed_tiles[k]["ms"])
                 row["best_tiles"], row["best_ms"] = key, timed_tiles[key]["ms"]
                 row["best_rel_err"] = timed_tiles[key]["rel_err"]
-                best[(M, N, K1, K2)] = timed_tiles[key]["config"]
-                ts.CONFIGS[(M, N, K1, 0)] = timed_tiles[key]["config"]  # the same tiles without the second segment
+                best[(M, N, K1, K2, layout)] = timed_tiles[key]["config"]
+                ts.CONFIGS[(M, N, K1, 0, layout)] = timed_tiles[key]["config"]  # the same tiles, no second segment
                 no_k2 = (a1, b1, a2[:, :0], b2[:0], bias)
                 row["best_k2_0_ms"] = timed(lambda ops=no_k2: ts.two_segment_matmul(*ops), device)
-                ts.CONFIGS.pop((M, N, K1, 0), None)
+                ts.CONFIGS.pop((M, N, K1, 0, layout), None)
             rows.append(row)
             log(f"{row['shape']} {direction}: cuBLAS main {row['cublas_main_ms']:.4f}, main+addmm "
                 f"{row['cublas_main_addmm_ms']:.4f}, two-segment best {row.get('best_ms', float('nan')):.4f} "

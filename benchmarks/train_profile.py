@@ -653,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         from leanformer.ops import two_segment_matmul
 
         for key, tiles in json.loads(Path(args.two_segment_configs).read_text()).items():
-            two_segment_matmul.CONFIGS[tuple(int(v) for v in key.split(","))] = tuple(tiles)
+            *sizes, layout = key.split(",")
+            two_segment_matmul.CONFIGS[(*(int(v) for v in sizes), layout)] = tuple(tiles)
     PLAN[:] = [x.strip() for x in args.plan.split(",") if x.strip()]
     unknown = set(PLAN) - {run.label for run in STEP_PLAN}
     if unknown:

@@ -357,7 +357,7 @@ def test_noble_train_script_checks_its_products_on_the_cpu(tmp_path):
     for route in ("noble route", "noble route, separate branch"):
         assert layer[f"{route} rel diff to stacked"] < 1e-5 and f"{route} ms" in layer
     configs = json.loads((tmp_path / "two_segment_configs.json").read_text())
-    assert set(configs) == {"96,32,64,32", "96,64,32,32"}
+    assert set(configs) == {"96,32,64,32,k", "96,64,32,32,n"}  # the forward reads Wᵀ (K-contiguous), dx reads W
 
 
 def test_failure_status_is_one_table_cell():

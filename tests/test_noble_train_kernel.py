@@ -84,13 +84,14 @@ def test_tile_choice_takes_symbolic_sizes(monkeypatch):
     from leanformer.ops import two_segment_matmul as ts
 
     monkeypatch.setattr(ts, "_interpret", lambda: False)
-    monkeypatch.setitem(ts.CONFIGS, (300, 200, 64, 32), (64, 64, 64, 8, 4, 3, True))
+    monkeypatch.setitem(ts.CONFIGS, (300, 200, 64, 32, "n"), (64, 64, 64, 8, 4, 3, True))
 
     def f(x):
-        return x * ts.tile_config(x.shape[0], x.shape[1], 64, 32)[0]
+        return x * ts.tile_config(x.shape[0], x.shape[1], 64, 32, "n")[0]
 
     make_fx(f, tracing_mode="symbolic")(torch.randn(300, 200))
-    assert ts.tile_config(300, 200, 64, 32) == (64, 64, 64, 8, 4, 3, True)
+    assert ts.tile_config(300, 200, 64, 32, "n") == (64, 64, 64, 8, 4, 3, True)
+    assert ts.tile_config(300, 200, 64, 32, "k") != (64, 64, 64, 8, 4, 3, True)  # the forward's layout: its own entry
     assert ts.tile_config(4096, 768, 768, 32)[:2] == (128, 256)
 
 

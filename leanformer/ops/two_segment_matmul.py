@@ -28,10 +28,11 @@ import torch
 from leanformer.ops.fused_decay_attention import (_cdiv, _interpret, _on_device, _register, _triton_import_error,
                                                   _wrap, kernel_reason)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, one_loop) for a shape: CONFIGS[(M, N, K1, K2)] when
-# present, else :func:`tile_config`'s choice. benchmarks/noble_train_gpu.py times each of CANDIDATES with either loop
-# form (one_loop: the kernel's ONE_LOOP) per shape and writes the fastest.
-CONFIGS: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int, bool]] = {}
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, one_loop) for a product: CONFIGS[(M, N, K1, K2, B1's
+# layout)] when present ("k": B1 contiguous along K, as the forward's Wᵀ; "n": along N, as the backward's W; "other"),
+# else :func:`tile_config`'s choice. benchmarks/noble_train_gpu.py times each of CANDIDATES with either loop form
+# (one_loop: the kernel's ONE_LOOP) per product and writes the fastest.
+CONFIGS: dict[tuple[int, int, int, int, str], tuple[int, int, int, int, int, int, bool]] = {}
 CANDIDATES = (
     (128, 256, 64, 8, 8, 3),
     (128, 256, 64, 8, 8, 4),
@@ -44,16 +45,21 @@ ONE_LOOP = False  # the default loop form for shapes without a CONFIGS entry (no
 INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1, False)  # ONE_LOOP: tests/test_noble_train_kernel.py sets it
 
 
-def tile_config(M, N, K1, K2) -> tuple[int, int, int, int, int, int, bool]:
-    """The tile shape for a product: :data:`CONFIGS`' entry for ``(M, N, K1, K2)``, else 128 × 256 tiles of
+def b1_layout(b1: torch.Tensor) -> str:
+    """B1 (K1, N)'s layout as :data:`CONFIGS` keys it: "k" (unit stride along K), "n" (along N) or "other"."""
+    return "k" if b1.stride(0) == 1 else "n" if b1.stride(1) == 1 else "other"
+
+
+def tile_config(M, N, K1, K2, layout: str = "k") -> tuple[int, int, int, int, int, int, bool]:
+    """The tile shape for a product: :data:`CONFIGS`' entry for ``(M, N, K1, K2, layout)``, else 128 × 256 tiles of
     64 (Triton's matrix-product tutorial's fastest bf16 shape on Hopper), 128 × 128 when N < 256, 64 × 64 when
     M or N is small; :data:`INTERPRETER_CONFIG` under the interpreter. Sizes may be symbolic (a ``triton_op``
     traced with dynamic shapes): then the table is not consulted (a SymInt cannot be hashed) and the heuristic's
     comparisons guard on them."""
     if _interpret():
         return INTERPRETER_CONFIG
-    key = (M, N, K1, K2)
-    if all(type(v) is int for v in key) and key in CONFIGS:
+    key = (M, N, K1, K2, layout)
+    if all(type(v) in (int, str) for v in key) and key in CONFIGS:
         return CONFIGS[key]
     if M < 128 or N < 128:
         return (64, 64, 64, 8, 4, 3, ONE_LOOP)
@@ -92,7 +98,7 @@ def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: to
     c = _new_c(a1, b1, a2, b2, bias)
     if M == 0 or N == 0:
         return c
-    bm, bn, bk, group, warps, stages, one_loop = tile_config(M, N, K1, K2)
+    bm, bn, bk, group, warps, stages, one_loop = tile_config(M, N, K1, K2, b1_layout(b1))
     bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
     precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     with _on_device(a1):
