@@ -6,7 +6,7 @@
 # (0) GPU pytest of the route and its kernels against float64 (fp32 without TF32 within 1e-5; bf16 within bf16
 #     rounding), and the device-equivalence NOBLE checks with the route. Expected: all pass.
 # (1) noble_train_gpu.py: per shape at 16,384 tokens, bf16: cuBLAS's main product alone, cuBLAS main + rank-32 addmm,
-#     and the two-segment kernel with 6 tile shapes in 2 loop forms (the fastest again with K2 = 0: the Triton
+#     and the two-segment kernel with 7 tile shapes in 2 loop forms (the fastest again with K2 = 0: the Triton
 #     product alone), each per call in a CUDA graph of 20 (no host launch time). Floors: 768→768
 #     19.3 GFLOP = 25 µs at 775 TFLOP/s, 50 MB of x and y = 17 µs at 3 TB/s; 768→3072 and 3072→768 77 GFLOP = 100 µs.
 #     Expected: the best tiles within 0.95-1.10x of cuBLAS's main product (Inductor's Triton templates beat nvjet on
