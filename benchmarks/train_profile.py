@@ -439,9 +439,9 @@ STEP_PLAN = [  # most wanted first
 ]
 
 
-# StepRun's switches: a Pre-LN run with all of them at their defaults is its shape's base row
-SWITCHES = ("noble_form", "optimizer", "cosnet_kernel", "mix_kernel", "gated", "gated_backward", "logits",
-            "fused_loss", "ce_kernel", "loss_chunk", "pos", "ce_rows", "train_kernel", "branch")
+# StepRun's switches (every field after the model, batch and mode): a Pre-LN run with all of them at their defaults
+# is its shape's base row
+SWITCHES = tuple(f.name for f in fields(StepRun) if f.name not in ("label", "size", "arm", "batch", "profile", "mode"))
 BURST = 5  # steps per timed call in the back-to-back timing (one synchronisation per BURST steps)
 PLAN: list[str] = []  # --plan: the STEP_PLAN labels to run, in this order (empty: all)
 

@@ -143,6 +143,13 @@ def test_the_kernel_route_with_no_kept_target_and_its_refusals(monkeypatch):
     monkeypatch.setattr(lce, "KERNEL", "gpu")
     with pytest.raises(ValueError, match=r"KERNEL='gpu' must be one of \('cuda', 'always', 'never'\)"):
         lce._kernel_takes(torch.zeros(2, 3))
+    monkeypatch.setattr(lce, "KERNEL", "always")
+    h, w, b, y = _inputs()  # kept targets: the kernel runs
+    for bad in (0, -2, 1.5):
+        monkeypatch.setattr(lce, "ROW_PROGRAMS_PER_SM", bad)
+        with pytest.raises(ValueError, match=rf"ROW_PROGRAMS_PER_SM={bad!r} must be None or an int >= 1"):
+            lce.linear_cross_entropy(*(t.float().to(DEV).requires_grad_() for t in (h, w, b)), y.to(DEV),
+                                     chunk_tokens=8)
 
 
 def test_bad_inputs_are_named():

@@ -87,6 +87,9 @@ def _cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, inv_n: tor
     opts = {} if _interpret() else {"num_warps": 8}
     programs = n
     if ROW_PROGRAMS_PER_SM is not None:  # the interpreter (CPU tensors) counts as one SM
+        if type(ROW_PROGRAMS_PER_SM) is not int or ROW_PROGRAMS_PER_SM < 1:
+            raise ValueError(f"linear_cross_entropy.ROW_PROGRAMS_PER_SM={ROW_PROGRAMS_PER_SM!r} must be None or an "
+                             "int >= 1 (programs per SM)")
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
         programs = max(1, min(n, ROW_PROGRAMS_PER_SM * sms))
     with _on_device(logits):
