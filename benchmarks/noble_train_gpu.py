@@ -15,7 +15,9 @@ product of our own. It pays off only if that product runs the main part at cuBLA
    fastest again with K2 = 0 (the Triton main product alone). Times per call inside a CUDA graph of 20 calls.
    Each kernel result is checked against float64 (max error / max |ref|). The fastest tile shape and loop form
    per shape go to ``two_segment_configs.json`` (``train_profile.py --two-segment-configs`` reads it).
-2. ``layer``: one NOBLE linear (CosNet, rank 32) fwd+bwd under ``torch.compile``: the stacked form (CosNet
+2. ``branch``: the rank-r launches with CosNet (``noble_branch``) alone, in GB/s of x or dy read, for a few
+   (BLOCK_K, warps, stages), beside cuBLAS's rank-32 product of the same input.
+3. ``layer``: one NOBLE linear (CosNet, rank 32) fwd+bwd under ``torch.compile``: the stacked form (CosNet
    kernels), the route (its rank-r products fused with CosNet: ``noble_train.BRANCH`` "fused"; and "separate"),
    and ``nn.Linear``; the route with the fastest tiles.
 
@@ -51,20 +53,25 @@ def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
+TIMING: dict[str, int] = {"graph": 0, "burst": 0}  # how many figures each method gave (written with the results)
+
+
 def timed(fn, device: torch.device, calls: int = 20, replays: int = 10) -> float:
     """Median ms per ``fn()`` with ``calls`` of them back to back in one captured CUDA graph (no host launch time
     in the figure: a lone call between two events would count the wrapper's and Triton's launch, ≈ 15-20 µs, against
-    kernels of 25-130 µs; review of 2026-12-07); if capture fails, bursts of ``calls`` between two events. One call,
-    wall time, on the CPU."""
+    kernels of 25-130 µs; review of 2026-12-07); if capture fails, bursts of ``calls`` between two events (counted
+    in :data:`TIMING`). One call, wall time, on the CPU."""
     if device.type != "cuda":
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    try:
-        from skinny_linear_gpu import graph_time_per_call
+    from skinny_linear_gpu import graph_time_per_call
 
-        return graph_time_per_call(fn, calls, replays) / 1e3
-    except Exception as e:  # noqa: BLE001 - a step the graph cannot capture: time bursts instead
+    try:
+        ms = graph_time_per_call(fn, calls, replays) / 1e3
+        TIMING["graph"] += 1
+        return ms
+    except RuntimeError as e:  # a step the graph cannot capture: time bursts instead
         log(f"graph capture failed ({type(e).__name__}: {str(e)[:120]}); timing bursts of {calls}")
         torch.cuda.synchronize()
     times = []
@@ -76,6 +83,7 @@ def timed(fn, device: torch.device, calls: int = 20, replays: int = 10) -> float
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
+    TIMING["burst"] += 1
     return sorted(times)[len(times) // 2]
 
 
@@ -150,7 +158,61 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
     return best
 
 
-def section_layer(device, n, shapes, best, budget, result) -> None:
+BRANCH_VARIANTS = ((64, 4, 3), (64, 4, 5), (128, 4, 3), (64, 8, 3), (128, 8, 4))  # (BLOCK_K, warps, stages)
+
+
+def section_branch(device, n, shapes, budget, result) -> None:
+    """The rank-r launches alone (leanformer.ops.noble_branch), in GB/s of x or dy read (the bytes that matter:
+    they are meant to be bandwidth-bound), for each (BLOCK_K, num_warps, num_stages) of BRANCH_VARIANTS; against
+    cuBLAS's rank-32 product of the same input. Four copies of the input are cycled, so that the 20 calls of a
+    graph do not find it in the 50 MB L2 (a second review's caution)."""
+    from leanformer.layers.noble import CosNet
+    from leanformer.ops import noble_branch as nb
+
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for d in sorted({d for shape in shapes for d in shape}):
+        if time.monotonic() - T0 > budget:
+            log("budget spent: branch section cut short")
+            break
+        torch.manual_seed(0)
+        xs = [torch.randn(n, d, device=device, dtype=dt) for _ in range(4)]
+        w = (torch.randn(RANK, d, device=device) * d ** -0.5).to(dt)
+        b = torch.zeros(RANK, device=device, dtype=dt)
+        act = CosNet(RANK).to(device)
+        params = [t.detach().contiguous() for t in (act.omega1, act.phi1, act.M.weight, act.M.bias, act.omega2,
+                                                    act.phi2)]
+        z = torch.randn(n, RANK, device=device, dtype=dt)
+        bytes_read = n * d * xs[0].element_size()
+        cycle = {"i": 0}
+
+        def nxt(xs=xs, cycle=cycle):
+            cycle["i"] = (cycle["i"] + 1) % 4
+            return xs[cycle["i"]]
+
+        row = {"width": d, "tokens": n, "GB read per call": bytes_read / 1e9,
+               "cublas x@Wdᵀ ms": timed(lambda nxt=nxt, w=w: nxt() @ w.t(), device)}
+        saved = (nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES)
+        for bk, warps, stages in BRANCH_VARIANTS if device.type == "cuda" else (saved,):
+            nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES = bk, warps, stages
+            key = f"BK {bk}, {warps} warps, {stages} stages"
+            try:
+                row[f"down_cosnet {key} ms"] = timed(
+                    lambda nxt=nxt, w=w, b=b, params=params: nb.down_cosnet(nxt(), w, b, *params), device)
+                wu = w.t().contiguous()  # W_up (d_out, r) as the layer stores it
+                row[f"up_grad_cosnet_bwd {key} ms"] = timed(
+                    lambda nxt=nxt, wu=wu, z=z, params=params: nb.up_grad_cosnet_bwd(nxt(), wu, z, *params), device)
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile or fit
+                row[f"{key} error"] = f"{type(e).__name__}: {e}"[:200]
+        nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES = saved
+        for k in [k for k in row if k.endswith(" ms")]:
+            row[k.replace(" ms", " GB/s")] = bytes_read / (row[k] * 1e-3) / 1e9
+        rows.append(row)
+        log(f"branch width {d}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith("GB/s")))
+    result["branch"] = rows
+
+
+def section_layer(device, n, shapes, best, budget, result, out=None) -> None:
     """One NOBLE linear fwd+bwd, compiled: stacked (CosNet kernels) vs the route vs nn.Linear."""
     from leanformer.layers import noble
     from leanformer.layers.noble import NobleLinear
@@ -158,11 +220,8 @@ def section_layer(device, n, shapes, best, budget, result) -> None:
     from leanformer.ops import two_segment_matmul as ts
 
     ts.CONFIGS.update(best)
-    rows = []
+    rows = result.setdefault("layer", [])
     for d_in, d_out in shapes:
-        if time.monotonic() - T0 > budget:
-            log("budget spent: layer section cut short")
-            break
         torch.manual_seed(0)
         x = torch.randn(n, d_in, device=device, requires_grad=True)
         gy = torch.randn(n, d_out, device=device)
@@ -175,7 +234,11 @@ def section_layer(device, n, shapes, best, budget, result) -> None:
                     "noble route": (copy.deepcopy(stacked), "cuda", "cuda"),
                     "noble route, separate branch": (copy.deepcopy(stacked), "cuda", "cuda")}
         ref_out = None
+        rows.append(row)
         for name, (layer, cosk, route) in variants.items():
+            if time.monotonic() - T0 > budget:
+                row[f"{name} skipped"] = "time budget"
+                continue
             noble.COSNET_KERNEL, noble.TRAIN_KERNEL = cosk, route
             noble_train.BRANCH = "separate" if name.endswith("separate branch") else "fused"
             if device.type != "cuda":
@@ -197,18 +260,20 @@ def section_layer(device, n, shapes, best, budget, result) -> None:
                 row[f"{name} ms"] = timed(lambda step=step: step(), device)
             except Exception as e:  # noqa: BLE001
                 row[f"{name} error"] = f"{type(e).__name__}: {e}"[:300]
+            if out is not None:  # each variant's figure kept, should the call's time limit end the script
+                write(out, result, best)
         noble.COSNET_KERNEL, noble.TRAIN_KERNEL, noble_train.BRANCH = "never", "never", "fused"
-        rows.append(row)
         log(f"layer {row['shape']}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in row.items() if k not in ("shape", "tokens")))
-    result["layer"] = rows
 
 
 def write(out: Path, result: dict, best: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    result["timing_methods"] = dict(TIMING)
     (out / "noble_train.json").write_text(json.dumps(result, indent=1))
     (out / "two_segment_configs.json").write_text(json.dumps({",".join(map(str, k)): v for k, v in best.items()}))
-    lines = [f"# NOBLE's training route on {result['device']}", "", f"{result['when']}, {result['versions']}", "",
+    lines = [f"# NOBLE's training route on {result['device']}", "", f"{result['when']}, {result['versions']}; "
+             f"figures by CUDA graph / by bursts: {TIMING['graph']} / {TIMING['burst']}", "",
              "## Products, ms per call (median of 10 replays of a CUDA graph of 20 calls; bf16)", "",
              "| shape | direction | cuBLAS main | cuBLAS main + addmm | two-segment best | tiles | K2 = 0 | "
              "× cuBLAS main | × main + addmm | err |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
@@ -221,6 +286,9 @@ def write(out: Path, result: dict, best: dict) -> None:
                      f"| {r['best_ms']:.4f} | {r['best_tiles']} | {r['best_k2_0_ms']:.4f} | "
                      f"{r['best_ms'] / r['cublas_main_ms']:.3f} | {r['best_ms'] / r['cublas_main_addmm_ms']:.3f} | "
                      f"{r['best_rel_err']:.1e} |")
+    lines += ["", "## The rank-r launches alone (GB/s of x or dy read; cuBLAS's x W_downᵀ beside them)", ""]
+    for r in result.get("branch", []):
+        lines.append(f"- width {r['width']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items() if k.endswith("GB/s")))
     lines += ["", "## One layer fwd+bwd, compiled, ms", ""]
     for r in result.get("layer", []):
         lines.append(f"- {r['shape']}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
@@ -232,8 +300,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; sections not started by then are skipped")
-    ap.add_argument("--sections", default="products,layer")
+    ap.add_argument("--sections", default="products,branch,layer", help="comma-separated: products, branch, layer")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--configs", default="", help="two_segment_configs.json of an earlier run, for the layer section")
     args = ap.parse_args(argv)
     from leanformer.ops import two_segment_matmul as ts
 
@@ -254,8 +323,14 @@ def main(argv=None) -> int:
     if "products" in sections:
         best = section_products(device, n, shapes, candidates, args.budget, result)
         write(args.out, result, best)
+    if "branch" in sections:
+        section_branch(device, n, shapes, args.budget, result)
+        write(args.out, result, best)
     if "layer" in sections:
-        section_layer(device, n, shapes, best, args.budget, result)
+        if not best and args.configs:  # the tiles of an earlier products run
+            best = {(*(int(v) for v in k.split(",")[:4]), k.split(",")[4]): tuple(c)
+                    for k, c in json.loads(Path(args.configs).read_text()).items()}
+        section_layer(device, n, shapes, best, args.budget, result, args.out)
     write(args.out, result, best)
     print((args.out / "noble_train.md").read_text())
     return 0

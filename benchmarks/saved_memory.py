@@ -8,7 +8,7 @@ activations are most of a training step's memory beyond parameters and optimizer
 inductor keeps does not depend on the device, so the ratios between arms carry over to a GPU step; the
 absolute bytes do not (no allocator, no temporaries).
 
-    PYTHONPATH=$PWD python benchmarks/saved_memory.py --out docs/bench_cpu/saved_memory
+    PYTHONPATH=$PWD TRITON_INTERPRET=1 python benchmarks/saved_memory.py --out docs/bench_cpu/saved_memory
 
 Writes ``saved_memory.json`` and ``saved_memory.md`` under ``--out``.
 """
@@ -19,13 +19,15 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ARMS = [("preln", None), ("noble_fused", "stacked"), ("noble_fused", "kcat"), ("sas_p", None)]
+ARMS = [("preln", None), ("noble_fused", "stacked"), ("noble_fused", "kcat"), ("noble_fused", "route"), ("sas_p", None)]
+# "route": NOBLE's training route (noble.TRAIN_KERNEL "always": its Triton kernels under TRITON_INTERPRET=1 on the CPU)
 
 
 def saved_storages(model: torch.nn.Module, forward, ids: torch.Tensor, autocast: bool) -> dict[int, tuple]:
@@ -51,13 +53,19 @@ def measure(arm: str, form: str | None, args) -> dict:
 
     size = dataclasses.replace(SIZES["gpt2"], n_layers=args.layers, vocab_size=args.vocab)
     cfg = arm_config(base_config(size, args.seq), arm)
-    if form:
+    if form in ("stacked", "kcat"):
         cfg = dataclasses.replace(cfg, noble=dataclasses.replace(cfg.noble, compiled_form=form))
     torch.manual_seed(0)
     model = TransformerLM(cfg)
     forward = torch.compile(model) if args.compile else model
     ids = torch.randint(0, args.vocab, (1, args.seq))
-    saved = saved_storages(model, forward, ids, autocast=not args.float32)
+    from leanformer.layers import noble
+
+    before, noble.TRAIN_KERNEL = noble.TRAIN_KERNEL, "always" if form == "route" else "never"
+    try:
+        saved = saved_storages(model, forward, ids, autocast=not args.float32)
+    finally:
+        noble.TRAIN_KERNEL = before
     tokens = {k: v for k, v in saved.items() if args.seq in v[1]}  # activations: a tokens axis
     by_shape = collections.Counter()
     for nbytes, shape, dtype in saved.values():
@@ -101,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                        "machine": f"{platform.processor() or platform.machine()} CPU",
                        "command": "python " + " ".join(sys.argv), "setting": setting}, "rows": []}
     for arm, form in ARMS:
+        if form == "route" and os.environ.get("TRITON_INTERPRET") != "1":
+            print("noble_fused (route): skipped (its kernels run on the CPU only under TRITON_INTERPRET=1)")
+            continue
         row = measure(arm, form, args)
         print(f"{row['arm']}: saved {row['saved_MiB']:.1f} MiB, tokens-axis {row['activations_MiB']:.1f}", flush=True)
         result["rows"].append(row)

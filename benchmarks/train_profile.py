@@ -654,6 +654,9 @@ def main(argv: list[str] | None = None) -> int:
 
         for key, tiles in json.loads(Path(args.two_segment_configs).read_text()).items():
             *sizes, layout = key.split(",")
+            if len(sizes) != 4 or layout not in ("k", "n", "other") or len(tiles) != 7:
+                p.error(f"--two-segment-configs: {key!r}: {tiles!r} is not 'M,N,K1,K2,layout': [7 tile settings] "
+                        "(benchmarks/noble_train_gpu.py writes that file)")
             two_segment_matmul.CONFIGS[(*(int(v) for v in sizes), layout)] = tuple(tiles)
     PLAN[:] = [x.strip() for x in args.plan.split(",") if x.strip()]
     unknown = set(PLAN) - {run.label for run in STEP_PLAN}

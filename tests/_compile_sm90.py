@@ -27,6 +27,7 @@ from leanformer.ops import _shaped_mix_kernels as shaped_mix
 from leanformer.ops import _skinny_linear_kernel as skinny
 from leanformer.ops import _two_segment_matmul_kernel as two_segment
 from leanformer.ops.two_segment_matmul import CANDIDATES as TWO_SEGMENT_TILES
+from leanformer.ops.two_segment_matmul import fit_shared_memory
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -45,6 +46,7 @@ def compile_kernel(fn, pointers: dict[str, str], floats: tuple[str, ...], conste
     options = {key: constexprs.pop(key) for key in ("num_stages", "num_warps") if key in constexprs}
     divisible = constexprs.pop("divisible", ())
     expect_ttgir = constexprs.pop("expect_ttgir", ())
+    expect_loops = constexprs.pop("expect_loops", None)
     names = fn.arg_names
     sig = {}
     for n in names:
@@ -56,6 +58,8 @@ def compile_kernel(fn, pointers: dict[str, str], floats: tuple[str, ...], conste
     missing = [op for op in expect_ttgir if op not in kernel.asm["ttgir"]]
     if missing:
         raise RuntimeError(f"its TTGIR lacks {missing}")
+    if expect_loops is not None and kernel.asm["ttgir"].count("scf.for") != expect_loops:
+        raise RuntimeError(f"its TTGIR has {kernel.asm['ttgir'].count('scf.for')} loops, not {expect_loops}")
     if kernel.metadata.shared > SHARED_MEMORY:
         raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory; an H100 block has {SHARED_MEMORY}")
 
@@ -170,8 +174,25 @@ def cases():
                    dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=32, GROUP_M=group, EVEN_K=True,
                         EVEN_K2=True, EVEN_N=True, ONE_LOOP=one_loop, PRECISION="tf32", INTERPRET=False, sa1k=1, sb1k=1,
                         sa2k=1, sb2k=1, scn=1, num_warps=warps, num_stages=stages, expect_ttgir=wgmma,
+                        expect_loops=1 if one_loop else 2,
                         divisible=("A1", "B1", "A2", "B2", "Bias", "C", "M", "N", "K1", "K2", "sa1m", "sb1n", "sa2m",
                                    "sb2n", "scm")))
+    # one loop in the backward's layout (W as B1, N-contiguous) at cuBLAS's tile: one pipelined loop in the TTGIR
+    yield ("two-segment product, one loop, backward layout (bf16, 256x128x64, 4 stages)",
+           two_segment.two_segment_matmul_kernel, seg_ptrs, (),
+           dict(HAS_BIAS=False, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, BLOCK_K2=32, GROUP_M=8, EVEN_K=True,
+                EVEN_K2=True, EVEN_N=True, ONE_LOOP=True, PRECISION="tf32", INTERPRET=False, sa1k=1, sb1n=1, sa2k=1,
+                sb2n=1, scn=1, num_warps=8, num_stages=4, expect_ttgir=wgmma, expect_loops=1,
+                divisible=("A1", "B1", "A2", "B2", "C", "M", "N", "K1", "K2", "sa1m", "sb1k", "sa2m", "sb2k", "scm")))
+    # float32 operands with TF32 (training without autocast): the default tile fitted to shared memory as launched
+    fp32_tile = fit_shared_memory((*TWO_SEGMENT_TILES[0], False), 4)
+    yield (f"two-segment product (float32, TF32, {'x'.join(map(str, fp32_tile[:3]))}, {fp32_tile[5]} stages)",
+           two_segment.two_segment_matmul_kernel, {name: "*fp32" for name in seg_ptrs}, (),
+           dict(HAS_BIAS=True, BLOCK_M=fp32_tile[0], BLOCK_N=fp32_tile[1], BLOCK_K=fp32_tile[2], BLOCK_K2=32,
+                GROUP_M=8, EVEN_K=True, EVEN_K2=True, EVEN_N=True, ONE_LOOP=False, PRECISION="tf32", INTERPRET=False,
+                sa1k=1, sb1k=1, sa2k=1, sb2k=1, scn=1, num_warps=fp32_tile[4], num_stages=fp32_tile[5],
+                divisible=("A1", "B1", "A2", "B2", "Bias", "C", "M", "N", "K1", "K2", "sa1m", "sb1n", "sa2m", "sb2n",
+                           "scm")))
     yield ("two-segment product, backward layout (bf16, W as B1, ragged K2)", two_segment.two_segment_matmul_kernel,
            seg_ptrs, (), dict(HAS_BIAS=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_K2=32, GROUP_M=8,
                               EVEN_K=True, EVEN_K2=False, EVEN_N=False, ONE_LOOP=False, PRECISION="tf32",

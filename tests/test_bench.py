@@ -356,6 +356,9 @@ def test_noble_train_script_checks_its_products_on_the_cpu(tmp_path):
     (layer,) = result["layer"]
     for route in ("noble route", "noble route, separate branch"):
         assert layer[f"{route} rel diff to stacked"] < 1e-5 and f"{route} ms" in layer
+    (narrow, wide) = result["branch"]
+    assert narrow["width"] == 32 and wide["width"] == 64 and all(f"{k} ms" in wide for k in (
+        "cublas x@Wdᵀ", "down_cosnet BK 64, 4 warps, 3 stages", "up_grad_cosnet_bwd BK 64, 4 warps, 3 stages"))
     configs = json.loads((tmp_path / "two_segment_configs.json").read_text())
     assert set(configs) == {"96,32,64,32,k", "96,64,32,32,n"}  # the forward reads Wᵀ (K-contiguous), dx reads W
 

@@ -203,14 +203,35 @@ def test_route_skips_gradients_nobody_asked_for(route):
             assert rel(p.grad, g_ref[name]) < FP32_TOL, name
 
 
-def test_route_has_no_double_backward_and_stays_off_without_autograd(route):
+def test_route_has_no_double_backward_and_stays_off_without_autograd(route, monkeypatch):
     _, layer = _layers()
     x = torch.randn(6, 48, device=DEV, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    assert not gx.requires_grad  # once_differentiable: no graph through the backward, so no silent wrong 2nd order
+    with pytest.raises(RuntimeError, match="does not require grad"):
         gx.sum().backward()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the route ran without autograd")
+
+    monkeypatch.setattr(nt, "noble_train_linear", refuse)
     with torch.no_grad():
         assert rel(layer(x), layer.forward_reference(x)) < FP32_TOL  # the stacked form (cuBLAS), not the route
+    monkeypatch.undo()  # the route again (the fixture's switch), with a misspelt branch form
+    monkeypatch.setattr(noble, "TRAIN_KERNEL", "always")
+    monkeypatch.setattr(nt, "BRANCH", "fusd")
+    with pytest.raises(ValueError, match=r"BRANCH='fusd' must be one of \('fused', 'separate'\)"):
+        layer(x)
+
+
+def test_shared_memory_fit_takes_the_element_size():
+    """The bf16 tiles in float32 (TF32 training without autocast) would need 294,912 B: stages, then BLOCK_K, give."""
+    from leanformer.ops import two_segment_matmul as ts
+
+    assert ts.fit_shared_memory((128, 256, 64, 8, 8, 3, False), 2) == (128, 256, 64, 8, 8, 3, False)
+    fitted = ts.fit_shared_memory((128, 256, 64, 8, 8, 3, False), 4)
+    assert fitted == (128, 256, 64, 8, 8, 2, False) and (128 + 256) * 64 * 2 * 4 <= ts.SHARED_MEMORY
+    assert ts.fit_shared_memory((256, 128, 128, 8, 8, 4, True), 4) == (256, 128, 64, 8, 8, 2, True)
 
 
 def test_route_in_bf16_matches_float64_of_its_rounded_operands(route):

@@ -58,7 +58,7 @@ def down_cosnet(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor, omega1: tor
 
 def _new_grads(dy, wu, z, omega1, phi1, m, c, omega2, phi2):
     r = z.shape[1]
-    return torch.empty_like(z), z.new_empty(5 * r + r * r, dtype=torch.float32)
+    return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(5 * r + r * r, dtype=torch.float32)
 
 
 @_register("leanformer::noble_up_grad_cosnet_bwd", _new_grads)
@@ -66,7 +66,9 @@ def up_grad_cosnet_bwd(dy: torch.Tensor, wu: torch.Tensor, z: torch.Tensor, omeg
                        phi1: torch.Tensor, m: torch.Tensor, c: torch.Tensor, omega2: torch.Tensor, phi2: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dz like z, CosNet's parameter gradients flattened as :func:`leanformer.ops.cosnet`'s backward gives them)
-    from dy (N, K), W_up (K, r) and the stored z (N, r)."""
+    from dy (N, K), W_up (K, r) and the stored z (N, r; read with unit stride along r)."""
+    if z.stride(1) != 1:
+        z = z.contiguous()
     N, K = dy.shape
     r = z.shape[1]
     dz, flat = _new_grads(dy, wu, z, omega1, phi1, m, c, omega2, phi2)

@@ -86,11 +86,11 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype on x's device when autocast is on there and x is float32 (autocast leaves float64 as it
-    is), else x's dtype."""
+    """Autocast's dtype on x's device when autocast is on there and x is a float type other than float64 (which
+    autocast leaves as it is), else x's dtype."""
     kind = x.device.type
     try:
-        if x.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(kind):
             return torch.get_autocast_dtype(kind)
     except RuntimeError:  # a device type autocast does not know
         pass
@@ -122,6 +122,8 @@ def noble_train_linear(layer, x: torch.Tensor, checked: bool = False) -> torch.T
     and every parameter of the layer (once: no double backward). Raises ValueError naming the reason when
     :func:`noble_train_reason` gives one (``checked``: the caller has asked it already). The layer's submodules
     (``down``, ``act``, ``up``) are not called, so hooks on them do not run."""
+    if BRANCH not in BRANCHES:
+        raise ValueError(f"noble_train.BRANCH={BRANCH!r} must be one of {BRANCHES}")
     reason = None if checked else noble_train_reason(layer, x)
     if reason is not None:
         raise ValueError(f"NOBLE's training route cannot run this layer: {reason}")

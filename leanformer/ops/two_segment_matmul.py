@@ -51,12 +51,30 @@ def b1_layout(b1: torch.Tensor) -> str:
     return "k" if b1.stride(0) == 1 else "n" if b1.stride(1) == 1 else "other"
 
 
+SHARED_MEMORY = 220 * 1024  # bytes of pipelined tiles a config may take (an H100 block: 227 KB, less the epilogue's)
+
+
+def fit_shared_memory(config: tuple, element_size: int) -> tuple:
+    """``config`` with fewer stages (down to 2), then half the BLOCK_K, until its pipelined tiles
+    ((BLOCK_M + BLOCK_N) · BLOCK_K · stages · element_size bytes) fit :data:`SHARED_MEMORY`: the table and the
+    heuristic are for bf16, and float32 operands (TF32 training without autocast) need twice the bytes (128 × 256 ×
+    64 in 3 stages: 294,912 B, over an H100 block's limit; the second review, 2026-12-07)."""
+    bm, bn, bk, group, warps, stages, one_loop = config
+    while (bm + bn) * bk * stages * element_size > SHARED_MEMORY and (stages > 2 or bk > 16):
+        if stages > 2:
+            stages -= 1
+        else:
+            bk //= 2
+    return (bm, bn, bk, group, warps, stages, one_loop)
+
+
 def tile_config(M, N, K1, K2, layout: str = "k") -> tuple[int, int, int, int, int, int, bool]:
     """The tile shape for a product: :data:`CONFIGS`' entry for ``(M, N, K1, K2, layout)``, else 128 × 256 tiles of
     64 (Triton's matrix-product tutorial's fastest bf16 shape on Hopper), 128 × 128 when N < 256, 64 × 64 when
     M or N is small; :data:`INTERPRETER_CONFIG` under the interpreter. Sizes may be symbolic (a ``triton_op``
-    traced with dynamic shapes): then the table is not consulted (a SymInt cannot be hashed) and the heuristic's
-    comparisons guard on them."""
+    traced with dynamic shapes): then the table is not consulted (a SymInt cannot be hashed: a dynamic token count
+    never gets tuned tiles) and the heuristic's comparisons guard on them. The launch fits the choice to the
+    operands' element size (:func:`fit_shared_memory`)."""
     if _interpret():
         return INTERPRETER_CONFIG
     key = (M, N, K1, K2, layout)
@@ -99,7 +117,8 @@ def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: to
     c = _new_c(a1, b1, a2, b2, bias)
     if M == 0 or N == 0:
         return c
-    bm, bn, bk, group, warps, stages, one_loop = tile_config(M, N, K1, K2, b1_layout(b1))
+    bm, bn, bk, group, warps, stages, one_loop = fit_shared_memory(tile_config(M, N, K1, K2, b1_layout(b1)),
+                                                                   a1.element_size())
     bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
     precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     with _on_device(a1):
