@@ -16,7 +16,7 @@ product of our own. It pays off only if that product runs the main part at cuBLA
    Each kernel result is checked against float64 (max error / max |ref|). The fastest tile shape and loop form
    per shape go to ``two_segment_configs.json`` (``train_profile.py --two-segment-configs`` reads it).
 2. ``branch``: the rank-r launches with CosNet (``noble_branch``) alone, in GB/s of x or dy read, for a few
-   (BLOCK_K, warps, stages), beside cuBLAS's rank-32 product of the same input.
+   (BLOCK_K, warps, stages, rows per program), beside cuBLAS's rank-32 product of the same input.
 3. ``layer``: one NOBLE linear (CosNet, rank 32) fwd+bwd under ``torch.compile``: the stacked form (CosNet
    kernels), the route (its rank-r products fused with CosNet: ``noble_train.BRANCH`` "fused"; and "separate"),
    and ``nn.Linear``; the route with the fastest tiles.
@@ -158,7 +158,8 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
     return best
 
 
-BRANCH_VARIANTS = ((64, 4, 3), (64, 4, 5), (128, 4, 3), (64, 8, 3), (128, 8, 4))  # (BLOCK_K, warps, stages)
+BRANCH_VARIANTS = ((64, 4, 3, None), (64, 4, 5, None), (128, 4, 3, None), (64, 8, 3, None), (128, 8, 4, None),
+                   (64, 4, 4, 16), (128, 4, 4, 64))  # (BLOCK_K, warps, stages, rows: None = block_rows(r), 32 at r 32)
 
 
 def section_branch(device, n, shapes, budget, result) -> None:
@@ -192,10 +193,10 @@ def section_branch(device, n, shapes, budget, result) -> None:
 
         row = {"width": d, "tokens": n, "GB read per call": bytes_read / 1e9,
                "cublas x@Wdᵀ ms": timed(lambda nxt=nxt, w=w: nxt() @ w.t(), device)}
-        saved = (nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES)
-        for bk, warps, stages in BRANCH_VARIANTS if device.type == "cuda" else (saved,):
-            nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES = bk, warps, stages
-            key = f"BK {bk}, {warps} warps, {stages} stages"
+        saved = (nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES, nb.ROWS)
+        for bk, warps, stages, rows_per in BRANCH_VARIANTS if device.type == "cuda" else (saved,):
+            nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES, nb.ROWS = bk, warps, stages, rows_per
+            key = f"BK {bk}, {warps} warps, {stages} stages" + (f", {rows_per} rows" if rows_per else "")
             try:
                 row[f"down_cosnet {key} ms"] = timed(
                     lambda nxt=nxt, w=w, b=b, params=params: nb.down_cosnet(nxt(), w, b, *params), device)
@@ -204,7 +205,7 @@ def section_branch(device, n, shapes, budget, result) -> None:
                     lambda nxt=nxt, wu=wu, z=z, params=params: nb.up_grad_cosnet_bwd(nxt(), wu, z, *params), device)
             except Exception as e:  # noqa: BLE001 - a variant that does not compile or fit
                 row[f"{key} error"] = f"{type(e).__name__}: {e}"[:200]
-        nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES = saved
+        nb.BLOCK_K, nb.NUM_WARPS, nb.NUM_STAGES, nb.ROWS = saved
         for k in [k for k in row if k.endswith(" ms")]:
             row[k.replace(" ms", " GB/s")] = bytes_read / (row[k] * 1e-3) / 1e9
         rows.append(row)

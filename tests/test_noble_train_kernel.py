@@ -173,8 +173,13 @@ def test_route_matches_float64_with_every_gradient(route, monkeypatch, bias, r, 
         assert rel(grads[name], g_ref[name]) < FP32_TOL, name
 
 
-def test_fused_branch_kernels_at_even_widths_match_float64(route):
-    """d_in and d_out multiples of 64 (the fused kernels' unmasked K loop) and rows past one program's block."""
+@pytest.mark.parametrize("rows", [None, 16, 64])
+def test_fused_branch_kernels_at_even_widths_match_float64(route, monkeypatch, rows):
+    """d_in and d_out multiples of 64 (the fused kernels' unmasked K loop) and rows past one program's block, with
+    the rows per program CosNet's kernels choose (32 at r 32) and the benchmark's other choices."""
+    from leanformer.ops import noble_branch
+
+    monkeypatch.setattr(noble_branch, "ROWS", rows)
     ref, layer = _layers(d_in=128, d_out=64, r=32)
     gen = torch.Generator().manual_seed(2)
     x, g = torch.randn(70, 128, dtype=F64, generator=gen), torch.randn(70, 64, dtype=F64, generator=gen)

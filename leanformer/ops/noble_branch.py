@@ -20,6 +20,11 @@ from leanformer.ops.fused_decay_attention import _cdiv, _interpret, _on_device, 
 BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
+ROWS: int | None = None  # rows per program (a power of two ≥ 16); None: CosNet's kernels' choice (block_rows(r))
+
+
+def _rows(r: int) -> int:
+    return ROWS if ROWS is not None else block_rows(r)
 
 
 def _kernels():
@@ -47,7 +52,7 @@ def down_cosnet(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor, omega1: tor
     r = wd.shape[0]
     z, s = _new_zs(x, wd, bd, omega1, phi1, m, c, omega2, phi2)
     if N:
-        bn = block_rows(r)
+        bn = _rows(r)
         with _on_device(x):
             _wrap(_kernels()[0])[(_cdiv(N, bn),)](
                 x, wd, bd, omega1, phi1, m, c, omega2, phi2, z, s, N, K, *x.stride(), *wd.stride(), z.stride(0),
@@ -74,7 +79,7 @@ def up_grad_cosnet_bwd(dy: torch.Tensor, wu: torch.Tensor, z: torch.Tensor, omeg
     dz, flat = _new_grads(dy, wu, z, omega1, phi1, m, c, omega2, phi2)
     if not N:
         return dz, flat.zero_()
-    bn = block_rows(r)
+    bn = _rows(r)
     n_prog = _cdiv(N, bn)
     partial = z.new_empty((n_prog, 5 * r + r * r), dtype=torch.float32)
     with _on_device(dy):
