@@ -41,10 +41,11 @@ COMPILED_FORMS = ("stacked", "kcat")
 COSNET_KERNEL = "never"
 # A plain-sum CosNet layer's forward and backward through leanformer.ops.noble_train (the branch's up product
 # inside the main product's inner axis, dz W_down inside dx's product, CosNet by its kernels): "cuda" on CUDA
-# tensors the kernels take, "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the stacked or
-# kcat form; the default until the route is timed on a GPU). Only with autograd on: a pass without it (evaluation,
-# decoding) keeps the stacked form's cuBLAS products
-TRAIN_KERNEL = "never"
+# tensors the kernels take (the default since timed: GPT-2 b16 under CUDA graphs, H100, 2026-12-07 22:18, callAF:
+# 51.36 ms per step with noble_train.BRANCH "separate" against 54.75 for the stacked form, 0.938x, peak memory 8.59
+# against 8.62 GiB), "always" also on the CPU under TRITON_INTERPRET=1 (tests), "never" (the stacked or kcat form).
+# Only with autograd on: a pass without it (evaluation, decoding) keeps the stacked form's cuBLAS products
+TRAIN_KERNEL = "cuda"
 
 
 def use_cosnet_kernel(z: torch.Tensor) -> bool:

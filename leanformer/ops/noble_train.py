@@ -32,8 +32,10 @@ from leanformer.ops import noble_branch as nb
 from leanformer.ops.two_segment_matmul import two_segment_matmul, two_segment_supported
 
 
-BRANCH = "fused"  # the rank-r products beside CosNet: "fused" (leanformer.ops.noble_branch: z and σ(z) in one launch
-# reading x, ds and σ's backward in one launch reading dy) or "separate" (a cuBLAS product, then CosNet's kernel)
+BRANCH = "separate"  # the rank-r products beside CosNet: "separate" (a cuBLAS product, then CosNet's kernel) or
+# "fused" (leanformer.ops.noble_branch: z and σ(z) in one launch reading x, ds and σ's backward in one launch reading
+# dy). Timed on an H100 (2026-12-07, callAE, callAF): the fused launches read at 0.64-2.3 TB/s against cuBLAS's rank-32
+# product's 2.25-2.76, and the GPT-2 step was 53.89 ms fused against 51.36 separate
 BRANCHES = ("fused", "separate")
 
 
