@@ -272,7 +272,9 @@ def write(out: Path, result: dict, best: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result["timing_methods"] = dict(TIMING)
     (out / "noble_train.json").write_text(json.dumps(result, indent=1))
-    (out / "two_segment_configs.json").write_text(json.dumps({",".join(map(str, k)): v for k, v in best.items()}))
+    from leanformer.ops.two_segment_matmul import configs_json
+
+    (out / "two_segment_configs.json").write_text(configs_json(best))
     lines = [f"# NOBLE's training route on {result['device']}", "", f"{result['when']}, {result['versions']}; "
              f"figures by CUDA graph / by bursts: {TIMING['graph']} / {TIMING['burst']}", "",
              "## Products, ms per call (median of 10 replays of a CUDA graph of 20 calls; bf16)", "",
@@ -329,8 +331,7 @@ def main(argv=None) -> int:
         write(args.out, result, best)
     if "layer" in sections:
         if not best and args.configs:  # the tiles of an earlier products run
-            best = {(*(int(v) for v in k.split(",")[:4]), k.split(",")[4]): tuple(c)
-                    for k, c in json.loads(Path(args.configs).read_text()).items()}
+            best = ts.load_configs(args.configs)
         section_layer(device, n, shapes, best, args.budget, result, args.out)
     write(args.out, result, best)
     print((args.out / "noble_train.md").read_text())

@@ -652,12 +652,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.two_segment_configs:
         from leanformer.ops import two_segment_matmul
 
-        for key, tiles in json.loads(Path(args.two_segment_configs).read_text()).items():
-            *sizes, layout = key.split(",")
-            if len(sizes) != 4 or layout not in ("k", "n", "other") or len(tiles) != 7:
-                p.error(f"--two-segment-configs: {key!r}: {tiles!r} is not 'M,N,K1,K2,layout': [7 tile settings] "
-                        "(benchmarks/noble_train_gpu.py writes that file)")
-            two_segment_matmul.CONFIGS[(*(int(v) for v in sizes), layout)] = tuple(tiles)
+        try:
+            two_segment_matmul.CONFIGS.update(two_segment_matmul.load_configs(args.two_segment_configs))
+        except (OSError, ValueError) as e:
+            p.error(f"--two-segment-configs: {e}")
     PLAN[:] = [x.strip() for x in args.plan.split(",") if x.strip()]
     unknown = set(PLAN) - {run.label for run in STEP_PLAN}
     if unknown:

@@ -357,3 +357,18 @@ def test_a_noble_model_trains_alike_through_the_route(monkeypatch):
     assert rel(loss, loss_ref) < 1e-6
     for name in g_ref:
         assert rel(grads[name], g_ref[name]) < 1e-4, name
+
+
+def test_tile_table_file_round_trip_and_bad_entries(tmp_path):
+    """The tile file benchmarks/noble_train_gpu.py writes is the table train_profile.py reads back; an entry that
+    is not "M,N,K1,K2,layout": [7 settings] (an older 4-number key) is named."""
+    from leanformer.ops import two_segment_matmul as ts
+
+    table = {(16384, 768, 768, 32, "k"): (128, 256, 64, 8, 8, 4, False),
+             (16384, 768, 3072, 32, "n"): (128, 256, 64, 8, 8, 3, True)}
+    path = tmp_path / "two_segment_configs.json"
+    path.write_text(ts.configs_json(table))
+    assert ts.load_configs(path) == table
+    path.write_text('{"16384,768,768,32": [128, 256, 64, 8, 8, 4, false]}')
+    with pytest.raises(ValueError, match=r"'16384,768,768,32'.*is not 'M,N,K1,K2,layout': \[7 tile settings\]"):
+        ts.load_configs(path)

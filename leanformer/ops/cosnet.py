@@ -125,9 +125,15 @@ def cosnet(z: torch.Tensor, omega1: torch.Tensor, phi1: torch.Tensor, m: torch.T
     z2 = z.reshape(-1, r)
     if z2.stride(-1) != 1:
         z2 = z2.contiguous()
-    # float32, bfloat16 or float16 parameters as stored (the kernels take them to float32 on load: no cast
-    # launches for a half-precision decoding copy); their gradients come back float32 and autograd casts them
-    params = [t.to(device=z.device).contiguous() for t in (omega1, phi1, m, c, omega2, phi2)]
+    return _cosnet_op(z2, *kernel_params((omega1, phi1, m, c, omega2, phi2), z.device)).view(*lead, r)
+
+
+def kernel_params(params, device: torch.device) -> list[torch.Tensor]:
+    """CosNet's parameters (ω1, φ1, M, c, ω2, φ2) as the kernels take them: on ``device``, contiguous, float32,
+    bfloat16 or float16 as stored (the kernels take them to float32 on load: no cast launches for a half-precision
+    decoding copy; their gradients come back float32 and autograd casts them), float32 when any is float64 or not
+    a float."""
+    params = [t.to(device=device).contiguous() for t in params]
     if any(not t.is_floating_point() or t.dtype == torch.float64 for t in params):
         params = [t.float() for t in params]
-    return _cosnet_op(z2, *params).view(*lead, r)
+    return params

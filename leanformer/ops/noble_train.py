@@ -134,10 +134,7 @@ def noble_train_linear(layer, x: torch.Tensor, checked: bool = False) -> torch.T
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features).to(dt)
     b = layer.bias.to(dt) if layer.bias is not None else None
-    params = [t.to(device=x.device).contiguous() for t in
-              (act.omega1, act.phi1, act.M.weight, act.M.bias, act.omega2, act.phi2)]
-    if any(t.dtype == torch.float64 for t in params):
-        params = [t.float() for t in params]
+    params = ck.kernel_params((act.omega1, act.phi1, act.M.weight, act.M.bias, act.omega2, act.phi2), x.device)
     with torch.autocast(x.device.type, enabled=False):
         y = _NobleTrain.apply(x2, layer.weight.to(dt), b, layer.down.weight.to(dt), layer.down.bias.to(dt),
                               layer.up.weight.to(dt), *params)

@@ -23,6 +23,9 @@ interpreter; float32, bfloat16 or float16 operands of one dtype; 2-d operands.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from leanformer.ops.fused_decay_attention import (_cdiv, _interpret, _on_device, _register, _triton_import_error,
@@ -44,6 +47,26 @@ CANDIDATES = (
 )
 ONE_LOOP = False  # the default loop form for shapes without a CONFIGS entry (not yet timed on a GPU)
 INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1, False)  # ONE_LOOP: tests/test_noble_train_kernel.py sets it
+
+
+def configs_json(configs: dict) -> str:
+    """``configs`` ({(M, N, K1, K2, layout): tile settings}, as :data:`CONFIGS`) as the JSON that
+    :func:`load_configs` reads: keys "M,N,K1,K2,layout", values the 7 settings."""
+    return json.dumps({",".join(map(str, key)): list(tiles) for key, tiles in configs.items()})
+
+
+def load_configs(path: str | Path) -> dict[tuple[int, int, int, int, str], tuple[int, int, int, int, int, int, bool]]:
+    """The tile table a file of :func:`configs_json` holds (benchmarks/noble_train_gpu.py writes one per run), for
+    :data:`CONFIGS`. Raises ValueError naming the file and the entry that is not "M,N,K1,K2,layout": [7 settings]."""
+    table = {}
+    for key, tiles in json.loads(Path(path).read_text()).items():
+        *sizes, layout = key.split(",")
+        if (len(sizes) != 4 or not all(v.isdigit() for v in sizes) or layout not in ("k", "n", "other")
+                or not isinstance(tiles, list) or len(tiles) != 7):
+            raise ValueError(f"{path}: {key!r}: {tiles!r} is not 'M,N,K1,K2,layout': [7 tile settings] "
+                             "(benchmarks/noble_train_gpu.py writes these files)")
+        table[(*(int(v) for v in sizes), layout)] = tuple(tiles)
+    return table
 
 
 def b1_layout(b1: torch.Tensor) -> str:
