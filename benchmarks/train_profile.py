@@ -426,7 +426,7 @@ STEP_PLAN = [  # most wanted first
     # 2026-12-07 21:00: NOBLE's linears by the training route (the branch inside two-segment products of our own,
     # CosNet by its kernels), against the stacked form with the CosNet kernels and Pre-LN, all without logits
     StepRun("gpt2 noble_fused b16 cudagraphs route", "gpt2", "noble_fused", 16, True, CG, train_kernel="cuda"),
-    StepRun("gpt2 noble_fused b16 cudagraphs route sepbranch", "gpt2", "noble_fused", 16, False, CG,
+    StepRun("gpt2 noble_fused b16 cudagraphs route sepbranch", "gpt2", "noble_fused", 16, True, CG,
             train_kernel="cuda", branch="separate"),
     StepRun("gpt2 noble_fused b16 cudagraphs cosk fusedloss whole", "gpt2", "noble_fused", 16, True, CG,
             cosnet_kernel="cuda", fused_loss=True, loss_chunk=1 << 20),

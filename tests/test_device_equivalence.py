@@ -367,8 +367,8 @@ def test_head_and_loss_kernel_match_float64(device, check, dtype, monkeypatch):
 
 
 def test_compiled_rotary_tables_match_float64(device, check):
-    """The tables a compiled training graph builds for float32 (cos and sin in float32 of the angle reduced modulo
-    2π in float64), on the device, up to 32K positions, against float64's."""
+    """The tables a compiled training graph builds for float32 (by the ``leanformer::rotary_tables`` op: float64,
+    then rounded), on the device, up to 32K positions, against float64's."""
     from leanformer.layers.rope import Rotary
 
     rot = Rotary(64)

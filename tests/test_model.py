@@ -160,20 +160,38 @@ def test_a_compiled_step_takes_no_cpu_tensor_for_its_rotary_tables():
     torch.testing.assert_close(loss, model(idx, idx, return_logits=False)[1], rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_rotary_tables_equal_the_eager_ones_to_float32_rounding():
-    """Under torch.compile a float32 (or bf16) table is the cos and sin in float32 of the angle reduced modulo 2π in
-    float64: within 1e-6 of the float64 table up to 32K positions (the eager tables: float64, then rounded); a
-    float64 table stays exact; the tables kept for decoding stay the float64 ones rounded, compiled or not."""
+def test_compiled_rotary_tables_equal_the_eager_ones_and_are_built_once():
+    """Under torch.compile the tables come from one opaque op (``leanformer::rotary_tables``): equal to the eager
+    tables (float64, then rounded) up to 32K positions, and the compiled rotation's kernels, forward and backward,
+    compute no cos or sin of their own (Inductor had fused the table into every element of q and k); the tables
+    kept for decoding stay the float64 ones rounded, compiled or not."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
     from leanformer.layers.rope import Rotary
 
-    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-13)):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
         rot = Rotary(64)
         torch._dynamo.reset()
         cos, sin = torch.compile(lambda r=rot, dt=dtype: r.cos_sin(0, 32768, "cpu", dt), fullgraph=True)()
-        ref_cos, ref_sin = Rotary(64)._fresh(0, 32768, "cpu", torch.float64)
-        assert cos.dtype == dtype
-        for got, want in ((cos, ref_cos), (sin, ref_sin)):
-            assert float((got.double() - want).abs().max()) <= tol
+        ref_cos, ref_sin = Rotary(64)._fresh(0, 32768, "cpu", dtype)
+        assert cos.dtype == dtype and torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    rot = Rotary(16)
+    q, k = (torch.randn(2, 3, 40, 16, requires_grad=True) for _ in range(2))
+
+    def step():
+        out = torch.compile(lambda a, b: (lambda qr, kr: (qr * kr).sum())(*rot(a, b, 0)), fullgraph=True)(q, k)
+        out.backward()
+        return out
+
+    torch._dynamo.reset()
+    out, codes = run_and_get_code(step)
+    torch._dynamo.reset()
+    code = "\n".join(codes)
+    assert "rotary_tables" in code and not re.search(r"\b(std::)?(sin|cos)\(|\.(sin|cos)\(", code)
+    q_ref, k_ref = rot(q.detach().double(), k.detach().double(), 0)
+    torch.testing.assert_close(out.double(), (q_ref * k_ref).sum(), rtol=1e-5, atol=1e-4)
     # tables kept for decoding (reserve()) are the float64 ones rounded, even when a compiled call builds them
     kept, eager = Rotary(64), Rotary(64)
     for r in (kept, eager):

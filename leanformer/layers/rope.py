@@ -34,6 +34,31 @@ def scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Ten
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
+def _tables(inv_freq: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``(end − start, 2 · len(inv_freq))`` in ``dtype`` for positions ``start .. end−1``, from the
+    frequencies ``inv_freq`` (float64, on the tables' device), computed in float64 then rounded."""
+    pos = torch.arange(start, end, device=inv_freq.device, dtype=torch.float64)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@torch.library.custom_op("leanformer::rotary_tables", mutates_args=())
+def rotary_tables(inv_freq: torch.Tensor, start: int, end: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_tables` as one op that a compiled graph cannot see into, so the tables are built once per layer and
+    read by the rotations: inlined, Inductor computed a float64 angle, its remainder modulo 2π and a cos and a sin
+    for every element of q and k (192× the table at 12 heads × batch 16), forward and backward, the kernels that
+    cost RoPE 2.44 ms of a 37.5 ms GPT-2 b16 step on an H100 (docs/benchmarks.md, callAC)."""
+    return _tables(inv_freq, start, end, dtype)
+
+
+@rotary_tables.register_fake
+def _(inv_freq, start, end, dtype):  # noqa: ANN001, ANN202
+    shape = (end - start, 2 * inv_freq.shape[0])
+    return inv_freq.new_empty(shape, dtype=dtype), inv_freq.new_empty(shape, dtype=dtype)
+
+
 class Rotary(nn.Module):
     """Rotates ``(B, H, T, D)`` queries and keys at absolute positions ``start .. start+T-1``, or at the
     positions held in a (T,) int64 tensor (static decoding: a device counter read inside a CUDA graph)."""
@@ -69,29 +94,17 @@ class Rotary(nn.Module):
         end = max(start + length, self._reserved)
         if torch.compiler.is_compiling() and not self._reserved:
             # training under torch.compile: built inside the graph (storing it would make dynamo recompile)
-            return self._fresh(start, start + length, device, dtype, reduced=dtype != torch.float64)
+            inv_freq = torch.tensor(self._inv_freq_values, device=device, dtype=torch.float64)  # a graph constant
+            return torch.ops.leanformer.rotary_tables(inv_freq, start, start + length, dtype)
         cached = self._tables
         if cached is None or cached[0] < end or cached[1].device != torch.device(device) or cached[1].dtype != dtype:
             size = max(end, 2 * cached[0] if cached is not None else 0, 256)
             cached = self._tables = (size, *self._fresh(0, size, device, dtype))
         return cached[1][start:start + length], cached[2][start:start + length]
 
-    def _fresh(self, start: int, end: int, device, dtype, reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``(end − start, rotary_dim)`` for positions ``start .. end−1``, computed in float64; with
-        ``reduced``, cos and sin in float32 of the angle reduced modulo 2π in float64 (within ≈ 5e-7 of float64's):
-        only for tables built inside a compiled training graph, never for the kept ones decoding reads."""
-        pos = torch.arange(start, end, device=device, dtype=torch.float64)
-        if torch.compiler.is_compiling():  # a constant on the device, not a graph input on the CPU (see __init__)
-            inv_freq = torch.tensor(self._inv_freq_values, device=device, dtype=torch.float64)
-        else:
-            inv_freq = self.inv_freq.to(device=device, dtype=torch.float64)
-        freqs = torch.outer(pos, inv_freq)
-        if reduced:
-            # Inductor may fuse the tables into each rotation, one cos and sin per element of q and k: float32 ones
-            # after reducing the angle modulo 2π in float64 (within ≈ 5e-7 of the float64 table; bf16's ulp is 8e-3)
-            freqs = torch.remainder(freqs, 2 * math.pi).float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def _fresh(self, start: int, end: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``(end − start, rotary_dim)`` for positions ``start .. end−1``, computed in float64."""
+        return _tables(self.inv_freq.to(device=device, dtype=torch.float64), start, end, dtype)
 
     def cos_sin_at(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, rotary_dim)`` tables at the positions (T,) int64 (on their device): a gather from tables
