@@ -326,6 +326,7 @@ class StepRun:
     ce_rows: int | None = None     # linear_cross_entropy.ROW_PROGRAMS_PER_SM (None: one kernel program per row)
     train_kernel: str = "never"    # noble.TRAIN_KERNEL ("cuda": NOBLE's linears by leanformer.ops.noble_train)
     branch: str = "fused"          # noble_train.BRANCH ("separate": cuBLAS rank-r products, then CosNet's kernels)
+    rope_tables: str = "op"        # rope.COMPILED_TABLES ("inline": the tables fused into each rotation, before 23:30)
 
     def switches(self) -> dict[str, object]:
         """The module switches this run sets (dotted paths, for :func:`leanformer.bench.kernel_switches.switches_set`;
@@ -338,7 +339,8 @@ class StepRun:
                 ops + "linear_cross_entropy.KERNEL": self.ce_kernel,
                 ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk,
                 ops + "linear_cross_entropy.ROW_PROGRAMS_PER_SM": self.ce_rows,
-                layers + "noble.TRAIN_KERNEL": self.train_kernel, ops + "noble_train.BRANCH": self.branch}
+                layers + "noble.TRAIN_KERNEL": self.train_kernel, ops + "noble_train.BRANCH": self.branch,
+                layers + "rope.COMPILED_TABLES": self.rope_tables}
 
 
 CG = "reduce-overhead"
@@ -434,6 +436,12 @@ STEP_PLAN = [  # most wanted first
             train_kernel="cuda", fused_loss=True, loss_chunk=1 << 20),
     StepRun("gpt2 preln b16 cudagraphs fusedloss whole learnedpos", "gpt2", "preln", 16, False, CG, fused_loss=True,
             loss_chunk=1 << 20, pos="learned"),
+    # 2026-12-07 23:30: the rotary tables by one op instead of fused into every rotation (the default since)
+    StepRun("gpt2 preln b16 cudagraphs inlinerope", "gpt2", "preln", 16, False, CG, rope_tables="inline"),
+    StepRun("gpt2 noble_fused b16 cudagraphs route sepbranch inlinerope", "gpt2", "noble_fused", 16, False, CG,
+            train_kernel="cuda", branch="separate", rope_tables="inline"),
+    StepRun("gpt2 preln b32 cudagraphs fusedloss whole inlinerope", "gpt2", "preln", 32, False, CG, fused_loss=True,
+            loss_chunk=1 << 20, rope_tables="inline"),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]

@@ -169,6 +169,7 @@ def test_compiled_rotary_tables_equal_the_eager_ones_and_are_built_once():
 
     from torch._inductor.utils import run_and_get_code
 
+    from leanformer.layers import rope
     from leanformer.layers.rope import Rotary
 
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -177,6 +178,16 @@ def test_compiled_rotary_tables_equal_the_eager_ones_and_are_built_once():
         cos, sin = torch.compile(lambda r=rot, dt=dtype: r.cos_sin(0, 32768, "cpu", dt), fullgraph=True)()
         ref_cos, ref_sin = Rotary(64)._fresh(0, 32768, "cpu", dtype)
         assert cos.dtype == dtype and torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    # the inline form, kept for benchmarks: float32 of the angle reduced modulo 2π, within 1e-6 of float64's
+    rope.COMPILED_TABLES = "inline"
+    try:
+        torch._dynamo.reset()
+        inline = Rotary(64)
+        cos, sin = torch.compile(lambda: inline.cos_sin(0, 32768, "cpu", torch.float32), fullgraph=True)()
+    finally:
+        rope.COMPILED_TABLES = "op"
+    ref_cos, ref_sin = Rotary(64)._fresh(0, 32768, "cpu", torch.float64)
+    assert max(float((cos.double() - ref_cos).abs().max()), float((sin.double() - ref_sin).abs().max())) <= 1e-6
     rot = Rotary(16)
     q, k = (torch.randn(2, 3, 40, 16, requires_grad=True) for _ in range(2))
 

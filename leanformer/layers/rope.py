@@ -34,6 +34,10 @@ def scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Ten
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
+COMPILED_TABLES = "op"  # how a compiled training graph builds the tables: "op" (rotary_tables, opaque to Inductor) or
+# "inline" (the form before 2026-12-07 23:30, kept for benchmarks: Inductor recomputes them in every rotation's kernel)
+
+
 def _tables(inv_freq: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``(end − start, 2 · len(inv_freq))`` in ``dtype`` for positions ``start .. end−1``, from the
     frequencies ``inv_freq`` (float64, on the tables' device), computed in float64 then rounded."""
@@ -51,6 +55,15 @@ def rotary_tables(inv_freq: torch.Tensor, start: int, end: int,
     for every element of q and k (192× the table at 12 heads × batch 16), forward and backward, the kernels that
     cost RoPE 2.44 ms of a 37.5 ms GPT-2 b16 step on an H100 (docs/benchmarks.md, callAC)."""
     return _tables(inv_freq, start, end, dtype)
+
+
+def _inline_tables(inv_freq: torch.Tensor, start: int, end: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled tables before 2026-12-07 (:data:`COMPILED_TABLES` "inline", for benchmarks): cos and sin in
+    float32 of the angle reduced modulo 2π in float64, as ops Inductor fuses into each rotation."""
+    freqs = torch.outer(torch.arange(start, end, device=inv_freq.device, dtype=torch.float64), inv_freq)
+    emb = torch.remainder(torch.cat((freqs, freqs), dim=-1), 2 * math.pi).float()
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 @rotary_tables.register_fake
@@ -95,6 +108,8 @@ class Rotary(nn.Module):
         if torch.compiler.is_compiling() and not self._reserved:
             # training under torch.compile: built inside the graph (storing it would make dynamo recompile)
             inv_freq = torch.tensor(self._inv_freq_values, device=device, dtype=torch.float64)  # a graph constant
+            if COMPILED_TABLES == "inline":
+                return _inline_tables(inv_freq, start, start + length, dtype)
             return torch.ops.leanformer.rotary_tables(inv_freq, start, start + length, dtype)
         cached = self._tables
         if cached is None or cached[0] < end or cached[1].device != torch.device(device) or cached[1].dtype != dtype:
