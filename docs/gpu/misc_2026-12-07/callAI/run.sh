@@ -7,17 +7,17 @@
 # ≈ 1.0-1.5 ms faster (37.52 ms at 22:30, callAC; learned positions 35.08), b32 with RoPE ≈ 67-68 ms (70.43 in
 # callAC: 465,236 tokens/s; 500,000 needs 65.5 ms), NOBLE's route ≈ 1.5-2.5 ms faster (its rotary backward 2.57 ms).
 # (0) GPU pytest of the rotary tests (compiled tables equal the eager ones; float32 tables within 1e-6 of float64).
-# (1) train_profile.py steps under CUDA graphs, each RoPE run beside its "inlinerope" twin (the tables as before,
-#     rope.COMPILED_TABLES "inline"): Pre-LN b16 (and learned positions), NOBLE by the route (separate branch,
-#     callAE's tiles), Pre-LN b32 with the loss kernel, then SAS-P b16 (its share of the FLOP limit).
+# (1) train_profile.py steps under CUDA graphs, Pre-LN's RoPE runs beside their "inlinerope" twins (the tables as
+#     before, rope.COMPILED_TABLES "inline"): Pre-LN b16, NOBLE by the route (separate branch, callAE's tiles), Pre-LN
+#     b32 with the loss kernel, then learned positions b16 and SAS-P b16 (its share of the FLOP limit), as time allows.
 source docs/gpu/preamble.sh callAI
-timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_model.py tests/test_device_equivalence.py \
+timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_model.py tests/test_device_equivalence.py \
   -k "rotary" > $R/pytest_log.txt 2>&1
 tail -3 $R/pytest_log.txt
 save
 C=docs/gpu/misc_2026-12-07/callAE/out/noble/two_segment_configs.json
 [ -f $C ] && TS="--two-segment-configs $C" || TS=""
-P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs inlinerope,gpt2 preln b16 cudagraphs learnedpos,gpt2 noble_fused b16 cudagraphs route sepbranch,gpt2 noble_fused b16 cudagraphs route sepbranch inlinerope,gpt2 preln b32 cudagraphs fusedloss whole,gpt2 preln b32 cudagraphs fusedloss whole inlinerope,gpt2 sas_p b16 cudagraphs"
-timeout 480 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 460 --out $R/steps $TS \
+P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs inlinerope,gpt2 noble_fused b16 cudagraphs route sepbranch,gpt2 preln b32 cudagraphs fusedloss whole,gpt2 preln b32 cudagraphs fusedloss whole inlinerope,gpt2 preln b16 cudagraphs learnedpos,gpt2 sas_p b16 cudagraphs"
+timeout 520 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 500 --out $R/steps $TS \
   > $R/steps_log.txt 2>&1
 grep "^\[" $R/steps_log.txt | tail -8
