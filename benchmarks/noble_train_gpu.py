@@ -125,21 +125,31 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
                    "cublas_main_ms": timed(main, device), "cublas_main_addmm_ms": timed(main_addmm, device)}
             row["main_flops"] = 2 * M * N * K1
             tiles = {}
+            tma_ok = ts.tma_reason(a1, b1, a2, b2, a1.new_empty(M, N)) is None
             for cand in candidates:
-                for one_loop in (False, True):
+                for one_loop, tma in ((False, False), (True, False)) + (((False, True),) if tma_ok else ()):
                     config = (*cand[:6], one_loop)
-                    ts.CONFIGS[(M, N, K1, K2, layout)] = config
-                    key = "x".join(map(str, cand[:6])) + (" one loop" if one_loop else "")
+                    ts.CONFIGS[(M, N, K1, K2, layout + ("+tma" if tma else ""))] = config
+                    ts.TMA = tma
+                    key = "x".join(map(str, cand[:6])) + (" one loop" if one_loop else "") + (" tma" if tma else "")
                     try:
                         out = ts.two_segment_matmul(a1, b1, a2, b2, bias)
                         operands = (a1, b1, a2, b2, bias)
-                        tiles[key] = {"config": config, "rel_err": rel_err(out, ref),
+                        tiles[key] = {"config": config, "tma": tma, "rel_err": rel_err(out, ref),
                                       "ms": timed(lambda ops=operands: ts.two_segment_matmul(*ops), device)}
                     except Exception as e:  # noqa: BLE001 - a tile shape that does not compile or fit
-                        tiles[key] = {"config": config, "error": f"{type(e).__name__}: {e}"[:200]}
+                        tiles[key] = {"config": config, "tma": tma, "error": f"{type(e).__name__}: {e}"[:200]}
+                    finally:
+                        ts.TMA = False
             ts.CONFIGS.pop((M, N, K1, K2, layout), None)
+            ts.CONFIGS.pop((M, N, K1, K2, layout + "+tma"), None)
             row["tiles"] = tiles
-            timed_tiles = {k: v for k, v in tiles.items() if "ms" in v}
+            tma_tiles = {k: v for k, v in tiles.items() if "ms" in v and v["tma"]}
+            if tma_tiles:  # the TMA form's best, kept under its own key (two_segment_matmul.CONFIGS)
+                key = min(tma_tiles, key=lambda k: tma_tiles[k]["ms"])
+                row["best_tma_tiles"], row["best_tma_ms"] = key, tma_tiles[key]["ms"]
+                best[(M, N, K1, K2, layout + "+tma")] = tma_tiles[key]["config"]
+            timed_tiles = {k: v for k, v in tiles.items() if "ms" in v and not v["tma"]}
             if timed_tiles:
                 key = min(timed_tiles, key=lambda k: timed_tiles[k]["ms"])
                 row["best_tiles"], row["best_ms"] = key, timed_tiles[key]["ms"]
@@ -151,7 +161,8 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
                 ts.CONFIGS.pop((M, N, K1, 0, layout), None)
             rows.append(row)
             log(f"{row['shape']} {direction}: cuBLAS main {row['cublas_main_ms']:.4f}, main+addmm "
-                f"{row['cublas_main_addmm_ms']:.4f}, two-segment best {row.get('best_ms', float('nan')):.4f} "
+                f"{row['cublas_main_addmm_ms']:.4f}, TMA best {row.get('best_tma_ms', float('nan')):.4f} "
+                f"({row.get('best_tma_tiles')}), two-segment best {row.get('best_ms', float('nan')):.4f} "
                 f"({row.get('best_tiles')}, K2=0 {row.get('best_k2_0_ms', float('nan')):.4f}, "
                 f"err {row.get('best_rel_err', float('nan')):.1e})")
     result["products"] = rows
@@ -279,7 +290,8 @@ def write(out: Path, result: dict, best: dict) -> None:
              f"figures by CUDA graph / by bursts: {TIMING['graph']} / {TIMING['burst']}", "",
              "## Products, ms per call (median of 10 replays of a CUDA graph of 20 calls; bf16)", "",
              "| shape | direction | cuBLAS main | cuBLAS main + addmm | two-segment best | tiles | K2 = 0 | "
-             "× cuBLAS main | × main + addmm | err |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "× cuBLAS main | × main + addmm | err | TMA best | TMA tiles | TMA × cuBLAS main |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in result.get("products", []):
         if "best_ms" not in r:
             lines.append(f"| {r['shape']} | {r['direction']} | {r['cublas_main_ms']:.4f} | "
@@ -288,7 +300,9 @@ def write(out: Path, result: dict, best: dict) -> None:
         lines.append(f"| {r['shape']} | {r['direction']} | {r['cublas_main_ms']:.4f} | {r['cublas_main_addmm_ms']:.4f} "
                      f"| {r['best_ms']:.4f} | {r['best_tiles']} | {r['best_k2_0_ms']:.4f} | "
                      f"{r['best_ms'] / r['cublas_main_ms']:.3f} | {r['best_ms'] / r['cublas_main_addmm_ms']:.3f} | "
-                     f"{r['best_rel_err']:.1e} |")
+                     f"{r['best_rel_err']:.1e} | " + (f"{r['best_tma_ms']:.4f} | {r['best_tma_tiles']} | "
+                                                       f"{r['best_tma_ms'] / r['cublas_main_ms']:.3f} |"
+                                                       if "best_tma_ms" in r else "| | |"))
     lines += ["", "## The rank-r launches alone (GB/s of x or dy read; cuBLAS's x W_downᵀ beside them)", ""]
     for r in result.get("branch", []):
         lines.append(f"- width {r['width']}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items() if k.endswith("GB/s")))

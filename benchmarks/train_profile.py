@@ -327,6 +327,7 @@ class StepRun:
     train_kernel: str = "never"    # noble.TRAIN_KERNEL ("cuda": NOBLE's linears by leanformer.ops.noble_train)
     branch: str = "fused"          # noble_train.BRANCH ("separate": cuBLAS rank-r products, then CosNet's kernels)
     rope_tables: str = "op"        # rope.COMPILED_TABLES ("inline": the tables fused into each rotation, before 23:30)
+    tma: bool = False              # two_segment_matmul.TMA (NOBLE's route: the products' tiles by tensor descriptors)
 
     def switches(self) -> dict[str, object]:
         """The module switches this run sets (dotted paths, for :func:`leanformer.bench.kernel_switches.switches_set`;
@@ -340,7 +341,7 @@ class StepRun:
                 ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk,
                 ops + "linear_cross_entropy.ROW_PROGRAMS_PER_SM": self.ce_rows,
                 layers + "noble.TRAIN_KERNEL": self.train_kernel, ops + "noble_train.BRANCH": self.branch,
-                layers + "rope.COMPILED_TABLES": self.rope_tables}
+                layers + "rope.COMPILED_TABLES": self.rope_tables, ops + "two_segment_matmul.TMA": self.tma}
 
 
 CG = "reduce-overhead"
@@ -442,6 +443,9 @@ STEP_PLAN = [  # most wanted first
             train_kernel="cuda", branch="separate", rope_tables="inline"),
     StepRun("gpt2 preln b32 cudagraphs fusedloss whole inlinerope", "gpt2", "preln", 32, False, CG, fused_loss=True,
             loss_chunk=1 << 20, rope_tables="inline"),
+    # 2026-12-08 00:20: the route's two products by the TMA form (tiles from a products run's "+tma" entries)
+    StepRun("gpt2 noble_fused b16 cudagraphs route sepbranch tma", "gpt2", "noble_fused", 16, True, CG,
+            train_kernel="cuda", branch="separate", tma=True),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]

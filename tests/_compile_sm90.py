@@ -199,6 +199,18 @@ def cases():
                               INTERPRET=False, sa1k=1, sb1n=1, sa2k=1, sb2n=1, scn=1, num_warps=8, num_stages=3,
                               expect_ttgir=wgmma, divisible=("A1", "B1", "A2", "B2", "C", "M", "N", "K1", "sa1m",
                                                              "sb1k", "sa2m", "sb2k", "scm")))
+    for nk, (bm, bn) in ((True, (128, 256)), (False, (256, 128))):  # the TMA form: forward and backward layouts
+        def desc(rows, cols):
+            return f"tensordesc<bf16[{rows},{cols}]>"
+
+        tma_ptrs = dict(a1_desc=desc(bm, 64), b1_desc=desc(bn, 64) if nk else desc(64, bn), a2_desc=desc(bm, 32),
+                        b2_desc=desc(bn, 32) if nk else desc(32, bn), Bias=bf, C=bf, c_desc=desc(bm, bn))
+        yield (f"two-segment product by TMA (bf16, {bm}x{bn}x64, 3 stages, B stored transposed={nk})",
+               two_segment.two_segment_tma_kernel, tma_ptrs, (),
+               dict(HAS_BIAS=nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_K2=32, GROUP_M=8, B1_NK=nk, B2_NK=nk,
+                    PRECISION="tf32", INTERPRET=False, num_warps=8, num_stages=3, expect_loops=2,
+                    expect_ttgir=("warp_group_dot", "async_tma_copy_global_to_local",
+                                  "async_tma_copy_local_to_global")))
     branch_meta = dict(R=32, BLOCK_N=32, BLOCK_K=64, EVEN_K=True, PRECISION="tf32", INTERPRET=False, num_warps=4,
                        num_stages=3)
     yield "NOBLE training: down product and CosNet (bf16 x, r 32)", noble_branch.down_cosnet_kernel, \

@@ -76,6 +76,53 @@ def test_two_segment_product_matches_float64(m, n, k1, k2, bias, one_loop):
     assert rel(out, ref) < FP32_TOL
 
 
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """two_segment_matmul.TMA on; the list of the TMA form's launches (each one's (M, N, K1, K2))."""
+    from leanformer.ops import two_segment_matmul as ts
+
+    launches, launch = [], ts._launch_tma
+    monkeypatch.setattr(ts, "TMA", True)
+    monkeypatch.setattr(ts, "_launch_tma", lambda a1, b1, a2, b2, *rest: (
+        launches.append((*a1.shape, b2.shape[0])), launch(a1, b1, a2, b2, *rest))[1])
+    return launches
+
+
+@pytest.mark.parametrize("m, n, k1, k2, dtype", [(300, 40, 48, 16, torch.float32), (70, 64, 40, 40, torch.float32),
+                                                 (96, 48, 64, 32, torch.bfloat16)])
+def test_tma_product_matches_float64(tma_launches, m, n, k1, k2, dtype):
+    """The TMA form (two_segment_matmul.TMA): ragged M, N and K tails zero-filled by the descriptors, several
+    groups of row tiles, B1 a transposed weight (a descriptor over the weight) and B2 N-contiguous."""
+    g = torch.Generator().manual_seed(m + n)
+    a1, a2 = torch.randn(m, k1, dtype=F64, generator=g), torch.randn(m, k2, dtype=F64, generator=g)
+    w, b2, b = (torch.randn(n, k1, dtype=F64, generator=g), torch.randn(k2, n, dtype=F64, generator=g),
+                torch.randn(n, dtype=F64, generator=g))
+    ops = [t.to(dtype) for t in (a1, w, a2, b2, b)]
+    ref = sum(x.double() @ y.double() for x, y in ((ops[0], ops[1].t()), (ops[2], ops[3]))) + ops[4].double()
+    out = two_segment_matmul(ops[0].to(DEV), ops[1].to(DEV).t(), ops[2].to(DEV), ops[3].to(DEV), ops[4].to(DEV))
+    assert tma_launches == [(m, k1, k2)] and out.dtype == dtype
+    assert rel(out, ref) < (FP32_TOL if dtype == torch.float32 else 2 ** -7)  # one bf16 ulp (the interpreter's
+    # float32 → bf16 conversion truncates: measured 2^-7.4 here, the pointer kernel alike)
+
+
+def test_tma_form_names_what_descriptors_cannot_cover_and_falls_back(tma_launches):
+    """Operands a descriptor cannot cover (a start off 16 bytes, K2 = 0, a row stride along K) take the pointer
+    kernel, with the same result."""
+    from leanformer.ops import two_segment_matmul as ts
+
+    a1, b1, a2, b2 = (torch.randn(*s, device=DEV) for s in ((40, 32), (32, 24), (40, 16), (16, 24)))
+    c = a1.new_empty(40, 24)
+    assert ts.tma_reason(a1, b1, a2, b2, c) is None
+    shifted = torch.randn(40 * 16 + 1, device=DEV)[1:].view(40, 16)
+    assert "16-byte" in ts.tma_reason(a1, b1, shifted, b2, c)
+    assert "K2 = 0" in ts.tma_reason(a1, b1, a2[:, :0], b2[:0], c)
+    assert "16-byte" in ts.tma_reason(a1.t().contiguous().t(), b1, a2, b2, c)
+    for ops in ((a1, b1, shifted, b2), (a1, b1, a2[:, :0], b2[:0])):
+        ref = ops[0].double() @ ops[1].double() + ops[2].double() @ ops[3].double()
+        assert rel(two_segment_matmul(*ops), ref) < FP32_TOL
+    assert tma_launches == []
+
+
 def test_tile_choice_takes_symbolic_sizes(monkeypatch):
     """Compiled with dynamic shapes, the op's body sees SymInt sizes: the tile table (a dict) must not hash them
     (TypeError: unhashable type: non-nested SymInt, found by a review on 2026-12-07)."""
@@ -171,6 +218,35 @@ def test_route_matches_float64_with_every_gradient(route, monkeypatch, bias, r, 
         assert grads[name].shape == g_ref[name].shape, name
         assert grads[name].dtype == torch.float32, name
         assert rel(grads[name], g_ref[name]) < FP32_TOL, name
+
+
+def test_route_by_the_tma_form_matches_float64_with_every_gradient(route, tma_launches):
+    """NOBLE's route with both of its products (y and dx) by the TMA form."""
+    ref, layer = _layers(r=32, bias=True)
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(3, 7, 48, dtype=F64, generator=gen), torch.randn(3, 7, 40, dtype=F64, generator=gen)
+    y_ref, g_ref = _grads(ref, x, g, reference=True)
+    y, grads = _grads(layer, x.float().to(DEV), g.to(DEV))
+    assert _took_route(y) and tma_launches == [(21, 48, 32), (21, 40, 32)]
+    assert rel(y, y_ref) < FP32_TOL
+    for name in g_ref:
+        assert rel(grads[name], g_ref[name]) < FP32_TOL, name
+
+
+def test_route_by_the_tma_form_compiles_to_the_eager_result(route, tma_launches):
+    """Compiled (fullgraph), the route's TMA products (on a GPU: descriptors made inside a ``triton_op`` that Inductor
+    traces) give the eager result."""
+    _, layer = _layers(r=32)
+    x = torch.randn(24, 48, device=DEV)
+    g = torch.randn(24, 40, device=DEV, dtype=F64)
+    y, grads = _grads(layer, x, g)
+    assert tma_launches
+    torch._dynamo.reset()
+    y_c, grads_c = _grads(torch.compile(layer, fullgraph=True), x, g)
+    torch._dynamo.reset()
+    assert rel(y_c, y) < 1e-6
+    for a, b in zip(grads.values(), grads_c.values()):
+        assert rel(b, a) < 1e-6
 
 
 @pytest.mark.parametrize("rows", [None, 16, 64])
@@ -365,10 +441,14 @@ def test_tile_table_file_round_trip_and_bad_entries(tmp_path):
     from leanformer.ops import two_segment_matmul as ts
 
     table = {(16384, 768, 768, 32, "k"): (128, 256, 64, 8, 8, 4, False),
-             (16384, 768, 3072, 32, "n"): (128, 256, 64, 8, 8, 3, True)}
+             (16384, 768, 3072, 32, "n"): (128, 256, 64, 8, 8, 3, True),
+             (16384, 768, 3072, 32, "n+tma"): (256, 128, 64, 8, 8, 3, False)}
     path = tmp_path / "two_segment_configs.json"
     path.write_text(ts.configs_json(table))
     assert ts.load_configs(path) == table
     path.write_text('{"16384,768,768,32": [128, 256, 64, 8, 8, 4, false]}')
-    with pytest.raises(ValueError, match=r"'16384,768,768,32'.*is not 'M,N,K1,K2,layout': \[7 tile settings\]"):
+    with pytest.raises(ValueError, match=r"'16384,768,768,32'.*is not 'M,N,K1,K2,layout\[\+tma\]': \[7 tile"):
+        ts.load_configs(path)
+    path.write_text('{"16384,768,768,32,tma": [128, 256, 64, 8, 8, 4, false]}')
+    with pytest.raises(ValueError, match="'16384,768,768,32,tma'"):
         ts.load_configs(path)

@@ -116,3 +116,51 @@ def two_segment_matmul_kernel(A1, B1, A2, B2, Bias, C, M, N, K1, K2,
     rows64 = rows.to(tl.int64)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     tl.store(C + rows64[:, None] * scm + cols[None, :] * scn, acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tma_segment(acc, a_desc, b_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, B_NK: tl.constexpr,
+                 PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + A[off_m:, :K] B[:K, off_n:] with both tiles loaded by TMA (zero past each edge, so no masks); B's
+    descriptor is over B (K, N) or, with ``B_NK``, over Bᵀ (N, K), as the weight is stored."""
+    for k in range(0, K, BLOCK_K):
+        k0 = tl.cast(k, tl.int32)  # descriptor offsets are int32 (K arrives as i64 from a compiled graph)
+        a = a_desc.load([off_m, k0])
+        if B_NK:
+            b = b_desc.load([off_n, k0]).T
+        else:
+            b = b_desc.load([k0, off_n])
+        if INTERPRET:
+            acc += mm(a, b, PRECISION, INTERPRET)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def two_segment_tma_kernel(a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, M, N, K1, K2,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, GROUP_M: tl.constexpr,
+                           B1_NK: tl.constexpr, B2_NK: tl.constexpr, PRECISION: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+    """:func:`two_segment_matmul_kernel`'s tile with its operands read and C written through tensor descriptors
+    (Hopper's bulk tensor copies: no address arithmetic or masks in the loop, fewer registers); ``C`` is passed
+    for its element type only. Same grouped program order."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    off_m = ((first_m + (pid % per_group) % group_rows) * BLOCK_M).to(tl.int32)  # descriptor offsets: int32
+    off_n = (((pid % per_group) // group_rows) * BLOCK_N).to(tl.int32)
+    if HAS_BIAS:  # loaded before the inner loop, so its latency hides behind the products
+        cols = off_n + tl.arange(0, BLOCK_N)
+        bias = tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _tma_segment(acc, a1_desc, b1_desc, off_m, off_n, K1, BLOCK_K, B1_NK, PRECISION, INTERPRET)
+    acc = _tma_segment(acc, a2_desc, b2_desc, off_m, off_n, K2, BLOCK_K2, B2_NK, PRECISION, INTERPRET)
+    if HAS_BIAS:
+        acc += bias[None, :]
+    c_desc.store([off_m, off_n], acc.to(C.dtype.element_ty))

@@ -32,9 +32,10 @@ from leanformer.ops.fused_decay_attention import (_cdiv, _interpret, _on_device,
                                                   _wrap, kernel_reason)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, one_loop) for a product: CONFIGS[(M, N, K1, K2, B1's
-# layout)] when present ("k": B1 contiguous along K, as the forward's Wᵀ; "n": along N, as the backward's W; "other"),
-# else :func:`tile_config`'s choice. benchmarks/noble_train_gpu.py times each of CANDIDATES with either loop form
-# (one_loop: the kernel's ONE_LOOP) per product and writes the fastest.
+# layout)] when present ("k": B1 contiguous along K, as the forward's Wᵀ; "n": along N, as the backward's W; "other";
+# with "+tma", the tiles of the TMA form, :data:`TMA`), else :func:`tile_config`'s choice. benchmarks/noble_train_gpu.py
+# times each of CANDIDATES with either loop form (one_loop: the kernel's ONE_LOOP) and by TMA per product and writes
+# the fastest of each form.
 CONFIGS: dict[tuple[int, int, int, int, str], tuple[int, int, int, int, int, int, bool]] = {}
 CANDIDATES = (
     (128, 256, 64, 8, 8, 3),
@@ -46,6 +47,8 @@ CANDIDATES = (
     (128, 128, 128, 8, 8, 3),
 )
 ONE_LOOP = False  # the default loop form for shapes without a CONFIGS entry (not yet timed on a GPU)
+TMA = False  # tiles loaded and C stored through tensor descriptors (Hopper's bulk tensor copies) where the operands
+# allow it (:func:`tma_reason`), by ``two_segment_tma_kernel``; else by pointers. Not yet timed on a GPU
 INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1, False)  # ONE_LOOP: tests/test_noble_train_kernel.py sets it
 
 
@@ -61,12 +64,15 @@ def load_configs(path: str | Path) -> dict[tuple[int, int, int, int, str], tuple
     table = {}
     for key, tiles in json.loads(Path(path).read_text()).items():
         *sizes, layout = key.split(",")
-        if (len(sizes) != 4 or not all(v.isdigit() for v in sizes) or layout not in ("k", "n", "other")
+        if (len(sizes) != 4 or not all(v.isdigit() for v in sizes) or layout.removesuffix("+tma") not in LAYOUTS
                 or not isinstance(tiles, list) or len(tiles) != 7):
-            raise ValueError(f"{path}: {key!r}: {tiles!r} is not 'M,N,K1,K2,layout': [7 tile settings] "
+            raise ValueError(f"{path}: {key!r}: {tiles!r} is not 'M,N,K1,K2,layout[+tma]': [7 tile settings] "
                              "(benchmarks/noble_train_gpu.py writes these files)")
         table[(*(int(v) for v in sizes), layout)] = tuple(tiles)
     return table
+
+
+LAYOUTS = ("k", "n", "other")
 
 
 def b1_layout(b1: torch.Tensor) -> str:
@@ -77,13 +83,14 @@ def b1_layout(b1: torch.Tensor) -> str:
 SHARED_MEMORY = 220 * 1024  # bytes of pipelined tiles a config may take (an H100 block: 227 KB, less the epilogue's)
 
 
-def fit_shared_memory(config: tuple, element_size: int) -> tuple:
+def fit_shared_memory(config: tuple, element_size: int, epilogue: int = 0) -> tuple:
     """``config`` with fewer stages (down to 2), then half the BLOCK_K, until its pipelined tiles
     ((BLOCK_M + BLOCK_N) · BLOCK_K · stages · element_size bytes) fit :data:`SHARED_MEMORY`: the table and the
     heuristic are for bf16, and float32 operands (TF32 training without autocast) need twice the bytes (128 × 256 ×
-    64 in 3 stages: 294,912 B, over an H100 block's limit; the second review, 2026-12-07)."""
+    64 in 3 stages: 294,912 B, over an H100 block's limit; the second review, 2026-12-07). ``epilogue``: bytes the
+    kernel also holds for its output tile (the TMA form stores C from shared memory)."""
     bm, bn, bk, group, warps, stages, one_loop = config
-    while (bm + bn) * bk * stages * element_size > SHARED_MEMORY and (stages > 2 or bk > 16):
+    while (bm + bn) * bk * stages * element_size + epilogue > SHARED_MEMORY and (stages > 2 or bk > 16):
         if stages > 2:
             stages -= 1
         else:
@@ -121,10 +128,61 @@ def two_segment_supported(*operands: torch.Tensor) -> str | None:
     return reason if reason is not None else _triton_import_error()
 
 
-def _kernel():
-    from leanformer.ops._two_segment_matmul_kernel import two_segment_matmul_kernel
+def _kernel(tma: bool = False):
+    from leanformer.ops import _two_segment_matmul_kernel as k
 
-    return two_segment_matmul_kernel
+    return k.two_segment_tma_kernel if tma else k.two_segment_matmul_kernel
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """A 2-d tensor a tensor descriptor can cover: unit stride along its last axis, its row stride and start a
+    multiple of 16 bytes (the start checked where the tensor has an address: not a fake one under compile, whose
+    buffers Inductor allocates aligned)."""
+    es = t.element_size()
+    if t.stride(1) != 1 or (t.stride(0) * es) % 16 or (t.storage_offset() * es) % 16:
+        return False
+    try:
+        return t.data_ptr() % 16 == 0
+    except (RuntimeError, NotImplementedError):  # a fake or meta tensor: no address
+        return True
+
+
+def tma_reason(a1, b1, a2, b2, c) -> str | None:  # noqa: ANN001 - tensors
+    """Why the TMA form cannot take these operands (C the output), or None when it can: Hopper or later (or the
+    interpreter), K2 > 0, and each operand, or for a B stored as its transpose (a weight's ``.t()``) that
+    transpose, covered by a descriptor (:func:`_tma_aligned`)."""
+    if not _interpret() and (not a1.is_cuda or torch.cuda.get_device_capability(a1.device)[0] < 9):
+        return "tensor descriptors need a Hopper GPU (sm_90) or later"
+    if a2.shape[1] == 0:
+        return "K2 = 0"
+    if not all(_tma_aligned(t) for t in (a1, a2, c, _tma_view(b1), _tma_view(b2))):
+        return "an operand is not contiguous along its last axis or not 16-byte aligned"
+    return None
+
+
+def _tma_view(b: torch.Tensor) -> torch.Tensor:
+    """B (K, N) as its descriptor covers it: Bᵀ (N, K) when B has unit stride along K (a weight's ``.t()``)."""
+    return b.t() if b.stride(0) == 1 and b.stride(1) != 1 else b
+
+
+def _launch_tma(a1, b1, a2, b2, bias, c, config, bk2, precision) -> None:  # noqa: ANN001 - tensors
+    """:func:`_two_segment_op`'s launch of the TMA form (``config`` fitted to shared memory already)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk, group, warps, stages, _ = config
+    (M, K1), (K2, N) = a1.shape, b2.shape
+    descs = []
+    for b, block_k in ((b1, bk), (b2, bk2)):
+        view = _tma_view(b)
+        nk = view is not b
+        descs.append((TensorDescriptor.from_tensor(view, [bn, block_k] if nk else [block_k, bn]), nk))
+    (b1_desc, b1_nk), (b2_desc, b2_nk) = descs
+    _wrap(_kernel(tma=True))[(_cdiv(M, bm) * _cdiv(N, bn),)](
+        TensorDescriptor.from_tensor(a1, [bm, bk]), b1_desc, TensorDescriptor.from_tensor(a2, [bm, bk2]), b2_desc,
+        bias if bias is not None else c, c, TensorDescriptor.from_tensor(c, [bm, bn]), M, N, K1, K2,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2, GROUP_M=group,
+        B1_NK=b1_nk, B2_NK=b2_nk, PRECISION=precision, INTERPRET=_interpret(),
+        num_warps=warps, num_stages=stages)
 
 
 def _new_c(a1, b1, a2, b2, bias):
@@ -140,10 +198,17 @@ def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: to
     c = _new_c(a1, b1, a2, b2, bias)
     if M == 0 or N == 0:
         return c
-    bm, bn, bk, group, warps, stages, one_loop = fit_shared_memory(tile_config(M, N, K1, K2, b1_layout(b1)),
-                                                                   a1.element_size())
     bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
     precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    if TMA and tma_reason(a1, b1, a2, b2, c) is None:
+        es = a1.element_size()
+        config = tile_config(M, N, K1, K2, b1_layout(b1) + "+tma")
+        with _on_device(a1):
+            _launch_tma(a1, b1, a2, b2, bias, c, fit_shared_memory(config, es, config[0] * config[1] * es), bk2,
+                        precision)
+        return c
+    bm, bn, bk, group, warps, stages, one_loop = fit_shared_memory(tile_config(M, N, K1, K2, b1_layout(b1)),
+                                                                   a1.element_size())
     with _on_device(a1):
         _wrap(_kernel())[(_cdiv(M, bm) * _cdiv(N, bn),)](
             a1, b1, a2, b2, bias if bias is not None else c, c, M, N, K1, K2,

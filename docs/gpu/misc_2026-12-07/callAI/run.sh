@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared 2026-12-07 23:30 UTC. ≈ 8 min. Issue #13: the rotary tables by one opaque op (leanformer::rotary_tables).
+# Prepared 2026-12-07 23:30 UTC. ≈ 7 min. Issue #13: the rotary tables by one opaque op (leanformer::rotary_tables).
 # Inductor had fused the table into every element of q and k (a float64 angle, its remainder modulo 2π, a cos and a
 # sin per element, forward and backward: the kernels named ..._cos_..._sin_... in callAF's profile, 1.32 + 0.39 +
 # 0.88 ms per step at b16); now each rotation reads a (T, 64) table. Expected: the rotary kernels become memory-bound
@@ -8,8 +8,8 @@
 # callAC: 465,236 tokens/s; 500,000 needs 65.5 ms), NOBLE's route ≈ 1.5-2.5 ms faster (its rotary backward 2.57 ms).
 # (0) GPU pytest of the rotary tests (compiled tables equal the eager ones; float32 tables within 1e-6 of float64).
 # (1) train_profile.py steps under CUDA graphs, Pre-LN's RoPE runs beside their "inlinerope" twins (the tables as
-#     before, rope.COMPILED_TABLES "inline"): Pre-LN b16, NOBLE by the route (separate branch, callAE's tiles), Pre-LN
-#     b32 with the loss kernel, then learned positions b16 and SAS-P b16 (its share of the FLOP limit), as time allows.
+#     before, rope.COMPILED_TABLES "inline"): Pre-LN b16, Pre-LN b32 with the loss kernel, then learned positions b16
+#     and SAS-P b16 (its share of the FLOP limit), as time allows. NOBLE's route with the new tables: callAJ, chained.
 source docs/gpu/preamble.sh callAI
 timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_model.py tests/test_device_equivalence.py \
   -k "rotary" > $R/pytest_log.txt 2>&1
@@ -17,7 +17,7 @@ tail -3 $R/pytest_log.txt
 save
 C=docs/gpu/misc_2026-12-07/callAE/out/noble/two_segment_configs.json
 [ -f $C ] && TS="--two-segment-configs $C" || TS=""
-P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs inlinerope,gpt2 noble_fused b16 cudagraphs route sepbranch,gpt2 preln b32 cudagraphs fusedloss whole,gpt2 preln b32 cudagraphs fusedloss whole inlinerope,gpt2 preln b16 cudagraphs learnedpos,gpt2 sas_p b16 cudagraphs"
+P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs inlinerope,gpt2 preln b32 cudagraphs fusedloss whole,gpt2 preln b32 cudagraphs fusedloss whole inlinerope,gpt2 preln b16 cudagraphs learnedpos,gpt2 sas_p b16 cudagraphs"
 timeout 520 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 500 --out $R/steps $TS \
   > $R/steps_log.txt 2>&1
 grep "^\[" $R/steps_log.txt | tail -8
