@@ -18,6 +18,7 @@ save
 C=docs/gpu/misc_2026-12-07/callAE/out/noble/two_segment_configs.json
 [ -f $C ] && TS="--two-segment-configs $C" || TS=""
 P="gpt2 preln b16 cudagraphs,gpt2 preln b16 cudagraphs inlinerope,gpt2 preln b32 cudagraphs fusedloss whole,gpt2 preln b32 cudagraphs fusedloss whole inlinerope,gpt2 preln b16 cudagraphs learnedpos,gpt2 sas_p b16 cudagraphs"
-timeout 520 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 500 --out $R/steps $TS \
+TORCH_LOGS=output_code TORCH_LOGS_OUT=$R/output_code.txt timeout 520 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 500 --out $R/steps $TS \
   > $R/steps_log.txt 2>&1
 grep "^\[" $R/steps_log.txt | tail -8
+gzip -f $R/output_code.txt  # Inductor's generated code of every run (the rotary and GELU backward kernels, read here)

@@ -24,6 +24,7 @@ save
 C=$R/noble/two_segment_configs.json
 [ -f $C ] && TS="--two-segment-configs $C" || TS=""
 P="gpt2 noble_fused b16 cudagraphs route sepbranch tma,gpt2 noble_fused b16 cudagraphs route sepbranch"
-timeout 280 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 270 --out $R/steps $TS \
+TORCH_LOGS=output_code TORCH_LOGS_OUT=$R/output_code.txt timeout 280 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 270 --out $R/steps $TS \
   > $R/steps_log.txt 2>&1
 grep "^\[" $R/steps_log.txt | tail -4
+gzip -f $R/output_code.txt
