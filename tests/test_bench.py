@@ -360,7 +360,9 @@ def test_noble_train_script_checks_its_products_on_the_cpu(tmp_path):
     assert narrow["width"] == 32 and wide["width"] == 64 and all(f"{k} ms" in wide for k in (
         "cublas x@Wdᵀ", "down_cosnet BK 64, 4 warps, 3 stages", "up_grad_cosnet_bwd BK 64, 4 warps, 3 stages"))
     configs = json.loads((tmp_path / "two_segment_configs.json").read_text())
-    assert set(configs) == {"96,32,64,32,k", "96,64,32,32,n"}  # the forward reads Wᵀ (K-contiguous), dx reads W
+    # the forward reads Wᵀ (K-contiguous), dx reads W; each with the pointer kernel's and the TMA form's best tiles
+    assert set(configs) == {"96,32,64,32,k", "96,64,32,32,n", "96,32,64,32,k+tma", "96,64,32,32,n+tma"}
+    assert all(r["tiles"][r["best_tma_tiles"]]["rel_err"] < 1e-5 for r in result["products"])
 
 
 def test_failure_status_is_one_table_cell():
