@@ -91,7 +91,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
-def section_products(device, n, shapes, candidates, budget, result) -> dict:
+FORMS = {"two": (False, False), "one": (True, False), "tma": (False, True)}  # --forms: (ONE_LOOP, TMA)
+
+
+def section_products(device, n, shapes, candidates, budget, result, forms=tuple(FORMS)) -> dict:
     """Time cuBLAS and the two-segment kernel per shape and direction; the best tiles per (M, N, K1, K2)."""
     from leanformer.ops import two_segment_matmul as ts
 
@@ -127,7 +130,7 @@ def section_products(device, n, shapes, candidates, budget, result) -> dict:
             tiles = {}
             tma_ok = ts.tma_reason(a1, b1, a2, b2, a1.new_empty(M, N)) is None
             for cand in candidates:
-                for one_loop, tma in ((False, False), (True, False)) + (((False, True),) if tma_ok else ()):
+                for one_loop, tma in (FORMS[f] for f in forms if tma_ok or f != "tma"):
                     config = (*cand[:6], one_loop)
                     ts.CONFIGS[(M, N, K1, K2, layout + ("+tma" if tma else ""))] = config
                     ts.TMA = tma
@@ -320,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="products,branch,layer", help="comma-separated: products, branch, layer")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     ap.add_argument("--configs", default="", help="two_segment_configs.json of an earlier run, for the layer section")
+    ap.add_argument("--candidates", type=int, default=0, help="time only the first N tile shapes (0: all)")
+    ap.add_argument("--forms", default=",".join(FORMS), help=f"product forms to time, of {','.join(FORMS)}")
     args = ap.parse_args(argv)
     from leanformer.ops import two_segment_matmul as ts
 
@@ -338,7 +343,10 @@ def main(argv=None) -> int:
     best = {}
     sections = args.sections.split(",")
     if "products" in sections:
-        best = section_products(device, n, shapes, candidates, args.budget, result)
+        forms = tuple(args.forms.split(","))
+        if not set(forms) <= set(FORMS):
+            ap.error(f"--forms {args.forms!r}: each must be one of {', '.join(FORMS)}")
+        best = section_products(device, n, shapes, candidates[:args.candidates or None], args.budget, result, forms)
         write(args.out, result, best)
     if "branch" in sections:
         section_branch(device, n, shapes, args.budget, result)
