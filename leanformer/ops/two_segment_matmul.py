@@ -139,7 +139,11 @@ def _tma_aligned(t: torch.Tensor) -> bool:
     multiple of 16 bytes (the start checked where the tensor has an address: not a fake one under compile, whose
     buffers Inductor allocates aligned)."""
     es = t.element_size()
-    if t.stride(1) != 1 or (t.stride(0) * es) % 16 or (t.storage_offset() * es) % 16:
+    if t.stride(1) != 1 or (t.stride(0) * es) % 16:
+        return False
+    if torch.compiler.is_compiling():  # traced by dynamo: no address nor offset to read (NOBLE's route passes whole
+        return True  # tensors and weights' transposes; Inductor allocates its buffers aligned)
+    if (t.storage_offset() * es) % 16:
         return False
     try:
         return t.data_ptr() % 16 == 0
@@ -147,15 +151,16 @@ def _tma_aligned(t: torch.Tensor) -> bool:
         return True
 
 
-def tma_reason(a1, b1, a2, b2, c) -> str | None:  # noqa: ANN001 - tensors
-    """Why the TMA form cannot take these operands (C the output), or None when it can: Hopper or later (or the
-    interpreter), K2 > 0, and each operand, or for a B stored as its transpose (a weight's ``.t()``) that
-    transpose, covered by a descriptor (:func:`_tma_aligned`)."""
+def tma_reason(a1, b1, a2, b2) -> str | None:  # noqa: ANN001 - tensors
+    """Why the TMA form cannot take these operands, or None when it can: Hopper or later (or the interpreter),
+    K2 > 0, each operand, or for a B stored as its transpose (a weight's ``.t()``) that transpose, covered by a
+    descriptor (:func:`_tma_aligned`), and C's rows (N elements, C made contiguous) a multiple of 16 bytes."""
     if not _interpret() and (not a1.is_cuda or torch.cuda.get_device_capability(a1.device)[0] < 9):
         return "tensor descriptors need a Hopper GPU (sm_90) or later"
     if a2.shape[1] == 0:
         return "K2 = 0"
-    if not all(_tma_aligned(t) for t in (a1, a2, c, _tma_view(b1), _tma_view(b2))):
+    if (b2.shape[1] * a1.element_size()) % 16 or not all(_tma_aligned(t) for t in (a1, a2, _tma_view(b1),
+                                                                                    _tma_view(b2))):
         return "an operand is not contiguous along its last axis or not 16-byte aligned"
     return None
 
@@ -177,7 +182,7 @@ def _launch_tma(a1, b1, a2, b2, bias, c, config, bk2, precision) -> None:  # noq
         nk = view is not b
         descs.append((TensorDescriptor.from_tensor(view, [bn, block_k] if nk else [block_k, bn]), nk))
     (b1_desc, b1_nk), (b2_desc, b2_nk) = descs
-    _wrap(_kernel(tma=True))[(_cdiv(M, bm) * _cdiv(N, bn),)](
+    _kernel(tma=True)[(_cdiv(M, bm) * _cdiv(N, bn),)](
         TensorDescriptor.from_tensor(a1, [bm, bk]), b1_desc, TensorDescriptor.from_tensor(a2, [bm, bk2]), b2_desc,
         bias if bias is not None else c, c, TensorDescriptor.from_tensor(c, [bm, bn]), M, N, K1, K2,
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2, GROUP_M=group,
@@ -200,13 +205,6 @@ def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: to
         return c
     bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
     precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    if TMA and tma_reason(a1, b1, a2, b2, c) is None:
-        es = a1.element_size()
-        config = tile_config(M, N, K1, K2, b1_layout(b1) + "+tma")
-        with _on_device(a1):
-            _launch_tma(a1, b1, a2, b2, bias, c, fit_shared_memory(config, es, config[0] * config[1] * es), bk2,
-                        precision)
-        return c
     bm, bn, bk, group, warps, stages, one_loop = fit_shared_memory(tile_config(M, N, K1, K2, b1_layout(b1)),
                                                                    a1.element_size())
     with _on_device(a1):
@@ -218,6 +216,29 @@ def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: to
             PRECISION=precision, INTERPRET=_interpret(),
             num_warps=warps, num_stages=stages)
     return c
+
+
+@torch.library.custom_op("leanformer::two_segment_matmul_tma", mutates_args=())
+def _two_segment_tma_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """The TMA form (:data:`TMA`), as an op a compiled graph calls as it is: Inductor (torch 2.11) could not take
+    the descriptors from a ``triton_op`` ("tolist() shouldn't be called on a tensor with unallocated storage",
+    H100, callAK), so this launch stays outside its code generation."""
+    (M, K1), (K2, N) = a1.shape, b2.shape
+    c = _new_c(a1, b1, a2, b2, bias)
+    if M == 0 or N == 0:
+        return c
+    es = a1.element_size()
+    config = tile_config(M, N, K1, K2, b1_layout(b1) + "+tma")
+    bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
+    precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    with _on_device(a1):
+        _launch_tma(a1, b1, a2, b2, bias, c, fit_shared_memory(config, es, config[0] * config[1] * es), bk2,
+                    precision)
+    return c
+
+
+_two_segment_tma_op.register_fake(_new_c)
 
 
 def two_segment_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
@@ -236,4 +257,6 @@ def two_segment_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2:
     if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != a1.dtype or bias.device != a1.device):
         raise ValueError(f"two_segment_matmul's bias must be ({N},) in the operands' dtype and device; got "
                          f"{tuple(bias.shape)}, {bias.dtype}, {bias.device}")
+    if TMA and tma_reason(a1, b1, a2, b2) is None:
+        return _two_segment_tma_op(a1, b1, a2, b2, bias)
     return _two_segment_op(a1, b1, a2, b2, bias)
