@@ -4,7 +4,7 @@
 # Inductor could not take tensor descriptors from a triton_op. The TMA form is now an opaque custom op.
 # (0) GPU pytest of the TMA tests (the compiled route included). Expected: pass.
 # (1) train_profile.py: NOBLE's GPT-2 b16 step by the route (separate branch) with the TMA products, then with the
-#     pointer products, callAK's tiles (3072→768 by the heuristic: its products were cut by the budget), then Pre-LN.
+#     pointer products, each with its best tiles from callAK, then Pre-LN.
 #     Expected: TMA ≈ 0.5-1 ms faster (the route's products took 10.74 ms in callAF).
 source docs/gpu/preamble.sh callAL
 timeout 40 python3 -m pytest -q -rs -p no:cacheprovider tests/test_noble_train_kernel.py -k "tma" > $R/pytest_log.txt 2>&1
