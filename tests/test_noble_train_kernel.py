@@ -115,11 +115,32 @@ def test_tma_form_names_what_descriptors_cannot_cover_and_falls_back(tma_launche
     shifted = torch.randn(40 * 16 + 1, device=DEV)[1:].view(40, 16)
     assert "16-byte" in ts.tma_reason(a1, b1, shifted, b2)
     assert "K2 = 0" in ts.tma_reason(a1, b1, a2[:, :0], b2[:0])
+    assert "K1 = 0" in ts.tma_reason(torch.randn(40, 16, device=DEV)[:, :0], b1[:0], a2, b2)
     assert "16-byte" in ts.tma_reason(a1.t().contiguous().t(), b1, a2, b2)
-    for ops in ((a1, b1, shifted, b2), (a1, b1, a2[:, :0], b2[:0])):
+    assert "16-byte" in ts.tma_reason(a1[:1].expand(40, 32), b1, a2, b2)  # rows that overlap
+    for ops in ((a1, b1, shifted, b2), (a1, b1, a2[:, :0], b2[:0]),
+                (torch.randn(40, 16, device=DEV)[:, :0], b1[:0], a2, b2)):
         ref = ops[0].double() @ ops[1].double() + ops[2].double() @ ops[3].double()
         assert rel(two_segment_matmul(*ops), ref) < FP32_TOL
     assert tma_launches == []
+    # compiled, the choice is made from shapes and strides; the op checks the start on the real tensor, falls back
+    torch._dynamo.reset()
+    out = torch.compile(lambda *ops: two_segment_matmul(*ops), fullgraph=True)(a1, b1, shifted, b2)
+    torch._dynamo.reset()
+    assert rel(out, a1.double() @ b1.double() + shifted.double() @ b2.double()) < FP32_TOL and tma_launches == []
+
+
+def test_a_strided_bias_is_read_as_its_values(tma_launches):
+    """Both kernels read the bias with unit stride: a strided one is made contiguous first (found by a review)."""
+    from leanformer.ops import two_segment_matmul as ts
+
+    a1, b1, a2, b2 = (torch.randn(*s, device=DEV) for s in ((40, 32), (32, 24), (40, 16), (16, 24)))
+    bias = torch.randn(24, 2, device=DEV)[:, 0]
+    ref = a1.double() @ b1.double() + a2.double() @ b2.double() + bias.double()
+    for tma in (True, False):
+        ts.TMA = tma
+        assert rel(two_segment_matmul(a1, b1, a2, b2, bias), ref) < FP32_TOL
+    assert len(tma_launches) == 1
 
 
 def test_tile_choice_takes_symbolic_sizes(monkeypatch):
@@ -239,10 +260,12 @@ def test_route_by_the_tma_form_compiles_to_the_eager_result(route, tma_launches)
     x = torch.randn(24, 48, device=DEV)
     g = torch.randn(24, 40, device=DEV, dtype=F64)
     y, grads = _grads(layer, x, g)
-    assert tma_launches
+    assert len(tma_launches) == 2
+    tma_launches.clear()
     torch._dynamo.reset()
     y_c, grads_c = _grads(torch.compile(layer, fullgraph=True), x, g)
     torch._dynamo.reset()
+    assert len(tma_launches) == 2  # the compiled forward and backward took the TMA form too
     assert rel(y_c, y) < 1e-6
     for a, b in zip(grads.values(), grads_c.values()):
         assert rel(b, a) < 1e-6

@@ -83,14 +83,17 @@ def b1_layout(b1: torch.Tensor) -> str:
 SHARED_MEMORY = 220 * 1024  # bytes of pipelined tiles a config may take (an H100 block: 227 KB, less the epilogue's)
 
 
-def fit_shared_memory(config: tuple, element_size: int, epilogue: int = 0) -> tuple:
+def fit_shared_memory(config: tuple, element_size: int, epilogue: int = 0, block_k2: int = 0) -> tuple:
     """``config`` with fewer stages (down to 2), then half the BLOCK_K, until its pipelined tiles
     ((BLOCK_M + BLOCK_N) · BLOCK_K · stages · element_size bytes) fit :data:`SHARED_MEMORY`: the table and the
     heuristic are for bf16, and float32 operands (TF32 training without autocast) need twice the bytes (128 × 256 ×
     64 in 3 stages: 294,912 B, over an H100 block's limit; the second review, 2026-12-07). ``epilogue``: bytes the
-    kernel also holds for its output tile (the TMA form stores C from shared memory)."""
+    kernel also holds for its output tile (the TMA form stores C from shared memory; counted beside the tiles,
+    although Triton 3.9 shares one buffer between them: 3.6, the GPU's, not checked); ``block_k2``: the second
+    segment's BLOCK_K, when it may be the wider."""
     bm, bn, bk, group, warps, stages, one_loop = config
-    while (bm + bn) * bk * stages * element_size + epilogue > SHARED_MEMORY and (stages > 2 or bk > 16):
+    while ((bm + bn) * max(bk, block_k2) * stages * element_size + epilogue > SHARED_MEMORY
+           and (stages > 2 or bk > 16)):
         if stages > 2:
             stages -= 1
         else:
@@ -139,10 +142,10 @@ def _tma_aligned(t: torch.Tensor) -> bool:
     multiple of 16 bytes (the start checked where the tensor has an address: not a fake one under compile, whose
     buffers Inductor allocates aligned)."""
     es = t.element_size()
-    if t.stride(1) != 1 or (t.stride(0) * es) % 16:
-        return False
-    if torch.compiler.is_compiling():  # traced by dynamo: no address nor offset to read (NOBLE's route passes whole
-        return True  # tensors and weights' transposes; Inductor allocates its buffers aligned)
+    if t.stride(1) != 1 or (t.stride(0) * es) % 16 or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
+        return False  # (the last: rows that overlap, as an expand's or as_strided's)
+    if torch.compiler.is_compiling():  # traced by dynamo: no address nor offset to read here; the op checks them
+        return True  # again on the real tensors (_two_segment_tma_op)
     if (t.storage_offset() * es) % 16:
         return False
     try:
@@ -153,12 +156,14 @@ def _tma_aligned(t: torch.Tensor) -> bool:
 
 def tma_reason(a1, b1, a2, b2) -> str | None:  # noqa: ANN001 - tensors
     """Why the TMA form cannot take these operands, or None when it can: Hopper or later (or the interpreter),
-    K2 > 0, each operand, or for a B stored as its transpose (a weight's ``.t()``) that transpose, covered by a
-    descriptor (:func:`_tma_aligned`), and C's rows (N elements, C made contiguous) a multiple of 16 bytes."""
-    if not _interpret() and (not a1.is_cuda or torch.cuda.get_device_capability(a1.device)[0] < 9):
+    K1 > 0 and K2 > 0, each operand, or for a B stored as its transpose (a weight's ``.t()``) that transpose,
+    covered by a descriptor (:func:`_tma_aligned`), and C's rows (N elements, C made contiguous) a multiple of 16
+    bytes. While dynamo traces, the device and the addresses are not checked (the op checks them at run time)."""
+    if a1.shape[1] == 0 or a2.shape[1] == 0:
+        return "K1 = 0 or K2 = 0"
+    if (not torch.compiler.is_compiling() and not _interpret()
+            and (not a1.is_cuda or torch.cuda.get_device_capability(a1.device)[0] < 9)):
         return "tensor descriptors need a Hopper GPU (sm_90) or later"
-    if a2.shape[1] == 0:
-        return "K2 = 0"
     if (b2.shape[1] * a1.element_size()) % 16 or not all(_tma_aligned(t) for t in (a1, a2, _tma_view(b1),
                                                                                     _tma_view(b2))):
         return "an operand is not contiguous along its last axis or not 16-byte aligned"
@@ -190,6 +195,16 @@ def _launch_tma(a1, b1, a2, b2, bias, c, config, bk2, precision) -> None:  # noq
         num_warps=warps, num_stages=stages)
 
 
+def _block_k2(K2) -> int:
+    """The second segment's BLOCK_K: K2 rounded up to a power of two, 16 to 64 (r = 32: one step)."""
+    return max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: IEEE float32 unless TF32 matmuls are allowed (bf16 and fp16 ignore it)."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
 def _new_c(a1, b1, a2, b2, bias):
     return a1.new_empty(a1.shape[0], b1.shape[1])
 
@@ -203,10 +218,9 @@ def _two_segment_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: to
     c = _new_c(a1, b1, a2, b2, bias)
     if M == 0 or N == 0:
         return c
-    bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
-    precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    bk2, precision = _block_k2(K2), _precision(a1.dtype)
     bm, bn, bk, group, warps, stages, one_loop = fit_shared_memory(tile_config(M, N, K1, K2, b1_layout(b1)),
-                                                                   a1.element_size())
+                                                                   a1.element_size(), block_k2=bk2)
     with _on_device(a1):
         _wrap(_kernel())[(_cdiv(M, bm) * _cdiv(N, bn),)](
             a1, b1, a2, b2, bias if bias is not None else c, c, M, N, K1, K2,
@@ -228,13 +242,14 @@ def _two_segment_tma_op(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2
     c = _new_c(a1, b1, a2, b2, bias)
     if M == 0 or N == 0:
         return c
+    if tma_reason(a1, b1, a2, b2) is not None:  # the real tensors (a compiled graph chose this op from their shapes
+        return _two_segment_op(a1, b1, a2, b2, bias)  # and strides): the pointer kernel
     es = a1.element_size()
     config = tile_config(M, N, K1, K2, b1_layout(b1) + "+tma")
-    bk2 = max(16, min(64, 1 << max(K2 - 1, 0).bit_length()))
-    precision = "ieee" if a1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    bk2 = _block_k2(K2)
     with _on_device(a1):
-        _launch_tma(a1, b1, a2, b2, bias, c, fit_shared_memory(config, es, config[0] * config[1] * es), bk2,
-                    precision)
+        _launch_tma(a1, b1, a2, b2, bias, c, fit_shared_memory(config, es, config[0] * config[1] * es, bk2), bk2,
+                    _precision(a1.dtype))
     return c
 
 
@@ -257,6 +272,8 @@ def two_segment_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2:
     if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != a1.dtype or bias.device != a1.device):
         raise ValueError(f"two_segment_matmul's bias must be ({N},) in the operands' dtype and device; got "
                          f"{tuple(bias.shape)}, {bias.dtype}, {bias.device}")
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read it with unit stride
     if TMA and tma_reason(a1, b1, a2, b2) is None:
         return _two_segment_tma_op(a1, b1, a2, b2, bias)
     return _two_segment_op(a1, b1, a2, b2, bias)
