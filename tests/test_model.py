@@ -160,6 +160,20 @@ def test_a_compiled_step_takes_no_cpu_tensor_for_its_rotary_tables():
     torch.testing.assert_close(loss, model(idx, idx, return_logits=False)[1], rtol=1e-12, atol=1e-12)
 
 
+def test_rotation_compiles_with_a_symbolic_start():
+    """``rotate`` at a symbolic start (``dynamic=True``, fullgraph): dynamo cannot trace ``hasattr`` on a SymInt,
+    which the check for a static cache's positions asked (found by a review, 2026-12-08)."""
+    from leanformer.layers.rope import Rotary
+
+    rot = Rotary(16)
+    x = torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    torch._dynamo.reset()
+    f = torch.compile(lambda t, s: rot.rotate(t, s), fullgraph=True, dynamic=True)
+    for start in (3, 7, 11):
+        torch.testing.assert_close(f(x, start), rot.rotate(x, start))
+    torch._dynamo.reset()
+
+
 def test_compiled_rotary_tables_equal_the_eager_ones_and_are_built_once():
     """Under torch.compile the tables come from one opaque op (``leanformer::rotary_tables``): equal to the eager
     tables (float64, then rounded) up to 32K positions, and the compiled rotation's kernels, forward and backward,

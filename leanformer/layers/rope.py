@@ -72,6 +72,12 @@ def _(inv_freq, start, end, dtype):  # noqa: ANN001, ANN202
     return inv_freq.new_empty(shape, dtype=dtype), inv_freq.new_empty(shape, dtype=dtype)
 
 
+def _is_static_positions(start) -> bool:  # noqa: ANN001 - an int, a SymInt, a tensor or StaticPositions
+    """Whether ``start`` is a static cache's positions (:class:`leanformer.decoding.StaticPositions`, which has
+    ``memo``); a plain or symbolic int is not asked (dynamo cannot trace ``hasattr`` on a SymInt)."""
+    return not isinstance(start, (int, torch.SymInt, torch.Tensor)) and hasattr(start, "memo")
+
+
 class Rotary(nn.Module):
     """Rotates ``(B, H, T, D)`` queries and keys at absolute positions ``start .. start+T-1``, or at the
     positions held in a (T,) int64 tensor (static decoding: a device counter read inside a CUDA graph)."""
@@ -134,7 +140,7 @@ class Rotary(nn.Module):
         read in them, or None for row 0. An int ``start`` gives its row (a view, L = 1); a tensor (or static
         positions) gives the whole kept tables (covering :meth:`reserve`'s length) and the tensor itself, so
         that no indexing op runs and a captured graph reads the position on the device."""
-        if hasattr(start, "memo"):
+        if _is_static_positions(start):
             start = start.index
         if not isinstance(start, torch.Tensor):
             cos, sin = self.cos_sin(start, 1, device, dtype)
@@ -148,7 +154,7 @@ class Rotary(nn.Module):
         :class:`leanformer.decoding.StaticPositions`, whose tables are gathered once per step for all layers)."""
         if self.rotary_dim == 0:
             return x
-        if hasattr(start, "memo"):
+        if _is_static_positions(start):
             key = ("rope", self.rotary_dim, self._freq_key, x.dtype)
             cos, sin = start.memo(key, lambda: self.cos_sin_at(start.index, x.dtype))
         elif isinstance(start, torch.Tensor):
