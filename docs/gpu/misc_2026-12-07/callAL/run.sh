@@ -9,6 +9,7 @@
 #     pointer products, each with its best tiles from callAK, then Pre-LN, all in this call.
 #     Expected: TMA ≈ 0.5-1 ms faster than pointers (0.055 ms less per 6 products in callAK x 12 layers ≈ 0.7 ms;
 #     the route's products took 10.74 ms in callAF). If so, two_segment_matmul.TMA becomes the default.
+#     Inductor's code kept: why the route's rotary and GELU backward kernels grew against Pre-LN's (callAF).
 source docs/gpu/preamble.sh callAL
 timeout 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_noble_train_kernel.py -k "tma or bias" \
   > $R/pytest_log.txt 2>&1
@@ -16,6 +17,7 @@ tail -3 $R/pytest_log.txt
 save
 C=docs/gpu/misc_2026-12-07/callAK/out/noble/two_segment_configs.json
 P="gpt2 noble_fused b16 cudagraphs route sepbranch tma,gpt2 noble_fused b16 cudagraphs route sepbranch,gpt2 preln b16 cudagraphs"
-timeout 340 python3 -u benchmarks/train_profile.py --sections steps --plan "$P" --budget 330 --out $R/steps \
-  --two-segment-configs $C > $R/steps_log.txt 2>&1
+TORCH_LOGS=output_code TORCH_LOGS_OUT=$R/output_code.txt timeout 340 python3 -u benchmarks/train_profile.py \
+  --sections steps --plan "$P" --budget 330 --out $R/steps --two-segment-configs $C > $R/steps_log.txt 2>&1
 grep "^\[" $R/steps_log.txt | tail -4
+gzip -f $R/output_code.txt $R/steps_log.txt  # the generated code: the route's rotary and GELU backward kernels
