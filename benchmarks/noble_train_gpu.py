@@ -91,7 +91,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
-FORMS = {"two": (False, False), "one": (True, False), "tma": (False, True)}  # --forms: (ONE_LOOP, TMA)
+# --forms: (ONE_LOOP, TMA, PERSISTENT) of two_segment_matmul; the persistent form takes the TMA form's tile table
+FORMS = {"two": (False, False, False), "one": (True, False, False), "tma": (False, True, False),
+         "tmap": (False, True, True)}
 
 
 def section_products(device, n, shapes, candidates, budget, result, forms=tuple(FORMS)) -> dict:
@@ -130,24 +132,30 @@ def section_products(device, n, shapes, candidates, budget, result, forms=tuple(
             tiles = {}
             tma_ok = ts.tma_reason(a1, b1, a2, b2) is None
             for cand in candidates:
-                for one_loop, tma in (FORMS[f] for f in forms if tma_ok or f != "tma"):
+                for one_loop, tma, persistent in (FORMS[f] for f in forms if tma_ok or not FORMS[f][1]):
                     config = (*cand[:6], one_loop)
                     ts.CONFIGS[(M, N, K1, K2, layout + ("+tma" if tma else ""))] = config
-                    ts.TMA = tma
-                    key = "x".join(map(str, cand[:6])) + (" one loop" if one_loop else "") + (" tma" if tma else "")
+                    ts.TMA, ts.PERSISTENT = tma, persistent
+                    key = ("x".join(map(str, cand[:6])) + (" one loop" if one_loop else "") + (" tma" if tma else "")
+                           + (" persistent" if persistent else ""))
+                    form = {"config": config, "tma": tma, "persistent": persistent}
                     try:
                         out = ts.two_segment_matmul(a1, b1, a2, b2, bias)
                         operands = (a1, b1, a2, b2, bias)
-                        tiles[key] = {"config": config, "tma": tma, "rel_err": rel_err(out, ref),
+                        tiles[key] = {**form, "rel_err": rel_err(out, ref),
                                       "ms": timed(lambda ops=operands: ts.two_segment_matmul(*ops), device)}
                     except Exception as e:  # noqa: BLE001 - a tile shape that does not compile or fit
-                        tiles[key] = {"config": config, "tma": tma, "error": f"{type(e).__name__}: {e}"[:200]}
+                        tiles[key] = {**form, "error": f"{type(e).__name__}: {e}"[:200]}
                     finally:
-                        ts.TMA = False
+                        ts.TMA, ts.PERSISTENT = False, False
             ts.CONFIGS.pop((M, N, K1, K2, layout), None)
             ts.CONFIGS.pop((M, N, K1, K2, layout + "+tma"), None)
             row["tiles"] = tiles
-            tma_tiles = {k: v for k, v in tiles.items() if "ms" in v and v["tma"]}
+            tmap_tiles = {k: v for k, v in tiles.items() if "ms" in v and v["persistent"]}
+            if tmap_tiles:  # the persistent form's best (it reads the TMA form's tile table entries)
+                key = min(tmap_tiles, key=lambda k: tmap_tiles[k]["ms"])
+                row["best_tmap_tiles"], row["best_tmap_ms"] = key, tmap_tiles[key]["ms"]
+            tma_tiles = {k: v for k, v in tiles.items() if "ms" in v and v["tma"] and not v["persistent"]}
             if tma_tiles:  # the TMA form's best, kept under its own key (two_segment_matmul.CONFIGS)
                 key = min(tma_tiles, key=lambda k: tma_tiles[k]["ms"])
                 row["best_tma_tiles"], row["best_tma_ms"] = key, tma_tiles[key]["ms"]
@@ -164,7 +172,8 @@ def section_products(device, n, shapes, candidates, budget, result, forms=tuple(
                 ts.CONFIGS.pop((M, N, K1, 0, layout), None)
             rows.append(row)
             log(f"{row['shape']} {direction}: cuBLAS main {row['cublas_main_ms']:.4f}, main+addmm "
-                f"{row['cublas_main_addmm_ms']:.4f}, TMA best {row.get('best_tma_ms', float('nan')):.4f} "
+                f"{row['cublas_main_addmm_ms']:.4f}, TMA persistent best {row.get('best_tmap_ms', float('nan')):.4f}, "
+                f"TMA best {row.get('best_tma_ms', float('nan')):.4f} "
                 f"({row.get('best_tma_tiles')}), two-segment best {row.get('best_ms', float('nan')):.4f} "
                 f"({row.get('best_tiles')}, K2=0 {row.get('best_k2_0_ms', float('nan')):.4f}, "
                 f"err {row.get('best_rel_err', float('nan')):.1e})")

@@ -328,6 +328,7 @@ class StepRun:
     branch: str = "fused"          # noble_train.BRANCH ("separate": cuBLAS rank-r products, then CosNet's kernels)
     rope_tables: str = "op"        # rope.COMPILED_TABLES ("inline": the tables fused into each rotation, before 23:30)
     tma: bool = False              # two_segment_matmul.TMA (NOBLE's route: the products' tiles by tensor descriptors)
+    persistent: bool = False       # two_segment_matmul.PERSISTENT (with tma: one program per SM looping over tiles)
 
     def switches(self) -> dict[str, object]:
         """The module switches this run sets (dotted paths, for :func:`leanformer.bench.kernel_switches.switches_set`;
@@ -341,7 +342,8 @@ class StepRun:
                 ops + "linear_cross_entropy.CHUNK_TOKENS": self.loss_chunk,
                 ops + "linear_cross_entropy.ROW_PROGRAMS_PER_SM": self.ce_rows,
                 layers + "noble.TRAIN_KERNEL": self.train_kernel, ops + "noble_train.BRANCH": self.branch,
-                layers + "rope.COMPILED_TABLES": self.rope_tables, ops + "two_segment_matmul.TMA": self.tma}
+                layers + "rope.COMPILED_TABLES": self.rope_tables, ops + "two_segment_matmul.TMA": self.tma,
+                ops + "two_segment_matmul.PERSISTENT": self.persistent}
 
 
 CG = "reduce-overhead"
@@ -446,6 +448,8 @@ STEP_PLAN = [  # most wanted first
     # 2026-12-08 00:20: the route's two products by the TMA form (tiles from a products run's "+tma" entries)
     StepRun("gpt2 noble_fused b16 cudagraphs route sepbranch tma", "gpt2", "noble_fused", 16, True, CG,
             train_kernel="cuda", branch="separate", tma=True),
+    StepRun("gpt2 noble_fused b16 cudagraphs route sepbranch tmap", "gpt2", "noble_fused", 16, False, CG,
+            train_kernel="cuda", branch="separate", tma=True, persistent=True),
     StepRun("bert preln b128 autotune", "bert", "preln", 128, False, AT),
     StepRun("bert sas_p_nonorm b128 autotune", "bert", "sas_p_nonorm", 128, False, AT),
 ]

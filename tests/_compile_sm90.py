@@ -211,6 +211,13 @@ def cases():
                     PRECISION="tf32", INTERPRET=False, num_warps=8, num_stages=3, expect_loops=2,
                     expect_ttgir=("warp_group_dot", "async_tma_copy_global_to_local",
                                   "async_tma_copy_local_to_global")))
+    yield ("two-segment product by TMA, persistent (bf16, 128x256x64, 3 stages, B stored transposed)",
+           two_segment.two_segment_tma_persistent_kernel,
+           dict(a1_desc=desc(128, 64), b1_desc=desc(256, 64), a2_desc=desc(128, 32), b2_desc=desc(256, 32), Bias=bf,
+                C=bf, c_desc=desc(128, 256)), (),
+           dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, BLOCK_K2=32, GROUP_M=8, B1_NK=True, B2_NK=True,
+                PRECISION="tf32", INTERPRET=False, num_warps=8, num_stages=3, expect_loops=3,
+                expect_ttgir=("warp_group_dot", "async_tma_copy_global_to_local", "async_tma_copy_local_to_global")))
     branch_meta = dict(R=32, BLOCK_N=32, BLOCK_K=64, EVEN_K=True, PRECISION="tf32", INTERPRET=False, num_warps=4,
                        num_stages=3)
     yield "NOBLE training: down product and CosNet (bf16 x, r 32)", noble_branch.down_cosnet_kernel, \

@@ -105,6 +105,23 @@ def test_tma_product_matches_float64(tma_launches, m, n, k1, k2, dtype):
     # float32 → bf16 conversion truncates: measured 2^-7.4 here, the pointer kernel alike)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_tma_product_matches_float64(tma_launches, monkeypatch, dtype):
+    """The persistent TMA form (two_segment_matmul.PERSISTENT): 4 programs under the interpreter, each looping over
+    several of the 20 tiles (ragged M, N, K1; K2 < one K2 tile), the bias and both B layouts."""
+    from leanformer.ops import two_segment_matmul as ts
+
+    monkeypatch.setattr(ts, "PERSISTENT", True)
+    g = torch.Generator().manual_seed(5)
+    m, n, k1, k2 = 300, 40, 48, 24
+    a1, w, a2, b2, b = (torch.randn(*s, dtype=F64, generator=g).to(dtype) for s in ((m, k1), (n, k1), (m, k2),
+                                                                                     (k2, n), (n,)))
+    ref = a1.double() @ w.double().t() + a2.double() @ b2.double() + b.double()
+    out = two_segment_matmul(a1.to(DEV), w.to(DEV).t(), a2.to(DEV), b2.to(DEV), b.to(DEV))
+    assert tma_launches == [(m, k1, k2)]
+    assert rel(out, ref) < (FP32_TOL if dtype == torch.float32 else 2 ** -7)  # (the interpreter truncates to bf16)
+
+
 def test_tma_form_names_what_descriptors_cannot_cover_and_falls_back(tma_launches):
     """Operands a descriptor cannot cover (a start off 16 bytes, K2 = 0, a row stride along K) take the pointer
     kernel, with the same result."""

@@ -164,3 +164,29 @@ def two_segment_tma_kernel(a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, 
     if HAS_BIAS:
         acc += bias[None, :]
     c_desc.store([off_m, off_n], acc.to(C.dtype.element_ty))
+
+
+@triton.jit
+def two_segment_tma_persistent_kernel(a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, M, N, K1, K2,
+                                      PROGRAMS, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+                                      GROUP_M: tl.constexpr, B1_NK: tl.constexpr, B2_NK: tl.constexpr,
+                                      PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """:func:`two_segment_tma_kernel` with ``PROGRAMS`` programs (one per SM) that each loop over tiles
+    ``pid, pid + PROGRAMS, …`` in the grouped order: one launch's prologue per SM instead of per tile, and a tile's
+    TMA store drains while the next tile's loads start."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    for tile in range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS):
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        off_m = ((first_m + (tile % per_group) % group_rows) * BLOCK_M).to(tl.int32)
+        off_n = (((tile % per_group) // group_rows) * BLOCK_N).to(tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _tma_segment(acc, a1_desc, b1_desc, off_m, off_n, K1, BLOCK_K, B1_NK, PRECISION, INTERPRET)
+        acc = _tma_segment(acc, a2_desc, b2_desc, off_m, off_n, K2, BLOCK_K2, B2_NK, PRECISION, INTERPRET)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([off_m, off_n], acc.to(C.dtype.element_ty))

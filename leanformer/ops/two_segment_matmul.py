@@ -47,6 +47,8 @@ CANDIDATES = (
     (128, 128, 128, 8, 8, 3),
 )
 ONE_LOOP = False  # the default loop form for shapes without a CONFIGS entry (not yet timed on a GPU)
+PERSISTENT = False  # with TMA: one program per SM looping over tiles (two_segment_tma_persistent_kernel); not yet
+# timed on a GPU
 TMA = False  # tiles loaded and C stored through tensor descriptors (Hopper's bulk tensor copies) where the operands
 # allow it (:func:`tma_reason`), by ``two_segment_tma_kernel``; else by pointers. Not yet timed on a GPU
 INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1, False)  # ONE_LOOP: tests/test_noble_train_kernel.py sets it
@@ -131,10 +133,12 @@ def two_segment_supported(*operands: torch.Tensor) -> str | None:
     return reason if reason is not None else _triton_import_error()
 
 
-def _kernel(tma: bool = False):
+def _kernel(tma: bool = False, persistent: bool = False):
     from leanformer.ops import _two_segment_matmul_kernel as k
 
-    return k.two_segment_tma_kernel if tma else k.two_segment_matmul_kernel
+    if tma:
+        return k.two_segment_tma_persistent_kernel if persistent else k.two_segment_tma_kernel
+    return k.two_segment_matmul_kernel
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:
@@ -187,12 +191,20 @@ def _launch_tma(a1, b1, a2, b2, bias, c, config, bk2, precision) -> None:  # noq
         nk = view is not b
         descs.append((TensorDescriptor.from_tensor(view, [bn, block_k] if nk else [block_k, bn]), nk))
     (b1_desc, b1_nk), (b2_desc, b2_nk) = descs
-    _kernel(tma=True)[(_cdiv(M, bm) * _cdiv(N, bn),)](
+    tiles = _cdiv(M, bm) * _cdiv(N, bn)
+    programs = min(tiles, _programs(c.device)) if PERSISTENT else tiles
+    _kernel(tma=True, persistent=PERSISTENT)[(programs,)](
         TensorDescriptor.from_tensor(a1, [bm, bk]), b1_desc, TensorDescriptor.from_tensor(a2, [bm, bk2]), b2_desc,
         bias if bias is not None else c, c, TensorDescriptor.from_tensor(c, [bm, bn]), M, N, K1, K2,
+        *((programs,) if PERSISTENT else ()),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_K2=bk2, GROUP_M=group,
         B1_NK=b1_nk, B2_NK=b2_nk, PRECISION=precision, INTERPRET=_interpret(),
         num_warps=warps, num_stages=stages)
+
+
+def _programs(device: torch.device) -> int:
+    """The persistent form's program count: one per SM (4 under the interpreter, so that its tile loop runs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _block_k2(K2) -> int:
