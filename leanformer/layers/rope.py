@@ -50,10 +50,11 @@ def _tables(inv_freq: torch.Tensor, start: int, end: int, dtype: torch.dtype) ->
 @torch.library.custom_op("leanformer::rotary_tables", mutates_args=())
 def rotary_tables(inv_freq: torch.Tensor, start: int, end: int,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_tables` as one op that a compiled graph cannot see into, so the tables are built once per layer and
-    read by the rotations: inlined, Inductor computed a float64 angle, its remainder modulo 2π and a cos and a sin
-    for every element of q and k (192× the table at 12 heads × batch 16), forward and backward, the kernels that
-    cost RoPE 2.44 ms of a 37.5 ms GPT-2 b16 step on an H100 (docs/benchmarks.md, callAC)."""
+    """:func:`_tables` as one op that a compiled graph cannot see into, so the tables are built once per layer,
+    exactly as the eager ones, and read by the rotations. Inlined, Inductor fused part of their computation (a
+    float64 angle, its remainder modulo 2π, a cos and a sin) into rotation kernels, once per element of q or k.
+    On an H100 the GPT-2 b16 step was the same either way (36.50 against 36.60 ms, callAK, docs/benchmarks.md):
+    the op is kept for its exact tables, not for speed."""
     return _tables(inv_freq, start, end, dtype)
 
 
