@@ -138,22 +138,17 @@ def _tma_segment(acc, a_desc, b_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, B_
 
 
 @triton.jit
-def two_segment_tma_kernel(a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, M, N, K1, K2,
-                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, GROUP_M: tl.constexpr,
-                           B1_NK: tl.constexpr, B2_NK: tl.constexpr, PRECISION: tl.constexpr,
-                           INTERPRET: tl.constexpr):
-    """:func:`two_segment_matmul_kernel`'s tile with its operands read and C written through tensor descriptors
-    (Hopper's bulk tensor copies: no address arithmetic or masks in the loop, fewer registers); ``C`` is passed
-    for its element type only. Same grouped program order."""
-    pid = tl.program_id(0)
+def _tma_tile(tile, a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, M, N, K1, K2, HAS_BIAS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+              GROUP_M: tl.constexpr, B1_NK: tl.constexpr, B2_NK: tl.constexpr, PRECISION: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """Tile number ``tile`` of C, in :func:`two_segment_matmul_kernel`'s grouped order, by tensor descriptors."""
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    off_m = ((first_m + (pid % per_group) % group_rows) * BLOCK_M).to(tl.int32)  # descriptor offsets: int32
-    off_n = (((pid % per_group) // group_rows) * BLOCK_N).to(tl.int32)
+    off_m = ((first_m + (tile % per_group) % group_rows) * BLOCK_M).to(tl.int32)  # descriptor offsets: int32
+    off_n = (((tile % per_group) // group_rows) * BLOCK_N).to(tl.int32)
     if HAS_BIAS:  # loaded before the inner loop, so its latency hides behind the products
         cols = off_n + tl.arange(0, BLOCK_N)
         bias = tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -167,26 +162,27 @@ def two_segment_tma_kernel(a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, 
 
 
 @triton.jit
+def two_segment_tma_kernel(a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, M, N, K1, K2,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, GROUP_M: tl.constexpr,
+                           B1_NK: tl.constexpr, B2_NK: tl.constexpr, PRECISION: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+    """:func:`two_segment_matmul_kernel`'s tile with its operands read and C written through tensor descriptors
+    (Hopper's bulk tensor copies: no address arithmetic or masks in the loop, fewer registers); ``C`` is passed
+    for its element type only. One program per tile (:func:`_tma_tile`)."""
+    _tma_tile(tl.program_id(0), a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, M, N, K1, K2, HAS_BIAS,
+              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_K2, GROUP_M, B1_NK, B2_NK, PRECISION, INTERPRET)
+
+
+@triton.jit
 def two_segment_tma_persistent_kernel(a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, M, N, K1, K2,
                                       PROGRAMS, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
                                       GROUP_M: tl.constexpr, B1_NK: tl.constexpr, B2_NK: tl.constexpr,
                                       PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """:func:`two_segment_tma_kernel` with ``PROGRAMS`` programs (one per SM) that each loop over tiles
-    ``pid, pid + PROGRAMS, …`` in the grouped order: one launch's prologue per SM instead of per tile, and a tile's
-    TMA store drains while the next tile's loads start."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    for tile in range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS):
-        first_m = (tile // per_group) * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        off_m = ((first_m + (tile % per_group) % group_rows) * BLOCK_M).to(tl.int32)
-        off_n = (((tile % per_group) // group_rows) * BLOCK_N).to(tl.int32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _tma_segment(acc, a1_desc, b1_desc, off_m, off_n, K1, BLOCK_K, B1_NK, PRECISION, INTERPRET)
-        acc = _tma_segment(acc, a2_desc, b2_desc, off_m, off_n, K2, BLOCK_K2, B2_NK, PRECISION, INTERPRET)
-        if HAS_BIAS:
-            cols = off_n + tl.arange(0, BLOCK_N)
-            acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        c_desc.store([off_m, off_n], acc.to(C.dtype.element_ty))
+    ``pid, pid + PROGRAMS, …``: one launch's prologue per SM instead of per tile, and a tile's TMA store drains
+    while the next tile's loads start."""
+    for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), PROGRAMS):
+        _tma_tile(tile, a1_desc, b1_desc, a2_desc, b2_desc, Bias, C, c_desc, M, N, K1, K2, HAS_BIAS,
+                  BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_K2, GROUP_M, B1_NK, B2_NK, PRECISION, INTERPRET)
