@@ -38,12 +38,16 @@ COMPILED_TABLES = "op"  # how a compiled training graph builds the tables: "op" 
 # "inline" (the form before 2026-12-07 23:30, kept for benchmarks: Inductor recomputes them in every rotation's kernel)
 
 
-def _tables(inv_freq: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(inv_freq: torch.Tensor, start: int, end: int, dtype: torch.dtype,
+            reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``(end − start, 2 · len(inv_freq))`` in ``dtype`` for positions ``start .. end−1``, from the
-    frequencies ``inv_freq`` (float64, on the tables' device), computed in float64 then rounded."""
-    pos = torch.arange(start, end, device=inv_freq.device, dtype=torch.float64)
-    freqs = torch.outer(pos, inv_freq)
+    frequencies ``inv_freq`` (float64, on the tables' device), computed in float64 then rounded; ``reduced``: cos
+    and sin in float32 of the angle reduced modulo 2π in float64 (:data:`COMPILED_TABLES` "inline", the compiled
+    tables before 2026-12-07, kept for benchmarks: within 1e-6 of float64's)."""
+    freqs = torch.outer(torch.arange(start, end, device=inv_freq.device, dtype=torch.float64), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
+    if reduced:
+        emb = torch.remainder(emb, 2 * math.pi).float()
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -56,15 +60,6 @@ def rotary_tables(inv_freq: torch.Tensor, start: int, end: int,
     On an H100 the GPT-2 b16 step was the same either way (36.50 against 36.60 ms, callAK, docs/benchmarks.md):
     the op is kept for its exact tables, not for speed."""
     return _tables(inv_freq, start, end, dtype)
-
-
-def _inline_tables(inv_freq: torch.Tensor, start: int, end: int,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled tables before 2026-12-07 (:data:`COMPILED_TABLES` "inline", for benchmarks): cos and sin in
-    float32 of the angle reduced modulo 2π in float64, as ops Inductor fuses into each rotation."""
-    freqs = torch.outer(torch.arange(start, end, device=inv_freq.device, dtype=torch.float64), inv_freq)
-    emb = torch.remainder(torch.cat((freqs, freqs), dim=-1), 2 * math.pi).float()
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 @rotary_tables.register_fake
@@ -116,7 +111,7 @@ class Rotary(nn.Module):
             # training under torch.compile: built inside the graph (storing it would make dynamo recompile)
             inv_freq = torch.tensor(self._inv_freq_values, device=device, dtype=torch.float64)  # a graph constant
             if COMPILED_TABLES == "inline":
-                return _inline_tables(inv_freq, start, start + length, dtype)
+                return _tables(inv_freq, start, start + length, dtype, reduced=True)  # ops Inductor can fuse
             return torch.ops.leanformer.rotary_tables(inv_freq, start, start + length, dtype)
         cached = self._tables
         if cached is None or cached[0] < end or cached[1].device != torch.device(device) or cached[1].dtype != dtype:

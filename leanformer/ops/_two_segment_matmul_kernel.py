@@ -24,6 +24,15 @@ from leanformer.ops._fused_decay_kernels import mm
 
 
 @triton.jit
+def _accumulate(acc, a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a b in float32: the accumulator as the product's own input (wgmma accumulates in place), or under the
+    interpreter :func:`mm`'s widened product added to it."""
+    if INTERPRET:
+        return acc + mm(a, b, PRECISION, INTERPRET)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _segment(acc, A, B, offs_m, offs_n, K, sam, sak, sbk, sbn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
              PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + A[offs_m, :K] B[:K, offs_n], the inner axis in tiles of BLOCK_K (float32 accumulation)."""
@@ -38,10 +47,7 @@ def _segment(acc, A, B, offs_m, offs_n, K, sam, sak, sbk, sbn, BLOCK_K: tl.const
             k_ok = kk < K - k0 * BLOCK_K
             a = tl.load(a_ptr, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptr, mask=k_ok[:, None], other=0.0)
-        if INTERPRET:
-            acc += mm(a, b, PRECISION, INTERPRET)
-        else:  # the accumulator as the product's own input: wgmma accumulates in place
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _accumulate(acc, a, b, PRECISION, INTERPRET)
         a_ptr += BLOCK_K * sak
         b_ptr += BLOCK_K * sbk
     return acc
@@ -68,10 +74,7 @@ def _one_loop(acc, A1, B1, A2, B2, offs_m, offs_n, K1, K2, sa1m, sa1k, sb1k, sb1
         k_ok = kk < tl.where(first, K1 - i * BLOCK_K, K2 - j * BLOCK_K)
         a = tl.load(a_ptr, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptr, mask=k_ok[:, None], other=0.0)
-        if INTERPRET:
-            acc += mm(a, b, PRECISION, INTERPRET)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _accumulate(acc, a, b, PRECISION, INTERPRET)
     return acc
 
 
@@ -130,10 +133,7 @@ def _tma_segment(acc, a_desc, b_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, B_
             b = b_desc.load([off_n, k0]).T
         else:
             b = b_desc.load([k0, off_n])
-        if INTERPRET:
-            acc += mm(a, b, PRECISION, INTERPRET)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _accumulate(acc, a, b, PRECISION, INTERPRET)
     return acc
 
 

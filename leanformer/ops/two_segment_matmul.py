@@ -46,11 +46,12 @@ CANDIDATES = (
     (128, 128, 64, 8, 4, 4),
     (128, 128, 128, 8, 8, 3),
 )
-ONE_LOOP = False  # the default loop form for shapes without a CONFIGS entry (not yet timed on a GPU)
+ONE_LOOP = False  # the default loop form for shapes without a CONFIGS entry (one loop: 7-13% slower, H100, callAE)
 PERSISTENT = False  # with TMA: one program per SM looping over tiles (two_segment_tma_persistent_kernel); not yet
 # timed on a GPU
 TMA = False  # tiles loaded and C stored through tensor descriptors (Hopper's bulk tensor copies) where the operands
-# allow it (:func:`tma_reason`), by ``two_segment_tma_kernel``; else by pointers. Not yet timed on a GPU
+# allow it (:func:`tma_reason`), by ``two_segment_tma_kernel``; else by pointers. Per product 5-11% faster than the
+# pointer kernel (H100, 2026-12-08, callAK); off until NOBLE's step with it is timed
 INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1, False)  # ONE_LOOP: tests/test_noble_train_kernel.py sets it
 
 
